@@ -1,0 +1,59 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each depends on `setup`, which installs what is missing and is quick when nothing is.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STREAMREC := $(BIN)/streamrec
+
+.PHONY: setup system-deps demo test lint unit integration bench stack-up stack-down stack-status stack-logs clean
+
+setup: system-deps $(VENV)/.installed
+	$(STREAMREC) setup
+
+system-deps:
+	bash infra/setup-system.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# MovieLens-100K ships inside the recbole wheel; --no-deps keeps torch out (never imported).
+	$(BIN)/pip install -q --no-deps recbole
+	touch $@
+
+demo: setup
+	$(STREAMREC) demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# ruff, mypy, then every test level; pytest starts the real Kafka and Redis it needs.
+test: lint
+	$(BIN)/pytest -ra
+
+unit: setup
+	$(BIN)/pytest -m unit
+
+integration: setup
+	$(BIN)/pytest -m integration
+
+bench: setup
+	$(BIN)/python -m bench.replay_throughput
+
+stack-up: setup
+	$(STREAMREC) stack up
+
+stack-down:
+	$(STREAMREC) stack down
+
+stack-status:
+	$(STREAMREC) stack status
+
+stack-logs:
+	$(STREAMREC) stack logs $(or $(NAME),kafka)
+
+clean: stack-down
+	rm -rf .state

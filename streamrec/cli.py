@@ -1,0 +1,295 @@
+"""``streamrec``: one entry point for every project process.
+
+Each command reads its typed settings (``streamrec.settings``); flags override them for one
+run. ``streamrec settings`` lists every ``STREAMREC_*`` variable a process understands.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from streamrec.errors import StreamrecError
+from streamrec.settings import (
+    CommonSettings,
+    KafkaSettings,
+    ReplaySettings,
+    StackSettings,
+    TailSettings,
+    known_env_names,
+    load,
+)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, Redis) under supervisord.")
+topics_app = typer.Typer(no_args_is_help=True, help="Project topics.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+
+
+@app.command("settings")
+def settings_command() -> None:
+    """List every STREAMREC_* environment variable that some process reads."""
+    for name in sorted(known_env_names()):
+        typer.echo(name)
+
+
+@app.command()
+def setup() -> None:
+    """Fetch the Kafka jars and check that Java, Redis and MovieLens-100K are available."""
+    import shutil
+
+    from streamrec.data.movielens import ml100k_dir
+    from streamrec.infra import kafka_broker
+
+    settings = load(StackSettings)
+    libs = kafka_broker.fetch_jars(settings.paths.kafka_libs_dir)
+    typer.echo(f"kafka jars:     {libs}")
+    for binary in (settings.stack.java_bin, settings.stack.redis_server_bin):
+        found = shutil.which(binary)
+        if found is None:
+            raise StreamrecError(f"`{binary}` is not on PATH; run `make setup` (it installs it with apt-get)")
+        typer.echo(f"{binary + ':':15} {found}")
+    typer.echo(f"ml-100k:        {ml100k_dir()}")
+
+
+def _stack(settings: StackSettings | None = None) -> tuple[StackSettings, object]:
+    from streamrec.infra.stack import LocalStack
+
+    settings = settings or load(StackSettings)
+    return settings, LocalStack(settings)
+
+
+def _with_stack_bootstrap(settings: StackSettings) -> CommonSettings:
+    """The stack's own broker address, whatever STREAMREC_KAFKA__BOOTSTRAP_SERVERS says."""
+    bootstrap = f"{settings.stack.kafka_host}:{settings.stack.kafka_port}"
+    return settings.model_copy(
+        update={"kafka": KafkaSettings(**{**settings.kafka.model_dump(), "bootstrap_servers": bootstrap})}
+    )
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka and Redis, wait until both answer, and create the project topics."""
+    from streamrec.infra.stack import LocalStack
+    from streamrec.kafka_admin import ensure_topics
+
+    settings = load(StackSettings)
+    stack = LocalStack(settings)
+    typer.echo(f"starting the stack in {settings.paths.state_dir} ...")
+    stack.up()
+    created = ensure_topics(_with_stack_bootstrap(settings))
+    typer.echo(f"topics created: {', '.join(created) if created else 'none (all existed)'}")
+    _print_status(stack)
+
+
+def _print_status(stack: object) -> None:
+    from streamrec.infra.stack import LocalStack
+
+    assert isinstance(stack, LocalStack)  # noqa: S101 -- narrow for mypy
+    health = stack.health()
+    for info in stack.status():
+        state = "healthy" if health.get(info["name"]) else "NOT answering"
+        typer.echo(f"{info['name']:10} {info['statename']:9} {state:14} {info['description']}")
+    typer.echo(f"logs: {stack.log_dir}  (streamrec stack logs NAME)")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Process state and health of each stack service."""
+    from streamrec.infra.stack import LocalStack
+
+    stack = LocalStack(load(StackSettings))
+    if not stack.is_running():
+        typer.echo("the stack is not running (streamrec stack up)")
+        raise typer.Exit(1)
+    _print_status(stack)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    name: Annotated[str, typer.Argument(help="program name, e.g. kafka or redis")],
+    length: Annotated[int, typer.Option(help="bytes from the end of the log")] = 8000,
+) -> None:
+    """The end of one service's log."""
+    from streamrec.infra.stack import LocalStack
+
+    typer.echo(LocalStack(load(StackSettings)).logs(name, length))
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every service cleanly (SIGTERM) and the process runner."""
+    from streamrec.infra.stack import LocalStack
+
+    LocalStack(load(StackSettings)).down()
+    typer.echo("stack stopped")
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the project topics (partitions and retention from settings) if missing."""
+    from streamrec.kafka_admin import ensure_topics
+
+    created = ensure_topics(load(CommonSettings))
+    typer.echo(f"created: {', '.join(created) if created else 'none (all existed)'}")
+
+
+def _load_dataset(dataset: str, columns: str | None, synthetic_events: int) -> object:
+    from streamrec.data import generic, movielens, synthetic
+
+    if dataset == "ml-100k":
+        return movielens.load_interactions()
+    if dataset == "synthetic":
+        return synthetic.generate(n_events=synthetic_events)
+    mapping = generic.ColumnMapping.parse(columns) if columns else generic.ColumnMapping()
+    return generic.load_interaction_log(Path(dataset), mapping)
+
+
+@app.command("replay")
+def replay_command(
+    dataset: Annotated[str, typer.Option(help="ml-100k, synthetic, or a CSV/Parquet path")] = "ml-100k",
+    rate: Annotated[float | None, typer.Option(help="events per second (evenly spaced)")] = None,
+    speedup: Annotated[float | None, typer.Option(help="event-time speed-up factor")] = None,
+    limit: Annotated[int | None, typer.Option(help="replay only the first N events")] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(help="column mapping for a PATH, e.g. user=uid,item=iid,timestamp=ts,rating="),
+    ] = None,
+    synthetic_events: Annotated[int, typer.Option(help="events for --dataset synthetic")] = 100_000,
+) -> None:
+    """Produce a dataset's interactions to Kafka in event-time order (acks=all, idempotent)."""
+    import pandas as pd
+
+    from streamrec.replay import replay
+
+    settings = load(ReplaySettings)
+    frame = _load_dataset(dataset, columns, synthetic_events)
+    assert isinstance(frame, pd.DataFrame)  # noqa: S101 -- narrow for mypy
+    report = replay(frame, settings, rate=rate, speedup=speedup, limit=limit)
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("tail")
+def tail_command(
+    max_records: Annotated[int | None, typer.Option(help="stop after N records")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="read the topic from its start")] = True,
+) -> None:
+    """Consume the interactions topic, validate every record and show a live count."""
+    settings = load(TailSettings)
+    counts = count_interactions(
+        settings, max_records=max_records, idle_timeout_s=idle_timeout, from_beginning=from_beginning
+    )
+    invalid = sum(counts.values()) - counts["valid"]
+    typer.echo(f"valid {counts['valid']:,}, invalid {invalid:,} {dict(counts)}")
+
+
+def count_interactions(
+    settings: TailSettings,
+    *,
+    max_records: int | None,
+    idle_timeout_s: float | None,
+    from_beginning: bool,
+    position: int = 0,
+    start_offsets: dict[int, int] | None = None,
+) -> Counter[str]:
+    from streamrec.consume import consume_decoded
+    from streamrec.events import Interaction
+
+    counts: Counter[str] = Counter()
+    topic = settings.topics.interactions
+    with tqdm(total=max_records, unit="ev", desc=f"consumed <- {topic}", position=position) as bar:
+        for record in consume_decoded(
+            settings,
+            topic,
+            Interaction,
+            group_id=settings.group_id,
+            from_beginning=from_beginning,
+            max_records=max_records,
+            idle_timeout_s=idle_timeout_s,
+            start_offsets=start_offsets,
+        ):
+            if record.error is None:
+                counts["valid"] += 1
+            else:
+                counts[record.error.reason] += 1
+                tqdm.write(f"invalid record at {record.topic}[{record.partition}]@{record.offset}: {record.error}")
+            bar.update(1)
+    return counts
+
+
+@app.command("demo")
+def demo_command(
+    limit: Annotated[int | None, typer.Option(help="replay only the first N ml-100k events")] = None,
+    rate: Annotated[float, typer.Option(help="replay rate, events per second")] = 10_000,
+    keep_running: Annotated[bool, typer.Option(help="leave the stack up at the end")] = False,
+) -> None:
+    """Stack up, replay MovieLens-100K into Kafka while a consumer counts it live, summary."""
+    import uuid
+
+    from streamrec.consume import end_offsets
+    from streamrec.data import movielens
+    from streamrec.infra.stack import LocalStack
+    from streamrec.kafka_admin import ensure_topics
+    from streamrec.replay import replay
+
+    stack_settings = load(StackSettings)
+    stack = LocalStack(stack_settings)
+    typer.echo("1/3 starting Kafka and Redis ...")
+    stack.up()
+    common = _with_stack_bootstrap(stack_settings)
+    ensure_topics(common)
+    frame = movielens.load_interactions()
+    if limit is not None:
+        frame = frame.head(limit)
+    typer.echo(f"2/3 replaying {len(frame):,} MovieLens-100K events at {rate:,.0f}/s; a consumer counts them live")
+    shared = {name: getattr(common, name) for name in CommonSettings.model_fields}
+    tail_settings = TailSettings(**shared, group_id=f"streamrec-demo-{uuid.uuid4().hex[:8]}")
+    replay_settings = ReplaySettings(**shared)
+    counts: Counter[str] = Counter()
+    # Count exactly what this run produces: start at the current end of every partition.
+    start_offsets = end_offsets(common, common.topics.interactions)
+
+    def consume() -> None:
+        counts.update(
+            count_interactions(
+                tail_settings,
+                max_records=len(frame),
+                idle_timeout_s=30,
+                from_beginning=False,
+                position=1,
+                start_offsets=start_offsets,
+            )
+        )
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    report = replay(frame, replay_settings, rate=rate)
+    consumer.join()
+    typer.echo(f"3/3 producer: {report.summary()}")
+    typer.echo(
+        f"    consumer: {counts['valid']:,} valid events read back, {sum(counts.values()) - counts['valid']:,} invalid"
+    )
+    if keep_running:
+        typer.echo("the stack is still running: `make stack-down` stops it")
+    else:
+        stack.down()
+        typer.echo("stack stopped")
+
+
+def main() -> None:
+    """Entry point: a StreamrecError is shown as one line naming the fix, not a traceback."""
+    try:
+        app()
+    except StreamrecError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -1,0 +1,88 @@
+"""Session fixtures: a real Kafka broker and Redis on free ports, started through the same
+``LocalStack`` (supervisord) that ``streamrec stack up`` uses, and stopped at the end."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamrec.settings import (
+    CommonSettings,
+    KafkaSettings,
+    PathSettings,
+    RedisSettings,
+    StackSettings,
+    StackTuning,
+    TopicSettings,
+)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS says are free now (all bound at once, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> StackSettings:
+    kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
+    return StackSettings(
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
+        redis=RedisSettings(port=redis_port),
+        paths=PathSettings(state_dir=Path(tmp_path_factory.mktemp("stack"))),
+        stack=StackTuning(
+            kafka_port=kafka_port, kafka_controller_port=controller_port, supervisor_port=supervisor_port
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def local_stack(stack_settings: StackSettings) -> Iterator[object]:
+    from streamrec.infra.stack import LocalStack
+
+    stack = LocalStack(stack_settings)
+    stack.up()
+    try:
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def fresh_settings(local_stack: object, stack_settings: StackSettings) -> CommonSettings:
+    """Settings on the running stack with topics of their own, so tests never see each
+    other's records."""
+    from streamrec.kafka_admin import ensure_topics
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    topics = TopicSettings(
+        interactions=f"{prefix}.interactions",
+        impressions=f"{prefix}.impressions",
+        clicks=f"{prefix}.clicks",
+        labeled=f"{prefix}.labeled",
+        deadletter=f"{prefix}.deadletter",
+        partitions=4,
+    )
+    settings = CommonSettings(
+        kafka=stack_settings.kafka, redis=stack_settings.redis, paths=stack_settings.paths, topics=topics
+    )
+    ensure_topics(settings)
+    return settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by folder (tests/unit, tests/integration, tests/e2e) so ``-m`` selects them."""
+    for item in items:
+        for level in ("unit", "integration", "e2e"):
+            if f"tests/{level}/" in str(item.path).replace("\\", "/"):
+                item.add_marker(getattr(pytest.mark, level))

@@ -1,0 +1,59 @@
+"""The local stack itself: real Kafka and Redis under supervisord."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from confluent_kafka.admin import AdminClient
+
+from streamrec.infra.stack import LocalStack
+from streamrec.kafka_admin import ensure_topics
+from streamrec.settings import CommonSettings, StackSettings
+
+
+def test_services_are_running_and_answer(local_stack: LocalStack, stack_settings: StackSettings) -> None:
+    states = {info["name"]: info["statename"] for info in local_stack.status()}
+    assert states == {"kafka": "RUNNING", "redis": "RUNNING"}
+    assert local_stack.health() == {"kafka": True, "redis": True}
+    client = redis.Redis(host=stack_settings.redis.host, port=stack_settings.redis.port)
+    client.set("streamrec:test", "1")
+    assert client.get("streamrec:test") == b"1"
+    assert "Kafka Server started" in local_stack.logs("kafka", 200_000)
+
+
+def test_topics_get_partitions_and_retention_from_settings(fresh_settings: CommonSettings) -> None:
+    admin = AdminClient(fresh_settings.kafka.client_config())
+    metadata = admin.list_topics(timeout=10)
+    for name in fresh_settings.topics.all_names():
+        assert len(metadata.topics[name].partitions) == fresh_settings.topics.partitions
+    from confluent_kafka.admin import ConfigResource
+
+    resource = ConfigResource(ConfigResource.Type.TOPIC, fresh_settings.topics.interactions)
+    config = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert config["retention.ms"].value == str(fresh_settings.topics.retention_ms)
+    assert ensure_topics(fresh_settings) == []  # idempotent
+
+
+def test_a_second_stack_starts_and_stops_cleanly(tmp_path_factory: object, stack_settings: StackSettings) -> None:
+    from tests.conftest import free_ports
+
+    kafka_port, controller_port, redis_port = free_ports(3)
+    settings = StackSettings(
+        redis={"port": redis_port},
+        paths={"state_dir": tmp_path_factory.mktemp("second")},  # type: ignore[attr-defined]
+        stack={"kafka_port": kafka_port, "kafka_controller_port": controller_port},
+    )
+    stack = LocalStack(settings)
+    stack.up()
+    pids = [info["pid"] for info in stack.status()]
+    stack.down()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"process {pid} still alive after stack down")
+    log = (settings.paths.state_dir / "logs" / "kafka.log").read_text()
+    assert "[BrokerServer id=1] shut down completed" in log
+    assert not stack.is_running()

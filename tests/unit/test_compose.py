@@ -1,0 +1,151 @@
+"""infra/docker-compose.yml is valid and names only what exists.
+
+No Docker engine is needed: `docker-compose config -q` validates the file statically, and every
+service that runs the project's image is checked against the real CLI (the image's entrypoint is
+``streamrec``, so a service's ``command`` is a subcommand plus flags). A renamed command or flag
+then fails here instead of in a container at start.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import typer.core
+import yaml
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+from typer.testing import CliRunner
+
+from streamrec.cli import app
+from streamrec.settings import known_env_names
+
+pytestmark = pytest.mark.unit
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INFRA_DIR = REPO_ROOT / "infra"
+COMPOSE_FILE = INFRA_DIR / "docker-compose.yml"
+COMPOSE_BINARY = "docker-compose"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    return services
+
+
+def _project_services() -> dict[str, dict[str, Any]]:
+    """Services that run the project's image: built here, or using the image a built one tags."""
+    services = _services()
+    project_images = {spec["image"] for spec in services.values() if "build" in spec and "image" in spec}
+    return {name: spec for name, spec in services.items() if "build" in spec or spec.get("image") in project_images}
+
+
+def _command_words(spec: dict[str, Any]) -> list[str]:
+    command = spec["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+
+
+def _resolve(words: list[str]) -> tuple[list[str], Any, list[str]]:
+    """Walk the CLI's command groups: (subcommand path, the command it names, remaining args).
+
+    Typer (0.2x) vendors its own copy of Click, so the Click objects come from typer, not click.
+    """
+    command = typer.main.get_command(app)
+    path: list[str] = []
+    while isinstance(command, typer.core.TyperGroup) and len(path) < len(words):
+        subcommand = command.get_command(typer.Context(command), words[len(path)])
+        assert subcommand is not None, f"`streamrec {' '.join(words)}`: no command {words[len(path)]!r}"
+        command = subcommand
+        path.append(words[len(path)])
+    assert not isinstance(command, typer.core.TyperGroup), f"`streamrec {' '.join(words)}` names a group, not a command"
+    return path, command, words[len(path) :]
+
+
+def _host_volume_sources(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) for each bind mount given relative to infra/."""
+    mounts = []
+    for volume in spec.get("volumes", []):
+        if isinstance(volume, dict):
+            source, target = str(volume.get("source", "")), str(volume.get("target", ""))
+        else:
+            source, target, *_ = str(volume).split(":")
+        if source.startswith(("./", "../")):
+            mounts.append((source, target))
+    return mounts
+
+
+def test_compose_config_is_valid() -> None:
+    if shutil.which(COMPOSE_BINARY) is None:
+        pytest.skip(f"`{COMPOSE_BINARY}` is not installed (Debian package docker-compose; CI installs it)")
+    result = subprocess.run(
+        [COMPOSE_BINARY, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_project_services_exist() -> None:
+    assert {"topics", "replay"} <= set(_project_services())
+
+
+@pytest.mark.parametrize("service", sorted(_project_services()))
+def test_project_service_command_is_accepted_by_the_cli(service: str) -> None:
+    words = _command_words(_project_services()[service])
+    path, command, args = _resolve(words)
+
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    help_text = ANSI_ESCAPE.sub("", result.output)
+    for word in words:
+        if word.startswith("--"):
+            option = word.split("=", 1)[0]
+            assert option in help_text, f"{service}: `streamrec {' '.join(path)}` has no option {option}"
+
+    # Parse the arguments exactly as a run would (unknown options, wrong value types), without
+    # running the command.
+    command.make_context(f"streamrec {' '.join(path)}", list(args))
+
+
+@pytest.mark.parametrize("service", sorted(_project_services()))
+def test_project_service_environment_names_known_settings(service: str) -> None:
+    # Settings reject an unknown STREAMREC_* variable at start; catch the typo here instead.
+    environment = _project_services()[service].get("environment", {})
+    names = environment if isinstance(environment, dict) else [entry.split("=", 1)[0] for entry in environment]
+    unknown = {name for name in names if name.startswith("STREAMREC_")} - known_env_names()
+    assert not unknown, f"{service}: unknown settings variables {sorted(unknown)}"
+
+
+def test_relative_volume_sources_exist() -> None:
+    mounts = [(name, source) for name, spec in _services().items() for source, _ in _host_volume_sources(spec)]
+    assert mounts, "expected bind mounts of files under infra/"
+    missing = [f"{name}: {source}" for name, source in mounts if not (INFRA_DIR / source).exists()]
+    assert not missing, f"bind-mount sources missing under infra/: {missing}"
+
+
+def test_tf_serving_model_config_is_mounted_and_parses() -> None:
+    tf_serving = _services()["tf-serving"]
+    options = dict(word.split("=", 1) for word in _command_words(tf_serving) if "=" in word)
+    container_path = options["--model_config_file"]
+    sources = [source for source, target in _host_volume_sources(tf_serving) if target == container_path]
+    assert sources, f"{container_path} is not bind-mounted from infra/"
+    config_file = INFRA_DIR / sources[0]
+    assert config_file.is_file()
+
+    config = text_format.Parse(config_file.read_text(), model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert model.name == "streamrec"
+    assert model.base_path == "/models/streamrec"
+    assert model.model_platform == "tensorflow"
+    assert list(model.model_version_policy.specific.versions) == [1]
+    assert dict(model.version_labels) == {"stable": 1}
