@@ -6,10 +6,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STREAMREC := $(BIN)/streamrec
 
-.PHONY: setup system-deps demo test lint unit integration bench stack-up stack-down stack-status stack-logs clean
+.PHONY: setup go-tools system-deps demo test lint unit integration bench stack-up stack-down stack-status stack-logs clean
 
-setup: system-deps $(VENV)/.installed
+setup: system-deps $(VENV)/.installed go-tools
 	$(STREAMREC) setup
+
+# Real gRPC clients the tests and benchmarks use: grpcurl (reflection, JSON calls), ghz (load).
+GOBIN ?= $(HOME)/go/bin
+go-tools: $(GOBIN)/grpcurl $(GOBIN)/ghz
+$(GOBIN)/grpcurl:
+	go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest
+$(GOBIN)/ghz:
+	go install github.com/bojand/ghz/cmd/ghz@latest
 
 system-deps:
 	bash infra/setup-system.sh
@@ -42,6 +50,12 @@ integration: setup
 
 bench: setup
 	$(BIN)/python -m bench.replay_throughput
+	$(BIN)/python -m bench.ingest_throughput
+	$(BIN)/python -m bench.model_swap
+	$(BIN)/python -m bench.recommend_load
+	$(BIN)/python -m bench.trainer_throughput
+	$(BIN)/python -m bench.offline_quality
+	$(BIN)/python -m bench.prequential
 
 stack-up: setup
 	$(STREAMREC) stack up

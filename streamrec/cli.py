@@ -7,7 +7,6 @@ run. ``streamrec settings`` lists every ``STREAMREC_*`` variable a process under
 from __future__ import annotations
 
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -75,8 +74,15 @@ def _with_stack_bootstrap(settings: StackSettings) -> CommonSettings:
 
 
 @stack_app.command("up")
-def stack_up() -> None:
-    """Start Kafka and Redis, wait until both answer, and create the project topics."""
+def stack_up(
+    services: Annotated[
+        str | None,
+        typer.Option("--with", help="project processes to start too, comma-separated, or 'all'"),
+    ] = None,
+) -> None:
+    """Start Kafka and Redis (and, with --with, project processes), wait until they answer,
+    and create the project topics."""
+    from streamrec.infra.services import PROJECT_SERVICES
     from streamrec.infra.stack import LocalStack
     from streamrec.kafka_admin import ensure_topics
 
@@ -86,7 +92,31 @@ def stack_up() -> None:
     stack.up()
     created = ensure_topics(_with_stack_bootstrap(settings))
     typer.echo(f"topics created: {', '.join(created) if created else 'none (all existed)'}")
+    names = list(PROJECT_SERVICES) if services == "all" else [n for n in (services or "").split(",") if n]
+    for name in names:
+        if name not in PROJECT_SERVICES:
+            raise StreamrecError(f"unknown service {name!r}; choose from {', '.join(PROJECT_SERVICES)}")
+        typer.echo(f"starting {name} ...")
+        stack.start(name)
     _print_status(stack)
+
+
+@stack_app.command("start")
+def stack_start(name: Annotated[str, typer.Argument(help="a project process, e.g. api")]) -> None:
+    """Start one project process in the running stack and wait until it is ready."""
+    from streamrec.infra.stack import LocalStack
+
+    LocalStack(load(StackSettings)).start(name)
+    typer.echo(f"{name} started")
+
+
+@stack_app.command("stop")
+def stack_stop(name: Annotated[str, typer.Argument(help="a process of the stack")]) -> None:
+    """Stop one process of the running stack (SIGTERM)."""
+    from streamrec.infra.stack import LocalStack
+
+    LocalStack(load(StackSettings)).stop(name)
+    typer.echo(f"{name} stopped")
 
 
 def _print_status(stack: object) -> None:
@@ -95,7 +125,7 @@ def _print_status(stack: object) -> None:
     assert isinstance(stack, LocalStack)  # noqa: S101 -- narrow for mypy
     health = stack.health()
     for info in stack.status():
-        state = "healthy" if health.get(info["name"]) else "NOT answering"
+        state = "-" if info["statename"] == "STOPPED" else "healthy" if health.get(info["name"]) else "NOT ready"
         typer.echo(f"{info['name']:10} {info['statename']:9} {state:14} {info['description']}")
     typer.echo(f"logs: {stack.log_dir}  (streamrec stack logs NAME)")
 
@@ -229,61 +259,56 @@ def count_interactions(
 
 @app.command("demo")
 def demo_command(
-    limit: Annotated[int | None, typer.Option(help="replay only the first N ml-100k events")] = None,
-    rate: Annotated[float, typer.Option(help="replay rate, events per second")] = 10_000,
+    visits: Annotated[int, typer.Option(help="held-out visits to simulate (more = longer, clearer A/B)")] = 9000,
+    rate: Annotated[float, typer.Option(help="visits per second")] = 30.0,
+    history_fraction: Annotated[float, typer.Option(help="share of ml-100k (by time) used as history")] = 0.5,
+    canary_share: Annotated[float, typer.Option(help="share of users in the canary arm")] = 0.5,
+    trainer_interval: Annotated[float, typer.Option(help="seconds between trainer candidates")] = 75.0,
     keep_running: Annotated[bool, typer.Option(help="leave the stack up at the end")] = False,
 ) -> None:
-    """Stack up, replay MovieLens-100K into Kafka while a consumer counts it live, summary."""
-    import uuid
+    """The whole loop from a clean state: stack, features, bootstrap model, API, trainer,
+    evaluator, simulated visits; then a summary and a report (HTML + PNG)."""
+    import json
 
-    from streamrec.consume import end_offsets
-    from streamrec.data import movielens
-    from streamrec.infra.stack import LocalStack
-    from streamrec.kafka_admin import ensure_topics
-    from streamrec.replay import replay
+    from streamrec.demo import DemoOptions, run
 
-    stack_settings = load(StackSettings)
-    stack = LocalStack(stack_settings)
-    typer.echo("1/3 starting Kafka and Redis ...")
-    stack.up()
-    common = _with_stack_bootstrap(stack_settings)
-    ensure_topics(common)
-    frame = movielens.load_interactions()
-    if limit is not None:
-        frame = frame.head(limit)
-    typer.echo(f"2/3 replaying {len(frame):,} MovieLens-100K events at {rate:,.0f}/s; a consumer counts them live")
-    shared = {name: getattr(common, name) for name in CommonSettings.model_fields}
-    tail_settings = TailSettings(**shared, group_id=f"streamrec-demo-{uuid.uuid4().hex[:8]}")
-    replay_settings = ReplaySettings(**shared)
-    counts: Counter[str] = Counter()
-    # Count exactly what this run produces: start at the current end of every partition.
-    start_offsets = end_offsets(common, common.topics.interactions)
-
-    def consume() -> None:
-        counts.update(
-            count_interactions(
-                tail_settings,
-                max_records=len(frame),
-                idle_timeout_s=30,
-                from_beginning=False,
-                position=1,
-                start_offsets=start_offsets,
-            )
+    page = run(
+        DemoOptions(
+            visits=visits,
+            rate=rate,
+            history_fraction=history_fraction,
+            canary_share=canary_share,
+            trainer_interval_s=trainer_interval,
+            keep_running=keep_running,
         )
-
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    report = replay(frame, replay_settings, rate=rate)
-    consumer.join()
-    typer.echo(f"3/3 producer: {report.summary()}")
-    typer.echo(
-        f"    consumer: {counts['valid']:,} valid events read back, {sum(counts.values()) - counts['valid']:,} invalid"
     )
-    if keep_running:
-        typer.echo("the stack is still running: `make stack-down` stops it")
-    else:
-        stack.down()
-        typer.echo("stack stopped")
+    typer.secho("summary", bold=True)
+    for key, value in json.loads((page.parent / "summary.json").read_text()).items():
+        typer.echo(f"  {key:22} {value}")
+    typer.echo(f"report: {page}")
+
+
+def _mount_components() -> None:
+    """Commands that live beside their components; each module imports heavy libraries lazily."""
+    from features.cli import app as features_app
+    from online_trainer.cli import train_command, trainer_command
+    from serving.api.cli import app as api_app
+    from serving.model_server_cli import model_server_command
+    from streamrec import cli_loop
+    from streams.cli import app as streams_app
+
+    app.add_typer(features_app, name="features", help="The Feast feature repo: setup, show, compact, feast CLI.")
+    app.add_typer(streams_app, name="streams", help="The Faust feature worker and a live feature view.")
+    app.add_typer(api_app, name="api", help="The gRPC recommendation API.")
+    app.command("model-server")(model_server_command)
+    app.command("train")(train_command)
+    app.command("trainer")(trainer_command)
+    app.command("joiner")(cli_loop.joiner)
+    app.command("evaluator")(cli_loop.evaluator)
+    app.command("simulate")(cli_loop.simulate)
+
+
+_mount_components()
 
 
 def main() -> None:

@@ -108,3 +108,31 @@ def end_offsets(settings: CommonSettings, topic: str, timeout_s: float = 10.0) -
         }
     finally:
         consumer.close()
+
+
+def group_lag(settings: CommonSettings, group_id: str, topic: str, timeout_s: float = 10.0) -> int:
+    """Records of ``topic`` not yet committed by ``group_id`` (all partitions; no commit = all)."""
+    consumer = Consumer(consumer_config(settings, group_id, from_beginning=True))
+    try:
+        ends = end_offsets(settings, topic, timeout_s)
+        committed = consumer.committed([TopicPartition(topic, partition) for partition in ends], timeout=timeout_s)
+        lag = 0
+        for position in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, position.partition), timeout=timeout_s)
+            start = position.offset if position.offset >= 0 else low
+            lag += max(0, high - start)
+        return lag
+    finally:
+        consumer.close()
+
+
+def commit_group_offsets(settings: CommonSettings, group_id: str, offsets: dict[int, int], topic: str) -> None:
+    """Set ``group_id``'s committed position on ``topic`` (e.g. to start a new consumer at "now")."""
+    consumer = Consumer(consumer_config(settings, group_id, from_beginning=True))
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(topic, partition, offset) for partition, offset in offsets.items()],
+            asynchronous=False,
+        )
+    finally:
+        consumer.close()

@@ -91,7 +91,12 @@ class Impression(UserKeyed):
     arm: Arm
     model_version: int = Field(ge=0)
     items: list[ImpressionItem] = Field(min_length=1)
+    # fallback: not the model's personalised answer (cold start or trending); degraded: a
+    # dependency (model server, feature store) failed or was too slow for this request.
     fallback: bool = False
+    degraded: bool = False
+    # How long the API took to answer (the evaluator's latency guardrail reads it).
+    serve_latency_ms: float | None = Field(default=None, ge=0)
     # The raw features the model saw, logged so the trainer learns from exactly those.
     features: dict[str, Any] = Field(default_factory=dict)
 
@@ -116,6 +121,10 @@ class LabeledExample(UserKeyed):
     clicked: bool
     impression_time: AwareDatetime
     click_time: AwareDatetime | None = None
+    # Copied from the impression: the evaluator's guardrails read them per request.
+    fallback: bool = False
+    degraded: bool = False
+    serve_latency_ms: float | None = Field(default=None, ge=0)
     features: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -102,7 +102,7 @@ def interactions_from_frame(frame: pd.DataFrame) -> Iterator[Interaction]:
         yield from _INTERACTION_BATCH.validate_python(records)
 
 
-class _Pacer:
+class Pacer:
     """Sleeps so that event ``index`` (with time ``event_time_s``) is not sent early."""
 
     def __init__(self, rate: float | None, speedup: float | None, first_event_time_s: float) -> None:
@@ -150,7 +150,7 @@ def replay(
     # One global delivery callback (config) rather than one per produce() call: cheaper per event.
     producer = Producer({**producer_config(settings), "on_delivery": on_delivery})
     event_seconds: np.ndarray = (frame["event_time"].astype("int64") // 1_000_000_000).to_numpy()
-    pacer = _Pacer(rate, speedup, float(event_seconds[0]) if len(event_seconds) else 0.0)
+    pacer = Pacer(rate, speedup, float(event_seconds[0]) if len(event_seconds) else 0.0)
     started = time.monotonic()
     with tqdm(total=len(frame), unit="ev", disable=not progress, desc=f"replay -> {topic}") as bar:
         for index, event in enumerate(interactions_from_frame(frame)):

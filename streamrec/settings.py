@@ -175,10 +175,57 @@ class TailSettings(CommonSettings):
     group_id: str = "streamrec-tail"
 
 
+class SimulatorTuning(_Section):
+    """``streamrec simulate``: held-out MovieLens events replayed as visits to the API."""
+
+    api_target: str = "127.0.0.1:50051"
+    k: int = Field(default=10, ge=1, le=100)
+    deadline_ms: int = Field(default=1000, ge=1)
+    # Events before this fraction of ml-100k (by time) are history (bootstrap); the rest is replayed.
+    holdout_start_fraction: float = Field(default=0.5, gt=0, lt=1)
+    # None: <paths.state_dir>/simulator
+    output_dir: Path | None = None
+
+
+class SimulatorSettings(CommonSettings):
+    simulator: SimulatorTuning = SimulatorTuning()
+
+    @property
+    def simulator_dir(self) -> Path:
+        return self.simulator.output_dir or self.paths.state_dir / "simulator"
+
+
 # Every settings class a process may build. The environment check below accepts a variable
 # if any of them knows it, because all processes of one stack share one environment.
-PROCESS_SETTINGS: tuple[type[CommonSettings], ...] = (ReplaySettings, StackSettings, TailSettings)
+PROCESS_SETTINGS: tuple[type[CommonSettings], ...] = (ReplaySettings, StackSettings, TailSettings, SimulatorSettings)
+# Components keep their settings class beside their code (``<package>/settings.py`` exposing
+# ``SETTINGS_CLASSES``); they are listed here so the check knows their variables too. These
+# modules import nothing heavy (no TensorFlow, no Faust), so the check stays cheap.
+COMPONENT_SETTINGS_MODULES: tuple[str, ...] = (
+    "features.settings",
+    "streams.settings",
+    "streams.joiner_settings",
+    "online_trainer.settings",
+    "serving.settings",
+    "serving.api.settings",
+    "serving.ab.settings",
+)
 _EXTRA_ENV_NAMES: frozenset[str] = frozenset({CONFIG_FILE_ENV})
+
+
+def all_settings_classes() -> list[type[CommonSettings]]:
+    import importlib
+
+    classes = list(PROCESS_SETTINGS)
+    for module_name in COMPONENT_SETTINGS_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module_name.startswith(exc.name):
+                continue  # that component is not part of this installation (yet)
+            raise
+        classes.extend(getattr(module, "SETTINGS_CLASSES", ()))
+    return classes
 
 
 def _env_names(model: type[BaseModel], prefix: str) -> set[str]:
@@ -194,7 +241,7 @@ def _env_names(model: type[BaseModel], prefix: str) -> set[str]:
 
 def known_env_names() -> set[str]:
     names = set(_EXTRA_ENV_NAMES)
-    for settings_cls in PROCESS_SETTINGS:
+    for settings_cls in all_settings_classes():
         names |= _env_names(settings_cls, ENV_PREFIX)
     return names
 

@@ -34,6 +34,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 
 from streamrec.errors import StackError
 from streamrec.infra import kafka_broker
+from streamrec.infra.services import project_health_checks, project_programs
 from streamrec.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, StackSettings
 
 
@@ -43,11 +44,13 @@ class Program:
 
     name: str
     command: list[str]
-    healthy: Callable[[], bool]
+    healthy: Callable[[], bool] | None
     stop_wait_s: int = 30
     # The JVM exits with 143 (128 + SIGTERM) after a clean shutdown hook run.
     exit_codes: tuple[int, ...] = (0,)
     environment: dict[str, str] = field(default_factory=dict)
+    # Base services start with supervisord; project processes start on request (``start``).
+    autostart: bool = True
 
 
 def kafka_healthy(bootstrap: str) -> bool:
@@ -85,11 +88,17 @@ class LocalStack:
         return f"{self.settings.stack.kafka_host}:{self.settings.stack.kafka_port}"
 
     def client_environment(self) -> dict[str, str]:
-        """What other processes need in their environment to reach this stack."""
+        """What other processes need in their environment to reach this stack: every
+        ``STREAMREC_*`` variable of this process (already checked for typos), with the broker,
+        Redis and state folder of this stack on top."""
+        inherited = {key: value for key, value in os.environ.items() if key.upper().startswith(ENV_PREFIX)}
         return {
+            **inherited,
             f"{ENV_PREFIX}KAFKA{ENV_NESTED_DELIMITER}BOOTSTRAP_SERVERS": self.bootstrap_servers(),
             f"{ENV_PREFIX}REDIS{ENV_NESTED_DELIMITER}HOST": self.settings.redis.host,
             f"{ENV_PREFIX}REDIS{ENV_NESTED_DELIMITER}PORT": str(self.settings.redis.port),
+            f"{ENV_PREFIX}PATHS{ENV_NESTED_DELIMITER}STATE_DIR": str(self.settings.paths.state_dir),
+            f"{ENV_PREFIX}PATHS{ENV_NESTED_DELIMITER}CACHE_DIR": str(self.settings.paths.cache_dir),
         }
 
     def programs(self) -> list[Program]:
@@ -120,13 +129,18 @@ class LocalStack:
                 checks["redis"],
                 10,
             ),
+            *project_programs(self.settings),
         ]
 
-    def health_checks(self) -> dict[str, Callable[[], bool]]:
+    def health_checks(self) -> dict[str, Callable[[], bool] | None]:
         """One readiness probe per program, by program name."""
         redis_settings = self.settings.redis
         bootstrap = self.bootstrap_servers()
-        return {"kafka": lambda: kafka_healthy(bootstrap), "redis": lambda: redis_healthy(redis_settings)}
+        return {
+            "kafka": lambda: kafka_healthy(bootstrap),
+            "redis": lambda: redis_healthy(redis_settings),
+            **project_health_checks(),
+        }
 
     # -- supervisord --------------------------------------------------------------------
     def _render(self, programs: list[Program]) -> None:
@@ -148,7 +162,7 @@ class LocalStack:
             environment = {**self.client_environment(), **program.environment}
             config[f"program:{program.name}"] = {
                 "command": shlex.join(program.command).replace("%", "%%"),
-                "autostart": "true",
+                "autostart": str(program.autostart).lower(),
                 "autorestart": "unexpected",
                 "startsecs": "2",
                 "stopsignal": "TERM",
@@ -159,7 +173,7 @@ class LocalStack:
                 "redirect_stderr": "true",
                 "stdout_logfile": str(self.log_dir / f"{program.name}.log"),
                 "stdout_logfile_maxbytes": "20MB",
-                "environment": ",".join(f'{key}="{value}"' for key, value in environment.items()),
+                "environment": ",".join(f'{key}="{_supervisor_quote(value)}"' for key, value in environment.items()),
             }
         with self.config_path.open("w") as handle:
             config.write(handle)
@@ -196,23 +210,28 @@ class LocalStack:
             raise StackError(f"supervisord did not start; see {self.log_dir / 'supervisord.log'}")
         self.wait_healthy(timeout_s)
 
-    def wait_healthy(self, timeout_s: float | None = None) -> None:
+    def wait_healthy(self, timeout_s: float | None = None, names: list[str] | None = None) -> None:
         deadline = timeout_s or self.settings.stack.kafka_start_timeout_s
-        pending = dict(self.health_checks())
+        wanted = (
+            set(names)
+            if names is not None
+            else {info["name"] for info in self.status() if info["statename"] != "STOPPED"}
+        )
+        pending = {name: check for name, check in self.health_checks().items() if name in wanted}
         try:
             for attempt in Retrying(
                 stop=stop_after_delay(deadline), wait=wait_fixed(0.5), retry=retry_if_exception_type(_NotYet)
             ):
                 with attempt:
                     self._raise_if_dead()
-                    for name in [name for name, healthy in pending.items() if healthy()]:
+                    running = {info["name"] for info in self.status() if info["statename"] == "RUNNING"}
+                    for name in [name for name, check in pending.items() if _ready(name, check, running)]:
                         del pending[name]
                     if pending:
                         raise _NotYet(", ".join(pending))
         except RetryError as exc:
-            names = ", ".join(pending)
             logs = ", ".join(str(self.log_dir / f"{name}.log") for name in pending)
-            raise StackError(f"{names} not healthy after {deadline:.0f}s; see {logs}") from exc
+            raise StackError(f"{', '.join(pending)} not healthy after {deadline:.0f}s; see {logs}") from exc
 
     def _raise_if_dead(self) -> None:
         for info in self.status():
@@ -221,13 +240,28 @@ class LocalStack:
                 tail = self.logs(name, 4000)
                 raise StackError(f"{name} is {info['statename']}; see {self.log_dir / f'{name}.log'}:\n{tail}")
 
+    def start(self, name: str, timeout_s: float | None = None) -> None:
+        """Start one program (a project process) and wait until it is healthy."""
+        with self._rpc() as rpc:
+            info = rpc.getProcessInfo(name)
+            if info["statename"] not in {"RUNNING", "STARTING"}:
+                rpc.startProcess(name, True)
+        self.wait_healthy(timeout_s, [name])
+
+    def stop(self, name: str) -> None:
+        with self._rpc() as rpc:
+            if rpc.getProcessInfo(name)["statename"] in {"RUNNING", "STARTING"}:
+                rpc.stopProcess(name, True)
+
     def status(self) -> list[dict[str, Any]]:
         with self._rpc() as rpc:
             infos: list[dict[str, Any]] = rpc.getAllProcessInfo()
         return infos
 
     def health(self) -> dict[str, bool]:
-        return {name: healthy() for name, healthy in self.health_checks().items()}
+        states = {info["name"]: info["statename"] for info in self.status()}
+        running = {name for name, state in states.items() if state == "RUNNING"}
+        return {name: _ready(name, check, running) for name, check in self.health_checks().items() if name in running}
 
     def logs(self, name: str, length: int = 8000) -> str:
         with self._rpc() as rpc:
@@ -248,6 +282,15 @@ class LocalStack:
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
             raise StackError(f"supervisord (pid {pid}) did not stop in {timeout_s:.0f}s and was killed")
+
+
+def _ready(name: str, check: Callable[[], bool] | None, running: set[str]) -> bool:
+    return name in running and (check is None or check())
+
+
+def _supervisor_quote(value: str) -> str:
+    # supervisord expands %(ENV_X)s in its config and splits environment= on unquoted commas.
+    return value.replace("%", "%%").replace('"', '\\"')
 
 
 class _NotYet(Exception):

@@ -19,8 +19,6 @@ import pytest
 import typer
 import typer.core
 import yaml
-from google.protobuf import text_format
-from tensorflow_serving.config import model_server_config_pb2
 from typer.testing import CliRunner
 
 from streamrec.cli import app
@@ -96,7 +94,9 @@ def test_compose_config_is_valid() -> None:
 
 
 def test_project_services_exist() -> None:
-    assert {"topics", "replay"} <= set(_project_services())
+    assert {"topics", "features-setup", "streams", "joiner", "api", "trainer", "evaluator", "simulate"} <= set(
+        _project_services()
+    )
 
 
 @pytest.mark.parametrize("service", sorted(_project_services()))
@@ -133,19 +133,16 @@ def test_relative_volume_sources_exist() -> None:
     assert not missing, f"bind-mount sources missing under infra/: {missing}"
 
 
-def test_tf_serving_model_config_is_mounted_and_parses() -> None:
-    tf_serving = _services()["tf-serving"]
+def test_tf_serving_reads_models_where_the_project_writes_them() -> None:
+    """TF Serving's base path lies in the volume the trainer writes to, at the same path, so the
+    base_path the project's clients put into HandleReloadConfigRequest is the one it sees."""
+    services = _services()
+    tf_serving = services["tf-serving"]
     options = dict(word.split("=", 1) for word in _command_words(tf_serving) if "=" in word)
-    container_path = options["--model_config_file"]
-    sources = [source for source, target in _host_volume_sources(tf_serving) if target == container_path]
-    assert sources, f"{container_path} is not bind-mounted from infra/"
-    config_file = INFRA_DIR / sources[0]
-    assert config_file.is_file()
-
-    config = text_format.Parse(config_file.read_text(), model_server_config_pb2.ModelServerConfig())
-    (model,) = config.model_config_list.config
-    assert model.name == "streamrec"
-    assert model.base_path == "/models/streamrec"
-    assert model.model_platform == "tensorflow"
-    assert list(model.model_version_policy.specific.versions) == [1]
-    assert dict(model.version_labels) == {"stable": 1}
+    assert options["--model_name"] == "streamrec"
+    state_mount = next(v for v in tf_serving["volumes"] if str(v).startswith("state:"))
+    mount_path = str(state_mount).split(":")[1]
+    assert options["--model_base_path"].startswith(mount_path + "/")
+    trainer_env = services["trainer"]["environment"]
+    assert trainer_env["STREAMREC_MODEL_SERVER__HOST"] == "tf-serving"
+    assert any(str(v).startswith(f"state:{mount_path}") for v in services["trainer"]["volumes"])

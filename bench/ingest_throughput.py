@@ -1,0 +1,338 @@
+"""Sustained ingest: Kafka -> Faust worker -> Feast/Redis, against a raw-client floor, same run.
+
+On a fresh local stack (real Kafka + Redis on free ports) this runs ``faust -A streams.app
+worker`` as a child process and measures, in order:
+
+1. **throughput**: MovieLens-100K (looped, with fresh event ids and shifted times) replayed at a
+   fixed rate (``--rate``, default 3,000 events/s) for ``--duration`` seconds (default 120).
+   Consumer lag (high watermark - the worker group's committed offset, interactions and the
+   item repartition topic) is sampled every second; the run passes if the lag of the last third
+   is not above the first third's (plus two seconds of input). ``ingest.events_per_s`` is the
+   rate the worker *processed* (its ``streams_events_in_total``) over the measured window.
+2. **freshness**: the same at ``--fresh-rate`` (default 1,000 events/s) for ``--fresh-duration``
+   seconds; p50/p99 of the worker's freshness histogram (Kafka record timestamp -> features
+   readable online) over that window only, interpolated within buckets as Prometheus'
+   ``histogram_quantile`` does.
+3. **floor**: confluent-kafka consuming the same interactions topic from the start, one Redis
+   pipeline per consumed batch writing one hash per event (no Faust, no Feast, no windows).
+
+``ingest.worker_rss_mb`` is the worker's peak RSS (psutil, sampled every second).
+
+Run: ``python -m bench.ingest_throughput`` (about 4 minutes). ``--duration 10 --fresh-duration 5
+--no-write`` is a smoke test that prints the figures and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import redis
+from confluent_kafka import Consumer, TopicPartition
+from tqdm import tqdm
+
+from bench.common import write_result
+from streamrec.data import movielens
+from streamrec.infra.stack import LocalStack
+from streamrec.kafka_admin import ensure_topics
+from streamrec.replay import replay
+from streamrec.settings import (
+    KafkaSettings,
+    PathSettings,
+    RedisSettings,
+    ReplaySettings,
+    StackSettings,
+    StackTuning,
+    TopicSettings,
+)
+from streams.process import WorkerProcess
+from streams.settings import StreamsSettings, StreamsTuning
+from tests.conftest import free_ports
+
+
+def looped_events(count: int) -> pd.DataFrame:
+    """``count`` events: MovieLens-100K repeated, each loop with new ids and later event times."""
+    base = movielens.load_interactions()
+    span = base["event_time"].max() - base["event_time"].min() + pd.Timedelta(days=1)
+    loops = []
+    for loop in range((count + len(base) - 1) // len(base)):
+        frame = base.copy()
+        frame["event_id"] = frame["event_id"] + f"#{loop}"
+        frame["event_time"] = frame["event_time"] + loop * span
+        loops.append(frame)
+    return pd.concat(loops, ignore_index=True).head(count)
+
+
+@dataclass
+class Sampler:
+    """Samples lag, processed count and worker RSS every second in a thread."""
+
+    worker: WorkerProcess
+    settings: StreamsSettings
+    samples: list[tuple[float, int, float]] = field(default_factory=list)  # (time, lag, events_in)
+    peak_rss_mb: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def lag(self, consumer: Consumer) -> int:
+        total = 0
+        for topic in (self.settings.topics.interactions, self.settings.by_item_topic):
+            partitions = [TopicPartition(topic, p) for p in range(self.settings.topics.partitions)]
+            for committed in consumer.committed(partitions, timeout=5):
+                high = consumer.get_watermark_offsets(TopicPartition(topic, committed.partition), timeout=5)[1]
+                total += high - max(committed.offset, 0)
+        return total
+
+    def run(self) -> None:
+        consumer = Consumer(
+            {
+                **self.settings.kafka.client_config(),
+                "group.id": self.settings.streams.app_id,
+                "enable.auto.commit": False,
+            }
+        )
+        process = psutil.Process(self.worker.pid)
+        try:
+            while not self._stop.wait(1.0):
+                rss = sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+                self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
+                events_in = self.worker.metric("streams_events_in_total")
+                self.samples.append((time.monotonic(), self.lag(consumer), events_in))
+        finally:
+            consumer.close()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self, thread: threading.Thread) -> None:
+        self._stop.set()
+        thread.join(timeout=30)
+
+
+def histogram(worker: WorkerProcess, name: str) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) of a histogram, summed over labels."""
+    buckets: dict[float, float] = {}
+    for line in (worker.metrics_text() or "").splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            upper = float("inf") if bound == "+Inf" else float(bound)
+            buckets[upper] = buckets.get(upper, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """``histogram_quantile`` over the difference of two cumulative snapshots."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-9)
+        lower_bound, lower_count = bound, count
+    return bounds[-2]
+
+
+def paced_phase(
+    worker: WorkerProcess, settings: StreamsSettings, frame: pd.DataFrame, rate: float, label: str
+) -> tuple[Sampler, float]:
+    """Replay ``frame`` at ``rate`` while sampling; returns the sampler and the elapsed seconds."""
+    processed_before = worker.metric("streams_events_in_total")
+    sampler = Sampler(worker, settings)
+    thread = sampler.start()
+    started = time.monotonic()
+    report = replay(frame, ReplaySettings(kafka=settings.kafka, topics=settings.topics), rate=rate, progress=True)
+    if report.failed:
+        raise RuntimeError(f"{label}: replay failed: {report.summary()}")
+    # Let the worker drain what is in flight (bounded) so the phase ends with everything processed.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and worker.metric("streams_events_in_total") < processed_before + len(frame):
+        time.sleep(0.2)
+    elapsed = time.monotonic() - started
+    sampler.stop(thread)
+    return sampler, elapsed
+
+
+def lag_verdict(samples: list[tuple[float, int, float]], rate: float) -> tuple[bool, int, int, int]:
+    lags = [lag for _, lag, _ in samples]
+    third = max(1, len(lags) // 3)
+    first, last = statistics.median(lags[:third]), statistics.median(lags[-third:])
+    growing = last > first + 2 * rate
+    return growing, int(first), int(last), max(lags) if lags else 0
+
+
+def processed_rate(samples: list[tuple[float, int, float]]) -> float:
+    """Events/s the worker processed over the middle of the phase (start-up and drain excluded)."""
+    if len(samples) < 4:
+        return float("nan")
+    start, end = len(samples) // 6, len(samples) - len(samples) // 6 - 1
+    (t0, _, n0), (t1, _, n1) = samples[start], samples[end]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def floor_run(settings: StreamsSettings, count: int) -> float:
+    """Raw confluent-kafka consume + one Redis pipeline per batch, one HSET per event."""
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"floor-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    client = redis.Redis(host=settings.redis.host, port=settings.redis.port, db=settings.redis.db)
+    consumer.subscribe([settings.topics.interactions])
+    seen = 0
+    started: float | None = None
+    try:
+        with tqdm(total=count, desc="floor", unit="ev") as bar:
+            while seen < count:
+                batch = consumer.consume(num_messages=1000, timeout=1.0)
+                if not batch:
+                    continue
+                started = started or time.monotonic()
+                with client.pipeline(transaction=False) as pipe:
+                    for message in batch:
+                        if message.error() is not None:
+                            continue
+                        event = json.loads(message.value())
+                        pipe.hset(
+                            f"floor:user:{event['user_id']}",
+                            mapping={"item_id": event["item_id"], "event_time": event["event_time"]},
+                        )
+                    pipe.execute()
+                seen += len(batch)
+                bar.update(len(batch))
+    finally:
+        consumer.close()
+    return seen / (time.monotonic() - (started or time.monotonic()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=3000.0, help="input events/s of the throughput phase")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of the throughput phase")
+    parser.add_argument("--fresh-rate", type=float, default=1000.0, help="input events/s of the freshness phase")
+    parser.add_argument("--fresh-duration", type=float, default=60.0, help="seconds of the freshness phase")
+    parser.add_argument("--no-write", action="store_true", help="print the figures, write no result file")
+    args = parser.parse_args()
+
+    kafka_port, controller_port, redis_port, supervisor_port, metrics_port = free_ports(5)
+    throughput_events = int(args.rate * args.duration)
+    fresh_events = int(args.fresh_rate * args.fresh_duration)
+    events = looped_events(throughput_events + fresh_events + 2000)
+    warm_up, throughput_frame, fresh_frame = (
+        events.iloc[:2000],
+        events.iloc[2000 : 2000 + throughput_events],
+        events.iloc[2000 + throughput_events :],
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as state:
+        stack = LocalStack(
+            StackSettings(
+                kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
+                redis=RedisSettings(port=redis_port),
+                paths=PathSettings(state_dir=Path(state) / "stack"),
+                stack=StackTuning(
+                    kafka_port=kafka_port, kafka_controller_port=controller_port, supervisor_port=supervisor_port
+                ),
+            )
+        )
+        stack.up()
+        worker: WorkerProcess | None = None
+        try:
+            settings = StreamsSettings(
+                kafka=KafkaSettings(bootstrap_servers=stack.bootstrap_servers()),
+                redis=RedisSettings(port=redis_port),
+                paths=PathSettings(state_dir=Path(state) / "worker"),
+                topics=TopicSettings(interactions="bench.interactions", deadletter="bench.deadletter"),
+                features={"project": "bench"},
+                streams=StreamsTuning(app_id="bench-ingest", metrics_port=metrics_port),
+            )
+            from features.store import apply, open_store
+
+            ensure_topics(settings)
+            apply(open_store(settings))
+            worker = WorkerProcess(settings, Path(state) / "worker.log")
+            worker.start()
+            worker.wait_serving(timeout_s=120)
+            replay(warm_up, ReplaySettings(kafka=settings.kafka, topics=settings.topics), progress=False)
+            worker.wait_for_metric("streams_events_in_total", len(warm_up), timeout_s=120)
+
+            sampler, elapsed = paced_phase(worker, settings, throughput_frame, args.rate, "throughput")
+            growing, first_lag, last_lag, max_lag = lag_verdict(sampler.samples, args.rate)
+            events_per_s = processed_rate(sampler.samples)
+
+            before = histogram(worker, "streams_freshness_seconds")
+            fresh_sampler, _ = paced_phase(worker, settings, fresh_frame, args.fresh_rate, "freshness")
+            after = histogram(worker, "streams_freshness_seconds")
+            p50_ms, p99_ms = 1000 * quantile(0.5, before, after), 1000 * quantile(0.99, before, after)
+            peak_rss = max(sampler.peak_rss_mb, fresh_sampler.peak_rss_mb)
+            worker.stop()
+            floor = floor_run(settings, len(warm_up) + len(throughput_frame) + len(fresh_frame))
+        finally:
+            if worker is not None:
+                worker.stop()
+            stack.down()
+
+    metrics = {
+        "ingest.events_per_s": round(events_per_s),
+        "ingest.floor_events_per_s": round(floor),
+        "ingest.ratio_to_floor": round(events_per_s / floor, 3),
+        "ingest.freshness_p50_ms": round(p50_ms, 1),
+        "ingest.freshness_p99_ms": round(p99_ms, 1),
+        "ingest.worker_rss_mb": round(peak_rss, 1),
+        "ingest.max_lag_events": max_lag,
+    }
+    met = events_per_s >= 3000 and not growing and p50_ms < 100 and p99_ms < 500
+    notes = (
+        f"Input {args.rate:,.0f} events/s for {args.duration:.0f} s (throughput phase, {elapsed:.0f} s "
+        f"incl. drain), then {args.fresh_rate:,.0f} events/s for {args.fresh_duration:.0f} s (freshness "
+        "phase); MovieLens-100K looped with new event ids and shifted times; one worker, 4 partitions, "
+        "Kafka + Redis + worker + producer on this machine. Consumer lag (events, interactions + item "
+        f"repartition topic): median {first_lag} in the first third, {last_lag} in the last third, max "
+        f"{max_lag}: {'GROWING' if growing else 'not growing'}. Freshness is the worker's histogram (Kafka "
+        "record timestamp -> push returned), both views. Floor: raw confluent-kafka consume + Redis "
+        f"pipeline HSET per event of the same topic. Targets {'met' if met else 'MISSED'}."
+    )
+    print(json.dumps(metrics, indent=2))
+    print(notes)
+    if not args.no_write:
+        write_result(
+            "ingest",
+            metrics,
+            {
+                "ingest.events_per_s": "events/s",
+                "ingest.floor_events_per_s": "events/s",
+                "ingest.ratio_to_floor": "",
+                "ingest.freshness_p50_ms": "ms",
+                "ingest.freshness_p99_ms": "ms",
+                "ingest.worker_rss_mb": "MiB",
+                "ingest.max_lag_events": "events",
+            },
+            targets={
+                "ingest.events_per_s": ">= 3,000 (lag not growing)",
+                "ingest.freshness_p50_ms": "< 100 at 1,000 events/s",
+                "ingest.freshness_p99_ms": "< 500 at 1,000 events/s",
+            },
+            command="python -m bench.ingest_throughput",
+            notes=notes,
+        )
+
+
+if __name__ == "__main__":
+    main()

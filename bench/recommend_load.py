@@ -1,0 +1,370 @@
+"""``Recommend`` end to end under load from ``ghz``: Feast read + model server + response.
+
+Everything is co-located, as on the target 2-core machine: Kafka and Redis (``LocalStack``, on
+free ports), the local model server (``python -m serving.model_server_cli``) and the API
+(``python -m serving``), each its own process, and ``ghz --cpus 1`` as the client. The feature
+store holds ml-100k profiles (materialized) plus fresh ``user_activity`` (every user's last 20
+items) and ``item_stats`` rows, so every request reads a real row; requests cycle through all
+943 users plus 5% unknown ones (cold start). The model is the tests' tiny model over the whole
+ml-100k catalog (1,682 items), or any exported SavedModel given with ``--model-dir``.
+
+Phases (each reported from ghz's own percentiles; non-OK statuses are errors):
+
+1. warm-up, not reported;
+2. 100 rps and 200 rps, ``--duration`` each: p50/p99 and errors;
+3. saturation: rate uncapped at ``--saturation-concurrency`` in-flight calls: achieved rps;
+4. swap: 200 rps for ``--swap-duration`` while a new model version is written and published
+   (``ModelServerClient.publish_stable``: load, wait, move labels, unload) every
+   ``--swap-every`` s: failed requests and p99.
+
+Degraded answers (the API's trending fallback when the model is slower than its budget) are OK
+for ghz, so the API's ``/metrics`` counters are read before and after each phase and the share
+of degraded answers is written to the notes: a low p99 bought with fallbacks would show there.
+Peak RSS (``VmHWM``) of the API (and, in the notes, of the model server) is read from ``/proc``
+at the end.
+
+Run: ``.venv/bin/python -m bench.recommend_load`` (about 4 minutes; ``--tiny --no-write`` checks
+the wiring in under a minute). Needs ``ghz``: ``go install github.com/bojand/ghz/cmd/ghz@latest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from bench.common import ROOT, write_result
+from serving.model_client import ModelServerClient
+from streamrec.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisSettings, StackSettings, StackTuning
+from tests.conftest import free_ports
+
+PROTO = ROOT / "serving" / "proto"
+CALL = "streamrec.v1.Recommender/Recommend"
+COLD_SHARE = 0.05
+TARGETS = {
+    "recommend.p99_ms_200rps": "<= 30 ms",
+    "recommend.errors_200rps": "0",
+    "recommend.saturation_rps": ">= 400 rps",
+    "recommend.swap_failed_requests": "0",
+    "recommend.swap_p99_ms": "<= 2 x recommend.p99_ms_200rps",
+}
+
+
+def ghz_binary() -> str:
+    found = shutil.which("ghz") or str(Path.home() / "go" / "bin" / "ghz")
+    if not Path(found).is_file():
+        sys.exit("ghz not found; install it with `go install github.com/bojand/ghz/cmd/ghz@latest`")
+    return found
+
+
+@dataclass
+class GhzRun:
+    count: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    error_kinds: dict[str, int]
+
+    @classmethod
+    def parse(cls, report: dict[str, Any]) -> GhzRun:
+        percentiles = {
+            int(item["percentage"]): item["latency"] / 1e6 for item in report.get("latencyDistribution") or []
+        }
+        statuses = report.get("statusCodeDistribution") or {}
+        errors = sum(count for status, count in statuses.items() if status != "OK")
+        return cls(
+            int(report["count"]),
+            errors,
+            float(report["rps"]),
+            percentiles.get(50, 0.0),
+            percentiles.get(99, 0.0),
+            dict(report.get("errorDistribution") or {}),
+        )
+
+
+def run_ghz(address: str, data_file: Path, *, rps: int, duration_s: float, concurrency: int) -> GhzRun:
+    command = [
+        ghz_binary(),
+        "--insecure",
+        "--proto", str(PROTO / "streamrec/v1/recommender.proto"),
+        "--import-paths", str(PROTO),
+        "--call", CALL,
+        "--data-file", str(data_file),
+        "--cpus", "1",
+        "--connections", "1",
+        "--concurrency", str(concurrency),
+        "--rps", str(rps),
+        "--duration", f"{duration_s:g}s",
+        "--timeout", "2s",
+        # calls in flight when the duration ends finish and count (the default cancels them
+        # and reports them as errors)
+        "--duration-stop", "wait",
+        "--format", "json",
+        address,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode not in (0, 1) or not result.stdout.strip():  # ghz exits 1 when some calls failed
+        raise RuntimeError(f"ghz failed ({result.returncode}): {result.stderr[-2000:]}")
+    return GhzRun.parse(json.loads(result.stdout))
+
+
+def peak_rss_mb(pid: int) -> float:
+    match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def api_counters(metrics_port: int) -> dict[str, float]:
+    """Requests and degraded answers so far, from the API's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
+    totals = {"requests": 0.0, "degraded": 0.0}
+    for line in text.splitlines():
+        if line.startswith("streamrec_api_request_seconds_count"):
+            totals["requests"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("streamrec_api_degraded_total"):
+            totals["degraded"] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def set_up_features(env_settings: Any) -> list[str]:
+    """Profiles + fresh activity for every ml-100k user + item stats; returns the user ids."""
+    from features import store as feature_store
+    from streamrec import contracts
+    from streamrec.data.movielens import load_interactions
+
+    feature_store.write_profiles(env_settings)
+    store = feature_store.open_store(env_settings)
+    feature_store.apply(store)
+    feature_store.materialize_profiles(store)
+    interactions = load_interactions().sort_values("event_time")
+    now = pd.Timestamp.now(tz="UTC")
+    recent = (
+        interactions.groupby("user_id")["item_id"]
+        .agg(lambda items: list(dict.fromkeys(reversed(items.tolist())))[: contracts.RECENT_ITEMS_MAX])
+        .reset_index()
+    )
+    recent["count_1h"] = 3
+    recent["count_24h"] = 12
+    recent["last_event_ts"] = int(now.timestamp())
+    recent["event_timestamp"] = now
+    recent = recent.rename(columns={"item_id": "recent_items"})
+    feature_store.push_user_activity(store, recent, offline=False)
+    counts = interactions.groupby("item_id").size()
+    rng = np.random.default_rng(7)
+    stats = pd.DataFrame(
+        {
+            "item_id": counts.index.astype(str),
+            "count_1h": rng.integers(0, 20, len(counts)),
+            "count_24h": counts.to_numpy(),
+            "event_timestamp": now,
+        }
+    )
+    stats["trending_score"] = stats["count_1h"] / (1 + stats["count_24h"] / 24)
+    feature_store.push_item_stats(store, stats, offline=False)
+    return [str(user) for user in recent["user_id"]]
+
+
+def write_version(base_path: Path, version: int, item_ids: list[str], model_dir: Path | None) -> None:
+    if model_dir is not None:
+        staging = base_path / f".tmp-{version}"
+        shutil.copytree(model_dir, staging)
+        os.rename(staging, base_path / str(version))
+        return
+    from tests.support.tiny_model import write_tiny_model
+
+    write_tiny_model(base_path, version, item_ids=item_ids, bias=version * 0.01)
+
+
+def wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if needle in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited ({process.returncode}); see {log}")
+        time.sleep(0.2)
+    raise RuntimeError(f"no {needle!r} in {log} after {timeout_s} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per fixed-rate phase")
+    parser.add_argument("--swap-duration", type=float, default=95.0, help="seconds of the swap phase")
+    parser.add_argument("--swap-every", type=float, default=30.0, help="seconds between published versions")
+    parser.add_argument("--saturation-concurrency", type=int, default=16)
+    parser.add_argument("--model-dir", type=Path, default=None, help="an exported SavedModel to serve instead")
+    parser.add_argument("--tiny", action="store_true", help="3-second phases: check the wiring only")
+    parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
+    args = parser.parse_args()
+    if args.tiny:
+        args.duration, args.swap_duration, args.swap_every = 3.0, 7.0, 3.0
+    ghz_binary()
+
+    from features.settings import FeaturesSettings, FeatureStoreTuning
+    from streamrec.data.movielens import load_items
+    from streamrec.infra.stack import LocalStack
+
+    kafka_port, controller_port, redis_port, model_port, api_port, metrics_port = free_ports(6)
+    with ExitStack() as cleanup:
+        state = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-recommend-")))
+        stack = LocalStack(
+            StackSettings(
+                redis=RedisSettings(port=redis_port),
+                paths=PathSettings(state_dir=state / "stack"),
+                stack=StackTuning(kafka_port=kafka_port, kafka_controller_port=controller_port),
+            )
+        )
+        print("starting Kafka and Redis ...", file=sys.stderr)
+        stack.up()
+        cleanup.callback(stack.down)
+        features = FeaturesSettings(
+            kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
+            redis=RedisSettings(port=redis_port),
+            paths=PathSettings(state_dir=state),
+            features=FeatureStoreTuning(project="bench"),
+        )
+        from streamrec.kafka_admin import ensure_topics
+
+        ensure_topics(features)
+        users = set_up_features(features)
+        item_ids = [str(item) for item in load_items()["item_id"]]
+        base_path = state / "models" / "streamrec"
+        base_path.mkdir(parents=True)
+        write_version(base_path, 1, item_ids, args.model_dir)
+
+        env = {key: value for key, value in os.environ.items() if not key.upper().startswith("STREAMREC_")}
+        env.update(
+            {
+                "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+                "STREAMREC_REDIS__PORT": str(redis_port),
+                "STREAMREC_PATHS__STATE_DIR": str(state),
+                "STREAMREC_FEATURES__PROJECT": "bench",
+                "STREAMREC_MODEL_SERVER__PORT": str(model_port),
+            }
+        )
+        model_log, api_log = state / "model-server.log", state / "api.log"
+        model_server = subprocess.Popen(
+            [sys.executable, "-m", "serving.model_server_cli", "--port", str(model_port), "--host", "127.0.0.1",
+             "--model_name", "streamrec", "--model_base_path", str(base_path),
+             "--file_system_poll_wait_seconds", "1"],
+            cwd=PROJECT_ROOT, env=env, stdout=model_log.open("w"), stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        cleanup.callback(lambda: (model_server.terminate(), model_server.wait(30)))
+        client = ModelServerClient(f"127.0.0.1:{model_port}", server_base_path=str(base_path), admin_timeout_s=60)
+        client.wait_until_available(1, timeout_s=120)
+        client.publish_stable(1)
+        api = subprocess.Popen(
+            [sys.executable, "-m", "serving", "--port", str(api_port), "--metrics-port", str(metrics_port)],
+            cwd=PROJECT_ROOT, env=env, stdout=api_log.open("w"), stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        cleanup.callback(lambda: (api.terminate(), api.wait(30)))
+        wait_for_line(api, "listening on", 180, api_log)
+
+        data_file = state / "requests.json"
+        cold = [f"cold-{i}" for i in range(int(len(users) * COLD_SHARE))]
+        requests = [{"user_id": user, "k": 10, "exclude_seen": True} for user in users + cold]
+        np.random.default_rng(11).shuffle(requests)  # type: ignore[arg-type]
+        data_file.write_text(json.dumps(requests))
+        address = f"127.0.0.1:{api_port}"
+
+        degraded: dict[str, float] = {}
+        runs: dict[str, GhzRun] = {}
+
+        def phase(name: str, **kwargs: Any) -> GhzRun:
+            before = api_counters(metrics_port)
+            result = run_ghz(address, data_file, **kwargs)
+            after = api_counters(metrics_port)
+            served = after["requests"] - before["requests"]
+            degraded[name] = (after["degraded"] - before["degraded"]) / served if served else 0.0
+            runs[name] = result
+            return result
+
+        steps = tqdm(total=5, desc="phases")
+        phase("warmup", rps=100, duration_s=min(5.0, args.duration), concurrency=20)
+        steps.update()
+        at_100 = phase("100rps", rps=100, duration_s=args.duration, concurrency=20)
+        steps.update()
+        at_200 = phase("200rps", rps=200, duration_s=args.duration, concurrency=40)
+        steps.update()
+        saturation = phase("saturation", rps=0, duration_s=args.duration, concurrency=args.saturation_concurrency)
+        steps.update()
+
+        published: list[int] = []
+        stop = threading.Event()
+
+        def publisher() -> None:
+            version = 1
+            while not stop.wait(args.swap_every):
+                version += 1
+                write_version(base_path, version, item_ids, args.model_dir)
+                client.publish_stable(version)
+                published.append(version)
+
+        thread = threading.Thread(target=publisher, daemon=True)
+        thread.start()
+        swap = phase("swap", rps=200, duration_s=args.swap_duration, concurrency=40)
+        stop.set()
+        thread.join(timeout=120)
+        steps.update()
+        steps.close()
+        api_rss, server_rss = peak_rss_mb(api.pid), peak_rss_mb(model_server.pid)
+
+    metrics = {
+        "recommend.p50_ms_100rps": round(at_100.p50_ms, 2),
+        "recommend.p99_ms_100rps": round(at_100.p99_ms, 2),
+        "recommend.p50_ms_200rps": round(at_200.p50_ms, 2),
+        "recommend.p99_ms_200rps": round(at_200.p99_ms, 2),
+        "recommend.errors_200rps": at_200.errors,
+        "recommend.saturation_rps": round(saturation.rps, 1),
+        "recommend.swap_failed_requests": swap.errors,
+        "recommend.swap_p99_ms": round(swap.p99_ms, 2),
+        "recommend.api_rss_mb": round(api_rss, 1),
+    }
+    units = {name: "ms" for name in metrics if name.endswith("_ms") or "_ms_" in name}
+    units.update({"recommend.saturation_rps": "req/s", "recommend.errors_200rps": "requests",
+                  "recommend.swap_failed_requests": "requests", "recommend.api_rss_mb": "MiB"})  # fmt: skip
+    model = f"SavedModel {args.model_dir}" if args.model_dir else "the tests' tiny model over 1,682 items"
+    notes = (
+        f"ghz --cpus 1, one connection; {len(users)} users with fresh features + {len(cold)} unknown (cold start), "
+        f"k=10, exclude_seen. Model: {model}. Phases of {args.duration:g} s; saturation at "
+        f"{args.saturation_concurrency} in flight ({saturation.errors} errors); swap phase {args.swap_duration:g} s "
+        f"with versions {published} published every {args.swap_every:g} s. Share of degraded (trending fallback) "
+        "answers per phase: " + ", ".join(f"{name} {share:.1%}" for name, share in degraded.items()) + ". "
+        f"Peak RSS of the model server under this load: {server_rss:.0f} MiB (model.server_rss_mb is "
+        "bench/model_swap.py's figure). "
+        f"Errors at 100 rps: {at_100.errors}. Error kinds: "
+        + "; ".join(f"{name} {run.error_kinds}" for name, run in runs.items() if run.error_kinds)
+        + "."
+    )
+    print(json.dumps({"metrics": metrics, "notes": notes}, indent=2))
+    if not args.no_write:
+        met = at_200.p99_ms <= 30 and saturation.rps >= 400 and swap.errors == 0 and swap.p99_ms <= 2 * at_200.p99_ms
+        path = write_result(
+            "recommend",
+            metrics,
+            units,
+            targets=TARGETS,
+            command="python -m bench.recommend_load",
+            notes=notes + (" All targets met." if met else " Not every target was met; see the table."),
+        )
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

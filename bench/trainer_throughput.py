@@ -1,0 +1,165 @@
+"""Online trainer: CPU fine-tuning throughput and the time from "interval ends" to "version published".
+
+Both figures come from the trainer's own code path (``online_trainer.loop.OnlineTrainer``), on
+MovieLens-100K, with the production ``ModelConfig`` unless ``--tiny``:
+
+* ``trainer.examples_per_s``: examples x epochs / seconds of one interval's fine-tune
+  (``clone_for_finetune`` + ``train`` on the new examples plus the replay sample, tracing
+  included, as every interval pays it), median over the runs. Target >= 5,000.
+* ``trainer.publish_s``: ``IntervalReport.publish_s``, from the moment the interval ends (the
+  trainer stops collecting) to the canary label pointing at the new version on a running local
+  model server: example assembly, fine-tune, in-memory gate, export into staging, export gate,
+  checkpoint, rename, load + warm-up by the server, label move. Median and max over the runs.
+  Target <= 15 s. Kafka is not involved (events go to ``OnlineTrainer.ingest`` directly; the
+  offset commit after publishing is a few ms) and user profiles come from the ml-100k frame
+  instead of Feast online (one cached Redis read per new user in production).
+
+Setup, not measured: a bootstrap model trained for one epoch on the first half of the events.
+Each run then feeds the next ``--examples`` events (default: ``trainer.max_examples``, the
+size at which an interval ends early) and runs one interval.
+
+Run: ``.venv/bin/python -m bench.trainer_throughput`` (``--tiny --no-write`` checks it in a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from bench.common import write_result
+from online_trainer.buffer import ReplayBuffer
+from online_trainer.catalog import ItemCatalog, examples_from_interactions, user_profiles_from_movielens
+from online_trainer.checkpoint import Checkpoint
+from online_trainer.history import UserHistories
+from online_trainer.loop import OnlineTrainer
+from online_trainer.model import ModelConfig, build_model, train
+from online_trainer.publish import VersionWriter, publish_candidate
+from online_trainer.settings import TrainerSettings, TrainerTuning
+from serving.model_client import ModelServerClient
+from serving.model_server.core import CoreOptions
+from serving.model_server.server import ModelServer, ServerOptions
+from serving.settings import ModelServerSection
+from streamrec import contracts
+from streamrec.data import movielens
+from streamrec.events import Interaction
+from streamrec.settings import PathSettings
+
+TINY = ModelConfig(embedding_dim=16, item_id_buckets=4096, user_id_buckets=2048, profile_buckets=64, batch_size=256)
+
+
+class FrameLookup:
+    """Profiles and item content from the ml-100k frames (stands in for Feast online reads)."""
+
+    def __init__(self, profiles: pd.DataFrame, catalog: ItemCatalog) -> None:
+        self._profiles = profiles.set_index("user_id")[list(contracts.USER_PROFILE_FEATURES)].to_dict("index")
+        self._content = dict(zip(catalog.item_ids, zip(catalog.genres, catalog.release_year, strict=True), strict=True))
+
+    def user_profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        empty = {name: "" for name in contracts.USER_PROFILE_FEATURES}
+        return {user: {str(k): str(v) for k, v in self._profiles.get(user, empty).items()} for user in user_ids}
+
+    def item_content(self, item_ids: Sequence[str]) -> dict[str, tuple[list[str], int]]:
+        return {item: (list(self._content[item][0]), self._content[item][1]) if item in self._content else ([], -1)
+                for item in item_ids}  # fmt: skip
+
+
+def events(frame: pd.DataFrame) -> list[Interaction]:
+    times = pd.to_datetime(frame["event_time"], utc=True).dt.to_pydatetime()
+    return [
+        Interaction(event_id=str(event_id), event_time=when, user_id=str(user), item_id=str(item), kind="rating")
+        for event_id, when, user, item in zip(frame["event_id"], times, frame["user_id"], frame["item_id"], strict=True)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--examples", type=int, default=TrainerTuning().max_examples, help="new examples per interval")
+    parser.add_argument("--tiny", action="store_true", help="small model and data: checks the script, not a figure")
+    parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    config = TINY if args.tiny else ModelConfig()
+    per_interval = min(args.examples, 500) if args.tiny else args.examples
+
+    interactions = movielens.load_interactions()
+    profiles = user_profiles_from_movielens(movielens.load_users())
+    catalog = ItemCatalog.from_movielens()
+    split = len(interactions) // 2 if not args.tiny else 3000
+    history, stream = interactions.iloc[:split], interactions.iloc[split:]
+    if len(stream) < args.runs * per_interval:
+        raise SystemExit(f"only {len(stream):,} events after the bootstrap half; lower --runs or --examples")
+
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as state:
+        tuning = TrainerTuning(max_examples=per_interval, interval_s=3600, metrics_port=0, gate_margin=1.0)
+        settings = TrainerSettings(paths=PathSettings(state_dir=Path(state)), trainer=tuning)
+        print(f"bootstrap: 1 epoch on {len(history):,} events (not measured)")
+        examples = examples_from_interactions(history, profiles)
+        model = build_model(catalog, config)
+        train(model, examples, epochs=1)
+        replay = ReplayBuffer(tuning.replay_buffer_size)
+        replay.add(examples)
+        writer = VersionWriter(settings)
+        state_now = Checkpoint(UserHistories.from_interactions(history), replay, {"offsets": {}})
+        publish_candidate(writer, model, holdout=examples.tail(200), serving=None, lineage={"kind": "bench"},
+                          trainer_state=state_now, publisher=None, k=10, margin=1.0)  # fmt: skip
+
+        server = ModelServer(
+            ServerOptions(host="127.0.0.1", port=0, model_name=contracts.MODEL_NAME,
+                          model_base_path=settings.model_base_path, file_system_poll_wait_seconds=0.2,
+                          core=CoreOptions(max_num_load_retries=0, initial_load_timeout_s=300))
+        ).start()  # fmt: skip
+        try:
+            settings = settings.model_copy(update={"model_server": ModelServerSection(port=server.port)})
+            client = ModelServerClient.from_settings(settings)
+            trainer = OnlineTrainer(settings, publisher=client, lookup=FrameLookup(profiles, catalog))
+            trainer.resume()
+            throughput, publish = [], []
+            for run in tqdm(range(args.runs), desc="intervals", unit="interval"):
+                for event in events(stream.iloc[run * per_interval : (run + 1) * per_interval]):
+                    trainer.ingest(event)
+                report = trainer.run_interval()
+                if report is None or report.publish_s is None:
+                    raise SystemExit(f"interval {run} published nothing: {report and report.outcome}")
+                throughput.append(report.train_stats["examples_per_s"])
+                publish.append(report.publish_s)
+                tqdm.write(
+                    f"interval {run}: {report.new_examples:,} new + {report.replayed:,} replayed, "
+                    f"{throughput[-1]:,.0f} examples/s, published in {publish[-1]:.2f} s (version {report.version})"
+                )
+            trainer.close()
+            client.close()
+        finally:
+            server.stop(grace_s=1.0)
+
+    metrics = {
+        "trainer.examples_per_s": statistics.median(throughput),
+        "trainer.publish_s": statistics.median(publish),
+        "trainer.publish_max_s": max(publish),
+    }
+    print({name: round(value, 2) for name, value in metrics.items()})
+    if args.no_write:
+        return
+    write_result(
+        "trainer",
+        metrics,
+        {"trainer.examples_per_s": "examples/s", "trainer.publish_s": "s", "trainer.publish_max_s": "s"},
+        targets={"trainer.examples_per_s": ">= 5,000", "trainer.publish_s": "<= 15"},
+        command="python -m bench.trainer_throughput" + (" --tiny" if args.tiny else ""),
+        notes=(
+            f"{args.runs} intervals of {per_interval:,} new ml-100k events each (plus the replay sample, "
+            f"replay_fraction {tuning.replay_fraction}), {'tiny' if args.tiny else 'production'} ModelConfig, "
+            "local model server in the same process, profiles from the ml-100k frame (no Feast)."
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The Feast feature repository of streamrec and the helpers every component reaches it with.
+
+For other components (names and shapes are in ``streamrec.contracts``):
+
+* settings: subclass ``features.settings.FeaturesSettings`` (Redis, data dir, registry, project,
+  ``max_feature_age_s``) and build it with ``streamrec.settings.load``;
+* ``features.store.open_store(settings)``: a ``feast.FeatureStore`` configured from settings;
+* writing (the Faust worker): ``features.store.push_user_activity(store, frame, online=..., offline=...)``
+  and ``push_item_stats``; last write wins by event time (see ``features.push`` for the rules);
+* serving: ``features.store.read_online(store, USER_FEATURE_SERVICE, ids, include_event_timestamps=True)``;
+* training: ``features.history.historical_features(store, entity_df, USER_FEATURE_SERVICE)``,
+  point-in-time correct, one output row per input row;
+* set-up: ``streamrec features setup`` (``features.cli``), or ``feast -c features apply``.
+
+Modules: ``settings`` (typed config), ``views`` (every Feast object, built for a data dir),
+``definitions`` (what the Feast CLI scans), ``store`` (open, set up, read), ``push`` and
+``push_log`` (stream rows to Redis and to the offline log), ``history`` (training reads),
+``cli`` (``streamrec features ...``), ``errors``.
+"""

@@ -1,0 +1,162 @@
+"""``streamrec features ...``: set up the feature store and look into it.
+
+Every command reads ``FeaturesSettings`` (``STREAMREC_*`` variables; ``streamrec settings``
+lists them), so it works on whatever Redis and data dir the rest of the stack uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from features.errors import FeaturesError
+from features.settings import FeaturesSettings
+from streamrec import contracts
+from streamrec.settings import load
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+
+
+def _redis_down(settings: FeaturesSettings, exc: Exception) -> FeaturesError:
+    return FeaturesError(
+        f"Redis at {settings.redis.host}:{settings.redis.port} does not answer ({exc}); "
+        "start the stack (`streamrec stack up`) or fix STREAMREC_REDIS__HOST/PORT."
+    )
+
+
+@contextmanager
+def _redis_errors(settings: FeaturesSettings) -> Iterator[None]:
+    """Check Redis once, without retries (Feast's client retries for ~10 s), and turn a
+    connection error into one line naming the fix."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    redis_settings = settings.redis
+    client = redis.Redis(
+        host=redis_settings.host,
+        port=redis_settings.port,
+        db=redis_settings.db,
+        password=redis_settings.password.get_secret_value() if redis_settings.password else None,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        raise _redis_down(settings, exc) from exc
+    finally:
+        client.close()
+    try:
+        yield
+    except redis.exceptions.ConnectionError as exc:
+        raise _redis_down(settings, exc) from exc
+
+
+@app.command()
+def setup() -> None:
+    """Write the ml-100k profiles to parquet, register every Feast object, materialize profiles to Redis.
+
+    Idempotent: rerunning rewrites the same files and the same online values.
+    """
+    from features import store as feature_store
+
+    settings = load(FeaturesSettings)
+    store = feature_store.open_store(settings)
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("write profiles", lambda: feature_store.write_profiles(settings)),
+        ("apply definitions", lambda: f"{len(feature_store.apply(store).objects())} objects registered"),
+        ("materialize profiles", lambda: feature_store.materialize_profiles(store)),
+    ]
+    with _redis_errors(settings), tqdm(steps, desc="features setup", unit="step") as bar:
+        for name, step in bar:
+            bar.set_postfix_str(name)
+            result = step()
+            tqdm.write(f"{name}: {result if result is not None else 'done'}")
+    typer.echo(f"registry: {settings.registry_path}\ndata:     {settings.data_dir}")
+
+
+def _show(service_name: str, entity_id: str) -> None:
+    from features import store as feature_store
+
+    settings = load(FeaturesSettings)
+    store = feature_store.open_store(settings)
+    with _redis_errors(settings):
+        row = feature_store.read_online(store, service_name, [entity_id], include_event_timestamps=True).iloc[0]
+    now = datetime.now(UTC).timestamp()
+    for name, value in row.items():
+        name = str(name)
+        if name.endswith("__ts"):
+            continue
+        stamp = row.get(f"{name}__ts")
+        age = ""
+        if stamp and value is not None:
+            written = datetime.fromtimestamp(int(stamp), UTC)
+            age = f"  (event time {written:%Y-%m-%d %H:%M:%S}Z, {now - int(stamp):,.0f} s ago)"
+        typer.echo(f"{name:>15}: {value}{age}")
+
+
+@app.command()
+def show(user_id: Annotated[str, typer.Argument(help="a user id, e.g. 42")]) -> None:
+    """Print a user's online features, read through the recommender_user_v1 feature service."""
+    _show(contracts.USER_FEATURE_SERVICE, user_id)
+
+
+@app.command("show-item")
+def show_item(item_id: Annotated[str, typer.Argument(help="an item id, e.g. 50")]) -> None:
+    """Print an item's online features, read through the recommender_item_v1 feature service."""
+    _show(contracts.ITEM_FEATURE_SERVICE, item_id)
+
+
+@app.command()
+def compact() -> None:
+    """Merge each stream view's offline push log into one file (reads open every file)."""
+    from features import push_log, views
+
+    settings = load(FeaturesSettings)
+    for view in (views.USER_ACTIVITY, views.ITEM_STATS):
+        typer.echo(f"{view.view_name}: merged {push_log.compact(settings.data_dir, view)} files")
+
+
+def render_feature_store_yaml(settings: FeaturesSettings) -> str:
+    """``feature_store.yaml`` with every value from settings (for the Feast CLI)."""
+    from features import store as feature_store
+
+    return (
+        f"project: {settings.features.project}\n"
+        "provider: local\n"
+        f"registry:\n  registry_type: file\n  path: {settings.registry_path.resolve()}\n"
+        f'online_store:\n  type: redis\n  connection_string: "{feature_store.redis_connection_string(settings)}"\n'
+        "offline_store:\n  type: file\n"
+        f"entity_key_serialization_version: {feature_store.ENTITY_KEY_SERIALIZATION_VERSION}\n"
+    )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def feast(ctx: typer.Context) -> None:
+    """Run the Feast CLI on this repo with a feature_store.yaml rendered from settings.
+
+    Example: `streamrec features feast -- feature-views list`.
+    """
+    settings = load(FeaturesSettings)
+    feast_bin = shutil.which("feast", path=str(Path(sys.executable).parent)) or shutil.which("feast")
+    if feast_bin is None:
+        raise FeaturesError("The `feast` command is not installed in this environment; run `make setup`.")
+    settings.registry_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="streamrec-feast-") as tmp:
+        config = Path(tmp) / "feature_store.yaml"
+        config.write_text(render_feature_store_yaml(settings))
+        command = [feast_bin, "-c", str(settings.features.repo_dir), "-f", str(config), *ctx.args]
+        completed = subprocess.run(command, check=False, env=os.environ.copy())  # noqa: S603  # our own feast binary
+    raise typer.Exit(completed.returncode)

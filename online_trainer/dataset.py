@@ -1,0 +1,228 @@
+"""The bootstrap training set, built through Feast's point-in-time join.
+
+``streamrec train --until T`` learns from every interaction up to ``T``. Each interaction becomes
+one example whose user inputs come from the ``recommender_user_v1`` feature service via
+``get_historical_features``: the user's profile, and the ``user_activity`` row the Faust worker
+pushed for the state *before* the interaction. Feast's join takes rows with
+``feature_ts <= entity_ts``, so the entity timestamp decides what is visible:
+
+* The worker stamps the state after an event with the event time, nudged by one microsecond per
+  earlier event of the same user at the same instant (``streams/windows.py``, ``version_us``:
+  Feast's Redis keeps only strictly newer rows). So the state that includes the ``k``-th event
+  (0-based, file order) of a user at instant ``t`` is stamped at least ``t + k`` microseconds.
+* The entity timestamp of that event is ``t + k µs - 1 µs``: strictly before its own state (no
+  label leak: a row that contains the item being learned is never joined), and at or after the
+  states of the earlier events, including earlier events in the same second. ml-100k users rate
+  in bursts (about half the events follow another one of the same user in the same second), so
+  this matters: with plain ``t - 1 µs`` half the examples would miss their burst's history.
+
+Fallback: the stream views only have history if the worker's pushes were logged offline
+(``features.push_log``). When too few examples find an activity row (share below
+``trainer.min_feature_coverage``; e.g. nothing was pushed yet), the sequential features are
+computed from the interaction log itself with ``catalog.examples_from_interactions`` (same window
+semantics), profiles still come from Feast, and :class:`DatasetInfo` says so; it goes into the
+version's lineage.
+
+The catalog comes from ``recommender_item_v1`` (``item_profile``: genres, release year) for every
+item of the profile table, plus items that only appear in the interactions (empty content).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog, examples_from_interactions
+from streamrec import contracts
+from streamrec.errors import DatasetError
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+ENTITY_TIMESTAMP = "event_timestamp"
+_ROW = "__row"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a training set came from; recorded in the version's lineage."""
+
+    feature_service: str
+    features_source: str  # "feast" or "interaction_log"
+    rows: int
+    users: int
+    data_start: str | None
+    data_end: str | None
+    activity_coverage: float | None
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def interactions_until(interactions: pd.DataFrame, until: datetime | None) -> pd.DataFrame:
+    """The interaction frame's rows with ``event_time <= until`` (all of them when None)."""
+    if until is None:
+        return interactions
+    cutoff = pd.Timestamp(until)
+    cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    return interactions.loc[interactions["event_time"] <= cutoff].reset_index(drop=True)
+
+
+def split_holdout(examples: pd.DataFrame, holdout_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout): the newest ``min(holdout_size, n // 5)`` examples are held out."""
+    ordered = examples.sort_values("event_time", kind="stable").reset_index(drop=True)
+    size = min(holdout_size, len(ordered) // 5)
+    return ordered.iloc[: len(ordered) - size], ordered.iloc[len(ordered) - size :]
+
+
+def _as_str_list(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return [str(item) for item in value if item is not None and str(item)]
+
+
+def historical_features(store: FeatureStore, entity_df: pd.DataFrame, service_name: str) -> pd.DataFrame:
+    """``entity_df`` (with a unique ``__row`` column) left-joined with every feature of a service.
+
+    Each feature view of the service is joined separately and merged back by ``__row``, because
+    Feast 0.67's file (dask) offline store drops an entity row outright when the view has rows for
+    that key but none at or before the row's timestamp (``_filter_ttl`` only keeps keys with no
+    rows at all); a row must come back with nulls ("no activity yet"), and must not take the
+    profile columns of the other view with it. Feast also collapses entity rows that share key and
+    timestamp (feast-dev/feast#6787), so callers pass distinct (key, timestamp) pairs. And when no
+    key of ``entity_df`` has any row in a view, dask fails to sort the all-null timestamps
+    (``NotImplementedError: Divisions calculation failed``): that view's columns are then null.
+    """
+    service = store.get_feature_service(service_name)
+    result = entity_df
+    for projection in service.feature_view_projections:
+        refs = [f"{(projection.name_alias or projection.name)}:{feature.name}" for feature in projection.features]
+        columns = [feature.name for feature in projection.features]
+        try:
+            joined = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+        except NotImplementedError as exc:
+            if "Divisions calculation failed" not in str(exc):
+                raise
+            joined = pd.DataFrame({_ROW: pd.Series(dtype="int64"), **{c: pd.Series(dtype=object) for c in columns}})
+        if joined[_ROW].duplicated().any() or len(joined) > len(entity_df):
+            raise DatasetError(
+                f"get_historical_features returned {len(joined)} rows for {len(entity_df)} entity rows "
+                f"({(projection.name_alias or projection.name)}); expected at most one each"
+            )
+        result = result.merge(joined[[_ROW, *columns]], on=_ROW, how="left", validate="one_to_one")
+    return result
+
+
+def historical_user_features(store: FeatureStore, interactions: pd.DataFrame) -> pd.DataFrame:
+    """One row per interaction (same order): the feature service's values just before it (module docstring)."""
+    event_time = pd.to_datetime(interactions["event_time"], utc=True)
+    users = interactions["user_id"].astype(str)
+    earlier_same_instant = (
+        interactions.assign(user_id=users, event_time=event_time)
+        .groupby(["user_id", "event_time"], sort=False)
+        .cumcount()
+    )
+    requests = pd.DataFrame(
+        {
+            contracts.USER_JOIN_KEY: users.to_numpy(),
+            ENTITY_TIMESTAMP: event_time + pd.to_timedelta(earlier_same_instant.to_numpy() - 1, unit="us"),
+        }
+    )
+    entity_df = requests.drop_duplicates().reset_index(drop=True)  # see historical_features
+    entity_df[_ROW] = np.arange(len(entity_df), dtype=np.int64)
+    joined = historical_features(store, entity_df, contracts.USER_FEATURE_SERVICE)
+    result = requests.merge(joined, on=[contracts.USER_JOIN_KEY, ENTITY_TIMESTAMP], how="left", validate="many_to_one")
+    return result.drop(columns=[_ROW])
+
+
+def _prior_event_expected(interactions: pd.DataFrame) -> np.ndarray:
+    """True where the user had an earlier event (so an activity row should exist before this one)."""
+    return (interactions.groupby("user_id", sort=False).cumcount() > 0).to_numpy()
+
+
+def build_examples(
+    store: FeatureStore, interactions: pd.DataFrame, *, min_coverage: float
+) -> tuple[pd.DataFrame, DatasetInfo]:
+    """The example frame (``catalog.EXAMPLE_COLUMNS``) for ``interactions`` and how it was built."""
+    if interactions.empty:
+        raise DatasetError("no interactions to train on; check --until and the dataset")
+    interactions = interactions.sort_values("event_time", kind="stable").reset_index(drop=True)
+    joined = historical_user_features(store, interactions)
+    examples = pd.DataFrame({"user_id": interactions["user_id"].astype(str)})
+    for name in contracts.USER_PROFILE_FEATURES:
+        examples[name] = joined[name].fillna("").astype(str).to_numpy()
+    found = joined["last_event_ts"].notna().to_numpy()
+    expected = _prior_event_expected(interactions)
+    coverage = float(found[expected].mean()) if expected.any() else 1.0
+    if coverage >= min_coverage:
+        source = "feast"
+        note = f"user_activity from the offline push log for {coverage:.1%} of examples with prior events"
+        examples["recent_items"] = [_as_str_list(value) for value in joined["recent_items"]]
+        for name in contracts.USER_COUNT_INPUTS:
+            examples[name] = pd.to_numeric(joined[name]).fillna(0).astype("int64").to_numpy()
+    else:
+        source = "interaction_log"
+        note = (
+            f"only {coverage:.1%} of examples with prior events found a user_activity row offline "
+            f"(< {min_coverage:.0%}): recent_items and counts recomputed from the interaction log "
+            "with catalog.examples_from_interactions; profiles from Feast"
+        )
+        replayed = examples_from_interactions(interactions, users=None)
+        examples["recent_items"] = replayed["recent_items"].to_numpy()
+        for name in contracts.USER_COUNT_INPUTS:
+            examples[name] = replayed[name].to_numpy()
+    examples["item_id"] = interactions["item_id"].astype(str).to_numpy()
+    examples["event_time"] = pd.to_datetime(interactions["event_time"], utc=True).to_numpy()
+    examples["event_time"] = pd.to_datetime(examples["event_time"], utc=True)
+    info = DatasetInfo(
+        feature_service=contracts.USER_FEATURE_SERVICE,
+        features_source=source,
+        rows=len(examples),
+        users=int(examples["user_id"].nunique()),
+        data_start=interactions["event_time"].min().isoformat(),
+        data_end=interactions["event_time"].max().isoformat(),
+        activity_coverage=coverage,
+        note=note,
+    )
+    return examples[list(EXAMPLE_COLUMNS)], info
+
+
+def catalog_from_feast(store: FeatureStore, at: datetime, extra_item_ids: list[str] | None = None) -> ItemCatalog:
+    """Every item of ``item_profile`` with its content as of ``at``, through ``recommender_item_v1``.
+
+    ``extra_item_ids`` (e.g. items seen in interactions) missing from the profiles are appended
+    with empty content, so the model can still rank them (by id).
+    """
+    view = store.get_feature_view(contracts.ITEM_PROFILE_VIEW)
+    path = getattr(view.batch_source, "path", None)
+    if not path:
+        raise DatasetError(f"{contracts.ITEM_PROFILE_VIEW} has no file source; run `streamrec features setup`")
+    try:
+        item_ids = pd.read_parquet(path, columns=[contracts.ITEM_JOIN_KEY])[contracts.ITEM_JOIN_KEY].astype(str)
+    except (FileNotFoundError, OSError) as exc:
+        raise DatasetError(f"{path} cannot be read ({exc}); run `streamrec features setup` to write it") from exc
+    item_ids = item_ids.drop_duplicates().reset_index(drop=True)
+    timestamp = pd.Timestamp(at)
+    timestamp = timestamp.tz_localize("UTC") if timestamp.tzinfo is None else timestamp.tz_convert("UTC")
+    entity_df = pd.DataFrame(
+        {_ROW: np.arange(len(item_ids)), contracts.ITEM_JOIN_KEY: item_ids, ENTITY_TIMESTAMP: timestamp}
+    )
+    joined = historical_features(store, entity_df, contracts.ITEM_FEATURE_SERVICE).sort_values(_ROW)
+    catalog = ItemCatalog.from_frame(
+        pd.DataFrame(
+            {
+                "item_id": joined[contracts.ITEM_JOIN_KEY].astype(str),
+                "genres": [_as_str_list(value) for value in joined["genres"]],
+                "release_year": joined["release_year"],
+            }
+        )
+    )
+    extra = [item for item in dict.fromkeys(extra_item_ids or []) if item not in catalog.index]
+    if extra:
+        catalog = catalog.with_new_items(extra, [[] for _ in extra], [-1 for _ in extra])
+    return catalog

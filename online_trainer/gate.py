@@ -1,0 +1,244 @@
+"""The validation gate: a candidate version is published only if every check passes.
+
+Checks, each adding a machine-readable reason to :class:`GateResult` when it fails:
+
+* ``nonfinite_weights``: a weight is NaN or inf (a diverged fine-tune).
+* ``nonfinite_outputs``: user or item vectors, or scores, on the hold-out are NaN/inf, or the
+  top-K comes back padded although the catalog is large enough. (The ranking code turns NaN scores
+  into padding, so "no NaN in the answer" alone would let a NaN model through.)
+* ``metric_regression``: hit@k on the recent hold-out is worse than the serving model's by more
+  than ``margin`` (absolute). Both models are evaluated on the same rows, so the comparison is
+  paired; a hold-out is small, which is what the margin absorbs.
+* ``signature_mismatch``: the exported SavedModel lacks a signature of ``streamrec.contracts``, or
+  an input/output has another name, dtype or shape (``None`` dims allowed where the contract
+  says B/E/N).
+* ``export_outputs``: calling the exported signatures on hold-out rows gives wrong shapes/dtypes
+  or non-finite scores (this catches a model that is fine in memory but broken once exported).
+
+What a failure means for publishing is decided by :mod:`online_trainer.publish`: a candidate is
+exported into a hidden staging directory, gated there, and only renamed into the model base path
+when it passes; a rejected one is deleted, so the model server never sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from online_trainer import model as model_lib
+from online_trainer.model import TwoTowerModel
+from streamrec import contracts
+
+REASONS = ("nonfinite_weights", "nonfinite_outputs", "metric_regression", "signature_mismatch", "export_outputs")
+
+# name -> (dtype name, shape with None for "any"), as in streamrec.contracts.
+Spec = dict[str, tuple[str, tuple[int | None, ...]]]
+_USER_SPEC: Spec = {
+    **{name: ("string", (None,)) for name in contracts.USER_STRING_INPUTS},
+    "recent_items": ("string", (None, contracts.RECENT_ITEMS_MAX)),
+    **{name: ("int64", (None,)) for name in contracts.USER_COUNT_INPUTS},
+}
+_RECOMMEND_IO: tuple[Spec, Spec] = (
+    {**_USER_SPEC, "exclude_items": ("string", (None, None))},
+    {
+        "item_ids": ("string", (None, contracts.TOP_K_EXPORTED)),
+        "scores": ("float32", (None, contracts.TOP_K_EXPORTED)),
+    },
+)
+CONTRACT_SIGNATURES: dict[str, tuple[Spec, Spec]] = {
+    contracts.RECOMMEND_SIGNATURE: _RECOMMEND_IO,
+    "serving_default": _RECOMMEND_IO,
+    contracts.SCORE_SIGNATURE: (
+        {**_USER_SPEC, "item_ids": ("string", (None, None))},
+        {"scores": ("float32", (None, None))},
+    ),
+}
+
+
+@dataclass
+class GateResult:
+    """The verdict on one candidate: ``passed`` iff ``reasons`` is empty."""
+
+    reasons: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    candidate_metric: float | None = None
+    serving_metric: float | None = None
+    holdout_size: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def fail(self, reason: str, detail: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown gate reason {reason!r}; expected one of {REASONS}")
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.details.append(f"{reason}: {detail}")
+
+    def summary(self) -> str:
+        metric = ""
+        if self.candidate_metric is not None:
+            serving = "n/a" if self.serving_metric is None else f"{self.serving_metric:.4f}"
+            metric = f" hit@k {self.candidate_metric:.4f} vs serving {serving} on {self.holdout_size} rows"
+        verdict = "passed" if self.passed else "rejected (" + "; ".join(self.details) + ")"
+        return f"gate {verdict}{metric}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            "details": list(self.details),
+            "candidate_metric": self.candidate_metric,
+            "serving_metric": self.serving_metric,
+            "holdout_size": self.holdout_size,
+        }
+
+
+def hit_rate(model: TwoTowerModel, holdout: pd.DataFrame, *, k: int) -> float:
+    """Share of hold-out examples whose positive item is in the model's top-k (nothing excluded)."""
+    if holdout.empty:
+        return float("nan")
+    ids, _ = model_lib.recommend(model, holdout, k=k)
+    positives = holdout["item_id"].astype(str).to_numpy()
+    return float(np.mean([positive in row for positive, row in zip(positives, ids, strict=True)]))
+
+
+def check_model(
+    result: GateResult,
+    candidate: TwoTowerModel,
+    holdout: pd.DataFrame,
+    *,
+    serving: TwoTowerModel | None,
+    k: int,
+    margin: float,
+) -> None:
+    """The in-memory checks: finite weights and outputs, and the metric against ``serving``."""
+    bad = [weight.name for weight in candidate.weights if not np.all(np.isfinite(np.asarray(weight)))]
+    if bad:
+        result.fail("nonfinite_weights", f"{len(bad)} weight tensor(s) hold NaN/inf, e.g. {bad[0]}")
+        return  # every output would be garbage; the remaining checks add nothing
+    result.holdout_size = len(holdout)
+    if holdout.empty:
+        result.fail("nonfinite_outputs", "the hold-out is empty, so the outputs could not be checked")
+        return
+    users = model_lib.user_vectors(candidate, holdout)
+    items = model_lib.catalog_vectors(candidate)
+    ids, scores = model_lib.recommend(candidate, holdout, k=k)
+    depth = min(k, len(candidate.catalog))
+    if not (np.all(np.isfinite(users)) and np.all(np.isfinite(items)) and np.all(np.isfinite(scores))):
+        result.fail("nonfinite_outputs", "user/item vectors or scores hold NaN/inf on the hold-out")
+        return
+    if np.any(ids[:, :depth] == ""):
+        result.fail("nonfinite_outputs", f"top-{k} is padded although the catalog has {len(candidate.catalog)} items")
+        return
+    result.candidate_metric = hit_rate(candidate, holdout, k=k)
+    if serving is not None:
+        result.serving_metric = hit_rate(serving, holdout, k=k)
+        if result.candidate_metric < result.serving_metric - margin:
+            result.fail(
+                "metric_regression",
+                f"hit@{k} {result.candidate_metric:.4f} < serving {result.serving_metric:.4f} - margin {margin}",
+            )
+
+
+def _spec_mismatches(kind: str, actual: dict[str, Any], expected: Spec) -> list[str]:
+    problems: list[str] = []
+    if set(actual) != set(expected):
+        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+        problems.append(f"{kind} names differ (missing {missing}, unexpected {extra})")
+    for name in sorted(set(actual) & set(expected)):
+        dtype, shape = expected[name]
+        spec = actual[name]
+        got_shape = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
+        if spec.dtype.name != dtype:
+            problems.append(f"{kind} {name!r} has dtype {spec.dtype.name}, expected {dtype}")
+        if got_shape is None or len(got_shape) != len(shape):
+            problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
+        elif any(want is not None and got not in (want, None) for got, want in zip(got_shape, shape, strict=True)):
+            problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
+    return problems
+
+
+def signature_problems(loaded: Any) -> list[str]:
+    """Every difference between a loaded SavedModel's signatures and the contract."""
+    problems: list[str] = []
+    signatures = loaded.signatures
+    for name, (inputs, outputs) in CONTRACT_SIGNATURES.items():
+        if name not in signatures:
+            problems.append(f"signature {name!r} is missing (has {sorted(signatures)})")
+            continue
+        function = signatures[name]
+        args, kwargs = function.structured_input_signature
+        if args:
+            problems.append(f"{name}: takes positional inputs {args}; the contract passes named inputs only")
+        problems += [f"{name}: {p}" for p in _spec_mismatches("input", dict(kwargs), inputs)]
+        problems += [f"{name}: {p}" for p in _spec_mismatches("output", dict(function.structured_outputs), outputs)]
+    return problems
+
+
+def signature_inputs(holdout: pd.DataFrame, *, rows: int = 8) -> dict[str, np.ndarray]:
+    """A ``recommend`` request built from hold-out rows (excluding each row's recent items)."""
+    sample = holdout.iloc[:rows]
+    arrays = model_lib.user_arrays(sample)
+    arrays["exclude_items"] = arrays["recent_items"][:, :5].copy()
+    return arrays
+
+
+def check_export(result: GateResult, export_dir: Path, holdout: pd.DataFrame, catalog_size: int) -> None:
+    """Load the exported version, compare its signatures to the contract and call them once."""
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(export_dir))
+    except Exception as exc:  # any load failure means the model server would fail too
+        result.fail("signature_mismatch", f"the export at {export_dir} does not load: {exc}")
+        return
+    problems = signature_problems(loaded)
+    if problems:
+        result.fail("signature_mismatch", "; ".join(problems))
+        return
+    if holdout.empty:
+        return
+    arrays = signature_inputs(holdout)
+    batch = len(arrays["user_id"])
+    request = {name: tf.constant(value) for name, value in arrays.items()}
+    answer = loaded.signatures[contracts.RECOMMEND_SIGNATURE](**request)
+    ids, scores = answer["item_ids"].numpy(), answer["scores"].numpy()
+    expected = (batch, contracts.TOP_K_EXPORTED)
+    if ids.shape != expected or scores.shape != expected or scores.dtype != np.float32:
+        result.fail(
+            "export_outputs", f"recommend returned {ids.shape}/{scores.shape} {scores.dtype}, expected {expected}"
+        )
+        return
+    most_excluded = max(len({item for item in row if item}) for row in arrays["exclude_items"])
+    eligible = max(min(contracts.TOP_K_EXPORTED, catalog_size - most_excluded), 0)
+    if not np.all(np.isfinite(scores[:, :eligible])) or np.any(ids[:, :eligible] == b""):
+        result.fail("export_outputs", "recommend returned NaN/inf or padded scores for eligible items")
+        return
+    score_request = {name: value for name, value in request.items() if name != "exclude_items"}
+    score_request["item_ids"] = answer["item_ids"][:, :3]
+    scored = loaded.signatures[contracts.SCORE_SIGNATURE](**score_request)["scores"].numpy()
+    if scored.shape != (batch, 3) or not np.all(np.isfinite(scored)):
+        result.fail("export_outputs", f"score returned shape {scored.shape} or non-finite values")
+
+
+def run_gate(
+    candidate: TwoTowerModel,
+    holdout: pd.DataFrame,
+    *,
+    serving: TwoTowerModel | None,
+    export_dir: Path | None,
+    k: int,
+    margin: float,
+) -> GateResult:
+    """All checks; the export checks only run when the in-memory ones passed."""
+    result = GateResult()
+    check_model(result, candidate, holdout, serving=serving, k=k, margin=margin)
+    if result.passed and export_dir is not None:
+        check_export(result, export_dir, holdout, len(candidate.catalog))
+    return result

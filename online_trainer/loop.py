@@ -1,0 +1,370 @@
+"""``streamrec trainer``: keep the model learning from the interaction stream.
+
+One process, one Kafka consumer in its own group (``trainer.group_id``), manual commits only:
+
+1. **Start**: delete leftovers of an interrupted run (:meth:`VersionWriter.recover`), load the
+   newest version's weights (``export.load_for_finetune``) and its trainer checkpoint (user
+   histories + replay buffer, :mod:`online_trainer.checkpoint`), label it canary if the last run
+   could not, and join the group. On assignment every partition starts at the larger of the
+   group's committed offset and the offset saved with the checkpoint (they differ only after a
+   crash between publishing and committing; then the version already holds those records).
+2. **Collect**: decode each record with ``streamrec.events.decode_event``. An invalid record is
+   counted (``trainer_records_total{outcome="invalid:<reason>"}``) and skipped: the Faust worker
+   owns the dead-letter topic. Records at or before the bootstrap's ``--until`` are skipped (the
+   bootstrap already learned them), and so are redelivered ``event_id``s. Every other interaction
+   becomes an example whose user inputs are the user's state *before* it (:mod:`online_trainer.history`;
+   the module docstring says why the trainer keeps this state itself instead of reading Feast
+   online), with the profile read from Feast online (:mod:`online_trainer.lookup`).
+3. **Interval** (every ``interval_s`` or ``max_examples``, whichever comes first): hold out the
+   newest examples, fine-tune a clone of the current weights on the rest plus a replay sample,
+   and hand the candidate to :func:`online_trainer.publish.publish_candidate` (stage, gate,
+   checkpoint, rename, canary label, prune). **Then** commit the offsets. A rejected candidate
+   leaves the serving version in place; the trainer saves a newer checkpoint of that version
+   (its histories moved on) and commits too, so one bad interval does not stall the stream.
+
+With ``trainer.source = "labeled"`` the loop reads the joiner's labeled examples instead and learns
+from the clicked ones, using the features logged with the impression when they are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from online_trainer import checkpoint, export
+from online_trainer import trainer_metrics as metrics
+from online_trainer.buffer import ReplayBuffer
+from online_trainer.catalog import EXAMPLE_COLUMNS, USER_INPUT_COLUMNS
+from online_trainer.checkpoint import Checkpoint
+from online_trainer.dataset import split_holdout
+from online_trainer.history import UserHistories
+from online_trainer.lookup import FeastLookup, FeatureLookup
+from online_trainer.model import TwoTowerModel, clone_for_finetune, train
+from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
+from online_trainer.settings import TrainerSettings
+from streamrec import contracts
+from streamrec.errors import EventValidationError, StreamrecError
+from streamrec.events import Interaction, LabeledExample, decode_event
+
+log = logging.getLogger(__name__)
+
+
+class TrainerError(StreamrecError):
+    """The trainer cannot start or continue; the message names the fix."""
+
+
+@dataclass
+class IntervalReport:
+    """What one interval did (also what the tests and the benchmark read)."""
+
+    new_examples: int
+    replayed: int
+    holdout: int
+    offsets: dict[int, int]
+    trained: int = 0  # examples fed to fine-tuning (new minus hold-out, plus replayed)
+    outcome: Outcome | None = None
+    train_stats: dict[str, float] = field(default_factory=dict)
+    publish_s: float | None = None
+
+    @property
+    def version(self) -> int | None:
+        return self.outcome.version if self.outcome is not None else None
+
+
+class OnlineTrainer:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        *,
+        publisher: Publisher | None = None,
+        lookup: FeatureLookup | None = None,
+        fault: Fault | None = None,
+        summaries: metrics.SummaryWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tuning = settings.trainer
+        self.topic = settings.source_topic
+        self.writer = VersionWriter(settings)
+        self.publisher = publisher
+        self.lookup: FeatureLookup = lookup if lookup is not None else FeastLookup(settings)
+        self.fault = fault
+        self.summaries = summaries or metrics.SummaryWriter(None)
+        self.model: TwoTowerModel | None = None
+        self.version = 0
+        self.histories = UserHistories()
+        self.replay = ReplayBuffer(self.tuning.replay_buffer_size)
+        self.bootstrap_until: pd.Timestamp | None = None
+        self.resume_offsets: dict[int, int] = {}
+        self.positions: dict[int, int] = {}
+        self.committed: dict[int, int] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.interval_started = time.monotonic()
+        self.step = 0
+        self._consumer: Consumer | None = None
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume the newest version, then join the consumer group."""
+        self.resume()
+        self.subscribe()
+
+    def resume(self) -> None:
+        """Everything but Kafka: leftovers removed, weights, checkpoint, canary label."""
+        self.writer.recover()
+        versions = self.writer.versions()
+        if not versions:
+            raise TrainerError(f"no model version under {self.writer.base_path}; run `streamrec train --until T` first")
+        self.version = versions[-1]
+        version_dir = self.writer.base_path / str(self.version)
+        self.model = export.load_for_finetune(version_dir)
+        lineage = export.read_lineage(version_dir)
+        until = lineage.get("bootstrap_until")
+        self.bootstrap_until = pd.Timestamp(until) if until else None
+        state = checkpoint.load_latest(self.writer.state_path, self.version, self.tuning.replay_buffer_size)
+        if state is None:
+            log.warning("version %d has no trainer checkpoint: starting with empty histories", self.version)
+        else:
+            self.histories, self.replay = state.histories, state.replay
+            self.step = int(state.meta.get("step", 0))
+            if state.meta.get("topic") == self.topic and state.meta.get("group_id") == self.tuning.group_id:
+                self.resume_offsets = {int(p): int(o) for p, o in state.meta.get("offsets", {}).items()}
+        metrics.CURRENT_VERSION.set(self.version)
+        if self.tuning.publish and self.writer.labelled_version() != self.version:
+            label_canary(self.writer, self.publisher, self.version)
+        self.interval_started = time.monotonic()
+
+    def subscribe(self) -> None:
+        config: dict[str, Any] = {
+            **self.settings.kafka.client_config(),
+            "group.id": self.tuning.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": self.tuning.auto_offset_reset,
+            "enable.partition.eof": False,
+        }
+        self._consumer = Consumer(config)
+        self._consumer.subscribe([self.topic], on_assign=self._on_assign)
+        log.info("trainer resumes version %d on %s (group %s)", self.version, self.topic, self.tuning.group_id)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        committed = consumer.committed(partitions, timeout=30)
+        for partition, stored in zip(partitions, committed, strict=True):
+            candidates = [
+                o for o in (stored.offset, self.resume_offsets.get(partition.partition)) if o is not None and o >= 0
+            ]
+            if candidates:
+                partition.offset = max(candidates)
+                self.positions[partition.partition] = partition.offset
+                self.committed[partition.partition] = max(stored.offset, 0)
+        consumer.assign(partitions)
+
+    # -- collect -----------------------------------------------------------------------------
+    def poll(self, timeout_s: float = 0.5) -> int:
+        """Consume what is there (up to 1,000 records); returns the number of records read."""
+        if self._consumer is None:
+            raise TrainerError("call start() before poll()")
+        messages = self._consumer.consume(num_messages=1000, timeout=timeout_s)
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise TrainerError(f"Kafka error on {self.topic}: {error}")
+            self.positions[int(message.partition() or 0)] = int(message.offset() or 0) + 1
+            metrics.RECORDS.labels(outcome=self._decode_and_ingest(message.value())).inc()
+        return len(messages)
+
+    def _decode_and_ingest(self, value: bytes | None) -> str:
+        event: Interaction | LabeledExample
+        try:
+            if self.tuning.source == "labeled":
+                event = decode_event(value, LabeledExample)
+            else:
+                event = decode_event(value, Interaction)
+        except EventValidationError as exc:
+            return f"invalid:{exc.reason}"
+        return self.ingest(event)
+
+    def ingest(self, event: Interaction | LabeledExample) -> str:
+        """Turn one event into a pending example; returns the outcome counted by ``poll``."""
+        if isinstance(event, LabeledExample):
+            if not event.clicked:
+                return "not_clicked"
+            event_time = event.click_time or event.event_time
+        else:
+            event_time = event.event_time
+        if self.bootstrap_until is not None and event_time <= self.bootstrap_until:
+            return "already_trained"
+        history = self.histories.get(event.user_id)
+        recent, counts = list(history.recent_items), history.counts()
+        if not history.accept(event.event_id, event.item_id, int(event_time.timestamp())):
+            return "duplicate"
+        row: dict[str, Any] = {"user_id": event.user_id, "recent_items": recent, **counts}
+        logged = USER_INPUT_COLUMNS[1:]
+        if isinstance(event, LabeledExample) and all(name in event.features for name in logged):
+            row.update({name: event.features[name] for name in logged})  # what the model saw at impression
+        row.update(item_id=event.item_id, event_time=event_time)
+        self.pending.append(row)
+        return "example"
+
+    def interval_due(self) -> bool:
+        elapsed = time.monotonic() - self.interval_started
+        return len(self.pending) >= self.tuning.max_examples or elapsed >= self.tuning.interval_s
+
+    # -- interval ----------------------------------------------------------------------------
+    def _examples(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        frame = pd.DataFrame(rows)
+        users = frame["user_id"].astype(str).tolist()
+        profiles = self.lookup.user_profiles(sorted(set(users)))
+        for name in contracts.USER_PROFILE_FEATURES:
+            logged = frame[name] if name in frame else pd.Series([None] * len(frame))
+            frame[name] = [
+                value if isinstance(value, str) else profiles[user][name]
+                for value, user in zip(logged, users, strict=True)
+            ]
+        frame["recent_items"] = [[str(item) for item in items] for items in frame["recent_items"]]
+        for name in contracts.USER_COUNT_INPUTS:
+            frame[name] = frame[name].astype("int64")
+        frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+        return frame[list(EXAMPLE_COLUMNS)]
+
+    def _grow_catalog(self, candidate: TwoTowerModel, item_ids: list[str]) -> None:
+        index = candidate.catalog.index
+        new = sorted({item for item in item_ids if item not in index})
+        if new:
+            content = self.lookup.item_content(new)
+            candidate.catalog = candidate.catalog.with_new_items(
+                new, [content[item][0] for item in new], [content[item][1] for item in new]
+            )
+            log.info("catalog grows by %d new item(s), e.g. %s", len(new), new[:3])
+
+    def _state(self, offsets: dict[int, int]) -> Checkpoint:
+        meta = {"topic": self.topic, "group_id": self.tuning.group_id, "offsets": offsets, "step": self.step + 1}
+        return Checkpoint(self.histories, self.replay, meta)
+
+    def _commit(self, offsets: dict[int, int]) -> None:
+        if self._consumer is None or not offsets or offsets == self.committed:
+            return
+        self._consumer.commit(
+            offsets=[TopicPartition(self.topic, p, o) for p, o in sorted(offsets.items())], asynchronous=False
+        )
+        self.committed = dict(offsets)
+
+    def run_interval(self) -> IntervalReport | None:
+        """Fine-tune on what was collected, publish, commit. None when there was nothing to learn."""
+        if self.model is None:
+            raise TrainerError("call start() before run_interval()")
+        interval_end = time.perf_counter()
+        offsets = dict(self.positions)
+        if not self.pending:
+            self._commit(offsets)  # only skipped records: no state changed, nothing to publish
+            self.interval_started = time.monotonic()
+            return None
+        if len(self.pending) < self.tuning.min_examples:
+            return None
+        rows, self.pending = self.pending, []
+        self.interval_started = time.monotonic()
+        examples = self._examples(rows)
+        fresh, holdout = split_holdout(examples, self.tuning.holdout_size)
+        if holdout.empty:  # too few new rows to spare: the most recent replayed ones, else the new ones
+            holdout = self.replay.frame.sort_values("event_time").tail(self.tuning.holdout_size)
+            holdout = holdout if not holdout.empty else fresh.tail(self.tuning.holdout_size)
+        replayed = self.replay.sample(self.replay.replay_count(len(fresh), self.tuning.replay_fraction), seed=self.step)
+        mix = pd.concat([fresh, replayed], ignore_index=True) if not replayed.empty else fresh
+        candidate = clone_for_finetune(self.model)
+        self._grow_catalog(candidate, examples["item_id"].astype(str).tolist())
+        stats = train(candidate, mix, epochs=self.tuning.finetune_epochs, progress=False) if not mix.empty else {}
+        self.replay.add(examples)
+        report = IntervalReport(len(examples), len(replayed), len(holdout), offsets, len(mix), train_stats=stats)
+        lineage = {
+            "kind": "finetune",
+            "parent_version": self.version,
+            "bootstrap_until": self.bootstrap_until.isoformat() if self.bootstrap_until is not None else None,
+            "data": {
+                "start": examples["event_time"].min().isoformat(),
+                "end": examples["event_time"].max().isoformat(),
+                "new_examples": len(examples),
+                "replayed_examples": len(replayed),
+                "holdout_examples": len(holdout),
+            },
+            "kafka": {"topic": self.topic, "group_id": self.tuning.group_id, "offsets": offsets},
+            "feature_service": contracts.USER_FEATURE_SERVICE,
+            "features_source": "trainer user histories from the consumed stream; profiles from Feast online",
+            "metrics": {key: float(value) for key, value in stats.items()},
+        }
+        report.outcome = publish_candidate(
+            self.writer,
+            candidate,
+            holdout=holdout,
+            serving=self.model,
+            lineage=lineage,
+            trainer_state=self._state(offsets),
+            publisher=self.publisher if self.tuning.publish else None,
+            k=self.tuning.gate_k,
+            margin=self.tuning.gate_margin,
+            fault=self.fault,
+        )
+        if report.outcome.version is not None:
+            self.model, self.version = candidate, report.outcome.version
+            metrics.CURRENT_VERSION.set(self.version)
+            report.publish_s = time.perf_counter() - interval_end
+            metrics.PUBLISH_SECONDS.observe(report.publish_s)
+        else:
+            checkpoint.save(self.writer.state_path, self.version, self._state(offsets))
+        self._commit(offsets)
+        self._record(report)
+        return report
+
+    def _record(self, report: IntervalReport) -> None:
+        self.step += 1
+        metrics.EXAMPLES_TRAINED.inc(report.trained * self.tuning.finetune_epochs)
+        if "examples_per_s" in report.train_stats:
+            metrics.EXAMPLES_PER_SECOND.set(report.train_stats["examples_per_s"])
+        gate = report.outcome.gate if report.outcome is not None else None
+        self.summaries.scalars(
+            self.step,
+            {
+                "loss": report.train_stats.get("loss"),
+                "examples_per_s": report.train_stats.get("examples_per_s"),
+                "new_examples": report.new_examples,
+                "replayed_examples": report.replayed,
+                "gate/passed": None if gate is None else int(gate.passed),
+                "gate/candidate_hit_at_k": None if gate is None else gate.candidate_metric,
+                "gate/serving_hit_at_k": None if gate is None else gate.serving_metric,
+                "publish_s": report.publish_s,
+                "version": self.version,
+            },
+        )
+        log.info(
+            "interval %d: %d new + %d replayed examples, %s, version %d",
+            self.step,
+            report.new_examples,
+            report.replayed,
+            gate.summary() if gate is not None else "no gate",
+            self.version,
+        )
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self, *, stop: threading.Event | None = None, max_intervals: int | None = None) -> list[IntervalReport]:
+        """Poll and run intervals until ``stop`` is set or ``max_intervals`` published/rejected."""
+        reports: list[IntervalReport] = []
+        while not (stop is not None and stop.is_set()):
+            self.poll()
+            if self.interval_due():
+                report = self.run_interval()
+                if report is not None:
+                    reports.append(report)
+                    if max_intervals is not None and len(reports) >= max_intervals:
+                        break
+        return reports
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        self.summaries.close()

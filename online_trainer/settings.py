@@ -1,0 +1,100 @@
+"""Settings of the trainer processes (``streamrec train`` and ``streamrec trainer``).
+
+``TrainerSettings`` extends ``FeaturesSettings`` (the trainer reads features through Feast) with
+a ``trainer`` section; every value can be set with ``STREAMREC_TRAINER__<NAME>``. This module
+imports nothing heavy (no TensorFlow, no Feast), so the environment check stays cheap.
+
+Paths and addresses agree with serving because they are the same settings: ``TrainerSettings``
+also extends ``ServingSettings``, so the ``model_server`` section (address, model name, base
+path ``paths.state_dir / "models" / contracts.MODEL_NAME`` unless set, ``models.config`` file,
+load timeout) is the one the model server and the API read. Versions are first written beside
+the base path, into a hidden staging directory on the same file system
+(:attr:`TrainerSettings.staging_path`), and only renamed into the base path once the validation
+gate has passed: a rejected or half-written version is never visible there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from features.settings import FeaturesSettings
+from serving.settings import ServingSettings
+from streamrec import contracts
+from streamrec.settings import CommonSettings
+
+
+class TrainerTuning(BaseModel):
+    """How the trainer learns, validates and publishes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # -- source -----------------------------------------------------------------------------
+    group_id: str = Field(default="streamrec-trainer", min_length=1)
+    # ``interactions`` today; ``labeled`` (clicked examples from the joiner) once it exists.
+    source: Literal["interactions", "labeled"] = "interactions"
+    # Where a group without committed offsets starts. ``earliest`` loses nothing: events the
+    # bootstrap model was already trained on (event time <= its ``--until``) are skipped.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    # -- the online loop ----------------------------------------------------------------------
+    interval_s: float = Field(default=60.0, gt=0)
+    max_examples: int = Field(default=20_000, ge=1, description="fine-tune early once this many new examples wait")
+    min_examples: int = Field(default=1, ge=1, description="an interval with fewer new examples is skipped")
+    finetune_epochs: int = Field(default=1, ge=1)
+    # Replay: each fine-tune mixes the new examples with a sample of older ones, so the model
+    # does not forget; ``replay_fraction`` is the share of replayed examples in that mix.
+    replay_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
+    replay_buffer_size: int = Field(default=200_000, ge=0)
+    # -- the validation gate ------------------------------------------------------------------
+    holdout_size: int = Field(default=2_000, ge=1, description="most recent examples held out per interval")
+    gate_k: int = Field(default=10, ge=1, le=contracts.TOP_K_EXPORTED)
+    gate_margin: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="candidate hit@k may be worse than the serving model by this much"
+    )
+    # -- bootstrap ----------------------------------------------------------------------------
+    bootstrap_epochs: int | None = Field(default=None, ge=1, description="None: the model's default")
+    min_feature_coverage: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="below this share of examples with stream features offline, bootstrap falls back to the log",
+    )
+    # -- versions -----------------------------------------------------------------------------
+    retention: int = Field(default=5, ge=1, description="versions kept on disk (serving labels are never removed)")
+    state_path: Path | None = None
+    # Publish each version as canary through the model server (``model_server`` section); when
+    # off, or when the server is unreachable, versions are still written and the server's file
+    # system poll sees them.
+    publish: bool = True
+    # -- observability ------------------------------------------------------------------------
+    tensorboard_dir: Path | None = None
+    metrics_port: int = Field(default=9104, ge=0, le=65535, description="0: no /metrics endpoint")
+
+
+class TrainerSettings(FeaturesSettings, ServingSettings):
+    trainer: TrainerTuning = TrainerTuning()
+
+    @property
+    def source_topic(self) -> str:
+        return self.topics.interactions if self.trainer.source == "interactions" else self.topics.labeled
+
+    @property
+    def staging_path(self) -> Path:
+        """Hidden sibling of the base path (same file system, so the final rename is atomic)."""
+        base = self.model_base_path
+        return base.parent / f".{base.name}.staging"
+
+    @property
+    def trainer_state_path(self) -> Path:
+        """Per-version trainer checkpoints (user state, replay buffer) for a restart."""
+        return self.trainer.state_path or self.paths.state_dir / "trainer"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.trainer.tensorboard_dir or self.paths.state_dir / "tensorboard"
+
+
+SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (TrainerSettings,)

@@ -1,0 +1,222 @@
+"""``streamrec evaluator``: reads labeled examples, tests canary against stable, acts.
+
+The experiment under test is read from the model server's labels (the ``models.config`` the
+model client keeps): whenever ``canary`` points at a version other than ``stable``'s, that pair
+is an experiment. Labeled examples are attributed to it by their arm *and* model version, so
+examples still arriving for an earlier pair (labels close a window after the impression) are
+ignored instead of polluting the new one.
+
+Decisions go through :class:`LabelController` (the model client in production): promote moves
+``stable`` to the canary version (already loaded, so TF Serving's order holds), rollback moves
+``canary`` back to the stable version and records the version as rejected. Every decision is
+appended to ``decisions.jsonl`` (time, versions, per-arm figures, test statistic, reason) and
+counted in Prometheus; per-arm figures are also appended to ``timeline.jsonl`` on an interval
+for the demo report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+
+from serving.ab.policy import Decision, Experiment, PolicyConfig
+from serving.ab.settings import EvaluatorSettings
+from streamrec import contracts
+from streamrec.events import LabeledExample
+
+log = logging.getLogger(__name__)
+
+DECISIONS = Counter("streamrec_evaluator_decisions_total", "Experiment decisions", ["action"])
+EXAMPLES = Counter("streamrec_evaluator_examples_total", "Labeled examples read", ["outcome"])
+ARM_CTR = Gauge("streamrec_evaluator_arm_ctr", "Click-through rate (hit rate) per arm", ["arm"])
+ARM_TRIALS = Gauge("streamrec_evaluator_arm_requests", "Requests counted per arm", ["arm"])
+VERSION = Gauge("streamrec_evaluator_version", "Model version under each label", ["label"])
+
+
+class LabelController(Protocol):
+    def labels(self) -> dict[str, int]: ...
+
+    def promote(self, version: int | None = None) -> int: ...
+
+    def rollback(self) -> int: ...
+
+
+def policy_config(settings: EvaluatorSettings) -> PolicyConfig:
+    section = settings.evaluator
+    return PolicyConfig(**{name: getattr(section, name) for name in PolicyConfig.__dataclass_fields__})
+
+
+class AbEvaluator:
+    """The evaluator's state: the current experiment, decided versions, and its logs."""
+
+    def __init__(self, controller: LabelController, config: PolicyConfig, output_dir: Path) -> None:
+        self.controller = controller
+        self.config = config
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.decisions_path = output_dir / "decisions.jsonl"
+        self.timeline_path = output_dir / "timeline.jsonl"
+        self.rejected_path = output_dir / "rejected.json"
+        self.experiment: Experiment | None = None
+        self.decided: set[int] = set(self.rejected_versions())
+        # Requests already counted as hits (bounded: examples of one request arrive together).
+        self._hit_requests: OrderedDict[str, None] = OrderedDict()
+
+    # -- labels -------------------------------------------------------------------------
+    def refresh_labels(self) -> None:
+        labels = self.controller.labels()
+        stable, canary = labels.get(contracts.STABLE_LABEL), labels.get(contracts.CANARY_LABEL)
+        for label, version in labels.items():
+            VERSION.labels(label).set(version)
+        if stable is None or canary is None or canary == stable or canary in self.decided:
+            self.experiment = None
+            return
+        current = self.experiment
+        if current is None or (current.stable.version, current.canary.version) != (stable, canary):
+            log.info("new experiment: canary %s against stable %s", canary, stable)
+            self.experiment = Experiment(stable, canary, self.config)
+
+    # -- evidence -------------------------------------------------------------------------
+    def handle(self, example: LabeledExample) -> Decision | None:
+        experiment = self.experiment
+        if experiment is None:
+            EXAMPLES.labels("no_experiment").inc()
+            return None
+        arm_stats = experiment.stable if example.arm == contracts.STABLE_LABEL else experiment.canary
+        if example.model_version != arm_stats.version:
+            EXAMPLES.labels("other_version").inc()
+            return None
+        EXAMPLES.labels("counted").inc()
+        if example.position == 0:
+            experiment.record(example.arm, hit=False, degraded=example.degraded, latency_ms=example.serve_latency_ms)
+        if example.clicked and example.request_id not in self._hit_requests:
+            self._hit_requests[example.request_id] = None
+            if len(self._hit_requests) > 100_000:
+                self._hit_requests.popitem(last=False)
+            arm_stats.hits += 1
+        return None
+
+    def decide(self) -> Decision | None:
+        experiment = self.experiment
+        if experiment is None:
+            return None
+        decision = experiment.decide()
+        if decision.action == "continue":
+            return None
+        canary = experiment.canary.version
+        if decision.action == "promote":
+            self.controller.promote(canary)
+        else:
+            self.controller.rollback()
+            self._mark_rejected(canary)
+        self.decided.add(canary)
+        self._audit(decision, experiment)
+        DECISIONS.labels(decision.action).inc()
+        log.info("%s version %s: %s", decision.action, canary, decision.reason)
+        self.experiment = None
+        return decision
+
+    # -- records --------------------------------------------------------------------------
+    def figures(self) -> dict[str, Any]:
+        experiment = self.experiment
+        if experiment is None:
+            return {}
+        figures: dict[str, Any] = {}
+        for arm in (experiment.stable, experiment.canary):
+            name = contracts.STABLE_LABEL if arm is experiment.stable else contracts.CANARY_LABEL
+            figures[name] = {
+                "version": arm.version,
+                "requests": arm.trials,
+                "hits": arm.hits,
+                "ctr": arm.ctr,
+                "degraded": arm.degraded,
+                "p95_latency_ms": arm.p95_latency_ms(),
+            }
+            ARM_CTR.labels(name).set(arm.ctr)
+            ARM_TRIALS.labels(name).set(arm.trials)
+        return figures
+
+    def snapshot(self) -> None:
+        figures = self.figures()
+        if figures:
+            self._append(self.timeline_path, {"time": _now(), **figures})
+
+    def rejected_versions(self) -> list[int]:
+        if not self.rejected_path.exists():
+            return []
+        return [int(version) for version in json.loads(self.rejected_path.read_text())]
+
+    def _mark_rejected(self, version: int) -> None:
+        rejected = sorted({*self.rejected_versions(), version})
+        temp = self.rejected_path.with_suffix(".tmp")
+        temp.write_text(json.dumps(rejected))
+        temp.replace(self.rejected_path)
+
+    def _audit(self, decision: Decision, experiment: Experiment) -> None:
+        record = {
+            "time": _now(),
+            "action": decision.action,
+            "reason": decision.reason,
+            "stable_version": experiment.stable.version,
+            "canary_version": experiment.canary.version,
+            "figures": self.figures(),
+            "test": asdict(decision.test) if decision.test is not None else None,
+        }
+        self._append(self.decisions_path, record)
+
+    @staticmethod
+    def _append(path: Path, record: dict[str, Any]) -> None:
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> None:
+    """The evaluator process: consume labeled examples until stopped (or ``max_seconds``)."""
+    from confluent_kafka import Consumer
+
+    from serving.model_client import ModelServerClient
+    from streamrec.consume import consumer_config
+    from streamrec.errors import EventValidationError
+    from streamrec.events import decode_event
+
+    client = ModelServerClient.from_settings(settings)
+    evaluator = AbEvaluator(client, policy_config(settings), settings.evaluator_dir)
+    consumer = Consumer(consumer_config(settings, settings.evaluator.group_id, from_beginning=True))
+    consumer.subscribe([settings.topics.labeled])
+    started = last_labels = last_snapshot = time.monotonic()
+    evaluator.refresh_labels()
+    try:
+        while max_seconds is None or time.monotonic() - started < max_seconds:
+            for message in consumer.consume(num_messages=500, timeout=0.5):
+                if message.error() is not None:
+                    log.warning("consumer error: %s", message.error())
+                    continue
+                try:
+                    example = decode_event(message.value(), LabeledExample)
+                except EventValidationError as error:
+                    EXAMPLES.labels("invalid").inc()
+                    log.warning("invalid labeled example at offset %s: %s", message.offset(), error)
+                    continue
+                evaluator.handle(example)
+            evaluator.decide()
+            now = time.monotonic()
+            if now - last_labels >= settings.evaluator.labels_refresh_s:
+                evaluator.refresh_labels()
+                last_labels = now
+            if now - last_snapshot >= settings.evaluator.snapshot_interval_s:
+                evaluator.snapshot()
+                last_snapshot = now
+    finally:
+        consumer.close()
+        client.close()

@@ -1,0 +1,134 @@
+"""When to promote a canary, when to roll it back: the decision rule on top of the mSPRT.
+
+The unit of evidence is a *request* (one recommendation list shown): a trial, and a hit when any
+of its items was clicked. In the replay simulator a click happens exactly when the user's real
+next item was in the list, so the per-arm click-through rate is the online hit rate@K.
+
+Rules, checked after every labeled request for the current canary version:
+
+1. Guardrails first (roll back at once, no test needed): the canary's degraded share (requests
+   answered by a fallback because the model failed) above ``max_degraded_share``; its p95
+   serving latency above ``max(latency_budget_ms, latency_ratio x stable p95)``; or a CTR
+   collapse: canary CTR below ``collapse_ratio x`` stable CTR once both arms have
+   ``collapse_min_trials`` requests (a random-weights model is caught here within a bounded
+   number of impressions).
+2. Then the always-valid test, once both arms have ``min_trials`` requests: reject with the
+   canary ahead -> promote; reject with the canary behind -> roll back. Promotions are
+   one-sided on a two-sided test at level ``alpha``, so the false-promotion rate stays at or
+   below ``alpha / 2`` under no difference (checked by simulation in the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from serving.ab.sequential import ArmCounts, TestResult, msprt
+
+Action = Literal["promote", "rollback", "continue"]
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    alpha: float = 0.05
+    tau: float = 0.05
+    min_trials: int = 200
+    collapse_ratio: float = 0.3
+    collapse_min_trials: int = 400
+    max_degraded_share: float = 0.2
+    degraded_min_trials: int = 50
+    latency_budget_ms: float = 50.0
+    latency_ratio: float = 3.0
+    latency_min_trials: int = 100
+
+
+@dataclass
+class ArmStats:
+    """Running per-arm figures for one model version."""
+
+    version: int
+    trials: int = 0
+    hits: int = 0
+    degraded: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def add(self, *, hit: bool, degraded: bool, latency_ms: float | None) -> None:
+        self.trials += 1
+        self.hits += int(hit)
+        self.degraded += int(degraded)
+        if latency_ms is not None:
+            self.latencies_ms.append(latency_ms)
+
+    @property
+    def ctr(self) -> float:
+        return self.hits / self.trials if self.trials else 0.0
+
+    def p95_latency_ms(self) -> float | None:
+        return float(np.percentile(self.latencies_ms, 95)) if self.latencies_ms else None
+
+    def counts(self) -> ArmCounts:
+        return ArmCounts(self.trials, self.hits)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    test: TestResult | None
+
+
+class Experiment:
+    """One canary version against the stable version, from first request to decision."""
+
+    def __init__(self, stable_version: int, canary_version: int, config: PolicyConfig) -> None:
+        self.config = config
+        self.stable = ArmStats(stable_version)
+        self.canary = ArmStats(canary_version)
+        self.p_value = 1.0
+        self.last_test: TestResult | None = None
+
+    def record(
+        self, arm: Literal["stable", "canary"], *, hit: bool, degraded: bool = False, latency_ms: float | None = None
+    ) -> None:
+        (self.stable if arm == "stable" else self.canary).add(hit=hit, degraded=degraded, latency_ms=latency_ms)
+
+    def decide(self) -> Decision:
+        guardrail = self._guardrail()
+        if guardrail is not None:
+            return Decision("rollback", guardrail, self.last_test)
+        config = self.config
+        if min(self.stable.trials, self.canary.trials) < config.min_trials:
+            return Decision("continue", "collecting the minimum sample", self.last_test)
+        test = msprt(
+            self.stable.counts(), self.canary.counts(), alpha=config.alpha, tau=config.tau, previous_p=self.p_value
+        )
+        self.p_value = test.p_value
+        self.last_test = test
+        if test.canary_better:
+            return Decision("promote", f"canary CTR higher (always-valid p={test.p_value:.4f})", test)
+        if test.canary_worse:
+            return Decision("rollback", f"canary CTR lower (always-valid p={test.p_value:.4f})", test)
+        return Decision("continue", "no significant difference yet", test)
+
+    def _guardrail(self) -> str | None:
+        config, stable, canary = self.config, self.stable, self.canary
+        if canary.trials >= config.degraded_min_trials:
+            share = canary.degraded / canary.trials
+            if share > config.max_degraded_share:
+                return f"guardrail: {share:.0%} of canary requests degraded (max {config.max_degraded_share:.0%})"
+        if min(stable.trials, canary.trials) >= config.collapse_min_trials and stable.ctr > 0:
+            if canary.ctr < config.collapse_ratio * stable.ctr:
+                return (
+                    f"guardrail: canary CTR collapsed to {canary.ctr:.3f} "
+                    f"(< {config.collapse_ratio:.0%} of stable {stable.ctr:.3f})"
+                )
+        if min(len(stable.latencies_ms), len(canary.latencies_ms)) >= config.latency_min_trials:
+            canary_p95 = canary.p95_latency_ms()
+            stable_p95 = stable.p95_latency_ms()
+            assert canary_p95 is not None and stable_p95 is not None  # noqa: S101 -- lists are non-empty
+            limit = max(config.latency_budget_ms, config.latency_ratio * stable_p95)
+            if canary_p95 > limit:
+                return f"guardrail: canary p95 latency {canary_p95:.1f} ms > {limit:.1f} ms"
+        return None

@@ -1,0 +1,222 @@
+"""Ask the model for a user's top-k, within a budget, or answer from trending items.
+
+The decision table (what the response and the metrics say):
+
+=====================================  ==================  =========  ========  ==============
+situation                              items from          fallback   degraded  reason
+=====================================  ==================  =========  ========  ==============
+known user, model answers              model               no         no        ""
+unknown user (no fresh features)       model, no profile   yes        no        cold_start
+feature store failed                   model, no profile   yes        yes       features_unavailable
+model server down / past its budget    trending            yes        yes       model_unavailable
+model answers garbage or errors        trending            yes        yes       model_error
+no time left before the client's       trending            yes        yes       deadline
+deadline to ask the model
+=====================================  ==================  =========  ========  ==============
+
+The model call runs under ``min(model budget, time left before the client's deadline minus a
+small reserve)``, so the trending answer always fits inside the caller's deadline. Seen items
+are passed to the model as ``exclude_items`` (it excludes inside the graph) and filtered again
+here, as are the trending items, so an excluded id never reaches the user whatever answered.
+
+Canary: a user in the canary arm is served with ``version_label="canary"``. When the model
+server has no canary label (no experiment running), the call is retried once with ``stable``
+in the same budget, the answer is logged as the stable arm (which it is), and
+:class:`~serving.api.arms.CanaryGate` skips the canary attempt for a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from serving.api.arms import CanaryGate
+from serving.api.metrics import ApiMetrics
+from serving.api.trending import TrendingSnapshot
+from serving.api.user_features import UserFeatures
+from serving.model_client import ModelServerRpcError
+from streamrec import contracts
+from streamrec.events import Arm
+
+log = logging.getLogger(__name__)
+
+# Time kept back from the client's deadline for the trending answer and the response itself.
+DEADLINE_RESERVE_S = 0.003
+# Below this there is no point starting a model call (one loopback round trip is ~0.3 ms).
+MIN_MODEL_BUDGET_S = 0.001
+_UNAVAILABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+class Predictor(Protocol):
+    """What the ranker needs of ``serving.model_client.ModelServerClient``."""
+
+    def predict(
+        self, inputs: Mapping[str, Any], *, signature: str, label: str | None = None, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, np.ndarray]]: ...
+
+
+class TrendingSource(Protocol):
+    """What the ranker needs of ``serving.api.trending.TrendingItems``."""
+
+    @property
+    def snapshot(self) -> TrendingSnapshot: ...
+
+
+class NoAnswer(Exception):
+    """Neither the model nor the trending list can answer (the handler returns UNAVAILABLE)."""
+
+
+class _ModelError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Ranked:
+    items: list[tuple[str, float]]
+    model_version: int  # 0 when no model answered
+    arm: Arm
+    fallback_reason: str  # "" for the personalised model answer
+    degraded: bool
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.fallback_reason)
+
+
+def model_inputs(features: UserFeatures, exclude: list[str]) -> dict[str, np.ndarray]:
+    """The ``recommend`` signature's inputs for one user (batch of 1), per ``streamrec.contracts``."""
+    recent = (features.recent_items + [""] * contracts.RECENT_ITEMS_MAX)[: contracts.RECENT_ITEMS_MAX]
+    inputs: dict[str, np.ndarray] = {"user_id": np.array([features.user_id], dtype=object)}
+    for name in contracts.USER_STRING_INPUTS[1:]:
+        inputs[name] = np.array([features.profile.get(name, "")], dtype=object)
+    inputs["recent_items"] = np.array([recent], dtype=object)
+    for name in contracts.USER_COUNT_INPUTS:
+        inputs[name] = np.array([features.counts.get(name, 0)], dtype=np.int64)
+    inputs["exclude_items"] = np.array([exclude or [""]], dtype=object)
+    return inputs
+
+
+def _is_missing_label(error: ModelServerRpcError) -> bool:
+    # The local server answers NOT_FOUND; TF Serving answers INVALID_ARGUMENT
+    # ("Unrecognized servable version label: canary").
+    return error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) and "label" in error.details
+
+
+def parse_answer(outputs: dict[str, np.ndarray], k: int, exclude: frozenset[str]) -> list[tuple[str, float]]:
+    """Top ``k`` (item, score) from ``recommend``'s outputs; padding ("" / -inf) dropped.
+
+    Raises ``_ModelError`` for an answer no user should see (missing outputs, NaN scores).
+    """
+    if "item_ids" not in outputs or "scores" not in outputs:
+        raise _ModelError("model_error", f"the model answered without item_ids/scores (got {sorted(outputs)})")
+    item_ids = outputs["item_ids"].reshape(-1)
+    scores = outputs["scores"].reshape(-1)
+    picked: list[tuple[str, float]] = []
+    for raw_id, raw_score in zip(item_ids, scores, strict=False):
+        item_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        score = float(raw_score)
+        if not item_id or score == -math.inf or item_id in exclude:
+            continue
+        if math.isnan(score) or math.isinf(score):
+            raise _ModelError("model_error", f"the model scored item {item_id!r} as {score}")
+        picked.append((item_id, score))
+        if len(picked) == k:
+            break
+    if not picked:
+        raise _ModelError("model_error", "the model returned no eligible item")
+    return picked
+
+
+class Ranker:
+    """Model answer within budget, else trending (see the module docstring for the table)."""
+
+    def __init__(
+        self,
+        client: Predictor,
+        trending: TrendingSource,
+        metrics: ApiMetrics,
+        *,
+        budget_s: float,
+        canary_gate: CanaryGate,
+    ) -> None:
+        self._client = client
+        self._trending = trending
+        self._metrics = metrics
+        self._budget_s = budget_s
+        self._gate = canary_gate
+
+    def rank(
+        self,
+        features: UserFeatures,
+        *,
+        k: int,
+        exclude: list[str],
+        arm: Arm,
+        deadline: float,
+        features_failed: bool = False,
+    ) -> Ranked:
+        """``deadline`` is a ``time.monotonic()`` instant (the client's deadline)."""
+        excluded = frozenset(exclude)
+        if arm == contracts.CANARY_LABEL and not self._gate.canary_available():
+            arm = contracts.STABLE_LABEL
+        try:
+            version, items, arm = self._ask_model(
+                features, k=k, exclude=exclude, excluded=excluded, arm=arm, deadline=deadline
+            )
+        except _ModelError as exc:
+            self._metrics.degraded.labels("model_server").inc()
+            log.debug("model fallback (%s): %s", exc.reason, exc)
+            return self._trending_answer(k=k, excluded=excluded, arm=arm, reason=exc.reason)
+        self._metrics.model_version.labels(arm).set(version)
+        if features_failed:
+            return Ranked(items, version, arm, "features_unavailable", degraded=True)
+        if not features.known:
+            return Ranked(items, version, arm, "cold_start", degraded=False)
+        return Ranked(items, version, arm, "", degraded=False)
+
+    def _ask_model(
+        self, features: UserFeatures, *, k: int, exclude: list[str], excluded: frozenset[str], arm: Arm, deadline: float
+    ) -> tuple[int, list[tuple[str, float]], Arm]:
+        inputs = model_inputs(features, exclude)
+        attempts: list[Arm] = [arm] if arm == contracts.STABLE_LABEL else [arm, contracts.STABLE_LABEL]
+        for label in attempts:
+            budget = min(self._budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
+            if budget < MIN_MODEL_BUDGET_S:
+                raise _ModelError("deadline", "no time left before the client's deadline to ask the model")
+            try:
+                version, outputs = self._client.predict(
+                    inputs, signature=contracts.RECOMMEND_SIGNATURE, label=label, timeout_s=budget
+                )
+            except ModelServerRpcError as exc:
+                if label == contracts.CANARY_LABEL and _is_missing_label(exc):
+                    self._gate.mark_missing()
+                    continue
+                reason = "model_unavailable" if exc.code in _UNAVAILABLE_CODES else "model_error"
+                raise _ModelError(reason, str(exc)) from exc
+            return version, parse_answer(outputs, k, excluded), label
+        raise _ModelError("model_error", "the model server has neither a canary nor a stable label")
+
+    def _trending_answer(self, *, k: int, excluded: frozenset[str], arm: Arm, reason: str) -> Ranked:
+        items = self._trending.snapshot.top(k, excluded)
+        if not items:
+            raise NoAnswer(
+                f"the model could not answer ({reason}) and the trending list is empty; "
+                "check the model server and that the feature store has its item profiles (`streamrec features setup`)"
+            )
+        return Ranked(items, 0, arm, reason, degraded=True)

@@ -1,0 +1,198 @@
+"""The grpcio server of ``streamrec.v1.Recommender``, with health, reflection and graceful stop.
+
+Why a synchronous server with a thread pool rather than ``grpc.aio``: the per-request work is two
+blocking calls (Feast's Redis read, the model server's Predict) around a little Python; with
+asyncio the Feast read either blocks the loop or hops to an executor. Measured with the same
+handler three ways (Feast read + Predict to the local model server over the 1,682-item catalog),
+ghz ``--cpus 1`` at 200 rps for 15 s, two alternating rounds on the shared 2-core development
+machine (load average ~9 from other work, so only the ordering means anything):
+
+=================================  =============  ==============  ====================
+server                             p50 (ms)       p99 (ms)        server CPU / request
+=================================  =============  ==============  ====================
+sync, 16 threads                   12.0 / 3.7     170 / 28        2.01 / 1.91 ms
+aio, Feast read inline             57.3 / 4.8     341 / 80        2.00 / 1.99 ms
+aio, Feast read in an executor     9.7 / 8.0      183 / 111       2.01 / 2.26 ms
+=================================  =============  ==============  ====================
+
+CPU per request is the same (gRPC's Python layer dominates), and the sync server had the lower
+p99 in both rounds, so it is used. ``maximum_concurrent_rpcs`` refuses load the pool cannot take
+(RESOURCE_EXHAUSTED at once) instead of queueing it past every deadline.
+
+Health (``grpc.health.v1.Health``) answers SERVING for ``""`` and ``streamrec.v1.Recommender``
+once every dependency the API holds in memory is ready (generated code, the FeatureService, the
+first trending read), so a load balancer only routes to a replica that can answer. Reflection
+lists the Recommender, health and reflection services, so ``grpcurl`` needs no .proto file.
+
+Shutdown (:meth:`ApiServer.stop`, called on SIGTERM by ``serve``): health goes NOT_SERVING first
+(watchers are told at once), then the server stops accepting calls and gives the in-flight ones
+``api.grace_period_s`` to finish; the impression log is flushed last. An open health ``Watch``
+stream counts as in flight, so with watchers connected the stop takes the whole grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from feast import FeatureStore
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.api.arms import CanaryGate
+from serving.api.errors import ApiSetupError
+from serving.api.impressions import ImpressionLogger
+from serving.api.metrics import ApiMetrics
+from serving.api.proto import SERVICE_NAME, generated
+from serving.api.ranking import Ranker
+from serving.api.service import RecommenderService
+from serving.api.settings import ApiSettings
+from serving.api.trending import TrendingItems
+from serving.api.user_features import UserFeatureReader
+from serving.model_client import ModelServerClient
+
+log = logging.getLogger(__name__)
+
+# Above the API's own size check, so an oversized request reaches it and gets INVALID_ARGUMENT.
+GRPC_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+
+
+def open_feature_store(settings: ApiSettings) -> FeatureStore:
+    """Feast on the configured Redis, with socket timeouts so a hung Redis cannot hang a request.
+
+    Feast's Redis connection string passes extra ``key=value`` pairs to ``redis.Redis``; the
+    features package builds the string, and the API adds its timeouts to it.
+    """
+    from features.store import open_store, repo_config
+
+    timeout_s = settings.api.feature_timeout_ms / 1000.0
+    open_store(settings)  # creates the data dir layout the store expects
+    config = repo_config(settings)
+    online = dict(config.online_config)
+    online["connection_string"] += f",socket_timeout={timeout_s},socket_connect_timeout={timeout_s}"
+    config.online_config = online
+    return FeatureStore(repo_path=str(config.repo_path), config=config)
+
+
+class ApiServer:
+    """Owns every part of one API process; ``start`` then ``stop``."""
+
+    def __init__(
+        self,
+        settings: ApiSettings,
+        *,
+        store: FeatureStore | None = None,
+        model_client: ModelServerClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = ApiMetrics()
+        self._store = store
+        self._client = model_client
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._trending: TrendingItems | None = None
+        self._impressions: ImpressionLogger | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        """Build everything, bind, serve; return the bound port (useful when ``api.port`` is 0)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(0)  # no half-started threads, producers or channels left behind
+            raise
+
+    def _start(self) -> int:
+        settings = self.settings
+        pb = generated()
+        store = self._store or open_feature_store(settings)
+        try:
+            features = UserFeatureReader(store, max_age_s=settings.feature_max_age_s)
+            self._trending = TrendingItems(
+                store,
+                interval_s=settings.api.item_refresh_interval_s,
+                max_age_s=settings.feature_max_age_s,
+                metrics=self.metrics,
+            )
+        except ApiSetupError:
+            raise
+        except Exception as exc:  # Feast raises its own errors for an empty registry
+            raise ApiSetupError(
+                f"the feature store at {settings.registry_path} is not ready ({exc}); run `streamrec features setup`"
+            ) from exc
+        self._trending.start()
+        client = self._client or ModelServerClient(
+            settings.model_server.target,
+            settings.model_server.model_name,
+            settings.model_budget_s,
+            max_message_mb=settings.model_server.grpc_max_message_mb,
+        )
+        self._client = client
+        self._impressions = ImpressionLogger(
+            settings.kafka,
+            settings.topics.impressions,
+            self.metrics,
+            queue_max=settings.api.impression_queue_max,
+            linger_ms=settings.api.impression_linger_ms,
+        )
+        ranker = Ranker(
+            client,
+            self._trending,
+            self.metrics,
+            budget_s=settings.model_budget_s,
+            canary_gate=CanaryGate(settings.api.canary_recheck_s),
+        )
+        service = RecommenderService(settings, features, ranker, self._impressions, self.metrics)
+
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.api.max_workers, thread_name_prefix="recommend"),
+            maximum_concurrent_rpcs=settings.api.max_concurrent_rpcs or None,
+            options=[("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0)],
+        )
+        pb.grpc.add_RecommenderServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{settings.api.host}:{settings.api.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ApiSetupError(
+                f"cannot listen on {address} ({exc}); is the port taken? set STREAMREC_API__PORT"
+            ) from exc
+        server.start()
+        self._server = server
+        if settings.api.metrics_port:
+            self.metrics.serve_http(settings.api.metrics_port, settings.api.host)
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "Recommender API on %s:%d (model server %s, %d trending items)",
+            settings.api.host,
+            self.port,
+            settings.model_server.target,
+            len(self._trending.snapshot.item_ids),
+        )
+        return self.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, stop accepting, let in-flight calls finish within the grace period, flush."""
+        grace = self.settings.api.grace_period_s if grace_s is None else grace_s
+        self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        if self._trending is not None:
+            self._trending.stop()
+        if self._impressions is not None:
+            self._impressions.close()
+        if self._client is not None:
+            self._client.close()
+        log.info("Recommender API stopped")
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()

@@ -1,0 +1,140 @@
+"""The pieces of TF Serving's gRPC API every client shares: channel options, request building,
+response parsing, and the errors and records the clients return.
+
+``serving.model_client`` (blocking, with the label moves) and ``AsyncModelServerClient`` (for
+asyncio servers) are built on these, so both speak to real TF Serving and the local server alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import grpc
+import numpy as np
+from google.protobuf import wrappers_pb2
+from tensorflow_serving.apis import get_model_status_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+from serving.model_server.tensors import to_ndarray, to_tensor_proto
+from streamrec import contracts
+from streamrec.errors import StreamrecError
+
+if TYPE_CHECKING:
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+_STATE_NAMES = dict(get_model_status_pb2.ModelVersionStatus.State.items())
+STATE_NAME: dict[int, str] = {value: name for name, value in _STATE_NAMES.items()}
+
+
+class ModelServerRpcError(StreamrecError):
+    """An RPC to the model server failed; ``code`` is the gRPC status code."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method} failed with {code.name}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+class ModelLoadError(StreamrecError):
+    """A version did not become AVAILABLE (its load failed, it was unloaded, or it timed out)."""
+
+
+class VersionStatus(NamedTuple):
+    version: int
+    state: str  # START, LOADING, AVAILABLE, UNLOADING, END
+    error_message: str  # "" when the version is fine
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    version: int
+    signatures: dict[str, meta_graph_pb2.SignatureDef]
+
+
+def channel_options(max_message_mb: int = 64) -> list[tuple[str, int]]:
+    """Options for a long-lived channel to a model server.
+
+    Keepalive pings only while calls are active (idle pings make servers with default settings
+    answer GOAWAY "too_many_pings"); a short reconnect backoff so a restarted server is used
+    again within about a second rather than after gRPC's default of up to two minutes.
+    """
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+    ]
+
+
+def build_predict_request(
+    model_name: str,
+    inputs: Mapping[str, Any],
+    *,
+    signature: str,
+    version: int | None = None,
+    label: str | None = None,
+    output_filter: list[str] | None = None,
+) -> predict_pb2.PredictRequest:
+    if version is not None and label is not None:
+        raise ValueError("give a version or a label, not both")
+    spec = model_pb2.ModelSpec(name=model_name, signature_name=signature)
+    if version is not None:
+        spec.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
+    elif label is not None:
+        spec.version_label = label
+    request = predict_pb2.PredictRequest(model_spec=spec, output_filter=output_filter or [])
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(to_tensor_proto(value))
+    return request
+
+
+def parse_predict_response(response: predict_pb2.PredictResponse) -> tuple[int, dict[str, np.ndarray]]:
+    return response.model_spec.version.value, {name: to_ndarray(t) for name, t in response.outputs.items()}
+
+
+class AsyncModelServerClient:
+    """``predict`` for asyncio servers (grpc.aio); create it inside the running event loop."""
+
+    def __init__(
+        self, target: str, model_name: str = contracts.MODEL_NAME, timeout_s: float = 0.1, *, max_message_mb: int = 64
+    ) -> None:
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_mb))
+        self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    async def predict(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        signature: str = contracts.RECOMMEND_SIGNATURE,
+        version: int | None = None,
+        label: str | None = None,
+        timeout_s: float | None = None,
+        output_filter: list[str] | None = None,
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        request = build_predict_request(
+            self.model_name, inputs, signature=signature, version=version, label=label, output_filter=output_filter
+        )
+        try:
+            response = await self._prediction.Predict(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise ModelServerRpcError("Predict", exc.code(), exc.details() or "") from exc
+        return parse_predict_response(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN

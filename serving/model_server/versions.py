@@ -1,0 +1,228 @@
+"""One version of one model: load it, warm it up, run its signatures, count who is using it.
+
+Loading follows TF Serving: ``tf.saved_model.load`` on ``<base_path>/<version>``, then every
+warm-up request in ``assets.extra/tf_serving_warmup_requests`` (``PredictionLog`` TFRecords, at
+most ``MAX_WARMUP_RECORDS``) is run before the version may become AVAILABLE, so the first real
+request does not pay for tracing and kernel initialisation. A failing warm-up fails the load.
+
+Predict is the hot path, so everything that can be computed once is: the concrete signature
+functions, their input specs and output names, and the ``SignatureDef`` map that
+``GetModelMetadata`` returns (read from ``saved_model.pb`` as TF Serving does, so it lists the
+same signatures, ``__saved_model_init_op`` included).
+
+A version in use is reference-counted (``acquire``/``release``): unloading waits for the
+requests already running on it to finish, as TF Serving's servable handles do.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+from serving.model_server.errors import FailedPrecondition, InvalidArgument, ModelServerError
+from serving.model_server.tensors import DTYPE_NAMES, to_ndarray, to_tensor_proto
+
+log = logging.getLogger(__name__)
+
+WARMUP_PATH = Path("assets.extra") / "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+DEFAULT_SIGNATURE = "serving_default"
+SERVE_TAG = "serve"
+
+
+class LoadError(ModelServerError):
+    """A version could not be loaded; ``code`` is TF's error code when TF said one."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A concrete signature function with what validation needs, computed once."""
+
+    function: Any  # a ConcreteFunction (TF has no public type for it)
+    inputs: dict[str, tf.TensorSpec]
+    outputs: tuple[str, ...]
+
+
+class LoadedVersion:
+    def __init__(self, model_name: str, version: int, path: Path) -> None:
+        self.model_name = model_name
+        self.version = version
+        self.path = path
+        self._model: Any = None
+        self.signatures: dict[str, Signature] = {}
+        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {}
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the SavedModel and run its warm-up requests; raises ``LoadError``."""
+        try:
+            self.signature_defs = read_signature_defs(self.path)
+            self._model = tf.saved_model.load(str(self.path), tags=[SERVE_TAG])
+            for name, function in self._model.signatures.items():
+                _, input_specs = function.structured_input_signature
+                self.signatures[name] = Signature(
+                    function=function,
+                    inputs=dict(input_specs),
+                    outputs=tuple(sorted(function.structured_outputs)),
+                )
+        except LoadError:
+            raise
+        except tf.errors.OpError as exc:
+            raise _load_error(exc.error_code, f"Failed to load SavedModel at {self.path}: {exc.message}") from exc
+        except Exception as exc:  # noqa: BLE001 - any failure of a user model fails only this version
+            raise _load_error(2, f"Failed to load SavedModel at {self.path}: {type(exc).__name__}: {exc}") from exc
+        count = self.warm_up()
+        log.info("loaded %s version %d (%d warm-up requests)", self.model_name, self.version, count)
+
+    def warm_up(self) -> int:
+        path = self.path / WARMUP_PATH
+        if not path.exists():
+            return 0
+        count = 0
+        try:
+            for record in tf.data.TFRecordDataset(str(path)):
+                count += 1
+                if count > MAX_WARMUP_RECORDS:
+                    raise _load_error(
+                        3, f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}"
+                    )
+                entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+                if entry.WhichOneof("log_type") != "predict_log":
+                    raise _load_error(
+                        12, f"warm-up record {count} is a {entry.WhichOneof('log_type')}; only predict_log is supported"
+                    )
+                self.predict(entry.predict_log.request)
+        except LoadError:
+            raise
+        except ModelServerError as exc:
+            raise _load_error(exc.code.value[0], f"warm-up request {count} failed: {exc.message}") from exc
+        except tf.errors.OpError as exc:
+            raise _load_error(exc.error_code, f"cannot read warm-up file {path}: {exc.message}") from exc
+        return count
+
+    def unload(self) -> None:
+        self.signatures = {}
+        self._model = None
+
+    # -- in-flight accounting ----------------------------------------------------------------
+    def acquire(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def release(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+
+    # -- predict -----------------------------------------------------------------------------
+    def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        """Run the request's signature; errors carry TF Serving's codes and wording."""
+        name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        signature = self.signatures.get(name)
+        if signature is None:
+            raise FailedPrecondition(f'Serving signature key "{name}" not found.')
+        arrays = {alias: to_ndarray(tensor) for alias, tensor in request.inputs.items()}
+        outputs = self.run(name, signature, arrays, list(request.output_filter))
+        response = predict_pb2.PredictResponse()
+        spec = response.model_spec
+        spec.name = self.model_name
+        spec.version.value = self.version
+        spec.signature_name = name
+        for alias, value in outputs.items():
+            response.outputs[alias].CopyFrom(to_tensor_proto(value))
+        return response
+
+    def run(
+        self, name: str, signature: Signature, inputs: Mapping[str, np.ndarray], output_filter: list[str]
+    ) -> dict[str, np.ndarray]:
+        check_inputs(signature, inputs)
+        for alias in output_filter:
+            if alias not in signature.outputs:
+                raise InvalidArgument(
+                    f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                    f"{{{','.join(signature.outputs)}}}."
+                )
+        tensors = {alias: tf.constant(value, dtype=signature.inputs[alias].dtype) for alias, value in inputs.items()}
+        try:
+            results = signature.function(**tensors)
+        except tf.errors.InvalidArgumentError as exc:
+            raise InvalidArgument(exc.message) from exc
+        except tf.errors.OpError as exc:
+            error = ModelServerError(f"signature {name} of version {self.version} failed: {exc.message}")
+            raise error from exc
+        wanted = output_filter or signature.outputs
+        return {alias: results[alias].numpy() for alias in wanted}
+
+
+def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:
+    """TF Serving's input checks: exact key set, dtype, and shapes compatible with the spec."""
+    expected = signature.inputs
+    if set(inputs) != set(expected):
+        sent, wanted = sorted(inputs), sorted(expected)
+        raise InvalidArgument(
+            f"input size does not match signature: {len(sent)}!={len(wanted)} len({{{','.join(sent)}}}) != "
+            f"len({{{','.join(wanted)}}}). Sent extra: {{{','.join(sorted(set(sent) - set(wanted)))}}}. "
+            f"Missing but required: {{{','.join(sorted(set(wanted) - set(sent)))}}}."
+        )
+    for alias, value in inputs.items():
+        spec = expected[alias]
+        if not _dtype_matches(value, spec.dtype):
+            raise InvalidArgument(
+                f"input {alias!r}: expects {spec.dtype.name} but {_describe_dtype(value)} is provided"
+            )
+        if not spec.shape.is_compatible_with(value.shape):
+            raise InvalidArgument(f"input {alias!r}: shape {list(value.shape)} is not compatible with {spec.shape}")
+
+
+def _dtype_matches(value: np.ndarray, dtype: tf.DType) -> bool:
+    if dtype == tf.string:
+        return value.dtype == object or value.dtype.kind in "SU"
+    return bool(value.dtype == dtype.as_numpy_dtype)
+
+
+def _describe_dtype(value: np.ndarray) -> str:
+    return "string" if value.dtype == object or value.dtype.kind in "SU" else value.dtype.name
+
+
+def read_signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The ``serve`` meta graph's SignatureDefs, straight from ``saved_model.pb``."""
+    pb_path = path / "saved_model.pb"
+    if not pb_path.exists():
+        raise _load_error(5, f"Could not find SavedModel .pb or .pbtxt at supplied export directory path: {path}")
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString(pb_path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError (and sometimes others) on garbage
+        raise _load_error(15, f"saved_model.pb at {path} cannot be parsed: {exc}") from exc
+    for meta_graph in saved_model.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return dict(meta_graph.signature_def)
+    raise _load_error(5, f"SavedModel at {path} has no MetaGraphDef with tag '{SERVE_TAG}'")
+
+
+def _load_error(code: int, message: str) -> LoadError:
+    """A LoadError whose gRPC code is ``code`` (TF and gRPC share the numbering)."""
+    import grpc
+
+    error = LoadError(message)
+    error.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return error
+
+
+__all__ = ["DTYPE_NAMES", "LoadError", "LoadedVersion", "Signature", "check_inputs", "read_signature_defs"]

@@ -1,0 +1,82 @@
+"""Settings of the model server and of every client that talks to it.
+
+The ``model_server`` section is shared by three kinds of process: the local model server
+(``streamrec model-server``), the recommendation API (which predicts through it) and the trainer
+and evaluator (which publish versions and move labels through ``HandleReloadConfigRequest``).
+They must agree on the address, the model name and the ``models.config`` file, so all of it is
+read from one place. Flag names mirror ``tensorflow_model_server`` where they overlap, so a
+deployment can switch to the real TF Serving by passing the same values as its flags.
+
+Imports nothing heavy: ``streamrec.settings`` imports this module to know its variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamrec import contracts
+from streamrec.settings import CommonSettings
+
+
+class ModelServerSection(BaseModel):
+    """Where the model server listens, what it serves, and the budgets clients use with it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    # TF Serving's default gRPC port.
+    port: int = Field(default=8500, ge=1, le=65535)
+    model_name: str = contracts.MODEL_NAME
+    # None: ``<paths.state_dir>/models/<model_name>`` (see ``ServingSettings.model_base_path``).
+    # With docker-compose the server sees the volume under another path: set ``server_base_path``.
+    model_base_path: Path | None = None
+    # The base path as the *server* sees it, written into models.config; None: model_base_path.
+    server_base_path: str | None = None
+    # None: ``<paths.state_dir>/models/models.config``.
+    model_config_file: Path | None = None
+    file_system_poll_wait_seconds: float = Field(default=1.0, ge=0)
+    # 0 turns config-file polling off (TF Serving's default); clients also send the config by RPC.
+    model_config_file_poll_wait_seconds: float = Field(default=0.0, ge=0)
+    # TF Serving checks labels before it loads anything, so a config that already holds labels
+    # (the one the model client keeps) only starts with this on. It allows NEW labels only; an
+    # existing label still moves only to an AVAILABLE version.
+    allow_version_labels_for_unavailable_models: bool = True
+    num_load_threads: int = Field(default=2, ge=1)
+    max_num_load_retries: int = Field(default=5, ge=0)
+    load_retry_interval_s: float = Field(default=60.0, ge=0)
+    grpc_max_message_mb: int = Field(default=64, ge=1)
+    # Budget of one Predict from the API (the API falls back when it runs out).
+    request_timeout_ms: int = Field(default=100, ge=1)
+    # Budget of admin calls (status, metadata, reload config).
+    admin_timeout_s: float = Field(default=30.0, gt=0)
+    # How long a publish waits for a new version to become AVAILABLE before giving up.
+    load_timeout_s: float = Field(default=120.0, gt=0)
+    # Versions kept loaded by the label moves (stable + canary); older ones are unloaded.
+    max_versions_loaded: int = Field(default=2, ge=1)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class ServingSettings(CommonSettings):
+    model_server: ModelServerSection = ModelServerSection()
+
+    @property
+    def model_base_path(self) -> Path:
+        configured = self.model_server.model_base_path
+        return configured if configured is not None else self.paths.state_dir / "models" / self.model_server.model_name
+
+    @property
+    def model_config_file(self) -> Path:
+        configured = self.model_server.model_config_file
+        return configured if configured is not None else self.paths.state_dir / "models" / "models.config"
+
+    @property
+    def server_base_path(self) -> str:
+        return self.model_server.server_base_path or str(self.model_base_path)
+
+
+SETTINGS_CLASSES = (ServingSettings,)

@@ -1,0 +1,93 @@
+"""Names and shapes shared by features, streams, trainer and serving.
+
+Each part of the system is built separately; these constants are the handshake between them.
+Change a name here and every side follows; change a *meaning* and bump the version suffix.
+
+Features (Feast, ``features/``)
+===============================
+Entities: ``user`` (join key ``user_id``, string) and ``item`` (join key ``item_id``, string).
+
+Batch feature views (from MovieLens-100K profiles, parquet, materialized):
+  * ``user_profile``: ``age_bucket`` (str), ``gender`` (str), ``occupation`` (str), ``zip_prefix`` (str)
+  * ``item_profile``: ``genres`` (list[str]), ``release_year`` (int64, -1 when unknown)
+
+Stream feature views (Feast ``PushSource``, written by the Faust worker, ``streams/``):
+  * ``user_activity`` (push source ``user_activity_push``): ``recent_items`` (list[str], newest
+    first, at most ``RECENT_ITEMS_MAX`` distinct ids), ``count_1h``, ``count_24h`` (int64),
+    ``last_event_ts`` (int64, epoch seconds)
+  * ``item_stats`` (push source ``item_stats_push``): ``count_1h``, ``count_24h`` (int64),
+    ``trending_score`` (float64)
+
+Window semantics (event time, exact, what the tests compare against a pandas reference): for an
+entity whose latest accepted event has time ``t``, ``count_W`` is the number of distinct
+``event_id``s of that entity with event time in ``(t - W, t]``. ``trending_score`` is
+``count_1h / (1 + count_24h / 24)``: the last hour against the entity's average hour of the day.
+
+Feature services: ``USER_FEATURE_SERVICE`` lists what the model's user tower reads (one row per
+request at serving); ``ITEM_FEATURE_SERVICE`` what its item tower reads (the whole catalog,
+loaded into the model at export, and refreshed by the API in memory).
+
+Model (SavedModel, ``online_trainer/`` exports, ``serving/`` serves)
+===================================================================
+One model name, ``MODEL_NAME``, with two signatures besides ``serving_default`` (= recommend):
+
+``recommend`` inputs (batch dimension B):
+  ``user_id`` string [B]; ``age_bucket``, ``gender``, ``occupation``, ``zip_prefix`` string [B]
+  ("" when unknown); ``recent_items`` string [B, RECENT_ITEMS_MAX] padded with "";
+  ``count_1h``, ``count_24h`` int64 [B]; ``exclude_items`` string [B, E] padded with "" (any E >= 1).
+``recommend`` outputs: ``item_ids`` string [B, TOP_K_EXPORTED], ``scores`` float32 [B, TOP_K_EXPORTED],
+  best first, never containing an excluded id.
+``score`` inputs: the user inputs above plus ``item_ids`` string [B, N]; output ``scores`` float32 [B, N].
+
+Version labels: ``stable`` and ``canary`` (TF Serving's ``version_labels``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- features ------------------------------------------------------------------------------
+USER_ENTITY: Final = "user"
+ITEM_ENTITY: Final = "item"
+USER_JOIN_KEY: Final = "user_id"
+ITEM_JOIN_KEY: Final = "item_id"
+
+USER_PROFILE_VIEW: Final = "user_profile"
+ITEM_PROFILE_VIEW: Final = "item_profile"
+USER_ACTIVITY_VIEW: Final = "user_activity"
+ITEM_STATS_VIEW: Final = "item_stats"
+USER_ACTIVITY_PUSH: Final = "user_activity_push"
+ITEM_STATS_PUSH: Final = "item_stats_push"
+
+USER_PROFILE_FEATURES: Final = ("age_bucket", "gender", "occupation", "zip_prefix")
+ITEM_PROFILE_FEATURES: Final = ("genres", "release_year")
+USER_ACTIVITY_FEATURES: Final = ("recent_items", "count_1h", "count_24h", "last_event_ts")
+ITEM_STATS_FEATURES: Final = ("count_1h", "count_24h", "trending_score")
+
+USER_FEATURE_SERVICE: Final = "recommender_user_v1"
+ITEM_FEATURE_SERVICE: Final = "recommender_item_v1"
+
+RECENT_ITEMS_MAX: Final = 20
+WINDOWS_S: Final = {"count_1h": 3600, "count_24h": 24 * 3600}
+
+# -- model ---------------------------------------------------------------------------------
+MODEL_NAME: Final = "streamrec"
+RECOMMEND_SIGNATURE: Final = "recommend"
+SCORE_SIGNATURE: Final = "score"
+TOP_K_EXPORTED: Final = 100
+USER_STRING_INPUTS: Final = ("user_id", "age_bucket", "gender", "occupation", "zip_prefix")
+USER_COUNT_INPUTS: Final = ("count_1h", "count_24h")
+STABLE_LABEL: Final = "stable"
+CANARY_LABEL: Final = "canary"
+
+
+def age_bucket(age: int) -> str:
+    """The profile's age as a coarse bucket (the model and the features agree on it here)."""
+    for upper, label in ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55")):
+        if age < upper:
+            return label
+    return "56+"
+
+
+def trending_score(count_1h: int, count_24h: int) -> float:
+    return count_1h / (1.0 + count_24h / 24.0)

@@ -1,0 +1,195 @@
+"""``make demo``: the whole loop on the local stack, from a clean state, with a report at the end.
+
+1. Kafka and Redis (supervisord), topics, the Feast repo (profiles written, applied, materialized).
+2. The feature worker; the first part of MovieLens-100K (by time) replayed as history; wait
+   until the worker has caught up.
+3. Bootstrap training through Feast's point-in-time join -> version 1, served as ``stable``.
+4. Joiner, API, online trainer and evaluator start; the trainer begins at the end of history.
+5. The simulator replays held-out interactions as visits (Recommend, click if the real item was
+   shown, produce the interaction); the trainer publishes canaries, the evaluator promotes or
+   rolls back.
+6. Summary and report (``<state>/report/report.html`` and ``loop.png``).
+
+Every process gets its settings through ``STREAMREC_*`` variables set here once (free ports, a
+fresh state folder), so the demo never collides with a stack a user already runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from streamrec.settings import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    history_fraction: float = 0.5
+    visits: int = 9000
+    rate: float = 30.0
+    canary_share: float = 0.5
+    trainer_interval_s: float = 75.0
+    label_window_s: float = 10.0
+    state_dir: Path = PROJECT_ROOT / ".state" / "demo"
+    keep_running: bool = False
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def demo_environment(options: DemoOptions) -> dict[str, str]:
+    kafka, controller, redis_port, model_server, api, streams_metrics, api_metrics, trainer_metrics = _free_ports(8)
+    return {
+        "STREAMREC_PATHS__STATE_DIR": str(options.state_dir),
+        "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
+        "STREAMREC_STACK__KAFKA_PORT": str(kafka),
+        "STREAMREC_STACK__KAFKA_CONTROLLER_PORT": str(controller),
+        "STREAMREC_REDIS__PORT": str(redis_port),
+        "STREAMREC_MODEL_SERVER__PORT": str(model_server),
+        "STREAMREC_API__PORT": str(api),
+        "STREAMREC_API__METRICS_PORT": str(api_metrics),
+        "STREAMREC_API__CANARY_SHARE": str(options.canary_share),
+        "STREAMREC_SIMULATOR__API_TARGET": f"127.0.0.1:{api}",
+        "STREAMREC_SIMULATOR__HOLDOUT_START_FRACTION": str(options.history_fraction),
+        "STREAMREC_STREAMS__METRICS_PORT": str(streams_metrics),
+        "STREAMREC_TRAINER__METRICS_PORT": str(trainer_metrics),
+        "STREAMREC_TRAINER__INTERVAL_S": str(options.trainer_interval_s),
+        "STREAMREC_JOINER__LABEL_WINDOW_S": str(options.label_window_s),
+        # MovieLens events keep their 1997-98 event times, so "fresh" must reach back that far;
+        # with live traffic this stays at its default (24 h).
+        "STREAMREC_FEATURES__MAX_FEATURE_AGE_S": str(40 * 365 * 24 * 3600),
+    }
+
+
+def _wait_for_lag(settings: object, group: str, topics: list[str], timeout_s: float = 300.0) -> None:
+    from streamrec.consume import group_lag
+    from streamrec.settings import CommonSettings
+
+    assert isinstance(settings, CommonSettings)  # noqa: S101 -- narrow for mypy
+    deadline = time.monotonic() + timeout_s
+    with tqdm(desc="feature worker catching up", unit="ev") as bar:
+        while time.monotonic() < deadline:
+            lag = sum(group_lag(settings, group, topic) for topic in topics)
+            bar.set_postfix(lag=lag)
+            if lag == 0:
+                return
+            time.sleep(1)
+    raise TimeoutError(f"the feature worker still lags after {timeout_s:.0f}s; see {settings.paths.state_dir}/logs")
+
+
+def scrape_histogram(url: str, metric: str) -> dict[float, float]:
+    """Cumulative buckets of one Prometheus histogram from a /metrics endpoint."""
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 -- our own loopback endpoint
+        text = response.read().decode()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{metric}_bucket{{"):
+            labels, value = line.rsplit(" ", 1)
+            bound = labels.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = buckets.get(float(bound), 0.0) + float(value)
+    return buckets
+
+
+def run(options: DemoOptions) -> Path:
+    from features.settings import FeaturesSettings
+    from features.store import apply, materialize_profiles, open_store, write_profiles
+    from online_trainer.bootstrap import bootstrap
+    from online_trainer.settings import TrainerSettings
+    from serving.ab.settings import EvaluatorSettings
+    from serving.model_client import ModelServerClient
+    from streamrec.consume import commit_group_offsets, end_offsets
+    from streamrec.data import movielens
+    from streamrec.infra.stack import LocalStack
+    from streamrec.kafka_admin import ensure_topics
+    from streamrec.replay import replay
+    from streamrec.report import LoopRecord, write_report
+    from streamrec.settings import PathSettings, ReplaySettings, SimulatorSettings, StackSettings, load
+    from streamrec.simulate import held_out, simulate
+    from streams.settings import StreamsSettings
+
+    previous = LocalStack(StackSettings(paths=PathSettings(state_dir=options.state_dir)))
+    previous.down()
+    shutil.rmtree(options.state_dir, ignore_errors=True)
+    os.environ.update(demo_environment(options))
+    stack_settings = load(StackSettings)
+    stack = LocalStack(stack_settings)
+
+    typer.secho("1/6 Kafka + Redis, topics, feature repo", bold=True)
+    stack.up()
+    ensure_topics(stack_settings)
+    features = load(FeaturesSettings)
+    write_profiles(features)
+    store = open_store(features)
+    apply(store)
+    materialize_profiles(store)
+
+    try:
+        interactions = movielens.load_interactions()
+        history_rows = int(len(interactions) * options.history_fraction)
+        history = interactions.head(history_rows)
+        until = history["event_time"].iloc[-1].to_pydatetime()
+        typer.secho(
+            f"2/6 feature worker; replaying {history_rows:,} history events (up to {until:%Y-%m-%d})", bold=True
+        )
+        stack.start("streams")
+        report = replay(history, load(ReplaySettings))
+        typer.echo(f"    {report.summary()}")
+        streams = load(StreamsSettings)
+        _wait_for_lag(streams, streams.streams.app_id, [streams.topics.interactions, streams.by_item_topic])
+
+        typer.secho("3/6 model server; bootstrap training through Feast -> version 1 (stable)", bold=True)
+        stack.start("model-server")
+        trainer_settings = load(TrainerSettings)
+        with ModelServerClient.from_settings(trainer_settings) as client:
+            result = bootstrap(trainer_settings, interactions, until, publisher=client)
+            if result.version is None:
+                raise RuntimeError(f"bootstrap model rejected by the gate: {result.outcome.gate.summary()}")
+            client.publish_stable(result.version)
+        typer.echo(f"    version {result.version}: {result.outcome.gate.summary()}")
+
+        typer.secho("4/6 joiner, API, online trainer (from the end of history), evaluator", bold=True)
+        commit_group_offsets(
+            trainer_settings,
+            trainer_settings.trainer.group_id,
+            end_offsets(trainer_settings, trainer_settings.topics.interactions),
+            trainer_settings.topics.interactions,
+        )
+        for name in ("joiner", "api", "trainer", "evaluator"):
+            stack.start(name)
+
+        typer.secho(f"5/6 simulating {options.visits:,} held-out visits at {options.rate:g}/s", bold=True)
+        simulator = load(SimulatorSettings)
+        visits = held_out(interactions, options.history_fraction)
+        outcome = simulate(visits, simulator, rate=options.rate, limit=options.visits)
+        typer.echo(f"    {outcome.summary()}")
+        time.sleep(options.label_window_s + 5)  # let the last label windows close
+
+        typer.secho("6/6 report", bold=True)
+        evaluator = load(EvaluatorSettings)
+        record = LoopRecord.load(simulator.simulator_dir, evaluator.evaluator_dir, trainer_settings.model_base_path)
+        metrics_url = f"http://127.0.0.1:{streams.streams.metrics_port}/metrics"
+        record.freshness_s = scrape_histogram(metrics_url, "streams_freshness_seconds")
+        record.counters["history_events"] = float(report.delivered)
+        record.counters["simulated_visits"] = float(outcome.requests)
+        page = write_report(record, options.state_dir / "report")
+        return page
+    finally:
+        if not options.keep_running:
+            stack.down()

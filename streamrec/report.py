@@ -1,0 +1,187 @@
+"""The demo report: what the closed loop did, as a summary and as plots (PNG + one HTML page).
+
+Inputs are the files the processes leave behind, so the report can be rebuilt after the fact
+(``streamrec report``): the simulator's ``responses.parquet``, the evaluator's
+``decisions.jsonl``, the model versions' lineage, and histogram samples scraped from the
+workers' Prometheus endpoints (freshness).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+@dataclass
+class LoopRecord:
+    responses: pd.DataFrame
+    decisions: list[dict[str, Any]]
+    versions: list[dict[str, Any]]  # {"version": int, "published_at": epoch s}
+    freshness_s: dict[float, float] = field(default_factory=dict)  # histogram: upper bound -> cumulative count
+    counters: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, simulator_dir: Path, evaluator_dir: Path, model_base_path: Path) -> LoopRecord:
+        responses_path = simulator_dir / "responses.parquet"
+        responses = pd.read_parquet(responses_path) if responses_path.exists() else pd.DataFrame()
+        decisions_path = evaluator_dir / "decisions.jsonl"
+        decisions = (
+            [json.loads(line) for line in decisions_path.read_text().splitlines() if line.strip()]
+            if decisions_path.exists()
+            else []
+        )
+        versions = []
+        if model_base_path.exists():
+            for child in sorted(model_base_path.iterdir()):
+                if child.is_dir() and child.name.isdigit():
+                    versions.append({"version": int(child.name), "published_at": child.stat().st_mtime})
+        return cls(responses, decisions, versions)
+
+
+def histogram_quantile(buckets: dict[float, float], quantile: float) -> float | None:
+    """Prometheus-style quantile estimate from cumulative bucket counts (linear within a bucket)."""
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = quantile * total
+    previous_bound, previous_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if np.isinf(bound):
+                return previous_bound
+            span = count - previous_count
+            return previous_bound + (bound - previous_bound) * ((rank - previous_count) / span if span else 0.0)
+        previous_bound, previous_count = bound, count
+    return bounds[-1]
+
+
+def summary(record: LoopRecord) -> dict[str, Any]:
+    responses = record.responses
+    figures: dict[str, Any] = {
+        "requests": int(len(responses)),
+        "versions_published": len(record.versions),
+        "promotions": sum(d["action"] == "promote" for d in record.decisions),
+        "rollbacks": sum(d["action"] == "rollback" for d in record.decisions),
+        **record.counters,
+    }
+    if len(responses):
+        for arm, group in responses.groupby("arm"):
+            figures[f"ctr_{arm}"] = round(float(group["hit"].mean()), 4)
+            figures[f"requests_{arm}"] = int(len(group))
+        figures["recommend_p50_ms"] = round(float(responses["latency_ms"].quantile(0.5)), 2)
+        figures["recommend_p99_ms"] = round(float(responses["latency_ms"].quantile(0.99)), 2)
+        figures["fallback_share"] = round(float(responses["fallback"].mean()), 4)
+    freshness_p99 = histogram_quantile(record.freshness_s, 0.99)
+    if freshness_p99 is not None:
+        figures["freshness_p99_ms"] = round(freshness_p99 * 1000, 1)
+    return figures
+
+
+def _ctr_over_time(ax: Any, responses: pd.DataFrame, decisions: list[dict[str, Any]]) -> None:
+    if responses.empty:
+        ax.text(0.5, 0.5, "no responses", ha="center")
+        return
+    start = responses["time"].min()
+    for arm, group in responses.groupby("arm"):
+        minutes = (group["time"] - start) / 60
+        rolling = group["hit"].astype(float).rolling(window=min(300, max(10, len(group) // 5)), min_periods=10).mean()
+        ax.plot(minutes, rolling, label=f"{arm} (overall {group['hit'].mean():.3f})")
+    for decision in decisions:
+        at = (datetime.fromisoformat(decision["time"]).timestamp() - start) / 60
+        ax.axvline(at, color="green" if decision["action"] == "promote" else "red", linestyle="--", alpha=0.7)
+    ax.set(title="CTR (= online hit rate@K) per arm, rolling", xlabel="minutes", ylabel="CTR")
+    ax.legend()
+
+
+def _versions_timeline(ax: Any, record: LoopRecord) -> None:
+    responses = record.responses
+    start = responses["time"].min() if len(responses) else min((v["published_at"] for v in record.versions), default=0)
+    if len(responses):
+        for arm, group in responses.groupby("arm"):
+            ax.scatter((group["time"] - start) / 60, group["model_version"], s=2, label=f"served to {arm}")
+    for version in record.versions:
+        ax.scatter([(version["published_at"] - start) / 60], [version["version"]], marker="^", color="black")
+    for decision in record.decisions:
+        at = (datetime.fromisoformat(decision["time"]).timestamp() - start) / 60
+        color = "green" if decision["action"] == "promote" else "red"
+        ax.scatter([at], [decision["canary_version"]], marker="*", s=150, color=color, zorder=5)
+        ax.annotate(decision["action"], (at, decision["canary_version"]), textcoords="offset points", xytext=(5, 5))
+    ax.set(title="model versions: published (▲), served, decisions (★)", xlabel="minutes", ylabel="version")
+    ax.legend(loc="upper left")
+
+
+def _distribution(ax: Any, values: np.ndarray, title: str, unit: str) -> None:
+    if len(values) == 0:
+        ax.text(0.5, 0.5, "no samples", ha="center")
+        ax.set(title=title)
+        return
+    ax.hist(values, bins=50)
+    for quantile, style in ((0.5, "-"), (0.99, "--")):
+        value = float(np.quantile(values, quantile))
+        ax.axvline(value, color="black", linestyle=style, label=f"p{int(quantile * 100)} {value:.1f} {unit}")
+    ax.set(title=title, xlabel=unit)
+    ax.legend()
+
+
+def _freshness(ax: Any, buckets: dict[float, float]) -> None:
+    finite = sorted(bound for bound in buckets if np.isfinite(bound))
+    if not finite:
+        ax.text(0.5, 0.5, "no freshness samples", ha="center")
+        ax.set(title="feature freshness")
+        return
+    cumulative = [buckets[bound] for bound in finite]
+    counts = np.diff([0.0, *cumulative])
+    ax.bar(range(len(finite)), counts)
+    ax.set_xticks(range(len(finite)), [f"≤{bound * 1000:g}" for bound in finite], rotation=45)
+    p99 = histogram_quantile(buckets, 0.99)
+    ax.set(
+        title=f"feature freshness (Kafka → readable online), p99 ≈ {p99 * 1000 if p99 else float('nan'):.0f} ms",
+        xlabel="ms bucket",
+        ylabel="events",
+    )
+
+
+def write_report(record: LoopRecord, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(2, 2, figsize=(16, 10))
+    _ctr_over_time(axes[0][0], record.responses, record.decisions)
+    _versions_timeline(axes[0][1], record)
+    latencies = record.responses["latency_ms"].to_numpy() if len(record.responses) else np.array([])
+    _distribution(axes[1][0], latencies, "Recommend latency (client side)", "ms")
+    _freshness(axes[1][1], record.freshness_s)
+    figure.tight_layout()
+    png = out_dir / "loop.png"
+    figure.savefig(png, dpi=90)
+    plt.close(figure)
+    figures = summary(record)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in figures.items())
+    decisions = "".join(
+        f"<tr><td>{html.escape(d['time'])}</td><td>{d['action']}</td><td>{d['stable_version']}</td>"
+        f"<td>{d['canary_version']}</td><td>{html.escape(d['reason'])}</td></tr>"
+        for d in record.decisions
+    )
+    page = out_dir / "report.html"
+    page.write_text(
+        "<html><head><meta charset='utf-8'><title>streamrec demo</title></head><body>"
+        f"<h1>streamrec closed loop</h1><p>generated {datetime.now(UTC).isoformat()}</p>"
+        f"<table border=1>{rows}</table><h2>decisions</h2><table border=1>"
+        "<tr><th>time</th><th>action</th><th>stable</th><th>canary</th><th>reason</th></tr>"
+        f"{decisions}</table><img src='loop.png' width='100%'></body></html>"
+    )
+    (out_dir / "summary.json").write_text(json.dumps(figures, indent=2))
+    return page

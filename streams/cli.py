@@ -1,0 +1,79 @@
+"""``streamrec streams``: the Faust feature worker and a live view of what it writes.
+
+* ``worker`` runs the worker (the same as ``faust -A streams.app worker -l info``), configured by
+  ``STREAMREC_*`` variables (``streamrec settings`` lists them; ``STREAMREC_STREAMS__*`` are its
+  own: app id, lateness, batch size and wait, metrics port).
+* ``watch USER_ID...`` prints those users' online ``user_activity`` features every interval,
+  read through Feast exactly as serving reads them: run it beside a replay to see them move.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from streamrec import contracts
+from streamrec.settings import load
+from streams.settings import StreamsSettings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[
+        str | None, typer.Option("--loglevel", "-l", help="Default: STREAMREC_STREAMS__LOG_LEVEL.")
+    ] = None,
+) -> None:
+    """Consume interactions, keep windowed state, push features to Feast until stopped (Ctrl-C)."""
+    import faust
+
+    from streams.app import worker as built
+
+    level = loglevel or built.settings.streams.log_level
+    faust.Worker(built.app, loglevel=level).execute_from_commandline()
+
+
+def _format_row(row: dict[str, object]) -> str:
+    recent = row.get("recent_items") or []
+    last = row.get("last_event_ts")
+    when = datetime.fromtimestamp(int(last), UTC).isoformat() if isinstance(last, int | float) and last == last else "-"
+    shown = ",".join(str(item) for item in list(recent)[:8])  # type: ignore[call-overload]
+    return (
+        f"{row[contracts.USER_JOIN_KEY]!s:>8}  1h={row.get('count_1h')!s:>4}  24h={row.get('count_24h')!s:>5}  "
+        f"last={when}  recent=[{shown}]"
+    )
+
+
+@app.command()
+def watch(
+    user_ids: Annotated[list[str], typer.Argument(help="Users to show.")],
+    interval: Annotated[float, typer.Option(help="Seconds between reads.")] = 1.0,
+    iterations: Annotated[int, typer.Option(help="Reads before exiting; 0 = until Ctrl-C.")] = 0,
+) -> None:
+    """Print the users' online activity features (Feast get_online_features) as they change."""
+    from features.store import open_store
+
+    settings = load(StreamsSettings)
+    store = open_store(settings)
+    refs = [f"{contracts.USER_ACTIVITY_VIEW}:{name}" for name in contracts.USER_ACTIVITY_FEATURES]
+    done = 0
+    previous: dict[str, str] = {}
+    while iterations == 0 or done < iterations:
+        rows = store.get_online_features(
+            features=refs, entity_rows=[{contracts.USER_JOIN_KEY: user} for user in user_ids]
+        ).to_dict()
+        stamp = datetime.now(UTC).strftime("%H:%M:%S")
+        for index, user in enumerate(user_ids):
+            row = {name: values[index] for name, values in rows.items()}
+            row[contracts.USER_JOIN_KEY] = user
+            line = _format_row(row)
+            marker = "*" if previous.get(user) not in (None, line) else " "
+            previous[user] = line
+            typer.echo(f"{stamp} {marker} {line}")
+        done += 1
+        if iterations == 0 or done < iterations:
+            time.sleep(interval)

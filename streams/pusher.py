@@ -1,0 +1,156 @@
+"""One view's pusher: coalesces dirty entities, pushes them in the background, then acks.
+
+Why not push inside the agent's batch: a Feast push costs tens of milliseconds plus a fraction
+of a millisecond per row, and Faust's ``take_events`` stops buffering while its body runs, so a
+push inside the body caps a worker at (batch size / push time). Here the agent applies events
+to state and returns at once; the pusher pushes whatever is dirty, one push at a time per view,
+while the agent keeps applying the next records. Under load the pushes grow (and coalesce more
+events per entity row) instead of falling behind.
+
+At-least-once is kept by holding each event's Kafka message: the agent adds a reference
+(``message.incref()``) before its batch is acked, and the pusher releases it (``event.ack()``)
+only after the push that carries the event's effect has returned, so Faust never commits an
+offset whose features are not written. Each entity's state goes to its table's changelog when
+it is pushed (one record per entity per push), before the push, so a committed offset is
+always covered by both. ``max_pending`` bounds the events held: beyond it the agent waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from streams import metrics
+from streams.windows import EntityState
+
+log = logging.getLogger(__name__)
+
+View = Literal["user_activity", "item_stats"]
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    entity_id: str
+    features: dict[str, object]
+    version_us: int
+
+
+class FeatureSink(Protocol):
+    """Writes feature rows (blocking: the pusher calls it in a worker thread)."""
+
+    def warm_up(self) -> None: ...
+
+    def push(self, view: View, rows: Sequence[FeatureRow]) -> None: ...
+
+
+class StateTable(Protocol):
+    """A Faust table of ``EntityState`` by entity id, plus how to persist one key."""
+
+    def get(self, key: str) -> EntityState | None: ...
+
+    def put(self, key: str, state: EntityState) -> None: ...
+
+    async def save(self, key: str, state: EntityState, partition: int) -> None: ...
+
+
+class HeldEvent(Protocol):
+    """A Faust event whose message the pusher holds until its push is done."""
+
+    @property
+    def message(self) -> Any: ...
+
+    def ack(self) -> bool: ...
+
+
+@dataclass
+class _Dirty:
+    state: EntityState
+    partition: int
+
+
+@dataclass
+class ViewPusher:
+    view: View
+    table: StateTable
+    sink: FeatureSink
+    to_row: Callable[[str, EntityState], FeatureRow]
+    max_pending: int = 20_000
+    retry_max_s: float = 5.0
+    clock: Callable[[], float] = time.time
+    _dirty: dict[str, _Dirty] = field(default_factory=dict)
+    _held: list[HeldEvent] = field(default_factory=list)
+    _in_flight: int = 0
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _task: asyncio.Task[None] | None = None
+
+    def hold(self, entity_id: str, state: EntityState, partition: int, event: HeldEvent) -> None:
+        """Mark ``entity_id`` for the next push and keep ``event`` unacked until then."""
+        event.message.incref()
+        self._held.append(event)
+        self._dirty[entity_id] = _Dirty(state, partition)
+
+    @property
+    def pending(self) -> int:
+        return len(self._held) + self._in_flight
+
+    async def kick(self) -> None:
+        """Start a push if none is running; wait while too many events are held (backpressure)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"push-{self.view}")
+        self._wake.set()
+        if self.pending >= self.max_pending:
+            async with self._progress:
+                await self._progress.wait_for(lambda: self.pending < self.max_pending)
+
+    async def drain(self) -> None:
+        """Wait until everything held so far is pushed and acked (tests, shutdown)."""
+        while self.pending:
+            await self.kick()
+            async with self._progress:
+                await self._progress.wait_for(lambda: self.pending == 0 or self._in_flight == 0)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._dirty:
+                continue
+            dirty, held = self._dirty, self._held
+            self._dirty, self._held = {}, []
+            self._in_flight = len(held)
+            for entity_id, entry in dirty.items():
+                await self.table.save(entity_id, entry.state, entry.partition)
+            rows = [self.to_row(entity_id, entry.state) for entity_id, entry in dirty.items()]
+            await self._push(rows)
+            readable_at = self.clock()
+            freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
+            for event in held:
+                freshness.observe(max(0.0, readable_at - float(event.message.timestamp)))
+                event.ack()
+            self._in_flight = 0
+            async with self._progress:
+                self._progress.notify_all()
+            if self._dirty:
+                self._wake.set()
+
+    async def _push(self, rows: Sequence[FeatureRow]) -> None:
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(self.sink.push, self.view, rows)
+            except Exception:  # noqa: BLE001 -- retried: acking without the push would lose the rows
+                metrics.PUSH_FAILURES.labels(self.view).inc()
+                log.exception("push of %d %s rows failed; retrying in %.1fs", len(rows), self.view, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            metrics.PUSH_SECONDS.labels(self.view).observe(time.perf_counter() - started)
+            metrics.PUSHES.labels(self.view).inc()
+            metrics.PUSHED_ROWS.labels(self.view).inc(len(rows))
+            return

@@ -1,0 +1,344 @@
+"""The recommendation API end to end on loopback: real gRPC, Feast on the stack's Redis, the local
+model server with tiny models, impressions on the stack's Kafka, grpcurl through reflection.
+
+One feature store, one model server (v1 = stable, v2 = canary, with different biases so the
+arm that served is visible in the scores) and one API serve the whole module. The tiny model's
+answers are computed by hand (``tests.support.tiny_model.expected_top``), so the tests check
+the actual items, not just their count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import pytest
+from confluent_kafka import Consumer
+
+from features import store as feature_store
+from features.settings import FeatureStoreTuning
+from serving.api.arms import assign_arm
+from serving.api.proto import SERVICE_NAME, generated
+from serving.api.server import ApiServer
+from serving.api.settings import ApiSection, ApiSettings
+from serving.model_client import ModelServerClient
+from serving.model_server.server import ModelServer, ServerOptions
+from serving.settings import ModelServerSection
+from streamrec.events import Impression, decode_event
+from streamrec.kafka_admin import ensure_topics
+from streamrec.settings import PathSettings, StackSettings, TopicSettings
+from tests.support.tiny_model import expected_scores, expected_top, write_tiny_model
+
+pb = generated()
+MODEL_ITEMS = [str(i) for i in range(1, 61)]
+BIAS = {1: 0.0, 2: 5.0}  # v1 serves stable, v2 canary
+SALT = "test-salt"
+CANARY_SHARE = 0.5
+FRESH_USER, FRESH_RECENT = "1", ["1", "2", "3"]
+STALE_USER, STALE_RECENT = "2", ["4", "5"]
+TRENDING_TOP = ["50", "40", "30"]
+
+
+@dataclass
+class ModelStack:
+    server: ModelServer
+    base_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+def start_model_server(base_path: Path, versions: dict[int, float]) -> ModelStack:
+    """Tiny model versions under ``base_path``; the first is stable, the last canary."""
+    for version, bias in versions.items():
+        write_tiny_model(base_path, version, item_ids=MODEL_ITEMS, bias=bias)
+    server = ModelServer(
+        ServerOptions(
+            host="127.0.0.1",
+            port=0,
+            model_name="streamrec",
+            model_base_path=base_path,
+            file_system_poll_wait_seconds=0.5,
+        )
+    ).start()
+    with ModelServerClient(f"127.0.0.1:{server.port}", server_base_path=str(base_path)) as admin:
+        ordered = sorted(versions)
+        admin.publish_stable(ordered[0])
+        if len(ordered) > 1:
+            admin.publish_canary(ordered[-1])
+    return ModelStack(server, base_path)
+
+
+def make_settings(
+    stack_settings: StackSettings, state_dir: Path, project: str, model_target: str, **api: object
+) -> ApiSettings:
+    host, port = model_target.rsplit(":", 1)
+    return ApiSettings(
+        kafka=stack_settings.kafka,
+        redis=stack_settings.redis,
+        paths=PathSettings(state_dir=state_dir),
+        topics=TopicSettings(
+            **{
+                name: f"{project}.{name}"
+                for name in TopicSettings().model_dump()
+                if name in ("interactions", "impressions", "clicks", "labeled", "deadletter")
+            }
+        ),
+        features=FeatureStoreTuning(project=project, max_feature_age_s=24 * 3600.0),
+        model_server=ModelServerSection(host=host, port=int(port), request_timeout_ms=200),
+        api=ApiSection(port=0, metrics_port=0, experiment_salt=SALT, canary_share=CANARY_SHARE, **api),  # type: ignore[arg-type]
+    )
+
+
+def set_up_features(settings: ApiSettings) -> None:
+    """Profiles materialized; one fresh and one stale activity row; trending stats for a few items."""
+    feature_store.write_profiles(settings)
+    store = feature_store.open_store(settings)
+    feature_store.apply(store)
+    feature_store.materialize_profiles(store)
+    now = pd.Timestamp.now(tz="UTC")
+    stale = now - timedelta(days=3)
+    feature_store.push_user_activity(
+        store,
+        pd.DataFrame(
+            {
+                "user_id": [FRESH_USER, STALE_USER],
+                "recent_items": [FRESH_RECENT, STALE_RECENT],
+                "count_1h": [3, 2],
+                "count_24h": [5, 2],
+                "last_event_ts": [int(now.timestamp()), int(stale.timestamp())],
+                "event_timestamp": [now, stale],
+            }
+        ),
+    )
+    feature_store.push_item_stats(
+        store,
+        pd.DataFrame(
+            {
+                "item_id": [*TRENDING_TOP, "20"],
+                "count_1h": [9, 8, 7, 100],
+                "count_24h": [9, 8, 7, 100],
+                "trending_score": [9.0, 8.0, 7.0, 100.0],  # "20" is stale: it must not trend
+                "event_timestamp": [now, now, now, stale],
+            }
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def project() -> str:
+    return f"api{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(tmp_path_factory.mktemp("api-state"))
+
+
+@pytest.fixture(scope="module")
+def models(state_dir: Path) -> Iterator[ModelStack]:
+    stack = start_model_server(state_dir / "models" / "streamrec", BIAS)
+    yield stack
+    stack.server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def settings(
+    local_stack: object, stack_settings: StackSettings, state_dir: Path, project: str, models: ModelStack
+) -> ApiSettings:
+    built = make_settings(stack_settings, state_dir, project, models.target)
+    ensure_topics(built)
+    set_up_features(built)
+    return built
+
+
+@pytest.fixture(scope="module")
+def api(settings: ApiSettings) -> Iterator[ApiServer]:
+    server = ApiServer(settings)
+    server.start()
+    yield server
+    server.stop(1)
+
+
+@pytest.fixture(scope="module")
+def stub(api: ApiServer) -> Iterator[object]:
+    with grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+        yield pb.grpc.RecommenderStub(channel)
+
+
+def recommend(stub: object, user_id: str, k: int = 5, exclude_seen: bool = False, timeout: float = 2.0) -> object:
+    request = pb.pb2.RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen)
+    return stub.Recommend(request, timeout=timeout)  # type: ignore[attr-defined]
+
+
+def version_of(arm: str) -> int:
+    return 2 if arm == "canary" else 1
+
+
+def test_recommend_returns_k_items_with_model_version_and_arm(stub: object) -> None:
+    response = recommend(stub, FRESH_USER, k=5)
+    arm = assign_arm(SALT, FRESH_USER, CANARY_SHARE)
+    version = version_of(arm)
+    expected = expected_top(MODEL_ITEMS, FRESH_RECENT, bias=BIAS[version], k=5)
+    scores = expected_scores(MODEL_ITEMS, FRESH_RECENT, bias=BIAS[version])
+    assert [item.item_id for item in response.items] == expected
+    assert [item.position for item in response.items] == [0, 1, 2, 3, 4]
+    assert [item.score for item in response.items] == pytest.approx([scores[item] for item in expected], abs=1e-4)
+    assert (response.arm, response.model_version) == (arm, version)
+    assert (response.fallback, response.degraded, response.fallback_reason) == (False, False, "")
+    assert len(response.request_id) == 32
+    assert recommend(stub, FRESH_USER).request_id != response.request_id
+
+
+def test_arms_split_by_the_salted_hash_and_each_arm_is_served_by_its_label(stub: object) -> None:
+    users = [f"ab-{i}" for i in range(40)]
+    served = {user: recommend(stub, user, k=1) for user in users}
+    for user, response in served.items():
+        assert response.arm == assign_arm(SALT, user, CANARY_SHARE)
+        assert response.model_version == version_of(response.arm)
+    assert {response.arm for response in served.values()} == {"stable", "canary"}
+
+
+def test_exclude_seen_removes_the_users_recent_items(stub: object) -> None:
+    version = version_of(assign_arm(SALT, FRESH_USER, CANARY_SHARE))
+    without = [item.item_id for item in recommend(stub, FRESH_USER, k=10).items]
+    assert set(FRESH_RECENT) & set(without)  # the tiny model ranks them high, so the test can fail
+    with_exclusion = [item.item_id for item in recommend(stub, FRESH_USER, k=10, exclude_seen=True).items]
+    assert not set(FRESH_RECENT) & set(with_exclusion)
+    assert with_exclusion == expected_top(MODEL_ITEMS, FRESH_RECENT, exclude=FRESH_RECENT, bias=BIAS[version], k=10)
+
+
+def test_stale_stream_features_count_as_missing(stub: object) -> None:
+    response = recommend(stub, STALE_USER, k=10, exclude_seen=True)
+    version = version_of(response.arm)
+    # the 3-day-old activity row is ignored: no profile-less fallback (the profile is there),
+    # nothing excluded, and the scores are those of a user with no recent items
+    assert (response.fallback, response.fallback_reason) == (False, "")
+    assert [item.item_id for item in response.items] == expected_top(MODEL_ITEMS, [], bias=BIAS[version], k=10)
+
+
+def test_an_unknown_user_gets_the_profile_less_model_answer_marked_cold_start(stub: object) -> None:
+    response = recommend(stub, "never-seen-user", k=3)
+    assert (response.fallback, response.fallback_reason, response.degraded) == (True, "cold_start", False)
+    version = version_of(response.arm)
+    assert response.model_version == version
+    assert [item.item_id for item in response.items] == expected_top(MODEL_ITEMS, [], bias=BIAS[version], k=3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"user_id": "", "k": 3}, "user_id is empty"),
+        ({"user_id": "1", "k": -2}, "k must be positive"),
+        ({"user_id": "1", "k": 51}, "k must be at most 50"),
+        ({"user_id": "1", "k": 3, "context": {"junk": "x" * 20_000}}, "above the limit of 16384"),
+    ],
+)
+def test_invalid_requests_get_invalid_argument_with_a_message(
+    stub: object, api: ApiServer, fields: dict[str, object], message: str
+) -> None:
+    before = api.metrics.registry.get_sample_value("streamrec_api_errors_total", {"code": "INVALID_ARGUMENT"}) or 0
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Recommend(pb.pb2.RecommendRequest(**fields), timeout=2)  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    after = api.metrics.registry.get_sample_value("streamrec_api_errors_total", {"code": "INVALID_ARGUMENT"})
+    assert after == before + 1
+
+
+def test_impressions_land_in_the_topic_and_decode_as_impression(stub: object, settings: ApiSettings) -> None:
+    sent = {recommend(stub, user, k=4).request_id: user for user in (FRESH_USER, "imp-a", "imp-b")}
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"api-test-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([settings.topics.impressions])
+    found: dict[str, Impression] = {}
+    deadline = time.monotonic() + 30
+    try:
+        while set(sent) - set(found) and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                continue
+            impression = decode_event(message.value(), Impression)
+            assert message.key() == impression.user_id.encode()
+            found[impression.request_id] = impression
+    finally:
+        consumer.close()
+    assert set(sent) <= set(found), "not every impression arrived within 30 s"
+    first = found[next(iter(sent))]
+    assert first.user_id == FRESH_USER
+    assert [item.position for item in first.items] == [0, 1, 2, 3]
+    assert first.model_version == version_of(first.arm)
+    assert first.features["recent_items"] == FRESH_RECENT and first.features["gender"] in ("M", "F")
+    assert (first.fallback, first.degraded) == (False, False)
+    assert first.serve_latency_ms is not None and 0 < first.serve_latency_ms < 2000
+
+
+def test_metrics_count_latency_by_arm_fallbacks_and_the_version_served(stub: object, api: ApiServer) -> None:
+    registry = api.metrics.registry
+    before = sum(
+        registry.get_sample_value("streamrec_api_request_seconds_count", {"arm": arm}) or 0
+        for arm in ("stable", "canary")
+    )
+    cold_before = registry.get_sample_value("streamrec_api_fallbacks_total", {"reason": "cold_start"}) or 0
+    response = recommend(stub, "metrics-new-user", k=2)
+    after = sum(
+        registry.get_sample_value("streamrec_api_request_seconds_count", {"arm": arm}) or 0
+        for arm in ("stable", "canary")
+    )
+    assert after == before + 1
+    assert registry.get_sample_value("streamrec_api_fallbacks_total", {"reason": "cold_start"}) == cold_before + 1
+    assert registry.get_sample_value("streamrec_api_model_version", {"arm": response.arm}) == response.model_version
+
+
+def test_trending_ignores_stale_stats_and_ranks_fresh_ones_first(api: ApiServer) -> None:
+    snapshot = api._trending.snapshot if api._trending is not None else None  # noqa: SLF001 - white-box check
+    assert snapshot is not None
+    assert list(snapshot.item_ids[:3]) == TRENDING_TOP
+    assert snapshot.item_ids.index("20") > 3  # its 100.0 score is three days old
+
+
+def grpcurl_binary() -> str:
+    found = shutil.which("grpcurl") or (
+        str(Path.home() / "go/bin/grpcurl") if (Path.home() / "go/bin/grpcurl").is_file() else None
+    )
+    if found is None:
+        pytest.skip(
+            "grpcurl not found; install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest`"
+        )
+    return found
+
+
+def test_grpcurl_lists_the_services_and_calls_recommend_with_json(api: ApiServer) -> None:
+    grpcurl = grpcurl_binary()
+    address = f"127.0.0.1:{api.port}"
+
+    def run(*args: str) -> str:
+        result = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    services = run(address, "list").split()
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
+    assert "rpc Recommend ( .streamrec.v1.RecommendRequest ) returns ( .streamrec.v1.RecommendResponse )" in run(
+        address, "describe", SERVICE_NAME
+    )
+    answer = json.loads(run("-d", json.dumps({"user_id": FRESH_USER, "k": 3}), address, f"{SERVICE_NAME}/Recommend"))
+    assert len(answer["items"]) == 3
+    assert answer["arm"] == assign_arm(SALT, FRESH_USER, CANARY_SHARE)
+    assert int(answer["model_version"]) == version_of(answer["arm"])  # int64 is a JSON string
+    assert json.loads(run(address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}

@@ -1,0 +1,153 @@
+"""The feature store on a real Redis: set-up, online reads through the services, pushes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from feast import FeatureStore
+
+from features import store as feature_store
+from features.settings import FeaturesSettings, FeatureStoreTuning
+from streamrec import contracts
+from streamrec.data.movielens import load_items, load_users
+from streamrec.settings import PathSettings, StackSettings
+
+SAMPLE_USERS = ["1", "2", "405", "943"]
+SAMPLE_ITEMS = ["1", "50", "267", "1682"]
+
+
+@pytest.fixture(scope="module")
+def settings(
+    local_stack: object, stack_settings: StackSettings, tmp_path_factory: pytest.TempPathFactory
+) -> FeaturesSettings:
+    # A project of its own: Feast's Redis keys are prefixed with it, so other tests on this
+    # Redis never see these rows.
+    return FeaturesSettings(
+        redis=stack_settings.redis,
+        paths=PathSettings(state_dir=Path(tmp_path_factory.mktemp("features_store"))),
+        features=FeatureStoreTuning(project=f"t{uuid.uuid4().hex[:10]}"),
+    )
+
+
+@pytest.fixture(scope="module")
+def store(settings: FeaturesSettings) -> Iterator[FeatureStore]:
+    opened = feature_store.open_store(settings)
+    assert feature_store.write_profiles(settings) == {"user_profile": 943, "item_profile": 1682}
+    feature_store.apply(opened)
+    feature_store.materialize_profiles(opened)
+    yield opened
+
+
+def user_activity(user_id: str, when: str, count_1h: int, recent: list[str]) -> pd.DataFrame:
+    stamp = pd.Timestamp(when, tz="UTC")
+    return pd.DataFrame(
+        {
+            "user_id": [user_id],
+            "recent_items": [recent],
+            "count_1h": [count_1h],
+            "count_24h": [count_1h + 10],
+            "last_event_ts": [int(stamp.timestamp())],
+            "event_timestamp": [stamp],
+        }
+    )
+
+
+def online_user(store: FeatureStore, user_id: str) -> dict[str, object]:
+    row = feature_store.read_online(store, contracts.USER_FEATURE_SERVICE, [user_id]).iloc[0]
+    return {str(key): value for key, value in row.items()}
+
+
+def test_the_user_service_serves_the_ml100k_profile(store: FeatureStore) -> None:
+    users = load_users().set_index("user_id")
+    frame = feature_store.read_online(store, contracts.USER_FEATURE_SERVICE, SAMPLE_USERS)
+    assert list(frame["user_id"]) == SAMPLE_USERS
+    for _, row in frame.iterrows():
+        profile = users.loc[row["user_id"]]
+        assert row["age_bucket"] == contracts.age_bucket(int(profile["age"]))
+        assert (row["gender"], row["occupation"]) == (profile["gender"], profile["occupation"])
+        assert row["zip_prefix"] == profile["zip_code"][:3]
+    assert set(frame.columns) == {"user_id", *contracts.USER_PROFILE_FEATURES, *contracts.USER_ACTIVITY_FEATURES}
+
+
+def test_the_item_service_serves_genres_and_release_year(store: FeatureStore) -> None:
+    items = load_items().set_index("item_id")
+    frame = feature_store.read_online(store, contracts.ITEM_FEATURE_SERVICE, SAMPLE_ITEMS)
+    for _, row in frame.iterrows():
+        item = items.loc[row["item_id"]]
+        assert list(row["genres"]) == list(item["genres"])
+        expected_year = -1 if pd.isna(item["release_year"]) else int(item["release_year"])
+        assert row["release_year"] == expected_year
+    assert (frame["release_year"] == -1).sum() >= 1  # item 267 has no release date in ml-100k
+
+
+def test_unknown_entities_come_back_empty(store: FeatureStore) -> None:
+    row = online_user(store, "no-such-user")
+    assert all(row[name] is None for name in (*contracts.USER_PROFILE_FEATURES, *contracts.USER_ACTIVITY_FEATURES))
+
+
+def test_pushed_user_activity_is_read_back_beside_the_profile(store: FeatureStore) -> None:
+    feature_store.push_user_activity(store, user_activity("2", "1998-03-01T10:00:00", 4, ["9", "8"]), offline=False)
+    row = online_user(store, "2")
+    assert (row["recent_items"], row["count_1h"], row["count_24h"]) == (["9", "8"], 4, 14)
+    assert row["last_event_ts"] == int(pd.Timestamp("1998-03-01T10:00:00", tz="UTC").timestamp())
+    assert row["occupation"] == "other"  # the push did not touch the profile view's fields
+
+
+def test_pushed_item_stats_are_read_back(store: FeatureStore) -> None:
+    stats = pd.DataFrame(
+        {
+            "item_id": ["50", "1"],
+            "count_1h": [6, 1],
+            "count_24h": [48, 1],
+            "trending_score": [contracts.trending_score(6, 48), contracts.trending_score(1, 1)],
+            "event_timestamp": pd.to_datetime(["1998-03-01T10:00:00", "1998-03-01T09:00:00"], utc=True),
+        }
+    )
+    assert feature_store.push_item_stats(store, stats, offline=False) == 2
+    frame = feature_store.read_online(store, contracts.ITEM_FEATURE_SERVICE, ["50", "1"]).set_index("item_id")
+    assert frame.loc["50", "count_24h"] == 48
+    assert frame.loc["50", "trending_score"] == pytest.approx(2.0)
+    assert frame.loc["1", "count_1h"] == 1
+
+
+def test_last_write_wins_by_event_time_so_replays_are_harmless(store: FeatureStore) -> None:
+    feature_store.push_user_activity(store, user_activity("3", "1998-03-02T12:00:00", 7, ["new"]), offline=False)
+    # An older state arriving later (a replay, or a slow partition) must not overwrite it ...
+    feature_store.push_user_activity(store, user_activity("3", "1998-03-02T11:00:00", 1, ["old"]), offline=False)
+    assert (online_user(store, "3")["count_1h"], online_user(store, "3")["recent_items"]) == (7, ["new"])
+    # ... and neither does a row with the same event time (Feast skips equal timestamps).
+    feature_store.push_user_activity(store, user_activity("3", "1998-03-02T12:00:00", 99, ["same"]), offline=False)
+    assert online_user(store, "3")["count_1h"] == 7
+    # Within one batch, too, the newest row of a key wins whatever its position.
+    batch = pd.concat(
+        [user_activity("3", "1998-03-02T14:00:00", 9, ["newest"]), user_activity("3", "1998-03-02T13:00:00", 8, ["x"])]
+    )
+    feature_store.push_user_activity(store, batch, offline=False)
+    assert online_user(store, "3")["count_1h"] == 9
+    # A newer row lands; the timestamps Feast keeps are the event times, not the write times.
+    feature_store.push_user_activity(
+        store, user_activity("3", "1998-03-02T14:00:00.000001", 10, ["tie-broken"]), offline=False
+    )
+    frame = feature_store.read_online(store, contracts.USER_FEATURE_SERVICE, ["3"], include_event_timestamps=True)
+    assert frame.loc[0, "count_1h"] == 10
+    assert frame.loc[0, "count_1h__ts"] == int(pd.Timestamp("1998-03-02T14:00:00", tz="UTC").timestamp())
+
+
+def test_setup_is_idempotent(store: FeatureStore, settings: FeaturesSettings) -> None:
+    feature_store.write_profiles(settings)
+    feature_store.apply(store)
+    feature_store.materialize_profiles(store)
+    assert online_user(store, "1")["occupation"] == "technician"
+    names = sorted(view.name for view in store.list_feature_views())
+    assert names == sorted(
+        [
+            contracts.USER_PROFILE_VIEW,
+            contracts.ITEM_PROFILE_VIEW,
+            contracts.USER_ACTIVITY_VIEW,
+            contracts.ITEM_STATS_VIEW,
+        ]
+    )

@@ -1,0 +1,82 @@
+"""The joiner as a real Faust worker on the real broker: labeled examples and dead letters."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from streamrec.consume import consume_decoded
+from streamrec.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
+from streamrec.settings import CommonSettings
+from tests.support.processes import faust_worker, settings_env
+
+
+def test_the_joiner_labels_impressions_and_dead_letters_unjoinable_clicks(
+    fresh_settings: CommonSettings, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    impressions = [
+        Impression(
+            event_id=f"r{n}",
+            event_time=now,
+            user_id=f"u{n}",
+            request_id=f"r{n}",
+            arm="stable",
+            model_version=1,
+            items=[ImpressionItem(item_id=f"i{j}", score=1.0, position=j) for j in range(3)],
+        )
+        for n in range(4)
+    ]
+    clicks = [
+        Click(event_id="c1", event_time=now + timedelta(seconds=1), user_id="u0", request_id="r0", item_id="i1"),
+        Click(event_id="c2", event_time=now + timedelta(seconds=1), user_id="u0", request_id="r0", item_id="i1"),
+        Click(event_id="c3", event_time=now + timedelta(seconds=30), user_id="u1", request_id="r1", item_id="i0"),
+        Click(event_id="c4", event_time=now, user_id="u2", request_id="nothing-shown", item_id="i0"),
+    ]
+    producer = Producer(fresh_settings.kafka.client_config())
+    for impression in impressions:
+        producer.produce(fresh_settings.topics.impressions, key=impression.key(), value=impression.to_bytes())
+    for click in clicks:
+        producer.produce(fresh_settings.topics.clicks, key=click.key(), value=click.to_bytes())
+    producer.produce(fresh_settings.topics.clicks, key=b"u3", value=b"not json")
+    producer.flush(10)
+
+    env = settings_env(
+        fresh_settings,
+        STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
+        STREAMREC_JOINER__LABEL_WINDOW_S="3",
+        STREAMREC_JOINER__GRACE_S="1",
+        STREAMREC_JOINER__STATE_DIR=str(tmp_path / "joiner"),
+    )
+    with faust_worker("streams.joiner_app", env, tmp_path / "joiner.log"):
+        labeled = [
+            r.event
+            for r in consume_decoded(
+                fresh_settings,
+                fresh_settings.topics.labeled,
+                LabeledExample,
+                group_id=f"t-{uuid.uuid4().hex}",
+                max_records=12,
+                idle_timeout_s=60,
+            )
+        ]
+        dead = [
+            r.event
+            for r in consume_decoded(
+                fresh_settings,
+                fresh_settings.topics.deadletter,
+                DeadLetter,
+                group_id=f"t-{uuid.uuid4().hex}",
+                max_records=3,
+                idle_timeout_s=30,
+            )
+        ]
+    log = (tmp_path / "joiner.log").read_text()
+    assert len(labeled) == 12, log[-3000:]
+    clicked = {(e.request_id, e.item_id) for e in labeled if e is not None and e.clicked}
+    assert clicked == {("r0", "i1")}  # the duplicate counted once, the late click not at all
+    reasons = sorted(d.reason for d in dead if d is not None)
+    assert reasons == ["click_late", "click_no_impression", "undecodable"], reasons

@@ -1,0 +1,1 @@
+"""Helpers shared by tests of several components (tiny models, fixtures that are not pytest's)."""

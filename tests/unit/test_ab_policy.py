@@ -1,0 +1,101 @@
+"""The A/B decision rule on simulated Bernoulli streams with known outcomes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from serving.ab.policy import Experiment, PolicyConfig
+from serving.ab.sequential import ArmCounts, msprt
+
+LOOK_EVERY = 50
+
+
+def run_experiment(
+    p_stable: float, p_canary: float, rng: np.random.Generator, config: PolicyConfig, max_trials: int = 20_000
+) -> tuple[str, int]:
+    """Stream requests to both arms until a decision; return (action, canary trials)."""
+    experiment = Experiment(1, 2, config)
+    for _ in range(0, max_trials, LOOK_EVERY):
+        for hit in rng.random(LOOK_EVERY) < p_stable:
+            experiment.record("stable", hit=bool(hit))
+        for hit in rng.random(LOOK_EVERY) < p_canary:
+            experiment.record("canary", hit=bool(hit))
+        decision = experiment.decide()
+        if decision.action != "continue":
+            return decision.action, experiment.canary.trials
+    return "continue", experiment.canary.trials
+
+
+def test_msprt_matches_the_closed_form() -> None:
+    stable, canary = ArmCounts(1000, 50), ArmCounts(1000, 80)
+    result = msprt(stable, canary, alpha=0.05, tau=0.05)
+    variance = 0.05 * 0.95 / 1000 + 0.08 * 0.92 / 1000
+    expected = math.sqrt(variance / (variance + 0.0025)) * math.exp(
+        0.03**2 * 0.0025 / (2 * variance * (variance + 0.0025))
+    )
+    assert result.likelihood_ratio == pytest.approx(expected)
+    assert result.p_value == pytest.approx(min(1.0, 1 / expected))
+    assert result.difference == pytest.approx(0.03)
+
+
+def test_p_value_is_a_running_minimum() -> None:
+    first = msprt(ArmCounts(500, 25), ArmCounts(500, 45), alpha=0.05, tau=0.05)
+    later = msprt(ArmCounts(1000, 50), ArmCounts(1000, 51), alpha=0.05, tau=0.05, previous_p=first.p_value)
+    assert later.p_value == first.p_value < 1.0
+
+
+def test_a_true_lift_is_promoted() -> None:
+    rng = np.random.default_rng(7)
+    outcomes = [run_experiment(0.05, 0.09, rng, PolicyConfig())[0] for _ in range(40)]
+    assert outcomes.count("promote") >= 36, outcomes
+    assert "rollback" not in outcomes
+
+
+def test_no_difference_keeps_false_promotions_at_or_below_alpha() -> None:
+    config = PolicyConfig(alpha=0.05)
+    rng = np.random.default_rng(11)
+    runs = 300
+    promotions = sum(run_experiment(0.05, 0.05, rng, config, max_trials=10_000)[0] == "promote" for _ in range(runs))
+    assert promotions / runs <= config.alpha, promotions
+
+
+def test_a_collapsed_canary_is_rolled_back_within_a_bounded_number_of_requests() -> None:
+    rng = np.random.default_rng(3)
+    config = PolicyConfig()
+    for _ in range(20):
+        action, trials = run_experiment(0.06, 0.0, rng, config)
+        assert action == "rollback"
+        assert trials <= config.collapse_min_trials
+
+
+def test_a_worse_canary_is_rolled_back() -> None:
+    rng = np.random.default_rng(5)
+    outcomes = [run_experiment(0.10, 0.06, rng, PolicyConfig())[0] for _ in range(20)]
+    assert outcomes.count("rollback") >= 18, outcomes
+
+
+def test_guardrails_roll_back_on_degraded_share_and_latency() -> None:
+    config = PolicyConfig()
+    degraded = Experiment(1, 2, config)
+    for index in range(config.degraded_min_trials):
+        degraded.record("canary", hit=False, degraded=index % 2 == 0)
+    decision = degraded.decide()
+    assert decision.action == "rollback" and "degraded" in decision.reason
+
+    slow = Experiment(1, 2, config)
+    for _ in range(config.latency_min_trials):
+        slow.record("stable", hit=False, latency_ms=5.0)
+        slow.record("canary", hit=False, latency_ms=80.0)
+    decision = slow.decide()
+    assert decision.action == "rollback" and "latency" in decision.reason
+
+
+def test_no_decision_before_the_minimum_sample() -> None:
+    experiment = Experiment(1, 2, PolicyConfig(min_trials=200))
+    for _ in range(199):
+        experiment.record("stable", hit=False)
+        experiment.record("canary", hit=True)
+    assert experiment.decide().action == "continue"

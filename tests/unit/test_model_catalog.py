@@ -1,0 +1,76 @@
+"""The catalog and the point-in-time example frame the model trains on."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog, examples_from_interactions
+from online_trainer.metrics import ranking_metrics, top_k_masked
+from streamrec.errors import DatasetError
+
+
+def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "event_id": [f"e{n}" for n in range(len(rows))],
+            "user_id": [user for user, _, _ in rows],
+            "item_id": [item for _, item, _ in rows],
+            "event_time": pd.to_datetime([seconds for _, _, seconds in rows], unit="s", utc=True),
+        }
+    )
+
+
+def test_examples_see_only_earlier_events_with_contract_windows() -> None:
+    events = _events([("u", "i1", 0), ("u", "i2", 1800), ("v", "i9", 1900), ("u", "i1", 7200), ("u", "i3", 90000)])
+    users = pd.DataFrame(
+        {"user_id": ["u"], "age": [30], "gender": ["F"], "occupation": ["writer"], "zip_code": ["02139"]}
+    )
+    frame = examples_from_interactions(events, users)
+    assert list(frame.columns) == list(EXAMPLE_COLUMNS)
+    u = frame[frame["user_id"] == "u"].reset_index(drop=True)
+    assert u["item_id"].tolist() == ["i1", "i2", "i1", "i3"]
+    # recent items: distinct, newest first, from events before this one only
+    assert u["recent_items"].tolist() == [[], ["i1"], ["i2", "i1"], ["i1", "i2"]]
+    # counts as of the previous event t_prev, window (t_prev - W, t_prev]
+    assert u["count_1h"].tolist() == [0, 1, 2, 1]
+    assert u["count_24h"].tolist() == [0, 1, 2, 3]
+    assert u.loc[0, ["age_bucket", "gender", "occupation", "zip_prefix"]].tolist() == ["25-34", "F", "writer", "021"]
+    v = frame[frame["user_id"] == "v"].iloc[0]
+    assert (v["age_bucket"], v["recent_items"], v["count_24h"]) == ("", [], 0)
+
+
+def test_recent_items_are_capped() -> None:
+    events = _events([("u", f"i{n}", n) for n in range(30)])
+    last = examples_from_interactions(events, None).iloc[-1]
+    assert last["recent_items"] == [f"i{n}" for n in range(28, 8, -1)]
+
+
+def test_catalog_grows_and_rejects_bad_input() -> None:
+    catalog = ItemCatalog(("1", "2"), (("Drama",), ()), (1999, -1))
+    grown = catalog.with_new_items(["2", "3"], [["Comedy"], "Action Drama"], [2000, 2001])
+    assert grown.item_ids == ("1", "2", "3") and grown.genres[2] == ("Action", "Drama")
+    assert catalog.with_new_items(["1"], [[]], [1]) is catalog
+    assert ItemCatalog.from_json(grown.to_json()) == grown
+    with pytest.raises(DatasetError, match="appears twice"):
+        ItemCatalog(("1", "1"), ((), ()), (1, 1))
+    frame = pd.DataFrame({"item_id": ["7"], "genres": [["Horror"]], "release_year": [pd.NA]})
+    assert ItemCatalog.from_frame(frame).release_year == (-1,)
+
+
+def test_ranking_metrics_match_recbole_definitions() -> None:
+    result = ranking_metrics([["a", "b", "c"], ["a", "b", "c"], ["z", "y", "x"]], [{"b", "d"}, {"x"}, set()], k=3)
+    # user 1: recall 1/2, NDCG (1/log2 3) / (1 + 1/log2 3); user 2: nothing found; user 3 has no test items
+    ndcg_1 = (1 / 1.5849625007) / (1 + 1 / 1.5849625007)
+    assert result.users == 2
+    assert result.recall == pytest.approx(0.25)
+    assert result.ndcg == pytest.approx(ndcg_1 / 2)
+    assert result.hit == pytest.approx(0.5)
+
+
+def test_top_k_masked_skips_seen_items() -> None:
+    import numpy as np
+
+    scores = np.array([[0.9, 0.8, 0.1, 0.5]])
+    mask = np.array([[True, False, False, False]])
+    assert top_k_masked(scores, mask, 2).tolist() == [[1, 3]]

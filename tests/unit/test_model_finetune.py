@@ -1,0 +1,49 @@
+"""Fine-tuning a copy leaves the serving model untouched and continues the optimizer's run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from online_trainer.catalog import ItemCatalog
+from online_trainer.model import ModelConfig, build_model, clone_for_finetune, optimizer_state, recommend, train
+
+
+def test_clone_trains_without_touching_the_original() -> None:
+    catalog = ItemCatalog(tuple(f"i{n}" for n in range(20)), tuple(("Drama",) for _ in range(20)), (1990,) * 20)
+    config = dataclasses.replace(
+        ModelConfig(), embedding_dim=4, item_id_buckets=256, user_id_buckets=64, profile_buckets=16, batch_size=8
+    )
+    model = build_model(catalog, config)
+    rng = np.random.default_rng(3)
+    examples = pd.DataFrame(
+        {
+            "user_id": [f"u{n}" for n in rng.integers(0, 5, 64)],
+            "age_bucket": "",
+            "gender": "",
+            "occupation": "",
+            "zip_prefix": "",
+            "recent_items": [[f"i{n}"] for n in rng.integers(0, 20, 64)],
+            "count_1h": np.int64(1),
+            "count_24h": np.int64(2),
+            "item_id": [f"i{n}" for n in rng.integers(0, 20, 64)],
+        }
+    )
+    stats = train(model, examples, epochs=1, progress=False)
+    assert np.isfinite(stats["loss"]) and stats["examples_per_s"] > 0
+    before_ids, before_scores = recommend(model, examples.head(4), k=5)
+
+    clone = clone_for_finetune(model)
+    assert clone.config.learning_rate == config.finetune_learning_rate
+    assert clone.config.batch_size == config.finetune_batch_size
+    for ours, theirs in zip(optimizer_state(clone), optimizer_state(model), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_allclose(recommend(clone, examples.head(4), k=5)[1], before_scores, rtol=1e-6)
+
+    train(clone, examples, epochs=3, progress=False)
+    after_ids, after_scores = recommend(model, examples.head(4), k=5)
+    assert (after_ids == before_ids).all()
+    np.testing.assert_array_equal(after_scores, before_scores)
+    assert not np.allclose(recommend(clone, examples.head(4), k=5)[1], before_scores)

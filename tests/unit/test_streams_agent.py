@@ -1,0 +1,306 @@
+"""The worker's agents in Faust's in-memory harness (``agent.test_context()``).
+
+Kafka and Feast are replaced at the transport boundary only: the dead-letter/repartition outputs
+and the feature sink record what they are given. Tables, batching and acking are Faust's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import json
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamrec.events import DeadLetter
+from streamrec.settings import PathSettings
+from streams.app import Worker, create_app
+from streams.pipeline import FeatureRow, View
+from streams.settings import StreamsSettings, StreamsTuning
+from streams.windows import EntityState
+
+T0 = 880_000_000  # 1997-11-20, MovieLens time
+
+
+class RecordingSink:
+    def __init__(self, failures: int = 0) -> None:
+        self.pushes: list[tuple[View, list[FeatureRow]]] = []
+        self.failures = failures
+
+    def warm_up(self) -> None:
+        pass
+
+    def push(self, view: View, rows: Sequence[FeatureRow]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("redis is down")
+        self.pushes.append((view, list(rows)))
+
+    def latest(self, view: View) -> dict[str, dict[str, object]]:
+        return {row.entity_id: row.features for pushed_view, rows in self.pushes if pushed_view == view for row in rows}
+
+
+class RecordingOutputs:
+    def __init__(self, fail_forward_for: str | None = None) -> None:
+        self.dead_letters: list[DeadLetter] = []
+        self.forwarded: list[tuple[str, bytes, float]] = []
+        self.fail_forward_for = fail_forward_for
+
+    async def dead_letter(self, letter: DeadLetter, key: bytes | None) -> None:
+        self.dead_letters.append(letter)
+
+    async def forward_to_items(self, item_id: str, value: bytes, timestamp_s: float) -> None:
+        if item_id == self.fail_forward_for:
+            raise RuntimeError("repartition topic unavailable")
+        self.forwarded.append((item_id, value, timestamp_s))
+
+
+def event(event_id: str, user: str, item: str, seconds: float) -> bytes:
+    return json.dumps({"event_id": event_id, "user_id": user, "item_id": item, "event_time": seconds}).encode()
+
+
+Put = Callable[..., Awaitable[Any]]
+
+
+def run_agent(
+    tmp_path: Path,
+    sink: RecordingSink,
+    outputs: RecordingOutputs,
+    agent_name: str,
+    body: Callable[[Put], Awaitable[None]],
+    *,
+    prepare: Callable[[Worker], None] | None = None,
+    **tuning: Any,
+) -> dict[int, Any]:
+    """Build a worker inside a fresh event loop (Faust binds to the running loop), feed one agent."""
+    settings = StreamsSettings(
+        paths=PathSettings(state_dir=tmp_path),
+        streams=StreamsTuning(
+            app_id=f"unit-{uuid.uuid4().hex[:8]}", push_max_wait_s=0.01, push_batch_size=100, **tuning
+        ),
+    )
+
+    async def main() -> dict[int, Any]:
+        worker = create_app(settings, sink=sink)
+        worker.pipeline.outputs = outputs
+        for table in (worker.pipeline.users, worker.pipeline.items):
+            table.send_changelog = _no_producer  # type: ignore[attr-defined]  # replaced below if recorded
+        if prepare is not None:
+            prepare(worker)
+        try:
+            async with getattr(worker, agent_name).test_context() as harness:
+                _deliver_like_a_consumer(harness)
+                await body(harness.put)
+                await worker.pipeline.drain()  # pushes run beside the agent; wait for them
+                return dict(harness.results)
+        finally:
+            _close_unstarted_consumer_loop(worker)
+
+    results = asyncio.run(main())
+    gc.collect()  # surface any leaked loop or socket here, in this test, not in a later one
+    return results
+
+
+async def _no_producer(partition: int, key: str, state: EntityState) -> object:
+    """The harness never starts Faust's Kafka producer; changelog records go nowhere here (the
+    integration tests restore state from the real changelog after a SIGKILL)."""
+    return None
+
+
+def _deliver_like_a_consumer(harness: Any) -> None:
+    """Faust's conductor adds one reference per subscribed stream to each message it delivers
+    (``message.incref``), which the stream's ack releases; the harness does not, so add it."""
+    to_message = harness.to_message
+
+    def with_delivery_reference(*args: Any, **kwargs: Any) -> Any:
+        message = to_message(*args, **kwargs)
+        message.incref()
+        return message
+
+    harness.to_message = with_delivery_reference
+
+
+def _close_unstarted_consumer_loop(worker: Worker) -> None:
+    """The harness creates Faust's Kafka consumer (never started: no broker) and with it a
+    thread's event loop, which only a started thread closes; close it so nothing leaks."""
+    thread = getattr(worker.app.consumer, "_thread", None)
+    loop = getattr(thread, "thread_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running() and not loop.is_closed():
+        loop.close()
+
+
+@pytest.fixture
+def sink() -> RecordingSink:
+    return RecordingSink()
+
+
+@pytest.fixture
+def outputs() -> RecordingOutputs:
+    return RecordingOutputs()
+
+
+def test_a_batch_updates_user_state_pushes_once_and_forwards_by_item(
+    tmp_path: Path, sink: RecordingSink, outputs: RecordingOutputs
+) -> None:
+    changelog: list[tuple[int, str]] = []
+
+    def record_changelog(worker: Worker) -> None:
+        async def recording(partition: int, key: str, state: EntityState) -> object:
+            changelog.append((partition, key))
+            return None
+
+        worker.pipeline.users.send_changelog = recording  # type: ignore[attr-defined]
+
+    async def body(put: Put) -> None:
+        await put(event("e1", "u1", "i1", T0), key=b"u1", partition=1, timestamp=1000.0, wait=False)
+        await put(event("e2", "u1", "i2", T0 + 600), key=b"u1", partition=1, timestamp=1001.0, wait=False)
+        await put(event("e3", "u2", "i1", T0 + 7200), key=b"u2", partition=3, timestamp=1002.0)
+
+    results = run_agent(tmp_path, sink, outputs, "ingest", body, prepare=record_changelog)
+    assert [report.records for report in results.values()] == [3]  # one batch
+    assert len(sink.pushes) == 1  # one push for the batch, not one per event
+    assert sink.latest("user_activity") == {
+        "u1": {"recent_items": ["i2", "i1"], "count_1h": 2, "count_24h": 2, "last_event_ts": T0 + 600},
+        "u2": {"recent_items": ["i1"], "count_1h": 1, "count_24h": 1, "last_event_ts": T0 + 7200},
+    }
+    assert sorted(changelog) == [(1, "u1"), (3, "u2")]  # one record per entity, on its own partition
+    assert [(item, ts) for item, _, ts in outputs.forwarded] == [("i1", 1000.0), ("i2", 1001.0), ("i1", 1002.0)]
+    assert outputs.forwarded[0][1] == event("e1", "u1", "i1", T0)  # the original bytes
+    assert not outputs.dead_letters
+
+
+def test_poison_records_are_dead_lettered_with_their_reason_and_position(
+    tmp_path: Path, sink: RecordingSink, outputs: RecordingOutputs
+) -> None:
+    future = (datetime.now(UTC) + timedelta(days=2)).timestamp()
+
+    async def body(put: Put) -> None:
+        await put(event("ok-1", "u1", "i1", T0), key=b"u1", partition=0, wait=False)
+        await put(b"\xff\xfenot json", key=b"u1", partition=0, wait=False)
+        await put(json.dumps({"event_id": "bad", "user_id": "u1"}).encode(), key=b"u1", partition=0, wait=False)
+        await put(event("from-the-future", "u1", "i9", future), key=b"u1", partition=0, wait=False)
+        await put(event("ok-2", "u1", "i2", T0 + 1), key=b"u1", partition=0)
+
+    run_agent(tmp_path, sink, outputs, "ingest", body)
+    reasons = [(letter.reason, letter.source_partition, letter.source_offset) for letter in outputs.dead_letters]
+    assert reasons == [("undecodable", 0, 1), ("schema", 0, 2), ("event_time", 0, 3)]
+    assert base64.b64decode(outputs.dead_letters[0].original_value_b64) == b"\xff\xfenot json"
+    assert outputs.dead_letters[0].original_key_b64 == base64.b64encode(b"u1").decode()
+    assert sink.latest("user_activity")["u1"]["recent_items"] == ["i2", "i1"]
+    assert sink.latest("user_activity")["u1"]["count_24h"] == 2
+
+
+def test_an_exception_while_processing_dead_letters_the_event_and_the_rest_goes_on(
+    tmp_path: Path, sink: RecordingSink
+) -> None:
+    outputs = RecordingOutputs(fail_forward_for="broken-item")
+
+    async def body(put: Put) -> None:
+        await put(event("e1", "u1", "broken-item", T0), key=b"u1", partition=2, wait=False)
+        await put(event("e2", "u1", "i2", T0 + 1), key=b"u1", partition=2)
+
+    run_agent(tmp_path, sink, outputs, "ingest", body)
+    assert [(letter.reason, letter.source_offset) for letter in outputs.dead_letters] == [("RuntimeError", 0)]
+    assert "repartition topic unavailable" in outputs.dead_letters[0].error
+    # the failed event did not reach the state
+    assert sink.latest("user_activity")["u1"] == {
+        "recent_items": ["i2"],
+        "count_1h": 1,
+        "count_24h": 1,
+        "last_event_ts": T0 + 1,
+    }
+
+
+def test_redelivered_events_change_nothing_but_are_pushed_again(
+    tmp_path: Path, sink: RecordingSink, outputs: RecordingOutputs
+) -> None:
+
+    async def body(put: Put) -> None:
+        await put(event("e1", "u1", "i1", T0), key=b"u1", partition=0, wait=False)
+        await put(event("e2", "u1", "i2", T0 + 5), key=b"u1", partition=0)
+        # a redelivery of both (as after a crash before the commit), in the next batch
+        await put(event("e1", "u1", "i1", T0), key=b"u1", partition=0, wait=False)
+        await put(event("e2", "u1", "i2", T0 + 5), key=b"u1", partition=0)
+
+    results = run_agent(tmp_path, sink, outputs, "ingest", body)
+    assert [(report.accepted, report.duplicates) for report in results.values()] == [(2, 0), (0, 2)]
+    (_, first), (_, second) = sink.pushes
+    assert first == second  # same features, same version: Feast keeps the stored row
+
+
+def test_late_events_are_dropped_not_dead_lettered(tmp_path: Path, sink: RecordingSink) -> None:
+    outputs = RecordingOutputs()
+
+    async def body(put: Put) -> None:
+        await put(event("now", "u1", "i1", T0 + 10 * 3600), key=b"u1", partition=0, wait=False)
+        await put(event("30m-late", "u1", "i2", T0 + 10 * 3600 - 1800), key=b"u1", partition=0, wait=False)
+        await put(event("5h-late", "u1", "i3", T0 + 5 * 3600), key=b"u1", partition=0)
+
+    results = run_agent(tmp_path, sink, outputs, "ingest", body, allowed_lateness_s=3600)
+    assert [(report.accepted, report.late, report.dead_lettered) for report in results.values()] == [(2, 1, 0)]
+    assert sink.latest("user_activity")["u1"]["recent_items"] == ["i1", "i2"]
+    assert not outputs.dead_letters
+
+
+def test_a_failing_push_is_retried_before_the_batch_is_acked(tmp_path: Path, outputs: RecordingOutputs) -> None:
+    sink = RecordingSink(failures=2)
+
+    async def body(put: Put) -> None:
+        await put(event("e1", "u1", "i1", T0), key=b"u1", partition=0)
+
+    run_agent(tmp_path, sink, outputs, "ingest", body)
+    assert sink.failures == 0
+    assert len(sink.pushes) == 1
+
+
+def test_item_agent_counts_per_item_with_the_trending_score(
+    tmp_path: Path, sink: RecordingSink, outputs: RecordingOutputs
+) -> None:
+
+    async def body(put: Put) -> None:
+        # item i1: three users within the last hour, one 5 h earlier; i2: one event
+        for index, (user, offset) in enumerate([("u1", 0), ("u2", 4 * 3600), ("u3", 5 * 3600 - 60), ("u4", 5 * 3600)]):
+            await put(event(f"e{index}", user, "i1", T0 + offset), key=b"i1", partition=1, wait=False)
+        await put(event("e9", "u1", "i2", T0), key=b"i2", partition=2, wait=False)
+        await put(event("e0", "u1", "i1", T0), key=b"i1", partition=1)  # a duplicate from the repartition
+
+    run_agent(tmp_path, sink, outputs, "item_stats", body)
+    assert sink.latest("item_stats") == {
+        "i1": {"count_1h": 2, "count_24h": 4, "trending_score": 2 / (1 + 4 / 24)},
+        "i2": {"count_1h": 1, "count_24h": 1, "trending_score": 1 / (1 + 1 / 24)},
+    }
+    assert not outputs.forwarded  # the item side does not forward again
+
+
+def test_an_event_is_acked_only_after_the_push_carrying_it_returned(tmp_path: Path, outputs: RecordingOutputs) -> None:
+    release = threading.Event()
+
+    class BlockingSink(RecordingSink):
+        def push(self, view: View, rows: Sequence[FeatureRow]) -> None:
+            release.wait(timeout=10)
+            super().push(view, rows)
+
+    sink = BlockingSink()
+    workers: list[Worker] = []
+    observed: dict[str, bool] = {}
+
+    async def body(put: Put) -> None:
+        event_in = await put(event("e1", "u1", "i1", T0), key=b"u1", partition=0)
+        await asyncio.sleep(0.1)  # the batch is done and its push is running
+        observed["before_push_returned"] = event_in.message.acked
+        release.set()
+        await workers[0].pipeline.drain()
+        observed["after_push_returned"] = event_in.message.acked
+
+    run_agent(tmp_path, sink, outputs, "ingest", body, prepare=workers.append)
+    # take_events released its reference when the batch body returned; the pusher's hold kept
+    # the message unacked (its offset uncommittable) until the push returned.
+    assert observed == {"before_push_returned": False, "after_push_returned": True}
+    assert len(sink.pushes) == 1

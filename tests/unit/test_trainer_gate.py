@@ -1,0 +1,285 @@
+"""The validation gate and the publish path, on a tiny model (no services).
+
+A candidate that fails any check is rejected *and never published*: no version directory appears
+under the model base path, its staging directory is gone, and no trainer checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from online_trainer import checkpoint, export
+from online_trainer import publish as publish_module
+from online_trainer.buffer import ReplayBuffer
+from online_trainer.catalog import ItemCatalog, examples_from_interactions
+from online_trainer.checkpoint import Checkpoint
+from online_trainer.dataset import split_holdout
+from online_trainer.gate import check_export, run_gate, signature_problems
+from online_trainer.history import UserHistories
+from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, train
+from online_trainer.publish import VersionWriter, label_canary, publish_candidate
+from online_trainer.settings import TrainerSettings, TrainerTuning
+from streamrec.settings import PathSettings
+from tests.support.tiny_model import write_tiny_model
+
+GENRES = ["Action", "Comedy", "Drama", "Horror"]
+TINY = ModelConfig(
+    embedding_dim=8,
+    item_id_buckets=512,
+    user_id_buckets=256,
+    profile_buckets=16,
+    profile_dim=4,
+    genre_buckets=16,
+    content_dim=4,
+    batch_size=64,
+    epochs=5,
+    learning_rate=0.02,
+)
+
+
+def tiny_catalog() -> ItemCatalog:
+    return ItemCatalog.from_frame(
+        pd.DataFrame(
+            {
+                "item_id": [str(i) for i in range(40)],
+                "genres": [[GENRES[i % 4]] for i in range(40)],
+                "release_year": [1990 + i % 10 for i in range(40)],
+            }
+        )
+    )
+
+
+def tiny_interactions(n: int = 900, seed: int = 0) -> pd.DataFrame:
+    """30 users, each only touching items of "their" genre (user u likes genre u % 4)."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 30, size=n)
+    items = (rng.integers(0, 10, size=n) * 4 + users % 4).astype(str)
+    return pd.DataFrame(
+        {
+            "event_id": [f"e{seed}-{i}" for i in range(n)],
+            "user_id": users.astype(str),
+            "item_id": items,
+            "event_time": pd.to_datetime(1_000_000 + np.arange(n) * 60, unit="s", utc=True),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[TwoTowerModel, pd.DataFrame, pd.DataFrame]:
+    examples = examples_from_interactions(tiny_interactions(), users=None)
+    fit, holdout = split_holdout(examples, 200)
+    model = build_model(tiny_catalog(), TINY)
+    train(model, fit, progress=False)
+    return model, fit, holdout
+
+
+def settings_for(tmp_path: Path, **tuning: Any) -> TrainerSettings:
+    return TrainerSettings(paths=PathSettings(state_dir=tmp_path), trainer=TrainerTuning(**tuning))
+
+
+def state_for(examples: pd.DataFrame) -> Checkpoint:
+    replay = ReplayBuffer(500)
+    replay.add(examples)
+    return Checkpoint(UserHistories(), replay, {"offsets": {}})
+
+
+def assert_nothing_published(settings: TrainerSettings) -> None:
+    assert export.list_versions(settings.model_base_path) == []
+    staged = list(settings.staging_path.iterdir()) if settings.staging_path.exists() else []
+    assert staged == []
+    assert checkpoint.load_latest(settings.trainer_state_path, 1, 10) is None
+
+
+def test_a_trained_model_passes_and_is_published_with_its_verdict(tmp_path: Path, trained: Any) -> None:
+    model, fit, holdout = trained
+    settings = settings_for(tmp_path)
+    outcome = publish_candidate(
+        VersionWriter(settings),
+        model,
+        holdout=holdout,
+        serving=None,
+        lineage={"kind": "test"},
+        trainer_state=state_for(fit),
+        publisher=None,
+        k=10,
+        margin=0.0,
+    )
+    assert outcome.gate.passed, outcome.gate.summary()
+    assert outcome.version == 1 and outcome.labelled is False
+    # 10 of 40 items share a user's genre, so a model that learned anything beats 10/40 = 0.25
+    assert outcome.gate.candidate_metric is not None and outcome.gate.candidate_metric > 0.5
+    lineage = export.read_lineage(settings.model_base_path / "1")
+    assert lineage["gate"]["passed"] is True and lineage["kind"] == "test"
+    assert checkpoint.load_latest(settings.trainer_state_path, 1, 500) is not None
+
+
+def test_nan_weights_are_rejected_and_never_published(tmp_path: Path, trained: Any) -> None:
+    model, fit, holdout = trained
+    poisoned = clone_for_finetune(model)
+    weights = poisoned.get_weights()
+    weights[0] = np.full_like(weights[0], np.nan)
+    poisoned.set_weights(weights)
+    settings = settings_for(tmp_path)
+    outcome = publish_candidate(
+        VersionWriter(settings),
+        poisoned,
+        holdout=holdout,
+        serving=model,
+        lineage={},
+        trainer_state=state_for(fit),
+        publisher=None,
+        k=10,
+        margin=0.02,
+    )
+    assert outcome.gate.reasons == ["nonfinite_weights"] and outcome.version is None
+    assert_nothing_published(settings)
+
+
+def test_a_worse_candidate_is_rejected_for_metric_regression(trained: Any) -> None:
+    model, _, holdout = trained
+    untrained = build_model(tiny_catalog(), TINY)
+    result = run_gate(untrained, holdout, serving=model, export_dir=None, k=10, margin=0.05)
+    assert result.reasons == ["metric_regression"]
+    assert result.serving_metric is not None and result.candidate_metric is not None
+    assert result.candidate_metric < result.serving_metric - 0.05
+    # ... and the same model against itself passes with no margin at all
+    assert run_gate(model, holdout, serving=model, export_dir=None, k=10, margin=0.0).passed
+
+
+def _write_changed_signature(model: Any, base_path: Path, version: int, **_: Any) -> Path:
+    """An 'export' whose recommend lost an input and returns float64 scores."""
+    import tensorflow as tf
+
+    class Changed(tf.Module):  # type: ignore[misc]
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
+        def recommend(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
+            batch = tf.shape(user_id)[0]
+            return {"item_ids": tf.fill([batch, 100], "1"), "scores": tf.zeros([batch, 100], tf.float64)}
+
+    module = Changed()
+    target = Path(base_path) / str(version)
+    tf.saved_model.save(module, str(target), signatures={"recommend": module.recommend})
+    return target
+
+
+def test_a_changed_signature_is_rejected_and_never_published(
+    tmp_path: Path, trained: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, fit, holdout = trained
+    monkeypatch.setattr(publish_module.export, "export_version", _write_changed_signature)
+    settings = settings_for(tmp_path)
+    outcome = publish_candidate(
+        VersionWriter(settings),
+        model,
+        holdout=holdout,
+        serving=None,
+        lineage={},
+        trainer_state=state_for(fit),
+        publisher=None,
+        k=10,
+        margin=0.0,
+    )
+    assert outcome.gate.reasons == ["signature_mismatch"] and outcome.version is None
+    detail = " ".join(outcome.gate.details)
+    assert "'score' is missing" in detail and "count_24h" in detail and "float64" in detail
+    assert_nothing_published(settings)
+
+
+def test_contract_table_matches_the_serving_tiny_model_and_nan_outputs_are_caught(tmp_path: Path, trained: Any) -> None:
+    import tensorflow as tf
+
+    _, _, holdout = trained
+    item_ids = [str(i) for i in range(40)]
+    good = write_tiny_model(tmp_path, 1, item_ids=item_ids)
+    assert signature_problems(tf.saved_model.load(str(good))) == []
+    nan = write_tiny_model(tmp_path, 2, item_ids=item_ids, nan=True)
+    result = run_gate_on_export(nan, holdout)
+    assert result.reasons == ["export_outputs"]
+
+
+def run_gate_on_export(path: Path, holdout: pd.DataFrame) -> Any:
+    from online_trainer.gate import GateResult
+
+    result = GateResult()
+    check_export(result, path, holdout, catalog_size=40)
+    return result
+
+
+def test_crash_between_writing_and_renaming_leaves_no_visible_version(tmp_path: Path, trained: Any) -> None:
+    model, fit, holdout = trained
+    settings = settings_for(tmp_path)
+
+    def crash(step: str) -> None:
+        if step == "checkpointed":
+            raise KeyboardInterrupt("simulated crash after the checkpoint, before the rename")
+
+    writer = VersionWriter(settings)
+    with pytest.raises(KeyboardInterrupt):
+        publish_candidate(
+            writer,
+            model,
+            holdout=holdout,
+            serving=None,
+            lineage={},
+            trainer_state=state_for(fit),
+            publisher=None,
+            k=10,
+            margin=0.0,
+            fault=crash,
+        )
+    assert export.list_versions(settings.model_base_path) == []  # nothing visible to the server
+    assert (settings.staging_path / "1" / "saved_model.pb").exists()  # the complete but hidden export
+    assert checkpoint.load_latest(settings.trainer_state_path, 1, 10) is not None  # an orphan
+    removed = VersionWriter(settings).recover()
+    assert settings.staging_path in removed
+    assert checkpoint.load_latest(settings.trainer_state_path, 1, 10) is None
+    assert VersionWriter(settings).next_version() == 1  # the retry gets the same version number
+
+
+class RecordingPublisher:
+    """A stand-in at the gRPC boundary: records label moves, or fails like an unreachable server."""
+
+    def __init__(self, labels: dict[str, int] | None = None, *, reachable: bool = True) -> None:
+        self.published: list[int] = []
+        self._labels = labels or {}
+        self.reachable = reachable
+
+    def publish_canary(self, version: int) -> None:
+        from serving.model_client import ModelServerRpcError
+
+        if not self.reachable:
+            import grpc
+
+            raise ModelServerRpcError("HandleReloadConfigRequest", grpc.StatusCode.UNAVAILABLE, "connection refused")
+        self.published.append(version)
+        self._labels["canary"] = version
+        self._labels.setdefault("stable", version)
+
+    def labels(self) -> dict[str, int]:
+        return dict(self._labels)
+
+
+def test_retention_never_removes_a_labelled_version(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, retention=2)
+    writer = VersionWriter(settings)
+    for version in range(1, 6):  # prune only reads version directory names
+        (settings.model_base_path / str(version)).mkdir(parents=True)
+    writer.mark_labelled(5)
+    assert writer.prune(RecordingPublisher({"stable": 1, "canary": 5})) == [2, 3]
+    assert export.list_versions(settings.model_base_path) == [1, 4, 5]
+
+
+def test_an_unreachable_model_server_leaves_the_version_unlabelled(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    writer = VersionWriter(settings)
+    publisher = RecordingPublisher()
+    assert label_canary(writer, publisher, 1) is True
+    assert writer.labelled_version() == 1 and publisher.labels() == {"canary": 1, "stable": 1}
+    publisher.reachable = False
+    assert label_canary(writer, publisher, 2) is False
+    assert writer.labelled_version() == 1  # the trainer's next start labels the newest version

@@ -1,0 +1,159 @@
+"""How the online loop turns events into examples (no Kafka: ``OnlineTrainer.ingest`` directly),
+and the small pure pieces around it: hold-out split, ``--until`` parsing, settings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from online_trainer.catalog import EXAMPLE_COLUMNS
+from online_trainer.cli import parse_until
+from online_trainer.dataset import interactions_until, split_holdout
+from online_trainer.loop import OnlineTrainer
+from online_trainer.settings import TrainerSettings, TrainerTuning
+from serving.settings import ServingSettings
+from streamrec.errors import SettingsError
+from streamrec.events import Interaction, LabeledExample
+from streamrec.settings import PathSettings
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class ProfilesFromDict:
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def user_profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        self.asked.append(list(user_ids))
+        return {
+            u: {"age_bucket": "25-34", "gender": "F", "occupation": "writer", "zip_prefix": "021"} for u in user_ids
+        }
+
+    def item_content(self, item_ids: Sequence[str]) -> dict[str, tuple[list[str], int]]:
+        return {item: (["Drama"], 1999) for item in item_ids}
+
+
+def trainer(tmp_path: Path, **tuning: object) -> OnlineTrainer:
+    settings = TrainerSettings(paths=PathSettings(state_dir=tmp_path), trainer=TrainerTuning(**tuning))  # type: ignore[arg-type]
+    return OnlineTrainer(settings, lookup=ProfilesFromDict())
+
+
+def click(event_id: str, item: str, minutes: int, user: str = "u1") -> Interaction:
+    return Interaction(event_id=event_id, event_time=T0 + timedelta(minutes=minutes), user_id=user, item_id=item)
+
+
+def test_each_interaction_becomes_an_example_with_the_state_before_it(tmp_path: Path) -> None:
+    loop = trainer(tmp_path)
+    loop.bootstrap_until = pd.Timestamp(T0)
+    outcomes = [
+        loop.ingest(click("old", "0", 0)),  # at --until: the bootstrap model learned it
+        loop.ingest(click("a", "1", 1)),
+        loop.ingest(click("b", "2", 2)),
+        loop.ingest(click("b", "2", 2)),  # redelivered
+        loop.ingest(click("c", "1", 90)),
+    ]
+    assert outcomes == ["already_trained", "example", "example", "duplicate", "example"]
+    examples = loop._examples(loop.pending)
+    assert list(examples.columns) == list(EXAMPLE_COLUMNS)
+    assert examples["recent_items"].tolist() == [[], ["1"], ["2", "1"]]
+    # counts as of the user's previous event (what Feast holds then): at c, that is b, with a and b
+    # inside (b - 1 h, b], although b is 88 minutes before c
+    assert examples["count_1h"].tolist() == [0, 1, 2]
+    assert examples["count_24h"].tolist() == [0, 1, 2]
+    assert examples["item_id"].tolist() == ["1", "2", "1"]
+    assert set(examples["occupation"]) == {"writer"} and examples["count_1h"].dtype == "int64"
+
+
+def test_labeled_examples_learn_from_clicks_with_the_logged_features(tmp_path: Path) -> None:
+    loop = trainer(tmp_path, source="labeled")
+    assert loop.topic == loop.settings.topics.labeled
+    logged = {
+        "age_bucket": "18-24",
+        "gender": "M",
+        "occupation": "student",
+        "zip_prefix": "945",
+        "recent_items": ["7", "8"],
+        "count_1h": 2,
+        "count_24h": 5,
+    }
+
+    def labeled(event_id: str, clicked: bool, features: dict[str, object]) -> LabeledExample:
+        return LabeledExample(
+            event_id=event_id,
+            event_time=T0,
+            user_id="u2",
+            request_id="r1",
+            item_id="9",
+            position=0,
+            arm="canary",
+            model_version=3,
+            score=1.5,
+            clicked=clicked,
+            impression_time=T0 - timedelta(seconds=5),
+            click_time=T0 if clicked else None,
+            features=features,
+        )
+
+    assert loop.ingest(labeled("n", False, logged)) == "not_clicked"
+    assert loop.ingest(labeled("y", True, logged)) == "example"
+    assert loop.ingest(labeled("z", True, {})) == "example"  # nothing logged: the trainer's own state
+    examples = loop._examples(loop.pending)
+    assert examples["recent_items"].tolist() == [["7", "8"], ["9"]]
+    assert examples["occupation"].tolist() == ["student", "writer"]
+    assert examples["count_24h"].tolist() == [5, 1]
+
+
+def test_the_newest_examples_are_held_out() -> None:
+    frame = pd.DataFrame({"event_time": pd.to_datetime([5, 1, 4, 2, 3, 9, 8, 7, 6, 10], unit="s", utc=True)})
+    fit, holdout = split_holdout(frame, holdout_size=100)
+    assert len(holdout) == 2 and holdout["event_time"].min() > fit["event_time"].max()
+    assert len(split_holdout(frame, holdout_size=1)[1]) == 1
+    assert split_holdout(frame.head(4), holdout_size=100)[1].empty  # too few rows to spare any
+
+
+def test_until_parsing_and_cut() -> None:
+    assert parse_until("1997-09-20T03:05:10") == pd.Timestamp("1997-09-20T03:05:10Z")
+    assert parse_until("874724710") == pd.Timestamp(874724710, unit="s", tz="UTC")
+    assert parse_until("2026-01-01T13:00:00+01:00") == pd.Timestamp("2026-01-01T12:00:00Z")
+    with pytest.raises(SettingsError, match="--until"):
+        parse_until("yesterday-ish")
+    frame = pd.DataFrame({"event_time": pd.to_datetime([1, 2, 3], unit="s", utc=True)})
+    assert len(interactions_until(frame, datetime(1970, 1, 1, 0, 0, 2, tzinfo=UTC))) == 2
+
+
+def test_settings_share_the_model_server_section_with_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_TRAINER__INTERVAL_S", "15")
+    monkeypatch.setenv("STREAMREC_MODEL_SERVER__PORT", "8600")
+    monkeypatch.setenv("STREAMREC_PATHS__STATE_DIR", str(tmp_path))
+    from streamrec.settings import load
+
+    settings = load(TrainerSettings)
+    assert settings.trainer.interval_s == 15 and settings.model_server.port == 8600
+    assert settings.model_base_path == load(ServingSettings).model_base_path == tmp_path / "models" / "streamrec"
+    assert settings.staging_path.parent == settings.model_base_path.parent  # same file system: atomic rename
+    assert not settings.staging_path.name.isdigit()
+    monkeypatch.setenv("STREAMREC_TRAINER__GATE_MARGN", "0.1")
+    with pytest.raises(SettingsError, match="GATE_MARGIN"):
+        load(TrainerSettings)
+
+
+def test_tensorboard_summaries_are_written_per_step(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from online_trainer.trainer_metrics import SummaryWriter
+
+    writer = SummaryWriter(tmp_path / "tb")
+    writer.scalars(1, {"loss": 2.5, "gate/passed": 1, "publish_s": None})
+    writer.scalars(2, {"loss": 1.5})
+    writer.close()
+    seen: dict[tuple[int, str], float] = {}
+    for path in (tmp_path / "tb").iterdir():
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                seen[(event.step, value.tag)] = float(tf.make_ndarray(value.tensor))
+    assert seen == {(1, "loss"): 2.5, (1, "gate/passed"): 1.0, (2, "loss"): 1.5}
