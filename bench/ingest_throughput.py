@@ -208,9 +208,10 @@ def floor_run(settings: StreamsSettings, count: int) -> float:
                 started = started or time.monotonic()
                 with client.pipeline(transaction=False) as pipe:
                     for message in batch:
-                        if message.error() is not None:
+                        value = message.value()
+                        if message.error() is not None or value is None:
                             continue
-                        event = json.loads(message.value())
+                        event = json.loads(value)
                         pipe.hset(
                             f"floor:user:{event['user_id']}",
                             mapping={"item_id": event["item_id"], "event_time": event["event_time"]},

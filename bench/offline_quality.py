@@ -92,7 +92,8 @@ class Evaluator:
         return ranking_metrics(self.item_ids[top], self.relevant, K)
 
     def model_scores(self, model: TwoTowerModel) -> np.ndarray:
-        return user_vectors(model, self.users) @ catalog_vectors(model).T
+        scores: np.ndarray = user_vectors(model, self.users) @ catalog_vectors(model).T
+        return scores
 
 
 def main() -> None:

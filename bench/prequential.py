@@ -11,7 +11,9 @@ Protocol:
 3. Then the online model learns the chunk the way the online trainer does when every candidate
    passes its gate: the current weights *and Adam state* (``clone_for_finetune`` once, then the
    same run continued) are fine-tuned at ``finetune_learning_rate`` / ``finetune_batch_size`` on the
-   chunk plus a uniform replay sample of older events (``--replay-ratio`` x chunk size).
+   last ``--recent-chunks`` chunks (so each event is learned in that many successive updates, the way
+   several epochs would, without overfitting one update to it) plus a uniform replay sample of older
+   events (``--replay-ratio`` x chunk size).
    The frozen model never changes.
 
 Chunked updates stand in for per-event learning (the trainer fine-tunes on an interval's events);
@@ -65,6 +67,9 @@ def main() -> None:
     parser.add_argument("--test-per-chunk", type=int, default=50)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-learning-rate", type=float, default=ModelConfig.finetune_learning_rate)
+    parser.add_argument(
+        "--recent-chunks", type=int, default=1, help="each update learns the last N chunks (N = 1: the new one only)"
+    )
     parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed older events per new event")
     parser.add_argument("--max-chunks", type=int, default=0, help="stop after this many chunks (0: all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,9 +104,11 @@ def main() -> None:
             online_hits.append(hits(online, tested, exclude))
 
             update_started = time.perf_counter()
-            replay_size = min(start, int(args.replay_ratio * len(chunk)))
-            replay = examples.iloc[rng.choice(start, size=replay_size, replace=False)]
-            train(online, pd.concat([chunk, replay]), epochs=args.finetune_epochs, progress=False)
+            recent_start = max(split, start - (args.recent_chunks - 1) * args.chunk_size)
+            recent = examples.iloc[recent_start : start + args.chunk_size]
+            replay_size = min(recent_start, int(args.replay_ratio * len(chunk)))
+            replay = examples.iloc[rng.choice(recent_start, size=replay_size, replace=False)]
+            train(online, pd.concat([recent, replay]), epochs=args.finetune_epochs, progress=False)
             update_seconds.append(time.perf_counter() - update_started)
             chunks.set_postfix(
                 frozen=f"{np.concatenate(frozen_hits).mean():.4f}", online=f"{np.concatenate(online_hits).mean():.4f}"
@@ -137,7 +144,8 @@ def main() -> None:
             f"{args.bootstrap_epochs} epochs), then {len(starts)} chunks of {args.chunk_size} events: "
             f"{args.test_per_chunk} sampled events per chunk tested before learning ({tested_events} in all; "
             f"top 10 over {len(catalog)} items, earlier items of the user excluded), then the online model "
-            f"fine-tunes {args.finetune_epochs} epoch(s) on the chunk + {args.replay_ratio:g}x replay."
+            f"fine-tunes {args.finetune_epochs} epoch(s) on the last {args.recent_chunks} chunk(s) + "
+            f"{args.replay_ratio:g}x chunk-size uniform replay of older events."
         ),
     )
 

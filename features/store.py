@@ -77,19 +77,9 @@ def data_dir_of(store: FeatureStore) -> Path:
 
 def profile_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     """ml-100k users and items as the rows of ``user_profile`` and ``item_profile``."""
-    from streamrec.data.movielens import load_items, load_users
+    from streamrec.data.movielens import load_items, load_users, user_profile_rows
 
-    users = load_users()
-    user_rows = pd.DataFrame(
-        {
-            contracts.USER_JOIN_KEY: users["user_id"].astype(str),
-            "age_bucket": users["age"].map(contracts.age_bucket),
-            "gender": users["gender"].astype(str),
-            "occupation": users["occupation"].astype(str),
-            "zip_prefix": users["zip_code"].astype(str).str[:3],
-            views.EVENT_TIMESTAMP: PROFILE_TIMESTAMP,
-        }
-    )
+    user_rows = user_profile_rows(load_users()).assign(**{views.EVENT_TIMESTAMP: PROFILE_TIMESTAMP})
     items = load_items()
     item_rows = pd.DataFrame(
         {

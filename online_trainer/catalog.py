@@ -31,7 +31,6 @@ UNKNOWN_YEAR = -1
 USER_PROFILE_COLUMNS = contracts.USER_PROFILE_FEATURES
 USER_INPUT_COLUMNS = (*contracts.USER_STRING_INPUTS, "recent_items", *contracts.USER_COUNT_INPUTS)
 EXAMPLE_COLUMNS = (*USER_INPUT_COLUMNS, "item_id", "event_time")
-ZIP_PREFIX_LEN = 3
 
 
 @dataclass(frozen=True)
@@ -129,15 +128,9 @@ def _as_str_tuple(value: Any) -> tuple[str, ...]:
 
 def user_profiles_from_movielens(users: pd.DataFrame) -> pd.DataFrame:
     """ml-100k user rows (age, gender, occupation, zip_code) -> the ``user_profile`` feature columns."""
-    return pd.DataFrame(
-        {
-            "user_id": users["user_id"].astype(str),
-            "age_bucket": users["age"].map(lambda age: contracts.age_bucket(int(age))),
-            "gender": users["gender"].astype(str),
-            "occupation": users["occupation"].astype(str),
-            "zip_prefix": users["zip_code"].astype(str).str[:ZIP_PREFIX_LEN],
-        }
-    )
+    from streamrec.data.movielens import user_profile_rows
+
+    return user_profile_rows(users)
 
 
 def examples_from_interactions(interactions: pd.DataFrame, users: pd.DataFrame | None) -> pd.DataFrame:

@@ -2,7 +2,9 @@
 
 ``streamrec train --until T`` learns from every interaction up to ``T``. Each interaction becomes
 one example whose user inputs come from the ``recommender_user_v1`` feature service via
-``get_historical_features``: the user's profile, and the ``user_activity`` row the Faust worker
+``features.history.historical_features`` (Feast's point-in-time semantics over the registry's views;
+it stands in for ``FeatureStore.get_historical_features``, whose file store drops rows and crashes
+on the push log, see that module): the user's profile, and the ``user_activity`` row the Faust worker
 pushed for the state *before* the interaction. Feast's join takes rows with
 ``feature_ts <= entity_ts``, so the entity timestamp decides what is visible:
 
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from features.history import historical_features
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog, examples_from_interactions
 from streamrec import contracts
 from streamrec.errors import DatasetError
@@ -84,38 +87,6 @@ def _as_str_list(value: Any) -> list[str]:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return []
     return [str(item) for item in value if item is not None and str(item)]
-
-
-def historical_features(store: FeatureStore, entity_df: pd.DataFrame, service_name: str) -> pd.DataFrame:
-    """``entity_df`` (with a unique ``__row`` column) left-joined with every feature of a service.
-
-    Each feature view of the service is joined separately and merged back by ``__row``, because
-    Feast 0.67's file (dask) offline store drops an entity row outright when the view has rows for
-    that key but none at or before the row's timestamp (``_filter_ttl`` only keeps keys with no
-    rows at all); a row must come back with nulls ("no activity yet"), and must not take the
-    profile columns of the other view with it. Feast also collapses entity rows that share key and
-    timestamp (feast-dev/feast#6787), so callers pass distinct (key, timestamp) pairs. And when no
-    key of ``entity_df`` has any row in a view, dask fails to sort the all-null timestamps
-    (``NotImplementedError: Divisions calculation failed``): that view's columns are then null.
-    """
-    service = store.get_feature_service(service_name)
-    result = entity_df
-    for projection in service.feature_view_projections:
-        refs = [f"{(projection.name_alias or projection.name)}:{feature.name}" for feature in projection.features]
-        columns = [feature.name for feature in projection.features]
-        try:
-            joined = store.get_historical_features(entity_df=entity_df, features=refs).to_df()
-        except NotImplementedError as exc:
-            if "Divisions calculation failed" not in str(exc):
-                raise
-            joined = pd.DataFrame({_ROW: pd.Series(dtype="int64"), **{c: pd.Series(dtype=object) for c in columns}})
-        if joined[_ROW].duplicated().any() or len(joined) > len(entity_df):
-            raise DatasetError(
-                f"get_historical_features returned {len(joined)} rows for {len(entity_df)} entity rows "
-                f"({(projection.name_alias or projection.name)}); expected at most one each"
-            )
-        result = result.merge(joined[[_ROW, *columns]], on=_ROW, how="left", validate="one_to_one")
-    return result
 
 
 def historical_user_features(store: FeatureStore, interactions: pd.DataFrame) -> pd.DataFrame:

@@ -68,7 +68,7 @@ class ModelConfig:
     use_item_content: bool = True
     init_stddev: float = 0.05
     learning_rate: float = 0.005
-    finetune_learning_rate: float = 0.002
+    finetune_learning_rate: float = 0.005  # with Adam state carried over: the bootstrap run, continued
     batch_size: int = 1_024
     finetune_batch_size: int = 256  # an interval holds few examples: smaller batches, more steps
     temperature: float = 0.05

@@ -48,8 +48,8 @@ class SimulationReport:
             f"{arm}: {self.ctr(arm):.3f} CTR over {count:,} requests"
             for arm, count in sorted(self.requests_by_arm.items())
         )
-        errors = sum(self.errors.values())
-        return f"{self.requests:,} requests, {errors} failed; {arms}"
+        errors = ", ".join(f"{code} x{count}" for code, count in self.errors.items()) or "none"
+        return f"{self.requests:,} requests, failed: {errors}; {arms}"
 
 
 def held_out(frame: pd.DataFrame, start_fraction: float) -> pd.DataFrame:

@@ -11,23 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from streamrec.settings import CommonSettings
+from streams.process import settings_environment
 
 
 def settings_env(settings: CommonSettings, **extra: str) -> dict[str, str]:
-    """The environment that makes a child process build the same shared sections."""
+    """This environment without STREAMREC_*, plus the variables that rebuild ``settings`` in a child."""
     env = {key: value for key, value in os.environ.items() if not key.upper().startswith("STREAMREC_")}
-    env.update(
-        {
-            "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "STREAMREC_REDIS__HOST": settings.redis.host,
-            "STREAMREC_REDIS__PORT": str(settings.redis.port),
-            "STREAMREC_PATHS__STATE_DIR": str(settings.paths.state_dir),
-            "STREAMREC_PATHS__CACHE_DIR": str(settings.paths.cache_dir),
-            "STREAMREC_TOPICS__PARTITIONS": str(settings.topics.partitions),
-        }
-    )
-    for name in ("interactions", "impressions", "clicks", "labeled", "deadletter"):
-        env[f"STREAMREC_TOPICS__{name.upper()}"] = getattr(settings.topics, name)
+    env.update(settings_environment(settings))
     env.update(extra)
     return env
 
@@ -37,7 +27,8 @@ def faust_worker(app_module: str, env: dict[str, str], log_path: Path) -> Iterat
     """``faust -A <module> worker`` until the block ends (SIGTERM, then SIGKILL after 30 s)."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", app_module, "worker", "-l", "info"],
+            # Faust's CLI starts a web server on 6066 unless told not to; workers here need none.
+            [sys.executable, "-m", "faust", "-A", app_module, "worker", "-l", "info", "--without-web"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

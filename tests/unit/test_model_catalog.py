@@ -74,3 +74,17 @@ def test_top_k_masked_skips_seen_items() -> None:
     scores = np.array([[0.9, 0.8, 0.1, 0.5]])
     mask = np.array([[True, False, False, False]])
     assert top_k_masked(scores, mask, 2).tolist() == [[1, 3]]
+
+
+def test_recbole_split_follows_recboles_rounding() -> None:
+    from bench.offline_quality import recbole_random_split, recbole_split_sizes
+
+    assert recbole_split_sizes(100) == [80, 10, 10]
+    assert recbole_split_sizes(25) == [21, 2, 2]
+    assert recbole_split_sizes(5) == [3, 1, 1]  # a ratio that rounds to 0 still gets one interaction
+    events = _events([(f"u{n % 3}", f"i{n}", n) for n in range(60)])
+    train_rows, valid_rows, test_rows = recbole_random_split(events, seed=1)
+    assert (len(train_rows), len(valid_rows), len(test_rows)) == (48, 6, 6)
+    assert set(valid_rows["user_id"]) == set(test_rows["user_id"]) == {"u0", "u1", "u2"}
+    ids = [set(frame["event_id"]) for frame in (train_rows, valid_rows, test_rows)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
