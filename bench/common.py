@@ -88,12 +88,32 @@ def render_benchmarks_md() -> None:
             f"Machine: {m['nproc']} cores, {m['mem_gib']} GiB, {m['cpu']}, Python {m.get('python', '?')}; "
             f"commit `{result['commit']}`\n"
         )
-        sections.append("| figure | value | unit | target |")
-        sections.append("|---|---|---|---|")
+        sections.append("| figure | value | unit | target | |")
+        sections.append("|---|---|---|---|---|")
         for key, value in result["metrics"].items():
-            shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+            target = result["targets"].get(key, "")
             sections.append(
-                f"| `{key}` | {shown} | {result['units'].get(key, '')} | {result['targets'].get(key, '')} |"
+                f"| `{key}` | {_shown(value)} | {result['units'].get(key, '')} | {target} | {_verdict(value, target)} |"
             )
         sections.append(f"\n{result['notes']}\n")
     BENCHMARKS_MD.write_text("\n".join(sections))
+
+
+def _shown(value: float) -> str:
+    """Four significant digits: enough to tell 0.2505 from a 0.22 target, never rounded into a pass."""
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _verdict(value: float, target: str) -> str:
+    """'met' / 'MISSED' for targets written as '>= N' or '<= N' (with optional unit and commas)."""
+    parts = target.replace(",", "").split()
+    if len(parts) < 2 or parts[0] not in {">=", "<="}:
+        return ""
+    try:
+        bound = float(parts[1])
+    except ValueError:
+        return ""
+    met = value >= bound if parts[0] == ">=" else value <= bound
+    return "met" if met else "**MISSED**"

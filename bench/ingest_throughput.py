@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from streamrec.data import movielens
+from streamrec.infra.ports import free_ports
 from streamrec.infra.stack import LocalStack
 from streamrec.kafka_admin import ensure_topics
 from streamrec.replay import replay
@@ -56,7 +57,6 @@ from streamrec.settings import (
 )
 from streams.process import WorkerProcess
 from streams.settings import StreamsSettings, StreamsTuning
-from tests.conftest import free_ports
 
 
 def looped_events(count: int) -> pd.DataFrame:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from bench.common import write_result
 from serving.model_client import ModelServerClient, ModelServerRpcError
 from streamrec import contracts
-from tests.conftest import free_ports
+from streamrec.infra.ports import free_ports
 from tests.support.tiny_model import example_inputs, write_tiny_model
 
 

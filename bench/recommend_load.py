@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 from bench.common import ROOT, write_result
 from serving.model_client import ModelServerClient
+from streamrec.infra.ports import free_ports
 from streamrec.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisSettings, StackSettings, StackTuning
-from tests.conftest import free_ports
 
 PROTO = ROOT / "serving" / "proto"
 CALL = "streamrec.v1.Recommender/Recommend"

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from streamrec.data import movielens
+from streamrec.infra.ports import free_ports
 from streamrec.infra.stack import LocalStack
 from streamrec.kafka_admin import ensure_topics
 from streamrec.replay import interactions_from_frame, producer_config, replay
 from streamrec.settings import KafkaSettings, PathSettings, RedisSettings, ReplaySettings, StackSettings, StackTuning
-from tests.conftest import free_ports
 
 RUNS = 5
 

@@ -21,8 +21,8 @@ and writes the new config back atomically after the server accepted it, so two p
 labels do not lose each other's change and a restarted server starts with the same labels.
 Without a file the client keeps the config in memory (one publisher only).
 
-Channel options, request/response conversion, the error types and ``AsyncModelServerClient``
-(``predict`` for asyncio servers) live in ``serving.model_rpc`` and are re-exported here.
+Channel options, request/response conversion and the error types live in ``serving.model_rpc``
+and are re-exported here.
 
 Only standard RPCs are used (no custom ones), so ``ModelServerClient("tf-serving:8500", ...)``
 works against the ``tensorflow/serving`` image as well.
@@ -53,7 +53,6 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_rpc import (
     STATE_NAME,
-    AsyncModelServerClient,
     ModelLoadError,
     ModelMetadata,
     ModelServerRpcError,
@@ -353,7 +352,6 @@ class ModelServerClient:
 
 
 __all__ = [
-    "AsyncModelServerClient",
     "ModelLoadError",
     "ModelMetadata",
     "ModelServerClient",

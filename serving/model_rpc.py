@@ -1,8 +1,8 @@
 """The pieces of TF Serving's gRPC API every client shares: channel options, request building,
 response parsing, and the errors and records the clients return.
 
-``serving.model_client`` (blocking, with the label moves) and ``AsyncModelServerClient`` (for
-asyncio servers) are built on these, so both speak to real TF Serving and the local server alike.
+``serving.model_client`` (blocking, with the label moves) is built on these, so it speaks to
+real TF Serving and the local server alike.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import grpc
 import numpy as np
 from google.protobuf import wrappers_pb2
-from tensorflow_serving.apis import get_model_status_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_pb2, predict_pb2
 
 from serving.model_server.tensors import to_ndarray, to_tensor_proto
-from streamrec import contracts
 from streamrec.errors import StreamrecError
 
 if TYPE_CHECKING:
@@ -97,40 +96,6 @@ def build_predict_request(
 
 def parse_predict_response(response: predict_pb2.PredictResponse) -> tuple[int, dict[str, np.ndarray]]:
     return response.model_spec.version.value, {name: to_ndarray(t) for name, t in response.outputs.items()}
-
-
-class AsyncModelServerClient:
-    """``predict`` for asyncio servers (grpc.aio); create it inside the running event loop."""
-
-    def __init__(
-        self, target: str, model_name: str = contracts.MODEL_NAME, timeout_s: float = 0.1, *, max_message_mb: int = 64
-    ) -> None:
-        self.model_name = model_name
-        self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_mb))
-        self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-
-    async def predict(
-        self,
-        inputs: Mapping[str, Any],
-        *,
-        signature: str = contracts.RECOMMEND_SIGNATURE,
-        version: int | None = None,
-        label: str | None = None,
-        timeout_s: float | None = None,
-        output_filter: list[str] | None = None,
-    ) -> tuple[int, dict[str, np.ndarray]]:
-        request = build_predict_request(
-            self.model_name, inputs, signature=signature, version=version, label=label, output_filter=output_filter
-        )
-        try:
-            response = await self._prediction.Predict(request, timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as exc:
-            raise ModelServerRpcError("Predict", exc.code(), exc.details() or "") from exc
-        return parse_predict_response(response)
-
-    async def close(self) -> None:
-        await self._channel.close()
 
 
 def status_code(value: int) -> grpc.StatusCode:

@@ -26,6 +26,7 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
+from streamrec.infra.ports import free_ports
 from streamrec.settings import PROJECT_ROOT
 
 
@@ -41,21 +42,8 @@ class DemoOptions:
     keep_running: bool = False
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def demo_environment(options: DemoOptions) -> dict[str, str]:
-    kafka, controller, redis_port, model_server, api, streams_metrics, api_metrics, trainer_metrics = _free_ports(8)
+    kafka, controller, redis_port, model_server, api, streams_metrics, api_metrics, trainer_metrics = free_ports(8)
     return {
         "STREAMREC_PATHS__STATE_DIR": str(options.state_dir),
         "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",

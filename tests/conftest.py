@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from streamrec.infra.ports import free_ports
 from streamrec.settings import (
     CommonSettings,
     KafkaSettings,
@@ -19,18 +19,6 @@ from streamrec.settings import (
     StackTuning,
     TopicSettings,
 )
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the OS says are free now (all bound at once, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @pytest.fixture(scope="session")

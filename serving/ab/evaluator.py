@@ -49,11 +49,6 @@ class LabelController(Protocol):
     def rollback(self) -> int: ...
 
 
-def policy_config(settings: EvaluatorSettings) -> PolicyConfig:
-    section = settings.evaluator
-    return PolicyConfig(**{name: getattr(section, name) for name in PolicyConfig.__dataclass_fields__})
-
-
 class AbEvaluator:
     """The evaluator's state: the current experiment, decided versions, and its logs."""
 
@@ -191,7 +186,7 @@ def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> Non
     from streamrec.events import decode_event
 
     client = ModelServerClient.from_settings(settings)
-    evaluator = AbEvaluator(client, policy_config(settings), settings.evaluator_dir)
+    evaluator = AbEvaluator(client, settings.evaluator.policy, settings.evaluator_dir)
     consumer = Consumer(consumer_config(settings, settings.evaluator.group_id, from_beginning=True))
     consumer.subscribe([settings.topics.labeled])
     started = last_labels = last_snapshot = time.monotonic()

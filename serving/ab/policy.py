@@ -24,24 +24,28 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from serving.ab.sequential import ArmCounts, TestResult, msprt
 
 Action = Literal["promote", "rollback", "continue"]
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    alpha: float = 0.05
-    tau: float = 0.05
-    min_trials: int = 200
-    collapse_ratio: float = 0.3
-    collapse_min_trials: int = 400
-    max_degraded_share: float = 0.2
-    degraded_min_trials: int = 50
-    latency_budget_ms: float = 50.0
-    latency_ratio: float = 3.0
-    latency_min_trials: int = 100
+class PolicyConfig(BaseModel):
+    """The rule's knobs; the evaluator's settings hold one (``STREAMREC_EVALUATOR__POLICY__*``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    tau: float = Field(default=0.05, gt=0)
+    min_trials: int = Field(default=200, ge=10)
+    collapse_ratio: float = Field(default=0.3, ge=0, le=1)
+    collapse_min_trials: int = Field(default=400, ge=10)
+    max_degraded_share: float = Field(default=0.2, ge=0, le=1)
+    degraded_min_trials: int = Field(default=50, ge=1)
+    latency_budget_ms: float = Field(default=50.0, gt=0)
+    latency_ratio: float = Field(default=3.0, gt=1)
+    latency_min_trials: int = Field(default=100, ge=10)
 
 
 @dataclass

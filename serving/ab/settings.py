@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.ab.policy import PolicyConfig
 from serving.settings import ServingSettings
 
 
@@ -13,17 +14,8 @@ class EvaluatorSection(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     group_id: str = "streamrec-evaluator"
-    # Policy (see serving/ab/policy.py for what each one guards).
-    alpha: float = Field(default=0.05, gt=0, lt=1)
-    tau: float = Field(default=0.05, gt=0)
-    min_trials: int = Field(default=200, ge=10)
-    collapse_ratio: float = Field(default=0.3, ge=0, le=1)
-    collapse_min_trials: int = Field(default=400, ge=10)
-    max_degraded_share: float = Field(default=0.2, ge=0, le=1)
-    degraded_min_trials: int = Field(default=50, ge=1)
-    latency_budget_ms: float = Field(default=50.0, gt=0)
-    latency_ratio: float = Field(default=3.0, gt=1)
-    latency_min_trials: int = Field(default=100, ge=10)
+    # The decision rule (serving/ab/policy.py says what each knob guards).
+    policy: PolicyConfig = PolicyConfig()
     # How often the figures are written to the timeline (wall seconds).
     snapshot_interval_s: float = Field(default=5.0, gt=0)
     # How often the current labels are re-read from the model config.
