@@ -73,7 +73,17 @@ class BrokerLayout:
         return self.root / "data"
 
 
-def _cluster_id() -> str:
+def _cluster_id(data_dir: Path) -> str:
+    """The id the storage was formatted with, or a new one for empty storage.
+
+    StorageTool's ``--ignore-formatted`` still refuses a *different* id, so a restart must reuse it.
+    """
+    meta = data_dir / "meta.properties"
+    if meta.is_file():
+        for line in meta.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "cluster.id" and value.strip():
+                return value.strip()
     # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, without padding.
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
@@ -117,7 +127,7 @@ def prepare(settings: StackSettings) -> BrokerLayout:
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            _cluster_id(),
+            _cluster_id(layout.data),
             "-c",
             str(layout.config),
             "--ignore-formatted",

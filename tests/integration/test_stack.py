@@ -36,7 +36,9 @@ def test_topics_get_partitions_and_retention_from_settings(fresh_settings: Commo
     assert ensure_topics(fresh_settings) == []  # idempotent
 
 
-def test_a_second_stack_starts_and_stops_cleanly(tmp_path_factory: object, stack_settings: StackSettings) -> None:
+def test_a_second_stack_starts_restarts_and_stops_cleanly(
+    tmp_path_factory: object, stack_settings: StackSettings
+) -> None:
     from tests.conftest import free_ports
 
     kafka_port, controller_port, redis_port = free_ports(3)
@@ -47,6 +49,8 @@ def test_a_second_stack_starts_and_stops_cleanly(tmp_path_factory: object, stack
     )
     stack = LocalStack(settings)
     stack.up()
+    stack.down()
+    stack.up()  # a restart on the same state folder keeps the formatted storage
     pids = [info["pid"] for info in stack.status() if info["pid"]]
     assert len(pids) == 2
     stack.down()
