@@ -229,15 +229,13 @@ def count_interactions(
     max_records: int | None,
     idle_timeout_s: float | None,
     from_beginning: bool,
-    position: int = 0,
-    start_offsets: dict[int, int] | None = None,
 ) -> Counter[str]:
     from streamrec.consume import consume_decoded
     from streamrec.events import Interaction
 
     counts: Counter[str] = Counter()
     topic = settings.topics.interactions
-    with tqdm(total=max_records, unit="ev", desc=f"consumed <- {topic}", position=position) as bar:
+    with tqdm(total=max_records, unit="ev", desc=f"consumed <- {topic}") as bar:
         for record in consume_decoded(
             settings,
             topic,
@@ -246,7 +244,6 @@ def count_interactions(
             from_beginning=from_beginning,
             max_records=max_records,
             idle_timeout_s=idle_timeout_s,
-            start_offsets=start_offsets,
         ):
             if record.error is None:
                 counts["valid"] += 1

@@ -52,18 +52,10 @@ def consume_decoded(
     from_beginning: bool = True,
     max_records: int | None = None,
     idle_timeout_s: float | None = None,
-    start_offsets: dict[int, int] | None = None,
 ) -> Iterator[Decoded[EventT]]:
-    """Yield decoded records until ``max_records`` or ``idle_timeout_s`` without a record.
-
-    With ``start_offsets`` (partition -> offset) the consumer reads exactly from there instead of
-    joining the group's committed position: "everything produced after this point".
-    """
+    """Yield decoded records until ``max_records`` or ``idle_timeout_s`` without a record."""
     consumer = Consumer(consumer_config(settings, group_id, from_beginning=from_beginning))
-    if start_offsets is None:
-        consumer.subscribe([topic])
-    else:
-        consumer.assign([TopicPartition(topic, partition, offset) for partition, offset in start_offsets.items()])
+    consumer.subscribe([topic])
     seen = 0
     last_record = time.monotonic()
     try:

@@ -10,8 +10,8 @@ Decisions go through :class:`LabelController` (the model client in production): 
 ``stable`` to the canary version (already loaded, so TF Serving's order holds), rollback moves
 ``canary`` back to the stable version and records the version as rejected. Every decision is
 appended to ``decisions.jsonl`` (time, versions, per-arm figures, test statistic, reason) and
-counted in Prometheus; per-arm figures are also appended to ``timeline.jsonl`` on an interval
-for the demo report.
+counted in Prometheus; the running per-arm figures of the current experiment are appended to
+``timeline.jsonl`` on an interval, for anyone following an experiment (``tail -f``).
 """
 
 from __future__ import annotations

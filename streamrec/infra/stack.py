@@ -23,7 +23,7 @@ import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class Program:
     stop_wait_s: int = 30
     # The JVM exits with 143 (128 + SIGTERM) after a clean shutdown hook run.
     exit_codes: tuple[int, ...] = (0,)
-    environment: dict[str, str] = field(default_factory=dict)
     # Base services start with supervisord; project processes start on request (``start``).
     autostart: bool = True
 
@@ -159,7 +158,7 @@ class LocalStack:
         }
         config["supervisorctl"] = {"serverurl": f"unix://{self.socket_path}"}
         for program in programs:
-            environment = {**self.client_environment(), **program.environment}
+            environment = self.client_environment()
             config[f"program:{program.name}"] = {
                 "command": shlex.join(program.command).replace("%", "%%"),
                 "autostart": str(program.autostart).lower(),

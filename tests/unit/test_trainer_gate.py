@@ -95,20 +95,36 @@ def assert_nothing_published(settings: TrainerSettings) -> None:
     assert checkpoint.load_latest(settings.trainer_state_path, 1, 10) is None
 
 
-def test_a_trained_model_passes_and_is_published_with_its_verdict(tmp_path: Path, trained: Any) -> None:
-    model, fit, holdout = trained
-    settings = settings_for(tmp_path)
-    outcome = publish_candidate(
+def publish(
+    settings: TrainerSettings,
+    candidate: Any,
+    fit: pd.DataFrame,
+    holdout: pd.DataFrame,
+    *,
+    serving: Any = None,
+    margin: float = 0.0,
+    lineage: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Any:
+    """``publish_candidate`` with this module's fixed choices (no model server, k=10)."""
+    return publish_candidate(
         VersionWriter(settings),
-        model,
+        candidate,
         holdout=holdout,
-        serving=None,
-        lineage={"kind": "test"},
+        serving=serving,
+        lineage=lineage or {},
         trainer_state=state_for(fit),
         publisher=None,
         k=10,
-        margin=0.0,
+        margin=margin,
+        **extra,
     )
+
+
+def test_a_trained_model_passes_and_is_published_with_its_verdict(tmp_path: Path, trained: Any) -> None:
+    model, fit, holdout = trained
+    settings = settings_for(tmp_path)
+    outcome = publish(settings, model, fit, holdout, lineage={"kind": "test"})
     assert outcome.gate.passed, outcome.gate.summary()
     assert outcome.version == 1 and outcome.labelled is False
     # 10 of 40 items share a user's genre, so a model that learned anything beats 10/40 = 0.25
@@ -125,17 +141,7 @@ def test_nan_weights_are_rejected_and_never_published(tmp_path: Path, trained: A
     weights[0] = np.full_like(weights[0], np.nan)
     poisoned.set_weights(weights)
     settings = settings_for(tmp_path)
-    outcome = publish_candidate(
-        VersionWriter(settings),
-        poisoned,
-        holdout=holdout,
-        serving=model,
-        lineage={},
-        trainer_state=state_for(fit),
-        publisher=None,
-        k=10,
-        margin=0.02,
-    )
+    outcome = publish(settings, poisoned, fit, holdout, serving=model, margin=0.02)
     assert outcome.gate.reasons == ["nonfinite_weights"] and outcome.version is None
     assert_nothing_published(settings)
 
@@ -173,17 +179,7 @@ def test_a_changed_signature_is_rejected_and_never_published(
     model, fit, holdout = trained
     monkeypatch.setattr(publish_module.export, "export_version", _write_changed_signature)
     settings = settings_for(tmp_path)
-    outcome = publish_candidate(
-        VersionWriter(settings),
-        model,
-        holdout=holdout,
-        serving=None,
-        lineage={},
-        trainer_state=state_for(fit),
-        publisher=None,
-        k=10,
-        margin=0.0,
-    )
+    outcome = publish(settings, model, fit, holdout)
     assert outcome.gate.reasons == ["signature_mismatch"] and outcome.version is None
     detail = " ".join(outcome.gate.details)
     assert "'score' is missing" in detail and "count_24h" in detail and "float64" in detail
@@ -218,20 +214,8 @@ def test_crash_between_writing_and_renaming_leaves_no_visible_version(tmp_path: 
         if step == "checkpointed":
             raise KeyboardInterrupt("simulated crash after the checkpoint, before the rename")
 
-    writer = VersionWriter(settings)
     with pytest.raises(KeyboardInterrupt):
-        publish_candidate(
-            writer,
-            model,
-            holdout=holdout,
-            serving=None,
-            lineage={},
-            trainer_state=state_for(fit),
-            publisher=None,
-            k=10,
-            margin=0.0,
-            fault=crash,
-        )
+        publish(settings, model, fit, holdout, fault=crash)
     assert export.list_versions(settings.model_base_path) == []  # nothing visible to the server
     assert (settings.staging_path / "1" / "saved_model.pb").exists()  # the complete but hidden export
     assert checkpoint.load_latest(settings.trainer_state_path, 1, 10) is not None  # an orphan
