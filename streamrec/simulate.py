@@ -8,9 +8,9 @@ trainer see the same stream as without recommendations. Per arm, click-through r
 online hit rate@K — the replay method of offline evaluation for recommenders (Li et al. 2011).
 
 Everything the report needs is logged to ``<simulator_dir>/responses.parquet`` (one row per
-call: wall time, user, arm, model version, hit, fallback, latency) and ``interactions.parquet``
-(one row per produced interaction with its partition, offset and produce time, for the model
-freshness figure).
+call: wall time, request id, user, the real item, arm, model version, hit, fallback, latency)
+and ``interactions.parquet`` (one row per produced interaction with its partition, offset and
+produce time, for the model freshness figure).
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def simulate(
                 responses.append(
                     {
                         "time": time.time(),
+                        "request_id": response.request_id,
                         "user_id": event.user_id,
+                        "item_id": event.item_id,
                         "arm": arm,
                         "model_version": int(response.model_version),
                         "hit": hit,

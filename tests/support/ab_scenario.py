@@ -1,0 +1,209 @@
+"""Scripted users against the real feedback loop, shared by the e2e test and ``bench.loop_decisions``.
+
+Real services: the local model server (in process), the API (in process), Kafka and Redis (the
+caller's), the Faust joiner (a child process), and an :class:`~serving.ab.evaluator.AbEvaluator`
+driven from the labeled topic. Users are scripted so the outcome is known: every visit wants
+one of ``LIKED`` items and clicks it if shown. The tiny model ranks a cold user's list by item
+order (``tests.support.tiny_model``), so a version's click-through rate is set by where its
+catalog order puts the liked items:
+
+* ``BASELINE`` (stable): half of the liked items in its top 10 -> CTR about 0.5;
+* ``BROKEN`` ("random weights"): a random catalog order -> few liked items in the top 10;
+* ``BETTER`` ("trained on more data"): every liked item in its top 10 -> CTR about 1.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import numpy as np
+from confluent_kafka import Consumer, Producer
+
+from features import store as feature_store
+from features.settings import FeatureStoreTuning
+from serving.ab.evaluator import AbEvaluator
+from serving.ab.policy import PolicyConfig
+from serving.api.proto import generated
+from serving.api.server import ApiServer
+from serving.api.settings import ApiSection, ApiSettings
+from serving.model_client import ModelServerClient
+from serving.model_server.server import ModelServer, ServerOptions
+from serving.settings import ModelServerSection
+from streamrec import contracts
+from streamrec.consume import consumer_config
+from streamrec.events import Click, LabeledExample, decode_event
+from streamrec.settings import CommonSettings, PathSettings
+from tests.support.processes import faust_worker, settings_env
+from tests.support.tiny_model import write_tiny_model
+
+ITEMS = [str(i) for i in range(1, 61)]
+LIKED = [str(i) for i in range(1, 11)]
+OTHERS = [item for item in ITEMS if item not in LIKED]
+K = 10
+Quality = Literal["baseline", "broken", "better"]
+
+
+def catalog_order(quality: Quality, seed: int = 2) -> list[str]:
+    """The tiny model's item order for a version of the given quality (see the module docstring)."""
+    if quality == "baseline":
+        return LIKED[:5] + OTHERS[:5] + LIKED[5:] + OTHERS[5:]
+    if quality == "broken":
+        return [str(item) for item in np.random.default_rng(seed).permutation([int(i) for i in ITEMS])]
+    return LIKED + OTHERS
+
+
+@dataclass
+class Scenario:
+    """The running loop; ``visit`` and ``run_until`` drive it."""
+
+    settings: CommonSettings
+    workdir: Path
+    base_path: Path
+    admin: ModelServerClient
+    evaluator: AbEvaluator
+    stub: Any
+    pb2: Any
+    producer: Producer
+    labeled: Consumer
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    failures: list[str] = field(default_factory=list)
+    served_versions: set[tuple[str, int]] = field(default_factory=set)
+    # Responses by (arm, model version): the impressions each version has had.
+    impressions: dict[tuple[str, int], int] = field(default_factory=dict)
+    visits: int = 0
+
+    def write_version(self, version: int, quality: Quality, seed: int = 2) -> None:
+        write_tiny_model(self.base_path, version, item_ids=catalog_order(quality, seed))
+
+    def visit(self) -> None:
+        user = f"e2e-user-{self.visits % 500}"
+        self.visits += 1
+        try:
+            response = self.stub.Recommend(self.pb2.RecommendRequest(user_id=user, k=K), timeout=2.0)
+        except grpc.RpcError as error:
+            self.failures.append(f"{error.code()}: {error.details()}")
+            return
+        served = (response.arm, int(response.model_version))
+        self.served_versions.add(served)
+        self.impressions[served] = self.impressions.get(served, 0) + 1
+        wanted = str(self.rng.choice(LIKED))
+        shown = [item.item_id for item in response.items]
+        if wanted in shown:
+            click = Click(
+                event_id=f"c-{response.request_id}",
+                event_time=datetime.now(UTC),
+                user_id=user,
+                request_id=response.request_id,
+                item_id=wanted,
+                position=shown.index(wanted),
+            )
+            self.producer.produce(self.settings.topics.clicks, key=click.key(), value=click.to_bytes())
+        self.producer.poll(0)
+
+    def run_until(
+        self, done: Callable[[], bool], timeout_s: float, *, visits_per_round: int = 40, rate: float | None = None
+    ) -> None:
+        """Visit, feed the evaluator the labeled examples and let it decide, until ``done()``.
+
+        ``rate`` caps the visits per second (None: as fast as the API answers).
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
+        first_visit = self.visits
+        while time.monotonic() < deadline:
+            for _ in range(visits_per_round):
+                self.visit()
+            if rate is not None:
+                time.sleep(max(0.0, started + (self.visits - first_visit) / rate - time.monotonic()))
+            self.producer.flush(5)
+            self.evaluator.refresh_labels()
+            for message in self.labeled.consume(num_messages=5000, timeout=0.3):
+                self.evaluator.handle(decode_event(message.value(), LabeledExample))
+            self.evaluator.decide()
+            if done():
+                return
+        raise TimeoutError(f"no decision within {timeout_s}s; figures {self.evaluator.figures()}")
+
+    def decisions(self) -> list[str]:
+        path = self.evaluator_dir / "decisions.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [line.split('"action": "')[1].split('"')[0] for line in lines if line.strip()]
+
+    @property
+    def evaluator_dir(self) -> Path:
+        return self.workdir / "evaluator"
+
+
+@contextmanager
+def ab_scenario(
+    settings: CommonSettings, workdir: Path, *, policy: PolicyConfig, label_window_s: float = 1.0
+) -> Iterator[Scenario]:
+    """Model server with version 1 (``baseline``) as stable, API, joiner and evaluator on ``settings``."""
+    base_path = workdir / "models" / contracts.MODEL_NAME
+    write_tiny_model(base_path, 1, item_ids=catalog_order("baseline"))
+    with ExitStack() as cleanup:
+        model_server = ModelServer(
+            ServerOptions(
+                host="127.0.0.1",
+                port=0,
+                model_name=contracts.MODEL_NAME,
+                model_base_path=base_path,
+                file_system_poll_wait_seconds=0.5,
+            )
+        ).start()
+        cleanup.callback(model_server.stop, 0)
+        admin = ModelServerClient(
+            f"127.0.0.1:{model_server.port}", server_base_path=str(base_path), config_file=workdir / "models.config"
+        )
+        cleanup.callback(admin.close)
+        admin.publish_stable(1)
+        api_settings = ApiSettings(
+            kafka=settings.kafka,
+            redis=settings.redis,
+            topics=settings.topics,
+            paths=PathSettings(state_dir=workdir),
+            model_server=ModelServerSection(host="127.0.0.1", port=model_server.port, request_timeout_ms=500),
+            api=ApiSection(port=0, metrics_port=0, canary_share=0.5, canary_recheck_s=0.5, experiment_salt="e2e"),
+            features=FeatureStoreTuning(project=f"e2e{uuid.uuid4().hex[:8]}"),
+        )
+        feature_store.write_profiles(api_settings)
+        store = feature_store.open_store(api_settings)
+        feature_store.apply(store)
+        feature_store.materialize_profiles(store)
+        api = ApiServer(api_settings)
+        api_port = api.start()
+        cleanup.callback(api.stop, 1)
+        stubs = generated()
+        channel = grpc.insecure_channel(f"127.0.0.1:{api_port}")
+        cleanup.callback(channel.close)
+        labeled = Consumer(consumer_config(settings, f"eval-{uuid.uuid4().hex}", from_beginning=True))
+        labeled.subscribe([settings.topics.labeled])
+        cleanup.callback(labeled.close)
+        env = settings_env(
+            settings,
+            STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
+            STREAMREC_JOINER__LABEL_WINDOW_S=str(label_window_s),
+            STREAMREC_JOINER__GRACE_S="0.5",
+            STREAMREC_JOINER__EXPIRE_INTERVAL_S="0.2",
+        )
+        cleanup.enter_context(faust_worker("streams.joiner_app", env, workdir / "joiner.log"))
+        scenario = Scenario(
+            settings=settings,
+            workdir=workdir,
+            base_path=base_path,
+            admin=admin,
+            evaluator=AbEvaluator(admin, policy, workdir / "evaluator"),
+            stub=stubs.grpc.RecommenderStub(channel),
+            pb2=stubs.pb2,
+            producer=Producer(settings.kafka.client_config()),
+            labeled=labeled,
+        )
+        yield scenario
