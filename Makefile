@@ -56,6 +56,8 @@ bench: setup
 	$(BIN)/python -m bench.trainer_throughput
 	$(BIN)/python -m bench.offline_quality
 	$(BIN)/python -m bench.prequential
+	$(BIN)/python -m bench.loop_decisions
+	$(BIN)/python -m bench.loop_online
 
 stack-up: setup
 	$(STREAMREC) stack up
