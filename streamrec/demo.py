@@ -2,7 +2,7 @@
 
 1. Kafka and Redis (supervisord), topics, the Feast repo (profiles written, applied, materialized).
 2. The feature worker; the first part of MovieLens-100K (by time) replayed as history; wait
-   until the worker has caught up.
+   until the worker has caught up, printing a few users' online features as they change.
 3. Bootstrap training through Feast's point-in-time join -> version 1, served as ``stable``.
 4. Joiner, API, online trainer and evaluator start; the trainer begins at the end of history.
 5. The simulator replays held-out interactions as visits (Recommend, click if the real item was
@@ -26,6 +26,7 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
+from streamrec.feature_watch import ActivityWatch
 from streamrec.infra.ports import free_ports
 from streamrec.settings import PROJECT_ROOT
 
@@ -66,18 +67,25 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
     }
 
 
-def _wait_for_lag(settings: object, group: str, topics: list[str], timeout_s: float = 300.0) -> None:
+def _wait_for_lag(
+    settings: object, group: str, topics: list[str], watch: ActivityWatch, timeout_s: float = 300.0
+) -> None:
+    """Wait for the worker to catch up, printing the watched users' features whenever they change."""
     from streamrec.consume import group_lag
     from streamrec.settings import CommonSettings
 
     assert isinstance(settings, CommonSettings)  # noqa: S101 -- narrow for mypy
     deadline = time.monotonic() + timeout_s
-    with tqdm(desc="feature worker catching up", unit="ev") as bar:
+    with tqdm(desc="feature worker catching up", unit="poll") as bar:
         while time.monotonic() < deadline:
             lag = sum(group_lag(settings, group, topic) for topic in topics)
             bar.set_postfix(lag=lag)
+            for line, changed in watch.read():
+                if changed:
+                    bar.write(f"    {time.strftime('%H:%M:%S')} {line}")
             if lag == 0:
                 return
+            bar.update()
             time.sleep(1)
     raise TimeoutError(f"the feature worker still lags after {timeout_s:.0f}s; see {settings.paths.state_dir}/logs")
 
@@ -140,7 +148,15 @@ def run(options: DemoOptions) -> Path:
         report = replay(history, load(ReplaySettings))
         typer.echo(f"    {report.summary()}")
         streams = load(StreamsSettings)
-        _wait_for_lag(streams, streams.streams.app_id, [streams.topics.interactions, streams.by_item_topic])
+        # The most active users of the history: their features move the most while it streams in.
+        watched = [str(user) for user in history["user_id"].value_counts().index[:3]]
+        typer.echo(f"    features of users {', '.join(watched)} (Feast online store), printed as they change:")
+        _wait_for_lag(
+            streams,
+            streams.streams.app_id,
+            [streams.topics.interactions, streams.by_item_topic],
+            ActivityWatch(store, watched),
+        )
 
         typer.secho("3/6 model server; bootstrap training through Feast -> version 1 (stable)", bold=True)
         stack.start("model-server")
