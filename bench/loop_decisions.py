@@ -37,15 +37,10 @@ from tqdm import tqdm
 from bench.common import write_result
 from serving.ab.policy import PolicyConfig
 from streamrec import contracts
-from streamrec.infra.ports import free_ports
+from streamrec.infra.ports import stack_settings_on_free_ports
 from streamrec.kafka_admin import ensure_topics
 from streamrec.settings import (
     CommonSettings,
-    KafkaSettings,
-    PathSettings,
-    RedisSettings,
-    StackSettings,
-    StackTuning,
     TopicSettings,
 )
 from tests.support.ab_scenario import Scenario, ab_scenario
@@ -84,36 +79,20 @@ def main() -> None:
 
     from streamrec.infra.stack import LocalStack
 
-    kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
     results: dict[str, list[dict[str, float]]] = {"rollback": [], "promote": []}
     policy = PolicyConfig()
     with ExitStack() as cleanup:
         state = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-decisions-")))
-        stack_settings = StackSettings(
-            kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
-            redis=RedisSettings(port=redis_port),
-            paths=PathSettings(state_dir=state / "stack"),
-            stack=StackTuning(
-                kafka_port=kafka_port, kafka_controller_port=controller_port, supervisor_port=supervisor_port
-            ),
-        )
+        stack_settings = stack_settings_on_free_ports(state / "stack")
         stack = LocalStack(stack_settings)
         print("starting Kafka and Redis ...", file=sys.stderr)
         stack.up()
         cleanup.callback(stack.down)
-        prefix = f"b{uuid.uuid4().hex[:8]}"
         settings = CommonSettings(
             kafka=stack_settings.kafka,
             redis=stack_settings.redis,
             paths=stack_settings.paths,
-            topics=TopicSettings(
-                interactions=f"{prefix}.interactions",
-                impressions=f"{prefix}.impressions",
-                clicks=f"{prefix}.clicks",
-                labeled=f"{prefix}.labeled",
-                deadletter=f"{prefix}.deadletter",
-                partitions=4,
-            ),
+            topics=TopicSettings.prefixed(f"b{uuid.uuid4().hex[:8]}"),
         )
         ensure_topics(settings)
         scenario = cleanup.enter_context(

@@ -80,6 +80,18 @@ class TopicSettings(_Section):
     def all_names(self) -> list[str]:
         return [self.interactions, self.impressions, self.clicks, self.labeled, self.deadletter]
 
+    @classmethod
+    def prefixed(cls, prefix: str, partitions: int = 4) -> TopicSettings:
+        """Topics of their own (``<prefix>.interactions`` ...): runs sharing a broker never mix records."""
+        return cls(
+            interactions=f"{prefix}.interactions",
+            impressions=f"{prefix}.impressions",
+            clicks=f"{prefix}.clicks",
+            labeled=f"{prefix}.labeled",
+            deadletter=f"{prefix}.deadletter",
+            partitions=partitions,
+        )
+
 
 class RedisSettings(_Section):
     host: str = "127.0.0.1"

@@ -9,29 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.infra.ports import free_ports
-from streamrec.settings import (
-    CommonSettings,
-    KafkaSettings,
-    PathSettings,
-    RedisSettings,
-    StackSettings,
-    StackTuning,
-    TopicSettings,
-)
+from streamrec.infra.ports import stack_settings_on_free_ports
+from streamrec.settings import CommonSettings, StackSettings, TopicSettings
 
 
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> StackSettings:
-    kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
-    return StackSettings(
-        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
-        redis=RedisSettings(port=redis_port),
-        paths=PathSettings(state_dir=Path(tmp_path_factory.mktemp("stack"))),
-        stack=StackTuning(
-            kafka_port=kafka_port, kafka_controller_port=controller_port, supervisor_port=supervisor_port
-        ),
-    )
+    return stack_settings_on_free_ports(Path(tmp_path_factory.mktemp("stack")))
 
 
 @pytest.fixture(scope="session")
@@ -52,15 +36,7 @@ def fresh_settings(local_stack: object, stack_settings: StackSettings) -> Common
     other's records."""
     from streamrec.kafka_admin import ensure_topics
 
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    topics = TopicSettings(
-        interactions=f"{prefix}.interactions",
-        impressions=f"{prefix}.impressions",
-        clicks=f"{prefix}.clicks",
-        labeled=f"{prefix}.labeled",
-        deadletter=f"{prefix}.deadletter",
-        partitions=4,
-    )
+    topics = TopicSettings.prefixed(f"t{uuid.uuid4().hex[:8]}")
     settings = CommonSettings(
         kafka=stack_settings.kafka, redis=stack_settings.redis, paths=stack_settings.paths, topics=topics
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+
+from streamrec.settings import KafkaSettings, PathSettings, RedisSettings, StackSettings, StackTuning
 
 
 def free_ports(count: int) -> list[int]:
@@ -15,3 +18,17 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def stack_settings_on_free_ports(state_dir: Path) -> StackSettings:
+    """A local stack (Kafka, Redis, supervisord) on free ports with its state in ``state_dir``:
+    tests and benchmarks start their own beside any stack a user already runs."""
+    kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
+    return StackSettings(
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
+        redis=RedisSettings(port=redis_port),
+        paths=PathSettings(state_dir=state_dir),
+        stack=StackTuning(
+            kafka_port=kafka_port, kafka_controller_port=controller_port, supervisor_port=supervisor_port
+        ),
+    )
