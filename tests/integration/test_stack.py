@@ -39,7 +39,7 @@ def test_topics_get_partitions_and_retention_from_settings(fresh_settings: Commo
 def test_a_second_stack_starts_restarts_and_stops_cleanly(
     tmp_path_factory: object, stack_settings: StackSettings
 ) -> None:
-    from tests.conftest import free_ports
+    from streamrec.infra.ports import free_ports
 
     kafka_port, controller_port, redis_port = free_ports(3)
     settings = StackSettings(
