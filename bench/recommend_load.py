@@ -17,9 +17,11 @@ Phases (each reported from ghz's own percentiles; non-OK statuses are errors):
    (``ModelServerClient.publish_stable``: load, wait, move labels, unload) every
    ``--swap-every`` s: failed requests and p99.
 
-Degraded answers (the API's trending fallback when the model is slower than its budget) are OK
-for ghz, so the API's ``/metrics`` counters are read before and after each phase and the share
-of degraded answers is written to the notes: a low p99 bought with fallbacks would show there.
+Degraded answers (the API's trending fallback when the model is slower than its budget, or the
+model's answer without user features when the feature read failed or passed
+``api.feature_timeout_ms``) are OK for ghz, so the API's ``/metrics`` counters are read before
+and after each phase and the share of each kind is written to the notes: a low p99 bought with
+fallbacks would show there.
 Peak RSS (``VmHWM``) of the API (and, in the notes, of the model server) is read from ``/proc``
 at the end.
 
@@ -57,13 +59,26 @@ from streamrec.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisS
 PROTO = ROOT / "serving" / "proto"
 CALL = "streamrec.v1.Recommender/Recommend"
 COLD_SHARE = 0.05
+# Written as "<= N" / ">= N" so bench/common.py's table can mark each met or MISSED; the swap p99
+# target is relative, so its bound is filled in from the same run (see ``targets``).
 TARGETS = {
     "recommend.p99_ms_200rps": "<= 30 ms",
-    "recommend.errors_200rps": "0",
+    "recommend.errors_200rps": "<= 0 requests",
     "recommend.saturation_rps": ">= 400 rps",
-    "recommend.swap_failed_requests": "0",
-    "recommend.swap_p99_ms": "<= 2 x recommend.p99_ms_200rps",
+    "recommend.swap_failed_requests": "<= 0 requests",
 }
+SWAP_P99_FACTOR = 2.0
+
+
+def targets(steady_p99_ms: float) -> dict[str, str]:
+    """The targets with the swap bound as a number: 2 x the steady-state p99 at 200 rps.
+
+    The table's verdict reads the first number after the operator, so a target written as
+    "<= 2 x recommend.p99_ms_200rps" was judged against 2 ms (a 73 ms swap p99 next to a 98 ms
+    steady p99 showed as MISSED).
+    """
+    bound = SWAP_P99_FACTOR * steady_p99_ms
+    return {**TARGETS, "recommend.swap_p99_ms": f"<= {bound:.2f} ms (2 x recommend.p99_ms_200rps)"}
 
 
 def ghz_binary() -> str:
@@ -133,12 +148,14 @@ def peak_rss_mb(pid: int) -> float:
 def api_counters(metrics_port: int) -> dict[str, float]:
     """Requests and degraded answers so far, from the API's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
-    totals = {"requests": 0.0, "degraded": 0.0}
+    totals = {"requests": 0.0, "feature_store": 0.0, "model_server": 0.0}
     for line in text.splitlines():
         if line.startswith("streamrec_api_request_seconds_count"):
             totals["requests"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("streamrec_api_degraded_total"):
-            totals["degraded"] += float(line.rsplit(" ", 1)[1])
+            dependency = re.search(r'dependency="([^"]*)"', line)
+            if dependency is not None and dependency.group(1) in totals:
+                totals[dependency.group(1)] += float(line.rsplit(" ", 1)[1])
     return totals
 
 
@@ -283,7 +300,7 @@ def main() -> None:
         data_file.write_text(json.dumps(requests))
         address = f"127.0.0.1:{api_port}"
 
-        degraded: dict[str, float] = {}
+        degraded: dict[str, tuple[float, float]] = {}
         runs: dict[str, GhzRun] = {}
 
         def phase(name: str, **kwargs: Any) -> GhzRun:
@@ -291,7 +308,11 @@ def main() -> None:
             result = run_ghz(address, data_file, **kwargs)
             after = api_counters(metrics_port)
             served = after["requests"] - before["requests"]
-            degraded[name] = (after["degraded"] - before["degraded"]) / served if served else 0.0
+            model, features = (
+                (after[dependency] - before[dependency]) / served if served else 0.0
+                for dependency in ("model_server", "feature_store")
+            )
+            degraded[name] = (model, features)
             runs[name] = result
             return result
 
@@ -344,8 +365,11 @@ def main() -> None:
         f"ghz --cpus 1, one connection; {len(users)} users with fresh features + {len(cold)} unknown (cold start), "
         f"k=10, exclude_seen. Model: {model}. Phases of {args.duration:g} s; saturation at "
         f"{args.saturation_concurrency} in flight ({saturation.errors} errors); swap phase {args.swap_duration:g} s "
-        f"with versions {published} published every {args.swap_every:g} s. Share of degraded (trending fallback) "
-        "answers per phase: " + ", ".join(f"{name} {share:.1%}" for name, share in degraded.items()) + ". "
+        f"with versions {published} published every {args.swap_every:g} s. Share of degraded answers per phase, "
+        "model server failed or past its budget (trending fallback) / feature read failed or past "
+        "api.feature_timeout_ms (model answer without user features): "
+        + ", ".join(f"{name} {model:.1%} / {features:.1%}" for name, (model, features) in degraded.items())
+        + ". "
         f"Peak RSS of the model server under this load: {server_rss:.0f} MiB (model.server_rss_mb is "
         "bench/model_swap.py's figure). "
         f"Errors at 100 rps: {at_100.errors}. Error kinds: "
@@ -354,12 +378,18 @@ def main() -> None:
     )
     print(json.dumps({"metrics": metrics, "notes": notes}, indent=2))
     if not args.no_write:
-        met = at_200.p99_ms <= 30 and saturation.rps >= 400 and swap.errors == 0 and swap.p99_ms <= 2 * at_200.p99_ms
+        met = (
+            at_200.p99_ms <= 30
+            and at_200.errors == 0
+            and saturation.rps >= 400
+            and swap.errors == 0
+            and swap.p99_ms <= SWAP_P99_FACTOR * at_200.p99_ms
+        )
         path = write_result(
             "recommend",
             metrics,
             units,
-            targets=TARGETS,
+            targets=targets(at_200.p99_ms),
             command="python -m bench.recommend_load",
             notes=notes + (" All targets met." if met else " Not every target was met; see the table."),
         )

@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 import numpy as np
-from google.protobuf import wrappers_pb2
-from tensorflow_serving.apis import get_model_status_pb2, model_pb2, predict_pb2
+from tensorflow_serving.apis import get_model_status_pb2, predict_pb2
 
-from serving.model_server.tensors import to_ndarray, to_tensor_proto
+from serving.model_server.tensors import fill_tensor_proto, to_ndarray
 from streamrec.errors import StreamrecError
 
 if TYPE_CHECKING:
@@ -83,14 +82,19 @@ def build_predict_request(
 ) -> predict_pb2.PredictRequest:
     if version is not None and label is not None:
         raise ValueError("give a version or a label, not both")
-    spec = model_pb2.ModelSpec(name=model_name, signature_name=signature)
+    # filled in place: building sub-messages and copying them in costs as much as the tensors
+    request = predict_pb2.PredictRequest()
+    spec = request.model_spec
+    spec.name = model_name
+    spec.signature_name = signature
     if version is not None:
-        spec.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
+        spec.version.value = version
     elif label is not None:
         spec.version_label = label
-    request = predict_pb2.PredictRequest(model_spec=spec, output_filter=output_filter or [])
+    if output_filter:
+        request.output_filter.extend(output_filter)
     for name, value in inputs.items():
-        request.inputs[name].CopyFrom(to_tensor_proto(value))
+        fill_tensor_proto(request.inputs[name], value)
     return request
 
 

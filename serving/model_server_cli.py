@@ -83,11 +83,26 @@ def model_server_command(
         ),
     ] = None,
     grpc_max_threads: Annotated[int, typer.Option("--grpc_max_threads", help="Threads serving RPCs.", min=1)] = 16,
+    tensorflow_intra_op_parallelism: Annotated[
+        int | None,
+        typer.Option(
+            "--tensorflow_intra_op_parallelism",
+            help=_help("Threads one TF op may use (0: one per core).", "tf_intra_op_threads"),
+        ),
+    ] = None,
+    tensorflow_inter_op_parallelism: Annotated[
+        int | None,
+        typer.Option(
+            "--tensorflow_inter_op_parallelism",
+            help=_help("TF ops run in parallel (0: one per core).", "tf_inter_op_threads"),
+        ),
+    ] = None,
 ) -> None:
     """Serve SavedModels over TF Serving's gRPC API (PredictionService, ModelService, health)."""
     from serving.model_server.core import CoreOptions
     from serving.model_server.errors import ModelServerError
     from serving.model_server.server import ModelServer, ServerOptions
+    from serving.runtime import freeze_startup_heap
     from serving.settings import ServingSettings
     from streamrec.settings import load
 
@@ -126,6 +141,10 @@ def model_server_command(
             ),
         ),
     )
+    set_tf_threads(
+        _pick(tensorflow_intra_op_parallelism, section.tf_intra_op_threads),
+        _pick(tensorflow_inter_op_parallelism, section.tf_inter_op_threads),
+    )
     server = ModelServer(options)
     stopping = threading.Event()
 
@@ -142,9 +161,18 @@ def model_server_command(
         if "not currently available" in exc.message:
             typer.echo("labels in the config need --allow_version_labels_for_unavailable_models at start", err=True)
         raise typer.Exit(1) from exc
+    freeze_startup_heap(section.gc_gen0_threshold)  # after the first versions loaded
     typer.echo(f"model server ready on {options.host}:{server.port}", err=True)
     stopping.wait()
     server.stop()
+
+
+def set_tf_threads(intra_op: int, inter_op: int) -> None:
+    """Size TensorFlow's pools; must run before the first TF op (TF refuses changes after it)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
 
 
 def _pick(flag: T | None, setting: T) -> T:

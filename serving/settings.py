@@ -55,6 +55,17 @@ class ModelServerSection(BaseModel):
     load_timeout_s: float = Field(default=120.0, gt=0)
     # Versions kept loaded by the label moves (stable + canary); older ones are unloaded.
     max_versions_loaded: int = Field(default=2, ge=1)
+    # TensorFlow's thread pools in the local model server (TF Serving's
+    # --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism; 0: one per core).
+    # One request is a batch of one over a small model, so splitting an op across threads only
+    # adds hand-offs, and on the 2-core target the pools' spinning workers take CPU from the API
+    # next to them. Raise them for a big model on a machine of its own.
+    tf_intra_op_threads: int = Field(default=1, ge=0)
+    tf_inter_op_threads: int = Field(default=1, ge=0)
+    # Generation-0 threshold of the garbage collector in the local model server once its first
+    # versions are loaded (the start-up heap is frozen first, see ``serving.runtime``); 0 keeps
+    # CPython's 700.
+    gc_gen0_threshold: int = Field(default=20_000, ge=0)
 
     @property
     def target(self) -> str:

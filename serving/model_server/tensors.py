@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.model_server.errors import InvalidArgument
 
@@ -37,28 +37,42 @@ _DTYPE_OF_NUMPY: dict[np.dtype[Any], int] = {np.dtype(v).newbyteorder("="): k fo
 DTYPE_NAMES: dict[int, str] = {value: name for name, value in types_pb2.DataType.items()}
 
 
-def _shape(dims: tuple[int, ...]) -> tensor_shape_pb2.TensorShapeProto:
-    return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
-
-
 def to_tensor_proto(value: Any) -> tensor_pb2.TensorProto:
     """A numpy array (or nested list) as a ``TensorProto``; str/bytes arrays become DT_STRING."""
+    proto = tensor_pb2.TensorProto()
+    fill_tensor_proto(proto, value)
+    return proto
+
+
+def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
+    """Write ``value`` into an empty ``proto`` in place (e.g. ``request.inputs[name]``).
+
+    Filling the message a request or response already holds, rather than building a TensorProto
+    and ``CopyFrom``-ing it in, skips one message copy and the shape sub-messages per tensor:
+    a whole ``recommend`` PredictRequest (ten inputs) took about a third of the time in a
+    micro-benchmark (~230 -> ~80 us, same machine, same load).
+    """
     array = np.asarray(value)
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add().size = size
     if array.dtype.kind in "OUS":
-        flat = array.ravel()
-        encoded = [item if isinstance(item, bytes) else str(item).encode("utf-8") for item in flat]
-        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=_shape(array.shape))
-        proto.string_val.extend(encoded)
-        return proto
+        proto.dtype = types_pb2.DT_STRING
+        proto.string_val.extend(
+            [item if isinstance(item, bytes) else str(item).encode("utf-8") for item in array.ravel().tolist()]
+        )
+        return
     dtype = _DTYPE_OF_NUMPY.get(array.dtype.newbyteorder("="))
     if dtype is None:
         import tensorflow as tf
 
-        return tf.make_tensor_proto(array)
+        proto.CopyFrom(tf.make_tensor_proto(array))
+        return
     data = np.ascontiguousarray(array, dtype=_NUMERIC[dtype])
     if sys.byteorder != "little":  # pragma: no cover - every platform the project runs on is little-endian
         data = data.byteswap()
-    return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=_shape(array.shape), tensor_content=data.tobytes())
+    proto.dtype = dtype
+    proto.tensor_content = data.tobytes()
 
 
 def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:

@@ -29,7 +29,7 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from serving.model_server.errors import FailedPrecondition, InvalidArgument, ModelServerError
-from serving.model_server.tensors import DTYPE_NAMES, to_ndarray, to_tensor_proto
+from serving.model_server.tensors import DTYPE_NAMES, fill_tensor_proto, to_ndarray
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,34 @@ class LoadError(ModelServerError):
 
 @dataclass(frozen=True)
 class Signature:
-    """A concrete signature function with what validation needs, computed once."""
+    """A concrete signature function with what validation needs, computed once.
+
+    ``flat_order`` is the order of the function's flat arguments, when TF exposes it. Calling a
+    signature by keyword goes through TF's structured-signature binding (``FunctionType`` bind,
+    ``TensorSpec.cast`` per input), which repeats checks ``check_inputs`` has already made and was
+    about 40% of the call for the project's ``recommend`` signature (700 -> 430 us in a
+    micro-benchmark on the shared machine, the same outputs); with ``flat_order`` the tensors go
+    to the function's flat call directly. ``None`` (another TF version): the keyword call.
+    """
 
     function: Any  # a ConcreteFunction (TF has no public type for it)
     inputs: dict[str, tf.TensorSpec]
     outputs: tuple[str, ...]
+    flat_order: tuple[str, ...] | None = None
+
+    def __call__(self, tensors: dict[str, tf.Tensor]) -> Any:
+        if self.flat_order is None:
+            return self.function(**tensors)
+        flat = [tensors[alias] for alias in self.flat_order]
+        return self.function._call_flat(flat, self.function.captured_inputs)  # noqa: SLF001 - see the docstring
+
+
+def _flat_order(function: Any, inputs: dict[str, tf.TensorSpec]) -> tuple[str, ...] | None:
+    """The flat argument order of a signature function, if TF exposes it and it covers the inputs."""
+    order = getattr(function, "_arg_keywords", None)
+    if order is None or not hasattr(function, "_call_flat") or sorted(order) != sorted(inputs):
+        return None
+    return tuple(str(alias) for alias in order)
 
 
 class LoadedVersion:
@@ -75,6 +98,7 @@ class LoadedVersion:
                     function=function,
                     inputs=dict(input_specs),
                     outputs=tuple(sorted(function.structured_outputs)),
+                    flat_order=_flat_order(function, dict(input_specs)),
                 )
         except LoadError:
             raise
@@ -145,7 +169,7 @@ class LoadedVersion:
         spec.version.value = self.version
         spec.signature_name = name
         for alias, value in outputs.items():
-            response.outputs[alias].CopyFrom(to_tensor_proto(value))
+            fill_tensor_proto(response.outputs[alias], value)
         return response
 
     def run(
@@ -160,7 +184,7 @@ class LoadedVersion:
                 )
         tensors = {alias: tf.constant(value, dtype=signature.inputs[alias].dtype) for alias, value in inputs.items()}
         try:
-            results = signature.function(**tensors)
+            results = signature(tensors)
         except tf.errors.InvalidArgumentError as exc:
             raise InvalidArgument(exc.message) from exc
         except tf.errors.OpError as exc:

@@ -61,6 +61,35 @@ def hung_model_server() -> Iterator[str]:
         listener.close()
 
 
+@pytest.fixture
+def hung_redis() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts connections (kept, so they can be counted) and never answers: a hung Redis."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
 def call(port: int, user_id: str, timeout: float, k: int = 3) -> object:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb.grpc.RecommenderStub(channel)
@@ -106,6 +135,32 @@ def test_a_hung_model_server_costs_at_most_the_budget_or_the_clients_deadline(
         assert response.degraded and time.monotonic() - started < 0.08
     finally:
         api.stop(0)
+
+
+def test_a_hung_feature_store_costs_one_read_timeout_and_no_retries(
+    features_settings: tuple[ApiSettings, Path], hung_redis: tuple[int, list[socket.socket]]
+) -> None:
+    """redis-py's default policy would reconnect and retry the timed-out read three times, with
+    exponential backoff of up to seconds in between, past the client's deadline."""
+    settings, state_dir = features_settings
+    redis_port, accepted = hung_redis
+    models = start_model_server(state_dir / "hung-redis-models" / "streamrec", {1: 0.0})
+    hung = with_model(settings, models.target, feature_timeout_ms=50)
+    hung = hung.model_copy(update={"redis": hung.redis.model_copy(update={"port": redis_port})})
+    api = ApiServer(hung)  # the first trending read times out too: logged, the list stays empty
+    port = api.start()
+    try:
+        for user in ("1", "2"):
+            before = len(accepted)
+            response = call(port, user, timeout=2)
+            assert (response.degraded, response.fallback_reason) == (True, "features_unavailable")
+            assert response.model_version == 1 and len(response.items) == 3
+            assert len(accepted) - before == 1  # one connection, one timeout, no retry
+        registry = api.metrics.registry
+        assert registry.get_sample_value("streamrec_api_degraded_total", {"dependency": "feature_store"}) == 2
+    finally:
+        api.stop(0)
+        models.server.stop(0)
 
 
 def test_shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish(

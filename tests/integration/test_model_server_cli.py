@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.model_client import ModelServerClient
 from streamrec import contracts
-from tests.conftest import free_ports
+from streamrec.infra.ports import free_ports
 from tests.support.tiny_model import example_inputs, write_tiny_model
 
 

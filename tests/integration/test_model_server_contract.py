@@ -18,6 +18,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_client import ModelServerClient, ModelServerRpcError
 from serving.model_server.config import single_model_config
+from serving.model_server.versions import LoadedVersion
 from streamrec import contracts
 from tests.support.model_server import running_model_server
 from tests.support.tiny_model import example_inputs, expected_scores, expected_top, write_tiny_model
@@ -76,6 +77,25 @@ def test_latest_version_answers_with_the_hand_computed_ranking(served: tuple[Mod
     scores = expected_scores(ITEMS, ["item-3", "item-4"], bias=0.5)
     np.testing.assert_allclose(outputs["scores"][0][: len(first)], [scores[i] for i in first], rtol=1e-5)
     assert np.isneginf(outputs["scores"][0][len(first) :]).all()  # the documented padding
+
+
+def test_signatures_take_the_flat_call_and_answer_as_the_keyword_call(served: tuple[ModelServerClient, Path]) -> None:
+    import tensorflow as tf
+
+    _, base = served
+    loaded = LoadedVersion(contracts.MODEL_NAME, 1, base / "1")
+    loaded.load()
+    for name in (contracts.RECOMMEND_SIGNATURE, "score"):
+        signature = loaded.signatures[name]
+        assert signature.flat_order is not None and sorted(signature.flat_order) == sorted(signature.inputs)
+    signature = loaded.signatures[contracts.RECOMMEND_SIGNATURE]
+    inputs = example_inputs(["u1", "u2"], recent_items=[["item-3"], []], exclude_items=[["item-0"], ["item-5"]])
+    tensors = {alias: tf.constant(value, dtype=signature.inputs[alias].dtype) for alias, value in inputs.items()}
+    flat, keyword = signature(tensors), signature.function(**tensors)
+    assert sorted(flat) == sorted(keyword) == sorted(signature.outputs)
+    for alias in signature.outputs:
+        np.testing.assert_array_equal(flat[alias].numpy(), keyword[alias].numpy())
+    loaded.unload()
 
 
 def test_score_signature_scores_the_given_items(served: tuple[ModelServerClient, Path]) -> None:
