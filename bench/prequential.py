@@ -1,24 +1,27 @@
-"""Prequential (test-then-learn) quality on MovieLens-100K: a frozen model against an online-updated one.
+"""Prequential (test-then-learn) quality on MovieLens-100K: a frozen model against the online trainer.
 
 Protocol:
 
 1. Order all ratings by time; the first ``--bootstrap-fraction`` (30 %) trains the bootstrap model
-   (point-in-time features from ``examples_from_interactions``: profile, recent items, counts).
-2. The rest is cut into chunks of ``--chunk-size`` consecutive events. For each chunk, *before* either
-   model has seen it, a seeded sample of ``--test-per-chunk`` of its events is tested: is the true
-   item in the model's top 10 over the whole catalog, for the user's features as of just before the
-   event, with the items the user rated earlier excluded (ml-100k users rate a movie once)?
-3. Then the online model learns the chunk the way the online trainer does when every candidate
-   passes its gate: the current weights *and Adam state* (``clone_for_finetune`` once, then the
-   same run continued) are fine-tuned at ``finetune_learning_rate`` / ``finetune_batch_size`` on the
-   last ``--recent-chunks`` chunks (so each event is learned in that many successive updates, the way
-   several epochs would, without overfitting one update to it) plus a uniform replay sample of older
-   events (``--replay-ratio`` x chunk size).
-   The frozen model never changes.
+   (point-in-time features from ``examples_from_interactions``: profile, recent items, counts), and
+   seeds the replay buffer, as ``streamrec train`` does.
+2. The rest is cut into intervals of ``--chunk-size`` consecutive events. For each interval,
+   *before* either model has seen it, its events are tested (all of them, or a seeded sample of
+   ``--test-per-chunk``): is the true item in the model's top 10 over the whole catalog, for the
+   user's features as of just before the event, with the items the user rated earlier excluded
+   (ml-100k users rate a movie once)?
+3. Then the online model learns the interval with the trainer's own code and settings
+   (``TrainerSettings().trainer``, so ``STREAMREC_TRAINER__*`` variables change both):
+   :func:`online_trainer.finetune.plan_interval` (hold-out, the previous interval's deferred
+   hold-out, replay sample) and :func:`online_trainer.finetune.finetune` (a clone of the current
+   weights and Adam state, fine-tuned), then the gate's in-memory check
+   (:func:`online_trainer.gate.check_model`, ``gate_k``/``gate_margin``): a candidate replaces the
+   online model only if it passes, as in ``streamrec trainer``. The export checks of the gate are
+   skipped (they check the artifact, not the quality). The frozen model never changes.
 
-Chunked updates stand in for per-event learning (the trainer fine-tunes on an interval's events);
-testing a sample of each chunk keeps the run to minutes. Figures: hit@10 of each model over all
-tested events, ``prequential.hit_at_10_frozen`` / ``prequential.hit_at_10_online``, and their ratio.
+Figures: hit@10 of each model over all tested events (``prequential.hit_at_10_frozen`` /
+``prequential.hit_at_10_online``), their ratio, and a 95 % interval of the ratio from a bootstrap
+over intervals (intervals resampled with replacement; paired: both models on the same events).
 
 Run: ``.venv/bin/python -m bench.prequential`` (``--help``; ``--no-write`` to try it without
 touching bench/results).
@@ -36,8 +39,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from bench.common import write_result
-from online_trainer.catalog import ItemCatalog, examples_from_interactions, user_profiles_from_movielens
+from online_trainer.buffer import ReplayBuffer
+from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_interactions, user_profiles_from_movielens
+from online_trainer.finetune import finetune, plan_interval
+from online_trainer.gate import GateResult, check_model
 from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, recommend, train
+from online_trainer.settings import TrainerSettings
 from streamrec.data import movielens
 
 K = 10
@@ -59,23 +66,28 @@ def hits(model: TwoTowerModel, tested: pd.DataFrame, exclude: list[list[str]]) -
     return np.asarray([truth in row for truth, row in zip(tested["item_id"], ids, strict=True)], dtype=bool)
 
 
+def ratio_interval(frozen_hits: list[np.ndarray], online_hits: list[np.ndarray], seed: int) -> tuple[float, float]:
+    """95 % bootstrap interval of online/frozen hit rate, resampling whole intervals (2,000 draws)."""
+    frozen = np.array([h.sum() for h in frozen_hits], dtype=np.float64)
+    online = np.array([h.sum() for h in online_hits], dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(frozen), size=(2_000, len(frozen)))
+    ratios = online[draws].sum(axis=1) / np.maximum(frozen[draws].sum(axis=1), 1.0)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bootstrap-fraction", type=float, default=0.3)
     parser.add_argument("--bootstrap-epochs", type=int, default=6)
-    parser.add_argument("--chunk-size", type=int, default=1_000)
-    parser.add_argument("--test-per-chunk", type=int, default=50)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--finetune-learning-rate", type=float, default=ModelConfig.finetune_learning_rate)
-    parser.add_argument(
-        "--recent-chunks", type=int, default=1, help="each update learns the last N chunks (N = 1: the new one only)"
-    )
-    parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed older events per new event")
-    parser.add_argument("--max-chunks", type=int, default=0, help="stop after this many chunks (0: all)")
+    parser.add_argument("--chunk-size", type=int, default=1_000, help="events per trainer interval")
+    parser.add_argument("--test-per-chunk", type=int, default=0, help="events tested per interval (0: all)")
+    parser.add_argument("--max-chunks", type=int, default=0, help="stop after this many intervals (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
 
+    tuning = TrainerSettings().trainer
     data = movielens.load()
     catalog = ItemCatalog.from_frame(data.items)
     examples = examples_from_interactions(data.interactions, user_profiles_from_movielens(data.users))
@@ -85,7 +97,10 @@ def main() -> None:
     started = time.perf_counter()
     frozen = build_model(catalog, config)
     train(frozen, examples.iloc[:split], epochs=args.bootstrap_epochs)
-    online = clone_for_finetune(frozen, learning_rate=args.finetune_learning_rate)
+    online: TwoTowerModel = clone_for_finetune(frozen)  # what load_for_finetune gives the trainer
+    replay = ReplayBuffer(tuning.replay_buffer_size)
+    replay.add(examples.iloc[:split])
+    deferred = empty_examples()
     rng = np.random.default_rng(args.seed)
 
     starts = list(range(split, len(examples), args.chunk_size))
@@ -94,38 +109,52 @@ def main() -> None:
     frozen_hits: list[np.ndarray] = []
     online_hits: list[np.ndarray] = []
     update_seconds: list[float] = []
-    with tqdm(starts, desc="chunks", unit="chunk") as chunks:
-        for start in chunks:
-            chunk = examples.iloc[start : start + args.chunk_size]
-            sample = np.sort(rng.choice(len(chunk), size=min(args.test_per_chunk, len(chunk)), replace=False))
-            tested = chunk.iloc[sample]
-            exclude = [seen[start + row] for row in sample]
+    trained_per_update: list[int] = []
+    rejected = 0
+    with tqdm(starts, desc="intervals", unit="interval") as chunks:
+        for step, start in enumerate(chunks):
+            chunk = examples.iloc[start : start + args.chunk_size].reset_index(drop=True)
+            tested_rows = np.arange(len(chunk))
+            if 0 < args.test_per_chunk < len(chunk):
+                tested_rows = np.sort(rng.choice(len(chunk), size=args.test_per_chunk, replace=False))
+            tested = chunk.iloc[tested_rows]
+            exclude = [seen[start + row] for row in tested_rows]
             frozen_hits.append(hits(frozen, tested, exclude))
             online_hits.append(hits(online, tested, exclude))
 
             update_started = time.perf_counter()
-            recent_start = max(split, start - (args.recent_chunks - 1) * args.chunk_size)
-            recent = examples.iloc[recent_start : start + args.chunk_size]
-            replay_size = min(recent_start, int(args.replay_ratio * len(chunk)))
-            replay = examples.iloc[rng.choice(recent_start, size=replay_size, replace=False)]
-            train(online, pd.concat([recent, replay]), epochs=args.finetune_epochs, progress=False)
+            plan = plan_interval(chunk, deferred=deferred, replay=replay, tuning=tuning, seed=step)
+            candidate, _ = finetune(online, plan, tuning)
+            replay.add(chunk)
+            deferred = plan.deferred
+            gate = GateResult()
+            check_model(gate, candidate, plan.holdout, serving=online, k=tuning.gate_k, margin=tuning.gate_margin)
+            if gate.passed:
+                online = candidate
+            else:
+                rejected += 1
             update_seconds.append(time.perf_counter() - update_started)
+            trained_per_update.append(len(plan.mix))
             chunks.set_postfix(
                 frozen=f"{np.concatenate(frozen_hits).mean():.4f}", online=f"{np.concatenate(online_hits).mean():.4f}"
             )
 
     frozen_rate = float(np.concatenate(frozen_hits).mean())
     online_rate = float(np.concatenate(online_hits).mean())
+    low, high = ratio_interval(frozen_hits, online_hits, args.seed)
     tested_events = int(sum(len(h) for h in frozen_hits))
     metrics = {
         "prequential.hit_at_10_frozen": frozen_rate,
         "prequential.hit_at_10_online": online_rate,
         "prequential.online_over_frozen": online_rate / frozen_rate if frozen_rate else float("nan"),
+        "prequential.online_over_frozen_ci95_low": low,
+        "prequential.online_over_frozen_ci95_high": high,
         "prequential.update_s_median": float(np.median(update_seconds)),
+        "prequential.gate_rejections": float(rejected),
     }
     for name, value in metrics.items():
-        print(f"{name:36s} {value:.4f}")
-    print(f"tested events: {tested_events} in {len(starts)} chunks; total {time.perf_counter() - started:.0f} s")
+        print(f"{name:42s} {value:.4f}")
+    print(f"tested events: {tested_events} in {len(starts)} intervals; total {time.perf_counter() - started:.0f} s")
     if args.no_write:
         return
     write_result(
@@ -135,17 +164,24 @@ def main() -> None:
             "prequential.hit_at_10_frozen": "fraction",
             "prequential.hit_at_10_online": "fraction",
             "prequential.online_over_frozen": "ratio",
+            "prequential.online_over_frozen_ci95_low": "ratio",
+            "prequential.online_over_frozen_ci95_high": "ratio",
             "prequential.update_s_median": "s",
+            "prequential.gate_rejections": "count",
         },
         targets={"prequential.online_over_frozen": ">= 1.2"},
         command=" ".join([".venv/bin/python -m bench.prequential", *sys.argv[1:]]),
         notes=(
             f"ml-100k by time: bootstrap on the first {args.bootstrap_fraction:.0%} ({split} events, "
-            f"{args.bootstrap_epochs} epochs), then {len(starts)} chunks of {args.chunk_size} events: "
-            f"{args.test_per_chunk} sampled events per chunk tested before learning ({tested_events} in all; "
-            f"top 10 over {len(catalog)} items, earlier items of the user excluded), then the online model "
-            f"fine-tunes {args.finetune_epochs} epoch(s) on the last {args.recent_chunks} chunk(s) + "
-            f"{args.replay_ratio:g}x chunk-size uniform replay of older events."
+            f"{args.bootstrap_epochs} epochs), then {len(starts)} trainer intervals of {args.chunk_size} events, "
+            f"{tested_events} events tested before learning (top 10 over {len(catalog)} items, earlier items of "
+            f"the user excluded); 95% interval of the ratio from a bootstrap over intervals. Online updates use "
+            f"online_trainer.finetune with the trainer settings (finetune_loss={tuning.finetune_loss}, "
+            f"finetune_epochs={tuning.finetune_epochs}, "
+            f"replay_fraction={tuning.replay_fraction}, holdout_size={tuning.holdout_size}, "
+            f"finetune lr {config.finetune_learning_rate}, batch {config.finetune_batch_size}; "
+            f"median {int(np.median(trained_per_update))} examples per update) and the in-memory gate "
+            f"(k={tuning.gate_k}, margin={tuning.gate_margin}; {rejected} rejected)."
         ),
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from online_trainer.catalog import EXAMPLE_COLUMNS
+from online_trainer.catalog import EXAMPLE_COLUMNS, empty_examples
 
 
 class ReplayBuffer:
@@ -21,8 +21,7 @@ class ReplayBuffer:
         if capacity < 0:
             raise ValueError(f"ReplayBuffer capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        empty = pd.DataFrame({column: pd.Series(dtype=object) for column in EXAMPLE_COLUMNS})
-        self.frame = (frame if frame is not None else empty).reset_index(drop=True).iloc[:capacity]
+        self.frame = (frame if frame is not None else empty_examples()).reset_index(drop=True).iloc[:capacity]
         self.seen = max(seen, len(self.frame))
 
     def __len__(self) -> int:

@@ -33,6 +33,11 @@ USER_INPUT_COLUMNS = (*contracts.USER_STRING_INPUTS, "recent_items", *contracts.
 EXAMPLE_COLUMNS = (*USER_INPUT_COLUMNS, "item_id", "event_time")
 
 
+def empty_examples() -> pd.DataFrame:
+    """An example frame with no rows (object columns), e.g. an empty replay buffer."""
+    return pd.DataFrame({column: pd.Series(dtype=object) for column in EXAMPLE_COLUMNS})
+
+
 @dataclass(frozen=True)
 class ItemCatalog:
     """Item ids with their content features, in a fixed order (the row order of exported scores)."""

@@ -6,7 +6,7 @@ and the replay buffer (:mod:`online_trainer.buffer`). It is written before the v
 into the model base path, so a published version always has its checkpoint; a checkpoint whose
 version never appeared (a crash in between) is an orphan that :func:`remove_orphans` deletes.
 
-Layout: ``<trainer_state_path>/v<version>-s<seq>/{users.parquet, replay.parquet, meta.json}``,
+Layout: ``<trainer_state_path>/v<version>-s<seq>/{users.parquet, replay.parquet, deferred.parquet, meta.json}``,
 written under a hidden temp name and renamed, like model versions. A version can get more than one
 checkpoint (``seq`` 0, 1, ...): when the gate rejects a candidate, the trainer still moved past
 those records (their features are in the user histories), so it saves a newer checkpoint of the
@@ -21,13 +21,14 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from online_trainer.buffer import ReplayBuffer
+from online_trainer.catalog import empty_examples
 from online_trainer.history import UserHistories
 
 
@@ -36,6 +37,9 @@ class Checkpoint:
     histories: UserHistories
     replay: ReplayBuffer
     meta: dict[str, Any]
+    # The last interval's hold-out, not learned yet: the next interval trains on it first
+    # (:mod:`online_trainer.finetune`). Saved so a restart learns it too.
+    deferred: pd.DataFrame = field(default_factory=empty_examples)
 
 
 _NAME = re.compile(r"^v(\d+)-s(\d+)$")
@@ -63,6 +67,7 @@ def save(state_path: Path, version: int, checkpoint: Checkpoint) -> Path:
     try:
         checkpoint.histories.to_frame().to_parquet(temp / "users.parquet", index=False)
         checkpoint.replay.frame.to_parquet(temp / "replay.parquet", index=False)
+        checkpoint.deferred.to_parquet(temp / "deferred.parquet", index=False)
         meta = {**checkpoint.meta, "replay_seen": checkpoint.replay.seen, "replay_capacity": checkpoint.replay.capacity}
         (temp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         os.rename(temp, target)
@@ -79,13 +84,21 @@ def load_latest(state_path: Path, version: int, replay_capacity: int) -> Checkpo
         return None
     folder = existing[-1][1]
     meta = json.loads((folder / "meta.json").read_text())
-    replay_frame = pd.read_parquet(folder / "replay.parquet")
-    replay_frame["recent_items"] = replay_frame["recent_items"].map(lambda items: [str(i) for i in items])
+    replay_frame = _read_examples(folder / "replay.parquet")
+    deferred_path = folder / "deferred.parquet"  # absent in checkpoints written before it existed
+    deferred = _read_examples(deferred_path) if deferred_path.exists() else empty_examples()
     return Checkpoint(
         histories=UserHistories.from_frame(pd.read_parquet(folder / "users.parquet")),
         replay=ReplayBuffer(replay_capacity, replay_frame, seen=int(meta.get("replay_seen", len(replay_frame)))),
         meta=meta,
+        deferred=deferred,
     )
+
+
+def _read_examples(path: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(path)
+    frame["recent_items"] = frame["recent_items"].map(lambda items: [str(i) for i in items])
+    return frame
 
 
 def remove_orphans(state_path: Path, published_versions: set[int]) -> list[Path]:

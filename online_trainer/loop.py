@@ -16,9 +16,11 @@ One process, one Kafka consumer in its own group (``trainer.group_id``), manual 
    the module docstring says why the trainer keeps this state itself instead of reading Feast
    online), with the profile read from Feast online (:mod:`online_trainer.lookup`).
 3. **Interval** (every ``interval_s`` or ``max_examples``, whichever comes first): hold out the
-   newest examples, fine-tune a clone of the current weights on the rest plus a replay sample,
-   and hand the candidate to :func:`online_trainer.publish.publish_candidate` (stage, gate,
-   checkpoint, rename, canary label, prune). **Then** commit the offsets. A rejected candidate
+   newest examples (they are learned in the next interval), fine-tune a clone of the current
+   weights on the rest plus a replay sample (:mod:`online_trainer.finetune`, the same step
+   ``bench/prequential.py`` measures), and hand the candidate to
+   :func:`online_trainer.publish.publish_candidate` (stage, gate, checkpoint, rename, canary
+   label, prune). **Then** commit the offsets. A rejected candidate
    leaves the serving version in place; the trainer saves a newer checkpoint of that version
    (its histories moved on) and commits too, so one bad interval does not stall the stream.
 
@@ -40,12 +42,12 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from online_trainer import checkpoint, export
 from online_trainer import trainer_metrics as metrics
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import EXAMPLE_COLUMNS, USER_INPUT_COLUMNS
+from online_trainer.catalog import EXAMPLE_COLUMNS, USER_INPUT_COLUMNS, ItemCatalog, empty_examples
 from online_trainer.checkpoint import Checkpoint
-from online_trainer.dataset import split_holdout
+from online_trainer.finetune import finetune, plan_interval
 from online_trainer.history import UserHistories
 from online_trainer.lookup import FeastLookup, FeatureLookup
-from online_trainer.model import TwoTowerModel, clone_for_finetune, train
+from online_trainer.model import TwoTowerModel
 from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings
 from streamrec import contracts
@@ -99,6 +101,7 @@ class OnlineTrainer:
         self.version = 0
         self.histories = UserHistories()
         self.replay = ReplayBuffer(self.tuning.replay_buffer_size)
+        self.deferred = empty_examples()  # the last interval's hold-out, learned in the next one
         self.bootstrap_until: pd.Timestamp | None = None
         self.resume_offsets: dict[int, int] = {}
         self.positions: dict[int, int] = {}
@@ -130,7 +133,7 @@ class OnlineTrainer:
         if state is None:
             log.warning("version %d has no trainer checkpoint: starting with empty histories", self.version)
         else:
-            self.histories, self.replay = state.histories, state.replay
+            self.histories, self.replay, self.deferred = state.histories, state.replay, state.deferred
             self.step = int(state.meta.get("step", 0))
             if state.meta.get("topic") == self.topic and state.meta.get("group_id") == self.tuning.group_id:
                 self.resume_offsets = {int(p): int(o) for p, o in state.meta.get("offsets", {}).items()}
@@ -233,19 +236,18 @@ class OnlineTrainer:
         frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
         return frame[list(EXAMPLE_COLUMNS)]
 
-    def _grow_catalog(self, candidate: TwoTowerModel, item_ids: list[str]) -> None:
-        index = candidate.catalog.index
-        new = sorted({item for item in item_ids if item not in index})
-        if new:
-            content = self.lookup.item_content(new)
-            candidate.catalog = candidate.catalog.with_new_items(
-                new, [content[item][0] for item in new], [content[item][1] for item in new]
-            )
-            log.info("catalog grows by %d new item(s), e.g. %s", len(new), new[:3])
+    def _grown_catalog(self, catalog: ItemCatalog, item_ids: list[str]) -> ItemCatalog | None:
+        """``catalog`` plus the interval's never-seen items (with content from Feast); None if none."""
+        new = sorted({item for item in item_ids if item not in catalog.index})
+        if not new:
+            return None
+        content = self.lookup.item_content(new)
+        log.info("catalog grows by %d new item(s), e.g. %s", len(new), new[:3])
+        return catalog.with_new_items(new, [content[item][0] for item in new], [content[item][1] for item in new])
 
     def _state(self, offsets: dict[int, int]) -> Checkpoint:
         meta = {"topic": self.topic, "group_id": self.tuning.group_id, "offsets": offsets, "step": self.step + 1}
-        return Checkpoint(self.histories, self.replay, meta)
+        return Checkpoint(self.histories, self.replay, meta, self.deferred)
 
     def _commit(self, offsets: dict[int, int]) -> None:
         if self._consumer is None or not offsets or offsets == self.committed:
@@ -270,17 +272,16 @@ class OnlineTrainer:
         rows, self.pending = self.pending, []
         self.interval_started = time.monotonic()
         examples = self._examples(rows)
-        fresh, holdout = split_holdout(examples, self.tuning.holdout_size)
-        if holdout.empty:  # too few new rows to spare: the most recent replayed ones, else the new ones
-            holdout = self.replay.frame.sort_values("event_time").tail(self.tuning.holdout_size)
-            holdout = holdout if not holdout.empty else fresh.tail(self.tuning.holdout_size)
-        replayed = self.replay.sample(self.replay.replay_count(len(fresh), self.tuning.replay_fraction), seed=self.step)
-        mix = pd.concat([fresh, replayed], ignore_index=True) if not replayed.empty else fresh
-        candidate = clone_for_finetune(self.model)
-        self._grow_catalog(candidate, examples["item_id"].astype(str).tolist())
-        stats = train(candidate, mix, epochs=self.tuning.finetune_epochs, progress=False) if not mix.empty else {}
+        plan = plan_interval(examples, deferred=self.deferred, replay=self.replay, tuning=self.tuning, seed=self.step)
+        holdout, replayed = plan.holdout, plan.replayed
+        # every item trained on or held out (a deferred or replayed row may carry an item that only a
+        # rejected candidate's catalog had), so no positive is missing from the full-catalog softmax
+        seen_items = [*plan.mix["item_id"].astype(str), *examples["item_id"].astype(str)]
+        catalog = self._grown_catalog(self.model.catalog, seen_items)
+        candidate, stats = finetune(self.model, plan, self.tuning, catalog=catalog)
         self.replay.add(examples)
-        report = IntervalReport(len(examples), len(replayed), len(holdout), offsets, len(mix), train_stats=stats)
+        self.deferred = plan.deferred
+        report = IntervalReport(len(examples), len(replayed), len(holdout), offsets, len(plan.mix), train_stats=stats)
         lineage = {
             "kind": "finetune",
             "parent_version": self.version,

@@ -71,6 +71,9 @@ class ModelConfig:
     finetune_learning_rate: float = 0.005  # with Adam state carried over: the bootstrap run, continued
     batch_size: int = 1_024
     finetune_batch_size: int = 256  # an interval holds few examples: smaller batches, more steps
+    # Softmax over the whole catalog instead of the in-batch candidates (``full_catalog_loss``); the
+    # online trainer turns it on for fine-tuning (``trainer.finetune_loss``), bootstrap keeps in-batch.
+    full_catalog: bool = False
     temperature: float = 0.05
     logq_correction: bool = True
     remove_accidental_hits: bool = True
@@ -110,6 +113,20 @@ def in_batch_softmax_loss(
         accidental = tf.logical_and(same, tf.logical_not(tf.cast(labels, tf.bool)))
         logits = tf.where(accidental, tf.cast(-1e9, logits.dtype), logits)
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def full_catalog_loss(query: tf.Tensor, catalog: tf.Tensor, rows: tf.Tensor, *, temperature: float) -> tf.Tensor:
+    """Mean softmax cross-entropy of each query [B, d] against every catalog item [N, d]; ``rows`` [B]
+    holds the positive's catalog row (-1: not in the catalog, left out of the mean).
+
+    Exact where the in-batch loss is sampled: no logQ estimate, and every item is a negative in every
+    step, which is what top-k over the catalog ranks against. The cost is ``B x N`` logits per step.
+    """
+    logits = tf.matmul(query, catalog, transpose_b=True) / temperature
+    known = rows >= 0
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(rows, 0), logits=logits)
+    weights = tf.cast(known, losses.dtype)
+    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
 
 class _BagEmbedding(keras.layers.Layer):  # type: ignore[misc]  # keras ships no type hints
@@ -289,16 +306,26 @@ def assign_optimizer_state(model: TwoTowerModel, state: list[np.ndarray]) -> Non
 
 
 def clone_for_finetune(
-    model: TwoTowerModel, *, learning_rate: float | None = None, keep_optimizer_state: bool = True
+    model: TwoTowerModel,
+    *,
+    learning_rate: float | None = None,
+    keep_optimizer_state: bool = True,
+    full_catalog: bool | None = None,
 ) -> TwoTowerModel:
     """A copy with the same weights, catalog and optimizer state (the serving model stays untouched).
 
-    The copy trains with ``finetune_learning_rate`` (or ``learning_rate``) and ``finetune_batch_size``.
+    The copy trains with ``finetune_learning_rate`` (or ``learning_rate``) and ``finetune_batch_size``,
+    and with the full-catalog loss if ``full_catalog`` (None: as the model's config says).
     Adam's moments are carried over (``keep_optimizer_state``): a fresh Adam takes full-size steps on
     every touched weight at first, which measurably hurt the first fine-tunes in bench/prequential.py.
     """
     rate = model.config.finetune_learning_rate if learning_rate is None else learning_rate
-    config = dataclasses.replace(model.config, learning_rate=rate, batch_size=model.config.finetune_batch_size)
+    config = dataclasses.replace(
+        model.config,
+        learning_rate=rate,
+        batch_size=model.config.finetune_batch_size,
+        full_catalog=model.config.full_catalog if full_catalog is None else full_catalog,
+    )
     clone = build_model(model.catalog, config)
     assign_weights(clone, weights_by_path(model))
     if keep_optimizer_state:
@@ -311,12 +338,15 @@ def _training_arrays(model: TwoTowerModel, examples: pd.DataFrame) -> dict[str, 
         raise ValueError("train: the example frame is empty; nothing to learn from")
     arrays = user_arrays(examples)
     item_ids = examples["item_id"].astype(str).to_numpy(dtype=object)
+    n_items = len(item_ids)
     arrays["item_id"], arrays["item_genres"], arrays["item_release_year"] = item_arrays(
         model.catalog, model.config.max_genres, item_ids
     )
     # logQ: in-batch candidates are drawn with the item's frequency in this training set.
     frequency = pd.Series(item_ids).map(pd.Series(item_ids).value_counts(normalize=True))
     arrays["log_q"] = np.log(frequency.to_numpy(dtype=np.float32))
+    index = model.catalog.index
+    arrays["catalog_row"] = np.fromiter((index.get(item, -1) for item in item_ids), dtype=np.int64, count=n_items)
     return arrays
 
 
@@ -327,16 +357,22 @@ def _train_step(model: TwoTowerModel) -> Any:
     cfg = model.config
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
-    def train_step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+    def train_step(batch: dict[str, tf.Tensor], catalog: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            users, items = model(batch)
-            loss = in_batch_softmax_loss(
-                users,
-                items,
-                temperature=cfg.temperature,
-                candidate_log_q=batch["log_q"] if cfg.logq_correction else None,
-                candidate_ids=batch["item_id"] if cfg.remove_accidental_hits else None,
-            )
+            if cfg.full_catalog:
+                users = model.user_tower(batch)
+                loss = full_catalog_loss(
+                    users, model.item_tower(*catalog), batch["catalog_row"], temperature=cfg.temperature
+                )
+            else:
+                users, items = model(batch)
+                loss = in_batch_softmax_loss(
+                    users,
+                    items,
+                    temperature=cfg.temperature,
+                    candidate_log_q=batch["log_q"] if cfg.logq_correction else None,
+                    candidate_ids=batch["item_id"] if cfg.remove_accidental_hits else None,
+                )
         variables = model.trainable_variables
         model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
         return loss
@@ -363,6 +399,9 @@ def train(
         .prefetch(2)
     )
     step = _train_step(model)
+    # The catalog is an argument, not a captured constant: it can grow between calls (new items).
+    catalog_parts = catalog_arrays(model.catalog, model.config.max_genres) if model.config.full_catalog else ()
+    catalog = tuple(tf.constant(part) for part in catalog_parts)
     steps_per_epoch = math.ceil(n / model.config.batch_size)
     losses: list[float] = []
     started = time.perf_counter()
@@ -370,7 +409,7 @@ def train(
         for _ in range(epochs):
             epoch_loss = tf.constant(0.0)
             for batch in dataset:
-                epoch_loss += step(batch)
+                epoch_loss += step(batch, catalog)
                 bar.update(1)
             losses.append(float(epoch_loss) / steps_per_epoch)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -28,7 +28,7 @@ from feast import FeatureStore
 from features import store as feature_store
 from features.settings import FeatureStoreTuning
 from online_trainer import export
-from online_trainer import loop as loop_module
+from online_trainer import finetune as finetune_module
 from online_trainer.bootstrap import BootstrapResult, bootstrap
 from online_trainer.dataset import build_examples
 from online_trainer.loop import OnlineTrainer
@@ -404,14 +404,14 @@ def test_a_diverged_finetune_is_rejected_and_the_model_server_is_unchanged(
     user, items = _focus(template, history)
     produce(fresh_settings, stream_for_user(user, items, history["event_time"].max() + pd.Timedelta(minutes=5), 20))
     settings = trainer_settings(fresh_settings, feast_tuning, state_dir, served.port, finetune_epochs=1)
-    real_train = loop_module.train
+    real_train = finetune_module.train
 
     def diverging_train(model: TwoTowerModel, examples: pd.DataFrame, **kwargs: Any) -> dict[str, float]:
         stats = real_train(model, examples, **kwargs)
         model.set_weights([np.full_like(weight, np.nan) for weight in model.get_weights()])
         return {**stats, "loss": float("nan")}
 
-    monkeypatch.setattr(loop_module, "train", diverging_train)
+    monkeypatch.setattr(finetune_module, "train", diverging_train)
     client = ModelServerClient.from_settings(settings)
     trainer = OnlineTrainer(settings, publisher=client)
     trainer.start()  # labels version 1 (the template was never published)

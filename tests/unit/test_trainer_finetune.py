@@ -1,0 +1,107 @@
+"""The interval plan: every new example is learned exactly once (its hold-out one interval late),
+the hold-out is never trained on, replay draws only older rows, and a restart keeps the deferred rows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from online_trainer import checkpoint
+from online_trainer.buffer import ReplayBuffer
+from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_interactions
+from online_trainer.checkpoint import Checkpoint
+from online_trainer.finetune import finetune, plan_interval
+from online_trainer.history import UserHistories
+from online_trainer.model import ModelConfig, build_model, full_catalog_loss, recommend
+from online_trainer.settings import TrainerTuning
+
+TINY = ModelConfig(
+    embedding_dim=8, item_id_buckets=512, user_id_buckets=128, profile_buckets=16, batch_size=32, finetune_batch_size=16
+)
+
+
+def _examples(n: int, *, first: int) -> pd.DataFrame:
+    """``n`` examples in time order whose item ids are their global positions (to follow rows)."""
+    rng = np.random.default_rng(first)
+    interactions = pd.DataFrame(
+        {
+            "event_id": [f"e{first + i}" for i in range(n)],
+            "user_id": rng.integers(0, 6, size=n).astype(str),
+            "item_id": [str(first + i) for i in range(n)],
+            "event_time": pd.to_datetime(1_000_000 + (first + np.arange(n)) * 60, unit="s", utc=True),
+        }
+    )
+    return examples_from_interactions(interactions, users=None)
+
+
+def _ids(frame: pd.DataFrame) -> list[int]:
+    return sorted(int(item) for item in frame["item_id"])
+
+
+def test_every_new_example_is_learned_once_and_the_holdout_one_interval_late() -> None:
+    tuning = TrainerTuning(holdout_size=10, replay_fraction=0.5)
+    replay = ReplayBuffer(1_000)
+    replay.add(_examples(100, first=0))  # the bootstrap's rows
+    deferred = empty_examples()
+    learned: list[int] = []
+    for step, first in enumerate(range(100, 400, 100)):
+        interval = _examples(100, first=first)
+        plan = plan_interval(interval, deferred=deferred, replay=replay, tuning=tuning, seed=step)
+        # the gate's rows are the 10 newest of this interval, and nothing trained on them
+        assert _ids(plan.holdout) == list(range(first + 90, first + 100))
+        assert not set(_ids(plan.holdout)) & set(_ids(plan.mix))
+        # replay: as many older rows as new ones (replay_fraction 0.5), none of this interval
+        assert len(plan.replayed) == len(plan.fresh) and max(_ids(plan.replayed)) < first
+        learned += _ids(plan.fresh)
+        replay.add(interval)
+        deferred = plan.deferred
+    # 100..389 learned as new rows exactly once; 390..399 wait for the next interval
+    assert sorted(learned) == list(range(100, 390))
+    assert _ids(deferred) == list(range(390, 400))
+
+
+def test_a_tiny_interval_keeps_a_holdout_from_the_replay_buffer() -> None:
+    tuning = TrainerTuning(holdout_size=10)
+    replay = ReplayBuffer(1_000)
+    replay.add(_examples(50, first=0))
+    plan = plan_interval(_examples(3, first=50), deferred=empty_examples(), replay=replay, tuning=tuning, seed=0)
+    assert _ids(plan.fresh) == [50, 51, 52] and plan.deferred.empty
+    assert _ids(plan.holdout) == list(range(40, 50))  # the newest replayed rows
+
+
+def test_finetune_trains_a_copy_on_the_mix(tmp_path: Path) -> None:
+    items = [str(i) for i in range(60)]
+    catalog = ItemCatalog(tuple(items[:50]), tuple(("Drama",) for _ in range(50)), (1990,) * 50)
+    model = build_model(catalog, TINY)
+    tuning = TrainerTuning(holdout_size=5, finetune_epochs=2)
+    replay = ReplayBuffer(100)
+    replay.add(_examples(50, first=0))
+    plan = plan_interval(_examples(10, first=50), deferred=empty_examples(), replay=replay, tuning=tuning, seed=0)
+    before = recommend(model, plan.holdout, k=5)[1]
+    grown = catalog.with_new_items(items[50:], [["Comedy"]] * 10, [1995] * 10)
+    candidate, stats = finetune(model, plan, tuning, catalog=grown)
+    assert candidate is not model and len(candidate.catalog) == 60 and len(model.catalog) == 50
+    assert candidate.config.full_catalog and not model.config.full_catalog  # trainer.finetune_loss default
+    assert np.isfinite(stats["loss"]) and int(candidate.optimizer.iterations) > int(model.optimizer.iterations)
+    np.testing.assert_array_equal(recommend(model, plan.holdout, k=5)[1], before)  # the serving model is untouched
+
+    # a restart finds the deferred rows in the checkpoint, with list-valued recent items
+    saved = Checkpoint(UserHistories(), replay, {"offsets": {}}, plan.deferred)
+    checkpoint.save(tmp_path, 1, saved)
+    loaded = checkpoint.load_latest(tmp_path, 1, 100)
+    assert loaded is not None and _ids(loaded.deferred) == _ids(plan.deferred) == list(range(58, 60))
+    assert loaded.deferred["recent_items"].tolist() == plan.deferred["recent_items"].tolist()
+
+
+def test_full_catalog_loss_matches_hand_computation() -> None:
+    query = tf.constant([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    catalog = tf.constant([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])  # logits of query 0: [1, 0, 0]; query 1: [0, 2, 0]
+    loss = full_catalog_loss(query, catalog, tf.constant([0, 1, -1], dtype=tf.int64), temperature=1.0)
+    # row 0: -log(e / (e + 2)); row 1: -log(e^2 / (e^2 + 2)); row 2 (not in the catalog) is left out
+    expected = (math.log1p(2 * math.exp(-1)) + math.log1p(2 * math.exp(-2))) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
