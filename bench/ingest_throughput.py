@@ -9,7 +9,8 @@ worker`` as a child process and measures, in order:
    item repartition topic) is sampled every second; the run passes if the lag of the last third
    is not above the first third's (plus two seconds of input). ``ingest.events_per_s`` is the
    rate the worker *processed* (its ``streams_events_in_total``) over the measured window.
-2. **freshness**: the same at ``--fresh-rate`` (default 1,000 events/s) for ``--fresh-duration``
+2. **freshness**: after any backlog of phase 1 is worked off (lag < 1,000 events, at most
+   ``--drain-timeout`` s), the same at ``--fresh-rate`` (default 1,000 events/s) for ``--fresh-duration``
    seconds; p50/p99 of the worker's freshness histogram (Kafka record timestamp -> features
    readable online) over that window only, interpolated within buckets as Prometheus'
    ``histogram_quantile`` does.
@@ -168,6 +169,23 @@ def paced_phase(
     return sampler, elapsed
 
 
+def drain_backlog(worker: WorkerProcess, settings: StreamsSettings, timeout_s: float) -> tuple[float, int]:
+    """Wait until the group's lag is under 1,000 events (or ``timeout_s``); returns (seconds, lag left)."""
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": settings.streams.app_id, "enable.auto.commit": False}
+    )
+    probe = Sampler(worker, settings)
+    started = time.monotonic()
+    try:
+        lag = probe.lag(consumer)
+        while lag >= 1000 and time.monotonic() - started < timeout_s:
+            time.sleep(2.0)
+            lag = probe.lag(consumer)
+    finally:
+        consumer.close()
+    return time.monotonic() - started, lag
+
+
 def lag_verdict(samples: list[tuple[float, int, float]], rate: float) -> tuple[bool, int, int, int]:
     lags = [lag for _, lag, _ in samples]
     third = max(1, len(lags) // 3)
@@ -230,6 +248,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of the throughput phase")
     parser.add_argument("--fresh-rate", type=float, default=1000.0, help="input events/s of the freshness phase")
     parser.add_argument("--fresh-duration", type=float, default=60.0, help="seconds of the freshness phase")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        help="max seconds to work off a backlog before the freshness phase",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the figures, write no result file")
     args = parser.parse_args()
 
@@ -278,6 +302,10 @@ def main() -> None:
             growing, first_lag, last_lag, max_lag = lag_verdict(sampler.samples, args.rate)
             events_per_s = processed_rate(sampler.samples)
 
+            # Freshness is a figure of the 1,000 events/s steady state: if the throughput phase
+            # left a backlog, let the worker work it off first (bounded), or every event of the
+            # freshness phase would wait behind it and the figure would measure the backlog.
+            drain_s, backlog = drain_backlog(worker, settings, timeout_s=args.drain_timeout)
             before = histogram(worker, "streams_freshness_seconds")
             fresh_sampler, _ = paced_phase(worker, settings, fresh_frame, args.fresh_rate, "freshness")
             after = histogram(worker, "streams_freshness_seconds")
@@ -300,14 +328,19 @@ def main() -> None:
         "ingest.max_lag_events": max_lag,
     }
     met = events_per_s >= 3000 and not growing and p50_ms < 100 and p99_ms < 500
+    top_bucket = "; 30,000 ms is the top finite bucket: the true value is at least that" if p99_ms >= 30000 else ""
     notes = (
         f"Input {args.rate:,.0f} events/s for {args.duration:.0f} s (throughput phase, {elapsed:.0f} s "
         f"incl. drain), then {args.fresh_rate:,.0f} events/s for {args.fresh_duration:.0f} s (freshness "
         "phase); MovieLens-100K looped with new event ids and shifted times; one worker, 4 partitions, "
         "Kafka + Redis + worker + producer on this machine. Consumer lag (events, interactions + item "
         f"repartition topic): median {first_lag} in the first third, {last_lag} in the last third, max "
-        f"{max_lag}: {'GROWING' if growing else 'not growing'}. Freshness is the worker's histogram (Kafka "
-        "record timestamp -> push returned), both views. Floor: raw confluent-kafka consume + Redis "
+        f"{max_lag}: {'GROWING' if growing else 'not growing'}. Before the freshness phase the backlog was "
+        f"worked off for {drain_s:.0f} s (lag left: {backlog} events{'' if backlog < 1000 else ', NOT drained'}). "
+        "Freshness is the worker's histogram (Kafka record timestamp of the event on the interactions topic "
+        "-> the push carrying it returned), both views"
+        f"{top_bucket}"
+        ". Floor: raw confluent-kafka consume + Redis "
         f"pipeline HSET per event of the same topic. Targets {'met' if met else 'MISSED'}."
     )
     print(json.dumps(metrics, indent=2))

@@ -4,9 +4,9 @@ Topology (every name from settings)::
 
     topics.interactions (raw bytes, keyed by user)
         -> agent ``ingest``: validate | dead-letter -> topics.deadletter
+             forward, one bundle per item partition per batch -> <interactions>.by-item (internal)
              user state table (changelog-backed) -> push user_activity
-             forward the raw event, keyed by item -> <interactions>.by-item (internal)
-    <interactions>.by-item
+    <interactions>.by-item (bundles, see streams.repartition)
         -> agent ``item_stats``: item state table -> push item_stats
 
 Why raw values: a record that is not JSON, or not an ``Interaction``, must reach the dead-letter
@@ -73,8 +73,8 @@ class FaustOutputs:
     async def dead_letter(self, letter: DeadLetter, key: bytes | None) -> None:
         await self.deadletter.send(key=key, value=letter.to_bytes())
 
-    async def forward_to_items(self, item_id: str, value: bytes, timestamp_s: float) -> None:
-        await self.by_item.send(key=item_id.encode(), value=value, timestamp=timestamp_s)
+    async def forward_to_items(self, partition: int, value: bytes, timestamp_s: float) -> None:
+        await self.by_item.send(value=value, partition=partition, timestamp=timestamp_s)
 
 
 @dataclass
@@ -119,6 +119,7 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
         store="memory://",
         datadir=str(state_dir),
         processing_guarantee="at_least_once",
+        producer_linger=tuning.producer_linger_s,
         broker_commit_interval=tuning.commit_interval_s,
         broker_session_timeout=tuning.session_timeout_s,
         broker_rebalance_timeout=tuning.session_timeout_s,
@@ -164,7 +165,9 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
         sink=sink,
         window=WindowConfig.from_seconds(tuning.allowed_lateness_s),
         max_future_skew=timedelta(seconds=tuning.max_future_skew_s),
+        item_partitions=partitions,
         max_pending=tuning.max_held_events,
+        push_min_interval_s=tuning.push_min_interval_s,
     )
 
     # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares.

@@ -5,10 +5,10 @@
 * ``ingest_batch`` (records of ``topics.interactions``, keyed by user): decode and validate each
   raw value (``decode_event``, which rejects far-future times); anything that fails, and any
   exception while handling a record, goes to the dead-letter topic with its source topic,
-  partition and offset (``DeadLetter.for_raw``) and is counted. Valid events update the user's
-  state and are forwarded, unchanged, to the item-keyed repartition topic with their original
-  Kafka timestamp.
-* ``item_batch`` (records of the repartition topic, keyed by item): the same for item states.
+  partition and offset (``DeadLetter.for_raw``) and is counted. Valid events are forwarded to
+  the repartition topic, one bundle per item partition per batch (``streams.repartition``: item
+  id, event time, event id and the original Kafka timestamp), then update the users' states.
+* ``item_batch`` (bundles of the repartition topic): every entry updates its item's state.
 
 Accepted events (and duplicates: their first push may have died with a crashed worker) mark
 their entity dirty in the view's :class:`~streams.pusher.ViewPusher`, which writes the entity's
@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 from streamrec.errors import EventValidationError
 from streamrec.events import DeadLetter, Interaction, decode_event
-from streams import metrics
+from streams import metrics, repartition
 from streams.pusher import FeatureRow, FeatureSink, StateTable, View, ViewPusher
+from streams.repartition import ItemEvent, item_partition
 from streams.windows import EntityState, Outcome, WindowConfig, apply, item_features, to_us, user_features
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class Outputs(Protocol):
 
     async def dead_letter(self, letter: DeadLetter, key: bytes | None) -> None: ...
 
-    async def forward_to_items(self, item_id: str, value: bytes, timestamp_s: float) -> None: ...
+    async def forward_to_items(self, partition: int, value: bytes, timestamp_s: float) -> None:
+        """Send one by-item bundle (``streams.repartition``) to ``partition`` of the repartition topic."""
 
 
 @dataclass
@@ -78,6 +80,8 @@ class BatchReport:
     duplicates: int = 0
     late: int = 0
     dead_lettered: int = 0
+    # (record, error) of events that failed while being applied; dead-lettered at the batch's end
+    failed: list[tuple[RecordLike, Exception]] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -88,7 +92,9 @@ class FeaturePipeline:
     sink: FeatureSink
     window: WindowConfig
     max_future_skew: timedelta
+    item_partitions: int = 1
     max_pending: int = 20_000
+    push_min_interval_s: float = 0.0
     clock: Callable[[], float] = time.time
     pushers: dict[View, ViewPusher] = field(default_factory=dict)
 
@@ -97,74 +103,126 @@ class FeaturePipeline:
             to_row = self._user_row if view == "user_activity" else self._item_row
             table = self.users if view == "user_activity" else self.items
             self.pushers[view] = ViewPusher(
-                view, table, self.sink, to_row, max_pending=self.max_pending, clock=self.clock
+                view,
+                table,
+                self.sink,
+                to_row,
+                max_pending=self.max_pending,
+                min_interval_s=self.push_min_interval_s,
+                clock=self.clock,
             )
         return self.pushers[view]
 
     async def ingest_batch(self, events: Sequence[EventLike]) -> BatchReport:
+        """Validate, forward to the item side (bundled), then apply to user states."""
         metrics.EVENTS_IN.inc(len(events))
-        return await self._process(events, "user_activity", validate_future=True)
+        report = BatchReport(records=len(events))
+        valid: list[tuple[EventLike, Interaction]] = []
+        for event in events:
+            record = event.message
+            try:
+                valid.append(
+                    (event, decode_event(_as_bytes(record.value), Interaction, max_future_skew=self.max_future_skew))
+                )
+            except EventValidationError as exc:
+                await self._dead_letter(record, exc, report)
+        # Forward first: an event whose bundle cannot be sent is dead-lettered with its state untouched.
+        bundles: dict[int, list[tuple[EventLike, ItemEvent]]] = {}
+        for event, interaction in valid:
+            entry = ItemEvent(
+                interaction.item_id, to_us(interaction.event_time), interaction.event_id, event.message.timestamp
+            )
+            bundles.setdefault(item_partition(entry.item_id, self.item_partitions), []).append((event, entry))
+        failed: set[int] = set()
+        for partition, entries in bundles.items():
+            try:
+                value = repartition.encode([entry for _, entry in entries])
+                await self.outputs.forward_to_items(partition, value, min(entry.origin_ts for _, entry in entries))
+            except Exception as exc:  # noqa: BLE001 -- never drop an event silently: dead-letter it
+                log.exception("could not forward %d events to by-item partition %d", len(entries), partition)
+                for event, _ in entries:
+                    failed.add(id(event))
+                    await self._dead_letter(event.message, exc, report)
+        table, pusher = self.users, self.pusher("user_activity")
+        for event, interaction in valid:
+            if id(event) in failed:
+                continue
+            self._apply(
+                "user_activity", table, pusher, event, report,
+                interaction.user_id, to_us(interaction.event_time), interaction.event_id, interaction.item_id,
+                event.message.timestamp,
+            )  # fmt: skip
+        await self._flush(report, "user_activity")
+        await pusher.kick()
+        return report
 
     async def item_batch(self, events: Sequence[EventLike]) -> BatchReport:
-        return await self._process(events, "item_stats", validate_future=False)
+        """Apply every entry of each by-item bundle (``streams.repartition``) to item states."""
+        report = BatchReport(records=len(events))
+        table, pusher = self.items, self.pusher("item_stats")
+        for event in events:
+            try:
+                entries = repartition.decode(_as_bytes(event.message.value))
+            except EventValidationError as exc:
+                await self._dead_letter(event.message, exc, report)
+                continue
+            for entry in entries:
+                self._apply(
+                    "item_stats", table, pusher, event, report,
+                    entry.item_id, entry.time_us, entry.event_id, None, entry.origin_ts,
+                )  # fmt: skip
+        await self._flush(report, "item_stats")
+        await pusher.kick()
+        return report
 
     async def drain(self) -> None:
         """Wait until every held event is pushed and acked."""
         for pusher in list(self.pushers.values()):
             await pusher.drain()
 
-    async def _process(self, events: Sequence[EventLike], view: View, *, validate_future: bool) -> BatchReport:
-        report = BatchReport(records=len(events))
-        table = self.users if view == "user_activity" else self.items
-        pusher = self.pusher(view)
-        for event in events:
+    def _apply(
+        self,
+        view: View,
+        table: StateTable,
+        pusher: ViewPusher,
+        event: EventLike,
+        report: BatchReport,
+        entity_id: str,
+        time_us: int,
+        event_id: str,
+        item_id: str | None,
+        origin_ts: float,
+    ) -> None:
+        """Apply one event to its entity's state and hold it for the push; failures go to ``report.failed``."""
+        try:
+            state = table.get(entity_id)
+            if state is None:
+                state = EntityState()
+                table.put(entity_id, state)
+            outcome = apply(state, time_us, event_id, item_id, self.window)
+        except Exception as exc:  # noqa: BLE001 -- dead-lettered by _flush: never drop an event silently
             record = event.message
-            raw = _as_bytes(record.value)
-            try:
-                if raw is None:
-                    raise EventValidationError("undecodable", "the record has no value (tombstone)")
-                interaction = decode_event(
-                    raw,
-                    Interaction,
-                    max_future_skew=self.max_future_skew if validate_future else None,
-                )
-            except EventValidationError as exc:
-                await self._dead_letter(record, exc, report)
-                continue
-            try:
-                if view == "user_activity":
-                    # Forward first: if it fails, the state is untouched and the event is dead-lettered.
-                    await self.outputs.forward_to_items(interaction.item_id, raw, record.timestamp)
-                entity_id = interaction.user_id if view == "user_activity" else interaction.item_id
-                state = table.get(entity_id)
-                if state is None:
-                    state = EntityState()
-                    table.put(entity_id, state)
-                outcome = apply(
-                    state,
-                    to_us(interaction.event_time),
-                    interaction.event_id,
-                    interaction.item_id if view == "user_activity" else None,
-                    self.window,
-                )
-            except Exception as exc:  # noqa: BLE001 -- never drop an event silently: dead-letter it
-                log.exception("failed on %s[%s]@%s", record.topic, record.partition, record.offset)
-                await self._dead_letter(record, exc, report)
-                continue
-            if outcome is Outcome.LATE:
-                report.late += 1
-                metrics.LATE_EVENTS.labels(view).inc()
-                continue
-            if outcome is Outcome.DUPLICATE:
-                report.duplicates += 1
-                metrics.DUPLICATES.labels(view).inc()
-            else:
-                report.accepted += 1
-                metrics.ACCEPTED.labels(view).inc()
-            # A duplicate is pushed again too: its first push may have died with a crashed worker.
-            pusher.hold(entity_id, state, record.partition, event)
-        await pusher.kick()
-        return report
+            log.exception("failed on %s[%s]@%s (%s)", record.topic, record.partition, record.offset, entity_id)
+            report.failed.append((record, exc))
+            return
+        if outcome is Outcome.LATE:
+            report.late += 1
+            return
+        if outcome is Outcome.DUPLICATE:
+            report.duplicates += 1
+        else:
+            report.accepted += 1
+        # A duplicate is pushed again too: its first push may have died with a crashed worker.
+        pusher.hold(entity_id, state, event.message.partition, event, origin_ts)
+
+    async def _flush(self, report: BatchReport, view: View) -> None:
+        """Count the batch once (a labelled counter per event was a visible cost) and dead-letter failures."""
+        metrics.ACCEPTED.labels(view).inc(report.accepted)
+        metrics.DUPLICATES.labels(view).inc(report.duplicates)
+        metrics.LATE_EVENTS.labels(view).inc(report.late)
+        failed, report.failed = report.failed, []
+        for record, exc in failed:
+            await self._dead_letter(record, exc, report)
 
     def _user_row(self, entity_id: str, state: EntityState) -> FeatureRow:
         return FeatureRow(entity_id, user_features(state, self.window), state.version_us)

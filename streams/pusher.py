@@ -18,6 +18,7 @@ always covered by both. ``max_pending`` bounds the events held: beyond it the ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -79,19 +80,27 @@ class ViewPusher:
     sink: FeatureSink
     to_row: Callable[[str, EntityState], FeatureRow]
     max_pending: int = 20_000
+    min_interval_s: float = 0.0
     retry_max_s: float = 5.0
     clock: Callable[[], float] = time.time
     _dirty: dict[str, _Dirty] = field(default_factory=dict)
-    _held: list[HeldEvent] = field(default_factory=list)
+    _held: list[tuple[HeldEvent, float]] = field(default_factory=list)
     _in_flight: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _progress: asyncio.Condition = field(default_factory=asyncio.Condition)
     _task: asyncio.Task[None] | None = None
 
-    def hold(self, entity_id: str, state: EntityState, partition: int, event: HeldEvent) -> None:
-        """Mark ``entity_id`` for the next push and keep ``event`` unacked until then."""
+    def hold(
+        self, entity_id: str, state: EntityState, partition: int, event: HeldEvent, origin_ts: float | None = None
+    ) -> None:
+        """Mark ``entity_id`` for the next push and keep ``event`` unacked until then.
+
+        ``origin_ts`` is when the event entered the interactions topic (freshness is measured
+        from it); it defaults to the record's own timestamp. One record may be held several
+        times (a by-item bundle, one hold per entry): each hold is one reference, released once.
+        """
         event.message.incref()
-        self._held.append(event)
+        self._held.append((event, event.message.timestamp if origin_ts is None else origin_ts))
         self._dirty[entity_id] = _Dirty(state, partition)
 
     @property
@@ -111,15 +120,25 @@ class ViewPusher:
         """Wait until everything held so far is pushed and acked (tests, shutdown)."""
         while self.pending:
             await self.kick()
-            async with self._progress:
-                await self._progress.wait_for(lambda: self.pending == 0 or self._in_flight == 0)
+            # Wait for progress, not for "no push in flight": between pushes (push_min_interval_s)
+            # nothing is in flight while events are held, and that predicate made this a busy loop
+            # that never let the push task run. The timeout re-kicks a push task that died.
+            with contextlib.suppress(TimeoutError):
+                async with self._progress:
+                    await asyncio.wait_for(self._progress.wait_for(lambda: self.pending == 0), timeout=1.0)
 
     async def _run(self) -> None:
+        last_start = -float("inf")
         while True:
             await self._wake.wait()
             self._wake.clear()
             if not self._dirty:
                 continue
+            # Let more entities coalesce into this push (see StreamsTuning.push_min_interval_s).
+            wait_s = last_start + self.min_interval_s - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            last_start = time.monotonic()
             dirty, held = self._dirty, self._held
             self._dirty, self._held = {}, []
             self._in_flight = len(held)
@@ -129,8 +148,8 @@ class ViewPusher:
             await self._push(rows)
             readable_at = self.clock()
             freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
-            for event in held:
-                freshness.observe(max(0.0, readable_at - float(event.message.timestamp)))
+            for event, origin_ts in held:
+                freshness.observe(max(0.0, readable_at - float(origin_ts)))
                 event.ack()
             self._in_flight = 0
             async with self._progress:

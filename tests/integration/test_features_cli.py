@@ -16,8 +16,8 @@ from features.cli import app, render_feature_store_yaml
 from features.settings import FeaturesSettings, FeatureStoreTuning
 from features.store import repo_config
 from streamrec import contracts
+from streamrec.infra.ports import free_ports
 from streamrec.settings import PROJECT_ROOT, PathSettings, RedisSettings, StackSettings
-from tests.conftest import free_ports
 
 FEAST = str(Path(sys.executable).parent / "feast")
 VIEWS = sorted(

@@ -21,8 +21,8 @@ from features.history import historical_features
 from features.settings import FeaturesSettings, FeatureStoreTuning
 from streamrec import contracts
 from streamrec.data.movielens import load_users
+from streamrec.infra.ports import free_ports
 from streamrec.settings import PathSettings, RedisSettings
-from tests.conftest import free_ports
 
 T1, T2, T3 = (pd.Timestamp(f"1998-02-0{day}T12:00:00", tz="UTC") for day in (1, 2, 3))
 HOUR = pd.Timedelta(hours=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -151,3 +152,48 @@ def test_setup_is_idempotent(store: FeatureStore, settings: FeaturesSettings) ->
             contracts.ITEM_STATS_VIEW,
         ]
     )
+
+
+def test_the_row_writer_stores_exactly_what_a_frame_push_stores(
+    store: FeatureStore, settings: FeaturesSettings
+) -> None:
+    """The worker's ``RowWriter`` skips pandas and the per-push registry reads, not Feast's format."""
+    import redis
+
+    from features import views
+    from features.push import RowWriter
+
+    @dataclass(frozen=True)
+    class Row:
+        entity_id: str
+        features: dict[str, object]
+        version_us: int
+
+    when = pd.Timestamp("1998-04-01T08:00:00.000123", tz="UTC")
+    features = {"recent_items": ["7", "3"], "count_1h": 2, "count_24h": 12, "last_event_ts": int(when.timestamp())}
+    frame = user_activity("30", "1998-04-01T08:00:00.000123", 2, ["7", "3"])
+    feature_store.push_user_activity(store, frame, offline=False)
+    writer = RowWriter(store, views.USER_ACTIVITY)
+    version_us = (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+    assert writer.write([Row("31", features, version_us)], online=True, offline=False) == 1
+
+    def stored(user_id: str) -> dict[bytes, bytes]:
+        """The user_activity fields of the user's Redis hash (profile fields share the hash)."""
+        from feast.infra.online_stores.helpers import _mmh3
+        from feast.infra.online_stores.redis import _redis_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        entity_key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=user_id)])
+        key = _redis_key(store.config.project, entity_key, entity_key_serialization_version=3)
+        fields = [b"_ts:user_activity", *(_mmh3(f"user_activity:{name}") for name in features)]
+        client = redis.Redis(host=settings.redis.host, port=settings.redis.port, db=settings.redis.db)
+        return dict(zip(fields, client.hmget(key, fields), strict=True))
+
+    # same fields and bytes (the key differs only by the entity id), and the same read back
+    assert None not in stored("30").values()
+    assert stored("31") == stored("30")
+    assert online_user(store, "31")["recent_items"] == ["7", "3"]
+    # last write wins by event time on this path too: an older row is skipped
+    assert writer.write([Row("31", {**features, "count_1h": 99}, version_us - 1)], online=True, offline=False) == 1
+    assert online_user(store, "31")["count_1h"] == 2

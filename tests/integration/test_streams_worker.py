@@ -26,12 +26,12 @@ from confluent_kafka import KafkaError, Message, Producer
 from streamrec.consume import consume_decoded
 from streamrec.data import movielens
 from streamrec.events import DeadLetter
+from streamrec.infra.ports import free_ports
 from streamrec.kafka_admin import ensure_topics
 from streamrec.replay import producer_config, replay
 from streamrec.settings import PathSettings, ReplaySettings, StackSettings, TopicSettings
 from streams.process import WorkerProcess
 from streams.settings import StreamsSettings, StreamsTuning
-from tests.conftest import free_ports
 
 HOUR = pd.Timedelta(hours=1)
 USER_FEATURES = ("recent_items", "count_1h", "count_24h", "last_event_ts")

@@ -21,6 +21,7 @@ import pytest
 
 from streamrec.events import DeadLetter
 from streamrec.settings import PathSettings
+from streams import repartition
 from streams.app import Worker, create_app
 from streams.pipeline import FeatureRow, View
 from streams.settings import StreamsSettings, StreamsTuning
@@ -50,16 +51,19 @@ class RecordingSink:
 class RecordingOutputs:
     def __init__(self, fail_forward_for: str | None = None) -> None:
         self.dead_letters: list[DeadLetter] = []
-        self.forwarded: list[tuple[str, bytes, float]] = []
+        self.forwarded: list[tuple[int, bytes, float]] = []  # (partition, bundle, timestamp)
         self.fail_forward_for = fail_forward_for
 
     async def dead_letter(self, letter: DeadLetter, key: bytes | None) -> None:
         self.dead_letters.append(letter)
 
-    async def forward_to_items(self, item_id: str, value: bytes, timestamp_s: float) -> None:
-        if item_id == self.fail_forward_for:
+    async def forward_to_items(self, partition: int, value: bytes, timestamp_s: float) -> None:
+        if any(entry.item_id == self.fail_forward_for for entry in repartition.decode(value)):
             raise RuntimeError("repartition topic unavailable")
-        self.forwarded.append((item_id, value, timestamp_s))
+        self.forwarded.append((partition, value, timestamp_s))
+
+    def entries(self) -> list[tuple[int, repartition.ItemEvent]]:
+        return [(partition, entry) for partition, value, _ in self.forwarded for entry in repartition.decode(value)]
 
 
 def event(event_id: str, user: str, item: str, seconds: float) -> bytes:
@@ -184,8 +188,16 @@ def test_a_batch_updates_user_state_pushes_once_and_forwards_by_item(
         "u2": {"recent_items": ["i1"], "count_1h": 1, "count_24h": 1, "last_event_ts": T0 + 7200},
     }
     assert sorted(changelog) == [(1, "u1"), (3, "u2")]  # one record per entity, on its own partition
-    assert [(item, ts) for item, _, ts in outputs.forwarded] == [("i1", 1000.0), ("i2", 1001.0), ("i1", 1002.0)]
-    assert outputs.forwarded[0][1] == event("e1", "u1", "i1", T0)  # the original bytes
+    # forwarded in bundles, each entry on its item's partition with its original Kafka timestamp
+    partitions = StreamsSettings().topics.partitions
+    entries = sorted(outputs.entries(), key=lambda forwarded: forwarded[1].origin_ts)
+    assert [(partition, entry.item_id, entry.event_id, entry.origin_ts) for partition, entry in entries] == [
+        (repartition.item_partition("i1", partitions), "i1", "e1", 1000.0),
+        (repartition.item_partition("i2", partitions), "i2", "e2", 1001.0),
+        (repartition.item_partition("i1", partitions), "i1", "e3", 1002.0),
+    ]
+    assert entries[1][1].time_us == (T0 + 600) * 1_000_000
+    assert len(outputs.forwarded) <= len(results) * partitions  # one record per partition per batch
     assert not outputs.dead_letters
 
 
@@ -214,17 +226,24 @@ def test_an_exception_while_processing_dead_letters_the_event_and_the_rest_goes_
     tmp_path: Path, sink: RecordingSink
 ) -> None:
     outputs = RecordingOutputs(fail_forward_for="broken-item")
+    partitions = StreamsSettings().topics.partitions
+    # an item whose bundle goes to another partition than the broken one's, so it is sent
+    other = next(
+        f"i{n}"
+        for n in range(100)
+        if repartition.item_partition(f"i{n}", partitions) != repartition.item_partition("broken-item", partitions)
+    )
 
     async def body(put: Put) -> None:
         await put(event("e1", "u1", "broken-item", T0), key=b"u1", partition=2, wait=False)
-        await put(event("e2", "u1", "i2", T0 + 1), key=b"u1", partition=2)
+        await put(event("e2", "u1", other, T0 + 1), key=b"u1", partition=2)
 
     run_agent(tmp_path, sink, outputs, "ingest", body)
     assert [(letter.reason, letter.source_offset) for letter in outputs.dead_letters] == [("RuntimeError", 0)]
     assert "repartition topic unavailable" in outputs.dead_letters[0].error
     # the failed event did not reach the state
     assert sink.latest("user_activity")["u1"] == {
-        "recent_items": ["i2"],
+        "recent_items": [other],
         "count_1h": 1,
         "count_24h": 1,
         "last_event_ts": T0 + 1,
@@ -282,12 +301,22 @@ def test_item_agent_counts_per_item_with_the_trending_score(
     tmp_path: Path, sink: RecordingSink, outputs: RecordingOutputs
 ) -> None:
 
+    def bundle(*entries: tuple[str, str, int]) -> bytes:
+        return repartition.encode(
+            [
+                repartition.ItemEvent(item, T0 * 10**6 + offset * 10**6, event_id, 1000.0)
+                for event_id, item, offset in entries
+            ]
+        )
+
     async def body(put: Put) -> None:
         # item i1: three users within the last hour, one 5 h earlier; i2: one event
-        for index, (user, offset) in enumerate([("u1", 0), ("u2", 4 * 3600), ("u3", 5 * 3600 - 60), ("u4", 5 * 3600)]):
-            await put(event(f"e{index}", user, "i1", T0 + offset), key=b"i1", partition=1, wait=False)
-        await put(event("e9", "u1", "i2", T0), key=b"i2", partition=2, wait=False)
-        await put(event("e0", "u1", "i1", T0), key=b"i1", partition=1)  # a duplicate from the repartition
+        i1 = [(f"e{index}", "i1", offset) for index, offset in enumerate([0, 4 * 3600, 5 * 3600 - 60])]
+        await put(bundle(*i1[:2]), partition=1, wait=False)
+        await put(bundle(i1[2], ("e3", "i1", 5 * 3600)), partition=1, wait=False)
+        await put(bundle(("e9", "i2", 0)), partition=2, wait=False)
+        await put(b"not a bundle", partition=2, wait=False)  # dead-lettered whole
+        await put(bundle(("e0", "i1", 0)), partition=1)  # a duplicate from the repartition
 
     run_agent(tmp_path, sink, outputs, "item_stats", body)
     assert sink.latest("item_stats") == {
@@ -295,6 +324,7 @@ def test_item_agent_counts_per_item_with_the_trending_score(
         "i2": {"count_1h": 1, "count_24h": 1, "trending_score": 1 / (1 + 1 / 24)},
     }
     assert not outputs.forwarded  # the item side does not forward again
+    assert [(letter.reason, letter.source_partition) for letter in outputs.dead_letters] == [("undecodable", 2)]
 
 
 def test_an_event_is_acked_only_after_the_push_carrying_it_returned(tmp_path: Path, outputs: RecordingOutputs) -> None:
