@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from features import store as feature_store
 from features.settings import FeaturesSettings, FeatureStoreTuning
 from streamrec import contracts
 from streamrec.data.movielens import load_items, load_users
+from streamrec.feature_watch import ActivityWatch
 from streamrec.settings import PathSettings, StackSettings
 
 SAMPLE_USERS = ["1", "2", "405", "943"]
@@ -197,3 +199,18 @@ def test_the_row_writer_stores_exactly_what_a_frame_push_stores(
     # last write wins by event time on this path too: an older row is skipped
     assert writer.write([Row("31", {**features, "count_1h": 99}, version_us - 1)], online=True, offline=False) == 1
     assert online_user(store, "31")["count_1h"] == 2
+
+
+def test_activity_watch_shows_pushed_features_and_flags_only_changed_users(store: FeatureStore) -> None:
+    """``ActivityWatch`` (``make demo`` and ``streams watch``) reads through Feast and flags changes."""
+    watch = ActivityWatch(store, ["70", "71"])
+    first = watch.read()
+    assert [changed for _, changed in first] == [False, False]  # nothing to compare with yet
+    assert re.sub(r"=\s+", "=", first[0][0]).split()[1] == "1h=None"  # no activity row yet
+
+    feature_store.push_user_activity(store, user_activity("70", "1998-01-01T10:00:00", 3, ["50", "172"]), offline=False)
+    second = watch.read()
+    assert [changed for _, changed in second] == [True, False]
+    shown = re.sub(r"=\s+", "=", second[0][0]).split()
+    assert shown == ["70", "1h=3", "24h=13", "last=1998-01-01T10:00:00+00:00", "recent=[50,172]"]
+    assert [changed for _, changed in watch.read()] == [False, False]
