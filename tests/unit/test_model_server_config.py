@@ -13,7 +13,7 @@ from serving.model_server.config import parse_config, read_config, single_model_
 from serving.model_server.core import CoreOptions, ServerCore
 from serving.model_server.errors import FailedPrecondition, InvalidArgument
 from serving.model_server.manager import ModelManager
-from serving.model_server.versions import Signature, check_inputs
+from serving.model_server.versions import Signature, check_inputs, to_eager_tensor
 
 CONFIG = """
 model_config_list {
@@ -119,3 +119,24 @@ def test_input_checks_name_extra_missing_dtype_and_shape() -> None:
         check_inputs(signature, {"ids": np.array([["a", "b", "c"]], dtype=object), "n": np.array([1.0], np.float32)})
     with pytest.raises(InvalidArgument, match="shape"):
         check_inputs(signature, {"ids": np.array([["a"]], dtype=object), "n": np.array([1])})
+    with pytest.raises(InvalidArgument, match=r"shape \[3\] is not compatible with \(None, 3\)"):
+        check_inputs(signature, {"ids": np.array(["a", "b", "c"], dtype=object), "n": np.array([1])})
+    with pytest.raises(InvalidArgument, match=r"'n': shape \[1, 1\]"):
+        check_inputs(signature, {"ids": np.array([["a", "b", "c"]], dtype=object), "n": np.array([[1]])})
+
+
+def test_unknown_rank_accepts_any_shape_and_tensors_match_tf_constant() -> None:
+    signature = Signature(
+        function=None,
+        inputs={"ids": tf.TensorSpec(None, tf.string), "n": tf.TensorSpec([2], tf.int64)},
+        outputs=("scores",),
+    )
+    ids = np.array([[b"a"], [b"b"]], dtype=object)
+    n = np.array([4, 5], dtype=np.int64)
+    check_inputs(signature, {"ids": ids, "n": n})
+    for alias, value in (("ids", ids), ("n", n)):
+        converted = to_eager_tensor(value, signature.checks[alias].dtype_enum)
+        expected = tf.constant(value, dtype=signature.inputs[alias].dtype)
+        assert converted.dtype == expected.dtype
+        assert converted.shape == expected.shape
+        assert converted.numpy().tolist() == expected.numpy().tolist()
