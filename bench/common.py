@@ -107,13 +107,13 @@ def _shown(value: float) -> str:
 
 
 def _verdict(value: float, target: str) -> str:
-    """'met' / 'MISSED' for targets written as '>= N' or '<= N' (with optional unit and commas)."""
+    """'met' / 'MISSED' for targets written as '>= N', '<= N', '> N' or '< N' (unit, commas allowed)."""
     parts = target.replace(",", "").split()
-    if len(parts) < 2 or parts[0] not in {">=", "<="}:
+    checks = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+    if len(parts) < 2 or parts[0] not in checks:
         return ""
     try:
         bound = float(parts[1])
     except ValueError:
         return ""
-    met = value >= bound if parts[0] == ">=" else value <= bound
-    return "met" if met else "**MISSED**"
+    return "met" if checks[parts[0]](float(value), bound) else "**MISSED**"
