@@ -29,6 +29,12 @@ def worker(
     ] = None,
 ) -> None:
     """Consume interactions, keep windowed state, push features to Feast until stopped (Ctrl-C)."""
+    import mode.loop
+
+    settings = load(StreamsSettings)
+    # Before the app exists: the policy decides the loop the Faust worker creates.
+    mode.loop.use("aio" if settings.streams.event_loop == "asyncio" else settings.streams.event_loop)
+
     import faust
 
     from streams.app import worker as built

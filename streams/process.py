@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -45,8 +46,11 @@ def settings_environment(settings: CommonSettings) -> dict[str, str]:
     return env
 
 
-def worker_command(web_port: int = 0, loglevel: str = "info") -> list[str]:
-    """``faust -A streams.app worker -l <level>`` with the faust script of this interpreter.
+def worker_command(web_port: int = 0, loglevel: str = "info", event_loop: str = "uvloop") -> list[str]:
+    """``faust -L <loop> -A streams.app worker -l <level>`` with the faust script of this interpreter.
+
+    ``-L`` chooses the event loop (``streams.event_loop``; Faust calls the default one ``aio``):
+    Faust reads it from the command line when it is imported, before any loop exists.
 
     Faust's CLI decides about its web server itself (``--with-web`` is its default, on port
     6066, whatever the app's configuration says), so the flag is passed here: off for
@@ -54,7 +58,34 @@ def worker_command(web_port: int = 0, loglevel: str = "info") -> list[str]:
     """
     faust_script = Path(sys.executable).with_name("faust")
     web = ["--without-web"] if web_port == 0 else ["--web-port", str(web_port), "--web-bind", "127.0.0.1"]
-    return [str(faust_script), "-A", "streams.app", "worker", "-l", loglevel, *web]
+    loop = "aio" if event_loop == "asyncio" else event_loop
+    return [str(faust_script), "-L", loop, "-A", "streams.app", "worker", "-l", loglevel, *web]
+
+
+_PROMETHEUS_MULTIPROCESS_VARIABLES = (
+    "PROMETHEUS_MULTIPROC_DIR",
+    "PROMETHEUS_MULTIPROCESS_DIR",
+    "prometheus_multiproc_dir",
+)
+
+
+def worker_environment(settings: StreamsSettings, parent: Mapping[str, str]) -> dict[str, str]:
+    """The child's environment: ``parent`` without its ``STREAMREC_*`` and Prometheus variables, plus ``settings``.
+
+    A parent that imported Feast carries ``PROMETHEUS_MULTIPROC_DIR`` (Feast sets it on import,
+    for gunicorn workers). Inherited, it switches the worker's prometheus_client to multiprocess
+    mode: every counter increment and histogram observation becomes a locked write to an mmapped
+    file. The worker is one process serving its own ``/metrics``, so it does not need that.
+    """
+    env = {
+        key: value
+        for key, value in parent.items()
+        if not key.upper().startswith(ENV_PREFIX) and key not in _PROMETHEUS_MULTIPROCESS_VARIABLES
+    }
+    env.update(settings_environment(settings))
+    # The repository root on the path: ``-A streams.app`` must import from this checkout.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 class WorkerProcess:
@@ -68,13 +99,12 @@ class WorkerProcess:
         self._log: IO[bytes] | None = None
 
     def start(self) -> None:
-        env = {key: value for key, value in os.environ.items() if not key.upper().startswith(ENV_PREFIX)}
-        env.update(settings_environment(self.settings))
-        # The repository root on the path: ``-A streams.app`` must import from this checkout.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        env = worker_environment(self.settings, os.environ)
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 -- our own worker command line
-            worker_command(self.settings.streams.web_port, self.settings.streams.log_level),
+            worker_command(
+                self.settings.streams.web_port, self.settings.streams.log_level, self.settings.streams.event_loop
+            ),
             cwd=PROJECT_ROOT,
             env=env,
             stdout=self._log,
