@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from streamrec import contracts
+from streamrec.feature_watch import ActivityWatch
 from streamrec.settings import load
 from streams.settings import StreamsSettings
 
@@ -43,17 +43,6 @@ def worker(
     faust.Worker(built.app, loglevel=level).execute_from_commandline()
 
 
-def _format_row(row: dict[str, object]) -> str:
-    recent = row.get("recent_items") or []
-    last = row.get("last_event_ts")
-    when = datetime.fromtimestamp(int(last), UTC).isoformat() if isinstance(last, int | float) and last == last else "-"
-    shown = ",".join(str(item) for item in list(recent)[:8])  # type: ignore[call-overload]
-    return (
-        f"{row[contracts.USER_JOIN_KEY]!s:>8}  1h={row.get('count_1h')!s:>4}  24h={row.get('count_24h')!s:>5}  "
-        f"last={when}  recent=[{shown}]"
-    )
-
-
 @app.command()
 def watch(
     user_ids: Annotated[list[str], typer.Argument(help="Users to show.")],
@@ -64,22 +53,12 @@ def watch(
     from features.store import open_store
 
     settings = load(StreamsSettings)
-    store = open_store(settings)
-    refs = [f"{contracts.USER_ACTIVITY_VIEW}:{name}" for name in contracts.USER_ACTIVITY_FEATURES]
+    watcher = ActivityWatch(open_store(settings), list(user_ids))
     done = 0
-    previous: dict[str, str] = {}
     while iterations == 0 or done < iterations:
-        rows = store.get_online_features(
-            features=refs, entity_rows=[{contracts.USER_JOIN_KEY: user} for user in user_ids]
-        ).to_dict()
         stamp = datetime.now(UTC).strftime("%H:%M:%S")
-        for index, user in enumerate(user_ids):
-            row = {name: values[index] for name, values in rows.items()}
-            row[contracts.USER_JOIN_KEY] = user
-            line = _format_row(row)
-            marker = "*" if previous.get(user) not in (None, line) else " "
-            previous[user] = line
-            typer.echo(f"{stamp} {marker} {line}")
+        for line, changed in watcher.read():
+            typer.echo(f"{stamp} {'*' if changed else ' '} {line}")
         done += 1
         if iterations == 0 or done < iterations:
             time.sleep(interval)
