@@ -73,6 +73,24 @@ def write_result(
     return path
 
 
+def report(
+    name: str,
+    metrics: dict[str, float],
+    units: dict[str, str],
+    *,
+    targets: dict[str, str],
+    command: str,
+    notes: str,
+    write: bool,
+) -> None:
+    """Print the notes and figures; unless ``write`` is false, record them (``write_result``)."""
+    print(notes)
+    for key, value in metrics.items():
+        print(f"{key:40s} {value:>12,.4g} {units.get(key, '')}")
+    if write:
+        print(f"wrote {write_result(name, metrics, units, targets=targets, command=command, notes=notes)}")
+
+
 def render_benchmarks_md() -> None:
     sections = [
         "# Benchmarks\n",

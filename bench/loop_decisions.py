@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.common import write_result
+from bench.common import report
 from serving.ab.policy import PolicyConfig
 from streamrec import contracts
 from streamrec.infra.ports import stack_settings_on_free_ports
@@ -140,19 +140,15 @@ def main() -> None:
         f"Per run: {per_run}. Failed Recommend calls during all rounds: {len(failures)}. "
         "Real Kafka, Redis, model server, API and Faust joiner on this machine; tiny model (60 items)."
     )
-    print(notes)
-    for key, value in metrics.items():
-        print(f"{key:40s} {value:>10,.1f} {units[key]}")
-    if not args.no_write:
-        path = write_result(
-            "loop_decisions",
-            metrics,
-            units,
-            targets={"loop.decision_failed_requests": "<= 0 requests"},
-            command="python -m bench.loop_decisions",
-            notes=notes,
-        )
-        print(f"wrote {path}")
+    report(
+        "loop_decisions",
+        metrics,
+        units,
+        targets={"loop.decision_failed_requests": "<= 0 requests"},
+        command="python -m bench.loop_decisions",
+        notes=notes,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from bench.common import write_result
+from bench.common import report
 from streamrec.settings import PROJECT_ROOT
 
 K = 10
@@ -285,22 +285,18 @@ def main() -> None:
         f"before the last {2 * args.interval:g} s (Kafka produce -> first response by a version whose lineage "
         f"offsets cover it; never covered = inf: {int(np.isinf(delays).sum())})."
     )
-    print(notes)
-    for key, value in metrics.items():
-        print(f"{key:40s} {value:>10} {units[key]}")
-    if not args.no_write:
-        path = write_result(
-            "loop",
-            metrics,
-            units,
-            targets={
-                "loop.online_over_frozen": ">= 1.2",
-                "loop.model_freshness_p95_s": "<= 120 s",
-            },
-            command="python -m bench.loop_online",
-            notes=notes,
-        )
-        print(f"wrote {path}")
+    report(
+        "loop",
+        metrics,
+        units,
+        targets={
+            "loop.online_over_frozen": ">= 1.2",
+            "loop.model_freshness_p95_s": "<= 120 s",
+        },
+        command="python -m bench.loop_online",
+        notes=notes,
+        write=not args.no_write,
+    )
 
 
 if __name__ == "__main__":

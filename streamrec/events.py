@@ -172,6 +172,16 @@ class DeadLetter(Event):
 EventT = TypeVar("EventT", bound=Event)
 
 
+def json_value(raw: bytes | None, what: str) -> Any:
+    """The parsed JSON of a Kafka value, or ``EventValidationError("undecodable", ...)`` naming ``what``."""
+    if raw is None:
+        raise EventValidationError("undecodable", "the record has no value (tombstone)")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EventValidationError("undecodable", f"{what} is not UTF-8 JSON: {exc}") from exc
+
+
 def decode_event(
     raw: bytes | None,
     event_type: type[EventT],
@@ -184,12 +194,7 @@ def decode_event(
     ``max_future_skew``, when given, rejects events whose ``event_time`` is further ahead of
     ``now`` than that: a clock bug upstream must not open windows in the future.
     """
-    if raw is None:
-        raise EventValidationError("undecodable", "the record has no value (tombstone)")
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EventValidationError("undecodable", f"value is not UTF-8 JSON: {exc}") from exc
+    payload = json_value(raw, "value")
     if not isinstance(payload, dict):
         raise EventValidationError("schema", f"expected a JSON object, got {type(payload).__name__}")
     version = payload.get("schema_version", SCHEMA_VERSION)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamrec.errors import EventValidationError
+from streamrec.events import json_value
 
 BUNDLE_VERSION = 1
 
@@ -49,12 +50,7 @@ def encode(events: Sequence[ItemEvent]) -> bytes:
 
 def decode(raw: bytes | None) -> list[ItemEvent]:
     """The entries of one bundle, or ``EventValidationError`` (the record is dead-lettered whole)."""
-    if raw is None:
-        raise EventValidationError("undecodable", "the record has no value (tombstone)")
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EventValidationError("undecodable", f"a by-item bundle is not UTF-8 JSON: {exc}") from exc
+    payload = json_value(raw, "a by-item bundle")
     if (
         not isinstance(payload, dict)
         or payload.get("v") != BUNDLE_VERSION
