@@ -17,7 +17,7 @@ the canary-arm impressions served in that time (what users saw of the canary bef
 loop acted). The joiner's label window (``--label-window``) delays every click by that much
 before the evaluator can count it, so it is part of the time to decide.
 
-Run: ``.venv/bin/python -m bench.loop_decisions`` (about 5 minutes); ``--rounds 1 --no-write``
+Run: ``.venv/bin/python -m bench.loop_decisions`` (about 3 minutes); ``--rounds 1 --no-write``
 is a smoke test.
 """
 

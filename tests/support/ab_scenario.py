@@ -14,6 +14,7 @@ catalog order puts the liked items:
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -135,7 +136,7 @@ class Scenario:
     def decisions(self) -> list[str]:
         path = self.evaluator_dir / "decisions.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
-        return [line.split('"action": "')[1].split('"')[0] for line in lines if line.strip()]
+        return [json.loads(line)["action"] for line in lines if line.strip()]
 
     @property
     def evaluator_dir(self) -> Path:
