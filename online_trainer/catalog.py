@@ -17,8 +17,9 @@ model side (``model.py``, ``export.py``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -64,9 +65,15 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    @property
-    def index(self) -> dict[str, int]:
-        """item id -> row, built on demand (the dataclass stays hashable and frozen)."""
+    @cached_property
+    def index(self) -> Mapping[str, int]:
+        """item id -> row, built once per catalog on first use.
+
+        Cached, not rebuilt per call: callers test membership item by item (``item in
+        catalog.index`` over an interval's 40,000 rows), and rebuilding the 1,682-entry dict on each
+        test cost the online trainer 9 s per interval. ``cached_property`` stores it in the
+        instance ``__dict__``, so the dataclass stays frozen and hashes by its fields.
+        """
         return {item: row for row, item in enumerate(self.item_ids)}
 
     @classmethod
