@@ -30,7 +30,7 @@ import pandas as pd
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog
 from online_trainer.dataset import split_holdout
-from online_trainer.model import TwoTowerModel, clone_for_finetune, train
+from online_trainer.model import TwoTowerModel, clone_for_finetune, copy_into, finetune_config, train
 from online_trainer.settings import TrainerTuning
 
 
@@ -74,14 +74,28 @@ def plan_interval(
 
 
 def finetune(
-    model: TwoTowerModel, plan: IntervalPlan, tuning: TrainerTuning, *, catalog: ItemCatalog | None = None
+    model: TwoTowerModel,
+    plan: IntervalPlan,
+    tuning: TrainerTuning,
+    *,
+    catalog: ItemCatalog | None = None,
+    reuse: TwoTowerModel | None = None,
 ) -> tuple[TwoTowerModel, dict[str, float]]:
     """A candidate: a copy of ``model`` fine-tuned on ``plan.mix`` (``model`` itself is untouched).
 
     ``catalog``: the candidate's catalog when the interval brought new items (set before training,
-    so a new positive is learned with its content features).
+    so a new positive is learned with its content features). ``reuse``: an earlier candidate that
+    serves nothing any more; it becomes the copy (see ``model.copy_into``) instead of a new object.
     """
-    candidate = clone_for_finetune(model, full_catalog=tuning.finetune_loss == "full_catalog")
+    full_catalog = tuning.finetune_loss == "full_catalog"
+    if (
+        reuse is not None
+        and reuse is not model
+        and reuse.config == finetune_config(model.config, full_catalog=full_catalog)
+    ):
+        candidate = copy_into(reuse, model)
+    else:
+        candidate = clone_for_finetune(model, full_catalog=full_catalog)
     if catalog is not None:
         candidate.catalog = catalog
     mix = plan.mix

@@ -73,6 +73,8 @@ class IntervalReport:
     outcome: Outcome | None = None
     train_stats: dict[str, float] = field(default_factory=dict)
     publish_s: float | None = None
+    # seconds per stage from the interval's end: examples, finetune, then publish_candidate's own
+    stage_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def version(self) -> int | None:
@@ -108,6 +110,9 @@ class OnlineTrainer:
         self.committed: dict[int, int] = {}
         self.pending: list[dict[str, Any]] = []
         self.interval_started = time.monotonic()
+        # Candidate model objects, reused once they serve nothing (at most two: the one published
+        # last, which is ``self.model``, and a spare): a reused object keeps its traced train step.
+        self._candidates: list[TwoTowerModel] = []
         self.step = 0
         self._consumer: Consumer | None = None
 
@@ -272,16 +277,23 @@ class OnlineTrainer:
         rows, self.pending = self.pending, []
         self.interval_started = time.monotonic()
         examples = self._examples(rows)
+        stage_s = {"examples_s": time.perf_counter() - interval_end}
         plan = plan_interval(examples, deferred=self.deferred, replay=self.replay, tuning=self.tuning, seed=self.step)
         holdout, replayed = plan.holdout, plan.replayed
         # every item trained on or held out (a deferred or replayed row may carry an item that only a
         # rejected candidate's catalog had), so no positive is missing from the full-catalog softmax
         seen_items = [*plan.mix["item_id"].astype(str), *examples["item_id"].astype(str)]
         catalog = self._grown_catalog(self.model.catalog, seen_items)
-        candidate, stats = finetune(self.model, plan, self.tuning, catalog=catalog)
+        spare = next((model for model in self._candidates if model is not self.model), None)
+        candidate, stats = finetune(self.model, plan, self.tuning, catalog=catalog, reuse=spare)
+        if not any(model is candidate for model in self._candidates):
+            self._candidates.append(candidate)
+        stage_s["finetune_s"] = time.perf_counter() - interval_end - stage_s["examples_s"]
         self.replay.add(examples)
         self.deferred = plan.deferred
-        report = IntervalReport(len(examples), len(replayed), len(holdout), offsets, len(plan.mix), train_stats=stats)
+        report = IntervalReport(
+            len(examples), len(replayed), len(holdout), offsets, len(plan.mix), train_stats=stats, stage_s=stage_s
+        )
         lineage = {
             "kind": "finetune",
             "parent_version": self.version,
@@ -310,6 +322,7 @@ class OnlineTrainer:
             margin=self.tuning.gate_margin,
             fault=self.fault,
         )
+        report.stage_s.update(report.outcome.timings)
         if report.outcome.version is not None:
             self.model, self.version = candidate, report.outcome.version
             metrics.CURRENT_VERSION.set(self.version)

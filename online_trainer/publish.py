@@ -207,7 +207,9 @@ def publish_candidate(
         log.warning("candidate for version %d rejected: %s", version, gate.summary())
         return outcome
     _add_to_lineage(staged, {"gate": gate.to_json()})
+    saving = time.perf_counter()
     checkpoint.save(writer.state_path, version, trainer_state)
+    outcome.timings["checkpoint_s"] = time.perf_counter() - saving
     if fault is not None:
         fault("checkpointed")
     writer.reveal(staged, version)
