@@ -4,19 +4,24 @@ Both figures come from the trainer's own code path (``online_trainer.loop.Online
 MovieLens-100K, with the production ``ModelConfig`` unless ``--tiny``:
 
 * ``trainer.examples_per_s``: examples x epochs / seconds of one interval's fine-tune
-  (``clone_for_finetune`` + ``train`` on the new examples plus the replay sample, tracing
-  included, as every interval pays it), median over the runs. Target >= 5,000.
+  (``train`` on the new examples plus the replay sample), median over the intervals after the
+  first. Target >= 5,000. The first interval of a trainer process also pays TensorFlow's one-time
+  start-up and the tracing of the training step; it is reported on its own
+  (``trainer.first_interval_examples_per_s``). Later intervals reuse a candidate object that no
+  longer serves (``OnlineTrainer._candidates``), so they pay no tracing, as in production.
 * ``trainer.publish_s``: ``IntervalReport.publish_s``, from the moment the interval ends (the
   trainer stops collecting) to the canary label pointing at the new version on a running local
   model server: example assembly, fine-tune, in-memory gate, export into staging, export gate,
-  checkpoint, rename, load + warm-up by the server, label move. Median and max over the runs.
-  Target <= 15 s. Kafka is not involved (events go to ``OnlineTrainer.ingest`` directly; the
-  offset commit after publishing is a few ms) and user profiles come from the ml-100k frame
-  instead of Feast online (one cached Redis read per new user in production).
+  checkpoint, rename, load + warm-up by the server, label move. Target <= 15 s; the median is
+  over the intervals after the first, the max over all of them, and ``trainer.stage.*`` split the
+  median into stages (``IntervalReport.stage_s``). Kafka is not involved (events go to
+  ``OnlineTrainer.ingest`` directly; the offset commit after publishing is a few ms) and user
+  profiles come from the ml-100k frame instead of Feast online (one cached Redis read per new user in production).
 
-Setup, not measured: a bootstrap model trained for one epoch on the first half of the events.
-Each run then feeds the next ``--examples`` events (default: ``trainer.max_examples``, the
-size at which an interval ends early) and runs one interval.
+Setup, not measured: a bootstrap model trained for one epoch on the events before the last
+``--runs`` x ``--examples`` (at most the first half). Each run then feeds the next ``--examples``
+events (default: ``trainer.max_examples``, the size at which an interval ends early) and runs one
+interval.
 
 Run: ``.venv/bin/python -m bench.trainer_throughput`` (``--tiny --no-write`` checks it in a minute).
 """
@@ -80,7 +85,7 @@ def events(frame: pd.DataFrame) -> list[Interaction]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=2)  # 2 x 20,000 fits the 50,000 held-out events
+    parser.add_argument("--runs", type=int, default=4, help="intervals; the first is reported on its own")
     parser.add_argument("--examples", type=int, default=TrainerTuning().max_examples, help="new examples per interval")
     parser.add_argument("--tiny", action="store_true", help="small model and data: checks the script, not a figure")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
@@ -92,7 +97,9 @@ def main() -> None:
     interactions = movielens.load_interactions()
     profiles = user_profiles_from_movielens(movielens.load_users())
     catalog = ItemCatalog.from_movielens()
-    split = len(interactions) // 2 if not args.tiny else 3000
+    split = min(len(interactions) // 2, len(interactions) - args.runs * per_interval) if not args.tiny else 3000
+    if args.runs < 2:
+        raise SystemExit("--runs must be >= 2: the first interval is reported apart from the steady ones")
     history, stream = interactions.iloc[:split], interactions.iloc[split:]
     if len(stream) < args.runs * per_interval:
         raise SystemExit(f"only {len(stream):,} events after the bootstrap half; lower --runs or --examples")
@@ -121,7 +128,7 @@ def main() -> None:
             client = ModelServerClient.from_settings(settings)
             trainer = OnlineTrainer(settings, publisher=client, lookup=FrameLookup(profiles, catalog))
             trainer.resume()
-            throughput, publish = [], []
+            throughput, publish, stages = [], [], []
             for run in tqdm(range(args.runs), desc="intervals", unit="interval"):
                 for event in events(stream.iloc[run * per_interval : (run + 1) * per_interval]):
                     trainer.ingest(event)
@@ -130,33 +137,41 @@ def main() -> None:
                     raise SystemExit(f"interval {run} published nothing: {report and report.outcome}")
                 throughput.append(report.train_stats["examples_per_s"])
                 publish.append(report.publish_s)
+                stages.append(report.stage_s)
                 tqdm.write(
                     f"interval {run}: {report.new_examples:,} new + {report.replayed:,} replayed, "
                     f"{throughput[-1]:,.0f} examples/s, published in {publish[-1]:.2f} s (version {report.version})"
                 )
+                tqdm.write("  stages: " + ", ".join(f"{name} {value:.2f}" for name, value in report.stage_s.items()))
             trainer.close()
             client.close()
         finally:
             server.stop(grace_s=1.0)
 
     metrics = {
-        "trainer.examples_per_s": statistics.median(throughput),
-        "trainer.publish_s": statistics.median(publish),
+        "trainer.examples_per_s": statistics.median(throughput[1:]),
+        "trainer.publish_s": statistics.median(publish[1:]),
         "trainer.publish_max_s": max(publish),
+        "trainer.first_interval_examples_per_s": throughput[0],
+        "trainer.first_interval_publish_s": publish[0],
     }
+    for name in stages[-1]:
+        metrics[f"trainer.stage.{name}"] = statistics.median(stage.get(name, 0.0) for stage in stages[1:])
     print({name: round(value, 2) for name, value in metrics.items()})
     if args.no_write:
         return
     write_result(
         "trainer",
         metrics,
-        {"trainer.examples_per_s": "examples/s", "trainer.publish_s": "s", "trainer.publish_max_s": "s"},
+        {name: "examples/s" if name.endswith("examples_per_s") else "s" for name in metrics},
         targets={"trainer.examples_per_s": ">= 5,000", "trainer.publish_s": "<= 15"},
         command="python -m bench.trainer_throughput" + (" --tiny" if args.tiny else ""),
         notes=(
-            f"{args.runs} intervals of {per_interval:,} new ml-100k events each (plus the replay sample, "
+            f"{args.runs} intervals of {per_interval:,} new ml-100k events each after a bootstrap on the first "
+            f"{split:,} (plus the replay sample, "
             f"replay_fraction {tuning.replay_fraction}), {'tiny' if args.tiny else 'production'} ModelConfig, "
-            "local model server in the same process, profiles from the ml-100k frame (no Feast)."
+            "local model server in the same process, profiles from the ml-100k frame (no Feast). "
+            "Medians over the intervals after the first; the first (process start-up, tracing) on its own."
         ),
     )
 
