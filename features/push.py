@@ -207,8 +207,19 @@ class RowWriter:
         self._converters = [(name, _CONVERTERS[view.schema.field(name).type][1]) for name in view.feature_names]
         self._provider = store._get_provider()
 
-    def write(self, rows: Sequence[StreamRow], *, online: bool, offline: bool) -> int:
-        """Validate ``rows`` (one per entity) and write them where asked, online first; returns the count."""
+    def write(
+        self,
+        rows: Sequence[StreamRow],
+        *,
+        online: bool,
+        offline: bool,
+        on_online_written: Callable[[], None] | None = None,
+    ) -> int:
+        """Validate ``rows`` (one per entity) and write them where asked, online first; returns the count.
+
+        ``on_online_written`` is called between the two writes: the rows are readable online from
+        then on (the streams worker measures freshness there, not after the offline log's file).
+        """
         if not (online or offline):
             raise FeaturesError("write(online=False, offline=False) writes nothing; ask for at least one store.")
         if not rows:
@@ -216,6 +227,8 @@ class RowWriter:
         table = self._to_table(rows)  # validates every value before anything is written
         if online:
             self._provider.online_write_batch(self.store.config, self.feature_view, self._to_protos(rows), None)
+            if on_online_written is not None:
+                on_online_written()
         if offline:
             push_log.append(self.data_dir, self.view, table)
         return len(rows)

@@ -45,7 +45,10 @@ class FeatureSink(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def push(self, view: View, rows: Sequence[FeatureRow]) -> None: ...
+    def push(self, view: View, rows: Sequence[FeatureRow]) -> float | None:
+        """Write ``rows``; returns the wall-clock time they became readable online, if known
+        (a sink that also writes an offline log returns the time between the two writes), else None."""
+        ...
 
 
 class StateTable(Protocol):
@@ -145,8 +148,8 @@ class ViewPusher:
             for entity_id, entry in dirty.items():
                 await self.table.save(entity_id, entry.state, entry.partition)
             rows = [self.to_row(entity_id, entry.state) for entity_id, entry in dirty.items()]
-            await self._push(rows)
-            readable_at = self.clock()
+            written_at = await self._push(rows)
+            readable_at = self.clock() if written_at is None else written_at
             freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
             for event, origin_ts in held:
                 freshness.observe(max(0.0, readable_at - float(origin_ts)))
@@ -157,12 +160,12 @@ class ViewPusher:
             if self._dirty:
                 self._wake.set()
 
-    async def _push(self, rows: Sequence[FeatureRow]) -> None:
+    async def _push(self, rows: Sequence[FeatureRow]) -> float | None:
         delay = 0.1
         while True:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self.sink.push, self.view, rows)
+                written_at = await asyncio.to_thread(self.sink.push, self.view, rows)
             except Exception:  # noqa: BLE001 -- retried: acking without the push would lose the rows
                 metrics.PUSH_FAILURES.labels(self.view).inc()
                 log.exception("push of %d %s rows failed; retrying in %.1fs", len(rows), self.view, delay)
@@ -172,4 +175,4 @@ class ViewPusher:
             metrics.PUSH_SECONDS.labels(self.view).observe(time.perf_counter() - started)
             metrics.PUSHES.labels(self.view).inc()
             metrics.PUSHED_ROWS.labels(self.view).inc(len(rows))
-            return
+            return written_at

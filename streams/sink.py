@@ -17,6 +17,7 @@ threads from sharing one Redis client.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -52,5 +53,13 @@ class FeastSink:
         for view in ("user_activity", "item_stats"):
             self.writer(view)
 
-    def push(self, view: View, rows: Sequence[FeatureRow]) -> None:
-        self.writer(view).write(rows, online=True, offline=self.settings.streams.push_offline)
+    def push(self, view: View, rows: Sequence[FeatureRow]) -> float:
+        """Online, then the offline log; returns when the rows became readable online (``time.time``)."""
+        readable_at: list[float] = []
+        self.writer(view).write(
+            rows,
+            online=True,
+            offline=self.settings.streams.push_offline,
+            on_online_written=lambda: readable_at.append(time.time()),
+        )
+        return readable_at[0]
