@@ -4,12 +4,13 @@ On a fresh local stack (real Kafka + Redis on free ports) this runs ``faust -A s
 worker`` as a child process and measures, in order:
 
 1. **throughput**: MovieLens-100K (looped, with fresh event ids and shifted times) replayed at a
-   fixed rate (``--rate``, default 3,000 events/s) for ``--duration`` seconds (default 120).
+   fixed rate (``--rate``, default 3,300 events/s: 10 % over the 3,000 target) for ``--duration``
+   seconds (default 120).
    Consumer lag (high watermark - the worker group's committed offset, interactions and the
    item repartition topic) is sampled every second; the run passes if the lag of the last third
    is not above the first third's (plus two seconds of input). ``ingest.events_per_s`` is the
    rate the worker *processed* (its ``streams_events_in_total``) over the measured window.
-2. **freshness**: after any backlog of phase 1 is worked off (lag < 1,000 events, at most
+2. **freshness**: after any backlog of phase 1 is worked off (lag 0: all committed, at most
    ``--drain-timeout`` s), the same at ``--fresh-rate`` (default 1,000 events/s) for ``--fresh-duration``
    seconds; p50/p99 of the worker's freshness histogram (Kafka record timestamp -> features
    readable online) over that window only, interpolated within buckets as Prometheus'
@@ -120,11 +121,11 @@ class Sampler:
         thread.join(timeout=30)
 
 
-def histogram(worker: WorkerProcess, name: str) -> dict[float, float]:
-    """Cumulative bucket counts (upper bound -> count) of a histogram, summed over labels."""
+def histogram(worker: WorkerProcess, name: str, view: str | None = None) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound -> count) of a histogram, summed over labels (or one ``view``)."""
     buckets: dict[float, float] = {}
     for line in (worker.metrics_text() or "").splitlines():
-        if line.startswith(f"{name}_bucket{{"):
+        if line.startswith(f"{name}_bucket{{") and (view is None or f'view="{view}"' in line):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             upper = float("inf") if bound == "+Inf" else float(bound)
             buckets[upper] = buckets.get(upper, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -170,7 +171,13 @@ def paced_phase(
 
 
 def drain_backlog(worker: WorkerProcess, settings: StreamsSettings, timeout_s: float) -> tuple[float, int]:
-    """Wait until the group's lag is under 1,000 events (or ``timeout_s``); returns (seconds, lag left)."""
+    """Wait until the group has committed everything (lag 0) or ``timeout_s``; returns (seconds, lag left).
+
+    Lag 0, not "small": an offset is committed only after the push carrying its event returned, so
+    a few hundred events left over from the throughput phase would be pushed inside the freshness
+    window, each with the age of the backlog, and make the p99 a figure of the backlog (measured:
+    654 left over at a threshold of 1,000 gave a p99 of 22 s).
+    """
     consumer = Consumer(
         {**settings.kafka.client_config(), "group.id": settings.streams.app_id, "enable.auto.commit": False}
     )
@@ -178,8 +185,8 @@ def drain_backlog(worker: WorkerProcess, settings: StreamsSettings, timeout_s: f
     started = time.monotonic()
     try:
         lag = probe.lag(consumer)
-        while lag >= 1000 and time.monotonic() - started < timeout_s:
-            time.sleep(2.0)
+        while lag > 0 and time.monotonic() - started < timeout_s:
+            time.sleep(1.0)
             lag = probe.lag(consumer)
     finally:
         consumer.close()
@@ -244,7 +251,9 @@ def floor_run(settings: StreamsSettings, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=3000.0, help="input events/s of the throughput phase")
+    # Offered load above the target: at exactly 3,000/s input the processed rate can only come out at
+    # or under 3,000 (2,956 measured with the lag flat), so the target could not be shown either way.
+    parser.add_argument("--rate", type=float, default=3300.0, help="input events/s of the throughput phase")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of the throughput phase")
     parser.add_argument("--fresh-rate", type=float, default=1000.0, help="input events/s of the freshness phase")
     parser.add_argument("--fresh-duration", type=float, default=60.0, help="seconds of the freshness phase")
@@ -306,10 +315,16 @@ def main() -> None:
             # left a backlog, let the worker work it off first (bounded), or every event of the
             # freshness phase would wait behind it and the figure would measure the backlog.
             drain_s, backlog = drain_backlog(worker, settings, timeout_s=args.drain_timeout)
-            before = histogram(worker, "streams_freshness_seconds")
+            views = (None, "user_activity", "item_stats")
+            before = {view: histogram(worker, "streams_freshness_seconds", view) for view in views}
             fresh_sampler, _ = paced_phase(worker, settings, fresh_frame, args.fresh_rate, "freshness")
-            after = histogram(worker, "streams_freshness_seconds")
-            p50_ms, p99_ms = 1000 * quantile(0.5, before, after), 1000 * quantile(0.99, before, after)
+            after = {view: histogram(worker, "streams_freshness_seconds", view) for view in views}
+            p50_ms, p99_ms = (1000 * quantile(q, before[None], after[None]) for q in (0.5, 0.99))
+            by_view = {
+                f"ingest.freshness_{name}_{view}_ms": 1000 * quantile(q, before[view], after[view])
+                for view in views[1:]
+                for name, q in (("p50", 0.5), ("p99", 0.99))
+            }
             peak_rss = max(sampler.peak_rss_mb, fresh_sampler.peak_rss_mb)
             worker.stop()
             floor = floor_run(settings, len(warm_up) + len(throughput_frame) + len(fresh_frame))
@@ -324,6 +339,7 @@ def main() -> None:
         "ingest.ratio_to_floor": round(events_per_s / floor, 3),
         "ingest.freshness_p50_ms": round(p50_ms, 1),
         "ingest.freshness_p99_ms": round(p99_ms, 1),
+        **{name: round(value, 1) for name, value in by_view.items()},
         "ingest.worker_rss_mb": round(peak_rss, 1),
         "ingest.max_lag_events": max_lag,
     }
@@ -336,7 +352,7 @@ def main() -> None:
         "Kafka + Redis + worker + producer on this machine. Consumer lag (events, interactions + item "
         f"repartition topic): median {first_lag} in the first third, {last_lag} in the last third, max "
         f"{max_lag}: {'GROWING' if growing else 'not growing'}. Before the freshness phase the backlog was "
-        f"worked off for {drain_s:.0f} s (lag left: {backlog} events{'' if backlog < 1000 else ', NOT drained'}). "
+        f"worked off for {drain_s:.0f} s (lag left: {backlog} events{'' if backlog == 0 else ', NOT drained'}). "
         "Freshness is the worker's histogram (Kafka record timestamp of the event on the interactions topic "
         "-> the push carrying it returned), both views"
         f"{top_bucket}"
@@ -355,6 +371,7 @@ def main() -> None:
                 "ingest.ratio_to_floor": "",
                 "ingest.freshness_p50_ms": "ms",
                 "ingest.freshness_p99_ms": "ms",
+                **dict.fromkeys(by_view, "ms"),
                 "ingest.worker_rss_mb": "MiB",
                 "ingest.max_lag_events": "events",
             },

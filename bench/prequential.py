@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--test-per-chunk", type=int, default=0, help="events tested per interval (0: all)")
     parser.add_argument("--max-chunks", type=int, default=0, help="stop after this many intervals (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bootstrap-loss", choices=("in_batch", "full_catalog"), default="in_batch", help="loss of the frozen model"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
 
@@ -93,7 +96,7 @@ def main() -> None:
     examples = examples_from_interactions(data.interactions, user_profiles_from_movielens(data.users))
     seen = seen_before(examples)
     split = int(len(examples) * args.bootstrap_fraction)
-    config = dataclasses.replace(ModelConfig(), seed=args.seed)
+    config = dataclasses.replace(ModelConfig(), seed=args.seed, full_catalog=args.bootstrap_loss == "full_catalog")
     started = time.perf_counter()
     frozen = build_model(catalog, config)
     train(frozen, examples.iloc[:split], epochs=args.bootstrap_epochs)
