@@ -61,6 +61,11 @@ from streams.process import WorkerProcess
 from streams.settings import StreamsSettings, StreamsTuning
 
 
+def load_tuning() -> StreamsTuning:
+    """The worker tuning of the environment (``STREAMREC_STREAMS__*``), defaults otherwise."""
+    return StreamsSettings().streams
+
+
 def looped_events(count: int) -> pd.DataFrame:
     """``count`` events: MovieLens-100K repeated, each loop with new ids and later event times."""
     base = movielens.load_interactions()
@@ -295,7 +300,9 @@ def main() -> None:
                 paths=PathSettings(state_dir=Path(state) / "worker"),
                 topics=TopicSettings(interactions="bench.interactions", deadletter="bench.deadletter"),
                 features={"project": "bench"},
-                streams=StreamsTuning(app_id="bench-ingest", metrics_port=metrics_port),
+                # STREAMREC_STREAMS__* variables tune the worker (to compare settings); the
+                # recorded figures are the defaults'.
+                streams=load_tuning().model_copy(update={"app_id": "bench-ingest", "metrics_port": metrics_port}),
             )
             from features.store import apply, open_store
 
