@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--label-window", type=float, default=10.0, help="joiner label window, s")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(
+        "--result-name", default="loop", help="bench/results/<name>.json (e.g. loop_long for a --visits 40000 run)"
+    )
+    parser.add_argument(
         "--analyze-only", action="store_true", help="recompute the figures from the last run's files (no new run)"
     )
     args = parser.parse_args()
@@ -285,15 +288,18 @@ def main() -> None:
         f"before the last {2 * args.interval:g} s (Kafka produce -> first response by a version whose lineage "
         f"offsets cover it; never covered = inf: {int(np.isinf(delays).sum())})."
     )
+    defaults = parser.parse_args([])
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in ("visits", "rate", "interval")
+               if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
     report(
-        "loop",
+        args.result_name,
         metrics,
         units,
         targets={
             "loop.online_over_frozen": ">= 1.2",
             "loop.model_freshness_p95_s": "<= 120 s",
         },
-        command="python -m bench.loop_online",
+        command=" ".join(["python -m bench.loop_online", *changed]),
         notes=notes,
         write=not args.no_write,
     )
