@@ -291,6 +291,7 @@ def main() -> None:
     defaults = parser.parse_args([])
     changed = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in ("visits", "rate", "interval")
                if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
+    changed += [f"--result-name {args.result_name}"] if args.result_name != defaults.result_name else []
     report(
         args.result_name,
         metrics,
