@@ -361,7 +361,7 @@ def main() -> None:
         f"{max_lag}: {'GROWING' if growing else 'not growing'}. Before the freshness phase the backlog was "
         f"worked off for {drain_s:.0f} s (lag left: {backlog} events{'' if backlog == 0 else ', NOT drained'}). "
         "Freshness is the worker's histogram (Kafka record timestamp of the event on the interactions topic "
-        "-> the push carrying it returned), both views"
+        "-> the push carrying it wrote it online), both views"
         f"{top_bucket}"
         ". Floor: raw confluent-kafka consume + Redis "
         f"pipeline HSET per event of the same topic. Targets {'met' if met else 'MISSED'}."

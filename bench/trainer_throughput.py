@@ -8,7 +8,7 @@ MovieLens-100K, with the production ``ModelConfig`` unless ``--tiny``:
   first. Target >= 5,000. The first interval of a trainer process also pays TensorFlow's one-time
   start-up and the tracing of the training step; it is reported on its own
   (``trainer.first_interval_examples_per_s``). Later intervals reuse a candidate object that no
-  longer serves (``OnlineTrainer._candidates``), so they pay no tracing, as in production.
+  longer serves (``OnlineTrainer._spare``), so they pay no tracing, as in production.
 * ``trainer.publish_s``: ``IntervalReport.publish_s``, from the moment the interval ends (the
   trainer stops collecting) to the canary label pointing at the new version on a running local
   model server: example assembly, fine-tune, in-memory gate, export into staging, export gate,

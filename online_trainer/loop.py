@@ -110,9 +110,10 @@ class OnlineTrainer:
         self.committed: dict[int, int] = {}
         self.pending: list[dict[str, Any]] = []
         self.interval_started = time.monotonic()
-        # Candidate model objects, reused once they serve nothing (at most two: the one published
-        # last, which is ``self.model``, and a spare): a reused object keeps its traced train step.
-        self._candidates: list[TwoTowerModel] = []
+        # A model object that serves nothing any more (the last rejected candidate, or the model a
+        # published one replaced): the next interval trains it in place, keeping its traced train
+        # step (``finetune(reuse=...)`` takes it only if its config is the fine-tune one).
+        self._spare: TwoTowerModel | None = None
         self.step = 0
         self._consumer: Consumer | None = None
 
@@ -284,10 +285,7 @@ class OnlineTrainer:
         # rejected candidate's catalog had), so no positive is missing from the full-catalog softmax
         seen_items = [*plan.mix["item_id"].astype(str), *examples["item_id"].astype(str)]
         catalog = self._grown_catalog(self.model.catalog, seen_items)
-        spare = next((model for model in self._candidates if model is not self.model), None)
-        candidate, stats = finetune(self.model, plan, self.tuning, catalog=catalog, reuse=spare)
-        if not any(model is candidate for model in self._candidates):
-            self._candidates.append(candidate)
+        candidate, stats = finetune(self.model, plan, self.tuning, catalog=catalog, reuse=self._spare)
         stage_s["finetune_s"] = time.perf_counter() - interval_end - stage_s["examples_s"]
         self.replay.add(examples)
         self.deferred = plan.deferred
@@ -324,11 +322,12 @@ class OnlineTrainer:
         )
         report.stage_s.update(report.outcome.timings)
         if report.outcome.version is not None:
-            self.model, self.version = candidate, report.outcome.version
+            self._spare, self.model, self.version = self.model, candidate, report.outcome.version
             metrics.CURRENT_VERSION.set(self.version)
             report.publish_s = time.perf_counter() - interval_end
             metrics.PUBLISH_SECONDS.observe(report.publish_s)
         else:
+            self._spare = candidate
             checkpoint.save(self.writer.state_path, self.version, self._state(offsets))
         self._commit(offsets)
         self._record(report)

@@ -5,9 +5,8 @@ into dense updates of the whole table, its first and second moments included. Th
 tables hold 32,768 rows x 64 dims each, and a 256-example fine-tune batch touches a few hundred
 rows: the dense update was ~45 % of a training step on this 2-core machine (149 steps: 5.3 s dense,
 3.0 s lazy; ``bench/trainer_throughput.py``). The lazy update is the one TensorFlow Addons'
-``LazyAdam`` and TF1's ``tf.compat.v1.train.AdamOptimizer`` on sparse gradients made, which
-TensorFlow Recommenders advises for large embedding tables: moments and weights of untouched rows
-stay as they are, instead of decaying and drifting on stale momentum.
+``LazyAdam`` (and TF1's ``tf.contrib.opt.LazyAdamOptimizer``) made: moments and weights of
+untouched rows stay as they are, instead of decaying and drifting on stale momentum.
 
 Keras 3 has no lazy Adam and TensorFlow Addons does not support Keras 3, hence this subclass. Dense
 gradients (the towers' projection layers) take Keras' own ``Adam.update_step`` unchanged, and the

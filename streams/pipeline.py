@@ -128,30 +128,30 @@ class FeaturePipeline:
             except EventValidationError as exc:
                 await self._dead_letter(record, exc, report)
         # Forward first: an event whose bundle cannot be sent is dead-lettered with its state untouched.
+        entries = [
+            ItemEvent(interaction.item_id, to_us(interaction.event_time), interaction.event_id, event.message.timestamp)
+            for event, interaction in valid
+        ]
         bundles: dict[int, list[tuple[EventLike, ItemEvent]]] = {}
-        for event, interaction in valid:
-            entry = ItemEvent(
-                interaction.item_id, to_us(interaction.event_time), interaction.event_id, event.message.timestamp
-            )
+        for (event, _), entry in zip(valid, entries, strict=True):
             bundles.setdefault(item_partition(entry.item_id, self.item_partitions), []).append((event, entry))
         failed: set[int] = set()
-        for partition, entries in bundles.items():
+        for partition, bundle in bundles.items():
             try:
-                value = repartition.encode([entry for _, entry in entries])
-                await self.outputs.forward_to_items(partition, value, min(entry.origin_ts for _, entry in entries))
+                value = repartition.encode([entry for _, entry in bundle])
+                await self.outputs.forward_to_items(partition, value, min(entry.origin_ts for _, entry in bundle))
             except Exception as exc:  # noqa: BLE001 -- never drop an event silently: dead-letter it
-                log.exception("could not forward %d events to by-item partition %d", len(entries), partition)
-                for event, _ in entries:
+                log.exception("could not forward %d events to by-item partition %d", len(bundle), partition)
+                for event, _ in bundle:
                     failed.add(id(event))
                     await self._dead_letter(event.message, exc, report)
         table, pusher = self.users, self.pusher("user_activity")
-        for event, interaction in valid:
+        for (event, interaction), entry in zip(valid, entries, strict=True):
             if id(event) in failed:
                 continue
             self._apply(
                 "user_activity", table, pusher, event, report,
-                interaction.user_id, to_us(interaction.event_time), interaction.event_id, interaction.item_id,
-                event.message.timestamp,
+                interaction.user_id, entry.time_us, entry.event_id, entry.item_id, entry.origin_ts,
             )  # fmt: skip
         await self._flush(report, "user_activity")
         await pusher.kick()
@@ -222,7 +222,9 @@ class FeaturePipeline:
         metrics.DUPLICATES.labels(view).inc(report.duplicates)
         metrics.LATE_EVENTS.labels(view).inc(report.late)
         failed, report.failed = report.failed, []
-        for record, exc in failed:
+        # One dead letter per record: several entries of one by-item bundle may fail.
+        first_error = {id(record): (record, exc) for record, exc in reversed(failed)}
+        for record, exc in first_error.values():
             await self._dead_letter(record, exc, report)
 
     def _user_row(self, entity_id: str, state: EntityState) -> FeatureRow:

@@ -214,3 +214,33 @@ def test_activity_watch_shows_pushed_features_and_flags_only_changed_users(store
     shown = re.sub(r"=\s+", "=", second[0][0]).split()
     assert shown == ["70", "1h=3", "24h=13", "last=1998-01-01T10:00:00+00:00", "recent=[50,172]"]
     assert [changed for _, changed in watch.read()] == [False, False]
+
+
+def test_the_row_writer_signals_when_rows_are_readable_online_before_the_offline_log(store: FeatureStore) -> None:
+    """The worker's freshness is taken in ``on_online_written``: the row must be readable online by
+    then, and the offline log's file must not be written yet (it comes after, off the figure)."""
+    from features import push_log, views
+    from features.push import RowWriter
+
+    @dataclass(frozen=True)
+    class Row:
+        entity_id: str
+        features: dict[str, object]
+        version_us: int
+
+    when = pd.Timestamp("1998-04-02T08:00:00", tz="UTC")
+    features = {"recent_items": ["9"], "count_1h": 1, "count_24h": 1, "last_event_ts": int(when.timestamp())}
+    writer = RowWriter(store, views.USER_ACTIVITY)
+    log_dir = store.config.repo_path
+    assert log_dir is not None
+    files_before = len(push_log.files(log_dir, views.USER_ACTIVITY))
+    seen: dict[str, object] = {}
+
+    def online_written() -> None:
+        seen["recent_items"] = online_user(store, "40")["recent_items"]
+        seen["log_files"] = len(push_log.files(log_dir, views.USER_ACTIVITY))
+
+    version_us = (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+    writer.write([Row("40", features, version_us)], online=True, offline=True, on_online_written=online_written)
+    assert seen == {"recent_items": ["9"], "log_files": files_before}
+    assert len(push_log.files(log_dir, views.USER_ACTIVITY)) == files_before + 1

@@ -90,6 +90,13 @@ def test_finetune_trains_a_copy_on_the_mix(tmp_path: Path) -> None:
     assert np.isfinite(stats["loss"]) and int(candidate.optimizer.iterations) > int(model.optimizer.iterations)
     np.testing.assert_array_equal(recommend(model, plan.holdout, k=5)[1], before)  # the serving model is untouched
 
+    # the next interval trains a spare object in place when it has the fine-tune config ...
+    next_plan = plan_interval(_examples(10, first=60), deferred=plan.deferred, replay=replay, tuning=tuning, seed=1)
+    again, _ = finetune(candidate, next_plan, tuning, reuse=model)
+    assert again is not model and again is not candidate  # the bootstrap's config is not the fine-tune one
+    reused, _ = finetune(again, next_plan, tuning, reuse=candidate)
+    assert reused is candidate and len(reused.catalog) == 60  # ... weights and catalog copied from ``again``
+
     # a restart finds the deferred rows in the checkpoint, with list-valued recent items
     saved = Checkpoint(UserHistories(), replay, {"offsets": {}}, plan.deferred)
     checkpoint.save(tmp_path, 1, saved)
