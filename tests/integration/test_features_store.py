@@ -156,6 +156,15 @@ def test_setup_is_idempotent(store: FeatureStore, settings: FeaturesSettings) ->
     )
 
 
+@dataclass(frozen=True)
+class Row:
+    """One entity's row as the streams worker hands it to ``features.push.RowWriter``."""
+
+    entity_id: str
+    features: dict[str, object]
+    version_us: int
+
+
 def test_the_row_writer_stores_exactly_what_a_frame_push_stores(
     store: FeatureStore, settings: FeaturesSettings
 ) -> None:
@@ -164,12 +173,6 @@ def test_the_row_writer_stores_exactly_what_a_frame_push_stores(
 
     from features import views
     from features.push import RowWriter
-
-    @dataclass(frozen=True)
-    class Row:
-        entity_id: str
-        features: dict[str, object]
-        version_us: int
 
     when = pd.Timestamp("1998-04-01T08:00:00.000123", tz="UTC")
     features = {"recent_items": ["7", "3"], "count_1h": 2, "count_24h": 12, "last_event_ts": int(when.timestamp())}
@@ -221,12 +224,6 @@ def test_the_row_writer_signals_when_rows_are_readable_online_before_the_offline
     then, and the offline log's file must not be written yet (it comes after, off the figure)."""
     from features import push_log, views
     from features.push import RowWriter
-
-    @dataclass(frozen=True)
-    class Row:
-        entity_id: str
-        features: dict[str, object]
-        version_us: int
 
     when = pd.Timestamp("1998-04-02T08:00:00", tz="UTC")
     features = {"recent_items": ["9"], "count_1h": 1, "count_24h": 1, "last_event_ts": int(when.timestamp())}
