@@ -84,8 +84,13 @@ def _cluster_id(data_dir: Path) -> str:
             key, _, value = line.partition("=")
             if key.strip() == "cluster.id" and value.strip():
                 return value.strip()
-    # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, without padding. Like Kafka's
+    # Uuid.randomUuid(), never one that starts with "-" (1 in 64): StorageTool's argument parser
+    # reads "-t -Xy..." as a missing value ("argument --cluster-id/-t: expected one argument").
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _java(settings: StackSettings) -> str:
