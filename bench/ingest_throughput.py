@@ -324,8 +324,20 @@ def main() -> None:
             drain_s, backlog = drain_backlog(worker, settings, timeout_s=args.drain_timeout)
             views = (None, "user_activity", "item_stats")
             before = {view: histogram(worker, "streams_freshness_seconds", view) for view in views}
+            applied_before = {view: histogram(worker, "streams_applied_seconds", view) for view in views[1:]}
+            push_before = {view: histogram(worker, "streams_push_seconds", view) for view in views[1:]}
             fresh_sampler, _ = paced_phase(worker, settings, fresh_frame, args.fresh_rate, "freshness")
             after = {view: histogram(worker, "streams_freshness_seconds", view) for view in views}
+            applied_after = {view: histogram(worker, "streams_applied_seconds", view) for view in views[1:]}
+            push_p50_ms = {
+                view: 1000 * quantile(0.5, push_before[view], histogram(worker, "streams_push_seconds", view))
+                for view in views[1:]
+            }
+            # where the time goes: event -> applied to state (the item side includes the
+            # repartition hop), the rest is the push's wait and run
+            applied_p50_ms = {
+                view: 1000 * quantile(0.5, applied_before[view], applied_after[view]) for view in views[1:]
+            }
             p50_ms, p99_ms = (1000 * quantile(q, before[None], after[None]) for q in (0.5, 0.99))
             by_view = {
                 f"ingest.freshness_{name}_{view}_ms": 1000 * quantile(q, before[view], after[view])
@@ -361,7 +373,9 @@ def main() -> None:
         f"{max_lag}: {'GROWING' if growing else 'not growing'}. Before the freshness phase the backlog was "
         f"worked off for {drain_s:.0f} s (lag left: {backlog} events{'' if backlog == 0 else ', NOT drained'}). "
         "Freshness is the worker's histogram (Kafka record timestamp of the event on the interactions topic "
-        "-> the push carrying it wrote it online), both views"
+        "-> the push carrying it wrote it online), both views; of it, event -> applied to state, p50: "
+        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in applied_p50_ms.items())}; push duration p50: "
+        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in push_p50_ms.items())}"
         f"{top_bucket}"
         ". Floor: raw confluent-kafka consume + Redis "
         f"pipeline HSET per event of the same topic. Targets {'met' if met else 'MISSED'}."

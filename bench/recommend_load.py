@@ -140,6 +140,12 @@ def run_ghz(address: str, data_file: Path, *, rps: int, duration_s: float, concu
     return GhzRun.parse(json.loads(result.stdout))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/<pid>/stat``, all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024 if match else 0.0
@@ -219,6 +225,24 @@ def wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float,
     raise RuntimeError(f"no {needle!r} in {log} after {timeout_s} s")
 
 
+def start_profilers(folder: Path, phase: str, pids: dict[str, int], duration_s: float) -> list[subprocess.Popen[bytes]]:
+    """py-spy samplers (100 Hz, collapsed stacks) on each process for one phase's duration.
+
+    ``--gil`` samples only the thread holding the GIL: Python CPU time, not threads parked in
+    gRPC's C core waiting for a reply (which dominate a plain sample and hide the work).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    py_spy = str(Path(sys.executable).with_name("py-spy"))
+    commands = {
+        name: [py_spy, "record", "--pid", str(pid), "--duration", str(int(duration_s)), "--rate", "100",
+               "--format", "raw", "--output", str(folder / f"{name}-{phase}.txt"), "--gil"]
+        for name, pid in pids.items()
+    }  # fmt: skip
+    return [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for command in commands.values()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per fixed-rate phase")
@@ -228,6 +252,13 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="an exported SavedModel to serve instead")
     parser.add_argument("--tiny", action="store_true", help="3-second phases: check the wiring only")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write py-spy profiles (collapsed stacks) of the API and the model server during the 200 rps "
+        "phase to this folder",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.duration, args.swap_duration, args.swap_every = 3.0, 7.0, 3.0
@@ -302,12 +333,28 @@ def main() -> None:
 
         degraded: dict[str, tuple[float, float]] = {}
         runs: dict[str, GhzRun] = {}
+        # CPU ms per answered request, API and model server, per phase
+        cpu_per_request: dict[str, tuple[float, float]] = {}
 
         def phase(name: str, **kwargs: Any) -> GhzRun:
             before = api_counters(metrics_port)
+            cpu_before = (cpu_seconds(api.pid), cpu_seconds(model_server.pid))
+            profilers = (
+                start_profilers(args.profile, name, {"api": api.pid, "model-server": model_server.pid},
+                                kwargs["duration_s"])
+                if args.profile is not None and name == "200rps"
+                else []
+            )  # fmt: skip
             result = run_ghz(address, data_file, **kwargs)
+            for profiler in profilers:
+                profiler.wait(60)
             after = api_counters(metrics_port)
+            cpu_after = (cpu_seconds(api.pid), cpu_seconds(model_server.pid))
             served = after["requests"] - before["requests"]
+            cpu_per_request[name] = (
+                1000 * (cpu_after[0] - cpu_before[0]) / max(served, 1),
+                1000 * (cpu_after[1] - cpu_before[1]) / max(served, 1),
+            )
             model, features = (
                 (after[dependency] - before[dependency]) / served if served else 0.0
                 for dependency in ("model_server", "feature_store")
@@ -369,6 +416,9 @@ def main() -> None:
         "model server failed or past its budget (trending fallback) / feature read failed or past "
         "api.feature_timeout_ms (model answer without user features): "
         + ", ".join(f"{name} {model:.1%} / {features:.1%}" for name, (model, features) in degraded.items())
+        + ". "
+        "CPU ms per request, API / model server: "
+        + ", ".join(f"{name} {api_ms:.2f} / {server_ms:.2f}" for name, (api_ms, server_ms) in cpu_per_request.items())
         + ". "
         f"Peak RSS of the model server under this load: {server_rss:.0f} MiB (model.server_rss_mb is "
         "bench/model_swap.py's figure). "

@@ -42,6 +42,14 @@ FRESHNESS_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+APPLIED_SECONDS = Histogram(
+    "streams_applied_seconds",
+    "Kafka record timestamp of an event -> applied to its entity's state (before the push waits and runs); "
+    "for items this includes the repartition hop. Freshness minus this is the push's share.",
+    ("view",),
+    buckets=_LATENCY_BUCKETS,
+)
+
 
 def serve(port: int) -> None:
     """Expose ``/metrics`` on ``port`` (in a daemon thread); 0 means metrics are not served."""

@@ -146,6 +146,7 @@ class FeaturePipeline:
                     failed.add(id(event))
                     await self._dead_letter(event.message, exc, report)
         table, pusher = self.users, self.pusher("user_activity")
+        _observe_applied("user_activity", self.clock(), [entry.origin_ts for entry in entries])
         for (event, interaction), entry in zip(valid, entries, strict=True):
             if id(event) in failed:
                 continue
@@ -167,6 +168,7 @@ class FeaturePipeline:
             except EventValidationError as exc:
                 await self._dead_letter(event.message, exc, report)
                 continue
+            _observe_applied("item_stats", self.clock(), [entry.origin_ts for entry in entries])
             for entry in entries:
                 self._apply(
                     "item_stats", table, pusher, event, report,
@@ -245,6 +247,12 @@ class FeaturePipeline:
         await self.outputs.dead_letter(letter, _as_bytes(record.key))
         report.dead_lettered += 1
         metrics.DEAD_LETTERS.labels(letter.reason).inc()
+
+
+def _observe_applied(view: View, now: float, origin_ts: list[float]) -> None:
+    histogram = metrics.APPLIED_SECONDS.labels(view)
+    for origin in origin_ts:
+        histogram.observe(max(0.0, now - origin))
 
 
 def _decode_interaction(raw: bytes | None, max_future_skew: timedelta, now: datetime) -> Interaction:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -352,3 +352,36 @@ def test_an_event_is_acked_only_after_the_push_carrying_it_returned(tmp_path: Pa
     # the message unacked (its offset uncommittable) until the push returned.
     assert observed == {"before_push_returned": False, "after_push_returned": True}
     assert len(sink.pushes) == 1
+
+
+def test_changelog_records_have_the_bytes_faust_would_send_and_read_back(tmp_path: Path) -> None:
+    """The worker sends changelog records to the producer directly (``streams.app``); recovery reads
+    them with the changelog topic's serializers, so the bytes must be the ones that topic produces."""
+    settings = StreamsSettings(
+        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
+    )
+    state = EntityState()
+    sent: list[tuple[Any, ...]] = []
+
+    class RecordingProducer:
+        async def send(self, *args: Any) -> None:
+            sent.append(args)
+
+    async def main() -> tuple[Any, Any, Any, Any]:
+        worker = create_app(settings, sink=RecordingSink())
+        try:
+            worker.app.producer = RecordingProducer()  # type: ignore[assignment]
+            await worker.pipeline.users.save("u1", state, 2)
+            topic = worker.app.tables["user_state"].changelog_topic
+            key, _ = topic.prepare_key("u1", None)
+            value, _ = topic.prepare_value(state, None)
+            decoded_key = cast(Any, topic).key_serializer  # the recovering consumer decodes with it
+            return topic.get_topic_name(), key, value, decoded_key
+        finally:
+            _close_unstarted_consumer_loop(worker)
+
+    topic_name, key, value, key_serializer = asyncio.run(main())
+    gc.collect()
+    assert key_serializer == "json"
+    assert sent == [(topic_name, key, value, 2, None, None)]
+    assert EntityState.from_bytes(sent[0][2]).to_bytes() == state.to_bytes()
