@@ -361,6 +361,8 @@ def main() -> None:
         **{name: round(value, 1) for name, value in by_view.items()},
         "ingest.worker_rss_mb": round(peak_rss, 1),
         "ingest.max_lag_events": max_lag,
+        # the lag verdict as a figure, so the table's verdict on it is the notes' GROWING / not
+        "ingest.lag_growth_events": last_lag - first_lag,
     }
     met = events_per_s >= 3000 and not growing and p50_ms < 100 and p99_ms < 500
     top_bucket = "; 30,000 ms is the top finite bucket: the true value is at least that" if p99_ms >= 30000 else ""
@@ -395,9 +397,11 @@ def main() -> None:
                 **dict.fromkeys(by_view, "ms"),
                 "ingest.worker_rss_mb": "MiB",
                 "ingest.max_lag_events": "events",
+                "ingest.lag_growth_events": "events",
             },
             targets={
-                "ingest.events_per_s": ">= 3,000 (lag not growing)",
+                "ingest.events_per_s": ">= 3,000 (with ingest.lag_growth_events met)",
+                "ingest.lag_growth_events": f"<= {2 * args.rate:.0f} events (2 s of input: lag not growing)",
                 "ingest.freshness_p50_ms": "< 100 at 1,000 events/s",
                 "ingest.freshness_p99_ms": "< 500 at 1,000 events/s",
             },

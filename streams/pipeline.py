@@ -250,8 +250,10 @@ class FeaturePipeline:
 
 
 def _observe_applied(view: View, now: float, origin_ts: list[float]) -> None:
+    """Observe every ``APPLIED_SAMPLE_EVERY``-th event: a diagnostic, and prometheus_client's
+    ``observe`` (a lock and a scan of the buckets) per event was 1.8% of the worker's time."""
     histogram = metrics.APPLIED_SECONDS.labels(view)
-    for origin in origin_ts:
+    for origin in origin_ts[:: metrics.APPLIED_SAMPLE_EVERY]:
         histogram.observe(max(0.0, now - origin))
 
 
