@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any, cast
 import faust
 from faust.serializers import codecs
 from faust.streams import Stream
+from faust.types import TP
 
 from streamrec.errors import SettingsError
 from streamrec.events import DeadLetter
@@ -189,6 +191,7 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
         item_partitions=partitions,
         max_pending=tuning.max_held_events,
         push_min_interval_s=tuning.push_min_interval_s,
+        rewind=lambda topic, partition, offset: app.consumer.seek(TP(topic, partition), offset),
     )
 
     # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares.
@@ -207,12 +210,25 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
     ingest_agent = app.agent(interactions, name="streams.ingest")(ingest)
     item_agent = app.agent(by_item, name="streams.item_stats")(item_stats)
 
+    def dump_tasks() -> None:
+        """SIGUSR2: log every asyncio task's stack. A stalled worker has idle threads (py-spy shows
+        nothing); what waits, and on what, is in its coroutines."""
+        tasks = asyncio.all_tasks()
+        log.warning("SIGUSR2: %d asyncio tasks", len(tasks))
+        for task in tasks:
+            frames = task.get_stack()
+            where = " <- ".join(
+                f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno})" for f in frames
+            )
+            log.warning("task %s: %s", task.get_name(), where or "(no frames)")
+
     async def start_up() -> None:
         # Pushes run Feast (pure Python, pandas) in a thread next to the event loop. With the
         # default 5 ms GIL switch interval, every select() of the loop waits up to 5 ms to get the
         # GIL back from a busy push thread (a convoy), capping the loop at a few hundred wake-ups
         # a second; a short interval lets the loop run between the push thread's bytecodes.
         sys.setswitchinterval(tuning.gil_switch_interval_s)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump_tasks)
         # Faust's Monitor sensor keeps per-event statistics for its web views (off here) on every
         # message in and out: ~4% of the worker's Python time at 3,300 events/s. Our metrics
         # are streams.metrics; the monitor object stays for Faust's own calls to it.

@@ -17,6 +17,11 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 EVENTS_IN = Counter("streams_events_in_total", "Records read from the interactions topic.")
+OFFSET_GAPS = Counter(
+    "streams_offset_gaps_total",
+    "Records the consumer skipped (an offset jump on a partition of the interactions or by-item topic); "
+    "each jump rewinds the partition so they are read again (streams.pipeline).",
+)
 DEAD_LETTERS = Counter(
     "streams_dead_letters_total", "Records sent to the dead-letter topic, by reason.", labelnames=("reason",)
 )

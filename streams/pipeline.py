@@ -25,6 +25,7 @@ tests can replace them at the transport boundary and run the agents in ``test_co
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -99,6 +100,11 @@ class FeaturePipeline:
     push_min_interval_s: float = 0.0
     clock: Callable[[], float] = time.time
     pushers: dict[View, ViewPusher] = field(default_factory=dict)
+    # Seeks the consumer of (topic, partition) back to an offset (see _check_offsets); None: only count.
+    rewind: Callable[[str, int, int], Awaitable[object]] | None = None
+    # next expected offset, and a rewind in progress, by (topic, partition) (see _check_offsets)
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    rewinding: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def pusher(self, view: View) -> ViewPusher:
         if view not in self.pushers:
@@ -121,6 +127,7 @@ class FeaturePipeline:
         report = BatchReport(records=len(events))
         valid: list[tuple[EventLike, Interaction]] = []
         now = datetime.fromtimestamp(self.clock(), UTC)  # once a batch: the future-skew check's reference
+        await self._check_offsets(events)
         for event in events:
             record = event.message
             try:
@@ -161,6 +168,7 @@ class FeaturePipeline:
     async def item_batch(self, events: Sequence[EventLike]) -> BatchReport:
         """Apply every entry of each by-item bundle (``streams.repartition``) to item states."""
         report = BatchReport(records=len(events))
+        await self._check_offsets(events)
         table, pusher = self.items, self.pusher("item_stats")
         for event in events:
             try:
@@ -177,6 +185,44 @@ class FeaturePipeline:
         await self._flush(report, "item_stats")
         await pusher.kick()
         return report
+
+    async def _check_offsets(self, events: Sequence[EventLike]) -> None:
+        """Catch a record the consumer skipped (an offset jump) and have it read again.
+
+        Neither the interactions topic nor the by-item topic is compacted or transactional, so
+        their offsets are contiguous and a jump means the consumer never handed a record to the
+        agent. Seen here (``streams_offset_gaps_total``): Faust's consumer, when a restarted worker
+        resumes its partitions while it seeks them to committed offsets, now and then drops one
+        record of a partition that has no committed offset yet (the seek is then a no-op in
+        aiokafka, so nothing reads it again), and it marks the hole as a gap that later commits
+        pass over. So on a jump the partition is rewound to the first missing offset
+        (``rewind``: the consumer's seek); the records after it are read again as duplicates,
+        which change nothing. Records that were already fetched before the rewind took effect
+        arrive first and are not counted again.
+        """
+        expected, rewinding = self.next_offsets, self.rewinding
+        for event in events:
+            record = event.message
+            key = (record.topic, record.partition)
+            want = expected.get(key)
+            if want is None:
+                log.info("first record of %s[%d] handed to the worker: offset %d", *key, record.offset)
+            elif record.offset > want:
+                if rewinding.get(key) == want:
+                    continue  # fetched before the rewind; the records from ``want`` follow
+                metrics.OFFSET_GAPS.inc(record.offset - want)
+                log.error(
+                    "%s[%d]: offsets %d..%d were never handed to the worker; reading them again",
+                    *key, want, record.offset - 1,
+                )  # fmt: skip
+                if self.rewind is not None:
+                    rewinding[key] = want
+                    await self.rewind(record.topic, record.partition, want)
+                    continue
+            if want is None or record.offset >= want:
+                expected[key] = record.offset + 1
+                if key in rewinding and record.offset >= rewinding[key]:
+                    del rewinding[key]
 
     async def drain(self) -> None:
         """Wait until every held event is pushed and acked."""
@@ -310,6 +356,8 @@ class MappingTable:
         """Keep a new state in memory (its changelog record is written when it is pushed)."""
         self.data[key] = state
 
-    async def save(self, key: str, state: EntityState, partition: int) -> None:
+    async def save(self, key: str, state: EntityState, partition: int) -> Awaitable[object] | None:
+        """Keep ``state`` and send its changelog record; returns the producer's delivery future."""
         self.data[key] = state
-        await self.send_changelog(partition, key, state)
+        receipt = await self.send_changelog(partition, key, state)
+        return receipt if inspect.isawaitable(receipt) else None

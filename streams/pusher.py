@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -58,7 +58,9 @@ class StateTable(Protocol):
 
     def put(self, key: str, state: EntityState) -> None: ...
 
-    async def save(self, key: str, state: EntityState, partition: int) -> None: ...
+    async def save(self, key: str, state: EntityState, partition: int) -> Awaitable[object] | None:
+        """Send ``state``'s changelog record; returns its delivery future (None: nothing to wait for)."""
+        ...
 
 
 class HeldEvent(Protocol):
@@ -145,20 +147,50 @@ class ViewPusher:
             dirty, held = self._dirty, self._held
             self._dirty, self._held = {}, []
             self._in_flight = len(held)
-            for entity_id, entry in dirty.items():
-                await self.table.save(entity_id, entry.state, entry.partition)
-            rows = [self.to_row(entity_id, entry.state) for entity_id, entry in dirty.items()]
-            written_at = await self._push(rows)
-            readable_at = self.clock() if written_at is None else written_at
-            freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
-            for event, origin_ts in held:
-                freshness.observe(max(0.0, readable_at - float(origin_ts)))
-                event.ack()
-            self._in_flight = 0
-            async with self._progress:
-                self._progress.notify_all()
+            try:
+                await self._push_cycle(dirty, held)
+            except asyncio.CancelledError:
+                self._give_back(dirty, held)
+                raise
+            except Exception:  # noqa: BLE001 -- a bug or a dependency failing outside _push's retry
+                # Nothing may be lost: the entities stay dirty and the events held (unacked), and
+                # the next cycle pushes them again (a pushed row is written again harmlessly).
+                # This loop is a bare task no one awaits, so an error that escaped it used to end
+                # it silently, taking the events it held with it.
+                metrics.PUSH_FAILURES.labels(self.view).inc()
+                log.exception("%s push cycle of %d entities failed; retrying them", self.view, len(dirty))
+                self._give_back(dirty, held)
+                await asyncio.sleep(self.retry_max_s / 10)
+                self._wake.set()
+            finally:
+                self._in_flight = 0
+                async with self._progress:
+                    self._progress.notify_all()
             if self._dirty:
                 self._wake.set()
+
+    async def _push_cycle(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]]) -> None:
+        """Changelog records, then the feature rows, then the acks of the events they carry."""
+        receipts = [
+            await self.table.save(entity_id, entry.state, entry.partition) for entity_id, entry in dirty.items()
+        ]
+        # The changelog records must be in Kafka before the rows are online: a row online whose
+        # state a restarted worker cannot recover would be rebuilt from redelivered events in
+        # another order, and could get a version (Feast's event timestamp) no newer than the row
+        # online despite holding more events; Feast would then keep the stale row.
+        await asyncio.gather(*(receipt for receipt in receipts if receipt is not None))
+        rows = [self.to_row(entity_id, entry.state) for entity_id, entry in dirty.items()]
+        written_at = await self._push(rows)
+        readable_at = self.clock() if written_at is None else written_at
+        freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
+        for event, origin_ts in held:
+            freshness.observe(max(0.0, readable_at - float(origin_ts)))
+            event.ack()
+
+    def _give_back(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]]) -> None:
+        """Put a failed cycle's entities and events back; states marked dirty since are newer."""
+        self._dirty = {**dirty, **self._dirty}
+        self._held = held + self._held
 
     async def _push(self, rows: Sequence[FeatureRow]) -> float | None:
         delay = 0.1

@@ -94,6 +94,7 @@ def run_agent(
     async def main() -> dict[int, Any]:
         worker = create_app(settings, sink=sink)
         worker.pipeline.outputs = outputs
+        worker.pipeline.rewind = None  # the harness numbers offsets across partitions; no consumer to seek
         for table in (worker.pipeline.users, worker.pipeline.items):
             table.send_changelog = _no_producer  # type: ignore[attr-defined]  # replaced below if recorded
         if prepare is not None:
@@ -385,3 +386,51 @@ def test_changelog_records_have_the_bytes_faust_would_send_and_read_back(tmp_pat
     assert key_serializer == "json"
     assert sent == [(topic_name, key, value, 2, None, None)]
     assert EntityState.from_bytes(sent[0][2]).to_bytes() == state.to_bytes()
+
+
+class _Record:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.topic, self.partition, self.offset = "t", partition, offset
+
+
+class _Event:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.message = _Record(partition, offset)
+
+
+def test_a_skipped_offset_rewinds_its_partition_once_and_the_reread_clears_it(tmp_path: Path) -> None:
+    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; records fetched
+    before the rewind took effect do not rewind again; the re-read records end the rewind."""
+    rewinds: list[tuple[str, int, int]] = []
+
+    async def rewind(topic: str, partition: int, offset: int) -> None:
+        rewinds.append((topic, partition, offset))
+
+    settings = StreamsSettings(
+        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
+    )
+
+    async def main() -> None:
+        worker = create_app(settings, sink=RecordingSink())
+        try:
+            pipeline = worker.pipeline
+            pipeline.rewind = rewind
+
+            async def see(partition: int, *offsets: int) -> None:
+                await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
+
+            await see(0, 5, 6, 7)  # first records after start: no gap
+            await see(1, 0, 1)
+            await see(0, 9, 10)  # 8 never came
+            assert rewinds == [("t", 0, 8)]
+            await see(0, 11)  # still fetched before the rewind took effect
+            await see(1, 2)  # other partitions are unaffected
+            assert rewinds == [("t", 0, 8)]
+            await see(0, 8, 9, 10, 11, 12)  # the re-read
+            await see(0, 14)  # a new hole after the re-read rewinds again
+            assert rewinds == [("t", 0, 8), ("t", 0, 13)]
+        finally:
+            _close_unstarted_consumer_loop(worker)
+
+    asyncio.run(main())
+    gc.collect()
