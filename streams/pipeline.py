@@ -117,6 +117,7 @@ class FeaturePipeline:
                 to_row,
                 max_pending=self.max_pending,
                 min_interval_s=self.push_min_interval_s,
+                changelog_before_online=view == "item_stats",
                 clock=self.clock,
             )
         return self.pushers[view]
