@@ -25,6 +25,10 @@ fallbacks would show there.
 Peak RSS (``VmHWM``) of the API (and, in the notes, of the model server) is read from ``/proc``
 at the end.
 
+The notes give the CPU time per answered request of the API and of the model server in each
+phase (``/proc/<pid>/stat``), and ``--profile DIR`` writes py-spy profiles (``--gil``: Python CPU,
+collapsed stacks) of both processes during the 200 rps phase.
+
 Run: ``.venv/bin/python -m bench.recommend_load`` (about 4 minutes; ``--tiny --no-write`` checks
 the wiring in under a minute). Needs ``ghz``: ``go install github.com/bojand/ghz/cmd/ghz@latest``.
 """
