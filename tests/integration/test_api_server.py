@@ -28,8 +28,9 @@ from features import store as feature_store
 from features.settings import FeatureStoreTuning
 from serving.api.arms import assign_arm
 from serving.api.proto import SERVICE_NAME, generated
-from serving.api.server import ApiServer
+from serving.api.server import ApiServer, open_feature_store
 from serving.api.settings import ApiSection, ApiSettings
+from serving.api.user_features import UserFeatureReader
 from serving.model_client import ModelServerClient
 from serving.model_server.server import ModelServer, ServerOptions
 from serving.settings import ModelServerSection
@@ -216,6 +217,25 @@ def test_exclude_seen_removes_the_users_recent_items(stub: object) -> None:
     with_exclusion = [item.item_id for item in recommend(stub, FRESH_USER, k=10, exclude_seen=True).items]
     assert not set(FRESH_RECENT) & set(with_exclusion)
     assert with_exclusion == expected_top(MODEL_ITEMS, FRESH_RECENT, exclude=FRESH_RECENT, bias=BIAS[version], k=10)
+
+
+def test_the_reader_gives_the_rows_and_features_get_online_features_gives(settings: ApiSettings) -> None:
+    """The API reads each view of the FeatureService with ``Provider.online_read`` (see
+    ``serving.api.user_features``); it must see exactly what Feast's public read returns."""
+    store = open_feature_store(settings)
+    reader = UserFeatureReader(store, max_age_s=settings.feature_max_age_s)
+    service = store.get_feature_service("recommender_user_v1")
+    # fresh activity + profile, stale activity + profile, profile only, nothing at all
+    for user in (FRESH_USER, STALE_USER, "3", "no-such-user"):
+        public = store.get_online_features(
+            features=service, entity_rows=[{"user_id": user}], full_feature_names=True
+        ).to_dict(include_event_timestamps=True)
+        public_row = {key: values[0] for key, values in public.items() if not key.startswith("user_id")}
+        assert reader.read_row(user) == public_row, user
+        assert reader.read(user) == reader.from_row(user, public_row), user
+    assert reader.read(FRESH_USER).recent_items == FRESH_RECENT
+    assert reader.read(STALE_USER).stale_views == {"user_activity"}
+    assert not reader.read("no-such-user").known
 
 
 def test_stale_stream_features_count_as_missing(stub: object) -> None:
