@@ -398,9 +398,10 @@ class _Event:
         self.message = _Record(partition, offset)
 
 
-def test_a_skipped_offset_rewinds_its_partition_once_and_the_reread_clears_it(tmp_path: Path) -> None:
-    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; records fetched
-    before the rewind took effect do not rewind again; the re-read records end the rewind."""
+def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_path: Path) -> None:
+    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; every later
+    batch that still brings records from before the rewind rewinds again (Faust would drop the
+    re-read behind them), once per batch; the re-read record ends it."""
     rewinds: list[tuple[str, int, int]] = []
 
     async def rewind(topic: str, partition: int, offset: int) -> None:
@@ -423,12 +424,16 @@ def test_a_skipped_offset_rewinds_its_partition_once_and_the_reread_clears_it(tm
             await see(1, 0, 1)
             await see(0, 9, 10)  # 8 never came
             assert rewinds == [("t", 0, 8)]
-            await see(0, 11)  # still fetched before the rewind took effect
+            await see(0, 11, 12)  # fetched before the rewind: rewind again, once for the batch
             await see(1, 2)  # other partitions are unaffected
-            assert rewinds == [("t", 0, 8)]
-            await see(0, 8, 9, 10, 11, 12)  # the re-read
-            await see(0, 14)  # a new hole after the re-read rewinds again
-            assert rewinds == [("t", 0, 8), ("t", 0, 13)]
+            assert rewinds == [("t", 0, 8), ("t", 0, 8)]
+            await see(0, 8, 9, 10, 11, 12)  # the re-read ends it
+            await see(0, 13)
+            assert rewinds == [("t", 0, 8), ("t", 0, 8)]
+            await see(0, 11, 15)  # a duplicate changes nothing; a new hole (14) rewinds again
+            assert rewinds == [("t", 0, 8), ("t", 0, 8), ("t", 0, 14)]
+            await see(0, 14, 15)
+            assert pipeline.rewinding == {}
         finally:
             _close_unstarted_consumer_loop(worker)
 
