@@ -154,7 +154,7 @@ class FeaturePipeline:
                     failed.add(id(event))
                     await self._dead_letter(event.message, exc, report)
         table, pusher = self.users, self.pusher("user_activity")
-        _observe_applied("user_activity", self.clock(), [entry.origin_ts for entry in entries])
+        _observe_applied("user_activity", self.clock(), entries)
         for (event, interaction), entry in zip(valid, entries, strict=True):
             if id(event) in failed:
                 continue
@@ -177,7 +177,7 @@ class FeaturePipeline:
             except EventValidationError as exc:
                 await self._dead_letter(event.message, exc, report)
                 continue
-            _observe_applied("item_stats", self.clock(), [entry.origin_ts for entry in entries])
+            _observe_applied("item_stats", self.clock(), entries)
             for entry in entries:
                 self._apply(
                     "item_stats", table, pusher, event, report,
@@ -215,17 +215,12 @@ class FeaturePipeline:
             if want is None:
                 log.info("first record of %s[%d] handed to the worker: offset %d", *key, record.offset)
             elif record.offset > want:
+                if rewinding.get(key) != want:  # a new hole, not a record from before our rewind
+                    metrics.OFFSET_GAPS.inc(record.offset - want)
+                    log.error("%s[%d]: offsets %d..%d were never handed to the worker", *key, want, record.offset - 1)
                 if self.rewind is not None:
-                    if rewinding.get(key) != want:
-                        metrics.OFFSET_GAPS.inc(record.offset - want)
-                        log.error(
-                            "%s[%d]: offsets %d..%d were never handed to the worker; reading them again",
-                            *key, want, record.offset - 1,
-                        )  # fmt: skip
                     rewinding[key] = rewind_now[key] = want
                     continue
-                metrics.OFFSET_GAPS.inc(record.offset - want)
-                log.error("%s[%d]: offsets %d..%d were never handed to the worker", *key, want, record.offset - 1)
             if want is None or record.offset >= want:
                 expected[key] = record.offset + 1
                 if key in rewinding and record.offset >= rewinding[key]:
@@ -233,6 +228,7 @@ class FeaturePipeline:
                     rewind_now.pop(key, None)
         if self.rewind is not None:
             for (topic, partition), offset in rewind_now.items():
+                log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
                 await self.rewind(topic, partition, offset)
 
     async def drain(self) -> None:
@@ -306,12 +302,12 @@ class FeaturePipeline:
         metrics.DEAD_LETTERS.labels(letter.reason).inc()
 
 
-def _observe_applied(view: View, now: float, origin_ts: list[float]) -> None:
+def _observe_applied(view: View, now: float, entries: Sequence[ItemEvent]) -> None:
     """Observe every ``APPLIED_SAMPLE_EVERY``-th event: a diagnostic, and prometheus_client's
     ``observe`` (a lock and a scan of the buckets) per event was 1.8% of the worker's time."""
     histogram = metrics.APPLIED_SECONDS.labels(view)
-    for origin in origin_ts[:: metrics.APPLIED_SAMPLE_EVERY]:
-        histogram.observe(max(0.0, now - origin))
+    for entry in entries[:: metrics.APPLIED_SAMPLE_EVERY]:
+        histogram.observe(max(0.0, now - entry.origin_ts))
 
 
 def _decode_interaction(raw: bytes | None, max_future_skew: timedelta, now: datetime) -> Interaction:

@@ -86,8 +86,9 @@ class UserFeatureReader:
         # feature ref "view__feature" -> (view, feature), and the stream views among them.
         self._refs: dict[str, tuple[str, str]] = {}
         self._stream_views: set[str] = set()
-        # what each read asks the provider for: view, the prefix of its full feature names, features
-        self._reads: list[tuple[FeatureView, str, list[str]]] = []
+        # what each read asks the provider for: the view, its features, and for each feature the
+        # row keys it fills (full feature name, and that plus ``__ts``), built once here
+        self._reads: list[tuple[FeatureView, list[str], list[tuple[str, str, str]]]] = []
         self._provider = store._get_provider()  # noqa: SLF001 - Feast's documented Provider, no public getter
         for projection in self._service.feature_view_projections:
             view = store.get_feature_view(projection.name)
@@ -97,7 +98,9 @@ class UserFeatureReader:
                 self._stream_views.add(prefix)
             for feature in projection.features:
                 self._refs[f"{prefix}__{feature.name}"] = (prefix, feature.name)
-            self._reads.append((view, prefix, [feature.name for feature in projection.features]))
+            names = [feature.name for feature in projection.features]
+            keys = [(name, f"{prefix}__{name}", f"{prefix}__{name}{_TS_SUFFIX}") for name in names]
+            self._reads.append((view, names, keys))
         wanted = set(contracts.USER_STRING_INPUTS[1:]) | {"recent_items"} | set(contracts.USER_COUNT_INPUTS)
         missing = wanted - {feature for _, feature in self._refs.values()}
         if missing:
@@ -120,15 +123,17 @@ class UserFeatureReader:
         (0 when the store has no row)."""
         entity_key = EntityKeyProto(join_keys=[contracts.USER_JOIN_KEY], entity_values=[ValueProto(string_val=user_id)])
         row: dict[str, Any] = {}
-        for view, prefix, features in self._reads:
+        for view, names, keys in self._reads:
+            # a copy: Feast's Redis store appends its timestamp field to the list it is given
             [(event_time, values)] = self._provider.online_read(
-                config=self._store.config, table=view, entity_keys=[entity_key], requested_features=list(features)
+                config=self._store.config, table=view, entity_keys=[entity_key], requested_features=list(names)
             )
             event_ts = int(event_time.timestamp()) if event_time is not None else 0  # whole seconds, as Feast gives
-            for feature in features:
-                value = (values or {}).get(feature)
-                row[f"{prefix}__{feature}"] = None if value is None else feast_value_type_to_python_type(value)
-                row[f"{prefix}__{feature}{_TS_SUFFIX}"] = event_ts
+            found = values or {}
+            for name, value_key, ts_key in keys:
+                value = found.get(name)
+                row[value_key] = None if value is None else feast_value_type_to_python_type(value)
+                row[ts_key] = event_ts
         return row
 
     def from_row(self, user_id: str, row: dict[str, Any]) -> UserFeatures:
