@@ -13,7 +13,8 @@ Phases (each reported from ghz's own percentiles; non-OK statuses are errors):
 1. warm-up, not reported;
 2. 100 rps and 200 rps, ``--duration`` each: p50/p99 and errors;
 3. saturation: rate uncapped at ``--saturation-concurrency`` in-flight calls: achieved rps;
-4. swap: 200 rps for ``--swap-duration`` while a new model version is written and published
+4. swap: 200 rps for ``--swap-duration`` while a new model version appears in the base path
+   (exported before the phase, renamed into place) and is published
    (``ModelServerClient.publish_stable``: load, wait, move labels, unload) every
    ``--swap-every`` s: failed requests and p99.
 
@@ -377,14 +378,23 @@ def main() -> None:
         saturation = phase("saturation", rps=0, duration_s=args.duration, concurrency=args.saturation_concurrency)
         steps.update()
 
+        # The versions are exported before the phase, as a trainer on its own machine would, and
+        # each publish moves one into the base path (an atomic rename, as the trainer's export
+        # does): the phase measures serving while versions change, not TensorFlow exporting a
+        # model on the same two cores (that took ~2 s of CPU per version and was in earlier runs).
+        staged = state / "staged"
+        staged.mkdir()
+        staged_versions = list(range(2, 3 + int(args.swap_duration // args.swap_every)))
+        for version in staged_versions:
+            write_version(staged, version, item_ids, args.model_dir)
         published: list[int] = []
         stop = threading.Event()
 
         def publisher() -> None:
-            version = 1
-            while not stop.wait(args.swap_every):
-                version += 1
-                write_version(base_path, version, item_ids, args.model_dir)
+            for version in staged_versions:
+                if stop.wait(args.swap_every):
+                    return
+                os.rename(staged / str(version), base_path / str(version))
                 client.publish_stable(version)
                 published.append(version)
 
@@ -416,7 +426,8 @@ def main() -> None:
         f"ghz --cpus 1, one connection; {len(users)} users with fresh features + {len(cold)} unknown (cold start), "
         f"k=10, exclude_seen. Model: {model}. Phases of {args.duration:g} s; saturation at "
         f"{args.saturation_concurrency} in flight ({saturation.errors} errors); swap phase {args.swap_duration:g} s "
-        f"with versions {published} published every {args.swap_every:g} s. Share of degraded answers per phase, "
+        f"with versions {published} (exported before the phase) moved into the base path and published every "
+        f"{args.swap_every:g} s. Share of degraded answers per phase, "
         "model server failed or past its budget (trending fallback) / feature read failed or past "
         "api.feature_timeout_ms (model answer without user features): "
         + ", ".join(f"{name} {model:.1%} / {features:.1%}" for name, (model, features) in degraded.items())

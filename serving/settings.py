@@ -66,6 +66,9 @@ class ModelServerSection(BaseModel):
     # versions are loaded (the start-up heap is frozen first, see ``serving.runtime``); 0 keeps
     # CPython's 700.
     gc_gen0_threshold: int = Field(default=20_000, ge=0)
+    # sys.setswitchinterval once serving: how long a request thread waits for the GIL held by a
+    # busy thread before it is handed over (see ``serving.runtime.set_gil_switch_interval``).
+    gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
 
     @property
     def target(self) -> str:

@@ -68,6 +68,9 @@ class ApiSection(BaseModel):
     # Generation-0 threshold of the garbage collector once serving (the start-up heap is frozen
     # first, see ``serving.runtime``); 0 keeps CPython's 700.
     gc_gen0_threshold: int = Field(default=20_000, ge=0)
+    # sys.setswitchinterval once serving: how long a request thread waits for the GIL held by a
+    # busy thread before it is handed over (see ``serving.runtime.set_gil_switch_interval``).
+    gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> ApiSection:
