@@ -219,11 +219,16 @@ def test_exclude_seen_removes_the_users_recent_items(stub: object) -> None:
     assert with_exclusion == expected_top(MODEL_ITEMS, FRESH_RECENT, exclude=FRESH_RECENT, bias=BIAS[version], k=10)
 
 
-def test_the_reader_gives_the_rows_and_features_get_online_features_gives(settings: ApiSettings) -> None:
-    """The API reads each view of the FeatureService with ``Provider.online_read`` (see
-    ``serving.api.user_features``); it must see exactly what Feast's public read returns."""
+@pytest.mark.parametrize("one_round_trip", [True, False], ids=["one-hmget", "online-read-per-view"])
+def test_the_reader_gives_the_rows_and_features_get_online_features_gives(
+    settings: ApiSettings, one_round_trip: bool
+) -> None:
+    """The API reads the FeatureService's views in one HMGET, or with ``Provider.online_read`` per
+    view on other stores (see ``serving.api.user_features``); each must see exactly what Feast's
+    public read returns."""
     store = open_feature_store(settings)
-    reader = UserFeatureReader(store, max_age_s=settings.feature_max_age_s)
+    reader = UserFeatureReader(store, max_age_s=settings.feature_max_age_s, one_round_trip=one_round_trip)
+    assert (reader._hmget is not None) == one_round_trip  # noqa: SLF001 - the path under test
     service = store.get_feature_service("recommender_user_v1")
     # fresh activity + profile, stale activity + profile, profile only, nothing at all
     for user in (FRESH_USER, STALE_USER, "3", "no-such-user"):
