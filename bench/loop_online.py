@@ -15,7 +15,8 @@ topic back, then computes:
   (history plus the held-out events already replayed), the user's logged recent items excluded;
 * **model freshness**: for each interaction the simulator produced (Kafka partition and offset,
   produce time), the first response served by a model version whose training data covers it
-  (the trainer's lineage records the Kafka offsets each version was trained up to; a version is
+  (the trainer's lineage records the Kafka offsets below which each version learned every record,
+  ``trained_offsets``: the rows it held out for its gate are learned by the next one; a version is
   fine-tuned from its predecessor, so later versions cover it too) minus the produce time.
   Interactions produced within the last ``2 x interval`` of the run cannot be covered before
   the end and are left out; any other interaction that no served version covered counts as
@@ -136,7 +137,10 @@ def model_freshness(produced: pd.DataFrame, responses: pd.DataFrame, base_path: 
     for child in sorted(base_path.iterdir(), key=lambda path: int(path.name) if path.name.isdigit() else -1):
         if not child.name.isdigit():
             continue
-        offsets = (read_lineage(child).get("kafka") or {}).get("offsets") or {}  # None for the bootstrap
+        kafka = read_lineage(child).get("kafka") or {}  # None for the bootstrap
+        # trained_offsets: what the version learned (the gate's held-out newest rows come one
+        # version later); lineages from before it was recorded only have the consumed offsets
+        offsets = kafka.get("trained_offsets") or kafka.get("offsets") or {}
         if offsets:
             coverage.append((int(child.name), {int(p): int(o) for p, o in offsets.items()}))
     first_served = responses.groupby("model_version")["time"].min().to_dict()

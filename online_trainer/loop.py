@@ -109,6 +109,8 @@ class OnlineTrainer:
         self.positions: dict[int, int] = {}
         self.committed: dict[int, int] = {}
         self.pending: list[dict[str, Any]] = []
+        # (partition, offset) of each pending row's record; None for rows given to ``ingest`` directly
+        self.pending_positions: list[tuple[int, int] | None] = []
         self.interval_started = time.monotonic()
         # A model object that serves nothing any more (the last rejected candidate, or the model a
         # published one replaced): the next interval trains it in place, keeping its traced train
@@ -184,11 +186,12 @@ class OnlineTrainer:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
                 raise TrainerError(f"Kafka error on {self.topic}: {error}")
-            self.positions[int(message.partition() or 0)] = int(message.offset() or 0) + 1
-            metrics.RECORDS.labels(outcome=self._decode_and_ingest(message.value())).inc()
+            partition, offset = int(message.partition() or 0), int(message.offset() or 0)
+            self.positions[partition] = offset + 1
+            metrics.RECORDS.labels(outcome=self._decode_and_ingest(message.value(), (partition, offset))).inc()
         return len(messages)
 
-    def _decode_and_ingest(self, value: bytes | None) -> str:
+    def _decode_and_ingest(self, value: bytes | None, position: tuple[int, int]) -> str:
         event: Interaction | LabeledExample
         try:
             if self.tuning.source == "labeled":
@@ -197,9 +200,9 @@ class OnlineTrainer:
                 event = decode_event(value, Interaction)
         except EventValidationError as exc:
             return f"invalid:{exc.reason}"
-        return self.ingest(event)
+        return self.ingest(event, position=position)
 
-    def ingest(self, event: Interaction | LabeledExample) -> str:
+    def ingest(self, event: Interaction | LabeledExample, *, position: tuple[int, int] | None = None) -> str:
         """Turn one event into a pending example; returns the outcome counted by ``poll``."""
         if isinstance(event, LabeledExample):
             if not event.clicked:
@@ -219,6 +222,7 @@ class OnlineTrainer:
             row.update({name: event.features[name] for name in logged})  # what the model saw at impression
         row.update(item_id=event.item_id, event_time=event_time)
         self.pending.append(row)
+        self.pending_positions.append(position)
         return "example"
 
     def interval_due(self) -> bool:
@@ -276,6 +280,7 @@ class OnlineTrainer:
         if len(self.pending) < self.tuning.min_examples:
             return None
         rows, self.pending = self.pending, []
+        row_positions, self.pending_positions = self.pending_positions, []
         self.interval_started = time.monotonic()
         examples = self._examples(rows)
         stage_s = {"examples_s": time.perf_counter() - interval_end}
@@ -303,7 +308,15 @@ class OnlineTrainer:
                 "replayed_examples": len(replayed),
                 "holdout_examples": len(holdout),
             },
-            "kafka": {"topic": self.topic, "group_id": self.tuning.group_id, "offsets": offsets},
+            # offsets: consumed up to (where a restart resumes); trained_offsets: every record below
+            # them was learned by this version (the newest rows, held out for the gate, are only
+            # learned in the next interval), which is what model freshness is measured against
+            "kafka": {
+                "topic": self.topic,
+                "group_id": self.tuning.group_id,
+                "offsets": offsets,
+                "trained_offsets": trained_offsets(offsets, examples, len(plan.deferred), row_positions),
+            },
             "feature_service": contracts.USER_FEATURE_SERVICE,
             "features_source": "trainer user histories from the consumed stream; profiles from Feast online",
             "metrics": {key: float(value) for key, value in stats.items()},
@@ -381,3 +394,28 @@ class OnlineTrainer:
             self._consumer.close()
             self._consumer = None
         self.summaries.close()
+
+
+def trained_offsets(
+    consumed: dict[int, int],
+    examples: pd.DataFrame,
+    deferred: int,
+    row_positions: list[tuple[int, int] | None],
+) -> dict[int, int]:
+    """Per partition, the offset below which every record was learned by this interval's version.
+
+    ``examples`` are the interval's rows in ``row_positions``' order; the ``deferred`` newest of
+    them (``split_holdout``'s order: event time, stable) were held out and are learned only in the
+    next interval, so in each partition coverage stops at the first of them. Conservative: a row
+    learned now but after a held-out one in the same partition waits for the next version too.
+    """
+    covered = dict(consumed)
+    if deferred <= 0:
+        return covered
+    order = examples["event_time"].argsort(kind="stable").to_numpy()
+    for index in order[len(order) - deferred :]:
+        position = row_positions[int(index)]
+        if position is not None:
+            partition, offset = position
+            covered[partition] = min(covered.get(partition, offset), offset)
+    return covered

@@ -157,3 +157,24 @@ def test_tensorboard_summaries_are_written_per_step(tmp_path: Path) -> None:
             for value in event.summary.value:
                 seen[(event.step, value.tag)] = float(tf.make_ndarray(value.tensor))
     assert seen == {(1, "loss"): 2.5, (1, "gate/passed"): 1.0, (2, "loss"): 1.5}
+
+
+def test_trained_offsets_stop_at_the_first_row_held_out_for_the_gate_in_each_partition() -> None:
+    """Lineage's ``trained_offsets``: the newest rows (by event time) are learned one version later."""
+    from online_trainer.loop import trained_offsets
+
+    # rows in arrival order: partition 0 offsets 10..13, partition 1 offsets 20..21, one row without Kafka
+    times = [0, 1, 5, 9, 2, 8, 3]
+    positions: list[tuple[int, int] | None] = [(0, 10), (0, 11), (0, 12), (0, 13), (1, 20), (1, 21), None]
+    examples = pd.DataFrame({"event_time": [T0 + timedelta(seconds=t) for t in times]})
+    consumed = {0: 14, 1: 22, 2: 7}
+    # the 2 newest are (0, 13) at 9 s and (1, 21) at 8 s
+    assert trained_offsets(consumed, examples, 2, positions) == {0: 13, 1: 21, 2: 7}
+    # 3 newest add (0, 12) at 5 s: partition 0 is covered below 12 only
+    assert trained_offsets(consumed, examples, 3, positions) == {0: 12, 1: 21, 2: 7}
+    # nothing held out: everything consumed was learned
+    assert trained_offsets(consumed, examples, 0, positions) == consumed
+    # the same rows split_holdout holds out (at most a fifth: 1 of 7 here)
+    _, holdout = split_holdout(examples.assign(row=range(len(times))), 2)
+    assert list(holdout["row"]) == [3]
+    assert trained_offsets(consumed, examples, len(holdout), positions) == {0: 13, 1: 22, 2: 7}
