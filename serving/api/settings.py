@@ -49,10 +49,14 @@ class ApiSection(BaseModel):
     # Socket timeout of the feature store's Redis reads: a hung Redis costs a request this
     # much (then it is answered without features, marked degraded), never a hang.
     feature_timeout_ms: int = Field(default=50, ge=1)
-    # Server threads: requests block on Redis and the model server, not on CPU. Fewer threads
-    # do not buy less GIL contention: with 4 (and 4 in the model server) requests queued for a
-    # thread outside the handler, ghz p99 ~1 s at 200 rps against ~0.2 s with 16 (loaded machine).
-    max_workers: int = Field(default=16, ge=1)
+    # Server threads. Each request spends most of its time waiting on Redis and the model server,
+    # but every thread also takes the GIL back after each wait, so more threads than needed only
+    # add contention. A/B with bench/recommend_load.py (20 s phases, back to back, API and model
+    # server set alike, after the trending refresh was paced and the switch interval shortened):
+    # saturation 364 rps with 16 threads, 426 with 8, 414 with 4 (p99 at 100 rps 7.6 / 8.2 / 29
+    # ms; CPU per request at saturation, API + model server: 4.21 / 3.54 / 3.44 ms). An earlier
+    # A/B, before those two changes, had favoured 16 (p99 ~0.2 s against ~1 s with 4).
+    max_workers: int = Field(default=8, ge=1)
     # Requests waiting for a thread beyond this are refused with RESOURCE_EXHAUSTED at once
     # rather than queued past any sensible deadline. 0: no limit.
     max_concurrent_rpcs: int = Field(default=256, ge=0)
