@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--visits", type=int, default=15000, help="held-out visits (the demo runs 7,200)")
     parser.add_argument("--rate", type=float, default=40.0, help="visits per second (the demo runs 30)")
     parser.add_argument("--history-fraction", type=float, default=0.5)
-    parser.add_argument("--interval", type=float, default=60.0, help="trainer interval, s")
+    parser.add_argument("--interval", type=float, default=40.0, help="trainer interval, s")
     parser.add_argument("--label-window", type=float, default=10.0, help="joiner label window, s")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(

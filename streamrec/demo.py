@@ -37,7 +37,7 @@ class DemoOptions:
     visits: int = 7200
     rate: float = 30.0
     canary_share: float = 0.5
-    trainer_interval_s: float = 60.0
+    trainer_interval_s: float = 40.0
     label_window_s: float = 10.0
     state_dir: Path = PROJECT_ROOT / ".state" / "demo"
     keep_running: bool = False
