@@ -56,6 +56,8 @@ from streamrec.events import Interaction, LabeledExample, decode_event
 
 log = logging.getLogger(__name__)
 
+_POSITION = "_kafka_position"  # key of a pending row's (partition, offset)
+
 
 class TrainerError(StreamrecError):
     """The trainer cannot start or continue; the message names the fix."""
@@ -108,9 +110,9 @@ class OnlineTrainer:
         self.resume_offsets: dict[int, int] = {}
         self.positions: dict[int, int] = {}
         self.committed: dict[int, int] = {}
+        # example rows, each with the (partition, offset) of its record under ``_POSITION`` (None for
+        # events given to ``ingest`` directly); ``_examples`` keeps only the example columns
         self.pending: list[dict[str, Any]] = []
-        # (partition, offset) of each pending row's record; None for rows given to ``ingest`` directly
-        self.pending_positions: list[tuple[int, int] | None] = []
         self.interval_started = time.monotonic()
         # A model object that serves nothing any more (the last rejected candidate, or the model a
         # published one replaced): the next interval trains it in place, keeping its traced train
@@ -221,8 +223,8 @@ class OnlineTrainer:
         if isinstance(event, LabeledExample) and all(name in event.features for name in logged):
             row.update({name: event.features[name] for name in logged})  # what the model saw at impression
         row.update(item_id=event.item_id, event_time=event_time)
+        row[_POSITION] = position
         self.pending.append(row)
-        self.pending_positions.append(position)
         return "example"
 
     def interval_due(self) -> bool:
@@ -280,7 +282,6 @@ class OnlineTrainer:
         if len(self.pending) < self.tuning.min_examples:
             return None
         rows, self.pending = self.pending, []
-        row_positions, self.pending_positions = self.pending_positions, []
         self.interval_started = time.monotonic()
         examples = self._examples(rows)
         stage_s = {"examples_s": time.perf_counter() - interval_end}
@@ -315,7 +316,9 @@ class OnlineTrainer:
                 "topic": self.topic,
                 "group_id": self.tuning.group_id,
                 "offsets": offsets,
-                "trained_offsets": trained_offsets(offsets, examples, len(plan.deferred), row_positions),
+                "trained_offsets": trained_offsets(
+                    offsets, examples, len(plan.deferred), [row[_POSITION] for row in rows]
+                ),
             },
             "feature_service": contracts.USER_FEATURE_SERVICE,
             "features_source": "trainer user histories from the consumed stream; profiles from Feast online",

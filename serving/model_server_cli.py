@@ -103,7 +103,7 @@ def model_server_command(
     from serving.model_server.core import CoreOptions
     from serving.model_server.errors import ModelServerError
     from serving.model_server.server import ModelServer, ServerOptions
-    from serving.runtime import freeze_startup_heap, set_gil_switch_interval
+    from serving.runtime import tune_serving_process
     from serving.settings import ServingSettings
     from streamrec.settings import load
 
@@ -162,8 +162,7 @@ def model_server_command(
         if "not currently available" in exc.message:
             typer.echo("labels in the config need --allow_version_labels_for_unavailable_models at start", err=True)
         raise typer.Exit(1) from exc
-    freeze_startup_heap(section.gc_gen0_threshold)  # after the first versions loaded
-    set_gil_switch_interval(section.gil_switch_interval_s)
+    tune_serving_process(section)  # after the first versions loaded
     typer.echo(f"model server ready on {options.host}:{server.port}", err=True)
     stopping.wait()
     server.stop()

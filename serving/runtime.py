@@ -20,6 +20,8 @@ import gc
 import logging
 import sys
 
+from serving.settings import ProcessTuning
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,12 @@ def freeze_startup_heap(gen0_threshold: int) -> None:
         _, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(gen0_threshold, gen1, gen2)
     log.info("froze %d start-up objects; gc thresholds %s", gc.get_freeze_count(), gc.get_threshold())
+
+
+def tune_serving_process(tuning: ProcessTuning) -> None:
+    """Once the process is ready to serve (everything imported, first models loaded)."""
+    freeze_startup_heap(tuning.gc_gen0_threshold)
+    set_gil_switch_interval(tuning.gil_switch_interval_s)
 
 
 def set_gil_switch_interval(interval_s: float) -> None:

@@ -20,7 +20,19 @@ from streamrec import contracts
 from streamrec.settings import CommonSettings
 
 
-class ModelServerSection(BaseModel):
+class ProcessTuning(BaseModel):
+    """Interpreter tuning shared by the long-running serving processes (the API, the model server);
+    ``serving.runtime.tune_serving_process`` applies it once the process is ready to serve."""
+
+    # Generation-0 threshold of the garbage collector once serving (the start-up heap is frozen
+    # first, see ``serving.runtime``); 0 keeps CPython's 700.
+    gc_gen0_threshold: int = Field(default=20_000, ge=0)
+    # sys.setswitchinterval once serving: how long a request thread waits for the GIL held by a
+    # busy thread before it is handed over (see ``serving.runtime``).
+    gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
+
+
+class ModelServerSection(ProcessTuning):
     """Where the model server listens, what it serves, and the budgets clients use with it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -62,13 +74,6 @@ class ModelServerSection(BaseModel):
     # next to them. Raise them for a big model on a machine of its own.
     tf_intra_op_threads: int = Field(default=1, ge=0)
     tf_inter_op_threads: int = Field(default=1, ge=0)
-    # Generation-0 threshold of the garbage collector in the local model server once its first
-    # versions are loaded (the start-up heap is frozen first, see ``serving.runtime``); 0 keeps
-    # CPython's 700.
-    gc_gen0_threshold: int = Field(default=20_000, ge=0)
-    # sys.setswitchinterval once serving: how long a request thread waits for the GIL held by a
-    # busy thread before it is handed over (see ``serving.runtime.set_gil_switch_interval``).
-    gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
 
     @property
     def target(self) -> str:

@@ -42,7 +42,7 @@ def serve(
     """Serve Recommend with health and reflection; SIGTERM/SIGINT stop it gracefully."""
     from serving.api.server import ApiServer
     from serving.api.settings import ApiSettings
-    from serving.runtime import freeze_startup_heap, set_gil_switch_interval
+    from serving.runtime import tune_serving_process
     from streamrec.settings import load
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,8 +71,7 @@ def serve(
     signal.signal(signal.SIGINT, _on_signal)
     server = ApiServer(settings)
     bound = server.start()
-    freeze_startup_heap(settings.api.gc_gen0_threshold)
-    set_gil_switch_interval(settings.api.gil_switch_interval_s)
+    tune_serving_process(settings.api)
     typer.echo(f"streamrec.v1.Recommender listening on {settings.api.host}:{bound}", err=True)
     try:
         stop_requested.wait()

@@ -14,15 +14,15 @@ The impression topic is ``topics.impressions``. Imports nothing heavy.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from features.settings import FeaturesSettings
-from serving.settings import ServingSettings
+from serving.settings import ProcessTuning, ServingSettings
 from streamrec import contracts
 from streamrec.settings import CommonSettings
 
 
-class ApiSection(BaseModel):
+class ApiSection(ProcessTuning):
     """The API's own knobs; every one is a ``STREAMREC_API__<NAME>`` variable."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -69,12 +69,6 @@ class ApiSection(BaseModel):
     # Impressions waiting for the background producer; beyond this they are dropped and counted.
     impression_queue_max: int = Field(default=10_000, ge=1)
     impression_linger_ms: int = Field(default=50, ge=0)
-    # Generation-0 threshold of the garbage collector once serving (the start-up heap is frozen
-    # first, see ``serving.runtime``); 0 keeps CPython's 700.
-    gc_gen0_threshold: int = Field(default=20_000, ge=0)
-    # sys.setswitchinterval once serving: how long a request thread waits for the GIL held by a
-    # busy thread before it is handed over (see ``serving.runtime.set_gil_switch_interval``).
-    gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> ApiSection:
