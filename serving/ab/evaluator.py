@@ -2,9 +2,11 @@
 
 The experiment under test is read from the model server's labels (the ``models.config`` the
 model client keeps): whenever ``canary`` points at a version other than ``stable``'s, that pair
-is an experiment. Labeled examples are attributed to it by their arm *and* model version, so
-examples still arriving for an earlier pair (labels close a window after the impression) are
-ignored instead of polluting the new one.
+is an experiment. When only the canary moves (the trainer's next version) the experiment goes
+on with the line's pooled evidence (``policy.pool_canary_line``; ``policy.py`` says why).
+Labeled examples are attributed to it by their arm *and* model version, so examples still
+arriving for an earlier pair (labels close a window after the impression) are ignored instead
+of polluting the new one.
 
 Decisions go through :class:`LabelController` (the model client in production): promote moves
 ``stable`` to the canary version (already loaded, so TF Serving's order holds), rollback moves
@@ -74,9 +76,19 @@ class AbEvaluator:
             self.experiment = None
             return
         current = self.experiment
-        if current is None or (current.stable.version, current.canary.version) != (stable, canary):
-            log.info("new experiment: canary %s against stable %s", canary, stable)
-            self.experiment = Experiment(stable, canary, self.config)
+        if current is not None and (current.stable.version, current.canary.version) == (stable, canary):
+            return
+        if (
+            current is not None
+            and self.config.pool_canary_line
+            and current.stable.version == stable
+            and canary not in current.canary_versions
+        ):
+            log.info("canary line moves on: %s (after %s) against stable %s", canary, current.canary.version, stable)
+            current.advance(canary)
+            return
+        log.info("new experiment: canary %s against stable %s", canary, stable)
+        self.experiment = Experiment(stable, canary, self.config)
 
     # -- evidence -------------------------------------------------------------------------
     def handle(self, example: LabeledExample) -> Decision | None:
@@ -84,18 +96,23 @@ class AbEvaluator:
         if experiment is None:
             EXAMPLES.labels("no_experiment").inc()
             return None
-        arm_stats = experiment.stable if example.arm == contracts.STABLE_LABEL else experiment.canary
-        if example.model_version != arm_stats.version:
+        if not experiment.counts_for(example.arm, example.model_version):
             EXAMPLES.labels("other_version").inc()
             return None
         EXAMPLES.labels("counted").inc()
         if example.position == 0:
-            experiment.record(example.arm, hit=False, degraded=example.degraded, latency_ms=example.serve_latency_ms)
+            experiment.record(
+                example.arm,
+                hit=False,
+                degraded=example.degraded,
+                latency_ms=example.serve_latency_ms,
+                version=example.model_version,
+            )
         if example.clicked and example.request_id not in self._hit_requests:
             self._hit_requests[example.request_id] = None
             if len(self._hit_requests) > 100_000:
                 self._hit_requests.popitem(last=False)
-            arm_stats.hits += 1
+            experiment.record_hit(example.arm, example.model_version)
         return None
 
     def decide(self) -> Decision | None:
@@ -136,6 +153,13 @@ class AbEvaluator:
             }
             ARM_CTR.labels(name).set(arm.ctr)
             ARM_TRIALS.labels(name).set(arm.trials)
+        current = experiment.current
+        figures[contracts.CANARY_LABEL]["line"] = list(experiment.canary_versions)
+        figures[contracts.CANARY_LABEL]["current"] = {
+            "version": current.version,
+            "requests": current.trials,
+            "ctr": current.ctr,
+        }
         return figures
 
     def snapshot(self) -> None:

@@ -99,3 +99,53 @@ def test_no_decision_before_the_minimum_sample() -> None:
         experiment.record("stable", hit=False)
         experiment.record("canary", hit=True)
     assert experiment.decide().action == "continue"
+
+
+def test_the_canary_line_pools_evidence_across_versions() -> None:
+    """A lift too small for one version's requests is promoted once the line has enough."""
+    rng = np.random.default_rng(13)
+    experiment = Experiment(1, 2, PolicyConfig())
+    version, decision = 2, experiment.decide()
+    for step in range(200):
+        if step and step % 8 == 0:  # a new trainer version every 8 looks (400 requests per arm)
+            version += 1
+            experiment.advance(version)
+        for hit in rng.random(LOOK_EVERY) < 0.10:
+            experiment.record("stable", hit=bool(hit))
+        for hit in rng.random(LOOK_EVERY) < 0.14:
+            experiment.record("canary", hit=bool(hit), version=version)
+        decision = experiment.decide()
+        if decision.action != "continue":
+            break
+    assert decision.action == "promote", decision
+    assert experiment.canary.version == version > 2
+    assert experiment.canary.trials > experiment.current.trials  # the test used the pooled requests
+
+
+def test_a_broken_version_in_a_good_line_is_rolled_back_on_its_own_numbers() -> None:
+    config = PolicyConfig()
+    experiment = Experiment(1, 2, config)
+    for index in range(1_000):  # version 2: as good as stable, lots of evidence
+        experiment.record("stable", hit=index % 10 == 0)
+        experiment.record("canary", hit=index % 10 == 0, version=2)
+    assert experiment.decide().action == "continue"
+    experiment.advance(3)
+    for index in range(config.collapse_min_trials):  # version 3 never gets a click
+        experiment.record("stable", hit=index % 10 == 0)
+        experiment.record("canary", hit=False, version=3)
+    decision = experiment.decide()
+    assert decision.action == "rollback" and "collapsed" in decision.reason, decision
+    assert experiment.current.version == 3
+
+
+def test_late_requests_of_an_earlier_line_version_count_for_the_line_only() -> None:
+    experiment = Experiment(1, 2, PolicyConfig())
+    experiment.advance(3)
+    assert experiment.counts_for("canary", 2) and experiment.counts_for("canary", 3)
+    assert not experiment.counts_for("canary", 1) and not experiment.counts_for("stable", 2)
+    experiment.record("canary", hit=False, version=2)  # the impression, then its click
+    experiment.record_hit("canary", 2)
+    assert (experiment.canary.trials, experiment.canary.hits) == (1, 1)
+    assert (experiment.current.trials, experiment.current.hits) == (0, 0)
+    with pytest.raises(ValueError, match="already part"):
+        experiment.advance(2)
