@@ -15,7 +15,7 @@ Protocol:
    :func:`online_trainer.finetune.plan_interval` (hold-out, the previous interval's deferred
    hold-out, replay sample) and :func:`online_trainer.finetune.finetune` (a clone of the current
    weights and Adam state, fine-tuned), then the gate's in-memory check
-   (:func:`online_trainer.gate.check_model`, ``gate_k``/``gate_margin``): a candidate replaces the
+   (:func:`online_trainer.gate.check_model`, ``gate_k``/``gate_margin``/``gate_alpha``): a candidate replaces the
    online model only if it passes, as in ``streamrec trainer``. The export checks of the gate are
    skipped (they check the artifact, not the quality). The frozen model never changes.
 
@@ -131,7 +131,15 @@ def main() -> None:
             replay.add(chunk)
             deferred = plan.deferred
             gate = GateResult()
-            check_model(gate, candidate, plan.holdout, serving=online, k=tuning.gate_k, margin=tuning.gate_margin)
+            check_model(
+                gate,
+                candidate,
+                plan.holdout,
+                serving=online,
+                k=tuning.gate_k,
+                margin=tuning.gate_margin,
+                alpha=tuning.gate_alpha,
+            )
             if gate.passed:
                 online = candidate
             else:
@@ -184,7 +192,8 @@ def main() -> None:
             f"replay_fraction={tuning.replay_fraction}, holdout_size={tuning.holdout_size}, "
             f"finetune lr {config.finetune_learning_rate}, batch {config.finetune_batch_size}; "
             f"median {int(np.median(trained_per_update))} examples per update) and the in-memory gate "
-            f"(k={tuning.gate_k}, margin={tuning.gate_margin}; {rejected} rejected)."
+            f"(k={tuning.gate_k}, margin={tuning.gate_margin}, sign test alpha={tuning.gate_alpha}; "
+            f"{rejected} rejected)."
         ),
     )
 

@@ -106,5 +106,6 @@ def bootstrap(
         publisher=publisher if tuning.publish else None,
         k=tuning.gate_k,
         margin=tuning.gate_margin,
+        alpha=tuning.gate_alpha,
     )
     return BootstrapResult(outcome, info, stats)

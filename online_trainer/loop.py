@@ -334,6 +334,7 @@ class OnlineTrainer:
             publisher=self.publisher if self.tuning.publish else None,
             k=self.tuning.gate_k,
             margin=self.tuning.gate_margin,
+            alpha=self.tuning.gate_alpha,
             fault=self.fault,
         )
         report.stage_s.update(report.outcome.timings)

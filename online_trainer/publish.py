@@ -177,6 +177,7 @@ def publish_candidate(
     publisher: Publisher | None,
     k: int,
     margin: float,
+    alpha: float = 1.0,
     fault: Fault | None = None,
 ) -> Outcome:
     """Steps 1-6 of the module docstring; returns the gate verdict and what was published."""
@@ -185,7 +186,7 @@ def publish_candidate(
     started = time.perf_counter()
     version = writer.next_version()
     gate = GateResult()
-    check_model(gate, candidate, holdout, serving=serving, k=k, margin=margin)  # cheap: before exporting
+    check_model(gate, candidate, holdout, serving=serving, k=k, margin=margin, alpha=alpha)  # cheap: before exporting
     outcome = Outcome(gate=gate, timings={"check_s": time.perf_counter() - started})
     if gate.passed:
         warmup_users = holdout if not holdout.empty else trainer_state.replay.frame

@@ -67,6 +67,9 @@ class TrainerTuning(BaseModel):
     gate_margin: float = Field(
         default=0.02, ge=0.0, le=1.0, description="candidate hit@k may be worse than the serving model by this much"
     )
+    # A drop beyond the margin rejects only if the hold-out shows it (one-sided sign test,
+    # p < gate_alpha; online_trainer/gate.py says why). 1.0: every drop beyond the margin rejects.
+    gate_alpha: float = Field(default=0.05, gt=0.0, le=1.0)
     # -- bootstrap ----------------------------------------------------------------------------
     bootstrap_epochs: int | None = Field(default=None, ge=1, description="None: the model's default")
     min_feature_coverage: float = Field(

@@ -19,7 +19,7 @@ from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import ItemCatalog, examples_from_interactions
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.dataset import split_holdout
-from online_trainer.gate import check_export, run_gate, signature_problems
+from online_trainer.gate import check_export, hits, run_gate, sign_test_p, signature_problems
 from online_trainer.history import UserHistories
 from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, train
 from online_trainer.publish import VersionWriter, label_canary, publish_candidate
@@ -155,6 +155,31 @@ def test_a_worse_candidate_is_rejected_for_metric_regression(trained: Any) -> No
     assert result.candidate_metric < result.serving_metric - 0.05
     # ... and the same model against itself passes with no margin at all
     assert run_gate(model, holdout, serving=model, export_dir=None, k=10, margin=0.0).passed
+
+
+def test_the_sign_test_matches_the_binomial_tail() -> None:
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
+    assert sign_test_p(3, 3) == pytest.approx(42 / 64)
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(0, 7) == 1.0
+
+
+def test_a_drop_the_holdout_cannot_show_passes_a_significant_one_fails(trained: Any) -> None:
+    """Three lost rows out of three are a drop of 1.0, but a fair coin does that 1 time in 8."""
+    model, _, holdout = trained
+    untrained = build_model(tiny_catalog(), TINY)
+    lost = holdout[hits(model, holdout, k=10) & ~hits(untrained, holdout, k=10)]
+    assert len(lost) >= 8
+    few, many = lost.head(3), lost.head(8)
+    unproven = run_gate(untrained, few, serving=model, export_dir=None, k=10, margin=0.0, alpha=0.05)
+    assert unproven.passed, unproven.summary()
+    assert unproven.p_value == pytest.approx(1 / 8)
+    shown = run_gate(untrained, many, serving=model, export_dir=None, k=10, margin=0.0, alpha=0.05)
+    assert shown.reasons == ["metric_regression"] and "sign test p=0.00391" in shown.details[0]
+    # alpha 1.0: the margin alone decides, as before the sign test
+    assert run_gate(untrained, few, serving=model, export_dir=None, k=10, margin=0.0, alpha=1.0).reasons == [
+        "metric_regression"
+    ]
 
 
 def _write_changed_signature(model: Any, base_path: Path, version: int, **_: Any) -> Path:
