@@ -170,7 +170,8 @@ def main() -> None:
             f"RecBole ml-100k protocol (RS 80/10/10 by user, full ranking, seen items masked), {result.users} test "
             f"users; two-tower, id + {'profile' if config.use_profile else 'no profile'} user tower, "
             f"id + {'content' if config.use_item_content else 'no content'} item tower, no sequential features; "
-            f"in-batch softmax with logQ, dim {config.embedding_dim}, batch {config.batch_size}, "
+            f"{'full-catalog softmax' if config.full_catalog else 'in-batch softmax with logQ'}, "
+            f"dim {config.embedding_dim}, batch {config.batch_size}, "
             f"temperature {config.temperature}, lr {config.learning_rate}; best epoch {best_epoch} on validation "
             f"NDCG@10; training {np.median(rates):,.0f} examples/s median, {time.perf_counter() - started:.0f} s total."
         ),

@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--max-chunks", type=int, default=0, help="stop after this many intervals (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--bootstrap-loss", choices=("in_batch", "full_catalog"), default="in_batch", help="loss of the frozen model"
+        "--bootstrap-loss",
+        choices=("in_batch", "full_catalog"),
+        default="full_catalog" if ModelConfig().full_catalog else "in_batch",
+        help="loss of the frozen model (default: ModelConfig's)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()

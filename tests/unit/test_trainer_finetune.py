@@ -3,6 +3,7 @@ the hold-out is never trained on, replay draws only older rows, and a restart ke
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_a_tiny_interval_keeps_a_holdout_from_the_replay_buffer() -> None:
 def test_finetune_trains_a_copy_on_the_mix(tmp_path: Path) -> None:
     items = [str(i) for i in range(60)]
     catalog = ItemCatalog(tuple(items[:50]), tuple(("Drama",) for _ in range(50)), (1990,) * 50)
-    model = build_model(catalog, TINY)
+    model = build_model(catalog, dataclasses.replace(TINY, full_catalog=False))  # an in-batch bootstrap
     tuning = TrainerTuning(holdout_size=5, finetune_epochs=2)
     replay = ReplayBuffer(100)
     replay.add(_examples(50, first=0))
