@@ -27,8 +27,8 @@ whether *the trainer's line* beats stable, and a promotion makes the line's newe
 stable. Every new version has already passed the trainer's gate against its parent on the
 newest hold-out, and the guardrails of rule 1 are checked on the *current* canary version's own
 requests, so a broken version is still rolled back on its own numbers. Under no difference
-(every version as good as stable) the pooled test keeps the same always-valid false-promotion
-bound: both arms see the same requests stream, whatever versions serve it.
+(every version as good as stable) the pooled requests are the stream the test is built for, so
+its false-promotion bound holds (simulated in the tests with a new version every 400 requests).
 """
 
 from __future__ import annotations

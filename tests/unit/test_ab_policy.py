@@ -14,15 +14,25 @@ LOOK_EVERY = 50
 
 
 def run_experiment(
-    p_stable: float, p_canary: float, rng: np.random.Generator, config: PolicyConfig, max_trials: int = 20_000
+    p_stable: float,
+    p_canary: float,
+    rng: np.random.Generator,
+    config: PolicyConfig,
+    max_trials: int = 20_000,
+    new_version_every: int = 0,
 ) -> tuple[str, int]:
-    """Stream requests to both arms until a decision; return (action, canary trials)."""
+    """Stream requests to both arms until a decision; return (action, canary trials).
+
+    ``new_version_every``: the canary line moves to a new version every this many requests per arm.
+    """
     experiment = Experiment(1, 2, config)
-    for _ in range(0, max_trials, LOOK_EVERY):
+    for start in range(0, max_trials, LOOK_EVERY):
+        if new_version_every and start and start % new_version_every == 0:
+            experiment.advance(experiment.canary.version + 1)
         for hit in rng.random(LOOK_EVERY) < p_stable:
             experiment.record("stable", hit=bool(hit))
         for hit in rng.random(LOOK_EVERY) < p_canary:
-            experiment.record("canary", hit=bool(hit))
+            experiment.record("canary", hit=bool(hit), version=experiment.canary.version)
         decision = experiment.decide()
         if decision.action != "continue":
             return decision.action, experiment.canary.trials
@@ -60,6 +70,16 @@ def test_no_difference_keeps_false_promotions_at_or_below_alpha() -> None:
     runs = 300
     promotions = sum(run_experiment(0.05, 0.05, rng, config, max_trials=10_000)[0] == "promote" for _ in range(runs))
     assert promotions / runs <= config.alpha, promotions
+
+
+def test_a_pooled_line_with_no_difference_keeps_false_promotions_at_or_below_alpha() -> None:
+    config = PolicyConfig(alpha=0.05)
+    rng = np.random.default_rng(17)
+    runs = 300
+    outcomes = [
+        run_experiment(0.05, 0.05, rng, config, max_trials=10_000, new_version_every=400)[0] for _ in range(runs)
+    ]
+    assert outcomes.count("promote") / runs <= config.alpha, outcomes.count("promote")
 
 
 def test_a_collapsed_canary_is_rolled_back_within_a_bounded_number_of_requests() -> None:
