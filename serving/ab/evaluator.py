@@ -107,12 +107,13 @@ class AbEvaluator:
                 degraded=example.degraded,
                 latency_ms=example.serve_latency_ms,
                 version=example.model_version,
+                user_id=example.user_id,
             )
         if example.clicked and example.request_id not in self._hit_requests:
             self._hit_requests[example.request_id] = None
             if len(self._hit_requests) > 100_000:
                 self._hit_requests.popitem(last=False)
-            experiment.record_hit(example.arm, example.model_version)
+            experiment.record_hit(example.arm, example.model_version, example.user_id)
         return None
 
     def decide(self) -> Decision | None:

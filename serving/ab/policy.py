@@ -65,20 +65,54 @@ class PolicyConfig(BaseModel):
 
 @dataclass
 class ArmStats:
-    """Running per-arm figures for one model version."""
+    """Running per-arm figures for one model version (or a pooled canary line).
+
+    Per user it keeps (requests, hits) and three running sums over users, so the user-clustered
+    variance of ``sequential.py`` costs O(1) per request: ``sum (x_u - p n_u)^2 = sum x_u^2 -
+    2 p sum x_u n_u + p^2 sum n_u^2``.
+    """
 
     version: int
     trials: int = 0
     hits: int = 0
     degraded: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    per_user: dict[str, tuple[int, int]] = field(default_factory=dict, init=False, repr=False)
+    _sum_hits_sq: int = field(default=0, init=False, repr=False)
+    _sum_hits_trials: int = field(default=0, init=False, repr=False)
+    _sum_trials_sq: int = field(default=0, init=False, repr=False)
 
-    def add(self, *, hit: bool, degraded: bool, latency_ms: float | None) -> None:
+    def add(self, *, hit: bool, degraded: bool, latency_ms: float | None, user_id: str | None = None) -> None:
         self.trials += 1
         self.hits += int(hit)
         self.degraded += int(degraded)
         if latency_ms is not None:
             self.latencies_ms.append(latency_ms)
+        if user_id is None:  # its own cluster: (0, 0) -> (1, hit)
+            self._move((0, 0), (1, int(hit)))
+        else:
+            self._count_user(user_id, trials=1, hits=int(hit))
+
+    def add_hit(self, user_id: str | None = None) -> None:
+        """A click for a request already counted (``user_id`` None: an independent request)."""
+        self.hits += 1
+        if user_id is None:
+            self._move((1, 0), (1, 1))
+        else:
+            self._count_user(user_id, trials=0, hits=1)
+
+    def _count_user(self, user_id: str, *, trials: int, hits: int) -> None:
+        old = self.per_user.get(user_id, (0, 0))
+        new = (old[0] + trials, old[1] + hits)
+        self.per_user[user_id] = new
+        self._move(old, new)
+
+    def _move(self, old: tuple[int, int], new: tuple[int, int]) -> None:
+        """Replace one cluster's (requests, hits) in the running sums."""
+        (old_trials, old_hits), (new_trials, new_hits) = old, new
+        self._sum_hits_sq += new_hits**2 - old_hits**2
+        self._sum_hits_trials += new_hits * new_trials - old_hits * old_trials
+        self._sum_trials_sq += new_trials**2 - old_trials**2
 
     @property
     def ctr(self) -> float:
@@ -88,7 +122,9 @@ class ArmStats:
         return float(np.percentile(self.latencies_ms, 95)) if self.latencies_ms else None
 
     def counts(self) -> ArmCounts:
-        return ArmCounts(self.trials, self.hits)
+        rate = self.ctr
+        cluster_ss = self._sum_hits_sq - 2 * rate * self._sum_hits_trials + rate**2 * self._sum_trials_sq
+        return ArmCounts(self.trials, self.hits, max(cluster_ss, 0.0))
 
 
 @dataclass(frozen=True)
@@ -134,23 +170,25 @@ class Experiment:
         degraded: bool = False,
         latency_ms: float | None = None,
         version: int | None = None,
+        user_id: str | None = None,
     ) -> None:
-        """One request; ``version`` None: served by the arm's current version."""
+        """One request; ``version`` None: served by the arm's current version; ``user_id`` None: a
+        request independent of every other (no user to cluster on)."""
         if arm == "stable":
-            self.stable.add(hit=hit, degraded=degraded, latency_ms=latency_ms)
+            self.stable.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
             return
-        self.canary.add(hit=hit, degraded=degraded, latency_ms=latency_ms)
+        self.canary.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
         if version is None or version == self.current.version:
-            self.current.add(hit=hit, degraded=degraded, latency_ms=latency_ms)
+            self.current.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
 
-    def record_hit(self, arm: Literal["stable", "canary"], version: int) -> None:
+    def record_hit(self, arm: Literal["stable", "canary"], version: int, user_id: str | None = None) -> None:
         """A click arrived for a request already recorded (labels come after the impression)."""
         if arm == "stable":
-            self.stable.hits += 1
+            self.stable.add_hit(user_id)
             return
-        self.canary.hits += 1
+        self.canary.add_hit(user_id)
         if version == self.current.version:
-            self.current.hits += 1
+            self.current.add_hit(user_id)
 
     def decide(self) -> Decision:
         guardrail = self._guardrail()

@@ -19,6 +19,15 @@ size of effect the test is most sensitive to; a CTR lift of a few points is typi
 
 The normal approximation needs a few clicks in each arm, so the policy (``policy.py``) also
 requires a minimum number of trials before it acts.
+
+**Users, not requests, are independent.** The API assigns arms per user (``serving/api/arms.py``),
+and a user sends many requests in a row (an ml-100k user rates tens of movies in one sitting),
+some users far easier to recommend for than others. Requests of one user are correlated, so the
+binomial variance ``p(1-p)/n`` understates the noise of an arm's CTR: an arm that happened to
+draw a few easy users looks better. Each arm's variance is therefore the larger of the binomial
+one and the user-clustered (delta-method) one, ``sum_u (x_u - p n_u)^2 / n^2`` over the arm's
+users (``ArmCounts.cluster_ss``), which equals the binomial one when every user sends one
+request.
 """
 
 from __future__ import annotations
@@ -31,6 +40,17 @@ from dataclasses import dataclass
 class ArmCounts:
     trials: int
     clicks: int
+    # sum over the arm's users of (clicks_u - rate * trials_u)^2; None: requests are independent
+    cluster_ss: float | None = None
+
+    def variance(self) -> float:
+        """Variance of the arm's CTR: binomial (floored, see ``msprt``) or user-clustered, the larger."""
+        rate = self.rate
+        floor = 0.5 / self.trials
+        binomial = max(rate * (1 - rate), floor * (1 - floor)) / self.trials
+        if self.cluster_ss is None:
+            return binomial
+        return max(binomial, self.cluster_ss / self.trials**2)
 
     @property
     def rate(self) -> float:
@@ -59,15 +79,9 @@ def msprt(stable: ArmCounts, canary: ArmCounts, *, alpha: float, tau: float, pre
         raise ValueError("alpha must be in (0, 1)")
     if stable.trials == 0 or canary.trials == 0:
         return TestResult(0.0, 1.0, previous_p, previous_p <= alpha)
-    p_s, p_c = stable.rate, canary.rate
-    # Floor the plug-in variance so an arm with no clicks yet does not look infinitely certain.
-    floor_s = 0.5 / stable.trials
-    floor_c = 0.5 / canary.trials
-    variance = (
-        max(p_s * (1 - p_s), floor_s * (1 - floor_s)) / stable.trials
-        + max(p_c * (1 - p_c), floor_c * (1 - floor_c)) / canary.trials
-    )
-    difference = p_c - p_s
+    # The plug-in variance is floored so an arm with no clicks yet does not look infinitely certain.
+    variance = stable.variance() + canary.variance()
+    difference = canary.rate - stable.rate
     tau2 = tau * tau
     log_ratio = 0.5 * math.log(variance / (variance + tau2)) + difference**2 * tau2 / (2 * variance * (variance + tau2))
     likelihood_ratio = math.exp(min(log_ratio, 700.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -49,6 +50,46 @@ def test_msprt_matches_the_closed_form() -> None:
     assert result.likelihood_ratio == pytest.approx(expected)
     assert result.p_value == pytest.approx(min(1.0, 1 / expected))
     assert result.difference == pytest.approx(0.03)
+
+
+def test_one_request_per_user_gives_the_binomial_variance() -> None:
+    config = PolicyConfig()
+    by_user, by_request = Experiment(1, 2, config), Experiment(1, 2, config)
+    for index in range(600):
+        for arm, rate in (("stable", 7), ("canary", 5)):
+            hit = index % rate == 0
+            by_user.record(arm, hit=False, user_id=f"{arm}-{index}")
+            by_request.record(arm, hit=False)
+            if hit:  # the click comes after the impression, as in the evaluator
+                by_user.record_hit(arm, 2, user_id=f"{arm}-{index}")
+                by_request.record_hit(arm, 2)
+    assert by_user.stable.counts().variance() == pytest.approx(by_request.stable.counts().variance())
+    assert by_user.canary.counts().variance() == pytest.approx(by_request.canary.counts().variance())
+    assert by_user.decide().test == by_request.decide().test
+
+
+def run_clustered(rng: np.random.Generator, config: PolicyConfig, *, cluster_on_users: bool) -> str:
+    """Users of mixed difficulty (hit rate ~ Beta(1, 6)) each send 40 requests in a row to their arm;
+    the two arms draw users from the same population: no difference between the models."""
+    experiment = Experiment(1, 2, config)
+    for user in range(200):
+        arm: Literal["stable", "canary"] = "stable" if rng.random() < 0.5 else "canary"
+        for hit in rng.random(40) < rng.beta(1.0, 6.0):
+            experiment.record(arm, hit=bool(hit), user_id=f"u{user}" if cluster_on_users else None)
+        decision = experiment.decide()
+        if decision.action != "continue":
+            return decision.action
+    return "continue"
+
+
+def test_user_clustered_variance_keeps_false_promotions_at_or_below_alpha() -> None:
+    """Requests of one user are correlated; counted as independent, the test promotes on noise."""
+    config = PolicyConfig(alpha=0.05)
+    runs = 150
+    clustered = [run_clustered(np.random.default_rng(seed), config, cluster_on_users=True) for seed in range(runs)]
+    naive = [run_clustered(np.random.default_rng(seed), config, cluster_on_users=False) for seed in range(runs)]
+    assert clustered.count("promote") / runs <= config.alpha, clustered.count("promote")
+    assert naive.count("promote") / runs > 2 * config.alpha, naive.count("promote")
 
 
 def test_p_value_is_a_running_minimum() -> None:
