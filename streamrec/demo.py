@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from streamrec.feature_watch import ActivityWatch
@@ -90,17 +92,26 @@ def _wait_for_lag(
     raise TimeoutError(f"the feature worker still lags after {timeout_s:.0f}s; see {settings.paths.state_dir}/logs")
 
 
-def scrape_histogram(url: str, metric: str) -> dict[float, float]:
-    """Cumulative buckets of one Prometheus histogram from a /metrics endpoint."""
+def scrape_metrics(url: str) -> list[Metric]:
+    """Every metric family a /metrics endpoint exposes (parsed by prometheus_client)."""
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 -- our own loopback endpoint
-        text = response.read().decode()
+        return list(text_string_to_metric_families(response.read().decode()))
+
+
+def histogram_buckets(families: list[Metric], metric: str) -> dict[float, float]:
+    """Cumulative buckets of one histogram, summed over its label sets."""
     buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith(f"{metric}_bucket{{"):
-            labels, value = line.rsplit(" ", 1)
-            bound = labels.split('le="', 1)[1].split('"', 1)[0]
-            buckets[float(bound)] = buckets.get(float(bound), 0.0) + float(value)
+    for family in families:
+        for sample in family.samples:
+            if sample.name == f"{metric}_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + float(sample.value)
     return buckets
+
+
+def counter_total(families: list[Metric], metric: str) -> float:
+    """A counter (its name with ``_total``) summed over its label sets; 0 if the process has none."""
+    return sum(float(sample.value) for family in families for sample in family.samples if sample.name == metric)
 
 
 def run(options: DemoOptions) -> Path:
@@ -181,7 +192,7 @@ def run(options: DemoOptions) -> Path:
         typer.secho(f"5/6 simulating {options.visits:,} held-out visits at {options.rate:g}/s", bold=True)
         metrics_url = f"http://127.0.0.1:{streams.streams.metrics_port}/metrics"
         # Freshness of live traffic only: the history replay above ran far faster than the worker.
-        freshness_before = scrape_histogram(metrics_url, "streams_freshness_seconds")
+        freshness_before = histogram_buckets(scrape_metrics(metrics_url), "streams_freshness_seconds")
         simulator = load(SimulatorSettings)
         visits = held_out(interactions, options.history_fraction)
         outcome = simulate(visits, simulator, rate=options.rate, limit=options.visits)
@@ -191,12 +202,16 @@ def run(options: DemoOptions) -> Path:
         typer.secho("6/6 report", bold=True)
         evaluator = load(EvaluatorSettings)
         record = LoopRecord.load(simulator.simulator_dir, evaluator.evaluator_dir, trainer_settings.model_base_path)
-        freshness_after = scrape_histogram(metrics_url, "streams_freshness_seconds")
+        worker_metrics = scrape_metrics(metrics_url)
+        freshness_after = histogram_buckets(worker_metrics, "streams_freshness_seconds")
         record.freshness_s = {
             bound: count - freshness_before.get(bound, 0.0) for bound, count in freshness_after.items()
         }
         record.counters["history_events"] = float(report.delivered)
         record.counters["simulated_visits"] = float(outcome.requests)
+        # History and live traffic together: every feature row the worker pushed to Feast.
+        record.counters["features_written"] = counter_total(worker_metrics, "streams_pushed_rows_total")
+        record.counters["dead_letters"] = counter_total(worker_metrics, "streams_dead_letters_total")
         page = write_report(record, options.state_dir / "report")
         return page
     finally:
