@@ -76,11 +76,18 @@ def interactions_until(interactions: pd.DataFrame, until: datetime | None) -> pd
     return interactions.loc[interactions["event_time"] <= cutoff].reset_index(drop=True)
 
 
+def holdout_rows(examples: pd.DataFrame, holdout_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of (train, holdout), each in event-time order (stable): the newest
+    ``min(holdout_size, n // 5)`` examples are held out."""
+    order = examples["event_time"].argsort(kind="stable").to_numpy()
+    size = min(holdout_size, len(order) // 5)
+    return order[: len(order) - size], order[len(order) - size :]
+
+
 def split_holdout(examples: pd.DataFrame, holdout_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout): the newest ``min(holdout_size, n // 5)`` examples are held out."""
-    ordered = examples.sort_values("event_time", kind="stable").reset_index(drop=True)
-    size = min(holdout_size, len(ordered) // 5)
-    return ordered.iloc[: len(ordered) - size], ordered.iloc[len(ordered) - size :]
+    """(train, holdout) frames of :func:`holdout_rows`, in event-time order."""
+    train_rows, held_rows = holdout_rows(examples, holdout_size)
+    return examples.iloc[train_rows].reset_index(drop=True), examples.iloc[held_rows].reset_index(drop=True)
 
 
 def _as_str_list(value: Any) -> list[str]:

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog
-from online_trainer.dataset import split_holdout
+from online_trainer.dataset import holdout_rows
 from online_trainer.model import TwoTowerModel, clone_for_finetune, copy_into, finetune_config, train
 from online_trainer.settings import TrainerTuning
 
@@ -42,6 +43,7 @@ class IntervalPlan:
     holdout: pd.DataFrame  # the gate's rows: never in ``mix``
     replayed: pd.DataFrame  # drawn from the replay buffer
     deferred: pd.DataFrame  # this interval's hold-out: the first training rows of the next interval
+    deferred_rows: np.ndarray  # positions of ``deferred`` in the interval's new examples
 
     @property
     def mix(self) -> pd.DataFrame:
@@ -62,7 +64,9 @@ def plan_interval(
 
     ``replay`` must not hold ``examples`` yet (add them after planning): replay is for older rows.
     """
-    fresh, holdout = split_holdout(examples, tuning.holdout_size)
+    train_rows, held_rows = holdout_rows(examples, tuning.holdout_size)
+    fresh = examples.iloc[train_rows].reset_index(drop=True)
+    holdout = examples.iloc[held_rows].reset_index(drop=True)
     next_deferred = holdout
     if holdout.empty:  # too few new rows to spare: the most recent replayed ones, else the new ones
         holdout = replay.frame.sort_values("event_time").tail(tuning.holdout_size)
@@ -70,7 +74,9 @@ def plan_interval(
     if not deferred.empty:
         fresh = pd.concat([deferred.loc[:, list(EXAMPLE_COLUMNS)], fresh], ignore_index=True)
     replayed = replay.sample(replay.replay_count(len(fresh), tuning.replay_fraction), seed=seed)
-    return IntervalPlan(fresh=fresh, holdout=holdout, replayed=replayed, deferred=next_deferred)
+    return IntervalPlan(
+        fresh=fresh, holdout=holdout, replayed=replayed, deferred=next_deferred, deferred_rows=held_rows
+    )
 
 
 def finetune(

@@ -110,15 +110,12 @@ class GateResult:
 def hits(model: TwoTowerModel, holdout: pd.DataFrame, *, k: int) -> np.ndarray:
     """Per hold-out example: is its positive item in the model's top-k (nothing excluded)?"""
     ids, _ = model_lib.recommend(model, holdout, k=k)
+    return _positives_in(ids, holdout)
+
+
+def _positives_in(top_ids: np.ndarray, holdout: pd.DataFrame) -> np.ndarray:
     positives = holdout["item_id"].astype(str).to_numpy()
-    return np.asarray([positive in row for positive, row in zip(positives, ids, strict=True)], dtype=bool)
-
-
-def hit_rate(model: TwoTowerModel, holdout: pd.DataFrame, *, k: int) -> float:
-    """Share of hold-out examples whose positive item is in the model's top-k (nothing excluded)."""
-    if holdout.empty:
-        return float("nan")
-    return float(np.mean(hits(model, holdout, k=k)))
+    return np.asarray([positive in row for positive, row in zip(positives, top_ids, strict=True)], dtype=bool)
 
 
 def sign_test_p(worse: int, better: int) -> float:
@@ -166,7 +163,7 @@ def check_model(
     if np.any(ids[:, :depth] == ""):
         result.fail("nonfinite_outputs", f"top-{k} is padded although the catalog has {len(candidate.catalog)} items")
         return
-    candidate_hits = hits(candidate, holdout, k=k)
+    candidate_hits = _positives_in(ids, holdout)  # the top-k just checked
     result.candidate_metric = float(np.mean(candidate_hits))
     if serving is not None:
         serving_hits = hits(serving, holdout, k=k)

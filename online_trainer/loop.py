@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,9 +317,7 @@ class OnlineTrainer:
                 "topic": self.topic,
                 "group_id": self.tuning.group_id,
                 "offsets": offsets,
-                "trained_offsets": trained_offsets(
-                    offsets, examples, len(plan.deferred), [row[_POSITION] for row in rows]
-                ),
+                "trained_offsets": trained_offsets(offsets, plan.deferred_rows, [row[_POSITION] for row in rows]),
             },
             "feature_service": contracts.USER_FEATURE_SERVICE,
             "features_source": "trainer user histories from the consumed stream; profiles from Feast online",
@@ -401,23 +400,17 @@ class OnlineTrainer:
 
 
 def trained_offsets(
-    consumed: dict[int, int],
-    examples: pd.DataFrame,
-    deferred: int,
-    row_positions: list[tuple[int, int] | None],
+    consumed: dict[int, int], deferred_rows: Iterable[int], row_positions: list[tuple[int, int] | None]
 ) -> dict[int, int]:
     """Per partition, the offset below which every record was learned by this interval's version.
 
-    ``examples`` are the interval's rows in ``row_positions``' order; the ``deferred`` newest of
-    them (``split_holdout``'s order: event time, stable) were held out and are learned only in the
-    next interval, so in each partition coverage stops at the first of them. Conservative: a row
-    learned now but after a held-out one in the same partition waits for the next version too.
+    ``row_positions``: each new row's (partition, offset); ``deferred_rows``: the rows held out for
+    the gate (``IntervalPlan.deferred_rows``), learned only in the next interval, so in each
+    partition coverage stops at the first of them. Conservative: a row learned now but after a
+    held-out one in the same partition waits for the next version too.
     """
     covered = dict(consumed)
-    if deferred <= 0:
-        return covered
-    order = examples["event_time"].argsort(kind="stable").to_numpy()
-    for index in order[len(order) - deferred :]:
+    for index in deferred_rows:
         position = row_positions[int(index)]
         if position is not None:
             partition, offset = position

@@ -12,7 +12,7 @@ import pytest
 
 from online_trainer.catalog import EXAMPLE_COLUMNS
 from online_trainer.cli import parse_until
-from online_trainer.dataset import interactions_until, split_holdout
+from online_trainer.dataset import holdout_rows, interactions_until, split_holdout
 from online_trainer.loop import OnlineTrainer
 from online_trainer.settings import TrainerSettings, TrainerTuning
 from serving.settings import ServingSettings
@@ -168,13 +168,15 @@ def test_trained_offsets_stop_at_the_first_row_held_out_for_the_gate_in_each_par
     positions: list[tuple[int, int] | None] = [(0, 10), (0, 11), (0, 12), (0, 13), (1, 20), (1, 21), None]
     examples = pd.DataFrame({"event_time": [T0 + timedelta(seconds=t) for t in times]})
     consumed = {0: 14, 1: 22, 2: 7}
-    # the 2 newest are (0, 13) at 9 s and (1, 21) at 8 s
-    assert trained_offsets(consumed, examples, 2, positions) == {0: 13, 1: 21, 2: 7}
-    # 3 newest add (0, 12) at 5 s: partition 0 is covered below 12 only
-    assert trained_offsets(consumed, examples, 3, positions) == {0: 12, 1: 21, 2: 7}
+    # rows 5 and 3 held out: (1, 21) at 8 s and (0, 13) at 9 s
+    assert trained_offsets(consumed, [5, 3], positions) == {0: 13, 1: 21, 2: 7}
+    # row 2, (0, 12) at 5 s, too: partition 0 is covered below 12 only
+    assert trained_offsets(consumed, [2, 5, 3], positions) == {0: 12, 1: 21, 2: 7}
     # nothing held out: everything consumed was learned
-    assert trained_offsets(consumed, examples, 0, positions) == consumed
-    # the same rows split_holdout holds out (at most a fifth: 1 of 7 here)
+    assert trained_offsets(consumed, [], positions) == consumed
+    # holdout_rows picks the newest (at most a fifth: 1 of 7 here), and split_holdout the same rows
+    train_rows, held_rows = holdout_rows(examples, 2)
+    assert list(held_rows) == [3] and list(train_rows) == [0, 1, 4, 6, 2, 5]
     _, holdout = split_holdout(examples.assign(row=range(len(times))), 2)
     assert list(holdout["row"]) == [3]
-    assert trained_offsets(consumed, examples, len(holdout), positions) == {0: 13, 1: 22, 2: 7}
+    assert trained_offsets(consumed, held_rows, positions) == {0: 13, 1: 22, 2: 7}
