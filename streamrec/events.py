@@ -82,6 +82,8 @@ class ImpressionItem(BaseModel):
     item_id: NonEmptyId
     score: float
     position: int = Field(ge=0)
+    # Interleaved lists: the arm whose model picked this item (``serving/api/interleave.py``).
+    team: Arm | None = None
 
 
 class Impression(UserKeyed):
@@ -99,6 +101,8 @@ class Impression(UserKeyed):
     serve_latency_ms: float | None = Field(default=None, ge=0)
     # The raw features the model saw, logged so the trainer learns from exactly those.
     features: dict[str, Any] = Field(default_factory=dict)
+    # Interleaved lists (items carry a team): the stable version the canary was interleaved with.
+    control_version: int | None = Field(default=None, ge=0)
 
 
 class Click(UserKeyed):
@@ -126,6 +130,9 @@ class LabeledExample(UserKeyed):
     degraded: bool = False
     serve_latency_ms: float | None = Field(default=None, ge=0)
     features: dict[str, Any] = Field(default_factory=dict)
+    # Interleaved lists: the team that picked this item and the stable version of the pair.
+    team: Arm | None = None
+    control_version: int | None = Field(default=None, ge=0)
 
 
 class DeadLetter(Event):

@@ -141,6 +141,8 @@ def label(impression: Impression, clicked: dict[str, str]) -> list[LabeledExampl
             fallback=impression.fallback,
             degraded=impression.degraded,
             serve_latency_ms=impression.serve_latency_ms,
+            team=item.team,
+            control_version=impression.control_version,
         )
         for item in sorted(impression.items, key=lambda shown: shown.position)
     ]

@@ -6,7 +6,9 @@ is an experiment. When only the canary moves (the trainer's next version) the ex
 on with the line's pooled evidence (``policy.pool_canary_line``; ``policy.py`` says why).
 Labeled examples are attributed to it by their arm *and* model version, so examples still
 arriving for an earlier pair (labels close a window after the impression) are ignored instead
-of polluting the new one.
+of polluting the new one. A canary request interleaved with this experiment's stable version
+(items carry a ``team``, the example the ``control_version``) also credits its first click to the
+team that picked the clicked item: the interleaved comparison ``policy.py`` decides on.
 
 Decisions go through :class:`LabelController` (the model client in production): promote moves
 ``stable`` to the canary version (already loaded, so TF Serving's order holds), rollback moves
@@ -40,6 +42,9 @@ DECISIONS = Counter("streamrec_evaluator_decisions_total", "Experiment decisions
 EXAMPLES = Counter("streamrec_evaluator_examples_total", "Labeled examples read", ["outcome"])
 ARM_CTR = Gauge("streamrec_evaluator_arm_ctr", "Click-through rate (hit rate) per arm", ["arm"])
 ARM_TRIALS = Gauge("streamrec_evaluator_arm_requests", "Requests counted per arm", ["arm"])
+CANARY_WIN_SHARE = Gauge(
+    "streamrec_evaluator_canary_win_share", "Share of clicked interleaved requests won by the canary's items"
+)
 VERSION = Gauge("streamrec_evaluator_version", "Model version under each label", ["label"])
 
 
@@ -100,6 +105,8 @@ class AbEvaluator:
             EXAMPLES.labels("other_version").inc()
             return None
         EXAMPLES.labels("counted").inc()
+        # Interleaved with this experiment's stable: the click's team is evidence too.
+        interleaved = example.team is not None and example.control_version == experiment.stable.version
         if example.position == 0:
             experiment.record(
                 example.arm,
@@ -108,12 +115,15 @@ class AbEvaluator:
                 latency_ms=example.serve_latency_ms,
                 version=example.model_version,
                 user_id=example.user_id,
+                interleaved=interleaved,
             )
         if example.clicked and example.request_id not in self._hit_requests:
             self._hit_requests[example.request_id] = None
             if len(self._hit_requests) > 100_000:
                 self._hit_requests.popitem(last=False)
             experiment.record_hit(example.arm, example.model_version, example.user_id)
+            if interleaved and example.team is not None:
+                experiment.record_credit(example.team, example.model_version, example.user_id)
         return None
 
     def decide(self) -> Decision | None:
@@ -161,6 +171,16 @@ class AbEvaluator:
             "requests": current.trials,
             "ctr": current.ctr,
         }
+        if experiment.interleaved_requests:
+            figures["interleaving"] = {
+                "requests": experiment.interleaved_requests,
+                "clicked": experiment.wins.trials,
+                "canary_wins": experiment.wins.hits,
+                "canary_share": experiment.wins.ctr,
+                "current_clicked": experiment.current_wins.trials,
+                "current_canary_share": experiment.current_wins.ctr,
+            }
+            CANARY_WIN_SHARE.set(experiment.wins.ctr)
         return figures
 
     def snapshot(self) -> None:

@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.ab.sequential import ArmCounts, TestResult, msprt
+from serving.ab.sequential import ArmCounts, TestResult, msprt, msprt_share
 
 Action = Literal["promote", "rollback", "continue"]
 
@@ -61,6 +61,12 @@ class PolicyConfig(BaseModel):
     latency_budget_ms: float = Field(default=50.0, gt=0)
     latency_ratio: float = Field(default=3.0, gt=1)
     latency_min_trials: int = Field(default=100, ge=10)
+    # Interleaved requests (the API's ``interleave``) are judged by the share of clicks the
+    # canary's team wins, not by the arms' CTRs (module docstring); the A/B rule above stays for
+    # experiments without interleaved requests. ``interleave_tau``: the share-minus-1/2 the test
+    # is most sensitive to; ``interleave_min_credits``: clicked interleaved requests before it acts.
+    interleave_tau: float = Field(default=0.1, gt=0)
+    interleave_min_credits: int = Field(default=30, ge=10)
 
 
 @dataclass
@@ -149,6 +155,11 @@ class Experiment:
         self.canary_versions = [canary_version]
         self.p_value = 1.0
         self.last_test: TestResult | None = None
+        # Interleaved comparison: trials = clicked interleaved requests, hits = canary team wins.
+        self.interleaved_requests = 0
+        self.wins = ArmStats(canary_version)
+        self.current_wins = ArmStats(canary_version)
+        self.current_p_value = 1.0
 
     def advance(self, canary_version: int) -> None:
         """The canary label moved to the line's next version: keep the pooled evidence."""
@@ -157,6 +168,9 @@ class Experiment:
         self.canary_versions.append(canary_version)
         self.canary.version = canary_version
         self.current = ArmStats(canary_version)
+        self.wins.version = canary_version
+        self.current_wins = ArmStats(canary_version)
+        self.current_p_value = 1.0
 
     def counts_for(self, arm: Literal["stable", "canary"], version: int) -> bool:
         """Whether a request served by ``version`` on ``arm`` is evidence in this experiment."""
@@ -171,9 +185,12 @@ class Experiment:
         latency_ms: float | None = None,
         version: int | None = None,
         user_id: str | None = None,
+        interleaved: bool = False,
     ) -> None:
         """One request; ``version`` None: served by the arm's current version; ``user_id`` None: a
-        request independent of every other (no user to cluster on)."""
+        request independent of every other (no user to cluster on); ``interleaved``: a canary
+        request that showed the team-draft list of canary and this experiment's stable."""
+        self.interleaved_requests += int(interleaved)
         if arm == "stable":
             self.stable.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
             return
@@ -190,10 +207,19 @@ class Experiment:
         if version == self.current.version:
             self.current.add_hit(user_id)
 
+    def record_credit(self, team: Literal["stable", "canary"], version: int, user_id: str | None = None) -> None:
+        """A clicked interleaved request: its (first) click was on an item ``team`` picked."""
+        won = team == "canary"
+        self.wins.add(hit=won, degraded=False, latency_ms=None, user_id=user_id)
+        if version == self.current.version:
+            self.current_wins.add(hit=won, degraded=False, latency_ms=None, user_id=user_id)
+
     def decide(self) -> Decision:
         guardrail = self._guardrail()
         if guardrail is not None:
             return Decision("rollback", guardrail, self.last_test)
+        if self.interleaved_requests:
+            return self._decide_interleaved()
         config = self.config
         if min(self.stable.trials, self.canary.trials) < config.min_trials:
             return Decision("continue", "collecting the minimum sample", self.last_test)
@@ -206,6 +232,37 @@ class Experiment:
             return Decision("promote", f"canary CTR higher (always-valid p={test.p_value:.4f})", test)
         if test.canary_worse:
             return Decision("rollback", f"canary CTR lower (always-valid p={test.p_value:.4f})", test)
+        return Decision("continue", "no significant difference yet", test)
+
+    def _decide_interleaved(self) -> Decision:
+        """The current version loses on its own -> roll back; the line wins or loses -> act."""
+        config = self.config
+        if self.current_wins.trials >= config.interleave_min_credits:
+            own = msprt_share(
+                self.current_wins.counts(),
+                alpha=config.alpha,
+                tau=config.interleave_tau,
+                previous_p=self.current_p_value,
+            )
+            self.current_p_value = own.p_value
+            if own.canary_worse:
+                return Decision(
+                    "rollback",
+                    f"version {self.current.version} loses the interleaved comparison on its own: its items "
+                    f"drew {self.current_wins.ctr:.0%} of {self.current_wins.trials} clicks "
+                    f"(always-valid p={own.p_value:.4f})",
+                    own,
+                )
+        if self.wins.trials < config.interleave_min_credits:
+            return Decision("continue", "collecting the minimum number of clicked interleaved requests", self.last_test)
+        test = msprt_share(self.wins.counts(), alpha=config.alpha, tau=config.interleave_tau, previous_p=self.p_value)
+        self.p_value = test.p_value
+        self.last_test = test
+        drew = f"{self.wins.ctr:.1%} of {self.wins.trials} interleaved clicks (always-valid p={test.p_value:.4f})"
+        if test.canary_better:
+            return Decision("promote", f"canary's items drew {drew}", test)
+        if test.canary_worse:
+            return Decision("rollback", f"canary's items drew only {drew}", test)
         return Decision("continue", "no significant difference yet", test)
 
     def _guardrail(self) -> str | None:

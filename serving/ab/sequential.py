@@ -82,6 +82,32 @@ def msprt(stable: ArmCounts, canary: ArmCounts, *, alpha: float, tau: float, pre
     # The plug-in variance is floored so an arm with no clicks yet does not look infinitely certain.
     variance = stable.variance() + canary.variance()
     difference = canary.rate - stable.rate
+    return _mixture_test(difference, variance, tau=tau, alpha=alpha, previous_p=previous_p)
+
+
+def msprt_share(wins: ArmCounts, *, alpha: float, tau: float, previous_p: float = 1.0) -> TestResult:
+    """The same mixture test for interleaving: is the canary's share of credited requests 1/2?
+
+    ``wins``: ``trials`` = credited requests (a click on an interleaved list), ``clicks`` = those
+    the canary's team won, ``cluster_ss`` their spread over users. ``difference`` is the canary's
+    share minus 1/2. When the two models rank alike, the winning team is a fair coin in every
+    request, fresh per request, so the variance of the share is ``1 / (4 n)`` whoever the users
+    are. When they differ but are equally good *on average*, one may still suit some users
+    better, and a user sends many requests, so the user-clustered variance is taken when larger,
+    as for the arms.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must be in (0, 1)")
+    if wins.trials == 0:
+        return TestResult(0.0, 1.0, previous_p, previous_p <= alpha)
+    variance = 0.25 / wins.trials
+    if wins.cluster_ss is not None:
+        variance = max(variance, wins.cluster_ss / wins.trials**2)
+    return _mixture_test(wins.rate - 0.5, variance, tau=tau, alpha=alpha, previous_p=previous_p)
+
+
+def _mixture_test(difference: float, variance: float, *, tau: float, alpha: float, previous_p: float) -> TestResult:
+    """``Lambda`` of the module docstring for an estimate ``difference`` with ``variance``."""
     tau2 = tau * tau
     log_ratio = 0.5 * math.log(variance / (variance + tau2)) + difference**2 * tau2 / (2 * variance * (variance + tau2))
     likelihood_ratio = math.exp(min(log_ratio, 700.0))

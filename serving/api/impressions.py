@@ -10,7 +10,8 @@ logging the answer. Delivery failures are counted as ``failed``.
 
 Records are keyed by ``user_id`` (one user's impressions stay ordered in one partition, as the
 click joiner expects) and carry ``request_id``, arm, model version, items with scores and
-positions, the fallback and degraded flags, the serving latency and the raw features the model saw.
+positions (and, interleaved, each item's team and the stable version), the fallback and
+degraded flags, the serving latency and the raw features the model saw.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class PendingImpression:
     serve_latency_ms: float  # the handler's time up to the answer (the A/B latency guardrail)
     features: dict[str, Any]
     event_time: float  # time.time() when the answer was made
+    teams: tuple[Arm, ...] | None = None  # interleaved: the team of each item
+    control_version: int | None = None  # interleaved: the stable version
 
 
 class ImpressionLogger:
@@ -151,11 +154,17 @@ def to_impression(pending: PendingImpression) -> Impression:
         arm=pending.arm,
         model_version=pending.model_version,
         items=[
-            ImpressionItem(item_id=item_id, score=score, position=position)
+            ImpressionItem(
+                item_id=item_id,
+                score=score,
+                position=position,
+                team=pending.teams[position] if pending.teams is not None else None,
+            )
             for position, (item_id, score) in enumerate(pending.items)
         ],
         fallback=pending.fallback,
         degraded=pending.degraded,
         serve_latency_ms=pending.serve_latency_ms,
         features=pending.features,
+        control_version=pending.control_version,
     )

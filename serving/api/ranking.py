@@ -23,6 +23,13 @@ Canary: a user in the canary arm is served with ``version_label="canary"``. When
 server has no canary label (no experiment running), the call is retried once with ``stable``
 in the same budget, the answer is logged as the stable arm (which it is), and
 :class:`~serving.api.arms.CanaryGate` skips the canary attempt for a few seconds.
+
+Interleaving (``interleave``, on by default): once the canary answered, stable is asked too, in
+what is left of the same budget, and the user sees the team-draft interleaving of the two lists
+(``serving/api/interleave.py``); each item carries the team that picked it and the impression the
+stable version, which the evaluator's test reads. If stable fails or is too slow, or both labels
+point at one version, the canary's own list is served (no teams): the answer never waits for the
+comparison.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import grpc
 import numpy as np
 
 from serving.api.arms import CanaryGate
+from serving.api.interleave import team_draft
 from serving.api.metrics import ApiMetrics
 from serving.api.trending import TrendingSnapshot
 from serving.api.user_features import UserFeatures
@@ -93,6 +101,10 @@ class Ranked:
     arm: Arm
     fallback_reason: str  # "" for the personalised model answer
     degraded: bool
+    # Interleaved answers: the team (arm) that picked each item, and the stable version it was
+    # interleaved with; None for a single model's list.
+    teams: tuple[Arm, ...] | None = None
+    control_version: int | None = None
 
     @property
     def fallback(self) -> bool:
@@ -154,12 +166,14 @@ class Ranker:
         *,
         budget_s: float,
         canary_gate: CanaryGate,
+        interleave: bool = False,
     ) -> None:
         self._client = client
         self._trending = trending
         self._metrics = metrics
         self._budget_s = budget_s
         self._gate = canary_gate
+        self._interleave = interleave
 
     def rank(
         self,
@@ -184,11 +198,45 @@ class Ranker:
             log.debug("model fallback (%s): %s", exc.reason, exc)
             return self._trending_answer(k=k, excluded=excluded, arm=arm, reason=exc.reason)
         self._metrics.model_version.labels(arm).set(version)
-        if features_failed:
-            return Ranked(items, version, arm, "features_unavailable", degraded=True)
-        if not features.known:
-            return Ranked(items, version, arm, "cold_start", degraded=False)
-        return Ranked(items, version, arm, "", degraded=False)
+        teams: tuple[Arm, ...] | None = None
+        control: int | None = None
+        if self._interleave and arm == contracts.CANARY_LABEL:
+            items, teams, control = self._interleaved(
+                features, items, version, k=k, exclude=exclude, excluded=excluded, deadline=deadline
+            )
+        reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
+        return Ranked(items, version, arm, reason, degraded=features_failed, teams=teams, control_version=control)
+
+    def _interleaved(
+        self,
+        features: UserFeatures,
+        canary_items: list[tuple[str, float]],
+        canary_version: int,
+        *,
+        k: int,
+        exclude: list[str],
+        excluded: frozenset[str],
+        deadline: float,
+    ) -> tuple[list[tuple[str, float]], tuple[Arm, ...] | None, int | None]:
+        """The team-draft list of canary and stable, or the canary's own when stable cannot answer."""
+        budget = min(self._budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
+        if budget < MIN_MODEL_BUDGET_S:
+            return canary_items, None, None
+        try:
+            stable_version, outputs = self._client.predict(
+                model_inputs(features, exclude),
+                signature=contracts.RECOMMEND_SIGNATURE,
+                label=contracts.STABLE_LABEL,
+                timeout_s=budget,
+            )
+            stable_items = parse_answer(outputs, k, excluded)
+        except (ModelServerRpcError, _ModelError) as exc:
+            log.debug("serving the canary's own list: stable could not answer for interleaving: %s", exc)
+            return canary_items, None, None
+        if stable_version == canary_version:
+            return canary_items, None, None
+        shown = team_draft(canary_items, stable_items, k)
+        return [(item_id, score) for item_id, score, _ in shown], tuple(team for _, _, team in shown), stable_version
 
     def _ask_model(
         self, features: UserFeatures, *, k: int, exclude: list[str], excluded: frozenset[str], arm: Arm, deadline: float

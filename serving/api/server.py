@@ -172,6 +172,7 @@ class ApiServer:
             self.metrics,
             budget_s=settings.model_budget_s,
             canary_gate=CanaryGate(settings.api.canary_recheck_s),
+            interleave=settings.api.interleave,
         )
         service = RecommenderService(settings, features, ranker, self._impressions, self.metrics)
 

@@ -136,6 +136,8 @@ class RecommenderService(_RecommenderServicer):  # type: ignore[misc]  # subclas
                 serve_latency_ms=round(latency_ms, 3),
                 features=raw,
                 event_time=time.time(),
+                teams=ranked.teams,
+                control_version=ranked.control_version,
             )
         )
 

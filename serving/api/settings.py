@@ -44,6 +44,10 @@ class ApiSection(ProcessTuning):
     # When the model server has no canary label yet, canary users are served by stable (and
     # logged as stable); the label is looked for again after this long.
     canary_recheck_s: float = Field(default=5.0, gt=0)
+    # Canary users see the team-draft interleaving of the canary's and stable's lists (two model
+    # calls), which the evaluator compares per request (``serving/api/interleave.py`` says why);
+    # False: they see the canary's own list and the evaluator can only compare the arms' CTRs.
+    interleave: bool = True
     # Trending items (item_stats of the whole catalog) are re-read in the background this often.
     item_refresh_interval_s: float = Field(default=30.0, gt=0)
     # Socket timeout of the feature store's Redis reads: a hung Redis costs a request this
