@@ -74,6 +74,7 @@ def read_impressions(settings: Any) -> pd.DataFrame:
                 "degraded": event.degraded,
                 "model_version": event.model_version,
                 "items": [item.item_id for item in event.items],
+                "interleaved": event.control_version is not None,
                 "features": json.dumps(event.features),
             }
         )
@@ -228,7 +229,9 @@ def main() -> None:
     frozen = frozen_answers(base_path / "1", visits)
     frozen_hits = np.asarray([item in answer for item, answer in zip(truth, frozen, strict=True)])
     ctr_popularity = hit_rate(popularity_answers(history, visits))
-    trained = (visits["model_version"] > 1).to_numpy()
+    # A trainer-published version's own list (interleaved canary lists are half stable's).
+    interleaved = visits["interleaved"].fillna(False).astype(bool).to_numpy()
+    trained = (visits["model_version"] > 1).to_numpy() & ~interleaved
     # Self-check of the rescoring: where the live loop served version 1 itself, frozen must agree.
     served_v1 = (visits["model_version"] == 1).to_numpy()
     agreement = float(
@@ -258,6 +261,7 @@ def main() -> None:
         "loop.online_over_frozen": round(float(online_hits.mean() / max(frozen_hits.mean(), 1e-9)), 3),
         "loop.ctr_trained_versions": round(float(online_hits[trained].mean()), 4) if trained.any() else 0.0,
         "loop.ctr_frozen_same_requests": round(float(frozen_hits[trained].mean()), 4) if trained.any() else 0.0,
+        "loop.ctr_interleaved": round(float(online_hits[interleaved].mean()), 4) if interleaved.any() else 0.0,
         "loop.frozen_rescoring_agreement": round(agreement, 4),
         "loop.model_freshness_p50_s": round(float(np.percentile(delays, 50)), 1),
         "loop.model_freshness_p95_s": round(float(np.percentile(delays, 95)), 1),
@@ -270,6 +274,7 @@ def main() -> None:
         "loop.online_over_frozen": "ratio",
         "loop.ctr_trained_versions": "hit rate@10",
         "loop.ctr_frozen_same_requests": "hit rate@10",
+        "loop.ctr_interleaved": "hit rate@10",
         "loop.frozen_rescoring_agreement": "fraction",
         "loop.model_freshness_p50_s": "s",
         "loop.model_freshness_p95_s": "s",
@@ -285,15 +290,17 @@ def main() -> None:
         f"what the live loop served (per arm: {arms}); frozen = version 1 rescored on the features each impression "
         f"logged; popularity = most interacted items so far. Online/frozen 95% bootstrap interval "
         f"{ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}. ctr_trained_versions / ctr_frozen_same_requests: the "
-        f"{int(trained.sum()):,} requests answered by a trainer-published version, and frozen on those same "
-        "requests. frozen_rescoring_agreement: share of the requests the live loop answered with version 1 where "
-        "the rescored top 10 equals the live one (a check of the rescoring). Versions on disk: "
-        f"{versions}; decisions: {actions or 'none'}. Model freshness over {len(delays):,} interactions produced "
-        f"before the last {2 * args.interval:g} s (Kafka produce -> first response by a version whose lineage "
-        f"offsets cover it; never covered = inf: {int(np.isinf(delays).sum())})."
+        f"{int(trained.sum()):,} requests answered by a trainer-published version's own list, and frozen on those "
+        f"same requests; ctr_interleaved: the {int(interleaved.sum()):,} canary requests shown the team-draft "
+        "interleaving of canary and stable. frozen_rescoring_agreement: share of the requests the live loop "
+        "answered with version 1 where the rescored top 10 equals the live one (a check of the rescoring). "
+        f"Versions on disk: {versions}; decisions: {actions or 'none'}. Model freshness over {len(delays):,} "
+        f"interactions produced before the last {2 * args.interval:g} s (Kafka produce -> first response by a "
+        f"version whose lineage offsets cover it; never covered = inf: {int(np.isinf(delays).sum())})."
     )
     defaults = parser.parse_args([])
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in ("visits", "rate", "interval")
+    flags = ("visits", "rate", "interval", "history_fraction")
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in flags
                if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
     changed += [f"--result-name {args.result_name}"] if args.result_name != defaults.result_name else []
     report(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
@@ -10,8 +12,9 @@ from streamrec.errors import StackError
 from streamrec.settings import CommonSettings
 
 
-def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0) -> list[str]:
-    """Create every project topic that does not exist yet; return the names created."""
+def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequence[str] = ()) -> list[str]:
+    """Create every project topic (and ``extra`` ones, same layout) that does not exist yet; return
+    the names created."""
     admin = AdminClient(settings.kafka.client_config())
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     topics = settings.topics
@@ -22,7 +25,7 @@ def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0) -> list[str
             replication_factor=topics.replication_factor,
             config={"retention.ms": str(topics.retention_ms)},
         )
-        for name in topics.all_names()
+        for name in dict.fromkeys([*topics.all_names(), *extra])
         if name not in existing
     ]
     if not wanted:

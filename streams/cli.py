@@ -37,7 +37,14 @@ def worker(
 
     import faust
 
+    from streamrec.kafka_admin import ensure_topics
     from streams.app import worker as built
+
+    # The by-item repartition topic must exist before the consumer subscribes: Faust declares its
+    # internal topics while the consumer starts, and a subscription made before the topic is in
+    # the broker's metadata ignores it ("Ignoring missing topic") until the next rebalance, so
+    # the item side would never see its first bundles (a lag stuck at their count).
+    ensure_topics(settings, extra=[settings.by_item_topic])
 
     level = loglevel or built.settings.streams.log_level
     faust.Worker(built.app, loglevel=level).execute_from_commandline()

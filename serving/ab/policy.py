@@ -4,7 +4,7 @@ The unit of evidence is a *request* (one recommendation list shown): a trial, an
 of its items was clicked. In the replay simulator a click happens exactly when the user's real
 next item was in the list, so the per-arm click-through rate is the online hit rate@K.
 
-Rules, checked after every labeled request for the current canary version:
+Rules, checked after every batch of labeled examples for the current canary version:
 
 1. Guardrails first (roll back at once, no test needed): the canary's degraded share (requests
    answered by a fallback because the model failed) above ``max_degraded_share``; its p95
@@ -29,6 +29,25 @@ newest hold-out, and the guardrails of rule 1 are checked on the *current* canar
 requests, so a broken version is still rolled back on its own numbers. Under no difference
 (every version as good as stable) the pooled requests are the stream the test is built for, so
 its false-promotion bound holds (simulated in the tests with a new version every 400 requests).
+
+**Interleaving** (the API's ``interleave``, on by default). Even pooled, an A/B comparison of
+per-user arms is slow here: users differ far more than two close versions do, so each arm's CTR
+has several times the binomial variance, and the loop benchmark's 40,000 visits (~250 users per
+arm) never showed the line's ~13 % lift. So canary users are shown the team-draft interleaving
+of the canary's and stable's lists (``serving/api/interleave.py``), and the canary is judged by
+the share of clicked interleaved requests whose click fell on an item its team picked: a
+within-request comparison, on the same user at the same moment. Rules for experiments with
+interleaved requests, after the guardrails of rule 1:
+
+3. The current version's own share, once it has ``interleave_min_credits`` clicked requests,
+   significantly below 1/2 (its own always-valid test) -> roll back: a broken version in a good
+   line is caught on its own clicks.
+4. The line's pooled share, once it has ``interleave_min_credits``: significantly above 1/2 ->
+   promote, below -> roll back (mSPRT on the share, ``sequential.msprt_share``, ``tau`` =
+   ``interleave_tau``).
+
+The A/B figures per arm are still kept (guardrails, reports); the canary arm's CTR is then the
+interleaved lists' own.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ draw a few easy users looks better. Each arm's variance is therefore the larger 
 one and the user-clustered (delta-method) one, ``sum_u (x_u - p n_u)^2 / n^2`` over the arm's
 users (``ArmCounts.cluster_ss``), which equals the binomial one when every user sends one
 request.
+
+**Interleaving** (``msprt_share``): the same mixture test on one proportion, the canary's share
+of clicked interleaved requests, against 1/2 (``serving/api/interleave.py``).
 """
 
 from __future__ import annotations
