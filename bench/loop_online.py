@@ -82,7 +82,8 @@ def read_impressions(settings: Any) -> pd.DataFrame:
 
 
 def frozen_answers(version_dir: Path, visits: pd.DataFrame) -> list[list[str]]:
-    """Top-K of the frozen version for each visit, from the features the API logged."""
+    """Top-K of the version in ``version_dir`` (the frozen one unless told) for each visit, from the
+    features the API logged."""
     import tensorflow as tf
 
     from serving.api.ranking import model_inputs
@@ -91,7 +92,8 @@ def frozen_answers(version_dir: Path, visits: pd.DataFrame) -> list[list[str]]:
 
     signature = tf.saved_model.load(str(version_dir)).signatures[contracts.RECOMMEND_SIGNATURE]
     answers: list[list[str]] = []
-    for visit in tqdm(visits.itertuples(index=False), total=len(visits), desc="frozen model", unit="visit"):
+    rows = visits.itertuples(index=False)
+    for visit in tqdm(rows, total=len(visits), desc=f"version {version_dir.name}", unit="visit"):
         if visit.degraded and visit.model_version == 0:  # trending fallback: no model was asked
             answers.append(list(visit.items))
             continue
@@ -229,9 +231,15 @@ def main() -> None:
     frozen = frozen_answers(base_path / "1", visits)
     frozen_hits = np.asarray([item in answer for item, answer in zip(truth, frozen, strict=True)])
     ctr_popularity = hit_rate(popularity_answers(history, visits))
-    # A trainer-published version's own list (interleaved canary lists are half stable's).
+    # Requests answered by a trainer-published version, and that version's own top 10 for each:
+    # the live list, or for an interleaved one (half stable's) the version rescored on the same inputs.
     interleaved = visits["interleaved"].fillna(False).astype(bool).to_numpy()
-    trained = (visits["model_version"] > 1).to_numpy() & ~interleaved
+    trained = (visits["model_version"] > 1).to_numpy()
+    trained_hits = online_hits.copy()
+    for version in sorted(set(visits.loc[trained & interleaved, "model_version"])):
+        rows = np.flatnonzero(trained & interleaved & (visits["model_version"] == version).to_numpy())
+        own = frozen_answers(base_path / str(version), visits.iloc[rows])
+        trained_hits[rows] = [item in answer for item, answer in zip(truth[rows], own, strict=True)]
     # Self-check of the rescoring: where the live loop served version 1 itself, frozen must agree.
     served_v1 = (visits["model_version"] == 1).to_numpy()
     agreement = float(
@@ -259,7 +267,7 @@ def main() -> None:
         "loop.ctr_frozen": round(float(frozen_hits.mean()), 4),
         "loop.ctr_online": round(float(online_hits.mean()), 4),
         "loop.online_over_frozen": round(float(online_hits.mean() / max(frozen_hits.mean(), 1e-9)), 3),
-        "loop.ctr_trained_versions": round(float(online_hits[trained].mean()), 4) if trained.any() else 0.0,
+        "loop.ctr_trained_versions": round(float(trained_hits[trained].mean()), 4) if trained.any() else 0.0,
         "loop.ctr_frozen_same_requests": round(float(frozen_hits[trained].mean()), 4) if trained.any() else 0.0,
         "loop.ctr_interleaved": round(float(online_hits[interleaved].mean()), 4) if interleaved.any() else 0.0,
         "loop.frozen_rescoring_agreement": round(agreement, 4),
@@ -290,10 +298,11 @@ def main() -> None:
         f"what the live loop served (per arm: {arms}); frozen = version 1 rescored on the features each impression "
         f"logged; popularity = most interacted items so far. Online/frozen 95% bootstrap interval "
         f"{ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}. ctr_trained_versions / ctr_frozen_same_requests: the "
-        f"{int(trained.sum()):,} requests answered by a trainer-published version's own list, and frozen on those "
-        f"same requests; ctr_interleaved: the {int(interleaved.sum()):,} canary requests shown the team-draft "
-        "interleaving of canary and stable. frozen_rescoring_agreement: share of the requests the live loop "
-        "answered with version 1 where the rescored top 10 equals the live one (a check of the rescoring). "
+        f"{int(trained.sum()):,} requests answered by a trainer-published version, scored by that version's own "
+        "top 10 (the live list, or rescored on the logged inputs where the user saw it interleaved with stable), "
+        f"and frozen on those same requests; ctr_interleaved: the {int(interleaved.sum()):,} canary requests shown "
+        "the team-draft interleaving of canary and stable. frozen_rescoring_agreement: share of the requests the "
+        "live loop answered with version 1 where the rescored top 10 equals the live one (a check of the rescoring). "
         f"Versions on disk: {versions}; decisions: {actions or 'none'}. Model freshness over {len(delays):,} "
         f"interactions produced before the last {2 * args.interval:g} s (Kafka produce -> first response by a "
         f"version whose lineage offsets cover it; never covered = inf: {int(np.isinf(delays).sum())})."
