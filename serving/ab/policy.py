@@ -83,8 +83,10 @@ class PolicyConfig(BaseModel):
     # Interleaved requests (the API's ``interleave``) are judged by the share of clicks the
     # canary's team wins, not by the arms' CTRs (module docstring); the A/B rule above stays for
     # experiments without interleaved requests. ``interleave_tau``: the share-minus-1/2 the test
-    # is most sensitive to; ``interleave_min_credits``: clicked interleaved requests before it acts.
-    interleave_tau: float = Field(default=0.1, gt=0)
+    # is most sensitive to: the line's measured lifts (hit@10 +5 % after 15,000 loop visits, +13 %
+    # after 40,000) move the share by a few points, not tens; ``interleave_min_credits``: clicked
+    # interleaved requests before it acts.
+    interleave_tau: float = Field(default=0.05, gt=0)
     interleave_min_credits: int = Field(default=30, ge=10)
 
 
