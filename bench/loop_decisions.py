@@ -3,7 +3,8 @@
 On a fresh local stack (real Kafka + Redis on free ports) this runs the scripted-user loop of
 ``tests.support.ab_scenario``: the local model server, the API, the Faust joiner (a child
 process) and the A/B evaluator with its **default** decision rule (``PolicyConfig()``, what
-``streamrec evaluator`` runs). Users arrive at ``--rate`` visits/s; half are in the canary arm.
+``streamrec evaluator`` runs). Users arrive at ``--rate`` visits/s; half are in the canary arm, and
+see the API's default answer for it (the team-draft interleaving of canary and stable).
 Each round:
 
 1. a fresh stable version (CTR about 0.5 for the scripted users) is served on both labels;
@@ -24,6 +25,7 @@ is a smoke test.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -111,6 +113,8 @@ def main() -> None:
                 timed_decision(scenario, better, decided="promote", rate=args.rate, timeout_s=args.timeout)
             )
         failures = list(scenario.failures)
+        decisions_path = scenario.evaluator_dir / "decisions.jsonl"
+        reasons = [json.loads(line)["reason"] for line in decisions_path.read_text().splitlines() if line.strip()]
 
     metrics: dict[str, float] = {}
     units: dict[str, str] = {}
@@ -134,10 +138,12 @@ def main() -> None:
     notes = (
         f"{args.rounds} rounds of scripted users (tests/support/ab_scenario.py): stable CTR ~0.5, broken canary "
         f"(random item order) CTR ~0.1, better canary CTR ~1; {args.rate:g} visits/s, canary share 0.5, joiner label "
-        f"window {args.label_window:g} s, evaluator default rule (mSPRT alpha {policy.alpha}, tau {policy.tau}, "
-        f"min {policy.min_trials} trials per arm; collapse guardrail at {policy.collapse_ratio} x stable CTR after "
-        f"{policy.collapse_min_trials}). Clock: canary label on the new version -> the evaluator's label move. "
-        f"Per run: {per_run}. Failed Recommend calls during all rounds: {len(failures)}. "
+        f"window {args.label_window:g} s, API default (canary users see the team-draft interleaving of canary and "
+        f"stable), evaluator default rule (on the canary's share of clicked interleaved requests: mSPRT alpha "
+        f"{policy.alpha}, tau {policy.interleave_tau}, from {policy.interleave_min_credits} clicked requests; "
+        "guardrails as in serving/ab/policy.py). Clock: canary label on the new version -> the evaluator's label "
+        f"move. Per run: {per_run}. Decision reasons: {' | '.join(reasons)}. "
+        f"Failed Recommend calls during all rounds: {len(failures)}. "
         "Real Kafka, Redis, model server, API and Faust joiner on this machine; tiny model (60 items)."
     )
     report(
