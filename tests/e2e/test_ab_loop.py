@@ -3,11 +3,13 @@ labeled examples, the evaluator -> promote / roll back through the model server'
 
 The scripted users of ``tests.support.ab_scenario`` make the outcome known: version 2 (random
 weights) published as canary must be rolled back, version 3 (every liked item in its top 10)
-must be promoted, and stable must keep serving throughout with zero failed requests.
+must be promoted, and stable must keep serving throughout with zero failed requests. Canary
+users see the API's default answer, the team-draft interleaving of canary and stable.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from serving.ab.policy import PolicyConfig
@@ -25,6 +27,9 @@ def test_bad_canary_is_rolled_back_and_better_canary_promoted(fresh_settings: Co
         scenario.admin.publish_canary(3)
         scenario.run_until(lambda: scenario.admin.labels().get("stable") == 3, timeout_s=150)
     assert scenario.decisions() == ["rollback", "promote"]
+    # Canary users saw interleaved lists, so both verdicts came from the canary's share of clicks.
+    records = (scenario.evaluator_dir / "decisions.jsonl").read_text().splitlines()
+    assert all(json.loads(record)["figures"]["interleaving"]["clicked"] >= 30 for record in records)
     assert scenario.failures == []
     served = scenario.served_versions
     assert ("stable", 1) in served and ("canary", 2) in served and ("canary", 3) in served

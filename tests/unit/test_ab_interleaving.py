@@ -20,11 +20,13 @@ from serving.ab.evaluator import AbEvaluator
 from serving.ab.policy import Experiment, PolicyConfig
 from serving.ab.sequential import ArmCounts, msprt_share
 from serving.api.arms import CanaryGate
+from serving.api.impressions import PendingImpression, to_impression
 from serving.api.interleave import team_draft
 from serving.api.metrics import ApiMetrics
 from serving.api.ranking import Ranker
 from serving.model_client import ModelServerRpcError
-from streamrec.events import Arm, LabeledExample
+from streamrec.events import Arm, Impression, LabeledExample, decode_event
+from streams.joiner import label
 from tests.unit.test_api_ranking import KNOWN, TRENDING, FakeModel, FixedTrending, _outputs
 
 CANARY = [(f"c{rank}", 10.0 - rank) for rank in range(10)]
@@ -260,3 +262,27 @@ def test_the_evaluator_credits_each_interleaved_request_once_and_only_against_it
     assert experiment.interleaved_requests == 2 and experiment.canary.trials == 3
     figures = evaluator.figures()["interleaving"]
     assert figures["clicked"] == 2 and figures["canary_share"] == 0.5
+
+
+def test_teams_travel_from_the_api_through_the_impression_to_the_labeled_examples() -> None:
+    pending = PendingImpression(
+        request_id="r1",
+        user_id="u1",
+        arm="canary",
+        model_version=9,
+        items=(("x", 0.5), ("y", 0.25)),
+        fallback=False,
+        degraded=False,
+        serve_latency_ms=4.5,
+        features=KNOWN.raw(),
+        event_time=1_800_000_000.0,
+        teams=("stable", "canary"),
+        control_version=7,
+    )
+    impression = decode_event(to_impression(pending).to_bytes(), Impression)
+    assert [item.team for item in impression.items] == ["stable", "canary"] and impression.control_version == 7
+    examples = label(impression, {"y": impression.event_time.isoformat()})
+    assert [(example.team, example.control_version, example.clicked) for example in examples] == [
+        ("stable", 7, False),
+        ("canary", 7, True),
+    ]
