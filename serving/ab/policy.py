@@ -40,8 +40,9 @@ within-request comparison, on the same user at the same moment. Rules for experi
 interleaved requests, after the guardrails of rule 1:
 
 3. The current version's own share, once it has ``interleave_min_credits`` clicked requests,
-   significantly below 1/2 (its own always-valid test) -> roll back: a broken version in a good
-   line is caught on its own clicks.
+   significantly below 1/2 (its own always-valid test, at the stricter
+   ``interleave_version_alpha``: every version gets this test) -> roll back: a broken version in
+   a good line is caught on its own clicks.
 4. The line's pooled share, once it has ``interleave_min_credits``: significantly above 1/2 ->
    promote, below -> roll back (mSPRT on the share, ``sequential.msprt_share``, ``tau`` =
    ``interleave_tau``).
@@ -87,6 +88,10 @@ class PolicyConfig(BaseModel):
     # after 40,000) move the share by a few points, not tens; ``interleave_min_credits``: clicked
     # interleaved requests before it acts.
     interleave_tau: float = Field(default=0.05, gt=0)
+    # The level of rule 3 (one version's own clicks), stricter than ``alpha``: the trainer publishes
+    # a version every interval, each is tested on its own, and a false rollback ends the line's
+    # pooled evidence; a broken version (share near 0) still falls within ~45 clicks.
+    interleave_version_alpha: float = Field(default=0.005, gt=0, lt=1)
     interleave_min_credits: int = Field(default=30, ge=10)
 
 
@@ -261,7 +266,7 @@ class Experiment:
         if self.current_wins.trials >= config.interleave_min_credits:
             own = msprt_share(
                 self.current_wins.counts(),
-                alpha=config.alpha,
+                alpha=config.interleave_version_alpha,
                 tau=config.interleave_tau,
                 previous_p=self.current_p_value,
             )
