@@ -20,14 +20,14 @@ from serving.ab.evaluator import AbEvaluator
 from serving.ab.policy import Experiment, PolicyConfig
 from serving.ab.sequential import ArmCounts, msprt_share
 from serving.api.arms import CanaryGate
-from serving.api.impressions import PendingImpression, to_impression
+from serving.api.impressions import to_impression
 from serving.api.interleave import team_draft
 from serving.api.metrics import ApiMetrics
 from serving.api.ranking import Ranker
 from serving.model_client import ModelServerRpcError
 from streamrec.events import Arm, Impression, LabeledExample, decode_event
 from streams.joiner import label
-from tests.unit.test_api_ranking import KNOWN, TRENDING, FakeModel, FixedTrending, _outputs
+from tests.unit.test_api_ranking import KNOWN, TRENDING, FakeModel, FixedTrending, _outputs, pending_impression
 
 CANARY = [(f"c{rank}", 10.0 - rank) for rank in range(10)]
 STABLE = [(f"s{rank}", 5.0 - rank) for rank in range(10)]
@@ -269,20 +269,7 @@ def test_the_evaluator_credits_each_interleaved_request_once_and_only_against_it
 
 
 def test_teams_travel_from_the_api_through_the_impression_to_the_labeled_examples() -> None:
-    pending = PendingImpression(
-        request_id="r1",
-        user_id="u1",
-        arm="canary",
-        model_version=9,
-        items=(("x", 0.5), ("y", 0.25)),
-        fallback=False,
-        degraded=False,
-        serve_latency_ms=4.5,
-        features=KNOWN.raw(),
-        event_time=1_800_000_000.0,
-        teams=("stable", "canary"),
-        control_version=7,
-    )
+    pending = pending_impression(teams=("stable", "canary"), control_version=7)
     impression = decode_event(to_impression(pending).to_bytes(), Impression)
     assert [item.team for item in impression.items] == ["stable", "canary"] and impression.control_version == 7
     examples = label(impression, {"y": impression.event_time.isoformat()})

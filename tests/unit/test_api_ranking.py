@@ -7,6 +7,7 @@ tests/integration/test_api_server.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -182,19 +183,25 @@ def test_trending_ranks_by_score_then_24h_count_then_catalog_order() -> None:
     assert snapshot.top(2, frozenset({"c"})) == [("b", 2.0), ("e", 0.5)]
 
 
-def test_an_impression_carries_the_whole_answer_and_decodes_as_the_contract() -> None:
+def pending_impression(**changes: Any) -> PendingImpression:
+    """A canary answer of two items by version 9, as the handler hands it over (``changes`` applied)."""
     pending = PendingImpression(
         request_id="r1",
         user_id="u1",
         arm="canary",
         model_version=9,
         items=(("x", 0.5), ("y", 0.25)),
-        fallback=True,
-        degraded=True,
+        fallback=False,
+        degraded=False,
         serve_latency_ms=4.5,
         features=KNOWN.raw(),
         event_time=1_800_000_000.0,
     )
+    return dataclasses.replace(pending, **changes)
+
+
+def test_an_impression_carries_the_whole_answer_and_decodes_as_the_contract() -> None:
+    pending = pending_impression(fallback=True, degraded=True)
     impression = to_impression(pending)
     decoded = decode_event(impression.to_bytes(), Impression)
     assert impression.key() == b"u1"
