@@ -2,7 +2,7 @@
 
 Inputs are the files the processes leave behind, so the report can be rebuilt after the fact
 (``streamrec report``): the simulator's ``responses.parquet``, the evaluator's
-``decisions.jsonl``, the model versions' lineage, and histogram samples scraped from the
+``decisions.jsonl`` and ``timeline.jsonl``, the model versions' lineage, and histogram samples scraped from the
 workers' Prometheus endpoints (freshness).
 """
 
@@ -30,23 +30,25 @@ class LoopRecord:
     versions: list[dict[str, Any]]  # {"version": int, "published_at": epoch s}
     freshness_s: dict[float, float] = field(default_factory=dict)  # histogram: upper bound -> cumulative count
     counters: dict[str, float] = field(default_factory=dict)
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # the evaluator's running figures
 
     @classmethod
     def load(cls, simulator_dir: Path, evaluator_dir: Path, model_base_path: Path) -> LoopRecord:
         responses_path = simulator_dir / "responses.parquet"
         responses = pd.read_parquet(responses_path) if responses_path.exists() else pd.DataFrame()
-        decisions_path = evaluator_dir / "decisions.jsonl"
-        decisions = (
-            [json.loads(line) for line in decisions_path.read_text().splitlines() if line.strip()]
-            if decisions_path.exists()
-            else []
-        )
+        decisions = _read_jsonl(evaluator_dir / "decisions.jsonl")
         versions = []
         if model_base_path.exists():
             for child in sorted(model_base_path.iterdir()):
                 if child.is_dir() and child.name.isdigit():
                     versions.append({"version": int(child.name), "published_at": child.stat().st_mtime})
-        return cls(responses, decisions, versions)
+        return cls(responses, decisions, versions, timeline=_read_jsonl(evaluator_dir / "timeline.jsonl"))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def histogram_quantile(buckets: dict[float, float], quantile: float) -> float | None:
@@ -89,7 +91,41 @@ def summary(record: LoopRecord) -> dict[str, Any]:
     freshness_p99 = histogram_quantile(record.freshness_s, 0.99)
     if freshness_p99 is not None:
         figures["freshness_p99_ms"] = round(freshness_p99 * 1000, 1)
+    interleaved = [point for point in record.timeline if "interleaving" in point]
+    if interleaved:  # the experiment running at the end: how far the canary line is from a verdict
+        last = interleaved[-1]["interleaving"]
+        figures["last_experiment_interleaved_clicks"] = int(last["clicked"])
+        figures["last_experiment_canary_click_share"] = round(float(last["canary_share"]), 3)
     return figures
+
+
+def _click_share(ax: Any, record: LoopRecord) -> None:
+    """The canary's share of clicked interleaved requests over time, one line per experiment."""
+    points = [point for point in record.timeline if "interleaving" in point]
+    title = "canary's share of interleaved clicks (0.5 = no difference), per experiment"
+    if not points:
+        ax.text(0.5, 0.5, "no interleaved requests", ha="center")
+        ax.set(title=title)
+        return
+    responses = record.responses
+    start = responses["time"].min() if len(responses) else datetime.fromisoformat(points[0]["time"]).timestamp()
+    frame = pd.DataFrame(
+        {
+            "minutes": [(datetime.fromisoformat(p["time"]).timestamp() - start) / 60 for p in points],
+            "share": [p["interleaving"]["canary_share"] for p in points],
+            "clicked": [p["interleaving"]["clicked"] for p in points],
+            "stable": [p["stable"]["version"] for p in points],
+        }
+    )
+    frame = frame[frame["clicked"] >= 10]  # the first few clicks say nothing
+    for stable, group in frame.groupby("stable"):
+        ax.plot(group["minutes"], group["share"], label=f"canary line vs stable v{stable}")
+    ax.axhline(0.5, color="black", linewidth=0.8)
+    for decision in record.decisions:
+        at = (datetime.fromisoformat(decision["time"]).timestamp() - start) / 60
+        ax.axvline(at, color="green" if decision["action"] == "promote" else "red", linestyle="--", alpha=0.7)
+    ax.set(title=title, xlabel="minutes", ylabel="share", ylim=(0, 1), xlim=(0, None))
+    ax.legend(loc="upper left")
 
 
 def _ctr_over_time(ax: Any, responses: pd.DataFrame, decisions: list[dict[str, Any]]) -> None:
@@ -122,7 +158,8 @@ def _versions_timeline(ax: Any, record: LoopRecord) -> None:
         ax.scatter([at], [decision["canary_version"]], marker="*", s=150, color=color, zorder=5)
         ax.annotate(decision["action"], (at, decision["canary_version"]), textcoords="offset points", xytext=(5, 5))
     ax.set(title="model versions: published (▲), served, decisions (★)", xlabel="minutes", ylabel="version")
-    ax.legend(loc="upper left")
+    if ax.get_legend_handles_labels()[0]:  # nothing was served: no legend (matplotlib warns on an empty one)
+        ax.legend(loc="upper left")
 
 
 def _distribution(ax: Any, values: np.ndarray, title: str, unit: str) -> None:
@@ -158,12 +195,14 @@ def _freshness(ax: Any, buckets: dict[float, float]) -> None:
 
 def write_report(record: LoopRecord, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(2, 2, figsize=(16, 10))
-    _ctr_over_time(axes[0][0], record.responses, record.decisions)
-    _versions_timeline(axes[0][1], record)
+    figure = plt.figure(figsize=(16, 14))
+    grid = figure.add_gridspec(3, 2)
+    _ctr_over_time(figure.add_subplot(grid[0, 0]), record.responses, record.decisions)
+    _versions_timeline(figure.add_subplot(grid[0, 1]), record)
+    _click_share(figure.add_subplot(grid[1, :]), record)
     latencies = record.responses["latency_ms"].to_numpy() if len(record.responses) else np.array([])
-    _distribution(axes[1][0], latencies, "Recommend latency (client side)", "ms")
-    _freshness(axes[1][1], record.freshness_s)
+    _distribution(figure.add_subplot(grid[2, 0]), latencies, "Recommend latency (client side)", "ms")
+    _freshness(figure.add_subplot(grid[2, 1]), record.freshness_s)
     figure.tight_layout()
     png = out_dir / "loop.png"
     figure.savefig(png, dpi=90)
