@@ -280,8 +280,10 @@ def demo_command(
         )
     )
     typer.secho("summary", bold=True)
-    for key, value in json.loads((page.parent / "summary.json").read_text()).items():
-        typer.echo(f"  {key:22} {value}")
+    figures = json.loads((page.parent / "summary.json").read_text())
+    width = max(map(len, figures), default=0)
+    for key, value in figures.items():
+        typer.echo(f"  {key:{width}} {value}")
     typer.echo(f"report: {page}")
 
 
