@@ -128,6 +128,7 @@ def main() -> None:
         learning_rate=args.learning_rate,
         temperature=args.temperature,
         use_recent_items=False,
+        use_last_item=False,
         use_counts=False,
         use_profile=not args.no_profile,
         use_item_content=not args.no_content,

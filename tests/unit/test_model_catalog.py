@@ -88,3 +88,12 @@ def test_recbole_split_follows_recboles_rounding() -> None:
     assert set(valid_rows["user_id"]) == set(test_rows["user_id"]) == {"u0", "u1", "u2"}
     ids = [set(frame["event_id"]) for frame in (train_rows, valid_rows, test_rows)]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_a_model_config_saved_before_use_last_item_restores_without_it() -> None:
+    from online_trainer.model import ModelConfig
+
+    saved = ModelConfig().to_json()
+    assert ModelConfig.from_json(saved).use_last_item is True
+    del saved["use_last_item"]
+    assert ModelConfig.from_json(saved).use_last_item is False

@@ -76,6 +76,7 @@ def _fixed_model() -> TwoTowerModel:
         user_id_buckets=4096,
         use_profile=False,
         use_recent_items=False,
+        use_last_item=False,
         use_counts=False,
         use_item_content=False,
         temperature=0.5,
