@@ -106,7 +106,8 @@ class AbEvaluator:
             return None
         EXAMPLES.labels("counted").inc()
         # Interleaved with this experiment's stable: the click's team is evidence too.
-        interleaved = example.team is not None and example.control_version == experiment.stable.version
+        team = example.team if example.control_version == experiment.stable.version else None
+        interleaved = team is not None
         if example.position == 0:
             experiment.record(
                 example.arm,
@@ -122,8 +123,8 @@ class AbEvaluator:
             if len(self._hit_requests) > 100_000:
                 self._hit_requests.popitem(last=False)
             experiment.record_hit(example.arm, example.model_version, example.user_id)
-            if interleaved and example.team is not None:
-                experiment.record_credit(example.team, example.model_version, example.user_id)
+            if team is not None:
+                experiment.record_credit(team, example.model_version, example.user_id)
         return None
 
     def decide(self) -> Decision | None:

@@ -189,10 +189,9 @@ class Ranker:
         excluded = frozenset(exclude)
         if arm == contracts.CANARY_LABEL and not self._gate.canary_available():
             arm = contracts.STABLE_LABEL
+        inputs = model_inputs(features, exclude)  # built once: the interleaving call reuses it
         try:
-            version, items, arm = self._ask_model(
-                features, k=k, exclude=exclude, excluded=excluded, arm=arm, deadline=deadline
-            )
+            version, items, arm = self._ask_model(inputs, k=k, excluded=excluded, arm=arm, deadline=deadline)
         except _ModelError as exc:
             self._metrics.degraded.labels("model_server").inc()
             log.debug("model fallback (%s): %s", exc.reason, exc)
@@ -201,34 +200,23 @@ class Ranker:
         teams: tuple[Arm, ...] | None = None
         control: int | None = None
         if self._interleave and arm == contracts.CANARY_LABEL:
-            items, teams, control = self._interleaved(
-                features, items, version, k=k, exclude=exclude, excluded=excluded, deadline=deadline
-            )
+            items, teams, control = self._interleaved(inputs, items, version, k=k, excluded=excluded, deadline=deadline)
         reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
         return Ranked(items, version, arm, reason, degraded=features_failed, teams=teams, control_version=control)
 
     def _interleaved(
         self,
-        features: UserFeatures,
+        inputs: dict[str, np.ndarray],
         canary_items: list[tuple[str, float]],
         canary_version: int,
         *,
         k: int,
-        exclude: list[str],
         excluded: frozenset[str],
         deadline: float,
     ) -> tuple[list[tuple[str, float]], tuple[Arm, ...] | None, int | None]:
         """The team-draft list of canary and stable, or the canary's own when stable cannot answer."""
-        budget = min(self._budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
-        if budget < MIN_MODEL_BUDGET_S:
-            return canary_items, None, None
         try:
-            stable_version, outputs = self._client.predict(
-                model_inputs(features, exclude),
-                signature=contracts.RECOMMEND_SIGNATURE,
-                label=contracts.STABLE_LABEL,
-                timeout_s=budget,
-            )
+            stable_version, outputs = self._predict(inputs, contracts.STABLE_LABEL, deadline)
             stable_items = parse_answer(outputs, k, excluded)
         except (ModelServerRpcError, _ModelError) as exc:
             log.debug("serving the canary's own list: stable could not answer for interleaving: %s", exc)
@@ -238,19 +226,20 @@ class Ranker:
         shown = team_draft(canary_items, stable_items, k)
         return [(item_id, score) for item_id, score, _ in shown], tuple(team for _, _, team in shown), stable_version
 
+    def _predict(self, inputs: dict[str, np.ndarray], label: Arm, deadline: float) -> tuple[int, dict[str, np.ndarray]]:
+        """One ``recommend`` call under what is left of the budget; ``_ModelError("deadline")`` if nothing is."""
+        budget = min(self._budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
+        if budget < MIN_MODEL_BUDGET_S:
+            raise _ModelError("deadline", "no time left before the client's deadline to ask the model")
+        return self._client.predict(inputs, signature=contracts.RECOMMEND_SIGNATURE, label=label, timeout_s=budget)
+
     def _ask_model(
-        self, features: UserFeatures, *, k: int, exclude: list[str], excluded: frozenset[str], arm: Arm, deadline: float
+        self, inputs: dict[str, np.ndarray], *, k: int, excluded: frozenset[str], arm: Arm, deadline: float
     ) -> tuple[int, list[tuple[str, float]], Arm]:
-        inputs = model_inputs(features, exclude)
         attempts: list[Arm] = [arm] if arm == contracts.STABLE_LABEL else [arm, contracts.STABLE_LABEL]
         for label in attempts:
-            budget = min(self._budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
-            if budget < MIN_MODEL_BUDGET_S:
-                raise _ModelError("deadline", "no time left before the client's deadline to ask the model")
             try:
-                version, outputs = self._client.predict(
-                    inputs, signature=contracts.RECOMMEND_SIGNATURE, label=label, timeout_s=budget
-                )
+                version, outputs = self._predict(inputs, label, deadline)
             except ModelServerRpcError as exc:
                 if label == contracts.CANARY_LABEL and _is_missing_label(exc):
                     self._gate.mark_missing()
