@@ -82,8 +82,10 @@ class ImpressionItem(BaseModel):
     item_id: NonEmptyId
     score: float
     position: int = Field(ge=0)
-    # Interleaved lists: the arm whose model picked this item (``serving/api/interleave.py``).
+    # Interleaved lists: the arm whose model picked this item (``serving/api/interleave.py``), and
+    # whether both models had it in their own top k (a click on it then favours neither).
     team: Arm | None = None
+    shared: bool | None = None
 
 
 class Impression(UserKeyed):
@@ -130,8 +132,10 @@ class LabeledExample(UserKeyed):
     degraded: bool = False
     serve_latency_ms: float | None = Field(default=None, ge=0)
     features: dict[str, Any] = Field(default_factory=dict)
-    # Interleaved lists: the team that picked this item and the stable version of the pair.
+    # Interleaved lists: the team that picked this item, whether both models ranked it in their top
+    # k (a tie when clicked), and the stable version of the pair.
     team: Arm | None = None
+    shared: bool | None = None
     control_version: int | None = Field(default=None, ge=0)
 
 

@@ -95,12 +95,14 @@ def summary(record: LoopRecord) -> dict[str, Any]:
     if interleaved:  # the experiment running at the end: how far the canary line is from a verdict
         last = interleaved[-1]["interleaving"]
         figures["last_experiment_interleaved_clicks"] = int(last["clicked"])
+        if "ties" in last:  # timelines written before ties were counted have none
+            figures["last_experiment_tied_clicks"] = int(last["ties"])
         figures["last_experiment_canary_click_share"] = round(float(last["canary_share"]), 3)
     return figures
 
 
 def _click_share(ax: Any, record: LoopRecord) -> None:
-    """The canary's share of clicked interleaved requests over time, one line per experiment."""
+    """The canary's share of credited interleaved clicks over time, one line per experiment."""
     points = [point for point in record.timeline if "interleaving" in point]
     title = "canary's share of interleaved clicks (0.5 = no difference), per experiment"
     if not points:
@@ -113,11 +115,12 @@ def _click_share(ax: Any, record: LoopRecord) -> None:
         {
             "minutes": [(datetime.fromisoformat(p["time"]).timestamp() - start) / 60 for p in points],
             "share": [p["interleaving"]["canary_share"] for p in points],
-            "clicked": [p["interleaving"]["clicked"] for p in points],
+            # Ties (an item both models had) credit neither; older timelines did not count them.
+            "credited": [p["interleaving"].get("credited", p["interleaving"]["clicked"]) for p in points],
             "stable": [p["stable"]["version"] for p in points],
         }
     )
-    frame = frame[frame["clicked"] >= 10]  # the first few clicks say nothing
+    frame = frame[frame["credited"] >= 10]  # the first few clicks say nothing
     for stable, group in frame.groupby("stable"):
         ax.plot(group["minutes"], group["share"], label=f"canary line vs stable v{stable}")
     ax.axhline(0.5, color="black", linewidth=0.8)

@@ -142,6 +142,7 @@ def label(impression: Impression, clicked: dict[str, str]) -> list[LabeledExampl
             degraded=impression.degraded,
             serve_latency_ms=impression.serve_latency_ms,
             team=item.team,
+            shared=item.shared,
             control_version=impression.control_version,
         )
         for item in sorted(impression.items, key=lambda shown: shown.position)

@@ -8,7 +8,8 @@ Labeled examples are attributed to it by their arm *and* model version, so examp
 arriving for an earlier pair (labels close a window after the impression) are ignored instead
 of polluting the new one. A canary request interleaved with this experiment's stable version
 (items carry a ``team``, the example the ``control_version``) also credits its first click to the
-team that picked the clicked item: the interleaved comparison ``policy.py`` decides on.
+team that picked the clicked item, or counts a tie when both models had that item in their top k
+(the example's ``shared``): the interleaved comparison ``policy.py`` decides on.
 
 Decisions go through :class:`LabelController` (the model client in production): promote moves
 ``stable`` to the canary version (already loaded, so TF Serving's order holds), rollback moves
@@ -124,7 +125,7 @@ class AbEvaluator:
                 self._hit_requests.popitem(last=False)
             experiment.record_hit(example.arm, example.model_version, example.user_id)
             if team is not None:
-                experiment.record_credit(team, example.model_version, example.user_id)
+                experiment.record_credit(team, example.model_version, example.user_id, tie=bool(example.shared))
         return None
 
     def decide(self) -> Decision | None:
@@ -175,7 +176,9 @@ class AbEvaluator:
         if experiment.interleaved_requests:
             figures["interleaving"] = {
                 "requests": experiment.interleaved_requests,
-                "clicked": experiment.wins.trials,
+                "clicked": experiment.wins.trials + experiment.ties,
+                "credited": experiment.wins.trials,
+                "ties": experiment.ties,
                 "canary_wins": experiment.wins.hits,
                 "canary_share": experiment.wins.ctr,
                 "current_clicked": experiment.current_wins.trials,

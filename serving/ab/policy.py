@@ -36,10 +36,20 @@ has several times the binomial variance, and the loop benchmark's 40,000 visits 
 arm) never showed the line's ~13 % lift. So canary users are shown the team-draft interleaving
 of the canary's and stable's lists (``serving/api/interleave.py``), and the canary is judged by
 the share of clicked interleaved requests whose click fell on an item its team picked: a
-within-request comparison, on the same user at the same moment. Rules for experiments with
-interleaved requests, after the guardrails of rule 1:
+within-request comparison, on the same user at the same moment.
 
-3. The current version's own share, once it has ``interleave_min_credits`` clicked requests,
+A click on an item that *both* models had in their own top k is a **tie**: it is counted, but
+credits neither. Team draft would credit it to whichever team happened to pick it first, a coin
+flip that carries no information about which model is better and only dilutes the share. In
+``loop_long`` (BENCHMARKS.md) 60 % of the clicked interleaved requests before the promotion were
+such ties; on the other 40 % the line's share was 0.60 instead of team draft's 0.54, which the
+mSPRT needs about half as many clicks to see (``tests/unit/test_ab_interleaving.py``). Under no
+difference between the models, the clicks that only one model's list could have drawn still fall
+on either side alike, so the test's false-promotion bound is unchanged.
+
+Rules for experiments with interleaved requests, after the guardrails of rule 1:
+
+3. The current version's own share, once it has ``interleave_min_credits`` credited requests,
    significantly below 1/2 (its own always-valid test, at the stricter
    ``interleave_version_alpha``: every version gets this test) -> roll back: a broken version in
    a good line is caught on its own clicks.
@@ -181,8 +191,10 @@ class Experiment:
         self.canary_versions = [canary_version]
         self.p_value = 1.0
         self.last_test: TestResult | None = None
-        # Interleaved comparison: trials = clicked interleaved requests, hits = canary team wins.
+        # Interleaved comparison: trials = credited (clicked, not tied) interleaved requests, hits =
+        # canary team wins; ties = clicked ones whose item both models had in their top k.
         self.interleaved_requests = 0
+        self.ties = 0
         self.wins = ArmStats(canary_version)
         self.current_wins = ArmStats(canary_version)
         self.current_p_value = 1.0
@@ -233,8 +245,14 @@ class Experiment:
         if version == self.current.version:
             self.current.add_hit(user_id)
 
-    def record_credit(self, team: Literal["stable", "canary"], version: int, user_id: str | None = None) -> None:
-        """A clicked interleaved request: its (first) click was on an item ``team`` picked."""
+    def record_credit(
+        self, team: Literal["stable", "canary"], version: int, user_id: str | None = None, *, tie: bool = False
+    ) -> None:
+        """A clicked interleaved request: its (first) click was on an item ``team`` picked; ``tie``:
+        an item both models had in their own top k, which credits neither (module docstring)."""
+        if tie:
+            self.ties += 1
+            return
         won = team == "canary"
         self.wins.add(hit=won, degraded=False, latency_ms=None, user_id=user_id)
         if version == self.current.version:
@@ -280,11 +298,14 @@ class Experiment:
                     own,
                 )
         if self.wins.trials < config.interleave_min_credits:
-            return Decision("continue", "collecting the minimum number of clicked interleaved requests", self.last_test)
+            return Decision("continue", "collecting the minimum of credited interleaved requests", self.last_test)
         test = msprt_share(self.wins.counts(), alpha=config.alpha, tau=config.interleave_tau, previous_p=self.p_value)
         self.p_value = test.p_value
         self.last_test = test
-        drew = f"{self.wins.ctr:.1%} of {self.wins.trials} interleaved clicks (always-valid p={test.p_value:.4f})"
+        drew = (
+            f"{self.wins.ctr:.1%} of {self.wins.trials} credited interleaved clicks, {self.ties} ties left out "
+            f"(always-valid p={test.p_value:.4f})"
+        )
         if test.canary_better:
             return Decision("promote", f"canary's items drew {drew}", test)
         if test.canary_worse:

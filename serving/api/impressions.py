@@ -47,6 +47,7 @@ class PendingImpression:
     features: dict[str, Any]
     event_time: float  # time.time() when the answer was made
     teams: tuple[Arm, ...] | None = None  # interleaved: the team of each item
+    shared: tuple[bool, ...] | None = None  # interleaved: each item in both models' own top k
     control_version: int | None = None  # interleaved: the stable version
 
 
@@ -159,6 +160,7 @@ def to_impression(pending: PendingImpression) -> Impression:
                 score=score,
                 position=position,
                 team=pending.teams[position] if pending.teams is not None else None,
+                shared=pending.shared[position] if pending.shared is not None else None,
             )
             for position, (item_id, score) in enumerate(pending.items)
         ],

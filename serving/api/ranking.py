@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
@@ -101,9 +101,10 @@ class Ranked:
     arm: Arm
     fallback_reason: str  # "" for the personalised model answer
     degraded: bool
-    # Interleaved answers: the team (arm) that picked each item, and the stable version it was
-    # interleaved with; None for a single model's list.
+    # Interleaved answers: the team (arm) that picked each item, whether each was in both models'
+    # own top k, and the stable version it was interleaved with; None for a single model's list.
     teams: tuple[Arm, ...] | None = None
+    shared: tuple[bool, ...] | None = None
     control_version: int | None = None
 
     @property
@@ -197,34 +198,37 @@ class Ranker:
             log.debug("model fallback (%s): %s", exc.reason, exc)
             return self._trending_answer(k=k, excluded=excluded, arm=arm, reason=exc.reason)
         self._metrics.model_version.labels(arm).set(version)
-        teams: tuple[Arm, ...] | None = None
-        control: int | None = None
-        if self._interleave and arm == contracts.CANARY_LABEL:
-            items, teams, control = self._interleaved(inputs, items, version, k=k, excluded=excluded, deadline=deadline)
         reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
-        return Ranked(items, version, arm, reason, degraded=features_failed, teams=teams, control_version=control)
+        ranked = Ranked(items, version, arm, reason, degraded=features_failed)
+        if self._interleave and arm == contracts.CANARY_LABEL:
+            return self._interleaved(inputs, ranked, k=k, excluded=excluded, deadline=deadline)
+        return ranked
 
     def _interleaved(
-        self,
-        inputs: dict[str, np.ndarray],
-        canary_items: list[tuple[str, float]],
-        canary_version: int,
-        *,
-        k: int,
-        excluded: frozenset[str],
-        deadline: float,
-    ) -> tuple[list[tuple[str, float]], tuple[Arm, ...] | None, int | None]:
-        """The team-draft list of canary and stable, or the canary's own when stable cannot answer."""
+        self, inputs: dict[str, np.ndarray], canary: Ranked, *, k: int, excluded: frozenset[str], deadline: float
+    ) -> Ranked:
+        """The team-draft list of canary and stable, or the canary's own when stable cannot answer.
+
+        Each shown item also says whether it was in *both* top-k lists: a click on such an item is a
+        tie for the evaluator, since either model alone would have shown it (``serving/ab/policy.py``).
+        """
         try:
             stable_version, outputs = self._predict(inputs, contracts.STABLE_LABEL, deadline)
             stable_items = parse_answer(outputs, k, excluded)
         except (ModelServerRpcError, _ModelError) as exc:
             log.debug("serving the canary's own list: stable could not answer for interleaving: %s", exc)
-            return canary_items, None, None
-        if stable_version == canary_version:
-            return canary_items, None, None
-        shown = team_draft(canary_items, stable_items, k)
-        return [(item_id, score) for item_id, score, _ in shown], tuple(team for _, _, team in shown), stable_version
+            return canary
+        if stable_version == canary.model_version:
+            return canary
+        shown = team_draft(canary.items, stable_items, k)
+        in_both = {item_id for item_id, _ in canary.items} & {item_id for item_id, _ in stable_items}
+        return replace(
+            canary,
+            items=[(item_id, score) for item_id, score, _ in shown],
+            teams=tuple(team for _, _, team in shown),
+            shared=tuple(item_id in in_both for item_id, _, _ in shown),
+            control_version=stable_version,
+        )
 
     def _predict(self, inputs: dict[str, np.ndarray], label: Arm, deadline: float) -> tuple[int, dict[str, np.ndarray]]:
         """One ``recommend`` call under what is left of the budget; ``_ModelError("deadline")`` if nothing is."""

@@ -137,6 +137,7 @@ class RecommenderService(_RecommenderServicer):  # type: ignore[misc]  # subclas
                 features=raw,
                 event_time=time.time(),
                 teams=ranked.teams,
+                shared=ranked.shared,
                 control_version=ranked.control_version,
             )
         )

@@ -99,6 +99,23 @@ def test_a_canary_user_sees_both_models_lists_interleaved_with_teams() -> None:
     assert ranked.teams is not None and len(ranked.teams) == len(ranked.items) == 10
     for (item_id, _), team in zip(ranked.items, ranked.teams, strict=True):
         assert item_id.startswith("c" if team == "canary" else "s")
+    assert ranked.shared == (False,) * 10  # the two lists have no item in common
+
+
+def test_items_in_both_models_top_k_are_marked_shared_whoever_picked_them() -> None:
+    canary = [("both1", 9.0), ("c1", 8.0), ("both2", 7.0), ("c2", 6.0)]
+    stable = [("s1", 9.0), ("both2", 8.0), ("s2", 7.0), ("both1", 6.0)]
+    model = FakeModel(
+        {
+            "canary": (5, _outputs([item for item, _ in canary], [score for _, score in canary])),
+            "stable": (3, _outputs([item for item, _ in stable], [score for _, score in stable])),
+        }
+    )
+    ranked = _interleaving_ranker(model).rank(KNOWN, k=4, exclude=[], arm="canary", deadline=time.monotonic() + 10)
+    assert ranked.shared is not None and ranked.teams is not None
+    marks = {item_id: shared for (item_id, _), shared in zip(ranked.items, ranked.shared, strict=True)}
+    assert marks == {item_id: item_id.startswith("both") for item_id, _ in ranked.items}
+    assert any(marks.values()) and not all(marks.values())
 
 
 def test_stable_users_one_version_or_a_failing_stable_get_a_single_list() -> None:
@@ -109,7 +126,8 @@ def test_stable_users_one_version_or_a_failing_stable_get_a_single_list() -> Non
     failing.errors["stable"] = ModelServerRpcError("Predict", grpc.StatusCode.UNAVAILABLE, "down")
     alone = _interleaving_ranker(failing).rank(KNOWN, k=10, exclude=[], arm="canary", deadline=deadline)
     for ranked in (stable_user, same, alone):
-        assert ranked.teams is None and ranked.control_version is None and not ranked.degraded
+        assert ranked.teams is None and ranked.shared is None and ranked.control_version is None
+        assert not ranked.degraded
     assert [item for item, _ in alone.items] == [item for item, _ in CANARY]
 
 
@@ -125,12 +143,16 @@ def run_interleaved(
     new_version_every: int = 0,
     users: int = 0,
     user_spread: float = 0.0,
+    tie_share: float = 0.0,
+    credit_ties: bool = False,
 ) -> tuple[str, int, str]:
     """Interleaved canary requests (stable's arm too, for the guardrails) until a decision.
 
     ``users`` > 0: requests come in bursts of 30 from that many users, each with its own canary
     win probability ``win_probability +/- user_spread`` (mean unchanged): equal on average, not
-    for each user. Returns (action, clicked interleaved requests, reason).
+    for each user. ``tie_share``: the share of clicks on an item both models had (its team a coin
+    flip); they credit neither, or with ``credit_ties`` the team that picked them, as plain team draft
+    does. Returns (action, clicked interleaved requests, reason).
     """
     experiment = Experiment(1, 2, config)
     user_probability = {
@@ -150,13 +172,14 @@ def run_interleaved(
             experiment.record("canary", hit=False, version=experiment.canary.version, user_id=user_id, interleaved=True)
             if rng.random() < click_rate:
                 experiment.record_hit("canary", experiment.canary.version, user_id)
-                q = user_probability[user] if users else win_probability
+                tie = bool(rng.random() < tie_share)
+                q = 0.5 if tie else user_probability[user] if users else win_probability
                 team: Arm = "canary" if rng.random() < q else "stable"
-                experiment.record_credit(team, experiment.canary.version, user_id)
+                experiment.record_credit(team, experiment.canary.version, user_id, tie=tie and not credit_ties)
         decision = experiment.decide()
         if decision.action != "continue":
-            return decision.action, experiment.wins.trials, decision.reason
-    return "continue", experiment.wins.trials, ""
+            return decision.action, experiment.wins.trials + experiment.ties, decision.reason
+    return "continue", experiment.wins.trials + experiment.ties, ""
 
 
 def test_msprt_share_is_the_mixture_test_with_the_null_variance() -> None:
@@ -174,6 +197,19 @@ def test_a_canary_winning_60_percent_of_clicks_is_promoted_quickly() -> None:
     outcomes = [run_interleaved(0.6, rng, PolicyConfig()) for _ in range(30)]
     assert all(action == "promote" for action, _, _ in outcomes)
     assert float(np.median([clicked for _, clicked, _ in outcomes])) < 600
+
+
+def test_ties_credit_neither_team_and_the_line_is_promoted_on_fewer_clicks() -> None:
+    """As in loop_long before its promotion: 60 % of clicks on items both models had, the line winning
+    60 % of the rest (team draft's share: 0.54). Leaving ties out needs far fewer clicks."""
+    rng = np.random.default_rng(4)
+    with_ties_left_out = [run_interleaved(0.6, rng, PolicyConfig(), tie_share=0.6) for _ in range(30)]
+    with_ties_credited = [run_interleaved(0.6, rng, PolicyConfig(), tie_share=0.6, credit_ties=True) for _ in range(30)]
+    assert all(action == "promote" for action, _, _ in with_ties_left_out)
+    assert all("ties left out" in reason for _, _, reason in with_ties_left_out)
+    left_out = float(np.median([clicked for _, clicked, _ in with_ties_left_out]))
+    credited = float(np.median([clicked for _, clicked, _ in with_ties_credited]))
+    assert left_out < 0.7 * credited
 
 
 def test_no_difference_keeps_false_promotions_at_or_below_alpha() -> None:
@@ -233,7 +269,9 @@ class Labels:
         return self.current["canary"]
 
 
-def _example(request: str, position: int, team: Arm | None, control: int | None, clicked: bool) -> LabeledExample:
+def _example(
+    request: str, position: int, team: Arm | None, control: int | None, clicked: bool, shared: bool = False
+) -> LabeledExample:
     now = datetime.now(UTC)
     return LabeledExample(
         event_id=f"label:{request}:{position}",
@@ -248,6 +286,7 @@ def _example(request: str, position: int, team: Arm | None, control: int | None,
         clicked=clicked,
         impression_time=now,
         team=team,
+        shared=shared if team is not None else None,
         control_version=control,
     )
 
@@ -260,20 +299,22 @@ def test_the_evaluator_credits_each_interleaved_request_once_and_only_against_it
     evaluator.handle(_example("r2", 0, "stable", 1, clicked=False))
     evaluator.handle(_example("r2", 1, "stable", 1, clicked=True))
     evaluator.handle(_example("r3", 0, "canary", 7, clicked=True))  # interleaved with another stable
+    evaluator.handle(_example("r4", 0, "canary", 1, clicked=True, shared=True))  # both models had it: a tie
     experiment = evaluator.experiment
     assert experiment is not None
-    assert (experiment.wins.trials, experiment.wins.hits) == (2, 1)
-    assert experiment.interleaved_requests == 2 and experiment.canary.trials == 3
+    assert (experiment.wins.trials, experiment.wins.hits, experiment.ties) == (2, 1, 1)
+    assert experiment.interleaved_requests == 3 and experiment.canary.trials == 4
     figures = evaluator.figures()["interleaving"]
-    assert figures["clicked"] == 2 and figures["canary_share"] == 0.5
+    assert (figures["clicked"], figures["credited"], figures["ties"], figures["canary_share"]) == (3, 2, 1, 0.5)
 
 
 def test_teams_travel_from_the_api_through_the_impression_to_the_labeled_examples() -> None:
-    pending = pending_impression(teams=("stable", "canary"), control_version=7)
+    pending = pending_impression(teams=("stable", "canary"), shared=(True, False), control_version=7)
     impression = decode_event(to_impression(pending).to_bytes(), Impression)
     assert [item.team for item in impression.items] == ["stable", "canary"] and impression.control_version == 7
+    assert [item.shared for item in impression.items] == [True, False]
     examples = label(impression, {"y": impression.event_time.isoformat()})
-    assert [(example.team, example.control_version, example.clicked) for example in examples] == [
-        ("stable", 7, False),
-        ("canary", 7, True),
+    assert [(example.team, example.shared, example.control_version, example.clicked) for example in examples] == [
+        ("stable", True, 7, False),
+        ("canary", False, 7, True),
     ]
