@@ -15,7 +15,8 @@ measures exactly the trainer's learning, not a look-alike:
    events come from users the model has never seen (their id rows cannot help yet), so what an
    update gains is a better shared model: item vectors and the recent-items path learn from
    more data. Replay is what lets each update keep *re-learning* the whole history, the way a
-   retrain's epochs would, at the cost of a bigger mix; ``replay_fraction`` sets that trade.
+   retrain's epochs would, at the cost of a bigger mix and of less weight on the interval's own
+   events; ``replay_fraction`` sets that trade (0.1 by default: the settings say why).
 3. **Fine-tune** a copy of the serving model (:func:`online_trainer.model.clone_for_finetune`:
    weights and Adam state carried over) for ``trainer.finetune_epochs`` over the mix, with the
    softmax over the whole catalog (``trainer.finetune_loss``; the settings docstring says why).

@@ -10,10 +10,11 @@ Design (after TensorFlow Recommenders' ``tasks/retrieval.py`` and YouTube's two-
   with some other id with probability ~``2n/B`` but shares *both* only with ~``(n/B)^2``, so two
   ids almost never get identical vectors. Bigger tables cost memory (``buckets x dim`` floats and
   2x that in Adam state) and nothing else; they are the knob if the catalog grows.
-* **User tower**: user id + profile (age bucket, gender, occupation, zip prefix) + the mean of
-  the recent items' id embeddings (the *same* table as the item tower: a user is partly the items
-  they just touched, which is what makes the online updates bite) + the newest recent item's own
-  embedding (``use_last_item``) + ``log1p`` of the activity counts, concatenated and projected.
+* **User tower**: user id + profile (age bucket, gender, occupation, zip prefix) + the
+  position-weighted mean of the recent items' id embeddings (``use_position_weights``; the *same*
+  table as the item tower: a user is partly the items they just touched, which is what makes the
+  online updates bite) + the mean of the newest three (``use_last_item``, ``last_items``) +
+  ``log1p`` of the activity counts, concatenated and projected.
   A new user falls back to profile and recent items.
 * **Item tower**: item id + genres (masked mean of hashed-genre embeddings) + release-year bucket.
   A new item's id rows are untrained (small random init), so its vector comes from its content.
@@ -73,6 +74,17 @@ class ModelConfig:
     # moved online/frozen hit@10 from 1.128 to 1.187 (online 0.174 -> 0.181, frozen 0.154 -> 0.153),
     # no gate rejection: the online model's fresher item rows now also act through that slot.
     use_last_item: bool = True
+    # How many of the newest recent items that slot averages. With position weights and
+    # ``trainer.replay_fraction`` 0.1 on the same split: 1 / 2 / 3 / 5 gave online hit@10 0.196 /
+    # 0.198 / 0.204 / 0.203 (frozen 0.158 / 0.167 / 0.170 / 0.171): the last few titles of a burst
+    # say more than the very last one, and more than the whole, position-weighted, history.
+    last_items: int = 3
+    # The recent items weighted by position (a learned weight per slot, newest first; all equal at
+    # the start, which is the plain mean) instead of their plain mean: how fast a user's taste in a
+    # burst moves on is learned, not fixed. In bench/prequential.py on the loop's split (50 %
+    # bootstrap, 25 intervals of 1,600 events) online hit@10 0.181 -> 0.189, frozen 0.153 -> 0.158,
+    # online/frozen 1.187 -> 1.199, no gate rejection.
+    use_position_weights: bool = True
     use_counts: bool = True
     use_item_id: bool = True
     use_item_content: bool = True
@@ -104,14 +116,22 @@ class ModelConfig:
     epochs: int = 4
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.last_items <= contracts.RECENT_ITEMS_MAX:
+            raise ValueError(
+                f"ModelConfig.last_items must be between 1 and {contracts.RECENT_ITEMS_MAX} (the recent items "
+                f"a user has), got {self.last_items}"
+            )
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ModelConfig:
         known = {field.name for field in dataclasses.fields(cls)}
-        # A model saved before ``use_last_item`` existed was built without it: restore it that way.
-        values = {"use_last_item": False, **payload}
+        # A model saved before ``use_last_item``, ``last_items`` or ``use_position_weights`` existed
+        # was built without them (a last-item slot of one item): restore it that way.
+        values = {"use_last_item": False, "last_items": 1, "use_position_weights": False, **payload}
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
@@ -206,6 +226,10 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
         glorot = keras.initializers.GlorotUniform
         self.user_projection = keras.layers.Dense(d, kernel_initializer=glorot(seed + 5), name="user_projection")
         self.item_projection = keras.layers.Dense(d, kernel_initializer=glorot(seed + 6), name="item_projection")
+        # One logit per recent-items slot (newest first); zeros: the plain mean to start from.
+        self.recent_position_logits = keras.layers.Embedding(
+            contracts.RECENT_ITEMS_MAX, 1, embeddings_initializer="zeros", name="recent_position"
+        )
 
     def build(self, input_shape: Any = None) -> None:
         """Create every weight the enabled features need (no dummy forward pass, no Keras shape guessing)."""
@@ -220,6 +244,8 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
             user_width += cfg.profile_dim * len(self.profile_embeddings)
         if cfg.use_recent_items or cfg.use_last_item or cfg.use_item_id or not cfg.use_item_content:
             self.item_ids_embedding.build()
+        if cfg.use_recent_items and cfg.use_position_weights:
+            self.recent_position_logits.build()
         user_width += cfg.embedding_dim * (int(cfg.use_recent_items) + int(cfg.use_last_item))
         if cfg.use_counts or user_width == 0:
             user_width += len(contracts.USER_COUNT_INPUTS)
@@ -255,13 +281,23 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
             for name, layer in zip(contracts.USER_PROFILE_FEATURES, self.profile_embeddings, strict=True):
                 parts.append(layer(tf.reshape(features[name], [-1, 1])))
         if cfg.use_recent_items:
-            parts.append(self.item_ids_embedding(features["recent_items"]))
+            parts.append(self._recent_items(features["recent_items"]))
         if cfg.use_last_item:  # recent_items is newest first
-            parts.append(self.item_ids_embedding(features["recent_items"][:, :1]))
+            parts.append(self.item_ids_embedding(features["recent_items"][:, : cfg.last_items]))
         if cfg.use_counts or not parts:
             counts = [tf.math.log1p(tf.cast(features[name], tf.float32)) for name in contracts.USER_COUNT_INPUTS]
             parts.append(tf.stack(counts, axis=-1))
         return tf.math.l2_normalize(self.user_projection(tf.concat(parts, axis=-1)), axis=-1)
+
+    def _recent_items(self, ids: tf.Tensor) -> tf.Tensor:
+        """[B, L] recent item ids (newest first, "" padded) -> [B, d]: their mean, position-weighted
+        (softmax of the slot logits over the present slots) with ``use_position_weights``."""
+        if not self.config.use_position_weights:
+            return self.item_ids_embedding(ids)
+        logits = tf.reshape(self.recent_position_logits(tf.range(tf.shape(ids)[1])), [1, -1])
+        weights = tf.exp(logits - tf.reduce_max(logits)) * tf.cast(tf.not_equal(ids, ""), tf.float32)
+        total = tf.reduce_sum(self.item_ids_embedding.rows(ids) * weights[..., tf.newaxis], axis=-2)
+        return total / tf.maximum(tf.reduce_sum(weights, axis=-1, keepdims=True), 1e-9)
 
     def item_tower(self, item_ids: tf.Tensor, genres: tf.Tensor, release_year: tf.Tensor) -> tf.Tensor:
         """item ids [N], genres [N, G] ("" padded), release years [N] (-1 unknown) -> [N, d] unit vectors."""

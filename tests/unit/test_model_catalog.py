@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -90,10 +91,29 @@ def test_recbole_split_follows_recboles_rounding() -> None:
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
 
 
-def test_a_model_config_saved_before_use_last_item_restores_without_it() -> None:
+@pytest.mark.parametrize(
+    ("field", "before"), [("use_last_item", False), ("last_items", 1), ("use_position_weights", False)]
+)
+def test_a_model_config_saved_before_a_newer_input_restores_as_it_was_built(field: str, before: object) -> None:
     from online_trainer.model import ModelConfig
 
     saved = ModelConfig().to_json()
-    assert ModelConfig.from_json(saved).use_last_item is True
-    del saved["use_last_item"]
-    assert ModelConfig.from_json(saved).use_last_item is False
+    assert getattr(ModelConfig.from_json(saved), field) == getattr(ModelConfig(), field) != before
+    del saved[field]
+    assert getattr(ModelConfig.from_json(saved), field) == before
+
+
+def test_position_weights_start_as_the_plain_mean_of_the_recent_items() -> None:
+    """Zero slot logits: a new model's user tower equals one built without position weights."""
+    import tensorflow as tf
+
+    from online_trainer.catalog import ItemCatalog
+    from online_trainer.model import ModelConfig, build_model
+
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "genres": [["x"], ["y"], []], "release_year": [1990, 1995, -1]})
+    catalog = ItemCatalog.from_frame(items)
+    weighted = build_model(catalog, ModelConfig(use_position_weights=True))
+    plain = build_model(catalog, ModelConfig(use_position_weights=False))
+    recent = tf.constant([["a", "b", "", ""], ["", "", "", ""]])
+    assert np.allclose(weighted._recent_items(recent), plain._recent_items(recent))
+    assert np.allclose(weighted._recent_items(recent)[1], 0.0)  # no recent items: zeros, as the plain mean
