@@ -41,9 +41,10 @@ within-request comparison, on the same user at the same moment.
 A click on an item that *both* models had in their own top k is a **tie**: it is counted, but
 credits neither. Team draft would credit it to whichever team happened to pick it first, a coin
 flip that carries no information about which model is better and only dilutes the share. In
-``loop_long`` (BENCHMARKS.md) 60 % of the clicked interleaved requests before the promotion were
-such ties; on the other 40 % the line's share was 0.60 instead of team draft's 0.54, which the
-mSPRT needs about half as many clicks to see (``tests/unit/test_ab_interleaving.py``). Under no
+the ``loop_long`` run before this rule (932cf7b, BENCHMARKS.md history) 60 % of the clicked
+interleaved requests before the promotion were such ties (both versions rescored offline on the
+logged inputs); on the other 40 % the line's share was 0.60 instead of team draft's 0.54, which
+the mSPRT needs about half as many clicks to see (``tests/unit/test_ab_interleaving.py``). Under no
 difference between the models, the clicks that only one model's list could have drawn still fall
 on either side alike, so the test's false-promotion bound is unchanged.
 
