@@ -104,7 +104,7 @@ def summary(record: LoopRecord) -> dict[str, Any]:
 def _click_share(ax: Any, record: LoopRecord) -> None:
     """The canary's share of credited interleaved clicks over time, one line per experiment."""
     points = [point for point in record.timeline if "interleaving" in point]
-    title = "canary's share of interleaved clicks (0.5 = no difference), per experiment"
+    title = "canary's share of credited interleaved clicks (ties left out; 0.5 = no difference), per experiment"
     if not points:
         ax.text(0.5, 0.5, "no interleaved requests", ha="center")
         ax.set(title=title)
