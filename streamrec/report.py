@@ -44,6 +44,11 @@ class LoopRecord:
                     versions.append({"version": int(child.name), "published_at": child.stat().st_mtime})
         return cls(responses, decisions, versions, timeline=_read_jsonl(evaluator_dir / "timeline.jsonl"))
 
+    @property
+    def interleaving_points(self) -> list[dict[str, Any]]:
+        """The timeline's snapshots of experiments that had interleaved requests, oldest first."""
+        return [point for point in self.timeline if "interleaving" in point]
+
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
@@ -91,7 +96,7 @@ def summary(record: LoopRecord) -> dict[str, Any]:
     freshness_p99 = histogram_quantile(record.freshness_s, 0.99)
     if freshness_p99 is not None:
         figures["freshness_p99_ms"] = round(freshness_p99 * 1000, 1)
-    interleaved = [point for point in record.timeline if "interleaving" in point]
+    interleaved = record.interleaving_points
     if interleaved:  # the experiment running at the end: how far the canary line is from a verdict
         last = interleaved[-1]["interleaving"]
         figures["last_experiment_interleaved_clicks"] = int(last["clicked"])
@@ -103,7 +108,7 @@ def summary(record: LoopRecord) -> dict[str, Any]:
 
 def _click_share(ax: Any, record: LoopRecord) -> None:
     """The canary's share of credited interleaved clicks over time, one line per experiment."""
-    points = [point for point in record.timeline if "interleaving" in point]
+    points = record.interleaving_points
     title = "canary's share of credited interleaved clicks (ties left out; 0.5 = no difference), per experiment"
     if not points:
         ax.text(0.5, 0.5, "no interleaved requests", ha="center")

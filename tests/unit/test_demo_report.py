@@ -33,6 +33,7 @@ def _record(tmp_path: Path) -> LoopRecord:
     )
     evaluator = tmp_path / "evaluator"
     evaluator.mkdir()
+    # The first points as written before ties were counted (no "credited"/"ties"), the last as now.
     timeline = [
         {
             "time": _iso(seconds),
@@ -40,8 +41,16 @@ def _record(tmp_path: Path) -> LoopRecord:
             "canary": {"version": 2},
             "interleaving": {"clicked": clicked, "canary_share": share},
         }
-        for seconds, clicked, share in ((60, 5, 0.8), (120, 40, 0.55), (180, 90, 0.6), (240, 140, 0.62))
+        for seconds, clicked, share in ((60, 5, 0.8), (120, 40, 0.55), (180, 90, 0.6))
     ]
+    timeline.append(
+        {
+            "time": _iso(240),
+            "stable": {"version": 1},
+            "canary": {"version": 2},
+            "interleaving": {"clicked": 200, "credited": 140, "ties": 60, "canary_share": 0.62},
+        }
+    )
     decision = {
         "time": _iso(250),
         "action": "promote",
@@ -62,7 +71,8 @@ def test_the_summary_counts_decisions_and_reports_the_last_experiments_click_sha
     figures = summary(record)
     assert (figures["requests"], figures["promotions"], figures["rollbacks"]) == (600, 1, 0)
     assert figures["requests_canary"] == figures["requests_stable"] == 300
-    assert figures["last_experiment_interleaved_clicks"] == 140
+    assert figures["last_experiment_interleaved_clicks"] == 200
+    assert figures["last_experiment_tied_clicks"] == 60
     assert figures["last_experiment_canary_click_share"] == 0.62
 
 
@@ -77,4 +87,5 @@ def test_the_report_writes_the_plots_the_page_and_the_summary(tmp_path: Path) ->
 def test_a_loop_without_interleaving_or_decisions_still_reports(tmp_path: Path) -> None:
     empty = LoopRecord(pd.DataFrame(), [], [])
     assert "last_experiment_canary_click_share" not in summary(empty)
+    assert "last_experiment_tied_clicks" not in summary(empty)
     assert write_report(empty, tmp_path / "report").exists()
