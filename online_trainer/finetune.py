@@ -32,7 +32,14 @@ import pandas as pd
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog
 from online_trainer.dataset import holdout_rows
-from online_trainer.model import TwoTowerModel, clone_for_finetune, copy_into, finetune_config, train
+from online_trainer.model import (
+    TwoTowerModel,
+    clone_for_finetune,
+    copy_into,
+    finetune_config,
+    trace_train_step,
+    train,
+)
 from online_trainer.settings import TrainerTuning
 
 
@@ -108,3 +115,23 @@ def finetune(
     mix = plan.mix
     stats = train(candidate, mix, epochs=tuning.finetune_epochs, progress=False) if not mix.empty else {}
     return candidate, stats
+
+
+def training_pair(
+    model: TwoTowerModel, tuning: TrainerTuning, warm_up: pd.DataFrame
+) -> tuple[TwoTowerModel, TwoTowerModel]:
+    """The serving model as a fine-tune copy, and a spare: the two objects the intervals alternate between.
+
+    Each interval trains the spare in place (:func:`finetune` with ``reuse``) and, once published,
+    the candidate serves and the model it replaced becomes the spare. A model loaded from disk has
+    the bootstrap's config, which the reuse check refuses, so without this the second interval
+    built (and traced) a third object. Both returned objects have their training step traced on
+    ``warm_up`` (a few hundred rows; none: left for the first intervals), weights untouched.
+    """
+    full_catalog = tuning.finetune_loss == "full_catalog"
+    if model.config != finetune_config(model.config, full_catalog=full_catalog):
+        model = clone_for_finetune(model, full_catalog=full_catalog)
+    spare = clone_for_finetune(model, full_catalog=full_catalog)
+    for each in (model, spare):
+        trace_train_step(each, warm_up)
+    return model, spare

@@ -4,10 +4,12 @@ One process, one Kafka consumer in its own group (``trainer.group_id``), manual 
 
 1. **Start**: delete leftovers of an interrupted run (:meth:`VersionWriter.recover`), load the
    newest version's weights (``export.load_for_finetune``) and its trainer checkpoint (user
-   histories + replay buffer, :mod:`online_trainer.checkpoint`), label it canary if the last run
-   could not, and join the group. On assignment every partition starts at the larger of the
-   group's committed offset and the offset saved with the checkpoint (they differ only after a
-   crash between publishing and committing; then the version already holds those records).
+   histories + replay buffer, :mod:`online_trainer.checkpoint`), trace the training step of the two
+   model objects the intervals alternate between (``finetune.training_pair``, on a few replayed
+   rows, weights untouched), label it canary if the last run could not, and join the group. On
+   assignment every partition starts at the larger of the group's committed offset and the offset
+   saved with the checkpoint (they differ only after a crash between publishing and committing;
+   then the version already holds those records).
 2. **Collect**: decode each record with ``streamrec.events.decode_event``. An invalid record is
    counted (``trainer_records_total{outcome="invalid:<reason>"}``) and skipped: the Faust worker
    owns the dead-letter topic. Records at or before the bootstrap's ``--until`` are skipped (the
@@ -45,7 +47,7 @@ from online_trainer import trainer_metrics as metrics
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, USER_INPUT_COLUMNS, ItemCatalog, empty_examples
 from online_trainer.checkpoint import Checkpoint
-from online_trainer.finetune import finetune, plan_interval
+from online_trainer.finetune import finetune, plan_interval, training_pair
 from online_trainer.history import UserHistories
 from online_trainer.lookup import FeastLookup, FeatureLookup
 from online_trainer.model import TwoTowerModel
@@ -117,7 +119,8 @@ class OnlineTrainer:
         self.interval_started = time.monotonic()
         # A model object that serves nothing any more (the last rejected candidate, or the model a
         # published one replaced): the next interval trains it in place, keeping its traced train
-        # step (``finetune(reuse=...)`` takes it only if its config is the fine-tune one).
+        # step (``finetune(reuse=...)`` takes it only if its config is the fine-tune one). ``resume``
+        # makes it and traces it (``finetune.training_pair``).
         self._spare: TwoTowerModel | None = None
         self.step = 0
         self._consumer: Consumer | None = None
@@ -148,6 +151,9 @@ class OnlineTrainer:
             self.step = int(state.meta.get("step", 0))
             if state.meta.get("topic") == self.topic and state.meta.get("group_id") == self.tuning.group_id:
                 self.resume_offsets = {int(p): int(o) for p, o in state.meta.get("offsets", {}).items()}
+        # Trace both training objects now, before the first interval waits on them.
+        warm_up = self.replay.sample(self.model.config.finetune_batch_size + 1, seed=self.step)
+        self.model, self._spare = training_pair(self.model, self.tuning, warm_up)
         metrics.CURRENT_VERSION.set(self.version)
         if self.tuning.publish and self.writer.labelled_version() != self.version:
             label_canary(self.writer, self.publisher, self.version)

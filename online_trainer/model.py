@@ -417,6 +417,23 @@ def copy_into(target: TwoTowerModel, source: TwoTowerModel) -> TwoTowerModel:
     return target
 
 
+def trace_train_step(model: TwoTowerModel, examples: pd.DataFrame) -> None:
+    """Trace ``model``'s training step now, leaving its weights and optimizer state as they were.
+
+    Why: a model object pays ~3 s of tracing the first time it trains. The online trainer
+    alternates between two objects, so a new trainer process used to pay that twice, inside its
+    first two intervals, where it delays the versions it publishes. Give ``examples`` more rows
+    than a batch: the full batch and the short last one are both traced (``reduce_retracing``
+    then serves every later batch size from the second trace).
+    """
+    if examples.empty:
+        return
+    weights, state = weights_by_path(model), optimizer_state(model)
+    train(model, examples, epochs=1, progress=False)
+    assign_weights(model, weights)
+    assign_optimizer_state(model, state)
+
+
 def _training_arrays(model: TwoTowerModel, examples: pd.DataFrame) -> dict[str, np.ndarray]:
     if examples.empty:
         raise ValueError("train: the example frame is empty; nothing to learn from")

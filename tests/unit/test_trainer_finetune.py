@@ -16,9 +16,16 @@ from online_trainer import checkpoint
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_interactions
 from online_trainer.checkpoint import Checkpoint
-from online_trainer.finetune import finetune, plan_interval
+from online_trainer.finetune import finetune, plan_interval, training_pair
 from online_trainer.history import UserHistories
-from online_trainer.model import ModelConfig, build_model, full_catalog_loss, recommend
+from online_trainer.model import (
+    ModelConfig,
+    build_model,
+    full_catalog_loss,
+    optimizer_state,
+    recommend,
+    weights_by_path,
+)
 from online_trainer.settings import TrainerTuning
 
 TINY = ModelConfig(
@@ -104,6 +111,30 @@ def test_finetune_trains_a_copy_on_the_mix(tmp_path: Path) -> None:
     loaded = checkpoint.load_latest(tmp_path, 1, 100)
     assert loaded is not None and _ids(loaded.deferred) == _ids(plan.deferred) == list(range(58, 60))
     assert loaded.deferred["recent_items"].tolist() == plan.deferred["recent_items"].tolist()
+
+
+def test_training_pair_traces_both_objects_before_the_first_interval() -> None:
+    catalog = ItemCatalog(tuple(str(i) for i in range(60)), tuple(("Drama",) for _ in range(60)), (1990,) * 60)
+    loaded = build_model(catalog, dataclasses.replace(TINY, full_catalog=False))  # as load_for_finetune gives it
+    tuning = TrainerTuning(holdout_size=5)
+    replay = ReplayBuffer(100)
+    replay.add(_examples(50, first=0))
+    serving, spare = training_pair(loaded, tuning, replay.sample(TINY.finetune_batch_size + 1, seed=0))
+    assert serving is not spare and serving.config == spare.config and serving.config.full_catalog
+    # the warm-up changed nothing: same weights and Adam state as the model loaded from disk
+    for model in (serving, spare):
+        assert model._compiled_train_step.experimental_get_tracing_count() == 2  # full and short batch
+        assert int(model.optimizer.iterations) == int(loaded.optimizer.iterations)
+        for name, value in weights_by_path(loaded).items():
+            np.testing.assert_array_equal(weights_by_path(model)[name], value)
+        for saved, now in zip(optimizer_state(loaded), optimizer_state(model), strict=True):
+            np.testing.assert_array_equal(saved, now)
+    # two intervals, alternating as the trainer does: both objects are reused and none traces again
+    plan = plan_interval(_examples(30, first=50), deferred=empty_examples(), replay=replay, tuning=tuning, seed=0)
+    first, _ = finetune(serving, plan, tuning, reuse=spare)
+    second, _ = finetune(first, plan, tuning, reuse=serving)
+    assert first is spare and second is serving
+    assert [m._compiled_train_step.experimental_get_tracing_count() for m in (serving, spare)] == [2, 2]
 
 
 def test_full_catalog_loss_matches_hand_computation() -> None:
