@@ -10,8 +10,8 @@ MovieLens-100K, with the production ``ModelConfig`` unless ``--tiny``:
   interval is still reported on its own (``trainer.first_interval_examples_per_s``) as the one that
   meets each code path's first call. Every interval trains a model object that no longer serves
   (``OnlineTrainer._spare``), as in production. The model server runs in this process (its loads
-  and warm-ups share the two cores with the next fine-tune now and then), hence a median over
-  five intervals.
+  and warm-ups share the two cores with the next fine-tune now and then, which the median over
+  the last three intervals absorbs; ml-100k holds four intervals of 20,000 after a bootstrap).
 * ``trainer.publish_s``: ``IntervalReport.publish_s``, from the moment the interval ends (the
   trainer stops collecting) to the canary label pointing at the new version on a running local
   model server: example assembly, fine-tune, in-memory gate, export into staging, export gate,
@@ -88,7 +88,7 @@ def events(frame: pd.DataFrame) -> list[Interaction]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=6, help="intervals; the first is reported on its own")
+    parser.add_argument("--runs", type=int, default=4, help="intervals; the first is reported on its own")
     parser.add_argument("--examples", type=int, default=TrainerTuning().max_examples, help="new examples per interval")
     parser.add_argument("--tiny", action="store_true", help="small model and data: checks the script, not a figure")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
