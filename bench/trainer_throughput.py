@@ -174,7 +174,10 @@ def main() -> None:
             f"{split:,} (plus the replay sample, "
             f"replay_fraction {tuning.replay_fraction}), {'tiny' if args.tiny else 'production'} ModelConfig, "
             "local model server in the same process, profiles from the ml-100k frame (no Feast). "
-            "Medians over the intervals after the first; the first (process start-up, tracing) on its own."
+            "Medians over the intervals after the first; the first (the first call of each code path; the "
+            "training step is traced when the trainer resumes) on its own. Per interval: examples/s "
+            f"{', '.join(f'{value:,.0f}' for value in throughput)}; publish s "
+            f"{', '.join(f'{value:.2f}' for value in publish)}."
         ),
     )
 
