@@ -41,7 +41,7 @@ from faust.types import TP
 from streamrec.errors import SettingsError
 from streamrec.events import DeadLetter
 from streamrec.settings import load
-from streams import metrics
+from streams import metrics, watchdog
 from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs
 from streams.settings import StreamsSettings
 from streams.windows import EntityState, WindowConfig
@@ -241,6 +241,7 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
             log.exception("could not open the feature store at start; the first push will retry")
 
     app.task(start_up)
+    watchdog.install(app)
     return Worker(settings, app, pipeline, ingest_agent, item_agent)
 
 

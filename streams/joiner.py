@@ -26,6 +26,16 @@ outcome                    when
 
 State is per user (both topics are keyed by ``user_id``, so a user's impressions and clicks
 share a partition) and JSON-serialisable, for a changelog-backed Faust table.
+
+**A user's open impressions are capped** (``max_open_per_user``). The whole state is one changelog
+message, and Kafka refuses a message over ``max.request.size`` (1 MiB): a replayed ml-100k user who
+rates hundreds of movies in one sitting had ~600 impressions open in one 15 s window, ~1 MB, and
+the worker's producer crashed on it (``bench/loop_online.py --visits 50000``, 2026-11-30). Past the
+cap the oldest open impressions are labeled at once (:meth:`JoinState.label_overflow`) instead of at
+their window's end; a click that arrives for one of them later is ``late`` and goes to the
+dead-letter topic like any other late click. At 100 impressions of 1-2 KB (ten items, a full
+recent-items list) the message stays near 100-200 KB, and a person rarely asks for 100 lists inside
+one label window.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ class JoinConfig:
     grace_s: float = 5.0
     # Labeled requests remembered so a late click can be told apart from one with no impression.
     labeled_memory: int = 1000
+    # Open impressions per user; past it the oldest are labeled early (module docstring).
+    max_open_per_user: int = 100
 
 
 @dataclass
@@ -82,6 +94,21 @@ class JoinState:
                 still_waiting.append(raw)
         self.waiting = still_waiting
         return outcomes
+
+    def label_overflow(self, config: JoinConfig) -> list[LabeledExample]:
+        """Label the oldest open impressions beyond ``config.max_open_per_user`` now (before their
+        window closes), so the user's state stays one changelog message of bounded size."""
+        excess = len(self.open) - config.max_open_per_user
+        if excess <= 0:
+            return []
+        oldest = sorted(self.open, key=lambda rid: self.open[rid]["impression"]["event_time"])[:excess]
+        labeled: list[LabeledExample] = []
+        for request_id in oldest:
+            entry = self.open.pop(request_id)
+            labeled.extend(label(Impression.model_validate(entry["impression"]), entry["clicked"]))
+            self.labeled.append(request_id)
+        del self.labeled[: max(0, len(self.labeled) - config.labeled_memory)]
+        return labeled
 
     def add_click(self, click: Click, config: JoinConfig) -> ClickOutcome:
         entry = self.open.get(click.request_id)

@@ -23,6 +23,7 @@ from prometheus_client import Counter, start_http_server
 from streamrec.errors import EventValidationError
 from streamrec.events import Click, DeadLetter, Impression, decode_event
 from streamrec.settings import load
+from streams import watchdog
 from streams.joiner import DEAD_LETTER_OUTCOMES, JoinConfig, JoinState, utc_now
 from streams.joiner_settings import JoinerSettings
 
@@ -30,11 +31,16 @@ CLICKS = Counter("streamrec_joiner_clicks_total", "Clicks by join outcome", ["ou
 IMPRESSIONS = Counter("streamrec_joiner_impressions_total", "Impressions read")
 LABELED = Counter("streamrec_joiner_labeled_total", "Labeled examples emitted", ["clicked"])
 INVALID = Counter("streamrec_joiner_invalid_total", "Undecodable or invalid records", ["topic"])
+LABELED_EARLY = Counter(
+    "streamrec_joiner_labeled_early_total", "Labeled examples of impressions labeled before their window closed"
+)
 
 
 def create_joiner(settings: JoinerSettings) -> faust.App:
     tuning = settings.joiner
-    config = JoinConfig(window_s=tuning.label_window_s, grace_s=tuning.grace_s)
+    config = JoinConfig(
+        window_s=tuning.label_window_s, grace_s=tuning.grace_s, max_open_per_user=tuning.max_open_per_user
+    )
     topics = settings.topics
     settings.joiner_state_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -103,6 +109,10 @@ def create_joiner(settings: JoinerSettings) -> faust.App:
             if isinstance(record, Impression):
                 IMPRESSIONS.inc()
                 outcomes = state.add_impression(record, config)
+                for example in state.label_overflow(config):
+                    await labeled_topic.send(key=example.key(), value=example.to_bytes())
+                    LABELED.labels(str(example.clicked).lower()).inc()
+                    LABELED_EARLY.inc()
             else:
                 outcomes = [(record, state.add_click(record, config))]
             for click, outcome in outcomes:
@@ -128,6 +138,7 @@ def create_joiner(settings: JoinerSettings) -> faust.App:
             save(user_id, state, int(value["partition"]))
 
     app.timer(interval=tuning.expire_interval_s)(label_closed_windows)
+    watchdog.install(app)
     if tuning.metrics_port:
 
         async def serve_metrics() -> None:

@@ -17,6 +17,9 @@ class JoinerTuning(BaseModel):
     label_window_s: float = Field(default=60.0, gt=0)
     # Extra wall-clock wait after the window before labeling, for clicks still in flight.
     grace_s: float = Field(default=5.0, ge=0)
+    # Open impressions one user may have; past it the oldest are labeled early, so the user's join
+    # state stays one Kafka message well under 1 MiB (streams/joiner.py says why).
+    max_open_per_user: int = Field(default=100, ge=1)
     # How often closed windows are labeled.
     expire_interval_s: float = Field(default=1.0, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)

@@ -80,3 +80,48 @@ def test_the_joiner_labels_impressions_and_dead_letters_unjoinable_clicks(
     assert clicked == {("r0", "i1")}  # the duplicate counted once, the late click not at all
     reasons = sorted(d.reason for d in dead if d is not None)
     assert reasons == ["click_late", "click_no_impression", "undecodable"], reasons
+
+
+def test_a_user_bursting_past_kafkas_message_limit_is_labeled_in_full(
+    fresh_settings: CommonSettings, tmp_path: Path
+) -> None:
+    """1,200 open impressions of one user would make a ~1.5 MB state message, which Kafka refuses
+    (the joiner's producer crashed on one in a 50,000-visit loop); the cap labels the oldest early."""
+    now = datetime.now(UTC)
+    recent = [f"item-{n:04d}" for n in range(50)]
+    producer = Producer(fresh_settings.kafka.client_config())
+    for n in range(1_200):
+        impression = Impression(
+            event_id=f"r{n}",
+            event_time=now + timedelta(milliseconds=n),
+            user_id="burst",
+            request_id=f"r{n}",
+            arm="stable",
+            model_version=1,
+            items=[ImpressionItem(item_id=f"i{j}", score=1.0, position=j) for j in range(3)],
+            features={"recent_items": recent},
+        )
+        producer.produce(fresh_settings.topics.impressions, key=impression.key(), value=impression.to_bytes())
+    producer.flush(10)
+    env = settings_env(
+        fresh_settings,
+        STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
+        STREAMREC_JOINER__LABEL_WINDOW_S="30",
+        STREAMREC_JOINER__GRACE_S="1",
+        STREAMREC_JOINER__STATE_DIR=str(tmp_path / "joiner"),
+    )
+    with faust_worker("streams.joiner_app", env, tmp_path / "joiner.log"):
+        labeled = [
+            r.event
+            for r in consume_decoded(
+                fresh_settings,
+                fresh_settings.topics.labeled,
+                LabeledExample,
+                group_id=f"t-{uuid.uuid4().hex}",
+                max_records=3_600,
+                idle_timeout_s=90,
+            )
+        ]
+    log = (tmp_path / "joiner.log").read_text()
+    assert "Crashed" not in log, log[-3000:]
+    assert len({(e.request_id, e.item_id) for e in labeled if e is not None}) == 3_600, log[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 from streamrec.events import Click, Impression, ImpressionItem
@@ -102,3 +103,38 @@ def test_state_survives_a_json_round_trip_and_redelivery_changes_nothing() -> No
     assert len(labeled) == 3 and [e.clicked for e in labeled] == [True, False, False]
     restored.add_impression(impression(), CONFIG)  # redelivered after labeling
     assert restored.open == {}
+
+
+def test_past_the_cap_the_oldest_impressions_are_labeled_early_and_their_later_clicks_are_late() -> None:
+    config = JoinConfig(window_s=60, grace_s=5, max_open_per_user=3)
+    state = JoinState()
+    early = []
+    for n in range(5):
+        state.add_impression(impression(f"r{n}", T0 + timedelta(seconds=n)), config)
+        early += state.label_overflow(config)
+    assert sorted(state.open) == ["r2", "r3", "r4"]  # the three newest stay open
+    assert [(e.request_id, e.position) for e in early] == [
+        ("r0", 0),
+        ("r0", 1),
+        ("r0", 2),
+        ("r1", 0),
+        ("r1", 1),
+        ("r1", 2),
+    ]
+    assert state.add_click(click("i0", 10, "r0"), config) == "late"  # dead-lettered, not lost
+    assert state.add_click(click("i0", 10, "r4"), config) == "joined"
+    assert state.label_overflow(config) == []
+
+
+def test_a_bursting_user_stays_one_kafka_message() -> None:
+    """~1.2 KB impressions (a full recent-items list): without the cap 1,000 of them are ~1.2 MB,
+    over Kafka's 1 MiB message limit; with the default cap the state stays near 130 KB."""
+    config = JoinConfig(window_s=60, grace_s=5)
+    state = JoinState()
+    recent = [f"item-{n:04d}" for n in range(50)]
+    for n in range(1_000):
+        shown = impression(f"request-{n:06d}", T0 + timedelta(milliseconds=25 * n))
+        state.add_impression(shown.model_copy(update={"features": {"recent_items": recent}}), config)
+        state.label_overflow(config)
+    size = len(json.dumps(state.to_json()))
+    assert len(state.open) == config.max_open_per_user and size < 300_000, size
