@@ -262,8 +262,12 @@ class LocalStack:
         running = {name for name, state in states.items() if state == "RUNNING"}
         return {name: _ready(name, check, running) for name, check in self.health_checks().items() if name in running}
 
-    def logs(self, name: str, length: int = 8000) -> str:
+    def logs(self, name: str, length: int = 8000, *, from_start: bool = False) -> str:
+        """The last ``length`` characters of a program's log, or its first ones with ``from_start``."""
         with self._rpc() as rpc:
+            if from_start:
+                head: str = rpc.readProcessStdoutLog(name, 0, length)
+                return head
             text: str = rpc.tailProcessStdoutLog(name, 0, length)[0]
         return text
 
