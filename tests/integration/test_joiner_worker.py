@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Producer
 
@@ -12,6 +13,27 @@ from streamrec.consume import consume_decoded
 from streamrec.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
 from streamrec.settings import CommonSettings
 from tests.support.processes import faust_worker, settings_env
+
+
+def joiner_env(settings: CommonSettings, tmp_path: Path, *, window_s: float) -> dict[str, str]:
+    """The joiner worker's environment: a fresh app id, a short label window, 1 s grace."""
+    return settings_env(
+        settings,
+        STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
+        STREAMREC_JOINER__LABEL_WINDOW_S=str(window_s),
+        STREAMREC_JOINER__GRACE_S="1",
+        STREAMREC_JOINER__STATE_DIR=str(tmp_path / "joiner"),
+    )
+
+
+def read_topic(settings: CommonSettings, topic: str, kind: Any, *, count: int, idle_timeout_s: float) -> list[Any]:
+    """Up to ``count`` decoded events of ``topic``, from its start, in a new consumer group."""
+    return [
+        r.event
+        for r in consume_decoded(
+            settings, topic, kind, group_id=f"t-{uuid.uuid4().hex}", max_records=count, idle_timeout_s=idle_timeout_s
+        )
+    ]
 
 
 def test_the_joiner_labels_impressions_and_dead_letters_unjoinable_clicks(
@@ -44,36 +66,10 @@ def test_the_joiner_labels_impressions_and_dead_letters_unjoinable_clicks(
     producer.produce(fresh_settings.topics.clicks, key=b"u3", value=b"not json")
     producer.flush(10)
 
-    env = settings_env(
-        fresh_settings,
-        STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
-        STREAMREC_JOINER__LABEL_WINDOW_S="3",
-        STREAMREC_JOINER__GRACE_S="1",
-        STREAMREC_JOINER__STATE_DIR=str(tmp_path / "joiner"),
-    )
+    env = joiner_env(fresh_settings, tmp_path, window_s=3)
     with faust_worker("streams.joiner_app", env, tmp_path / "joiner.log"):
-        labeled = [
-            r.event
-            for r in consume_decoded(
-                fresh_settings,
-                fresh_settings.topics.labeled,
-                LabeledExample,
-                group_id=f"t-{uuid.uuid4().hex}",
-                max_records=12,
-                idle_timeout_s=60,
-            )
-        ]
-        dead = [
-            r.event
-            for r in consume_decoded(
-                fresh_settings,
-                fresh_settings.topics.deadletter,
-                DeadLetter,
-                group_id=f"t-{uuid.uuid4().hex}",
-                max_records=3,
-                idle_timeout_s=30,
-            )
-        ]
+        labeled = read_topic(fresh_settings, fresh_settings.topics.labeled, LabeledExample, count=12, idle_timeout_s=60)
+        dead = read_topic(fresh_settings, fresh_settings.topics.deadletter, DeadLetter, count=3, idle_timeout_s=30)
     log = (tmp_path / "joiner.log").read_text()
     assert len(labeled) == 12, log[-3000:]
     clicked = {(e.request_id, e.item_id) for e in labeled if e is not None and e.clicked}
@@ -103,25 +99,11 @@ def test_a_user_bursting_past_kafkas_message_limit_is_labeled_in_full(
         )
         producer.produce(fresh_settings.topics.impressions, key=impression.key(), value=impression.to_bytes())
     producer.flush(10)
-    env = settings_env(
-        fresh_settings,
-        STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
-        STREAMREC_JOINER__LABEL_WINDOW_S="30",
-        STREAMREC_JOINER__GRACE_S="1",
-        STREAMREC_JOINER__STATE_DIR=str(tmp_path / "joiner"),
-    )
+    env = joiner_env(fresh_settings, tmp_path, window_s=30)
     with faust_worker("streams.joiner_app", env, tmp_path / "joiner.log"):
-        labeled = [
-            r.event
-            for r in consume_decoded(
-                fresh_settings,
-                fresh_settings.topics.labeled,
-                LabeledExample,
-                group_id=f"t-{uuid.uuid4().hex}",
-                max_records=3_600,
-                idle_timeout_s=90,
-            )
-        ]
+        labeled = read_topic(
+            fresh_settings, fresh_settings.topics.labeled, LabeledExample, count=3_600, idle_timeout_s=90
+        )
     log = (tmp_path / "joiner.log").read_text()
     assert "Crashed" not in log, log[-3000:]
     assert len({(e.request_id, e.item_id) for e in labeled if e is not None}) == 3_600, log[-3000:]
