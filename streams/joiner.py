@@ -102,8 +102,12 @@ class JoinState:
         if excess <= 0:
             return []
         oldest = sorted(self.open, key=lambda rid: self.open[rid]["impression"]["event_time"])[:excess]
+        return self._label(oldest, config)
+
+    def _label(self, request_ids: list[str], config: JoinConfig) -> list[LabeledExample]:
+        """Close these open impressions: their examples, and their ids remembered for late clicks."""
         labeled: list[LabeledExample] = []
-        for request_id in oldest:
+        for request_id in request_ids:
             entry = self.open.pop(request_id)
             labeled.extend(label(Impression.model_validate(entry["impression"]), entry["clicked"]))
             self.labeled.append(request_id)
@@ -132,12 +136,7 @@ class JoinState:
     def expire(self, now: datetime, config: JoinConfig) -> tuple[list[LabeledExample], list[Click]]:
         """Label every impression whose window (plus grace) has closed; give up on old waiting clicks."""
         horizon = timedelta(seconds=config.window_s + config.grace_s)
-        labeled: list[LabeledExample] = []
-        for request_id in [rid for rid, entry in self.open.items() if _closed(entry, now, horizon)]:
-            entry = self.open.pop(request_id)
-            labeled.extend(label(Impression.model_validate(entry["impression"]), entry["clicked"]))
-            self.labeled.append(request_id)
-        del self.labeled[: max(0, len(self.labeled) - config.labeled_memory)]
+        labeled = self._label([rid for rid, entry in self.open.items() if _closed(entry, now, horizon)], config)
         orphans = [Click.model_validate(raw) for raw in self.waiting]
         expired = [click for click in orphans if click.event_time + horizon < now]
         self.waiting = [click.model_dump(mode="json") for click in orphans if click.event_time + horizon >= now]

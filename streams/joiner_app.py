@@ -21,7 +21,7 @@ import faust
 from prometheus_client import Counter, start_http_server
 
 from streamrec.errors import EventValidationError
-from streamrec.events import Click, DeadLetter, Impression, decode_event
+from streamrec.events import Click, DeadLetter, Impression, LabeledExample, decode_event
 from streamrec.settings import load
 from streams import watchdog
 from streams.joiner import DEAD_LETTER_OUTCOMES, JoinConfig, JoinState, utc_now
@@ -69,6 +69,11 @@ def create_joiner(settings: JoinerSettings) -> faust.App:
         table.data[user_id] = value
         table.send_changelog(partition, user_id, value)
 
+    async def emit(examples: list[LabeledExample]) -> None:
+        for example in examples:
+            await labeled_topic.send(key=example.key(), value=example.to_bytes())
+            LABELED.labels(str(example.clicked).lower()).inc()
+
     async def dead_letter(click: Click, reason: str, partition: int, offset: int) -> None:
         error = EventValidationError(
             f"click_{reason}", f"click {click.event_id} on request {click.request_id}: {reason}"
@@ -109,10 +114,9 @@ def create_joiner(settings: JoinerSettings) -> faust.App:
             if isinstance(record, Impression):
                 IMPRESSIONS.inc()
                 outcomes = state.add_impression(record, config)
-                for example in state.label_overflow(config):
-                    await labeled_topic.send(key=example.key(), value=example.to_bytes())
-                    LABELED.labels(str(example.clicked).lower()).inc()
-                    LABELED_EARLY.inc()
+                early = state.label_overflow(config)
+                await emit(early)
+                LABELED_EARLY.inc(len(early))
             else:
                 outcomes = [(record, state.add_click(record, config))]
             for click, outcome in outcomes:
@@ -129,9 +133,7 @@ def create_joiner(settings: JoinerSettings) -> faust.App:
             labeled, expired = state.expire(now, config)
             if not labeled and not expired:
                 continue
-            for example in labeled:
-                await labeled_topic.send(key=example.key(), value=example.to_bytes())
-                LABELED.labels(str(example.clicked).lower()).inc()
+            await emit(labeled)
             for click in expired:
                 CLICKS.labels("no_impression").inc()
                 await dead_letter(click, "no_impression", int(value["partition"]), -1)
