@@ -1,0 +1,89 @@
+"""A Faust worker whose producer crashes exits, and supervisord starts it again.
+
+The failure is the one that happened (2026-11-30): the joiner's producer refused a join-state
+message over Kafka's 1 MiB limit. Here the joiner runs uncapped (``max_open_per_user`` far above
+the burst) under its own stack's supervisord, so the same burst crashes its producer.
+
+Two exits are possible, and either must end in a restart. On this machine Faust's worker usually
+stops itself after the producer buffer's crash (exit status 1). In the 50,000-visit loop it did
+not: the producer and consumer were logged as crashed and the process stayed up, which is what
+``streams/watchdog.py`` ends (exit status ``watchdog.EXIT_CODE``). What matters to a user is the
+same in both: the program is not left running dead, and supervisord starts it again.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
+from streamrec.events import Impression, ImpressionItem
+from streamrec.infra.ports import stack_settings_on_free_ports
+from streamrec.infra.stack import LocalStack
+from streamrec.kafka_admin import ensure_topics
+from streamrec.settings import CommonSettings
+from streams import watchdog
+
+
+class _NotYet(Exception):
+    pass
+
+
+def produce_one_users_burst(settings: CommonSettings, count: int) -> None:
+    """``count`` open impressions of one user: ~1.3 KB of join state each."""
+    now = datetime.now(UTC)
+    recent = [f"item-{n:04d}" for n in range(50)]
+    producer = Producer(settings.kafka.client_config())
+    for n in range(count):
+        impression = Impression(
+            event_id=f"r{n}",
+            event_time=now + timedelta(milliseconds=n),
+            user_id="burst",
+            request_id=f"r{n}",
+            arm="stable",
+            model_version=1,
+            items=[ImpressionItem(item_id=f"i{j}", score=1.0, position=j) for j in range(3)],
+            features={"recent_items": recent},
+        )
+        producer.produce(settings.topics.impressions, key=impression.key(), value=impression.to_bytes())
+    assert producer.flush(10) == 0
+
+
+def test_a_worker_with_a_crashed_producer_exits_and_supervisord_restarts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stack hands its own STREAMREC_* environment to the programs it runs.
+    monkeypatch.setenv("STREAMREC_JOINER__MAX_OPEN_PER_USER", "1000000")
+    monkeypatch.setenv("STREAMREC_JOINER__LABEL_WINDOW_S", "600")  # every impression stays open
+    stack_settings = stack_settings_on_free_ports(tmp_path / "stack")
+    stack = LocalStack(stack_settings)
+    stack.up()
+    try:
+        settings = CommonSettings(kafka=stack_settings.kafka, redis=stack_settings.redis, paths=stack_settings.paths)
+        ensure_topics(settings)
+        produce_one_users_burst(settings, 1_200)
+        stack.start("joiner")
+        first_pid = next(info["pid"] for info in stack.status() if info["name"] == "joiner")
+
+        for attempt in Retrying(
+            stop=stop_after_delay(180), wait=wait_fixed(1), retry=retry_if_exception_type(_NotYet), reraise=True
+        ):
+            with attempt:
+                joiner = next(info for info in stack.status() if info["name"] == "joiner")
+                if joiner["statename"] != "RUNNING" or joiner["pid"] == first_pid:
+                    raise _NotYet(f"joiner {joiner['statename']}, pid {joiner['pid']} (first {first_pid})")
+        supervisor_log = (stack.log_dir / "supervisord.log").read_text()
+        joiner_log = (stack.log_dir / "joiner.log").read_text()
+    finally:
+        stack.down()
+
+    exits = re.findall(r"exited: joiner \(exit status (\d+); not expected\)", supervisor_log)
+    assert exits, supervisor_log
+    assert int(exits[0]) in {1, watchdog.EXIT_CODE}, supervisor_log
+    if int(exits[0]) == watchdog.EXIT_CODE:
+        assert "exiting so the supervisor restarts this worker; crashed: producer" in joiner_log, joiner_log[-3000:]
+    assert "MessageSizeTooLarge" in joiner_log, joiner_log[-3000:]
