@@ -123,7 +123,7 @@ class AbEvaluator:
             self._hit_requests[example.request_id] = None
             if len(self._hit_requests) > 100_000:
                 self._hit_requests.popitem(last=False)
-            experiment.record_hit(example.arm, example.model_version, example.user_id)
+            experiment.record_hit(example.arm, example.model_version, example.user_id, interleaved=interleaved)
             if team is not None:
                 experiment.record_credit(team, example.model_version, example.user_id, tie=bool(example.shared))
         return None
@@ -172,6 +172,9 @@ class AbEvaluator:
             "version": current.version,
             "requests": current.trials,
             "ctr": current.ctr,
+            # its own (not interleaved) lists: what the CTR-collapse guardrail reads
+            "plain_requests": experiment.current_plain.trials,
+            "plain_ctr": experiment.current_plain.ctr,
         }
         if experiment.interleaved_requests:
             figures["interleaving"] = {

@@ -11,7 +11,8 @@ Rules, checked after every batch of labeled examples for the current canary vers
    serving latency above ``max(latency_budget_ms, latency_ratio x stable p95)``; or a CTR
    collapse: canary CTR below ``collapse_ratio x`` stable CTR once both arms have
    ``collapse_min_trials`` requests (a random-weights model is caught here within a bounded
-   number of impressions).
+   number of impressions). The collapse is judged on the version's *plain* requests only, the
+   ones that showed its own list; interleaved requests are judged by rule 3 (below says why).
 2. Then the always-valid test, once both arms have ``min_trials`` requests: reject with the
    canary ahead -> promote; reject with the canary behind -> roll back. Promotions are
    one-sided on a two-sided test at level ``alpha``, so the false-promotion rate stays at or
@@ -60,6 +61,16 @@ Rules for experiments with interleaved requests, after the guardrails of rule 1:
 
 The A/B figures per arm are still kept (guardrails, reports); the canary arm's CTR is then the
 interleaved lists' own.
+
+**No CTR collapse on interleaved requests.** Comparing one version's CTR with stable's compares
+different users, and one version serves the canary arm for one trainer interval only. In the
+70,000-visit ``loop_full_h30`` run of 2026-11-30 version 25 served 977 canary requests from 17
+users, 730 of them from two users in long bursts, one of whom hit 8 times in 347 requests. At 635
+requests its CTR was 0.043 against stable's 0.145, under the 30 % collapse line, and it was rolled
+back although its team had won 75 % of its credited clicks. A broken model cannot collapse an
+interleaved list anyway: stable's team still fills about half of it, so the CTR stays near half
+of stable's, above the line. What does catch it is the within-request comparison of rule 3 (a
+broken version draws almost no credited clicks; ``tests/unit/test_ab_interleaving.py``).
 """
 
 from __future__ import annotations
@@ -181,7 +192,9 @@ class Experiment:
     """The canary line against one stable version, from first request to decision.
 
     ``canary`` holds the line's pooled figures (its ``version`` is the newest); ``current`` the
-    newest version's own, which the guardrails read. With one version they are equal.
+    newest version's own, which the guardrails read, and ``current_plain`` those of its requests
+    that showed its own list, not an interleaved one (the CTR collapse reads only these). With
+    one version and no interleaving they are all equal.
     """
 
     def __init__(self, stable_version: int, canary_version: int, config: PolicyConfig) -> None:
@@ -189,6 +202,7 @@ class Experiment:
         self.stable = ArmStats(stable_version)
         self.canary = ArmStats(canary_version)
         self.current = ArmStats(canary_version)
+        self.current_plain = ArmStats(canary_version)
         self.canary_versions = [canary_version]
         self.p_value = 1.0
         self.last_test: TestResult | None = None
@@ -207,6 +221,7 @@ class Experiment:
         self.canary_versions.append(canary_version)
         self.canary.version = canary_version
         self.current = ArmStats(canary_version)
+        self.current_plain = ArmStats(canary_version)
         self.wins.version = canary_version
         self.current_wins = ArmStats(canary_version)
         self.current_p_value = 1.0
@@ -236,15 +251,27 @@ class Experiment:
         self.canary.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
         if version is None or version == self.current.version:
             self.current.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
+            if not interleaved:
+                self.current_plain.add(hit=hit, degraded=degraded, latency_ms=latency_ms, user_id=user_id)
 
-    def record_hit(self, arm: Literal["stable", "canary"], version: int, user_id: str | None = None) -> None:
-        """A click arrived for a request already recorded (labels come after the impression)."""
+    def record_hit(
+        self,
+        arm: Literal["stable", "canary"],
+        version: int,
+        user_id: str | None = None,
+        *,
+        interleaved: bool = False,
+    ) -> None:
+        """A click arrived for a request already recorded (labels come after the impression);
+        ``interleaved`` as it was recorded."""
         if arm == "stable":
             self.stable.add_hit(user_id)
             return
         self.canary.add_hit(user_id)
         if version == self.current.version:
             self.current.add_hit(user_id)
+            if not interleaved:
+                self.current_plain.add_hit(user_id)
 
     def record_credit(
         self, team: Literal["stable", "canary"], version: int, user_id: str | None = None, *, tie: bool = False
@@ -319,10 +346,11 @@ class Experiment:
             share = canary.degraded / canary.trials
             if share > config.max_degraded_share:
                 return f"guardrail: {share:.0%} of canary requests degraded (max {config.max_degraded_share:.0%})"
-        if min(stable.trials, canary.trials) >= config.collapse_min_trials and stable.ctr > 0:
-            if canary.ctr < config.collapse_ratio * stable.ctr:
+        plain = self.current_plain  # its own lists only: interleaved ones are rule 3's (module docstring)
+        if min(stable.trials, plain.trials) >= config.collapse_min_trials and stable.ctr > 0:
+            if plain.ctr < config.collapse_ratio * stable.ctr:
                 return (
-                    f"guardrail: canary CTR collapsed to {canary.ctr:.3f} "
+                    f"guardrail: canary CTR collapsed to {plain.ctr:.3f} "
                     f"(< {config.collapse_ratio:.0%} of stable {stable.ctr:.3f})"
                 )
         if min(len(stable.latencies_ms), len(canary.latencies_ms)) >= config.latency_min_trials:

@@ -318,3 +318,32 @@ def test_teams_travel_from_the_api_through_the_impression_to_the_labeled_example
         ("stable", True, 7, False),
         ("canary", False, 7, True),
     ]
+
+
+def test_a_version_whose_interleaved_lists_draw_few_clicks_from_a_hard_user_is_not_collapsed() -> None:
+    """As version 25 in loop_full_h30 (2026-11-30): its 635 interleaved requests came mostly from two
+    users in long bursts, one hard to recommend for, and their CTR fell under 30 % of stable's while
+    its team won most credited clicks. Users differ; the within-request comparison does not."""
+    config = PolicyConfig()
+    experiment = Experiment(1, 2, config)
+    for index in range(2_000):
+        experiment.record("stable", hit=index % 7 == 0, user_id=f"s{index % 40}")
+    for index in range(635):
+        user = "hard" if index < 400 else f"c{index % 15}"
+        clicked = index % 25 == 0
+        experiment.record("canary", hit=False, version=2, user_id=user, interleaved=True)
+        if clicked:
+            experiment.record_hit("canary", 2, user, interleaved=True)
+            experiment.record_credit("canary" if index % 4 else "stable", 2, user)
+    assert experiment.current.ctr < config.collapse_ratio * experiment.stable.ctr  # the old rule's trigger
+    assert experiment.decide().action == "continue"
+
+
+def test_a_broken_version_showing_its_own_lists_still_collapses() -> None:
+    config = PolicyConfig()
+    experiment = Experiment(1, 2, config)
+    for index in range(config.collapse_min_trials):
+        experiment.record("stable", hit=index % 7 == 0)
+        experiment.record("canary", hit=False, version=2)  # not interleaved: its own list
+    decision = experiment.decide()
+    assert decision.action == "rollback" and "collapsed" in decision.reason, decision
