@@ -1,17 +1,27 @@
 """Exit a Faust worker whose producer or consumer has crashed, so its supervisor restarts it.
 
 Why: when a send fails for good (the joiner's producer hit Kafka's 1 MiB message limit on
-2026-11-30), Faust logs ``Crashed`` for the producer and then the consumer, and the process stays
-up doing nothing: supervisord saw it running for the next 15 minutes while no labeled example
-was written and the A/B evaluator starved. An exit lets the supervisor restart the worker. Nothing
-is lost: offsets are committed only after an event is handled, and the tables come back from their
-changelog; events after the last commit are handled again (at least once, as always).
+2026-11-30), Faust logs ``Crashed`` for the producer (or its buffer) and may never exit. In the
+50,000-visit loop the process stayed up doing nothing for 15 minutes while no labeled example was
+written and the A/B evaluator starved; in a CI run of ``tests/integration/test_worker_restart.py``
+the worker began to stop and hung at "Wait for streams..." (an agent blocked on the dead buffer).
+On other runs Faust stops by itself and exits with status 1. An exit lets the supervisor restart
+the worker. Nothing is lost: offsets are committed only after an event is handled, and the tables
+come back from their changelog; events after the last commit are handled again (at least once).
+
+Why a thread and not an app timer: the first version was a Faust timer, and a timer is a task of
+the app, stopped when the app starts stopping. In the hang above it never ran again. The thread
+runs outside the event loop, so a stuck loop or a stuck stop cannot silence it. It gives Faust
+``grace_s`` to exit on its own first (its own exit logs the whole shutdown).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 
 import faust
 
@@ -31,14 +41,47 @@ def crashed_services(app: faust.App) -> list[str]:
     ]
 
 
-def install(app: faust.App, *, interval_s: float = 2.0) -> None:
-    """Check every ``interval_s``; on a crash log the reasons and exit the process."""
+def _exit_process() -> None:
+    logging.shutdown()
+    os._exit(EXIT_CODE)
 
-    async def exit_when_crashed() -> None:
+
+def watch(
+    app: faust.App,
+    *,
+    interval_s: float,
+    grace_s: float,
+    exit_process: Callable[[], None] = _exit_process,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Check every ``interval_s``; once a part has been crashed for ``grace_s``, log why and exit."""
+    crashed_since: float | None = None
+    while True:
+        sleep(interval_s)
         crashed = crashed_services(app)
-        if crashed:
+        if not crashed:
+            crashed_since = None
+            continue
+        now = clock()
+        crashed_since = now if crashed_since is None else crashed_since
+        if now - crashed_since >= grace_s:
             log.critical("exiting so the supervisor restarts this worker; crashed: %s", "; ".join(crashed))
-            logging.shutdown()
-            os._exit(EXIT_CODE)
+            exit_process()
+            return
 
-    app.timer(interval=interval_s)(exit_when_crashed)
+
+def install(app: faust.App, *, interval_s: float = 2.0, grace_s: float = 10.0) -> None:
+    """Start :func:`watch` in a daemon thread when the worker starts (not at import: the app module
+    is also imported by commands that run no worker)."""
+
+    async def start_watchdog() -> None:
+        threading.Thread(
+            target=watch,
+            args=(app,),
+            kwargs={"interval_s": interval_s, "grace_s": grace_s, "exit_process": _exit_process},
+            name="streamrec-watchdog",
+            daemon=True,
+        ).start()
+
+    app.task(start_watchdog)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from streams import watchdog
 
@@ -25,16 +29,45 @@ def test_crashed_services_names_each_crashed_part_with_its_reason() -> None:
     ]
 
 
-def test_install_checks_on_a_timer() -> None:
-    timers: list[float] = []
+def test_watch_exits_once_a_part_has_been_crashed_for_the_grace_period() -> None:
+    producer = service(False, buffer=service(False))
+    app = SimpleNamespace(producer=producer, consumer=service(False))
+    now = [0.0]
+    exits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+        if now[0] == 6.0:  # the buffer crashes between the third and fourth check
+            producer.buffer = service(True, RuntimeError("message too large"))
+
+    watchdog.watch(
+        app,  # type: ignore[arg-type]
+        interval_s=2.0,
+        grace_s=10.0,
+        exit_process=lambda: exits.append(now[0]),
+        sleep=sleep,
+        clock=lambda: now[0],
+    )
+    assert exits == [16.0]  # first seen crashed at 6 s, then 10 s of grace for Faust's own exit
+
+
+def test_install_starts_the_watch_in_a_thread_when_the_worker_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks: list[Any] = []
 
     class App:
-        producer = service(False)
+        producer = service(True, RuntimeError("gone"))
         consumer = service(False)
 
-        def timer(self, *, interval: float) -> Any:
-            timers.append(interval)
-            return lambda function: function
+        def task(self, function: Any) -> Any:
+            tasks.append(function)
+            return function
 
-    watchdog.install(App(), interval_s=3.0)  # type: ignore[arg-type]
-    assert timers == [3.0]
+    exits: list[int] = []
+    monkeypatch.setattr(watchdog, "_exit_process", lambda: exits.append(1))
+    watchdog.install(App(), interval_s=0.01, grace_s=0.0)  # type: ignore[arg-type]
+    assert len(tasks) == 1 and not exits  # nothing runs at import time
+    asyncio.run(tasks[0]())
+    deadline = time.monotonic() + 5
+    while not exits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exits == [1]
