@@ -12,6 +12,7 @@ from confluent_kafka import Producer
 from streamrec.consume import consume_decoded
 from streamrec.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
 from streamrec.settings import CommonSettings
+from tests.support.impression_burst import produce_one_users_burst
 from tests.support.processes import faust_worker, settings_env
 
 
@@ -83,22 +84,7 @@ def test_a_user_bursting_past_kafkas_message_limit_is_labeled_in_full(
 ) -> None:
     """1,200 open impressions of one user would make a ~1.5 MB state message, which Kafka refuses
     (the joiner's producer crashed on one in a 50,000-visit loop); the cap labels the oldest early."""
-    now = datetime.now(UTC)
-    recent = [f"item-{n:04d}" for n in range(50)]
-    producer = Producer(fresh_settings.kafka.client_config())
-    for n in range(1_200):
-        impression = Impression(
-            event_id=f"r{n}",
-            event_time=now + timedelta(milliseconds=n),
-            user_id="burst",
-            request_id=f"r{n}",
-            arm="stable",
-            model_version=1,
-            items=[ImpressionItem(item_id=f"i{j}", score=1.0, position=j) for j in range(3)],
-            features={"recent_items": recent},
-        )
-        producer.produce(fresh_settings.topics.impressions, key=impression.key(), value=impression.to_bytes())
-    producer.flush(10)
+    produce_one_users_burst(fresh_settings, 1_200)
     env = joiner_env(fresh_settings, tmp_path, window_s=30)
     with faust_worker("streams.joiner_app", env, tmp_path / "joiner.log"):
         labeled = read_topic(

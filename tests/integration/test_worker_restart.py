@@ -16,43 +16,21 @@ starts it again.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from streamrec.events import Impression, ImpressionItem
 from streamrec.infra.ports import stack_settings_on_free_ports
 from streamrec.infra.stack import LocalStack
 from streamrec.kafka_admin import ensure_topics
 from streamrec.settings import CommonSettings
 from streams import watchdog
+from tests.support.impression_burst import produce_one_users_burst
 
 
 class _NotYet(Exception):
     pass
-
-
-def produce_one_users_burst(settings: CommonSettings, count: int) -> None:
-    """``count`` open impressions of one user: ~1.3 KB of join state each."""
-    now = datetime.now(UTC)
-    recent = [f"item-{n:04d}" for n in range(50)]
-    producer = Producer(settings.kafka.client_config())
-    for n in range(count):
-        impression = Impression(
-            event_id=f"r{n}",
-            event_time=now + timedelta(milliseconds=n),
-            user_id="burst",
-            request_id=f"r{n}",
-            arm="stable",
-            model_version=1,
-            items=[ImpressionItem(item_id=f"i{j}", score=1.0, position=j) for j in range(3)],
-            features={"recent_items": recent},
-        )
-        producer.produce(settings.topics.impressions, key=impression.key(), value=impression.to_bytes())
-    assert producer.flush(10) == 0
 
 
 def test_a_worker_with_a_crashed_producer_exits_and_supervisord_restarts_it(
