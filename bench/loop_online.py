@@ -75,6 +75,7 @@ def read_impressions(settings: Any) -> pd.DataFrame:
                 "model_version": event.model_version,
                 "items": [item.item_id for item in event.items],
                 "interleaved": event.control_version is not None,
+                "control_version": event.control_version if event.control_version is not None else -1,
                 "features": json.dumps(event.features),
             }
         )
@@ -170,6 +171,12 @@ def main() -> None:
     parser.add_argument("--history-fraction", type=float, default=0.5)
     parser.add_argument("--interval", type=float, default=40.0, help="trainer interval, s")
     parser.add_argument("--label-window", type=float, default=10.0, help="joiner label window, s")
+    parser.add_argument(
+        "--canary-share",
+        type=float,
+        default=None,
+        help="share of users in the canary arm (default: the demo's, streamrec.demo.DemoOptions)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(
         "--result-name", default="loop", help="bench/results/<name>.json (e.g. loop_long for a --visits 40000 run)"
@@ -180,6 +187,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from streamrec import demo
+
+    canary_share = demo.DemoOptions().canary_share if args.canary_share is None else args.canary_share
     from streamrec.data import movielens
     from streamrec.infra.stack import LocalStack
     from streamrec.settings import SimulatorSettings, StackSettings, load
@@ -195,6 +204,7 @@ def main() -> None:
             rate=args.rate,
             trainer_interval_s=args.interval,
             label_window_s=args.label_window,
+            canary_share=canary_share,
             state_dir=state_dir,
             keep_running=True,
         )
@@ -293,7 +303,7 @@ def main() -> None:
     actions = [f"{d['action']} v{d['canary_version']} ({d['reason']})" for d in decisions]
     notes = (
         f"`streamrec demo` loop: history {args.history_fraction:.0%} of ml-100k, then {len(visits):,} held-out visits "
-        f"at {args.rate:g}/s, canary share 0.5, trainer interval {args.interval:g} s, label window "
+        f"at {args.rate:g}/s, canary share {canary_share:g}, trainer interval {args.interval:g} s, label window "
         f"{args.label_window:g} s; all services real and on this machine. Same visits for every policy: online = "
         f"what the live loop served (per arm: {arms}); frozen = version 1 rescored on the features each impression "
         f"logged; popularity = most interacted items so far. Online/frozen 95% bootstrap interval "
