@@ -164,6 +164,23 @@ def model_freshness(produced: pd.DataFrame, responses: pd.DataFrame, base_path: 
     return np.asarray(delays, dtype=float)
 
 
+def stable_version_age(visits: pd.DataFrame) -> np.ndarray:
+    """Seconds since stable's version first answered a request, at each request stable took part in
+    (its whole list, or the control half of an interleaved one); NaN where it did not.
+
+    The line's newest version is about one trainer interval old when it serves; stable is as old as
+    the last promotion, and ``bench/prequential.py --serve-lag`` measures what that age costs.
+    """
+    if "control_version" not in visits:  # impressions read before the column existed
+        return np.full(len(visits), np.nan)
+    first_served = visits.groupby("model_version")["time"].min()
+    control = visits["control_version"].fillna(-1).astype(int).to_numpy()
+    plain_stable = (visits["arm"] == "stable").to_numpy() & (control < 0)
+    stable = np.where(control >= 0, control, np.where(plain_stable, visits["model_version"].to_numpy(), -1))
+    born = pd.Series(stable).map(first_served).to_numpy(dtype=float)
+    return np.asarray(visits["time"].to_numpy(dtype=float) - born, dtype=float)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visits", type=int, default=15000, help="held-out visits (the demo runs 7,200)")
@@ -272,6 +289,7 @@ def main() -> None:
     )
     versions = sorted(int(child.name) for child in base_path.iterdir() if child.name.isdigit())
 
+    stable_age = stable_version_age(visits)
     metrics = {
         "loop.ctr_popularity": round(ctr_popularity, 4),
         "loop.ctr_frozen": round(float(frozen_hits.mean()), 4),
@@ -285,6 +303,8 @@ def main() -> None:
         "loop.model_freshness_p95_s": round(float(np.percentile(delays, 95)), 1),
         "loop.model_freshness_within_120s": round(float(np.mean(delays <= 120)), 4),
     }
+    if np.isfinite(stable_age).any():
+        metrics["loop.stable_version_age_mean_s"] = round(float(np.nanmean(stable_age)), 1)
     units = {
         "loop.ctr_popularity": "hit rate@10",
         "loop.ctr_frozen": "hit rate@10",
@@ -297,6 +317,7 @@ def main() -> None:
         "loop.model_freshness_p50_s": "s",
         "loop.model_freshness_p95_s": "s",
         "loop.model_freshness_within_120s": "fraction",
+        "loop.stable_version_age_mean_s": "s",
     }
     by_arm = visits.groupby("arm")["hit"].agg(["mean", "size"])
     arms = ", ".join(f"{arm} {row['mean']:.4f} over {int(row['size']):,}" for arm, row in by_arm.iterrows())
@@ -315,12 +336,16 @@ def main() -> None:
         "live loop answered with version 1 where the rescored top 10 equals the live one (a check of the rescoring). "
         f"Versions on disk: {versions}; decisions: {actions or 'none'}. Model freshness over {len(delays):,} "
         f"interactions produced before the last {2 * args.interval:g} s (Kafka produce -> first response by a "
-        f"version whose lineage offsets cover it; never covered = inf: {int(np.isinf(delays).sum())})."
+        f"version whose lineage offsets cover it; never covered = inf: {int(np.isinf(delays).sum())}). "
+        "stable_version_age_mean_s: seconds since stable's version first answered a request, averaged over the "
+        "requests it answered alone or as the interleaving's control (the line's newest version is about one "
+        "trainer interval old)."
     )
     defaults = parser.parse_args([])
     flags = ("visits", "rate", "interval", "history_fraction")
     changed = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in flags
                if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
+    changed += [f"--canary-share {args.canary_share:g}"] if args.canary_share is not None else []
     changed += [f"--result-name {args.result_name}"] if args.result_name != defaults.result_name else []
     report(
         args.result_name,

@@ -23,6 +23,9 @@ Figures: hit@10 of each model over all tested events (``prequential.hit_at_10_fr
 ``prequential.hit_at_10_online``), their ratio, and a 95 % interval of the ratio from a bootstrap
 over intervals (intervals resampled with replacement; paired: both models on the same events).
 
+``--serve-lag N`` tests each interval on the online model as it was N intervals earlier: what
+serving an older version costs (the loop's ``stable`` is as old as its last promotion).
+
 Run: ``.venv/bin/python -m bench.prequential`` (``--help``; ``--no-write`` to try it without
 touching bench/results).
 """
@@ -33,6 +36,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections import deque
 
 import numpy as np
 import pandas as pd
@@ -85,11 +89,18 @@ def main() -> None:
     parser.add_argument("--max-chunks", type=int, default=0, help="stop after this many intervals (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--serve-lag",
+        type=int,
+        default=0,
+        help="test each interval on the online model as it was this many intervals earlier (what model age costs)",
+    )
+    parser.add_argument(
         "--bootstrap-loss",
         choices=("in_batch", "full_catalog"),
         default="full_catalog" if ModelConfig().full_catalog else "in_batch",
         help="loss of the frozen model (default: ModelConfig's)",
     )
+    parser.add_argument("--result-name", default="prequential", help="bench/results/<name>.json")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
 
@@ -112,6 +123,8 @@ def main() -> None:
     starts = list(range(split, len(examples), args.chunk_size))
     if args.max_chunks:
         starts = starts[: args.max_chunks]
+    # The online models of the last --serve-lag + 1 intervals, newest last; the oldest is tested.
+    recent_models: deque[TwoTowerModel] = deque(maxlen=args.serve_lag + 1)
     frozen_hits: list[np.ndarray] = []
     online_hits: list[np.ndarray] = []
     update_seconds: list[float] = []
@@ -126,7 +139,8 @@ def main() -> None:
             tested = chunk.iloc[tested_rows]
             exclude = [seen[start + row] for row in tested_rows]
             frozen_hits.append(hits(frozen, tested, exclude))
-            online_hits.append(hits(online, tested, exclude))
+            recent_models.append(online)
+            online_hits.append(hits(recent_models[0], tested, exclude))
 
             update_started = time.perf_counter()
             plan = plan_interval(chunk, deferred=deferred, replay=replay, tuning=tuning, seed=step)
@@ -171,8 +185,9 @@ def main() -> None:
     print(f"tested events: {tested_events} in {len(starts)} intervals; total {time.perf_counter() - started:.0f} s")
     if args.no_write:
         return
+    lag_note = f" by the online model of {args.serve_lag} intervals earlier" if args.serve_lag else ""
     write_result(
-        "prequential",
+        args.result_name,
         metrics,
         {
             "prequential.hit_at_10_frozen": "fraction",
@@ -188,8 +203,9 @@ def main() -> None:
         notes=(
             f"ml-100k by time: bootstrap on the first {args.bootstrap_fraction:.0%} ({split} events, "
             f"{args.bootstrap_epochs} epochs), then {len(starts)} trainer intervals of {args.chunk_size} events, "
-            f"{tested_events} events tested before learning (top 10 over {len(catalog)} items, earlier items of "
-            f"the user excluded); 95% interval of the ratio from a bootstrap over intervals. Online updates use "
+            f"{tested_events} events tested before learning{lag_note} (top 10 over {len(catalog)} items, "
+            f"earlier items of the user excluded); 95% interval of the ratio from a bootstrap over intervals. "
+            f"Online updates use "
             f"online_trainer.finetune with the trainer settings (finetune_loss={tuning.finetune_loss}, "
             f"finetune_epochs={tuning.finetune_epochs}, "
             f"replay_fraction={tuning.replay_fraction}, holdout_size={tuning.holdout_size}, "
