@@ -204,11 +204,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from streamrec import demo
-
-    canary_share = demo.DemoOptions().canary_share if args.canary_share is None else args.canary_share
     from streamrec.data import movielens
     from streamrec.infra.stack import LocalStack
     from streamrec.settings import SimulatorSettings, StackSettings, load
+
+    canary_share = demo.DemoOptions().canary_share if args.canary_share is None else args.canary_share
 
     state_dir = PROJECT_ROOT / ".state" / "bench-loop"
     impressions_path = state_dir / "impressions.parquet"

@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--result-name", default="prequential", help="bench/results/<name>.json")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
+    if args.serve_lag < 0:
+        parser.error(f"--serve-lag must be 0 or more intervals, got {args.serve_lag}")
 
     tuning = TrainerSettings().trainer
     data = movielens.load()
