@@ -13,11 +13,13 @@ setup: system-deps $(VENV)/.installed go-tools
 
 # Real gRPC clients the tests and benchmarks use: grpcurl (reflection, JSON calls), ghz (load).
 GOBIN ?= $(HOME)/go/bin
+GRPCURL_VERSION := v1.9.3
+GHZ_VERSION := v0.120.0
 go-tools: $(GOBIN)/grpcurl $(GOBIN)/ghz
 $(GOBIN)/grpcurl:
-	go install github.com/fullstorydev/grpcurl/cmd/grpcurl@latest
+	go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 $(GOBIN)/ghz:
-	go install github.com/bojand/ghz/cmd/ghz@latest
+	go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
 system-deps:
 	bash infra/setup-system.sh

@@ -43,22 +43,15 @@ from confluent_kafka import Consumer, TopicPartition
 from tqdm import tqdm
 
 from bench.common import write_result
-from streamrec.data import movielens
-from streamrec.infra.ports import free_ports
-from streamrec.infra.stack import LocalStack
-from streamrec.kafka_admin import ensure_topics
-from streamrec.replay import replay
-from streamrec.settings import (
-    KafkaSettings,
-    PathSettings,
-    RedisSettings,
-    ReplaySettings,
-    StackSettings,
-    StackTuning,
-    TopicSettings,
-)
-from streams.process import WorkerProcess
+from streamrec.core.settings import KafkaSettings, PathSettings, RedisSettings, TopicSettings
+from streamrec.datasets import movielens
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.replay import replay
+from streamrec.ops.settings import ReplaySettings, StackSettings, StackTuning
+from streamrec.ops.stack.local_stack import LocalStack
+from streamrec.ops.stack.ports import free_ports
 from streams.settings import StreamsSettings, StreamsTuning
+from tests.support.worker_process import WorkerProcess
 
 
 def load_tuning() -> StreamsTuning:

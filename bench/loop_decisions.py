@@ -37,14 +37,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.common import report
-from serving.ab.policy import PolicyConfig
-from streamrec import contracts
-from streamrec.infra.ports import stack_settings_on_free_ports
-from streamrec.kafka_admin import ensure_topics
-from streamrec.settings import (
+from serving.rollout.policy import PolicyConfig
+from streamrec.core import contracts
+from streamrec.core.settings import (
     CommonSettings,
     TopicSettings,
 )
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.stack.ports import stack_settings_on_free_ports
 from tests.support.ab_scenario import Scenario, ab_scenario
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     args = parser.parse_args()
 
-    from streamrec.infra.stack import LocalStack
+    from streamrec.ops.stack.local_stack import LocalStack
 
     results: dict[str, list[dict[str, float]]] = {"rollback": [], "promote": []}
     policy = PolicyConfig()
@@ -141,7 +141,7 @@ def main() -> None:
         f"window {args.label_window:g} s, API default (canary users see the team-draft interleaving of canary and "
         f"stable), evaluator default rule (on the canary's share of clicked interleaved requests: mSPRT alpha "
         f"{policy.alpha}, tau {policy.interleave_tau}, from {policy.interleave_min_credits} clicked requests; "
-        "guardrails as in serving/ab/policy.py). Clock: canary label on the new version -> the evaluator's label "
+        "guardrails as in serving/rollout/policy.py). Clock: canary label on the new version -> the evaluator's label "
         f"move. Per run: {per_run}. Decision reasons: {' | '.join(reasons)}. "
         f"Failed Recommend calls during all rounds: {len(failures)}. "
         "Real Kafka, Redis, model server, API and Faust joiner on this machine; tiny model (60 items)."

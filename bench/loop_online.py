@@ -1,6 +1,6 @@
 """The closed loop on real services: online hit rate against frozen and popularity, model freshness.
 
-Runs ``make demo``'s loop (``streamrec.demo.run``: Kafka, Redis, feature worker, model server,
+Runs ``make demo``'s loop (``streamrec.ops.demo.run``: Kafka, Redis, feature worker, model server,
 bootstrap version 1 as stable, joiner, API, online trainer, evaluator, then the replay
 simulator over held-out MovieLens-100K), keeps the stack up at the end to read the impressions
 topic back, then computes:
@@ -43,15 +43,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from bench.common import report
-from streamrec.settings import PROJECT_ROOT
+from streamrec.core.settings import PROJECT_ROOT
 
 K = 10
 
 
 def read_impressions(settings: Any) -> pd.DataFrame:
     """Every impression the API logged: request id, arm, version, items, the features it used."""
-    from streamrec.consume import consume_decoded, end_offsets
-    from streamrec.events import Impression
+    from streamrec.core.events import Impression
+    from streamrec.kafka.consume import consume_decoded, end_offsets
 
     topic = settings.topics.impressions
     total = sum(end_offsets(settings, topic).values())
@@ -89,7 +89,7 @@ def frozen_answers(version_dir: Path, visits: pd.DataFrame) -> list[list[str]]:
 
     from serving.api.ranking import model_inputs
     from serving.api.user_features import UserFeatures
-    from streamrec import contracts
+    from streamrec.core import contracts
 
     signature = tf.saved_model.load(str(version_dir)).signatures[contracts.RECOMMEND_SIGNATURE]
     answers: list[list[str]] = []
@@ -192,7 +192,7 @@ def main() -> None:
         "--canary-share",
         type=float,
         default=None,
-        help="share of users in the canary arm (default: the demo's, streamrec.demo.DemoOptions)",
+        help="share of users in the canary arm (default: the demo's, streamrec.ops.demo.DemoOptions)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(
@@ -203,10 +203,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from streamrec import demo
-    from streamrec.data import movielens
-    from streamrec.infra.stack import LocalStack
-    from streamrec.settings import SimulatorSettings, StackSettings, load
+    from streamrec.core.settings import load
+    from streamrec.datasets import movielens
+    from streamrec.ops import demo
+    from streamrec.ops.settings import SimulatorSettings, StackSettings
+    from streamrec.ops.stack.local_stack import LocalStack
 
     canary_share = demo.DemoOptions().canary_share if args.canary_share is None else args.canary_share
 

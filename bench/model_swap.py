@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from serving.model_client import ModelServerClient, ModelServerRpcError
-from streamrec import contracts
-from streamrec.infra.ports import free_ports
+from streamrec.core import contracts
+from streamrec.ops.stack.ports import free_ports
 from tests.support.tiny_model import example_inputs, write_tiny_model
 
 
@@ -115,7 +115,7 @@ def main() -> None:
         stage_version(template, base, 1)
         (port,) = free_ports(1)
         command = [
-            sys.executable, "-m", "serving.model_server_cli", "--port", str(port),
+            sys.executable, "-m", "serving.model_server.cli", "--port", str(port),
             "--model_name", contracts.MODEL_NAME, "--model_base_path", str(base),
             "--file_system_poll_wait_seconds", str(args.poll_s),
         ]  # fmt: skip

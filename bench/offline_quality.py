@@ -7,7 +7,7 @@ Protocol (RecBole ``eval_args``: ``split: {RS: [0.8, 0.1, 0.1]}, group_by: user,
   RecBole's ``split_by_ratio`` rounding (valid and test get ``int(0.1 n)`` each, the rest trains);
 * full ranking over all 1,682 items; items the user has in earlier splits are masked (train for
   validation; train + validation for test), the split's own items are the relevant set;
-* Recall@10, NDCG@10, Hit@10 with RecBole's definitions (``online_trainer.metrics``), averaged
+* Recall@10, NDCG@10, Hit@10 with RecBole's definitions (``online_trainer.ranking_metrics``), averaged
   over users. The epoch count is chosen on validation NDCG@10 (best epoch, early stopping);
   test is reported for that epoch only.
 
@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from online_trainer.catalog import ItemCatalog, user_profiles_from_movielens
-from online_trainer.metrics import RankingMetrics, ranking_metrics, top_k_masked
 from online_trainer.model import ModelConfig, TwoTowerModel, build_model, catalog_vectors, train, user_vectors
-from streamrec.data import movielens
+from online_trainer.ranking_metrics import RankingMetrics, ranking_metrics, top_k_masked
+from streamrec.datasets import movielens
 
 K = 10
 

@@ -49,7 +49,7 @@ from online_trainer.finetune import finetune, plan_interval
 from online_trainer.gate import GateResult, check_model
 from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, recommend, train
 from online_trainer.settings import TrainerSettings
-from streamrec.data import movielens
+from streamrec.datasets import movielens
 
 K = 10
 

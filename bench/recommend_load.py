@@ -1,7 +1,7 @@
 """``Recommend`` end to end under load from ``ghz``: Feast read + model server + response.
 
 Everything is co-located, as on the target 2-core machine: Kafka and Redis (``LocalStack``, on
-free ports), the local model server (``python -m serving.model_server_cli``) and the API
+free ports), the local model server (``python -m serving.model_server.cli``) and the API
 (``python -m serving``), each its own process, and ``ghz --cpus 1`` as the client. The feature
 store holds ml-100k profiles (materialized) plus fresh ``user_activity`` (every user's last 20
 items) and ``item_stats`` rows, so every request reads a real row; requests cycle through all
@@ -58,8 +58,9 @@ from tqdm import tqdm
 
 from bench.common import ROOT, write_result
 from serving.model_client import ModelServerClient
-from streamrec.infra.ports import free_ports
-from streamrec.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisSettings, StackSettings, StackTuning
+from streamrec.core.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisSettings
+from streamrec.ops.settings import StackSettings, StackTuning
+from streamrec.ops.stack.ports import free_ports
 
 PROTO = ROOT / "serving" / "proto"
 CALL = "streamrec.v1.Recommender/Recommend"
@@ -173,8 +174,8 @@ def api_counters(metrics_port: int) -> dict[str, float]:
 def set_up_features(env_settings: Any) -> list[str]:
     """Profiles + fresh activity for every ml-100k user + item stats; returns the user ids."""
     from features import store as feature_store
-    from streamrec import contracts
-    from streamrec.data.movielens import load_interactions
+    from streamrec.core import contracts
+    from streamrec.datasets.movielens import load_interactions
 
     feature_store.write_profiles(env_settings)
     store = feature_store.open_store(env_settings)
@@ -270,8 +271,8 @@ def main() -> None:
     ghz_binary()
 
     from features.settings import FeaturesSettings, FeatureStoreTuning
-    from streamrec.data.movielens import load_items
-    from streamrec.infra.stack import LocalStack
+    from streamrec.datasets.movielens import load_items
+    from streamrec.ops.stack.local_stack import LocalStack
 
     kafka_port, controller_port, redis_port, model_port, api_port, metrics_port = free_ports(6)
     with ExitStack() as cleanup:
@@ -292,7 +293,7 @@ def main() -> None:
             paths=PathSettings(state_dir=state),
             features=FeatureStoreTuning(project="bench"),
         )
-        from streamrec.kafka_admin import ensure_topics
+        from streamrec.kafka.admin import ensure_topics
 
         ensure_topics(features)
         users = set_up_features(features)
@@ -313,7 +314,7 @@ def main() -> None:
         )
         model_log, api_log = state / "model-server.log", state / "api.log"
         model_server = subprocess.Popen(
-            [sys.executable, "-m", "serving.model_server_cli", "--port", str(model_port), "--host", "127.0.0.1",
+            [sys.executable, "-m", "serving.model_server.cli", "--port", str(model_port), "--host", "127.0.0.1",
              "--model_name", "streamrec", "--model_base_path", str(base_path),
              "--file_system_poll_wait_seconds", "1"],
             cwd=PROJECT_ROOT, env=env, stdout=model_log.open("w"), stderr=subprocess.STDOUT, text=True,

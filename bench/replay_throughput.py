@@ -2,7 +2,7 @@
 
 Both are measured in the same run on the same broker, 5 times each, alternating:
 
-* replay: ``streamrec.replay.replay`` on MovieLens-100K (validation, JSON, produce, wait for acks);
+* replay: ``streamrec.ops.replay.replay`` on MovieLens-100K (validation, JSON, produce, wait for acks);
 * floor: confluent-kafka producing the same events as pre-serialized bytes with the same
   producer config (acks=all, idempotence, batching), so only our per-event work differs.
 
@@ -20,12 +20,13 @@ from confluent_kafka import Producer
 from tqdm import tqdm
 
 from bench.common import write_result
-from streamrec.data import movielens
-from streamrec.infra.ports import free_ports
-from streamrec.infra.stack import LocalStack
-from streamrec.kafka_admin import ensure_topics
-from streamrec.replay import interactions_from_frame, producer_config, replay
-from streamrec.settings import KafkaSettings, PathSettings, RedisSettings, ReplaySettings, StackSettings, StackTuning
+from streamrec.core.settings import KafkaSettings, PathSettings, RedisSettings
+from streamrec.datasets import movielens
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.replay import interactions_from_frame, producer_config, replay
+from streamrec.ops.settings import ReplaySettings, StackSettings, StackTuning
+from streamrec.ops.stack.local_stack import LocalStack
+from streamrec.ops.stack.ports import free_ports
 
 RUNS = 5
 

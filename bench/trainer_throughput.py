@@ -54,10 +54,10 @@ from serving.model_client import ModelServerClient
 from serving.model_server.core import CoreOptions
 from serving.model_server.server import ModelServer, ServerOptions
 from serving.settings import ModelServerSection
-from streamrec import contracts
-from streamrec.data import movielens
-from streamrec.events import Interaction
-from streamrec.settings import PathSettings
+from streamrec.core import contracts
+from streamrec.core.events import Interaction
+from streamrec.core.settings import PathSettings
+from streamrec.datasets import movielens
 
 TINY = ModelConfig(embedding_dim=16, item_id_buckets=4096, user_id_buckets=2048, profile_buckets=64, batch_size=256)
 

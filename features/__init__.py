@@ -1,9 +1,9 @@
 """The Feast feature repository of streamrec and the helpers every component reaches it with.
 
-For other components (names and shapes are in ``streamrec.contracts``):
+For other components (names and shapes are in ``streamrec.core.contracts``):
 
 * settings: subclass ``features.settings.FeaturesSettings`` (Redis, data dir, registry, project,
-  ``max_feature_age_s``) and build it with ``streamrec.settings.load``;
+  ``max_feature_age_s``) and build it with ``streamrec.core.settings.load``;
 * ``features.store.open_store(settings)``: a ``feast.FeatureStore`` configured from settings;
 * writing (the Faust worker): ``features.store.push_user_activity(store, frame, online=..., offline=...)``
   and ``push_item_stats``; last write wins by event time (see ``features.push`` for the rules);

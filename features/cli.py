@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from features.errors import FeaturesError
 from features.settings import FeaturesSettings
-from streamrec import contracts
-from streamrec.settings import load
+from streamrec.core import contracts
+from streamrec.core.settings import load
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 

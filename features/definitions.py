@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from features import push_log, views
 from features.settings import FeaturesSettings
-from streamrec.settings import load
+from streamrec.core.settings import load
 
 _settings = load(FeaturesSettings)
 push_log.ensure_layout(_settings.data_dir)

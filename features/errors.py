@@ -1,13 +1,13 @@
 """Errors of the feature store helpers, each naming the fix.
 
-StreamrecError (streamrec.errors)
+StreamrecError (streamrec.core.errors)
 └── FeaturesError              the feature store is not set up or cannot be reached
     └── PushValidationError    a frame handed to a push helper has the wrong columns or types
 """
 
 from __future__ import annotations
 
-from streamrec.errors import StreamrecError
+from streamrec.core.errors import StreamrecError
 
 
 class FeaturesError(StreamrecError):

@@ -1,7 +1,7 @@
 """Push stream feature rows (the Faust worker's output) to the online and offline stores.
 
 A frame holds one row per entity: the join key (``user_id`` / ``item_id``), every feature
-column of the view (``streamrec.contracts``) and ``event_timestamp`` (tz-aware, UTC; the event
+column of the view (``streamrec.core.contracts``) and ``event_timestamp`` (tz-aware, UTC; the event
 time of the entity's newest accepted event). A frame that does not match is rejected whole
 with ``PushValidationError`` before anything is written. Timestamps are floored to
 microseconds, the precision Feast's online path keeps, so both stores hold the same instant.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from streamrec.settings import PROJECT_ROOT, CommonSettings
+from streamrec.core.settings import PROJECT_ROOT, CommonSettings
 
 
 class FeatureStoreTuning(BaseModel):

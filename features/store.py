@@ -27,7 +27,7 @@ from features import push_log, views
 from features.errors import FeaturesError
 from features.push import push_item_stats, push_user_activity
 from features.settings import FeaturesSettings
-from streamrec import contracts
+from streamrec.core import contracts
 
 # Profiles are static: one row per entity at a fixed old time, so a point-in-time join finds
 # them at any timestamp (ml-100k's events start in 1997).
@@ -77,7 +77,7 @@ def data_dir_of(store: FeatureStore) -> Path:
 
 def profile_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     """ml-100k users and items as the rows of ``user_profile`` and ``item_profile``."""
-    from streamrec.data.movielens import load_items, load_users, user_profile_rows
+    from streamrec.datasets.movielens import load_items, load_users, user_profile_rows
 
     user_rows = user_profile_rows(load_users()).assign(**{views.EVENT_TIMESTAMP: PROFILE_TIMESTAMP})
     items = load_items()

@@ -30,13 +30,13 @@ import pyarrow as pa
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, FeastType, Float64, Int64, String
 
-from streamrec import contracts
+from streamrec.core import contracts
 
 EVENT_TIMESTAMP = "event_timestamp"
 STREAM_TTL = timedelta(days=30)
 PUSH_LOG_DIR = "push_log"
 
-# Feature dtypes, by name, for the columns of streamrec/contracts.py.
+# Feature dtypes, by name, for the columns of streamrec/core/contracts.py.
 _USER_PROFILE_SCHEMA: dict[str, FeastType] = {name: String for name in contracts.USER_PROFILE_FEATURES}
 _ITEM_PROFILE_SCHEMA: dict[str, FeastType] = {"genres": Array(String), "release_year": Int64}
 _USER_ACTIVITY_SCHEMA: dict[str, FeastType] = {

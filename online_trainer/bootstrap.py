@@ -27,7 +27,7 @@ from online_trainer.history import UserHistories
 from online_trainer.model import ModelConfig, build_model, train
 from online_trainer.publish import Outcome, Publisher, VersionWriter, publish_candidate
 from online_trainer.settings import TrainerSettings
-from streamrec import contracts
+from streamrec.core import contracts
 
 if TYPE_CHECKING:
     from feast import FeatureStore

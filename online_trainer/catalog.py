@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from streamrec import contracts
-from streamrec.errors import DatasetError
+from streamrec.core import contracts
+from streamrec.core.errors import DatasetError
 
 UNKNOWN_YEAR = -1
 USER_PROFILE_COLUMNS = contracts.USER_PROFILE_FEATURES
@@ -91,7 +91,7 @@ class ItemCatalog:
 
     @classmethod
     def from_movielens(cls) -> ItemCatalog:
-        from streamrec.data.movielens import load_items
+        from streamrec.datasets.movielens import load_items
 
         return cls.from_frame(load_items())
 
@@ -140,13 +140,13 @@ def _as_str_tuple(value: Any) -> tuple[str, ...]:
 
 def user_profiles_from_movielens(users: pd.DataFrame) -> pd.DataFrame:
     """ml-100k user rows (age, gender, occupation, zip_code) -> the ``user_profile`` feature columns."""
-    from streamrec.data.movielens import user_profile_rows
+    from streamrec.datasets.movielens import user_profile_rows
 
     return user_profile_rows(users)
 
 
 def examples_from_interactions(interactions: pd.DataFrame, users: pd.DataFrame | None) -> pd.DataFrame:
-    """Point-in-time training examples from an interaction frame (``streamrec.data.frames``).
+    """Point-in-time training examples from an interaction frame (``streamrec.datasets.frames``).
 
     For each interaction, the user features are those the stream would have written after the
     user's *previous* event (the latest row a point-in-time join may see without leaking the label):

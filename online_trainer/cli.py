@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from online_trainer.settings import TrainerSettings
-from streamrec.errors import SettingsError
-from streamrec.settings import load
+from streamrec.core.errors import SettingsError
+from streamrec.core.settings import load
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,7 +40,7 @@ def parse_until(value: str) -> pd.Timestamp:
 
 def load_interactions(dataset: str, columns: str | None) -> pd.DataFrame:
     """The same datasets as ``streamrec replay``: ml-100k, synthetic, or a CSV/Parquet log."""
-    from streamrec.data import generic, movielens, synthetic
+    from streamrec.datasets import generic, movielens, synthetic
 
     if dataset == "ml-100k":
         return movielens.load_interactions()
@@ -123,13 +123,13 @@ def trainer_command(
     """The online loop: consume, fine-tune every interval, gate, publish as canary, then commit."""
     import time
 
-    from online_trainer import trainer_metrics
+    from online_trainer import metrics
     from online_trainer.loop import OnlineTrainer
 
     _logging()
     settings = _settings(interval_s=interval_s, max_examples=max_examples, publish=publish)
-    trainer_metrics.serve(settings.trainer.metrics_port)
-    summaries = trainer_metrics.SummaryWriter(settings.tensorboard_dir / f"trainer-{int(time.time())}")
+    metrics.serve(settings.trainer.metrics_port)
+    summaries = metrics.SummaryWriter(settings.tensorboard_dir / f"trainer-{int(time.time())}")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

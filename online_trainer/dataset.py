@@ -40,8 +40,8 @@ import pandas as pd
 
 from features.history import historical_features
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog, examples_from_interactions
-from streamrec import contracts
-from streamrec.errors import DatasetError
+from streamrec.core import contracts
+from streamrec.core.errors import DatasetError
 
 if TYPE_CHECKING:
     from feast import FeatureStore

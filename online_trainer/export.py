@@ -3,7 +3,7 @@
 Layout of ``<base_path>/<version>/`` (what TF Serving's file-system source loads):
 
 * ``saved_model.pb`` + ``variables/``: signatures ``recommend`` (= ``serving_default``) and
-  ``score``, typed exactly as ``streamrec.contracts`` documents. The catalog (ids, content and
+  ``score``, typed exactly as ``streamrec.core.contracts`` documents. The catalog (ids, content and
   the item-tower vectors computed at export) is held as variables, so ``recommend`` ranks the
   whole catalog inside the graph and drops ``exclude_items`` there too.
 * ``assets.extra/tf_serving_warmup_requests``: TFRecord of ``PredictionLog`` records (recommend
@@ -47,7 +47,7 @@ from online_trainer.model import (
     user_arrays,
     weights_by_path,
 )
-from streamrec import contracts
+from streamrec.core import contracts
 
 TEMP_PREFIX = ".tmp-"
 EXTRA_DIR = "assets.extra"

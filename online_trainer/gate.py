@@ -14,7 +14,7 @@ Checks, each adding a machine-readable reason to :class:`GateResult` when it fai
   alone rejected 8 of 25 candidates in ``bench/prequential.py`` (50 % bootstrap, 1,600-event
   intervals), each one an interval the model did not learn; a broken model (random weights,
   collapsed vectors) still fails with p far below any usable ``alpha``.
-* ``signature_mismatch``: the exported SavedModel lacks a signature of ``streamrec.contracts``, or
+* ``signature_mismatch``: the exported SavedModel lacks a signature of ``streamrec.core.contracts``, or
   an input/output has another name, dtype or shape (``None`` dims allowed where the contract
   says B/E/N).
 * ``export_outputs``: calling the exported signatures on hold-out rows gives wrong shapes/dtypes
@@ -37,11 +37,11 @@ import pandas as pd
 
 from online_trainer import model as model_lib
 from online_trainer.model import TwoTowerModel
-from streamrec import contracts
+from streamrec.core import contracts
 
 REASONS = ("nonfinite_weights", "nonfinite_outputs", "metric_regression", "signature_mismatch", "export_outputs")
 
-# name -> (dtype name, shape with None for "any"), as in streamrec.contracts.
+# name -> (dtype name, shape with None for "any"), as in streamrec.core.contracts.
 Spec = dict[str, tuple[str, tuple[int | None, ...]]]
 _USER_SPEC: Spec = {
     **{name: ("string", (None,)) for name in contracts.USER_STRING_INPUTS},

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from streamrec import contracts
+from streamrec.core import contracts
 
 _LONGEST_WINDOW_S = max(contracts.WINDOWS_S.values())
 
@@ -93,7 +93,7 @@ class UserHistories:
 
     @classmethod
     def from_interactions(cls, interactions: pd.DataFrame) -> UserHistories:
-        """State after every event of an interaction frame (``streamrec.data.frames``), in time order."""
+        """State after every event of an interaction frame (``streamrec.datasets.frames``), in time order."""
         histories = cls()
         events = interactions.sort_values("event_time", kind="stable")
         seconds = events["event_time"].astype("datetime64[ns, UTC]").astype("int64").to_numpy() // 1_000_000_000

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 from prometheus_client import Counter
 
-from streamrec import contracts
+from streamrec.core import contracts
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -10,7 +10,7 @@ One process, one Kafka consumer in its own group (``trainer.group_id``), manual 
    assignment every partition starts at the larger of the group's committed offset and the offset
    saved with the checkpoint (they differ only after a crash between publishing and committing;
    then the version already holds those records).
-2. **Collect**: decode each record with ``streamrec.events.decode_event``. An invalid record is
+2. **Collect**: decode each record with ``streamrec.core.events.decode_event``. An invalid record is
    counted (``trainer_records_total{outcome="invalid:<reason>"}``) and skipped: the Faust worker
    owns the dead-letter topic. Records at or before the bootstrap's ``--until`` are skipped (the
    bootstrap already learned them), and so are redelivered ``event_id``s. Every other interaction
@@ -42,8 +42,7 @@ from typing import Any
 import pandas as pd
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from online_trainer import checkpoint, export
-from online_trainer import trainer_metrics as metrics
+from online_trainer import checkpoint, export, metrics
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, USER_INPUT_COLUMNS, ItemCatalog, empty_examples
 from online_trainer.checkpoint import Checkpoint
@@ -53,9 +52,9 @@ from online_trainer.lookup import FeastLookup, FeatureLookup
 from online_trainer.model import TwoTowerModel
 from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings
-from streamrec import contracts
-from streamrec.errors import EventValidationError, StreamrecError
-from streamrec.events import Interaction, LabeledExample, decode_event
+from streamrec.core import contracts
+from streamrec.core.errors import EventValidationError, StreamrecError
+from streamrec.core.events import Interaction, LabeledExample, decode_event
 
 log = logging.getLogger(__name__)
 

@@ -1,67 +1,87 @@
-"""Top-K ranking metrics with RecBole's definitions, and full-ranking top-K with seen items masked.
+"""Observability of the trainer: Prometheus metrics and TensorBoard summaries.
 
-For one user with relevant (held-out) items ``R`` and a ranked list ``L`` of length ``K``:
+Prometheus (``/metrics`` on ``trainer.metrics_port``, 0 = not served), module-level like every
+streamrec process:
 
-* ``Recall@K = |L ∩ R| / |R|``
-* ``NDCG@K = DCG / IDCG`` with binary relevance, ``DCG = Σ_{i: L_i ∈ R} 1 / log2(i + 1)`` (ranks from
-  1) and ``IDCG = Σ_{i=1}^{min(|R|, K)} 1 / log2(i + 1)``
-* ``Hit@K = 1 if |L ∩ R| > 0``
+* ``trainer_examples_per_second``: fine-tuning throughput of the last interval (new + replayed
+  examples x epochs / training seconds);
+* ``trainer_publish_seconds``: from the end of an interval (the moment the trainer stops collecting
+  and starts learning) to the version being published as canary (or written, when the model
+  server is unreachable);
+* ``trainer_gate_total{result, reason}``: gate passes (``result="passed", reason=""``) and
+  rejections by reason; ``trainer_current_version``: the version the trainer fine-tunes from;
+* ``trainer_records_total{outcome}``: what happened to each consumed record (``example``,
+  ``invalid:<reason>``, ``duplicate``, ``already_trained``, ``not_clicked``).
 
-Each is averaged over the users that have at least one relevant item (RecBole's ``full`` mode).
+TensorBoard (``tf.summary`` under ``tensorboard_dir/<run>``): one step per fine-tune interval, with
+the loss, hold-out hit@k of candidate and serving model, example counts and timings. Scalars are
+written with TensorFlow's own ``tf.summary.write`` and the metadata TensorBoard's scalar plugin
+reads, so writing them does not need the ``tensorboard`` package (viewing them does:
+``pip install tensorboard && tensorboard --logdir .state/tensorboard``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-
-@dataclass(frozen=True)
-class RankingMetrics:
-    recall: float
-    ndcg: float
-    hit: float
-    users: int
-
-    def as_dict(self, k: int, prefix: str = "") -> dict[str, float]:
-        return {
-            f"{prefix}recall_at_{k}": self.recall,
-            f"{prefix}ndcg_at_{k}": self.ndcg,
-            f"{prefix}hit_at_{k}": self.hit,
-        }
-
-
-def ranking_metrics(
-    ranked: Sequence[Sequence[str]] | np.ndarray, relevant: Sequence[set[str]], k: int
-) -> RankingMetrics:
-    """Average Recall/NDCG/Hit@k of ranked lists (one per user) against each user's relevant set."""
-    if len(ranked) != len(relevant):
-        raise ValueError(f"ranking_metrics: {len(ranked)} ranked lists for {len(relevant)} relevant sets")
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    recalls: list[float] = []
-    ndcgs: list[float] = []
-    hits: list[float] = []
-    for items, truth in zip(ranked, relevant, strict=True):
-        if not truth:
-            continue
-        gains = np.fromiter((item in truth for item in list(items)[:k]), dtype=bool, count=min(k, len(items)))
-        found = int(gains.sum())
-        recalls.append(found / len(truth))
-        ndcgs.append(float(discounts[: len(gains)][gains].sum() / discounts[: min(len(truth), k)].sum()))
-        hits.append(float(found > 0))
-    if not recalls:
-        raise ValueError("ranking_metrics: no user has a relevant item; nothing to evaluate")
-    return RankingMetrics(float(np.mean(recalls)), float(np.mean(ndcgs)), float(np.mean(hits)), len(recalls))
+EXAMPLES_PER_SECOND = Gauge("trainer_examples_per_second", "Fine-tuning throughput of the last interval.")
+EXAMPLES_TRAINED = Counter("trainer_examples_trained_total", "Examples fed to fine-tuning (new + replayed) x epochs.")
+PUBLISH_SECONDS = Histogram(
+    "trainer_publish_seconds",
+    "Interval end -> version published (fine-tune, gate, export, rename, label move).",
+    buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120),
+)
+GATE_RESULTS = Counter("trainer_gate_total", "Validation gate verdicts, by result and reason.", ("result", "reason"))
+CURRENT_VERSION = Gauge("trainer_current_version", "The model version the trainer fine-tunes from.")
+RECORDS = Counter("trainer_records_total", "Consumed records by outcome.", ("outcome",))
+PUBLISH_FAILURES = Counter(
+    "trainer_publish_failures_total", "Versions written but not labelled canary (model server unreachable)."
+)
 
 
-def top_k_masked(scores: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
-    """Row-wise indices of the k best scores [U, k], best first, where ``mask`` [U, N] True is excluded."""
-    if scores.shape != mask.shape:
-        raise ValueError(f"top_k_masked: scores {scores.shape} and mask {mask.shape} differ")
-    masked = np.where(mask, -np.inf, scores.astype(np.float64))
-    k = min(k, masked.shape[1])
-    part = np.argpartition(-masked, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(masked, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+def serve(port: int) -> None:
+    """Expose ``/metrics`` on ``port`` (in a daemon thread); 0 means metrics are not served."""
+    if port:
+        start_http_server(port)
+
+
+def record_gate(reasons: list[str]) -> None:
+    if not reasons:
+        GATE_RESULTS.labels(result="passed", reason="").inc()
+    for reason in reasons:
+        GATE_RESULTS.labels(result="rejected", reason=reason).inc()
+
+
+class SummaryWriter:
+    """A ``tf.summary`` file writer that takes plain dicts; a no-op when ``log_dir`` is None."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self._writer: Any = None
+        if log_dir is not None:
+            import tensorflow as tf
+
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = tf.summary.create_file_writer(str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float | int | None]) -> None:
+        if self._writer is None:
+            return
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+            data_class=summary_pb2.DATA_CLASS_SCALAR,
+        )
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                if value is not None:
+                    tf.summary.write(name, tf.constant(float(value), tf.float32), metadata=metadata)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -46,7 +46,7 @@ from online_trainer.catalog import catalog_arrays as catalog_arrays  # re-export
 from online_trainer.catalog import item_arrays as item_arrays
 from online_trainer.catalog import user_arrays as user_arrays
 from online_trainer.optimizer import LazyAdam
-from streamrec import contracts
+from streamrec.core import contracts
 
 PAD_SCORE = float(np.finfo(np.float32).min)  # score of an empty ("") slot in a top-K answer
 _ID_SALTS = ((0x5EED_0001, 0x5EED_0002), (0x5EED_0003, 0x5EED_0004))

@@ -35,13 +35,12 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from online_trainer import checkpoint, export
-from online_trainer import trainer_metrics as metrics
+from online_trainer import checkpoint, export, metrics
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.gate import GateResult, check_export, check_model
 from online_trainer.model import TwoTowerModel
 from online_trainer.settings import TrainerSettings
-from streamrec.errors import StreamrecError
+from streamrec.core.errors import StreamrecError
 
 log = logging.getLogger(__name__)
 PUBLISHED_FILE = "published.json"

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from features.settings import FeaturesSettings
 from serving.settings import ServingSettings
-from streamrec import contracts
-from streamrec.settings import CommonSettings
+from streamrec.core import contracts
+from streamrec.core.settings import CommonSettings
 
 
 class TrainerTuning(BaseModel):

@@ -62,8 +62,8 @@ from serving.model_rpc import (
     parse_predict_response,
     status_code,
 )
-from serving.model_server.config import find_model, read_config, single_model_config, write_config
-from streamrec import contracts
+from serving.protocol.models_config import find_model, read_config, single_model_config, write_config
+from streamrec.core import contracts
 
 if TYPE_CHECKING:
     from serving.settings import ServingSettings

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2
 
-from serving.model_server.tensors import fill_tensor_proto, to_ndarray
-from streamrec.errors import StreamrecError
+from serving.protocol.tensors import fill_tensor_proto, to_ndarray
+from streamrec.core.errors import StreamrecError
 
 if TYPE_CHECKING:
     from tensorflow.core.protobuf import meta_graph_pb2

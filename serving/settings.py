@@ -7,7 +7,7 @@ They must agree on the address, the model name and the ``models.config`` file, s
 read from one place. Flag names mirror ``tensorflow_model_server`` where they overlap, so a
 deployment can switch to the real TF Serving by passing the same values as its flags.
 
-Imports nothing heavy: ``streamrec.settings`` imports this module to know its variables.
+Imports nothing heavy: ``streamrec.core.settings`` imports this module to know its variables.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from streamrec import contracts
-from streamrec.settings import CommonSettings
+from streamrec.core import contracts
+from streamrec.core.settings import CommonSettings
 
 
 class ProcessTuning(BaseModel):

@@ -38,9 +38,9 @@ from faust.serializers import codecs
 from faust.streams import Stream
 from faust.types import TP
 
-from streamrec.errors import SettingsError
-from streamrec.events import DeadLetter
-from streamrec.settings import load
+from streamrec.core.errors import SettingsError
+from streamrec.core.events import DeadLetter
+from streamrec.core.settings import load
 from streams import metrics, watchdog
 from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs
 from streams.settings import StreamsSettings

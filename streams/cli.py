@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from streamrec.feature_watch import ActivityWatch
-from streamrec.settings import load
+from features.watch import ActivityWatch
+from streamrec.core.settings import load
 from streams.settings import StreamsSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
@@ -37,7 +37,7 @@ def worker(
 
     import faust
 
-    from streamrec.kafka_admin import ensure_topics
+    from streamrec.kafka.admin import ensure_topics
     from streams.app import worker as built
 
     # The by-item repartition topic must exist before the consumer subscribes: Faust declares its

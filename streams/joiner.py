@@ -4,7 +4,7 @@ An impression opens a *label window* of ``window_s`` seconds from its ``event_ti
 on one of its items whose ``event_time`` falls inside ``[impression_time, impression_time +
 window_s]`` marks that item clicked. When the window has closed (wall clock past its end plus
 ``grace_s`` for in-flight clicks) the impression is *labeled*: one
-:class:`~streamrec.events.LabeledExample` per shown item, clicked or not, carrying position, arm,
+:class:`~streamrec.core.events.LabeledExample` per shown item, clicked or not, carrying position, arm,
 model version, score and the features the model saw at serving (log-and-wait).
 
 What happens to every other click — nothing is dropped silently; each is returned from
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from streamrec.events import Click, Impression, LabeledExample
+from streamrec.core.events import Click, Impression, LabeledExample
 
 ClickOutcome = Literal["joined", "duplicate", "late", "before_impression", "not_shown", "pending", "no_impression"]
 DEAD_LETTER_OUTCOMES: frozenset[str] = frozenset({"late", "before_impression", "not_shown", "no_impression"})

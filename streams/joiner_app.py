@@ -20,9 +20,9 @@ from typing import Any
 import faust
 from prometheus_client import Counter, start_http_server
 
-from streamrec.errors import EventValidationError
-from streamrec.events import Click, DeadLetter, Impression, LabeledExample, decode_event
-from streamrec.settings import load
+from streamrec.core.errors import EventValidationError
+from streamrec.core.events import Click, DeadLetter, Impression, LabeledExample, decode_event
+from streamrec.core.settings import load
 from streams import watchdog
 from streams.joiner import DEAD_LETTER_OUTCOMES, JoinConfig, JoinState, utc_now
 from streams.joiner_settings import JoinerSettings

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from streamrec.settings import CommonSettings
+from streamrec.core.settings import CommonSettings
 
 
 class JoinerTuning(BaseModel):

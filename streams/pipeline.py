@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from streamrec.errors import EventValidationError
-from streamrec.events import DeadLetter, Interaction, decode_event
+from streamrec.core.errors import EventValidationError
+from streamrec.core.events import DeadLetter, Interaction, decode_event
 from streams import metrics, repartition
 from streams.pusher import FeatureRow, FeatureSink, StateTable, View, ViewPusher
 from streams.repartition import ItemEvent, item_partition

@@ -24,8 +24,8 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from streamrec.errors import EventValidationError
-from streamrec.events import json_value
+from streamrec.core.errors import EventValidationError
+from streamrec.core.events import json_value
 
 BUNDLE_VERSION = 1
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from features.settings import FeaturesSettings
-from streamrec.settings import CommonSettings
+from streamrec.core.settings import CommonSettings
 
 
 class StreamsTuning(BaseModel):

@@ -10,7 +10,7 @@ One :class:`EntityState` per user (and one per item) holds what the features nee
 * for users, the ``recent_max`` most recent *distinct* items, newest first;
 * ``version_us``, the timestamp the state's feature row is written with (see below).
 
-Rules (the semantics of ``streamrec.contracts``):
+Rules (the semantics of ``streamrec.core.contracts``):
 
 * an event whose ``event_id`` is retained is a **duplicate**: ignored;
 * an event older than ``latest - allowed_lateness`` is **late**: ignored (the caller counts it);
@@ -48,7 +48,7 @@ from array import array
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from streamrec import contracts
+from streamrec.core import contracts
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

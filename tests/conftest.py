@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.infra.ports import stack_settings_on_free_ports
-from streamrec.settings import CommonSettings, StackSettings, TopicSettings
+from streamrec.core.settings import CommonSettings, TopicSettings
+from streamrec.ops.settings import StackSettings
+from streamrec.ops.stack.ports import stack_settings_on_free_ports
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +21,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> StackSettings:
 
 @pytest.fixture(scope="session")
 def local_stack(stack_settings: StackSettings) -> Iterator[object]:
-    from streamrec.infra.stack import LocalStack
+    from streamrec.ops.stack.local_stack import LocalStack
 
     stack = LocalStack(stack_settings)
     stack.up()
@@ -34,7 +35,7 @@ def local_stack(stack_settings: StackSettings) -> Iterator[object]:
 def fresh_settings(local_stack: object, stack_settings: StackSettings) -> CommonSettings:
     """Settings on the running stack with topics of their own, so tests never see each
     other's records."""
-    from streamrec.kafka_admin import ensure_topics
+    from streamrec.kafka.admin import ensure_topics
 
     topics = TopicSettings.prefixed(f"t{uuid.uuid4().hex[:8]}")
     settings = CommonSettings(

@@ -18,8 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from streamrec import contracts
-from streamrec.events import Arm
+from streamrec.core import contracts
+from streamrec.core.events import Arm
 
 _SCALE = float(2**64)
 

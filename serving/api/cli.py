@@ -43,7 +43,7 @@ def serve(
     from serving.api.server import ApiServer
     from serving.api.settings import ApiSettings
     from serving.runtime import tune_serving_process
-    from streamrec.settings import load
+    from streamrec.core.settings import load
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load(ApiSettings)

@@ -8,7 +8,7 @@ StreamrecError
 
 from __future__ import annotations
 
-from streamrec.errors import StreamrecError
+from streamrec.core.errors import StreamrecError
 
 
 class ApiError(StreamrecError):

@@ -1,4 +1,4 @@
-"""The impression log: every Recommend answer, as a ``streamrec.events.Impression`` on Kafka.
+"""The impression log: every Recommend answer, as a ``streamrec.core.events.Impression`` on Kafka.
 
 Off the request path entirely: the handler puts a small tuple on a bounded queue
 (``put_nowait``, a few microseconds) and returns; one daemon thread builds and validates the
@@ -26,8 +26,8 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from serving.api.metrics import ApiMetrics
-from streamrec.events import Arm, Impression, ImpressionItem
-from streamrec.settings import KafkaSettings
+from streamrec.core.events import Arm, Impression, ImpressionItem
+from streamrec.core.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

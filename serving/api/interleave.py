@@ -2,7 +2,7 @@
 
 Why: arms are per user, users differ far more than two close model versions do, and a user
 sends many requests in a row, so an A/B comparison of per-arm CTR needs thousands of users to
-see a lift of a few percent (``serving/ab/sequential.py``). Interleaving compares the two models
+see a lift of a few percent (``serving/rollout/sequential.py``). Interleaving compares the two models
 *inside each request*, on the same user at the same moment, which removes the between-user noise;
 it is known to need one to two orders of magnitude fewer requests than an A/B test for the same
 verdict (Radlinski, Kurup & Joachims, "How does clickthrough data reflect retrieval quality?",
@@ -13,7 +13,7 @@ Team draft (Radlinski et al. 2008): like captains picking players, in each round
 decides which team picks first; each team then adds its highest-ranked item not already in the
 list. Every shown item belongs to exactly one team, and a click is credit for that team. Under no
 difference between the models each click's team is a fair coin, whatever the user, which is what
-makes the evaluator's test on the share of credited clicks valid (``serving/ab/policy.py``).
+makes the evaluator's test on the share of credited clicks valid (``serving/rollout/policy.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from streamrec import contracts
-from streamrec.events import Arm
+from streamrec.core import contracts
+from streamrec.core.events import Arm
 
 Ranking = Sequence[tuple[str, float]]
 

@@ -50,8 +50,8 @@ from serving.api.metrics import ApiMetrics
 from serving.api.trending import TrendingSnapshot
 from serving.api.user_features import UserFeatures
 from serving.model_client import ModelServerRpcError
-from streamrec import contracts
-from streamrec.events import Arm
+from streamrec.core import contracts
+from streamrec.core.events import Arm
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Ranked:
 
 
 def model_inputs(features: UserFeatures, exclude: list[str]) -> dict[str, np.ndarray]:
-    """The ``recommend`` signature's inputs for one user (batch of 1), per ``streamrec.contracts``."""
+    """The ``recommend`` signature's inputs for one user (batch of 1), per ``streamrec.core.contracts``."""
     recent = (features.recent_items + [""] * contracts.RECENT_ITEMS_MAX)[: contracts.RECENT_ITEMS_MAX]
     inputs: dict[str, np.ndarray] = {"user_id": np.array([features.user_id], dtype=object)}
     for name in contracts.USER_STRING_INPUTS[1:]:
@@ -210,7 +210,7 @@ class Ranker:
         """The team-draft list of canary and stable, or the canary's own when stable cannot answer.
 
         Each shown item also says whether it was in *both* top-k lists: a click on such an item is a
-        tie for the evaluator, since either model alone would have shown it (``serving/ab/policy.py``).
+        tie for the evaluator, since either model alone would have shown it (``serving/rollout/policy.py``).
         """
         try:
             stable_version, outputs = self._predict(inputs, contracts.STABLE_LABEL, deadline)

@@ -18,8 +18,8 @@ from pydantic import ConfigDict, Field, model_validator
 
 from features.settings import FeaturesSettings
 from serving.settings import ProcessTuning, ServingSettings
-from streamrec import contracts
-from streamrec.settings import CommonSettings
+from streamrec.core import contracts
+from streamrec.core.settings import CommonSettings
 
 
 class ApiSection(ProcessTuning):

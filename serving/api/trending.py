@@ -43,7 +43,7 @@ from feast.type_map import feast_value_type_to_python_type
 
 from serving.api.errors import ApiSetupError
 from serving.api.metrics import ApiMetrics
-from streamrec import contracts
+from streamrec.core import contracts
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ inputs as for a user with no recent activity, not a week-old "last hour" count. 
 (profiles) never go stale. Which views are stream views comes from the registry (a view fed by a
 ``PushSource`` has a ``stream_source``), not from a list kept here.
 
-What the model sees (``streamrec.contracts``): the profile strings ("" when unknown),
+What the model sees (``streamrec.core.contracts``): the profile strings ("" when unknown),
 ``recent_items`` (newest first, at most ``RECENT_ITEMS_MAX``) and the counts (0 when unknown).
 """
 
@@ -48,7 +48,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
 
 from serving.api.errors import ApiSetupError
-from streamrec import contracts
+from streamrec.core import contracts
 
 _TS_SUFFIX = "__ts"
 

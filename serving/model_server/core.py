@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.model_server.config import validate_config
-from serving.model_server.errors import FailedPrecondition, NotFound
 from serving.model_server.manager import ModelManager, State
+from serving.protocol.errors import FailedPrecondition, NotFound
+from serving.protocol.models_config import validate_config
 
 log = logging.getLogger(__name__)
 

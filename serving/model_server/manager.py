@@ -30,8 +30,8 @@ from pathlib import Path
 
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.model_server.errors import InvalidArgument, NotFound
 from serving.model_server.versions import LoadedVersion, LoadError
+from serving.protocol.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.model_server.config import parse_config, single_model_config
 from serving.model_server.core import CoreOptions, ServerCore
-from serving.model_server.errors import InvalidArgument, ModelServerError
 from serving.model_server.service import ModelService, PredictionService
+from serving.protocol.errors import InvalidArgument, ModelServerError
+from serving.protocol.models_config import parse_config, single_model_config
 
 log = logging.getLogger(__name__)
 

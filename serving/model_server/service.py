@@ -25,9 +25,9 @@ from tensorflow_serving.apis import (
 )
 
 from serving.model_server.core import ServerCore
-from serving.model_server.errors import InvalidArgument, ModelServerError
 from serving.model_server.manager import ModelManager
 from serving.model_server.versions import LoadedVersion
+from serving.protocol.errors import InvalidArgument, ModelServerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,7 +130,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore
             manager = self._core.manager(spec.name)
             version = spec.version.value if spec.HasField("version") else None
             if manager is None:
-                from serving.model_server.errors import NotFound
+                from serving.protocol.errors import NotFound
 
                 if version is not None:
                     raise NotFound(f"Could not find version {version} of model {spec.name}")

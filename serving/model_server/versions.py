@@ -30,8 +30,8 @@ from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from serving.model_server.errors import FailedPrecondition, InvalidArgument, ModelServerError
-from serving.model_server.tensors import DTYPE_NAMES, fill_tensor_proto, to_ndarray
+from serving.protocol.errors import FailedPrecondition, InvalidArgument, ModelServerError
+from serving.protocol.tensors import DTYPE_NAMES, fill_tensor_proto, to_ndarray
 
 log = logging.getLogger(__name__)
 

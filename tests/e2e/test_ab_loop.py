@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from serving.ab.policy import PolicyConfig
-from streamrec.settings import CommonSettings
+from serving.rollout.policy import PolicyConfig
+from streamrec.core.settings import CommonSettings
 from tests.support.ab_scenario import ab_scenario
 
 

@@ -24,8 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.api.proto import SERVICE_NAME, generated
 from serving.api.server import ApiServer
 from serving.api.settings import ApiSettings
-from streamrec.kafka_admin import ensure_topics
-from streamrec.settings import PROJECT_ROOT, StackSettings
+from streamrec.core.settings import PROJECT_ROOT
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.settings import StackSettings
 from tests.integration.test_api_server import TRENDING_TOP, make_settings, set_up_features, start_model_server
 
 pb = generated()

@@ -34,9 +34,10 @@ from serving.api.user_features import UserFeatureReader
 from serving.model_client import ModelServerClient
 from serving.model_server.server import ModelServer, ServerOptions
 from serving.settings import ModelServerSection
-from streamrec.events import Impression, decode_event
-from streamrec.kafka_admin import ensure_topics
-from streamrec.settings import PathSettings, StackSettings, TopicSettings
+from streamrec.core.events import Impression, decode_event
+from streamrec.core.settings import PathSettings, TopicSettings
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.settings import StackSettings
 from tests.support.tiny_model import expected_scores, expected_top, write_tiny_model
 
 pb = generated()

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from features.cli import app, render_feature_store_yaml
 from features.settings import FeaturesSettings, FeatureStoreTuning
 from features.store import repo_config
-from streamrec import contracts
-from streamrec.infra.ports import free_ports
-from streamrec.settings import PROJECT_ROOT, PathSettings, RedisSettings, StackSettings
+from streamrec.core import contracts
+from streamrec.core.settings import PROJECT_ROOT, PathSettings, RedisSettings
+from streamrec.ops.settings import StackSettings
+from streamrec.ops.stack.ports import free_ports
 
 FEAST = str(Path(sys.executable).parent / "feast")
 VIEWS = sorted(

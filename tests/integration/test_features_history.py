@@ -19,10 +19,10 @@ from features import store as feature_store
 from features.errors import FeaturesError
 from features.history import historical_features
 from features.settings import FeaturesSettings, FeatureStoreTuning
-from streamrec import contracts
-from streamrec.data.movielens import load_users
-from streamrec.infra.ports import free_ports
-from streamrec.settings import PathSettings, RedisSettings
+from streamrec.core import contracts
+from streamrec.core.settings import PathSettings, RedisSettings
+from streamrec.datasets.movielens import load_users
+from streamrec.ops.stack.ports import free_ports
 
 T1, T2, T3 = (pd.Timestamp(f"1998-02-0{day}T12:00:00", tz="UTC") for day in (1, 2, 3))
 HOUR = pd.Timedelta(hours=1)

@@ -14,10 +14,11 @@ from feast import FeatureStore
 
 from features import store as feature_store
 from features.settings import FeaturesSettings, FeatureStoreTuning
-from streamrec import contracts
-from streamrec.data.movielens import load_items, load_users
-from streamrec.feature_watch import ActivityWatch
-from streamrec.settings import PathSettings, StackSettings
+from features.watch import ActivityWatch
+from streamrec.core import contracts
+from streamrec.core.settings import PathSettings
+from streamrec.datasets.movielens import load_items, load_users
+from streamrec.ops.settings import StackSettings
 
 SAMPLE_USERS = ["1", "2", "405", "943"]
 SAMPLE_ITEMS = ["1", "50", "267", "1682"]

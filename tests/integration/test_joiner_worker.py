@@ -9,9 +9,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from streamrec.consume import consume_decoded
-from streamrec.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
-from streamrec.settings import CommonSettings
+from streamrec.core.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
+from streamrec.core.settings import CommonSettings
+from streamrec.kafka.consume import consume_decoded
 from tests.support.impression_burst import produce_one_users_burst
 from tests.support.processes import faust_worker, settings_env
 

@@ -13,8 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.model_client import ModelServerClient
-from streamrec import contracts
-from streamrec.infra.ports import free_ports
+from streamrec.core import contracts
+from streamrec.ops.stack.ports import free_ports
 from tests.support.tiny_model import example_inputs, write_tiny_model
 
 
@@ -24,7 +24,7 @@ def test_model_server_process_serves_and_stops_on_sigterm(tmp_path: Path) -> Non
     (port,) = free_ports(1)
     env = {**os.environ, "STREAMREC_PATHS__STATE_DIR": str(tmp_path / "state")}
     command = [
-        sys.executable, "-m", "serving.model_server_cli",
+        sys.executable, "-m", "serving.model_server.cli",
         "--port", str(port), "--model_name", contracts.MODEL_NAME, "--model_base_path", str(base),
         "--file_system_poll_wait_seconds", "0.5", "--max_num_load_retries", "0",
     ]  # fmt: skip

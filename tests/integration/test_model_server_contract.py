@@ -17,9 +17,9 @@ import pytest
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_client import ModelServerClient, ModelServerRpcError
-from serving.model_server.config import single_model_config
 from serving.model_server.versions import LoadedVersion
-from streamrec import contracts
+from serving.protocol.models_config import single_model_config
+from streamrec.core import contracts
 from tests.support.model_server import running_model_server
 from tests.support.tiny_model import example_inputs, expected_scores, expected_top, write_tiny_model
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from serving.model_client import ModelLoadError, ModelServerClient
-from serving.model_server.config import read_config, single_model_config, write_config
-from streamrec import contracts
+from serving.protocol.models_config import read_config, single_model_config, write_config
+from streamrec.core import contracts
 from tests.support.model_server import running_model_server
 from tests.support.request_stream import RequestStream
 from tests.support.tiny_model import example_inputs, write_tiny_model

@@ -11,11 +11,12 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import Producer
 
-from streamrec.consume import consume_decoded
-from streamrec.data import movielens
-from streamrec.events import Interaction
-from streamrec.replay import replay
-from streamrec.settings import CommonSettings, ReplaySettings
+from streamrec.core.events import Interaction
+from streamrec.core.settings import CommonSettings
+from streamrec.datasets import movielens
+from streamrec.kafka.consume import consume_decoded
+from streamrec.ops.replay import replay
+from streamrec.ops.settings import ReplaySettings
 
 
 def as_replay_settings(settings: CommonSettings) -> ReplaySettings:

@@ -7,9 +7,10 @@ import os
 import redis
 from confluent_kafka.admin import AdminClient
 
-from streamrec.infra.stack import LocalStack
-from streamrec.kafka_admin import ensure_topics
-from streamrec.settings import CommonSettings, StackSettings
+from streamrec.core.settings import CommonSettings
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.settings import StackSettings
+from streamrec.ops.stack.local_stack import LocalStack
 
 
 def test_services_are_running_and_answer(local_stack: LocalStack, stack_settings: StackSettings) -> None:
@@ -40,7 +41,7 @@ def test_topics_get_partitions_and_retention_from_settings(fresh_settings: Commo
 def test_a_second_stack_starts_restarts_and_stops_cleanly(
     tmp_path_factory: object, stack_settings: StackSettings
 ) -> None:
-    from streamrec.infra.ports import free_ports
+    from streamrec.ops.stack.ports import free_ports
 
     kafka_port, controller_port, redis_port = free_ports(3)
     settings = StackSettings(

@@ -27,15 +27,16 @@ import pandas as pd
 import pytest
 from confluent_kafka import KafkaError, Message, Producer
 
-from streamrec.consume import consume_decoded
-from streamrec.data import movielens
-from streamrec.events import DeadLetter
-from streamrec.infra.ports import free_ports
-from streamrec.kafka_admin import ensure_topics
-from streamrec.replay import producer_config, replay
-from streamrec.settings import PathSettings, ReplaySettings, StackSettings, TopicSettings
-from streams.process import WorkerProcess
+from streamrec.core.events import DeadLetter
+from streamrec.core.settings import PathSettings, TopicSettings
+from streamrec.datasets import movielens
+from streamrec.kafka.admin import ensure_topics
+from streamrec.kafka.consume import consume_decoded
+from streamrec.ops.replay import producer_config, replay
+from streamrec.ops.settings import ReplaySettings, StackSettings
+from streamrec.ops.stack.ports import free_ports
 from streams.settings import StreamsSettings, StreamsTuning
+from tests.support.worker_process import WorkerProcess
 
 HOUR = pd.Timedelta(hours=1)
 USER_FEATURES = ("recent_items", "count_1h", "count_24h", "last_event_ts")

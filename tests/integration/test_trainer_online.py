@@ -36,11 +36,12 @@ from online_trainer.model import ModelConfig, TwoTowerModel, recommend, user_arr
 from online_trainer.settings import TrainerSettings, TrainerTuning
 from serving.model_client import ModelServerClient
 from serving.settings import ModelServerSection
-from streamrec import contracts
-from streamrec.consume import end_offsets
-from streamrec.data.movielens import load_interactions
-from streamrec.events import Interaction
-from streamrec.settings import CommonSettings, PathSettings, StackSettings
+from streamrec.core import contracts
+from streamrec.core.events import Interaction
+from streamrec.core.settings import CommonSettings, PathSettings
+from streamrec.datasets.movielens import load_interactions
+from streamrec.kafka.consume import end_offsets
+from streamrec.ops.settings import StackSettings
 from tests.support.model_server import running_model_server
 
 # Feast's dask offline store (feast/infra/offline_stores/dask.py, _drop_duplicates) calls fillna

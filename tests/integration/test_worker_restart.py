@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from streamrec.infra.ports import stack_settings_on_free_ports
-from streamrec.infra.stack import LocalStack
-from streamrec.kafka_admin import ensure_topics
-from streamrec.settings import CommonSettings
+from streamrec.core.settings import CommonSettings
+from streamrec.kafka.admin import ensure_topics
+from streamrec.ops.stack.local_stack import LocalStack
+from streamrec.ops.stack.ports import stack_settings_on_free_ports
 from streams import watchdog
 from tests.support.impression_burst import produce_one_users_burst
 

@@ -1,7 +1,7 @@
 """Scripted users against the real feedback loop, shared by the e2e test and ``bench.loop_decisions``.
 
 Real services: the local model server (in process), the API (in process), Kafka and Redis (the
-caller's), the Faust joiner (a child process), and an :class:`~serving.ab.evaluator.AbEvaluator`
+caller's), the Faust joiner (a child process), and an :class:`~serving.rollout.evaluator.AbEvaluator`
 driven from the labeled topic. Users are scripted so the outcome is known: every visit wants
 one of ``LIKED`` items and clicks it if shown. The tiny model ranks a cold user's list by item
 order (``tests.support.tiny_model``), so a version's click-through rate is set by where its
@@ -30,18 +30,18 @@ from confluent_kafka import Consumer, Producer
 
 from features import store as feature_store
 from features.settings import FeatureStoreTuning
-from serving.ab.evaluator import AbEvaluator
-from serving.ab.policy import PolicyConfig
 from serving.api.proto import generated
 from serving.api.server import ApiServer
 from serving.api.settings import ApiSection, ApiSettings
 from serving.model_client import ModelServerClient
 from serving.model_server.server import ModelServer, ServerOptions
+from serving.rollout.evaluator import AbEvaluator
+from serving.rollout.policy import PolicyConfig
 from serving.settings import ModelServerSection
-from streamrec import contracts
-from streamrec.consume import consumer_config
-from streamrec.events import Click, LabeledExample, decode_event
-from streamrec.settings import CommonSettings, PathSettings
+from streamrec.core import contracts
+from streamrec.core.events import Click, LabeledExample, decode_event
+from streamrec.core.settings import CommonSettings, PathSettings
+from streamrec.kafka.consume import consumer_config
 from tests.support.processes import faust_worker, settings_env
 from tests.support.tiny_model import write_tiny_model
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 from confluent_kafka import Producer
 
-from streamrec.events import Impression, ImpressionItem
-from streamrec.settings import CommonSettings
+from streamrec.core.events import Impression, ImpressionItem
+from streamrec.core.settings import CommonSettings
 
 
 def produce_one_users_burst(settings: CommonSettings, count: int, user_id: str = "burst") -> None:

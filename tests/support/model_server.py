@@ -15,7 +15,7 @@ from pathlib import Path
 
 from serving.model_server.core import CoreOptions
 from serving.model_server.server import ModelServer, ServerOptions
-from streamrec import contracts
+from streamrec.core import contracts
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from streamrec.settings import CommonSettings
-from streams.process import settings_environment
+from streamrec.core.settings import CommonSettings
+from tests.support.worker_process import settings_environment
 
 
 def settings_env(settings: CommonSettings, **extra: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""A tiny, deterministic SavedModel with exactly the signatures of ``streamrec.contracts``.
+"""A tiny, deterministic SavedModel with exactly the signatures of ``streamrec.core.contracts``.
 
 Serving tests need a model whose answers they can compute by hand, that loads in well under a
 second, and whose versions differ observably. This one has no trained weights: every item of
@@ -11,7 +11,7 @@ of the ``recent_items`` the model knows (zero when none), so
 and :func:`expected_scores` computes the same thing in numpy. ``bias`` shifts every score, so two
 versions written with different biases give observably different answers.
 
-Signatures (see ``streamrec.contracts``):
+Signatures (see ``streamrec.core.contracts``):
 
 * ``recommend`` (also ``serving_default``): the user inputs plus ``exclude_items`` [B, E] ->
   ``item_ids`` string [B, TOP_K_EXPORTED] and ``scores`` float32 [B, TOP_K_EXPORTED], best first.
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamrec import contracts
+from streamrec.core import contracts
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 

@@ -16,16 +16,16 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.ab.evaluator import AbEvaluator
-from serving.ab.policy import Experiment, PolicyConfig
-from serving.ab.sequential import ArmCounts, msprt_share
 from serving.api.arms import CanaryGate
 from serving.api.impressions import to_impression
 from serving.api.interleave import team_draft
 from serving.api.metrics import ApiMetrics
 from serving.api.ranking import Ranker
 from serving.model_client import ModelServerRpcError
-from streamrec.events import Arm, Impression, LabeledExample, decode_event
+from serving.rollout.evaluator import AbEvaluator
+from serving.rollout.policy import Experiment, PolicyConfig
+from serving.rollout.sequential import ArmCounts, msprt_share
+from streamrec.core.events import Arm, Impression, LabeledExample, decode_event
 from streams.joiner import label
 from tests.unit.test_api_ranking import KNOWN, TRENDING, FakeModel, FixedTrending, _outputs, pending_impression
 

@@ -8,8 +8,8 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from serving.ab.policy import Experiment, PolicyConfig
-from serving.ab.sequential import ArmCounts, msprt
+from serving.rollout.policy import Experiment, PolicyConfig
+from serving.rollout.sequential import ArmCounts, msprt
 
 LOOK_EVERY = 50
 

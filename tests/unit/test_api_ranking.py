@@ -24,8 +24,8 @@ from serving.api.ranking import NoAnswer, Ranker, _ModelError, model_inputs, par
 from serving.api.trending import EMPTY, TrendingSnapshot, rank
 from serving.api.user_features import UserFeatures
 from serving.model_client import ModelServerRpcError
-from streamrec import contracts
-from streamrec.events import Impression, decode_event
+from streamrec.core import contracts
+from streamrec.core.events import Impression, decode_event
 
 
 def _outputs(items: list[str], scores: list[float]) -> dict[str, np.ndarray]:

@@ -21,8 +21,8 @@ import typer.core
 import yaml
 from typer.testing import CliRunner
 
-from streamrec.cli import app
-from streamrec.settings import known_env_names
+from streamrec.core.settings import known_env_names
+from streamrec.ops.cli import app
 
 pytestmark = pytest.mark.unit
 

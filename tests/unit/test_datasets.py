@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamrec.data import generic, movielens, synthetic
-from streamrec.errors import DatasetError
+from streamrec.core.errors import DatasetError
+from streamrec.datasets import generic, movielens, synthetic
 
 ROWS = [("u1", "i9", "4", "1700000100"), ("u2", "i3", "5", "1700000000"), ("u1", "i3", "2", "1700000050")]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamrec.demo import counter_total, histogram_buckets
+from streamrec.ops.demo import counter_total, histogram_buckets
 
 
 def test_counters_and_histograms_are_summed_over_label_sets() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from streamrec.report import LoopRecord, summary, write_report
+from streamrec.ops.report import LoopRecord, summary, write_report
 
 START = 1_800_000_000.0
 

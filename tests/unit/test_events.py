@@ -5,8 +5,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from streamrec.errors import EventValidationError
-from streamrec.events import Click, DeadLetter, Impression, Interaction, LabeledExample, decode_event
+from streamrec.core.errors import EventValidationError
+from streamrec.core.events import Click, DeadLetter, Impression, Interaction, LabeledExample, decode_event
 
 VALID = {
     "event_id": "e1",

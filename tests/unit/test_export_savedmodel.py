@@ -17,7 +17,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from online_trainer import export
 from online_trainer.catalog import ItemCatalog, examples_from_interactions
 from online_trainer.model import ModelConfig, TwoTowerModel, build_model, recommend, score, train, user_arrays
-from streamrec import contracts
+from streamrec.core import contracts
 
 GENRES = ("Action", "Comedy", "Drama", "Horror")
 

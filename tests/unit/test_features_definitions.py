@@ -1,4 +1,4 @@
-"""The Feast objects and settings of features/: names and shapes follow streamrec.contracts."""
+"""The Feast objects and settings of features/: names and shapes follow streamrec.core.contracts."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from features import views
 from features.settings import FeaturesSettings, FeatureStoreTuning
-from streamrec import contracts
-from streamrec.errors import SettingsError
-from streamrec.settings import PathSettings, known_env_names, load
+from streamrec.core import contracts
+from streamrec.core.errors import SettingsError
+from streamrec.core.settings import PathSettings, known_env_names, load
 
 
 def test_data_dir_and_registry_follow_the_state_dir_unless_set(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_the_feast_cli_scan_imports_only_definitions_py() -> None:
     """A new module in features/ must be added to .feastignore, or `feast apply` imports it."""
     from feast.repo_operations import get_repo_files
 
-    from streamrec.settings import PROJECT_ROOT
+    from streamrec.core.settings import PROJECT_ROOT
 
     repo = PROJECT_ROOT / "features"
     assert get_repo_files(repo) == [(repo / "definitions.py").resolve()]

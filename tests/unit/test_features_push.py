@@ -12,8 +12,8 @@ from features import push_log, views
 from features.errors import FeaturesError, PushValidationError
 from features.settings import FeaturesSettings
 from features.store import open_store
-from streamrec.infra.ports import free_ports
-from streamrec.settings import PathSettings, RedisSettings
+from streamrec.core.settings import PathSettings, RedisSettings
+from streamrec.ops.stack.ports import free_ports
 
 
 @pytest.fixture

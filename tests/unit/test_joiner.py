@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from streamrec.events import Click, Impression, ImpressionItem
+from streamrec.core.events import Click, Impression, ImpressionItem
 from streams.joiner import JoinConfig, JoinState
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.infra import kafka_broker
+from streamrec.ops.stack import kafka_broker
 
 
 def test_an_id_starting_with_a_dash_is_drawn_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog, examples_from_interactions
-from online_trainer.metrics import ranking_metrics, top_k_masked
-from streamrec.errors import DatasetError
+from online_trainer.ranking_metrics import ranking_metrics, top_k_masked
+from streamrec.core.errors import DatasetError
 
 
 def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving.model_server.config import parse_config, read_config, single_model_config, write_config
 from serving.model_server.core import CoreOptions, ServerCore
-from serving.model_server.errors import FailedPrecondition, InvalidArgument
 from serving.model_server.manager import ModelManager
 from serving.model_server.versions import Signature, check_inputs, to_eager_tensor
+from serving.protocol.errors import FailedPrecondition, InvalidArgument
+from serving.protocol.models_config import parse_config, read_config, single_model_config, write_config
 
 CONFIG = """
 model_config_list {

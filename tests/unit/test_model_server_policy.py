@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from serving.model_server import manager as manager_module
-from serving.model_server.config import parse_config
-from serving.model_server.errors import InvalidArgument, NotFound
 from serving.model_server.manager import ModelManager, State
 from serving.model_server.versions import LoadError
+from serving.protocol.errors import InvalidArgument, NotFound
+from serving.protocol.models_config import parse_config
 
 BROKEN: set[int] = set()
 

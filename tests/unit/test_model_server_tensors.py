@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from serving.model_server.errors import InvalidArgument
-from serving.model_server.tensors import to_ndarray, to_tensor_proto
+from serving.protocol.errors import InvalidArgument
+from serving.protocol.tensors import to_ndarray, to_tensor_proto
 
 ARRAYS = [
     np.array([[1.5, -2.0], [0.0, np.inf]], dtype=np.float32),

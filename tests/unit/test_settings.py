@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.errors import SettingsError
-from streamrec.settings import ReplaySettings, StackSettings, check_environment, known_env_names, load
+from streamrec.core.errors import SettingsError
+from streamrec.core.settings import check_environment, known_env_names, load
+from streamrec.ops.settings import ReplaySettings, StackSettings
 
 
 def test_defaults_name_the_project_topics() -> None:

@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import pytest
 
-from streamrec.events import DeadLetter
-from streamrec.settings import PathSettings
+from streamrec.core.events import DeadLetter
+from streamrec.core.settings import PathSettings
 from streams import repartition
 from streams.app import Worker, create_app
 from streams.pipeline import FeatureRow, View

@@ -1,12 +1,12 @@
-"""The worker's command line and environment (``streams.process``), without starting it."""
+"""The worker's command line and environment (``tests.support.worker_process``), without starting it."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from streams.process import worker_command, worker_environment
 from streams.settings import StreamsSettings, StreamsTuning
+from tests.support.worker_process import worker_command, worker_environment
 
 
 def test_worker_command_selects_the_event_loop_before_the_app() -> None:

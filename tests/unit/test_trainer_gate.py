@@ -24,7 +24,7 @@ from online_trainer.history import UserHistories
 from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, train
 from online_trainer.publish import VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings, TrainerTuning
-from streamrec.settings import PathSettings
+from streamrec.core.settings import PathSettings
 from tests.support.tiny_model import write_tiny_model
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]

@@ -10,7 +10,7 @@ import pytest
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, examples_from_interactions
 from online_trainer.history import UserHistories, UserHistory
-from streamrec import contracts
+from streamrec.core import contracts
 
 
 def _interactions(n: int, *, users: int = 5, items: int = 30, seed: int = 0) -> pd.DataFrame:

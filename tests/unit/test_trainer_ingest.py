@@ -16,9 +16,9 @@ from online_trainer.dataset import holdout_rows, interactions_until, split_holdo
 from online_trainer.loop import OnlineTrainer
 from online_trainer.settings import TrainerSettings, TrainerTuning
 from serving.settings import ServingSettings
-from streamrec.errors import SettingsError
-from streamrec.events import Interaction, LabeledExample
-from streamrec.settings import PathSettings
+from streamrec.core.errors import SettingsError
+from streamrec.core.events import Interaction, LabeledExample
+from streamrec.core.settings import PathSettings
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -129,7 +129,7 @@ def test_settings_share_the_model_server_section_with_serving(tmp_path: Path, mo
     monkeypatch.setenv("STREAMREC_TRAINER__INTERVAL_S", "15")
     monkeypatch.setenv("STREAMREC_MODEL_SERVER__PORT", "8600")
     monkeypatch.setenv("STREAMREC_PATHS__STATE_DIR", str(tmp_path))
-    from streamrec.settings import load
+    from streamrec.core.settings import load
 
     settings = load(TrainerSettings)
     assert settings.trainer.interval_s == 15 and settings.model_server.port == 8600
@@ -144,7 +144,7 @@ def test_settings_share_the_model_server_section_with_serving(tmp_path: Path, mo
 def test_tensorboard_summaries_are_written_per_step(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    from online_trainer.trainer_metrics import SummaryWriter
+    from online_trainer.metrics import SummaryWriter
 
     writer = SummaryWriter(tmp_path / "tb")
     writer.scalars(1, {"loss": 2.5, "gate/passed": 1, "publish_s": None})

@@ -1,0 +1,248 @@
+"""Typed settings for every streamrec process, in one place.
+
+Each process has one settings class (``ReplaySettings``, ``StackSettings``, ...). They share
+sections (Kafka, topics, Redis, paths) through ``CommonSettings`` and read, in this order of
+precedence: keyword arguments, ``STREAMREC_*`` environment variables (nested sections use a
+double underscore: ``STREAMREC_KAFKA__BOOTSTRAP_SERVERS``), then an optional TOML file named by
+``STREAMREC_CONFIG_FILE``.
+
+Why so strict: a typo in a setting that silently falls back to a default is the worst kind of
+misconfiguration in a streaming system (a worker quietly reading the wrong topic). So unknown
+keys in the TOML file are rejected by pydantic (``extra="forbid"``), and any ``STREAMREC_*``
+environment variable that no settings class knows fails at start, naming the variable and the
+closest valid name. This module is the only place in the project that reads the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from streamrec.core.errors import SettingsError
+
+ENV_PREFIX = "STREAMREC_"
+ENV_NESTED_DELIMITER = "__"
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Section(BaseModel):
+    """A frozen settings section that rejects unknown keys (a typo fails at start)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(Section):
+    """How every process reaches the broker."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "streamrec"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    def client_config(self) -> dict[str, str | int | float | bool]:
+        """The librdkafka keys shared by producers, consumers and the admin client."""
+        config: dict[str, str | int | float | bool] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_username is not None and self.sasl_password is not None:
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        return config
+
+
+class TopicSettings(Section):
+    """Topic names and the layout the project creates them with.
+
+    Partitions and replication change with scale, so they are settings, not code.
+    """
+
+    interactions: str = "streamrec.interactions"
+    impressions: str = "streamrec.impressions"
+    clicks: str = "streamrec.clicks"
+    labeled: str = "streamrec.labeled"
+    deadletter: str = "streamrec.deadletter"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+
+    def all_names(self) -> list[str]:
+        return [self.interactions, self.impressions, self.clicks, self.labeled, self.deadletter]
+
+    @classmethod
+    def prefixed(cls, prefix: str, partitions: int = 4) -> TopicSettings:
+        """Topics of their own (``<prefix>.interactions`` ...): runs sharing a broker never mix records."""
+        return cls(
+            interactions=f"{prefix}.interactions",
+            impressions=f"{prefix}.impressions",
+            clicks=f"{prefix}.clicks",
+            labeled=f"{prefix}.labeled",
+            deadletter=f"{prefix}.deadletter",
+            partitions=partitions,
+        )
+
+
+class RedisSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=6379, ge=1, le=65535)
+    db: int = Field(default=0, ge=0)
+    password: SecretStr | None = None
+
+    def url(self) -> str:
+        auth = f":{self.password.get_secret_value()}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+
+class PathSettings(Section):
+    """Where the project keeps what it downloads and what its services write."""
+
+    cache_dir: Path = PROJECT_ROOT / ".cache"
+    state_dir: Path = PROJECT_ROOT / ".state"
+
+    @property
+    def kafka_libs_dir(self) -> Path:
+        return self.cache_dir / "kafka" / "libs"
+
+
+class CommonSettings(BaseSettings):
+    """Sections every process shares. Subclass it once per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    redis: RedisSettings = RedisSettings()
+    paths: PathSettings = PathSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise SettingsError(f"{CONFIG_FILE_ENV}={config_file!r} does not name a file.")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+# Components register their settings classes as entry points of this group in pyproject.toml
+# (``[project.entry-points."streamrec.settings"]``), each naming a tuple of classes. All processes
+# of one stack share one environment, so the check below accepts a variable that any registered
+# class knows. The registered modules import nothing heavy (no TensorFlow, no Faust).
+SETTINGS_ENTRY_POINT_GROUP = "streamrec.settings"
+_EXTRA_ENV_NAMES: frozenset[str] = frozenset({CONFIG_FILE_ENV})
+
+
+def all_settings_classes() -> list[type[CommonSettings]]:
+    """Every settings class registered under ``SETTINGS_ENTRY_POINT_GROUP``, in a stable order."""
+    from importlib.metadata import entry_points
+
+    classes: list[type[CommonSettings]] = []
+    for entry_point in sorted(entry_points(group=SETTINGS_ENTRY_POINT_GROUP), key=lambda point: point.name):
+        registered = entry_point.load()
+        for settings_cls in registered:
+            if not (isinstance(settings_cls, type) and issubclass(settings_cls, CommonSettings)):
+                raise SettingsError(
+                    f"Entry point {entry_point.name} = {entry_point.value!r} of group {SETTINGS_ENTRY_POINT_GROUP} "
+                    "must name a tuple of CommonSettings subclasses; fix it in pyproject.toml and reinstall."
+                )
+            classes.append(settings_cls)
+    if not classes:
+        raise SettingsError(
+            f"No settings are registered under the entry point group {SETTINGS_ENTRY_POINT_GROUP}: "
+            "streamrec is not installed in this environment; run `make setup` (pip install -e .)."
+        )
+    return classes
+
+
+def _env_names(model: type[BaseModel], prefix: str) -> set[str]:
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        name = f"{prefix}{field_name}".upper()
+        names.add(name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= _env_names(annotation, f"{name}{ENV_NESTED_DELIMITER}")
+    return names
+
+
+def known_env_names() -> set[str]:
+    names = set(_EXTRA_ENV_NAMES)
+    for settings_cls in all_settings_classes():
+        names |= _env_names(settings_cls, ENV_PREFIX)
+    return names
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Fail on any ``STREAMREC_*`` variable that no process knows, naming the closest match."""
+    env = os.environ if environ is None else environ
+    known = known_env_names()
+    unknown = sorted(key for key in env if key.upper().startswith(ENV_PREFIX) and key.upper() not in known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.upper(), known, n=1)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise SettingsError(
+            "Unknown streamrec setting(s) in the environment: "
+            + ", ".join(hints)
+            + ". Fix or unset them; valid names are listed by `streamrec settings`."
+        )
+
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+
+def load(settings_cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """Build a process's settings after checking the environment for typos.
+
+    A pydantic validation error (bad value, unknown key in the config file) is re-raised as a
+    ``SettingsError`` whose message names every offending key.
+    """
+    from pydantic import ValidationError
+
+    check_environment()
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise SettingsError(f"Invalid {settings_cls.__name__}: {problems}") from exc
+
+
+__all__ = [
+    "CommonSettings",
+    "KafkaSettings",
+    "PathSettings",
+    "RedisSettings",
+    "TopicSettings",
+    "check_environment",
+    "known_env_names",
+    "load",
+]

@@ -1,0 +1,312 @@
+"""``streamrec``: one entry point for every project process.
+
+Each command reads its typed settings (``streamrec.core.settings``); flags override them for one
+run. ``streamrec settings`` lists every ``STREAMREC_*`` variable a process understands.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from streamrec.core.errors import StreamrecError
+from streamrec.core.settings import CommonSettings, KafkaSettings, known_env_names, load
+from streamrec.ops.settings import ReplaySettings, StackSettings, TailSettings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, Redis) under supervisord.")
+topics_app = typer.Typer(no_args_is_help=True, help="Project topics.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+
+
+@app.command("settings")
+def settings_command() -> None:
+    """List every STREAMREC_* environment variable that some process reads."""
+    for name in sorted(known_env_names()):
+        typer.echo(name)
+
+
+@app.command()
+def setup() -> None:
+    """Fetch the Kafka jars and check that Java, Redis and MovieLens-100K are available."""
+    import shutil
+
+    from streamrec.datasets.movielens import ml100k_dir
+    from streamrec.ops.stack import kafka_broker
+
+    settings = load(StackSettings)
+    libs = kafka_broker.fetch_jars(settings.paths.kafka_libs_dir)
+    typer.echo(f"kafka jars:     {libs}")
+    for binary in (settings.stack.java_bin, settings.stack.redis_server_bin):
+        found = shutil.which(binary)
+        if found is None:
+            raise StreamrecError(f"`{binary}` is not on PATH; run `make setup` (it installs it with apt-get)")
+        typer.echo(f"{binary + ':':15} {found}")
+    typer.echo(f"ml-100k:        {ml100k_dir()}")
+
+
+def _stack(settings: StackSettings | None = None) -> tuple[StackSettings, object]:
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    settings = settings or load(StackSettings)
+    return settings, LocalStack(settings)
+
+
+def _with_stack_bootstrap(settings: StackSettings) -> CommonSettings:
+    """The stack's own broker address, whatever STREAMREC_KAFKA__BOOTSTRAP_SERVERS says."""
+    bootstrap = f"{settings.stack.kafka_host}:{settings.stack.kafka_port}"
+    return settings.model_copy(
+        update={"kafka": KafkaSettings(**{**settings.kafka.model_dump(), "bootstrap_servers": bootstrap})}
+    )
+
+
+@stack_app.command("up")
+def stack_up(
+    services: Annotated[
+        str | None,
+        typer.Option("--with", help="project processes to start too, comma-separated, or 'all'"),
+    ] = None,
+) -> None:
+    """Start Kafka and Redis (and, with --with, project processes), wait until they answer,
+    and create the project topics."""
+    from streamrec.kafka.admin import ensure_topics
+    from streamrec.ops.stack.local_stack import LocalStack
+    from streamrec.ops.stack.programs import PROJECT_SERVICES
+
+    settings = load(StackSettings)
+    stack = LocalStack(settings)
+    typer.echo(f"starting the stack in {settings.paths.state_dir} ...")
+    stack.up()
+    created = ensure_topics(_with_stack_bootstrap(settings))
+    typer.echo(f"topics created: {', '.join(created) if created else 'none (all existed)'}")
+    names = list(PROJECT_SERVICES) if services == "all" else [n for n in (services or "").split(",") if n]
+    for name in names:
+        if name not in PROJECT_SERVICES:
+            raise StreamrecError(f"unknown service {name!r}; choose from {', '.join(PROJECT_SERVICES)}")
+        typer.echo(f"starting {name} ...")
+        stack.start(name)
+    _print_status(stack)
+
+
+@stack_app.command("start")
+def stack_start(name: Annotated[str, typer.Argument(help="a project process, e.g. api")]) -> None:
+    """Start one project process in the running stack and wait until it is ready."""
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    LocalStack(load(StackSettings)).start(name)
+    typer.echo(f"{name} started")
+
+
+@stack_app.command("stop")
+def stack_stop(name: Annotated[str, typer.Argument(help="a process of the stack")]) -> None:
+    """Stop one process of the running stack (SIGTERM)."""
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    LocalStack(load(StackSettings)).stop(name)
+    typer.echo(f"{name} stopped")
+
+
+def _print_status(stack: object) -> None:
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    assert isinstance(stack, LocalStack)  # noqa: S101 -- narrow for mypy
+    health = stack.health()
+    for info in stack.status():
+        state = "-" if info["statename"] == "STOPPED" else "healthy" if health.get(info["name"]) else "NOT ready"
+        typer.echo(f"{info['name']:10} {info['statename']:9} {state:14} {info['description']}")
+    typer.echo(f"logs: {stack.log_dir}  (streamrec stack logs NAME)")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Process state and health of each stack service."""
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    stack = LocalStack(load(StackSettings))
+    if not stack.is_running():
+        typer.echo("the stack is not running (streamrec stack up)")
+        raise typer.Exit(1)
+    _print_status(stack)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    name: Annotated[str, typer.Argument(help="program name, e.g. kafka or redis")],
+    length: Annotated[int, typer.Option(help="bytes from the end of the log")] = 8000,
+) -> None:
+    """The end of one service's log."""
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    typer.echo(LocalStack(load(StackSettings)).logs(name, length))
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every service cleanly (SIGTERM) and the process runner."""
+    from streamrec.ops.stack.local_stack import LocalStack
+
+    LocalStack(load(StackSettings)).down()
+    typer.echo("stack stopped")
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the project topics (partitions and retention from settings) if missing."""
+    from streamrec.kafka.admin import ensure_topics
+
+    created = ensure_topics(load(CommonSettings))
+    typer.echo(f"created: {', '.join(created) if created else 'none (all existed)'}")
+
+
+def _load_dataset(dataset: str, columns: str | None, synthetic_events: int) -> object:
+    from streamrec.datasets import generic, movielens, synthetic
+
+    if dataset == "ml-100k":
+        return movielens.load_interactions()
+    if dataset == "synthetic":
+        return synthetic.generate(n_events=synthetic_events)
+    mapping = generic.ColumnMapping.parse(columns) if columns else generic.ColumnMapping()
+    return generic.load_interaction_log(Path(dataset), mapping)
+
+
+@app.command("replay")
+def replay_command(
+    dataset: Annotated[str, typer.Option(help="ml-100k, synthetic, or a CSV/Parquet path")] = "ml-100k",
+    rate: Annotated[float | None, typer.Option(help="events per second (evenly spaced)")] = None,
+    speedup: Annotated[float | None, typer.Option(help="event-time speed-up factor")] = None,
+    limit: Annotated[int | None, typer.Option(help="replay only the first N events")] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(help="column mapping for a PATH, e.g. user=uid,item=iid,timestamp=ts,rating="),
+    ] = None,
+    synthetic_events: Annotated[int, typer.Option(help="events for --dataset synthetic")] = 100_000,
+) -> None:
+    """Produce a dataset's interactions to Kafka in event-time order (acks=all, idempotent)."""
+    import pandas as pd
+
+    from streamrec.ops.replay import replay
+
+    settings = load(ReplaySettings)
+    frame = _load_dataset(dataset, columns, synthetic_events)
+    assert isinstance(frame, pd.DataFrame)  # noqa: S101 -- narrow for mypy
+    report = replay(frame, settings, rate=rate, speedup=speedup, limit=limit)
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("tail")
+def tail_command(
+    max_records: Annotated[int | None, typer.Option(help="stop after N records")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(help="stop after this many idle seconds")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="read the topic from its start")] = True,
+) -> None:
+    """Consume the interactions topic, validate every record and show a live count."""
+    settings = load(TailSettings)
+    counts = count_interactions(
+        settings, max_records=max_records, idle_timeout_s=idle_timeout, from_beginning=from_beginning
+    )
+    invalid = sum(counts.values()) - counts["valid"]
+    typer.echo(f"valid {counts['valid']:,}, invalid {invalid:,} {dict(counts)}")
+
+
+def count_interactions(
+    settings: TailSettings,
+    *,
+    max_records: int | None,
+    idle_timeout_s: float | None,
+    from_beginning: bool,
+) -> Counter[str]:
+    from streamrec.core.events import Interaction
+    from streamrec.kafka.consume import consume_decoded
+
+    counts: Counter[str] = Counter()
+    topic = settings.topics.interactions
+    with tqdm(total=max_records, unit="ev", desc=f"consumed <- {topic}") as bar:
+        for record in consume_decoded(
+            settings,
+            topic,
+            Interaction,
+            group_id=settings.group_id,
+            from_beginning=from_beginning,
+            max_records=max_records,
+            idle_timeout_s=idle_timeout_s,
+        ):
+            if record.error is None:
+                counts["valid"] += 1
+            else:
+                counts[record.error.reason] += 1
+                tqdm.write(f"invalid record at {record.topic}[{record.partition}]@{record.offset}: {record.error}")
+            bar.update(1)
+    return counts
+
+
+@app.command("demo")
+def demo_command(
+    visits: Annotated[int, typer.Option(help="held-out visits to simulate (more = longer, clearer A/B)")] = 7200,
+    rate: Annotated[float, typer.Option(help="visits per second")] = 30.0,
+    history_fraction: Annotated[float, typer.Option(help="share of ml-100k (by time) used as history")] = 0.5,
+    canary_share: Annotated[float, typer.Option(help="share of users in the canary arm")] = 0.8,
+    trainer_interval: Annotated[float, typer.Option(help="seconds between trainer candidates")] = 40.0,
+    keep_running: Annotated[bool, typer.Option(help="leave the stack up at the end")] = False,
+) -> None:
+    """The whole loop from a clean state: stack, features, bootstrap model, API, trainer,
+    evaluator, simulated visits; then a summary and a report (HTML + PNG)."""
+    import json
+
+    from streamrec.ops.demo import DemoOptions, run
+
+    page = run(
+        DemoOptions(
+            visits=visits,
+            rate=rate,
+            history_fraction=history_fraction,
+            canary_share=canary_share,
+            trainer_interval_s=trainer_interval,
+            keep_running=keep_running,
+        )
+    )
+    typer.secho("summary", bold=True)
+    figures = json.loads((page.parent / "summary.json").read_text())
+    width = max(map(len, figures), default=0)
+    for key, value in figures.items():
+        typer.echo(f"  {key:{width}} {value}")
+    typer.echo(f"report: {page}")
+
+
+def _mount_components() -> None:
+    """Commands that live beside their components; each module imports heavy libraries lazily."""
+    from features.cli import app as features_app
+    from online_trainer.cli import train_command, trainer_command
+    from serving.api.cli import app as api_app
+    from serving.model_server.cli import model_server_command
+    from streamrec.ops import cli_loop
+    from streams.cli import app as streams_app
+
+    app.add_typer(features_app, name="features", help="The Feast feature repo: setup, show, compact, feast CLI.")
+    app.add_typer(streams_app, name="streams", help="The Faust feature worker and a live feature view.")
+    app.add_typer(api_app, name="api", help="The gRPC recommendation API.")
+    app.command("model-server")(model_server_command)
+    app.command("train")(train_command)
+    app.command("trainer")(trainer_command)
+    app.command("joiner")(cli_loop.joiner)
+    app.command("evaluator")(cli_loop.evaluator)
+    app.command("simulate")(cli_loop.simulate)
+
+
+_mount_components()
+
+
+def main() -> None:
+    """Entry point: a StreamrecError is shown as one line naming the fix, not a traceback."""
+    try:
+        app()
+    except StreamrecError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

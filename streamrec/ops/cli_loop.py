@@ -1,0 +1,56 @@
+"""CLI commands of the closed loop: ``evaluator`` and ``simulate`` (mounted by ``streamrec.ops.cli``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from streamrec.core.settings import load
+from streamrec.ops.settings import SimulatorSettings
+
+
+def evaluator(
+    max_seconds: Annotated[float | None, typer.Option(help="stop after this long (default: run until killed)")] = None,
+) -> None:
+    """The A/B evaluator: test canary against stable on labeled examples; promote or roll back."""
+    from serving.rollout.evaluator import run
+    from serving.rollout.settings import EvaluatorSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load(EvaluatorSettings)
+    if settings.evaluator.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.evaluator.metrics_port)
+    run(settings, max_seconds=max_seconds)
+
+
+def joiner(
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Faust log level")] = "info",
+) -> None:
+    """The impression-click joiner (same as ``faust -A streams.joiner_app worker``): labeled
+    examples to the labeled topic, unjoinable clicks to the dead-letter topic."""
+    import faust
+
+    from streams.joiner_app import app
+
+    faust.Worker(app, loglevel=loglevel).execute_from_commandline()
+
+
+def simulate(
+    rate: Annotated[float | None, typer.Option(help="visits per second")] = None,
+    speedup: Annotated[float | None, typer.Option(help="event-time speed-up factor")] = None,
+    limit: Annotated[int | None, typer.Option(help="replay only the first N held-out events")] = None,
+) -> None:
+    """Replay held-out MovieLens-100K interactions as visits: Recommend, click if the real item
+    was shown, and always produce the interaction."""
+    from streamrec.datasets import movielens
+    from streamrec.ops.simulate import held_out
+    from streamrec.ops.simulate import simulate as run_simulation
+
+    settings = load(SimulatorSettings)
+    frame = held_out(movielens.load_interactions(), settings.simulator.holdout_start_fraction)
+    report = run_simulation(frame, settings, rate=rate, speedup=speedup, limit=limit)
+    typer.echo(report.summary())

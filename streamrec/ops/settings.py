@@ -1,0 +1,70 @@
+"""Settings of the ops layer's processes: the replay producer, the local stack, tail, the simulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from streamrec.core.settings import CommonSettings, Section
+
+
+class ReplayTuning(Section):
+    """Producer knobs for ``streamrec replay``: batching trades latency for throughput."""
+
+    linger_ms: int = Field(default=20, ge=0)
+    batch_size_bytes: int = Field(default=1_000_000, ge=1)
+    compression: Literal["none", "lz4", "zstd", "snappy", "gzip"] = "lz4"
+    queue_max_messages: int = Field(default=500_000, ge=1000)
+    delivery_timeout_ms: int = Field(default=120_000, ge=1000)
+
+
+class ReplaySettings(CommonSettings):
+    replay: ReplayTuning = ReplayTuning()
+
+
+class StackTuning(Section):
+    """Ports and sizes of the local stack (Kafka in KRaft mode and Redis)."""
+
+    kafka_host: str = "127.0.0.1"
+    kafka_port: int = Field(default=9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_heap_mb: int = Field(default=512, ge=128, le=512)
+    kafka_start_timeout_s: float = Field(default=90.0, gt=0)
+    supervisor_port: int = Field(default=9001, ge=1, le=65535)
+    java_bin: str = "java"
+    redis_server_bin: str = "redis-server"
+
+
+class StackSettings(CommonSettings):
+    stack: StackTuning = StackTuning()
+
+
+class TailSettings(CommonSettings):
+    """``streamrec tail``: a consumer that validates and counts events, for the demo."""
+
+    group_id: str = "streamrec-tail"
+
+
+class SimulatorTuning(Section):
+    """``streamrec simulate``: held-out MovieLens events replayed as visits to the API."""
+
+    api_target: str = "127.0.0.1:50051"
+    k: int = Field(default=10, ge=1, le=100)
+    deadline_ms: int = Field(default=1000, ge=1)
+    # Events before this fraction of ml-100k (by time) are history (bootstrap); the rest is replayed.
+    holdout_start_fraction: float = Field(default=0.5, gt=0, lt=1)
+    # None: <paths.state_dir>/simulator
+    output_dir: Path | None = None
+
+
+class SimulatorSettings(CommonSettings):
+    simulator: SimulatorTuning = SimulatorTuning()
+
+    @property
+    def simulator_dir(self) -> Path:
+        return self.simulator.output_dir or self.paths.state_dir / "simulator"
+
+
+SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (ReplaySettings, StackSettings, TailSettings, SimulatorSettings)
