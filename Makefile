@@ -39,8 +39,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
-# ruff, mypy, then every test level; pytest starts the real Kafka and Redis it needs.
+# ruff, mypy, the import contracts, then every test level; pytest starts the real Kafka and Redis it needs.
 test: lint
 	$(BIN)/pytest -ra
 
