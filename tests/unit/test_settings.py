@@ -82,3 +82,35 @@ def test_settings_are_frozen() -> None:
     settings = ReplaySettings()
     with pytest.raises(ValueError, match="frozen"):
         settings.topics.partitions = 3  # type: ignore[misc]
+
+
+def test_every_component_registers_its_settings_through_the_entry_point_group() -> None:
+    """The core knows components only through ``[project.entry-points."streamrec.settings"]``."""
+    import tomllib
+
+    from streamrec.core.settings import PROJECT_ROOT, SETTINGS_ENTRY_POINT_GROUP, all_settings_classes
+
+    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    modules = {value.split(":")[0] for value in declared[SETTINGS_ENTRY_POINT_GROUP].values()}
+    assert modules == {cls.__module__ for cls in all_settings_classes()}
+    # One variable of each component's own section, so a dropped registration fails here.
+    for name in (
+        "STREAMREC_FEATURES__REPO_DIR",
+        "STREAMREC_STREAMS__APP_ID",
+        "STREAMREC_JOINER__APP_ID",
+        "STREAMREC_TRAINER__INTERVAL_S",
+        "STREAMREC_MODEL_SERVER__PORT",
+        "STREAMREC_API__PORT",
+        "STREAMREC_EVALUATOR__GROUP_ID",
+        "STREAMREC_STACK__KAFKA_PORT",
+    ):
+        assert name in known_env_names(), name
+
+
+def test_the_core_names_no_component() -> None:
+    """The settings loader reads the registry; it never imports a component by name."""
+    from streamrec.core import settings as core_settings
+
+    source = Path(core_settings.__file__).read_text()
+    for component in ("features.", "streams.", "online_trainer.", "serving.", "streamrec.ops"):
+        assert f'"{component}' not in source, component
