@@ -1,16 +1,17 @@
-"""Typed settings for every streamrec process, in one place.
+"""The settings base and loader of every streamrec process.
 
-Each process has one settings class (``ReplaySettings``, ``StackSettings``, ...). They share
-sections (Kafka, topics, Redis, paths) through ``CommonSettings`` and read, in this order of
-precedence: keyword arguments, ``STREAMREC_*`` environment variables (nested sections use a
-double underscore: ``STREAMREC_KAFKA__BOOTSTRAP_SERVERS``), then an optional TOML file named by
+Each process has one settings class next to its code (``streamrec.ops.settings.ReplaySettings``,
+``serving.api.settings.ApiSettings``, ...), a subclass of ``CommonSettings``, which holds the
+shared sections (Kafka, topics, Redis, paths). Values come, in this order of precedence, from
+keyword arguments, ``STREAMREC_*`` environment variables (nested sections use a double
+underscore: ``STREAMREC_KAFKA__BOOTSTRAP_SERVERS``), then an optional TOML file named by
 ``STREAMREC_CONFIG_FILE``.
 
-Why so strict: a typo in a setting that silently falls back to a default is the worst kind of
-misconfiguration in a streaming system (a worker quietly reading the wrong topic). So unknown
-keys in the TOML file are rejected by pydantic (``extra="forbid"``), and any ``STREAMREC_*``
-environment variable that no settings class knows fails at start, naming the variable and the
-closest valid name. This module is the only place in the project that reads the environment.
+Strict on purpose: unknown keys in the TOML file are rejected (``extra="forbid"``), and a
+``STREAMREC_*`` variable that no registered settings class knows fails at start, naming the
+closest valid name. Components register their classes as entry points (group
+``streamrec.settings``), so this module names none. It is the only place in the project that
+reads the environment. See docs/design/ops.md#settings.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Kafka helpers the components and the ops layer share: topic creation and reading events back."""

@@ -3,7 +3,7 @@
 :func:`consume_decoded` yields one :class:`Decoded` per record: either the validated event or
 the :class:`EventValidationError` that says why it is not one, together with the record's
 topic, partition and offset. Consumers never drop a bad record silently: they get it here and
-decide (count it, print it, or, from the streams issue on, dead-letter it).
+decide (count it, print it, or dead-letter it).
 """
 
 from __future__ import annotations

@@ -38,13 +38,9 @@ class DemoOptions:
     history_fraction: float = 0.5
     visits: int = 7200
     rate: float = 30.0
-    # Users whose lists include the canary line's picks (team-draft interleaved with stable's).
-    # Model age is what the loop pays most for: in bench/prequential.py (30 % bootstrap, 1,600-event
-    # intervals) serving the line 4 / 12 intervals late cut online/frozen hit@10 from 1.371 to
-    # 1.304 / 1.199, and stable lags the line by minutes between promotions. At 0.5, half the users
-    # saw only stable's lists; 0.8 shows the line to more users and gives the test 1.6x the
-    # interleaved clicks per second, and keeps a fifth of plain stable lists for the guardrails
-    # that compare against stable (CTR collapse, latency).
+    # Users whose lists include the canary line's picks (team-draft interleaved with stable's): most
+    # users see the freshest model, a fifth keep plain stable lists for the guardrails.
+    # See docs/design/ops.md#canary-share-08.
     canary_share: float = 0.8
     trainer_interval_s: float = 40.0
     label_window_s: float = 10.0

@@ -1,9 +1,9 @@
 """The demo report: what the closed loop did, as a summary and as plots (PNG + one HTML page).
 
 Inputs are the files the processes leave behind, so the report can be rebuilt after the fact
-(``streamrec report``): the simulator's ``responses.parquet``, the evaluator's
-``decisions.jsonl`` and ``timeline.jsonl``, the model versions' lineage, and histogram samples scraped from the
-workers' Prometheus endpoints (freshness).
+(``LoopRecord.load`` then ``write_report``): the simulator's ``responses.parquet``, the evaluator's
+``decisions.jsonl`` and ``timeline.jsonl``, the model versions' directories, and histogram samples
+scraped from the workers' Prometheus endpoints (freshness).
 """
 
 from __future__ import annotations

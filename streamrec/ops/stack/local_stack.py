@@ -1,10 +1,10 @@
-"""The local stack: real Kafka and Redis (and, in later issues, the project's own processes)
-run under supervisord.
+"""The local stack: real Kafka and Redis, and the project's own processes
+(``streamrec.ops.stack.programs``), run under supervisord.
 
 Why supervisord: it is the well-kept process runner that already does what a stack needs:
 daemonize, restart policy, per-program logs, ordered start and clean SIGTERM stop, and an
 XML-RPC API we query for state and logs. This module only renders its config from settings
-and checks health on top of it.
+and checks health on top of it. See docs/design/ops.md#the-local-stack.
 
 The same :class:`LocalStack` serves ``streamrec stack up/status/logs/down`` and the pytest
 session fixtures (which point it at free ports and a temporary state folder), so the tests

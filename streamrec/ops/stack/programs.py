@@ -1,10 +1,12 @@
-"""The project's own processes as stack programs (started on request, not with supervisord).
+"""``Program`` (one supervised process) and the project's own processes as stack programs.
 
-Each one is the same command a user would run by hand; its settings come from the
-``STREAMREC_*`` environment the stack passes on (see ``LocalStack.client_environment``).
-Readiness: the model server and the API answer the standard gRPC health check; the stream
-workers, trainer and evaluator count as ready once supervisord sees them running past their
-start time (they have no request port to probe).
+The project's processes are known to supervisord but start only on request (``streamrec stack
+start NAME``, ``stack up --with``). Each is the same command a user would run by hand; its
+settings come from the ``STREAMREC_*`` environment the stack passes on
+(``LocalStack.client_environment``). Readiness: the model server and the API answer the standard
+gRPC health check; the stream workers, trainer and evaluator count as ready once supervisord sees
+them running past their start time (they have no request port to probe). This module does not
+import ``local_stack`` (which imports it), so there is no cycle.
 """
 
 from __future__ import annotations
