@@ -5,9 +5,11 @@ For other components (names and shapes are in ``streamrec.core.contracts``):
 * settings: subclass ``features.settings.FeaturesSettings`` (Redis, data dir, registry, project,
   ``max_feature_age_s``) and build it with ``streamrec.core.settings.load``;
 * ``features.store.open_store(settings)``: a ``feast.FeatureStore`` configured from settings;
-* writing (the Faust worker): ``features.store.push_user_activity(store, frame, online=..., offline=...)``
-  and ``push_item_stats``; last write wins by event time (see ``features.push`` for the rules);
-* serving: ``features.store.read_online(store, USER_FEATURE_SERVICE, ids, include_event_timestamps=True)``;
+* writing: the Faust worker writes rows with ``features.push.RowWriter`` (one per view, online
+  and to the push log); frames go through ``features.push.push`` (``push_user_activity``,
+  ``push_item_stats``); last write wins by event time (see ``features.push``);
+* reading: ``features.store.read_online(store, service_name, ids, include_event_timestamps=True)``;
+  the API's hot path reads through ``features.feast_internals`` (see there);
 * training: ``features.history.historical_features(store, entity_df, USER_FEATURE_SERVICE)``,
   point-in-time correct, one output row per input row;
 * set-up: ``streamrec features setup`` (``features.cli``), or ``feast -c features apply``.
@@ -15,5 +17,6 @@ For other components (names and shapes are in ``streamrec.core.contracts``):
 Modules: ``settings`` (typed config), ``views`` (every Feast object, built for a data dir),
 ``definitions`` (what the Feast CLI scans), ``store`` (open, set up, read), ``push`` and
 ``push_log`` (stream rows to Redis and to the offline log), ``history`` (training reads),
-``cli`` (``streamrec features ...``), ``errors``.
+``feast_internals`` (the only module that uses Feast's private API), ``watch`` (a few users'
+activity rows for the demo), ``cli`` (``streamrec features ...``), ``errors``.
 """

@@ -6,67 +6,28 @@ time of the entity's newest accepted event). A frame that does not match is reje
 with ``PushValidationError`` before anything is written. Timestamps are floored to
 microseconds, the precision Feast's online path keeps, so both stores hold the same instant.
 
-Replays are harmless (what the design requires), because of what Feast's Redis store does
-(``feast/infra/online_stores/redis.py``, ``RedisOnlineStore.online_write_batch``, Feast 0.67):
-it first reads each entity's stored ``_ts:<view>`` field, then writes a row only if its event
-timestamp is *strictly newer* than both the stored one and any earlier row of the same batch
-for that key. So:
-
-* an older row pushed after a newer one is skipped (last write wins by event time, not by
-  arrival), and a replayed row is a no-op;
-* a row whose timestamp *equals* the stored one is skipped too, even if its values differ.
-  Two events of one entity in the same second (frequent in ml-100k) therefore need distinct
-  row timestamps for the second state to land: give each pushed state a timestamp that grows
-  with the state, e.g. the newest event time plus ``n`` microseconds for the ``n``-th accepted
-  event at that same instant. That is deterministic, so a replay still produces the same
-  timestamps and stays a no-op;
-* the read-then-write is not atomic: two writers pushing the same key at once can race, so
-  one worker (or one partition owner) per key, as Faust's partitioning gives.
-  (``skip_dedup: true`` in the Redis config would turn the check off; we leave it off.)
-
-Offline, every push appends one file to the view's log (``features.push_log``), so a replay
-adds duplicate rows: same key, same event time, same values, which a point-in-time join
-resolves to that same value (``features.history`` keeps the first written of equal-time rows,
-like Redis). Why not Feast's own ``to=PushMode.OFFLINE``: it rewrites the whole parquet file on
-every push, and it cannot log a list column at all (it reads the file's schema back and fails
-on ``list<element: string>``, a ``KeyError`` in ``feast.type_map.pa_to_feast_value_type``).
-Measured here (1,000-row pushes, numeric columns only, a busy shared 2-core machine): 7-20 ms
-per push with a 10k-50k-row log, 130 ms with 1M rows, growing with the log; writing one new
-file took ~1 ms at any size in the same run (a whole offline push of 1,000 rows with their
-``recent_items`` lists, validation and conversion included: 15-30 ms).
-
-Online, Feast's push costs ~0.2-0.25 ms per row here (protobuf conversion in Python, two Redis
-round trips per batch) plus ~40 ms per call: push one row per entity per batch, never one per
-event.
-
-A long-running writer (the Faust worker) uses :class:`RowWriter` instead. ``store.push`` looks up
-the push source's views on every call (``list_feature_views`` rebuilds every ``FeatureView`` from
-the registry proto, with typeguard checks: ~40% of a push), then goes through pandas and arrow
-to reach protobuf values. ``RowWriter`` resolves the view once, builds the ``ValueProto`` of
-each value directly, and hands the rows to the same ``provider.online_write_batch`` that
-``store.push`` ends in, so the Redis layout and the last-write-wins check above are Feast's own
-and ``get_online_features`` reads exactly what a frame push would have written. The price: the
-view's definition is read at start, so a re-``apply`` with a changed schema needs a restart (the
-constructor checks the registered schema against ``features.views`` and names the fix).
+Replays are harmless: Feast's Redis store writes a row only if its event timestamp is strictly
+newer than the stored one (last write wins by event time; an equal timestamp is skipped, so two
+states of one entity at one instant need distinct timestamps). Offline, every push appends one
+file to the view's log (``features.push_log``). A long-running writer (the Faust worker) uses
+:class:`RowWriter`, which resolves the view once and writes through the same provider call as
+``store.push``. See docs/design/features.md#push.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import pyarrow as pa
-from feast import FeatureStore
+from feast import FeatureStore, ValueType
 from feast.data_source import PushMode
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import StringList
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.value_type import ValueType
 
 from features import push_log, views
 from features.errors import FeaturesError, PushValidationError
+from features.feast_internals import OnlineWriter, StreamRow
+
+__all__ = ["RowWriter", "StreamRow", "push", "push_item_stats", "push_user_activity"]
 
 
 def _normalized(view: views.StreamView, frame: pd.DataFrame) -> pd.DataFrame:
@@ -135,57 +96,22 @@ def push_item_stats(store: FeatureStore, frame: pd.DataFrame, *, online: bool = 
 
 
 # -- the row path of a long-running writer ------------------------------------------------
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-# How each arrow type of ``features.views`` becomes a Feast value: the same proto fields that
-# ``feast.type_map.python_values_to_proto_values`` fills for the registered dtype.
-def _int64(value: Any) -> ValueProto:
-    return ValueProto(int64_val=int(value))
-
-
-def _double(value: Any) -> ValueProto:
-    return ValueProto(double_val=float(value))
-
-
-def _string(value: Any) -> ValueProto:
-    return ValueProto(string_val=str(value))
-
-
-def _string_list(value: Any) -> ValueProto:
-    return ValueProto(string_list_val=StringList(val=value))  # items: checked as strings by arrow first
-
-
-_CONVERTERS: dict[pa.DataType, tuple[ValueType, Callable[[Any], ValueProto]]] = {
-    pa.int64(): (ValueType.INT64, _int64),
-    pa.float64(): (ValueType.DOUBLE, _double),
-    pa.string(): (ValueType.STRING, _string),
-    pa.list_(pa.string()): (ValueType.STRING_LIST, _string_list),
+# The Feast value type of each arrow type of ``features.views``.
+_VALUE_TYPES: dict[pa.DataType, ValueType] = {
+    pa.int64(): ValueType.INT64,
+    pa.float64(): ValueType.DOUBLE,
+    pa.string(): ValueType.STRING,
+    pa.list_(pa.string()): ValueType.STRING_LIST,
 }
-
-
-# What ``online_write_batch`` takes: entity key, values by feature, event time, created time.
-_ProtoRow = tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]
-
-
-class StreamRow(Protocol):
-    """One entity's row: its id, every feature of the view, and its event time in µs since the epoch."""
-
-    @property
-    def entity_id(self) -> str: ...
-
-    @property
-    def features(self) -> Mapping[str, object]: ...
-
-    @property
-    def version_us(self) -> int: ...
 
 
 class RowWriter:
     """Writes rows of one stream view online (Feast's ``online_write_batch``) and to the push log.
 
     Build one per view and process at start (it reads the registry once) and reuse it; it keeps
-    no state between calls besides Feast's Redis client, so one thread at a time per writer.
+    no state between calls besides Feast's Redis client, so one thread at a time per writer. A
+    re-``apply`` with a changed schema needs a restart; the constructor checks the registered view
+    against ``features.views`` and names the fix. See docs/design/features.md#row-writer.
     """
 
     def __init__(self, store: FeatureStore, view: views.StreamView) -> None:
@@ -197,15 +123,14 @@ class RowWriter:
         self.feature_view = store.get_feature_view(view.view_name)
         source = self.feature_view.stream_source
         registered = {field.name: field.dtype.to_value_type() for field in self.feature_view.features}
-        expected = {name: _CONVERTERS[view.schema.field(name).type][0] for name in view.feature_names}
+        expected = {name: _VALUE_TYPES[view.schema.field(name).type] for name in view.feature_names}
         if registered != expected or source is None or source.name != view.push_source:
             raise FeaturesError(
                 f"The registered view {view.view_name} (features {registered}, source "
                 f"{source.name if source else None}) is not the one features.views defines (features {expected}, "
                 f"source {view.push_source}); run `streamrec features setup` to apply the definitions, then restart."
             )
-        self._converters = [(name, _CONVERTERS[view.schema.field(name).type][1]) for name in view.feature_names]
-        self._provider = store._get_provider()
+        self._online = OnlineWriter(store, self.feature_view, view.join_key, list(expected.items()))
 
     def write(
         self,
@@ -226,7 +151,7 @@ class RowWriter:
             return 0
         table = self._to_table(rows)  # validates every value before anything is written
         if online:
-            self._provider.online_write_batch(self.store.config, self.feature_view, self._to_protos(rows), None)
+            self._online.write(rows)
             if on_online_written is not None:
                 on_online_written()
         if offline:
@@ -250,17 +175,3 @@ class RowWriter:
                 f"{view.view_name} rows do not match the schema "
                 f"{view.schema.to_string(show_schema_metadata=False)}: {exc}"
             ) from exc
-
-    def _to_protos(self, rows: Sequence[StreamRow]) -> list[_ProtoRow]:
-        join_keys = [self.view.join_key]
-        converters = self._converters
-        protos: list[_ProtoRow] = [
-            (
-                EntityKeyProto(join_keys=join_keys, entity_values=[ValueProto(string_val=str(row.entity_id))]),
-                {name: convert(row.features[name]) for name, convert in converters},
-                _EPOCH + timedelta(microseconds=row.version_us),
-                None,
-            )
-            for row in rows
-        ]
-        return protos

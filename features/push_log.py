@@ -2,15 +2,15 @@
 
 Why not ``store.push(..., to=PushMode.OFFLINE)``: Feast 0.67's file offline store
 (``DaskOfflineStore.offline_write_batch``) reads the whole parquet file, concatenates the new
-rows and rewrites it, so every push costs O(rows so far): measured ~130 ms per 1,000-row push
-at 1M logged rows, against ~1 ms for one new file (details in ``features.push``). A directory
-is still one Feast source: its file offline store reads sources with ``dd.read_parquet(path)``,
-which takes a directory, and ``features.history`` reads the files in write order. ``compact``
-merges the files when there are many (a read opens every file).
+rows and rewrites it, so every push costs O(rows so far), and it cannot log a list column.
+A directory is still one Feast source: its file offline store reads sources with
+``dd.read_parquet(path)``, which takes a directory, and ``features.history`` reads the files in
+write order. ``compact`` merges the files when there are many (a read opens every file).
 
 Files are written under a dot-name and renamed into place, and readers (pyarrow, dask) skip
 dot-files, so a reader never sees half a file. Each directory starts with an empty seed file
 that carries the schema, so reads work before the first push.
+See docs/design/features.md#push.
 """
 
 from __future__ import annotations

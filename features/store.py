@@ -8,7 +8,8 @@ The store's ``repo_path`` is the data dir, which is how the helpers below find t
 Set-up is three idempotent steps (``streamrec features setup`` runs them): ``write_profiles``
 (ml-100k users and items to parquet), ``apply`` (register every object of ``features.views``)
 and ``materialize_profiles`` (profiles into Redis). Stream views are never materialized: the
-Faust worker pushes them (``push_user_activity`` / ``push_item_stats``, from ``features.push``).
+Faust worker writes them (``features.push.RowWriter``); ``push_user_activity`` / ``push_item_stats``
+(from ``features.push``, re-exported here) push frames of them.
 """
 
 from __future__ import annotations

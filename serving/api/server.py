@@ -91,17 +91,14 @@ def bound_redis_retries(store: FeatureStore) -> None:
     Feast has no setting for the policy, so it is set on the client Feast made (Feast creates one
     client per store and keeps it); other online stores are left alone.
     """
-    from redis import Redis
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.retry import Retry
 
-    online_store = store._get_provider().online_store  # noqa: SLF001 - Feast exposes no public handle
-    get_client = getattr(online_store, "_get_client", None)
-    if get_client is None:
-        return
-    client = get_client(store.config.online_store)
-    if isinstance(client, Redis):
+    from features.feast_internals import online_redis_client
+
+    client = online_redis_client(store)
+    if client is not None:
         client.set_retry(Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
 

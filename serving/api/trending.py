@@ -1,31 +1,20 @@
 """Trending items, held in memory: the fallback answer when the model cannot give one.
 
 Every fallback needs the whole catalog ranked by ``item_stats.trending_score``; reading that per
-request (one Redis row per item) would cost more than the model call it replaces. So a daemon
-thread re-reads it every ``interval_s`` and swaps in a new immutable :class:`TrendingSnapshot`;
-requests only read the current snapshot (one attribute load, no lock).
+request would cost more than the model call it replaces. So a daemon thread re-reads it every
+``interval_s`` and swaps in a new immutable :class:`TrendingSnapshot`; requests only read the
+current snapshot (one attribute load, no lock).
 
-Where the data comes from, all through Feast:
-
-* the catalog (which item ids exist) is the item profile view of the ``recommender_item_v1``
-  FeatureService, read from that view's batch source (its parquet file), because Feast's online
-  store cannot list keys;
-* the stats are the service's stream view (``item_stats``), read online with Feast's
-  ``Provider.online_read`` (the same Redis layout and decoding as ``get_online_features``, without
-  its per-call planning; see ``user_features``) in chunks of ``CHUNK`` ids with a ``PAUSE_S`` rest
-  after each.
-
-Why paced: a refresh of the ml-100k catalog costs ~115 ms of CPU, all Python holding the GIL.
-While a CPU-bound thread runs, every request thread waits up to the interpreter's switch
-interval (5 ms) each time it takes the GIL back (after each Redis or model call), so one refresh
-done in a burst stalled every request in flight for its whole length: under ghz at 200 rps the
-60 slowest requests of a 20 s phase (the whole p99, 30-130 ms against a 5 ms median) all fell
-inside one 130 ms refresh. Chunks of ~2 ms of CPU with a rest between them leave requests a
-free GIL most of the time; the refresh takes ~1.2 s of wall time instead, well inside its interval.
+The catalog (which item ids exist) comes from the item profile view's batch source (its parquet
+file), because Feast's online store cannot list keys; the stats come from the service's stream
+view, read online with ``Provider.online_read`` (``features.feast_internals``) in chunks of
+``CHUNK`` ids with a ``PAUSE_S`` rest after each, so a refresh never holds the GIL long enough to
+stall requests in flight.
 
 Ranking: trending score, then 24 h count, then catalog order; items with no fresh stats rank
 after every item with stats, so the list is never empty while the catalog is not. A refresh that
 fails keeps the previous snapshot (and is counted): stale trending beats no answer.
+See docs/design/features.md#trending-refresh.
 """
 
 from __future__ import annotations
@@ -37,10 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from feast import FeatureStore, FeatureView, FileSource
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.type_map import feast_value_type_to_python_type
 
+from features.feast_internals import ViewReader, entity_key, python_value
 from serving.api.errors import ApiSetupError
 from serving.api.metrics import ApiMetrics
 from streamrec.core import contracts
@@ -95,7 +82,6 @@ class TrendingItems:
         service_name: str = contracts.ITEM_FEATURE_SERVICE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._store = store
         self._interval_s = interval_s
         self._max_age_s = max_age_s
         self._metrics = metrics
@@ -106,7 +92,6 @@ class TrendingItems:
         service = store.get_feature_service(service_name)
         self._catalog_paths: list[str] = []
         stats_view: FeatureView | None = None
-        self._provider = store._get_provider()  # noqa: SLF001 - Feast's documented Provider, no public getter
         for projection in service.feature_view_projections:
             view = store.get_feature_view(projection.name)
             names = {feature.name for feature in projection.features}
@@ -119,7 +104,7 @@ class TrendingItems:
                 f"FeatureService {service_name!r} needs a file-backed item profile view (the catalog) and a stream "
                 f"view with {list(_RANKING_FEATURES)}; run `streamrec features setup`"
             )
-        self._stats_view: FeatureView = stats_view
+        self._stats = ViewReader(store, stats_view, _RANKING_FEATURES)
         metrics.trending_age.set_function(self._age_s)
 
     @property
@@ -147,23 +132,14 @@ class TrendingItems:
         score_name, count_name = _RANKING_FEATURES
         for start in range(0, len(item_ids), CHUNK):
             chunk = item_ids[start : start + CHUNK]
-            keys = [
-                EntityKeyProto(join_keys=[contracts.ITEM_JOIN_KEY], entity_values=[ValueProto(string_val=item_id)])
-                for item_id in chunk
-            ]
-            rows = self._provider.online_read(
-                config=self._store.config,
-                table=self._stats_view,
-                entity_keys=keys,
-                requested_features=list(_RANKING_FEATURES),
-            )
+            rows = self._stats.read([entity_key(contracts.ITEM_JOIN_KEY, item_id) for item_id in chunk])
             for item_id, (event_time, values) in zip(chunk, rows, strict=True):
                 if event_time is None or not values or values.get(score_name) is None:
                     continue
                 if now - event_time.timestamp() > self._max_age_s:
                     continue
-                score = feast_value_type_to_python_type(values[score_name])
-                count = feast_value_type_to_python_type(values[count_name]) if count_name in values else 0
+                score = python_value(values[score_name])
+                count = python_value(values[count_name]) if count_name in values else 0
                 if score is None:
                     continue
                 stats[item_id] = (float(score), int(count or 0))

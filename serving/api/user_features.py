@@ -1,32 +1,18 @@
 """One user's features for a request: the ``recommender_user_v1`` FeatureService, one row.
 
-Read path: the views and features of the ``recommender_user_v1`` FeatureService (resolved once
-at start, so the service stays the one list of what the model reads), each read with Feast's
-``Provider.online_read`` for one entity key: the same Redis layout and value decoding as
-``FeatureStore.get_online_features``, without its per-call request planning and response
-building. Under ghz load that planning made ``get_online_features`` 42 % of the API's Python
-time (py-spy, ``bench/recommend_load.py --profile``); per read (``/proc`` CPU time, 3,000 reads
-of real rows, a busy machine) 0.79 ms of CPU against 0.34 ms for the two ``online_read`` calls.
+The service's views and features are resolved once at start (the service stays the one list of
+what the model reads). Each request reads them in one Redis ``HMGET`` when the online store is
+Feast's Redis store with redis-py, else with ``Provider.online_read`` per view; both give the rows
+``get_online_features`` gives, without its per-call planning (``features.feast_internals``).
 
-One round trip: Feast's Redis store keeps every view of an entity in one hash (a field per
-feature, ``_ts:<view>`` per view), and ``online_read`` sends one pipeline per view. When the
-online store is Feast's ``RedisOnlineStore`` with the redis-py client, the reader asks for all
-views' fields in one ``HMGET`` and decodes each view's slice with the store's own
-``_get_features_for_entity``; keys and field names come from the store's own helpers, computed
-once. Other stores take the ``online_read`` path. Under load redis-py's pipeline machinery,
-twice per request, was over half of the feature read (py-spy, ``--profile``); with one ``HMGET``
-the API's CPU per request at 200 rps went from 2.57 to 2.30 ms (``bench/recommend_load.py``,
-20 s phases, back to back). ``tests/integration/test_api_server.py`` checks that both paths give
-the rows ``get_online_features`` gives.
-
-Age: Feast applies no TTL on online reads, so a stream view's row (``user_activity``) whose
-event timestamp is older than ``max_age_s`` is treated as missing: the model then sees the same
-inputs as for a user with no recent activity, not a week-old "last hour" count. Batch views
-(profiles) never go stale. Which views are stream views comes from the registry (a view fed by a
-``PushSource`` has a ``stream_source``), not from a list kept here.
+Age: Feast applies no TTL on online reads, so a stream view's row (``user_activity``) older than
+``max_age_s`` is treated as missing: the model then sees the inputs of a user with no recent
+activity, not a week-old "last hour" count. Batch views (profiles) never go stale; which views
+are stream views comes from the registry (a view fed by a ``PushSource`` has a ``stream_source``).
 
 What the model sees (``streamrec.core.contracts``): the profile strings ("" when unknown),
 ``recent_items`` (newest first, at most ``RECENT_ITEMS_MAX``) and the counts (0 when unknown).
+See docs/design/features.md#user-feature-read.
 """
 
 from __future__ import annotations
@@ -37,16 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from feast import FeatureStore, FeatureView
-from feast.infra.online_stores.redis import (
-    RedisClient,
-    RedisOnlineStore,
-    RedisOnlineStoreConfig,
-    _versioned_fv_name,  # the view name Feast's Redis store hashes into field names
-)
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.type_map import feast_value_type_to_python_type
 
+from features.feast_internals import EntityKey, OneHmgetRead, ViewReader, ViewRow, entity_key, python_value
 from serving.api.errors import ApiSetupError
 from streamrec.core import contracts
 
@@ -96,17 +74,16 @@ class UserFeatureReader:
         clock: Callable[[], float] = time.time,
         one_round_trip: bool = True,
     ) -> None:
-        self._store = store
         self._service = store.get_feature_service(service_name)
         self._max_age_s = max_age_s
         self._clock = clock
         # feature ref "view__feature" -> (view, feature), and the stream views among them.
         self._refs: dict[str, tuple[str, str]] = {}
         self._stream_views: set[str] = set()
-        # what each read asks the provider for: the view, its features, and for each feature the
-        # row keys it fills (full feature name, and that plus ``__ts``), built once here
-        self._reads: list[tuple[FeatureView, list[str], list[tuple[str, str, str]]]] = []
-        self._provider = store._get_provider()  # noqa: SLF001 - Feast's documented Provider, no public getter
+        # per view of the service: its features, and for each feature the row keys it fills
+        # (full feature name, and that plus ``__ts``), built once here
+        self._reads: list[tuple[FeatureView, list[str]]] = []
+        self._row_keys: list[list[tuple[str, str, str]]] = []
         for projection in self._service.feature_view_projections:
             view = store.get_feature_view(projection.name)
             # the prefix Feast gives full feature names (alias or name, plus any version tag)
@@ -116,9 +93,14 @@ class UserFeatureReader:
             for feature in projection.features:
                 self._refs[f"{prefix}__{feature.name}"] = (prefix, feature.name)
             names = [feature.name for feature in projection.features]
-            keys = [(name, f"{prefix}__{name}", f"{prefix}__{name}{_TS_SUFFIX}") for name in names]
-            self._reads.append((view, names, keys))
-        self._hmget = self._one_hmget_plan() if one_round_trip else None
+            self._reads.append((view, names))
+            self._row_keys.append([(name, f"{prefix}__{name}", f"{prefix}__{name}{_TS_SUFFIX}") for name in names])
+        self._per_view = [ViewReader(store, view, names) for view, names in self._reads]
+        self._hmget = OneHmgetRead.plan(store, self._reads) if one_round_trip else None
+        # one row per view, in ``self._reads`` order: one HMGET, or ``online_read`` per view
+        self._read_views: Callable[[EntityKey], list[ViewRow]] = (
+            self._hmget.read if self._hmget is not None else self._read_per_view
+        )
         wanted = set(contracts.USER_STRING_INPUTS[1:]) | {"recent_items"} | set(contracts.USER_COUNT_INPUTS)
         missing = wanted - {feature for _, feature in self._refs.values()}
         if missing:
@@ -139,57 +121,19 @@ class UserFeatureReader:
         """One row as ``get_online_features(...).to_dict(include_event_timestamps=True)`` gives it:
         full feature names to values, and ``<name>__ts`` to the row's event time in whole epoch seconds
         (0 when the store has no row)."""
-        entity_key = EntityKeyProto(join_keys=[contracts.USER_JOIN_KEY], entity_values=[ValueProto(string_val=user_id)])
+        key = entity_key(contracts.USER_JOIN_KEY, user_id)
         row: dict[str, Any] = {}
-        for (_, _, keys), (event_time, values) in zip(self._reads, self._read_views(entity_key), strict=True):
+        for keys, (event_time, values) in zip(self._row_keys, self._read_views(key), strict=True):
             event_ts = int(event_time.timestamp()) if event_time is not None else 0  # whole seconds, as Feast gives
             found = values or {}
             for name, value_key, ts_key in keys:
                 value = found.get(name)
-                row[value_key] = None if value is None else feast_value_type_to_python_type(value)
+                row[value_key] = None if value is None else python_value(value)
                 row[ts_key] = event_ts
         return row
 
-    def _read_views(self, entity_key: EntityKeyProto) -> list[tuple[Any, dict[str, ValueProto] | None]]:
-        """(event time, values by feature name) of each view in ``self._reads``, in that order."""
-        config = self._store.config
-        if self._hmget is None:
-            # a copy of the names: Feast's Redis store appends its timestamp field to the list
-            return [
-                self._provider.online_read(
-                    config=config, table=view, entity_keys=[entity_key], requested_features=list(names)
-                )[0]
-                for view, names, _ in self._reads
-            ]
-        redis_store, fields, slices = self._hmget
-        [redis_key] = redis_store._generate_redis_keys_for_entities(config, [entity_key])  # noqa: SLF001 - see module doc
-        client = redis_store._get_client(config.online_store)  # noqa: SLF001 - the store's own (pooled) client
-        values = client.hmget(redis_key, fields)
-        return [
-            redis_store._get_features_for_entity(values[start:end], fv_name, requested)  # noqa: SLF001
-            for fv_name, requested, start, end in slices
-        ]
-
-    def _one_hmget_plan(self) -> tuple[RedisOnlineStore, list[Any], list[tuple[str, list[str], int, int]]] | None:
-        """The fields of every view for one HMGET, and each view's slice of the reply; None when
-        the online store is not Feast's Redis store with the redis-py client."""
-        redis_store = self._provider.online_store
-        store_config = self._store.config.online_store
-        if not isinstance(redis_store, RedisOnlineStore) or not isinstance(store_config, RedisOnlineStoreConfig):
-            return None
-        if store_config.client != RedisClient.redis:
-            return None  # GLIDE: online_read already batches off the GIL
-
-        fields: list[Any] = []
-        slices: list[tuple[str, list[str], int, int]] = []
-        for view, names, _ in self._reads:
-            fv_name = _versioned_fv_name(view, self._store.config)
-            requested, hset_keys = redis_store._generate_hset_keys_for_features(  # noqa: SLF001
-                view, list(names), fv_name_override=fv_name
-            )
-            slices.append((fv_name, requested, len(fields), len(fields) + len(hset_keys)))
-            fields.extend(hset_keys)
-        return redis_store, fields, slices
+    def _read_per_view(self, key: EntityKey) -> list[ViewRow]:
+        return [reader.read([key])[0] for reader in self._per_view]
 
     def from_row(self, user_id: str, row: dict[str, Any]) -> UserFeatures:
         """Build the model inputs from one ``to_dict(include_event_timestamps=True)`` row."""

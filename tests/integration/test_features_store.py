@@ -242,3 +242,88 @@ def test_the_row_writer_signals_when_rows_are_readable_online_before_the_offline
     writer.write([Row("40", features, version_us)], online=True, offline=True, on_online_written=online_written)
     assert seen == {"recent_items": ["9"], "log_files": files_before}
     assert len(push_log.files(log_dir, views.USER_ACTIVITY)) == files_before + 1
+
+
+def test_feast_internals_read_exactly_what_feasts_public_push_wrote(store: FeatureStore) -> None:
+    """``features.feast_internals`` (the API's fast reads) against Feast's public write and read."""
+    from feast.data_source import PushMode
+
+    from features import feast_internals
+
+    when = pd.Timestamp("1998-05-01T08:00:00.000250", tz="UTC")
+    store.push(
+        contracts.USER_ACTIVITY_PUSH,
+        user_activity("80", "1998-05-01T08:00:00.000250", 5, ["11", "12"]),
+        to=PushMode.ONLINE,
+    )
+    reads = [
+        (store.get_feature_view(contracts.USER_PROFILE_VIEW), list(contracts.USER_PROFILE_FEATURES)),
+        (store.get_feature_view(contracts.USER_ACTIVITY_VIEW), list(contracts.USER_ACTIVITY_FEATURES)),
+    ]
+    plan = feast_internals.OneHmgetRead.plan(store, reads)
+    assert plan is not None  # Feast's Redis store with redis-py: the API's default path
+    refs = [f"{view.name}:{name}" for view, names in reads for name in names]
+    for user_id in ("80", "1", "no-such-user"):
+        key = feast_internals.entity_key(contracts.USER_JOIN_KEY, user_id)
+        per_view = [feast_internals.ViewReader(store, view, names).read([key])[0] for view, names in reads]
+        assert plan.read(key) == per_view, user_id
+        public = store.get_online_features(features=refs, entity_rows=[{"user_id": user_id}]).to_dict(
+            include_event_timestamps=True
+        )
+        for (_, names), (event_time, values) in zip(reads, per_view, strict=True):
+            assert values is not None
+            event_ts = int(event_time.timestamp()) if event_time is not None else 0
+            for name in names:
+                assert feast_internals.python_value(values[name]) == public[name][0], (user_id, name)
+                assert event_ts == public[f"{name}__ts"][0], (user_id, name)
+    event_time, values = plan.read(feast_internals.entity_key(contracts.USER_JOIN_KEY, "80"))[1]
+    assert values is not None and event_time == when.to_pydatetime()  # to the microsecond
+    assert {name: feast_internals.python_value(values[name]) for name in contracts.USER_ACTIVITY_FEATURES} == {
+        "recent_items": ["11", "12"],
+        "count_1h": 5,
+        "count_24h": 15,
+        "last_event_ts": int(when.timestamp()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("view_name", "join_key", "entity_id", "features"),
+    [
+        (contracts.ITEM_STATS_VIEW, "item_id", "90", {"count_1h": 4, "count_24h": 9, "trending_score": 1.25}),
+        (
+            contracts.USER_ACTIVITY_VIEW,
+            "user_id",
+            "81",
+            {"recent_items": ["5", "6"], "count_1h": 2, "count_24h": 3, "last_event_ts": 894_009_600},
+        ),
+    ],
+)
+def test_rows_written_through_feast_internals_read_back_with_feasts_public_api(
+    store: FeatureStore, view_name: str, join_key: str, entity_id: str, features: dict[str, object]
+) -> None:
+    from features import feast_internals
+
+    view = store.get_feature_view(view_name)
+    writer = feast_internals.OnlineWriter(
+        store, view, join_key, [(feature.name, feature.dtype.to_value_type()) for feature in view.features]
+    )
+    when = pd.Timestamp("1998-05-01T09:00:00.000007", tz="UTC")
+    writer.write([Row(entity_id, features, (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1))])
+    public = store.get_online_features(
+        features=[f"{view_name}:{name}" for name in features], entity_rows=[{join_key: entity_id}]
+    ).to_dict(include_event_timestamps=True)
+    assert {name: public[name][0] for name in features} == features
+    assert {public[f"{name}__ts"][0] for name in features} == {int(when.timestamp())}
+    key = feast_internals.entity_key(join_key, entity_id)
+    [(event_time, _)] = feast_internals.ViewReader(store, view, list(features)).read([key])
+    assert event_time == when.to_pydatetime()
+
+
+def test_the_online_redis_client_is_the_one_feast_reads_through(store: FeatureStore) -> None:
+    """The API sets its retry policy on this client, so it must be the store's own, kept one."""
+    from features import feast_internals
+
+    client = feast_internals.online_redis_client(store)
+    assert client is not None and client.ping()
+    assert client is store.provider.online_store._get_client(store.config.online_store)
+    assert feast_internals.online_redis_client(store) is client
