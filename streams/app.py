@@ -20,11 +20,16 @@ restart the worker reads the changelogs back before consuming (RocksDB is not av
 it would make recovery incremental). Processing is at-least-once (Faust acks a batch after the
 pipeline returns, and commits offsets only after flushing the producer, changelogs included);
 deduplication by ``event_id`` makes redelivery harmless (see ``streams.pipeline``).
+
+The app is built by :func:`create_app` (through ``streams.faust_app.build_app``); the module's
+``app`` and ``worker`` attributes build it from ``STREAMREC_*`` settings on first access, not
+at import.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -38,10 +43,9 @@ from faust.serializers import codecs
 from faust.streams import Stream
 from faust.types import TP
 
-from streamrec.core.errors import SettingsError
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import load
-from streams import metrics, watchdog
+from streams.faust_app import build_app
 from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs
 from streams.settings import StreamsSettings
 from streams.windows import EntityState, WindowConfig
@@ -101,13 +105,13 @@ def _changelog_sender(
 ) -> Callable[[int, str, EntityState], Awaitable[object]]:
     """Send a state's changelog record straight to the app's Kafka producer.
 
-    ``changelog_topic.send`` goes through Faust's channel layer (serializer lookup, a
-    ``FutureMessage``, sensors, a published callback) for every record: 16% of the worker's
-    Python time at 1,000 events/s (py-spy, ``--gil``), as each push writes one record per dirty
-    entity. The bytes are the ones that layer produces (the table's ``json`` key codec and
-    ``STATE_CODEC``; a unit test checks them against the topic's own serializers), so recovery
-    reads them the same way; the producer is the one Faust flushes before every offset commit,
-    so a committed offset stays covered by its changelog records.
+    Faust's ``changelog_topic.send`` runs its channel layer (serializer lookup, a
+    ``FutureMessage``, sensors, a callback) for every record, and each push writes one record
+    per dirty entity; see docs/design/streams.md#changelog-sends. The bytes are the ones that
+    layer produces (the table's ``json`` key codec and ``STATE_CODEC``; a unit test checks them
+    against the topic's own serializers), so recovery reads them the same way; the producer is
+    the one Faust flushes before every offset commit, so a committed offset stays covered by
+    its changelog records.
     """
     topic_name = table.changelog_topic.get_topic_name()
     key_codec, value_codec = codecs.get_codec("json"), codecs.get_codec(STATE_CODEC)
@@ -120,42 +124,33 @@ def _changelog_sender(
     return send
 
 
-def _broker_urls(bootstrap_servers: str) -> list[str]:
-    return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
+def _dump_tasks() -> None:
+    """SIGUSR2: log every asyncio task's stack. A stalled worker has idle threads (py-spy shows
+    nothing); what waits, and on what, is in its coroutines."""
+    tasks = asyncio.all_tasks()
+    log.warning("SIGUSR2: %d asyncio tasks", len(tasks))
+    for task in tasks:
+        frames = task.get_stack()
+        where = " <- ".join(
+            f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno})" for f in frames
+        )
+        log.warning("task %s: %s", task.get_name(), where or "(no frames)")
 
 
 def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) -> Worker:
     """Build the app, topics, tables and agents for ``settings``."""
-    if settings.kafka.security_protocol != "PLAINTEXT":
-        raise SettingsError(
-            "The streams worker connects with PLAINTEXT only for now; set STREAMREC_KAFKA__SECURITY_PROTOCOL="
-            "PLAINTEXT or add broker_credentials in streams/app.py."
-        )
     tuning = settings.streams
-    state_dir = settings.streams_state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
     partitions = settings.topics.partitions
-    app = faust.App(
-        tuning.app_id,
-        broker=_broker_urls(settings.kafka.bootstrap_servers),
-        broker_client_id=settings.kafka.client_id,
-        store="memory://",
-        datadir=str(state_dir),
-        processing_guarantee="at_least_once",
+    app = build_app(
+        settings,
+        tuning,
+        state_dir=settings.streams_state_dir,
+        web_port=tuning.web_port,
         producer_linger=tuning.producer_linger_s,
-        broker_commit_interval=tuning.commit_interval_s,
         broker_session_timeout=tuning.session_timeout_s,
         broker_rebalance_timeout=tuning.session_timeout_s,
         broker_heartbeat_interval=max(1.0, tuning.session_timeout_s / 10),
-        consumer_auto_offset_reset="earliest",
-        topic_partitions=partitions,
-        topic_replication_factor=settings.topics.replication_factor,
         table_standby_replicas=0,
-        web_enabled=tuning.web_port != 0,
-        web_port=tuning.web_port or 6066,
-        web_bind="127.0.0.1",
-        key_serializer="raw",
-        value_serializer="raw",
     )
     interactions = app.topic(settings.topics.interactions, key_serializer="raw", value_serializer="raw")
     by_item = app.topic(
@@ -210,44 +205,38 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
     ingest_agent = app.agent(interactions, name="streams.ingest")(ingest)
     item_agent = app.agent(by_item, name="streams.item_stats")(item_stats)
 
-    def dump_tasks() -> None:
-        """SIGUSR2: log every asyncio task's stack. A stalled worker has idle threads (py-spy shows
-        nothing); what waits, and on what, is in its coroutines."""
-        tasks = asyncio.all_tasks()
-        log.warning("SIGUSR2: %d asyncio tasks", len(tasks))
-        for task in tasks:
-            frames = task.get_stack()
-            where = " <- ".join(
-                f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno})" for f in frames
-            )
-            log.warning("task %s: %s", task.get_name(), where or "(no frames)")
-
     async def start_up() -> None:
-        # Pushes run Feast (pure Python, pandas) in a thread next to the event loop. With the
-        # default 5 ms GIL switch interval, every select() of the loop waits up to 5 ms to get the
-        # GIL back from a busy push thread (a convoy), capping the loop at a few hundred wake-ups
-        # a second; a short interval lets the loop run between the push thread's bytecodes.
+        # Pushes run Feast in a thread beside the event loop; a short GIL switch interval lets
+        # the loop run between that thread's bytecodes (docs/design/streams.md#event-loop-and-gil).
         sys.setswitchinterval(tuning.gil_switch_interval_s)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump_tasks)
-        # Faust's Monitor sensor keeps per-event statistics for its web views (off here) on every
-        # message in and out: ~4% of the worker's Python time at 3,300 events/s. Our metrics
-        # are streams.metrics; the monitor object stays for Faust's own calls to it.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _dump_tasks)
+        # Faust's Monitor sensor keeps per-event statistics for its web views (off here); our
+        # metrics are streams.metrics (docs/design/streams.md#faust-monitor). The monitor object
+        # stays for Faust's own calls to it.
         if app.monitor in app.sensors:
             app.sensors.remove(app.monitor)
-        metrics.serve(tuning.metrics_port)
         try:
             await asyncio.to_thread(pipeline.sink.warm_up)
         except Exception:  # noqa: BLE001 -- the first push retries and reports it properly
             log.exception("could not open the feature store at start; the first push will retry")
 
     app.task(start_up)
-    watchdog.install(app)
     return Worker(settings, app, pipeline, ingest_agent, item_agent)
 
 
-def _main_worker() -> Worker:
+@functools.cache
+def main_worker() -> Worker:
+    """This process's worker, from ``STREAMREC_*`` settings; built on the first call only."""
     return create_app(load(StreamsSettings))
 
 
-worker = _main_worker()
-app = worker.app
+def __getattr__(name: str) -> object:
+    """``app`` and ``worker`` (PEP 562): built on first access, so an import does no work.
+
+    ``faust -A streams.app worker`` reads ``app`` here (Faust's ``find_app``).
+    """
+    if name == "app":
+        return main_worker().app
+    if name == "worker":
+        return main_worker()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,7 @@ def worker(
     import faust
 
     from streamrec.kafka.admin import ensure_topics
-    from streams.app import worker as built
+    from streams.app import main_worker
 
     # The by-item repartition topic must exist before the consumer subscribes: Faust declares its
     # internal topics while the consumer starts, and a subscription made before the topic is in
@@ -46,6 +46,7 @@ def worker(
     # the item side would never see its first bundles (a lag stuck at their count).
     ensure_topics(settings, extra=[settings.by_item_topic])
 
+    built = main_worker()
     level = loglevel or built.settings.streams.log_level
     faust.Worker(built.app, loglevel=level).execute_from_commandline()
 

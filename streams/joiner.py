@@ -28,14 +28,11 @@ State is per user (both topics are keyed by ``user_id``, so a user's impressions
 share a partition) and JSON-serialisable, for a changelog-backed Faust table.
 
 **A user's open impressions are capped** (``max_open_per_user``). The whole state is one changelog
-message, and Kafka refuses a message over ``max.request.size`` (1 MiB): a replayed ml-100k user who
-rates hundreds of movies in one sitting had ~600 impressions open in one 15 s window, ~1 MB, and
-the worker's producer crashed on it (``bench/loop_online.py --visits 50000``, 2026-11-30). Past the
-cap the oldest open impressions are labeled at once (:meth:`JoinState.label_overflow`) instead of at
-their window's end; a click that arrives for one of them later is ``late`` and goes to the
-dead-letter topic like any other late click. At 100 impressions of 1-2 KB (ten items, a full
-recent-items list) the message stays near 100-200 KB, and a person rarely asks for 100 lists inside
-one label window.
+message, and Kafka refuses a message over ``max.request.size`` (1 MiB), which crashes the
+producer. Past the cap the oldest open impressions are labeled at once
+(:meth:`JoinState.label_overflow`) instead of at their window's end; a click that arrives for one
+of them later is ``late`` and goes to the dead-letter topic like any other late click. See
+docs/design/streams.md#joiner-state-cap.
 """
 
 from __future__ import annotations

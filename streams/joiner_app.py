@@ -5,149 +5,99 @@ so a user's impressions and clicks arrive on the same partition number and one c
 table keyed by user holds that user's :class:`~streams.joiner.JoinState`. A timer labels closed
 windows: labeled examples go to ``topics.labeled``, and every click that cannot be joined
 (late, before its impression, not shown, no impression) goes to ``topics.deadletter`` with its
-reason, so nothing is lost silently; each outcome is counted in Prometheus.
+reason, so nothing is lost silently; each outcome is counted in Prometheus. What happens to each
+record is :class:`~streams.joiner_agent.JoinerAgent`'s; this module wires it to Faust.
 
-The table is written through ``table.data`` plus an explicit ``send_changelog`` to the
-partition recorded in the state, because the timer runs outside any stream event (Faust only
-infers the changelog partition inside one).
+The app is built by :func:`create_joiner` (through ``streams.faust_app.build_app``); the
+module's ``app`` attribute builds it from ``STREAMREC_*`` settings on first access, not at import.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import faust
-from prometheus_client import Counter, start_http_server
 
-from streamrec.core.errors import EventValidationError
-from streamrec.core.events import Click, DeadLetter, Impression, LabeledExample, decode_event
 from streamrec.core.settings import load
-from streams import watchdog
-from streams.joiner import DEAD_LETTER_OUTCOMES, JoinConfig, JoinState, utc_now
+from streams.faust_app import build_app
+from streams.joiner import JoinConfig
+from streams.joiner_agent import JoinerAgent
 from streams.joiner_settings import JoinerSettings
 
-CLICKS = Counter("streamrec_joiner_clicks_total", "Clicks by join outcome", ["outcome"])
-IMPRESSIONS = Counter("streamrec_joiner_impressions_total", "Impressions read")
-LABELED = Counter("streamrec_joiner_labeled_total", "Labeled examples emitted", ["clicked"])
-INVALID = Counter("streamrec_joiner_invalid_total", "Undecodable or invalid records", ["topic"])
-LABELED_EARLY = Counter(
-    "streamrec_joiner_labeled_early_total", "Labeled examples of impressions labeled before their window closed"
-)
+
+class FaustJoinerOutputs:
+    """``JoinerOutputs`` on the labeled and dead-letter topics."""
+
+    def __init__(self, labeled_topic: faust.types.TopicT, deadletter: faust.types.TopicT) -> None:
+        self.labeled_topic = labeled_topic
+        self.deadletter = deadletter
+
+    async def labeled(self, key: bytes, value: bytes) -> None:
+        await self.labeled_topic.send(key=key, value=value)
+
+    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        await self.deadletter.send(key=key, value=value)
 
 
-def create_joiner(settings: JoinerSettings) -> faust.App:
+@dataclass
+class Joiner:
+    """The app and what its agent uses; tests swap ``joiner.outputs`` and ``joiner.clock``."""
+
+    settings: JoinerSettings
+    app: faust.App
+    joiner: JoinerAgent
+    agent: Any  # faust AgentT (its generic types do not help here)
+
+
+def create_joiner(settings: JoinerSettings) -> Joiner:
+    """Build the app, topics, join table, agent and labeling timer for ``settings``."""
     tuning = settings.joiner
-    config = JoinConfig(
-        window_s=tuning.label_window_s, grace_s=tuning.grace_s, max_open_per_user=tuning.max_open_per_user
-    )
     topics = settings.topics
-    settings.joiner_state_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        tuning.app_id,
-        broker=[f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")],
-        store="memory://",
-        datadir=str(settings.joiner_state_dir),
-        processing_guarantee="at_least_once",
-        broker_commit_interval=tuning.commit_interval_s,
-        consumer_auto_offset_reset="earliest",
-        topic_partitions=topics.partitions,
-        topic_replication_factor=topics.replication_factor,
-        web_enabled=False,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    app = build_app(settings, tuning, state_dir=settings.joiner_state_dir)
     source = app.topic(topics.impressions, topics.clicks, key_serializer="raw", value_serializer="raw")
     labeled_topic = app.topic(topics.labeled, key_serializer="raw", value_serializer="raw")
     deadletter = app.topic(topics.deadletter, key_serializer="raw", value_serializer="raw")
     table = app.Table(
         "join_state", partitions=topics.partitions, key_type=str, value_type=dict, help="JoinState by user id"
     )
+    joiner = JoinerAgent(
+        config=JoinConfig(
+            window_s=tuning.label_window_s, grace_s=tuning.grace_s, max_open_per_user=tuning.max_open_per_user
+        ),
+        impressions_topic=topics.impressions,
+        clicks_topic=topics.clicks,
+        states=table.data,
+        send_changelog=table.send_changelog,
+        outputs=FaustJoinerOutputs(labeled_topic, deadletter),
+    )
 
-    def save(user_id: str, state: JoinState, partition: int) -> None:
-        value: dict[str, Any] = {**state.to_json(), "partition": partition}
-        table.data[user_id] = value
-        table.send_changelog(partition, user_id, value)
-
-    async def emit(examples: list[LabeledExample]) -> None:
-        for example in examples:
-            await labeled_topic.send(key=example.key(), value=example.to_bytes())
-            LABELED.labels(str(example.clicked).lower()).inc()
-
-    async def dead_letter(click: Click, reason: str, partition: int, offset: int) -> None:
-        error = EventValidationError(
-            f"click_{reason}", f"click {click.event_id} on request {click.request_id}: {reason}"
-        )
-        letter = DeadLetter.for_raw(
-            value=click.to_bytes(),
-            key=click.key(),
-            topic=topics.clicks,
-            partition=partition,
-            offset=offset,
-            error=error,
-        )
-        await deadletter.send(key=click.key(), value=letter.to_bytes())
-
-    @app.agent(source, name="streams.joiner")
     async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
-            message = event.message
-            is_impression = message.topic == topics.impressions
-            try:
-                record: Impression | Click = (
-                    decode_event(event.value, Impression) if is_impression else decode_event(event.value, Click)
-                )
-            except EventValidationError as error:
-                INVALID.labels(message.topic).inc()
-                letter = DeadLetter.for_raw(
-                    value=event.value,
-                    key=event.key,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    error=error,
-                )
-                await deadletter.send(key=event.key, value=letter.to_bytes())
-                yield None
-                continue
-            state = JoinState.from_json(table.data.get(record.user_id))
-            if isinstance(record, Impression):
-                IMPRESSIONS.inc()
-                outcomes = state.add_impression(record, config)
-                early = state.label_overflow(config)
-                await emit(early)
-                LABELED_EARLY.inc(len(early))
-            else:
-                outcomes = [(record, state.add_click(record, config))]
-            for click, outcome in outcomes:
-                CLICKS.labels(outcome).inc()
-                if outcome in DEAD_LETTER_OUTCOMES:
-                    await dead_letter(click, outcome, message.partition, message.offset)
-            save(record.user_id, state, message.partition)
+            await joiner.handle(event)
             yield None
 
     async def label_closed_windows() -> None:
-        now = utc_now()
-        for user_id, value in list(table.data.items()):
-            state = JoinState.from_json(value)
-            labeled, expired = state.expire(now, config)
-            if not labeled and not expired:
-                continue
-            await emit(labeled)
-            for click in expired:
-                CLICKS.labels("no_impression").inc()
-                await dead_letter(click, "no_impression", int(value["partition"]), -1)
-            save(user_id, state, int(value["partition"]))
+        await joiner.label_closed_windows()
 
+    agent = app.agent(source, name="streams.joiner")(join)
     app.timer(interval=tuning.expire_interval_s)(label_closed_windows)
-    watchdog.install(app)
-    if tuning.metrics_port:
-
-        async def serve_metrics() -> None:
-            start_http_server(tuning.metrics_port)
-
-        app.task(serve_metrics)
-    return app
+    return Joiner(settings, app, joiner, agent)
 
 
-app = create_joiner(load(JoinerSettings))
+@functools.cache
+def main_joiner() -> Joiner:
+    """This process's joiner, from ``STREAMREC_*`` settings; built on the first call only."""
+    return create_joiner(load(JoinerSettings))
+
+
+def __getattr__(name: str) -> object:
+    """``app`` (PEP 562): built on first access, so an import does no work.
+
+    ``faust -A streams.joiner_app worker`` reads ``app`` here (Faust's ``find_app``).
+    """
+    if name == "app":
+        return main_joiner().app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from streamrec.core.settings import CommonSettings
+from streams.settings import APP_ID_PATTERN, FaustAppTuning
 
 
-class JoinerTuning(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    app_id: str = Field(default="streamrec-joiner", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+class JoinerTuning(FaustAppTuning):
+    app_id: str = Field(default="streamrec-joiner", pattern=APP_ID_PATTERN)
     # A click counts for an impression if it happens within this many seconds of it.
     label_window_s: float = Field(default=60.0, gt=0)
     # Extra wall-clock wait after the window before labeling, for clicks still in flight.
@@ -22,10 +21,6 @@ class JoinerTuning(BaseModel):
     max_open_per_user: int = Field(default=100, ge=1)
     # How often closed windows are labeled.
     expire_interval_s: float = Field(default=1.0, gt=0)
-    commit_interval_s: float = Field(default=1.0, gt=0)
-    metrics_port: int = Field(default=0, ge=0, le=65535)
-    # None = <paths.state_dir>/joiner
-    state_dir: Path | None = None
 
 
 class JoinerSettings(CommonSettings):
@@ -33,7 +28,7 @@ class JoinerSettings(CommonSettings):
 
     @property
     def joiner_state_dir(self) -> Path:
-        return self.joiner.state_dir or self.paths.state_dir / "joiner"
+        return self.joiner.resolved_state_dir(self.paths, "joiner")
 
 
 SETTINGS_CLASSES = (JoinerSettings,)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the Faust worker, served on ``streams.metrics_port`` (0 = not served).
+"""Prometheus metrics of the Faust feature worker, served on ``streams.metrics_port`` (0 = not served)
+by ``streams.faust_app``; the joiner's are ``streams.joiner_metrics``.
 
 Freshness is measured per event from its Kafka record timestamp (when it entered
 ``streamrec.interactions``) to the moment the push that carries its entity's new features
@@ -8,7 +9,7 @@ original timestamp: the repartition hop keeps it.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 # Fine below 0.5 s, where the freshness targets are (p50 < 100 ms, p99 < 500 ms).
 _LATENCY_BUCKETS = (
@@ -56,9 +57,3 @@ APPLIED_SECONDS = Histogram(
     ("view",),
     buckets=_LATENCY_BUCKETS,
 )
-
-
-def serve(port: int) -> None:
-    """Expose ``/metrics`` on ``port`` (in a daemon thread); 0 means metrics are not served."""
-    if port:
-        start_http_server(port)

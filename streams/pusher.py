@@ -94,7 +94,7 @@ class ViewPusher:
     # (Feast's event timestamp, see streams.windows) that can be no newer than that row despite
     # holding more events, and Feast would keep the stale row. A user's events come back in
     # their partition's order, so a rebuilt user state passes through the exact states (and
-    # versions) pushed before; there the wait (about 20 ms a push under load) buys nothing.
+    # versions) pushed before; there the wait buys nothing (docs/design/streams.md#per-event-costs).
     changelog_before_online: bool = False
     clock: Callable[[], float] = time.time
     _dirty: dict[str, _Dirty] = field(default_factory=dict)

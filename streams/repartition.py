@@ -3,7 +3,7 @@
 The item side needs each item's events on one partition of ``<interactions>.by-item`` (its table
 is partitioned like that topic; more workers split it). Forwarding every event as a record of
 its own made each event pay for Faust twice (a produce on the user side, then a whole consume:
-fetch, conductor, stream, ``take_events``), measured at about a third of the worker's CPU.
+fetch, conductor, stream, ``take_events``; see docs/design/streams.md#repartition-bundles).
 So the user agent groups a batch's valid events by the partition their item hashes to and sends
 one *bundle* per partition; the item agent applies every entry of a bundle.
 

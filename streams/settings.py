@@ -1,8 +1,12 @@
-"""Settings of the Faust worker (``streams``): the shared sections plus a ``streams`` section.
+"""Settings of the Faust apps in ``streams``: what both apps share, and the feature worker's section.
 
-The worker writes features, so it subclasses ``FeaturesSettings`` and one set of
+``FaustAppTuning`` holds what ``streams.faust_app.build_app`` builds every app from; each app's
+section subclasses it (``STREAMREC_STREAMS__*`` here, ``STREAMREC_JOINER__*`` in
+``streams.joiner_settings``), so both apps read those settings under the same names. The worker
+writes features, so ``StreamsSettings`` subclasses ``FeaturesSettings`` and one set of
 ``STREAMREC_FEATURES__*`` variables points it and every reader at the same Feast repository.
 This module imports nothing heavy (no Faust, no Feast): the environment check imports it.
+The reasoning behind the tuned defaults: see docs/design/streams.md#worker-tuning.
 """
 
 from __future__ import annotations
@@ -10,13 +14,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from features.settings import FeaturesSettings
-from streamrec.core.settings import CommonSettings
+from streamrec.core.settings import CommonSettings, PathSettings, Section
+
+# A Faust app id names its consumer group, changelog topics and state directory.
+APP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
-class StreamsTuning(BaseModel):
+class FaustAppTuning(Section):
+    """What every Faust app of ``streams`` is built from; each app's section sets its ``app_id``."""
+
+    app_id: str = Field(pattern=APP_ID_PATTERN)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    # Prometheus /metrics, served when the app starts; 0 = not served.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # None = ``<paths.state_dir>/<the app's directory>``; Faust keeps its table metadata there.
+    state_dir: Path | None = None
+
+    def resolved_state_dir(self, paths: PathSettings, default_name: str) -> Path:
+        return self.state_dir or paths.state_dir / default_name
+
+
+class StreamsTuning(FaustAppTuning):
     """How the worker consumes, keeps state and pushes.
 
     ``allowed_lateness_s`` is measured in event time against the entity's latest accepted event:
@@ -31,44 +52,32 @@ class StreamsTuning(BaseModel):
     clock; events from the past (MovieLens is from 1997) are fine.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    app_id: str = Field(default="streamrec-features", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    app_id: str = Field(default="streamrec-features", pattern=APP_ID_PATTERN)
     allowed_lateness_s: float = Field(default=24 * 3600.0, ge=0)
     max_future_skew_s: float = Field(default=300.0, ge=0)
     # take_events(push_batch_size, within=push_max_wait_s): how often the agents hand applied
     # events to the pushers; pushes themselves run back to back and coalesce what accumulates.
     push_batch_size: int = Field(default=1000, ge=1)
     push_max_wait_s: float = Field(default=0.02, gt=0)
-    # A view's pushes start at most this often. Each push costs a fixed part (two Redis round
-    # trips, one parquet file in the offline log, a thread hop) and writes one changelog record
-    # per dirty entity; back to back under load they shrank to a few rows each, so every event
-    # paid for its own changelog record and a share of a file. Waiting lets entities coalesce;
-    # it adds up to this much to freshness (the target is p50 < 100 ms).
+    # A view's pushes start at most this often, so dirty entities coalesce into fewer, larger
+    # pushes; it adds up to this much to freshness (the target is p50 < 100 ms).
     push_min_interval_s: float = Field(default=0.05, ge=0)
-    # Faust's producer_linger: how long the Kafka producer waits to fill a batch. At 0 every
-    # forwarded event and changelog record went out in a produce request of its own (~30k
-    # requests for 22k events, measured), each a syscall that also waits for the GIL.
+    # Faust's producer_linger: how long the Kafka producer waits to fill a batch.
     producer_linger_s: float = Field(default=0.005, ge=0)
-    # sys.setswitchinterval for the worker (see streams.app: the push thread and the event loop).
+    # sys.setswitchinterval for the worker: lets the event loop run beside the push thread.
     gil_switch_interval_s: float = Field(default=0.0005, gt=0, le=0.1)
     # Events applied but not yet pushed (their offsets uncommitted); beyond it the agents wait.
     max_held_events: int = Field(default=20_000, ge=1)
     push_offline: bool = True
-    metrics_port: int = Field(default=0, ge=0, le=65535)
     web_port: int = Field(default=0, ge=0, le=65535)
-    commit_interval_s: float = Field(default=1.0, gt=0)
     # How soon the group notices a dead worker (SIGKILL, lost host) and hands its partitions on;
     # the broker's group.min.session.timeout.ms (6 s by default) is the floor.
     session_timeout_s: float = Field(default=30.0, ge=6)
-    # None = ``<paths.state_dir>/streams``; Faust keeps its table metadata there.
-    state_dir: Path | None = None
     # The internal repartition topic (keyed by item id); None = ``<interactions>.by-item``.
     by_item_topic: str | None = None
     log_level: str = "info"
-    # The worker's asyncio event loop. uvloop (libuv, in C) runs Faust's per-message machinery
-    # (fetch -> conductor -> stream queue -> take_events, the producer's sends) with less CPU per
-    # wake-up than the pure-Python default; "asyncio" is the fallback where uvloop is missing.
+    # The worker's asyncio event loop: uvloop (libuv, in C) costs less CPU per wake-up than the
+    # pure-Python default; "asyncio" is the fallback where uvloop is missing.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
@@ -77,7 +86,7 @@ class StreamsSettings(FeaturesSettings):
 
     @property
     def streams_state_dir(self) -> Path:
-        return self.streams.state_dir or self.paths.state_dir / "streams"
+        return self.streams.resolved_state_dir(self.paths, "streams")
 
     @property
     def by_item_topic(self) -> str:

@@ -1,18 +1,15 @@
 """Exit a Faust worker whose producer or consumer has crashed, so its supervisor restarts it.
 
-Why: when a send fails for good (the joiner's producer hit Kafka's 1 MiB message limit on
-2026-11-30), Faust logs ``Crashed`` for the producer (or its buffer) and may never exit. In the
-50,000-visit loop the process stayed up doing nothing for 15 minutes while no labeled example was
-written and the A/B evaluator starved; in a CI run of ``tests/integration/test_worker_restart.py``
-the worker began to stop and hung at "Wait for streams..." (an agent blocked on the dead buffer).
-On other runs Faust stops by itself and exits with status 1. An exit lets the supervisor restart
-the worker. Nothing is lost: offsets are committed only after an event is handled, and the tables
-come back from their changelog; events after the last commit are handled again (at least once).
+Why: when a send fails for good (e.g. a message over Kafka's 1 MiB limit), Faust logs ``Crashed``
+for the producer (or its buffer) and may never exit, or may hang while stopping, leaving a
+process that is up and does nothing. An exit lets the supervisor restart the worker. Nothing is
+lost: offsets are committed only after an event is handled, and the tables come back from their
+changelog; events after the last commit are handled again (at least once).
 
-Why a thread and not an app timer: the first version was a Faust timer, and a timer is a task of
-the app, stopped when the app starts stopping. In the hang above it never ran again. The thread
-runs outside the event loop, so a stuck loop or a stuck stop cannot silence it. It gives Faust
+Why a thread and not an app timer: a timer is a task of the app, stopped when the app starts
+stopping, so a stuck stop silences it; the thread runs outside the event loop. It gives Faust
 ``grace_s`` to exit on its own first (its own exit logs the whole shutdown).
+See docs/design/streams.md#watchdog.
 """
 
 from __future__ import annotations

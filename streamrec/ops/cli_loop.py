@@ -1,4 +1,4 @@
-"""CLI commands of the closed loop: ``evaluator`` and ``simulate`` (mounted by ``streamrec.ops.cli``)."""
+"""CLI commands of the closed loop: ``joiner``, ``evaluator`` and ``simulate`` (mounted by ``streamrec.ops.cli``)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def joiner(
     examples to the labeled topic, unjoinable clicks to the dead-letter topic."""
     import faust
 
-    from streams.joiner_app import app
+    from streams.joiner_app import main_joiner
 
-    faust.Worker(app, loglevel=loglevel).execute_from_commandline()
+    faust.Worker(main_joiner().app, loglevel=loglevel).execute_from_commandline()
 
 
 def simulate(

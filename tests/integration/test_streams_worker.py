@@ -115,6 +115,13 @@ def python_stacks(pid: int) -> str:
     return result.stdout + result.stderr
 
 
+def wait_for_log_line(process: WorkerProcess, text: str, timeout_s: float) -> None:
+    """Poll the worker's log until a line contains ``text`` (diagnostics: give up quietly after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in process.log_tail(1000) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 # -- fixtures ------------------------------------------------------------------------------
 @dataclass
 class FeatureWorker:
@@ -256,14 +263,24 @@ def test_sigkill_mid_replay_then_restart_gives_the_no_crash_features(
     # already applied: the result must still equal the reference (no loss, no double count).
     settings = streams_settings(stack_settings, tmp_path, commit_interval_s=30.0)
     prepare(settings)
+    # The first worker is throttled so the kill lands inside the first half whatever the machine's
+    # speed: it takes 250 events a batch, holds at most 500 unpushed, and starts a push every 5 s,
+    # so after 1,500 events counted the other 1,500 need at least two more pushes (10 s).
+    throttled = settings.model_copy(
+        update={
+            "streams": settings.streams.model_copy(
+                update={"push_batch_size": 250, "max_held_events": 500, "push_min_interval_s": 5.0}
+            )
+        }
+    )
     frame = movielens.load_interactions().iloc[:6000]
-    worker = FeatureWorker(settings, start_worker(settings, tmp_path / "worker-1.log"))
+    worker = FeatureWorker(settings, start_worker(throttled, tmp_path / "worker-1.log"))
     try:
         # First half of the replay; the worker dies while it is still working through it.
         worker.replay(frame.iloc[:3000])
-        consumed_at_kill = worker.process.wait_for_metric("streams_events_in_total", 1500, timeout_s=60)
+        consumed_at_kill = worker.process.wait_for_metric("streams_events_in_total", 1500, timeout_s=120)
         worker.process.kill()
-        assert consumed_at_kill < 3000, "the worker finished before the kill; kill earlier"
+        assert consumed_at_kill < 3000, "the throttled worker finished the first half before the kill"
         # The rest of the replay arrives while it is down.
         worker.replay(frame.iloc[3000:])
         worker.process = start_worker(settings, tmp_path / "worker-2.log")
@@ -274,7 +291,7 @@ def test_sigkill_mid_replay_then_restart_gives_the_no_crash_features(
             print(python_stacks(worker.process.pid))
             print({name: worker.process.metric(name) for name in DIAGNOSTIC_METRICS})
             os.kill(worker.process.pid, signal.SIGUSR2)  # the worker logs its asyncio tasks
-            time.sleep(1.0)
+            wait_for_log_line(worker.process, "SIGUSR2:", timeout_s=10)
             print(worker.process.log_tail(400))
             raise
         # the restarted worker saw events the killed one had applied (redelivered, deduplicated)

@@ -112,10 +112,7 @@ def run_agent(
                 await body(put)
                 # put(wait=True) returns at the first batch that ends; wait for every record's batch,
                 # then for the pushes, which run beside the agent.
-                for _ in range(500):
-                    if sum(report.records for report in harness.results.values()) >= sent:
-                        break
-                    await asyncio.sleep(0.01)
+                await _poll(lambda: sum(report.records for report in harness.results.values()) >= sent)
                 await worker.pipeline.drain()
                 return dict(harness.results)
         finally:
@@ -124,6 +121,16 @@ def run_agent(
     results = asyncio.run(main())
     gc.collect()  # surface any leaked loop or socket here, in this test, not in a later one
     return results
+
+
+async def _poll(done: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait until ``done()``; fail after ``timeout_s`` (a generous bound: it normally takes milliseconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not done():
+        if loop.time() > deadline:
+            raise AssertionError(f"not done within {timeout_s}s")
+        await asyncio.sleep(0.01)
 
 
 async def _no_producer(partition: int, key: str, state: EntityState) -> object:
@@ -329,11 +336,12 @@ def test_item_agent_counts_per_item_with_the_trending_score(
 
 
 def test_an_event_is_acked_only_after_the_push_carrying_it_returned(tmp_path: Path, outputs: RecordingOutputs) -> None:
-    release = threading.Event()
+    push_started, release = threading.Event(), threading.Event()
 
     class BlockingSink(RecordingSink):
         def push(self, view: View, rows: Sequence[FeatureRow]) -> None:
-            release.wait(timeout=10)
+            push_started.set()
+            assert release.wait(timeout=30), "the test never released the push"
             super().push(view, rows)
 
     sink = BlockingSink()
@@ -342,7 +350,8 @@ def test_an_event_is_acked_only_after_the_push_carrying_it_returned(tmp_path: Pa
 
     async def body(put: Put) -> None:
         event_in = await put(event("e1", "u1", "i1", T0), key=b"u1", partition=0)
-        await asyncio.sleep(0.1)  # the batch is done and its push is running
+        # the batch is done (put waited for it) and its push is running
+        assert await asyncio.to_thread(push_started.wait, 30), "the push never started"
         observed["before_push_returned"] = event_in.message.acked
         release.set()
         await workers[0].pipeline.drain()

@@ -1,0 +1,88 @@
+"""One factory for the Faust apps of ``streams``: the feature worker and the joiner.
+
+:func:`build_app` builds a ``faust.App`` from the shared settings (Kafka, topic layout and a
+``FaustAppTuning`` section) and installs what every app needs: the crash watchdog and the
+Prometheus ``/metrics`` server. Each app module (``streams.app``, ``streams.joiner_app``) adds
+only its topics, tables and agents, so the two apps connect, commit, keep state and export
+metrics the same way.
+
+Nothing here runs at import, and both app modules build their app on first access of their
+``app`` attribute (a module ``__getattr__``): importing a module of ``streams`` loads no
+settings and creates no directory, and ``faust -A streams.app worker`` still finds the app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import start_http_server
+
+from streamrec.core.errors import SettingsError
+from streamrec.core.settings import CommonSettings, KafkaSettings
+from streams import watchdog
+from streams.settings import FaustAppTuning
+
+# Faust's web server port when the app's web server is off (Faust still wants a number).
+_FAUST_DEFAULT_WEB_PORT = 6066
+
+
+def broker_urls(bootstrap_servers: str) -> list[str]:
+    """``host:port,host:port`` as Faust's ``kafka://`` broker URLs."""
+    return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
+
+
+def check_security(kafka: KafkaSettings) -> None:
+    """Refuse a security protocol the Faust apps do not pass to their Kafka clients yet."""
+    if kafka.security_protocol != "PLAINTEXT":
+        raise SettingsError(
+            "The Faust apps of streams (feature worker, joiner) connect with PLAINTEXT only for now; set "
+            "STREAMREC_KAFKA__SECURITY_PROTOCOL=PLAINTEXT or add broker_credentials in streams/faust_app.py."
+        )
+
+
+def build_app(
+    settings: CommonSettings,
+    tuning: FaustAppTuning,
+    *,
+    state_dir: Path,
+    web_port: int = 0,
+    **app_options: Any,
+) -> faust.App:
+    """A ``faust.App`` for ``tuning.app_id`` on the settings' broker, with the watchdog and metrics.
+
+    Every app is at-least-once, keeps its tables in memory backed by changelog topics (created
+    with the settings' partitions and replication), starts from the earliest offset of a new
+    group and reads raw bytes (each agent decodes and dead-letters itself). ``web_port`` 0
+    turns Faust's web server off. ``app_options`` are further ``faust.App`` settings of one app.
+    """
+    check_security(settings.kafka)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        tuning.app_id,
+        broker=broker_urls(settings.kafka.bootstrap_servers),
+        broker_client_id=settings.kafka.client_id,
+        store="memory://",
+        datadir=str(state_dir),
+        processing_guarantee="at_least_once",
+        broker_commit_interval=tuning.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication_factor,
+        web_enabled=web_port != 0,
+        web_port=web_port or _FAUST_DEFAULT_WEB_PORT,
+        web_bind="127.0.0.1",
+        key_serializer="raw",
+        value_serializer="raw",
+        **app_options,
+    )
+    if tuning.metrics_port:
+        metrics_port = tuning.metrics_port
+
+        async def serve_metrics() -> None:
+            start_http_server(metrics_port)  # a daemon thread
+
+        app.task(serve_metrics)
+    watchdog.install(app)
+    return app

@@ -1,0 +1,94 @@
+"""The one Faust app factory (``streams.faust_app``): both apps are built alike from the shared settings."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import faust
+import pytest
+from faust.types.enums import ProcessingGuarantee
+
+from streamrec.core.errors import SettingsError
+from streamrec.core.settings import CommonSettings, KafkaSettings, PathSettings, TopicSettings
+from streams.app import create_app
+from streams.joiner_app import create_joiner
+from streams.joiner_settings import JoinerSettings, JoinerTuning
+from streams.settings import StreamsSettings, StreamsTuning
+
+
+class NoSink:
+    def warm_up(self) -> None:
+        pass
+
+    def push(self, view: Any, rows: Any) -> None:
+        raise AssertionError("nothing is pushed here")
+
+
+def build_worker(shared: dict[str, Any], **tuning: Any) -> tuple[CommonSettings, faust.App]:
+    settings = StreamsSettings(**shared, streams=StreamsTuning(app_id="unit-worker", **tuning))
+    return settings, create_app(settings, sink=NoSink()).app
+
+
+def build_joiner(shared: dict[str, Any], **tuning: Any) -> tuple[CommonSettings, faust.App]:
+    settings = JoinerSettings(**shared, joiner=JoinerTuning(app_id="unit-joiner", **tuning))
+    return settings, create_joiner(settings).app
+
+
+Builder = Callable[..., tuple[CommonSettings, faust.App]]
+BUILDERS = pytest.mark.parametrize("build", [build_worker, build_joiner], ids=["worker", "joiner"])
+
+
+def built_in_a_loop(build: Builder, shared: dict[str, Any], **tuning: Any) -> tuple[CommonSettings, faust.App]:
+    """Faust binds an app to the running loop, so build it inside one."""
+
+    async def main() -> tuple[CommonSettings, faust.App]:
+        return build(shared, **tuning)
+
+    result = asyncio.run(main())
+    gc.collect()
+    return result
+
+
+@BUILDERS
+def test_both_apps_refuse_a_security_protocol_they_do_not_pass_on(build: Builder, tmp_path: Path) -> None:
+    shared = {"kafka": KafkaSettings(security_protocol="SASL_SSL"), "paths": PathSettings(state_dir=tmp_path)}
+    with pytest.raises(SettingsError, match="STREAMREC_KAFKA__SECURITY_PROTOCOL=PLAINTEXT"):
+        built_in_a_loop(build, shared)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was created
+
+
+@BUILDERS
+def test_both_apps_are_built_from_the_shared_settings(build: Builder, tmp_path: Path) -> None:
+    shared = {
+        "kafka": KafkaSettings(bootstrap_servers="kafka-a:9092, kafka-b:9093", client_id="unit-client"),
+        "topics": TopicSettings(partitions=3, replication_factor=2),
+        "paths": PathSettings(state_dir=tmp_path),
+    }
+    settings, app = built_in_a_loop(build, shared, commit_interval_s=2.5, state_dir=tmp_path / "own")
+    conf: Any = app.conf  # Faust declares some settings as descriptors, not as their values
+    assert [str(url) for url in conf.broker] == ["kafka://kafka-a:9092", "kafka://kafka-b:9093"]
+    assert conf.broker_client_id == "unit-client"
+    assert conf.processing_guarantee == ProcessingGuarantee.AT_LEAST_ONCE
+    assert conf.broker_commit_interval == 2.5
+    assert (conf.topic_partitions, conf.topic_replication_factor) == (3, 2)
+    assert conf.consumer_auto_offset_reset == "earliest"
+    assert (conf.key_serializer, conf.value_serializer) == ("raw", "raw")
+    assert str(conf.store) == "memory:"
+    assert conf.web_enabled is False
+    assert Path(conf.datadir) == tmp_path / "own"
+    assert (tmp_path / "own").is_dir()  # the state directory is created with the app
+
+
+def test_each_app_keeps_its_own_faust_options(tmp_path: Path) -> None:
+    shared = {"paths": PathSettings(state_dir=tmp_path)}
+    _, worker = built_in_a_loop(build_worker, shared, web_port=6123, session_timeout_s=12.0, producer_linger_s=0.01)
+    _, joiner = built_in_a_loop(build_joiner, shared)
+    assert (worker.conf.web_enabled, worker.conf.web_port, worker.conf.web_bind) == (True, 6123, "127.0.0.1")
+    assert (worker.conf.broker_session_timeout, worker.conf.broker_heartbeat_interval) == (12.0, 1.2)
+    assert (worker.conf.producer_linger, worker.conf.table_standby_replicas) == (0.01, 0)
+    assert joiner.conf.table_standby_replicas == faust.App("defaults").conf.table_standby_replicas
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["joiner", "streams"]

@@ -1,0 +1,290 @@
+"""The joiner agent (``streams.joiner_agent``): records in, labeled examples, dead letters and counts out.
+
+Driven in memory: the state table is a dict, the outputs record what they are given, the clock
+is fixed. The last test runs the same agent inside the Faust app (``agent.test_context()``) to
+check the wiring: both topics reach it, the table is the Faust table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client import REGISTRY
+
+from streamrec.core.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
+from streamrec.core.settings import PathSettings
+from streams.joiner import JoinConfig
+from streams.joiner_agent import JoinerAgent, StoredState
+from streams.joiner_app import create_joiner
+from streams.joiner_settings import JoinerSettings, JoinerTuning
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+IMPRESSIONS, CLICKS = "test.impressions", "test.clicks"
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class Event:
+    key: bytes | None
+    value: bytes
+    message: Record
+
+
+@dataclass
+class RecordingOutputs:
+    labeled_examples: list[LabeledExample] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    async def labeled(self, key: bytes, value: bytes) -> None:
+        example = LabeledExample.model_validate_json(value)
+        assert key == example.key()
+        self.labeled_examples.append(example)
+
+    async def dead_letter(self, key: bytes | None, value: bytes) -> None:
+        self.dead_letters.append(DeadLetter.model_validate_json(value))
+
+
+@dataclass
+class Harness:
+    agent: JoinerAgent
+    outputs: RecordingOutputs
+    states: dict[str, StoredState]
+    changelog: list[tuple[int, str, StoredState]]
+    now: list[datetime]
+
+    def run(self, *steps: Any) -> None:
+        async def main() -> None:
+            for step in steps:
+                await (self.agent.handle(step) if isinstance(step, Event) else step())
+
+        asyncio.run(main())
+
+    def at(self, seconds: float) -> Any:
+        """A step that moves the clock to ``T0 + seconds`` and labels closed windows."""
+
+        async def tick() -> None:
+            self.now[0] = T0 + timedelta(seconds=seconds)
+            await self.agent.label_closed_windows()
+
+        return tick
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return make_harness(JoinConfig(window_s=60, grace_s=5))
+
+
+def make_harness(config: JoinConfig) -> Harness:
+    outputs = RecordingOutputs()
+    states: dict[str, StoredState] = {}
+    changelog: list[tuple[int, str, StoredState]] = []
+    now = [T0]
+    agent = JoinerAgent(
+        config=config,
+        impressions_topic=IMPRESSIONS,
+        clicks_topic=CLICKS,
+        states=states,
+        send_changelog=lambda partition, user_id, value: changelog.append((partition, user_id, value)),
+        outputs=outputs,
+        clock=lambda: now[0],
+    )
+    return Harness(agent, outputs, states, changelog, now)
+
+
+def impression(request_id: str, user_id: str = "u1", at_s: float = 0.0) -> Impression:
+    return Impression(
+        event_id=request_id,
+        event_time=T0 + timedelta(seconds=at_s),
+        user_id=user_id,
+        request_id=request_id,
+        arm="stable",
+        model_version=2,
+        items=[ImpressionItem(item_id=f"i{n}", score=1.0 - n / 10, position=n) for n in range(3)],
+    )
+
+
+def click(request_id: str, item_id: str, after_s: float, user_id: str = "u1") -> Click:
+    return Click(
+        event_id=f"c-{request_id}-{item_id}-{after_s}",
+        event_time=T0 + timedelta(seconds=after_s),
+        user_id=user_id,
+        request_id=request_id,
+        item_id=item_id,
+    )
+
+
+def on(topic: str, record: Impression | Click, partition: int, offset: int) -> Event:
+    return Event(record.key(), record.to_bytes(), Record(topic, partition, offset))
+
+
+@pytest.fixture
+def counts() -> Iterator[Any]:
+    """``counts(name, **labels)``: how much a joiner counter grew during the test."""
+    before: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def grown(name: str, **labels: str) -> float:
+        return sample(name, labels) - before[(name, tuple(sorted(labels.items())))]
+
+    names = {
+        ("streamrec_joiner_impressions_total", ()),
+        ("streamrec_joiner_labeled_early_total", ()),
+        *(("streamrec_joiner_labeled_total", (("clicked", value),)) for value in ("true", "false")),
+        *(
+            ("streamrec_joiner_clicks_total", (("outcome", outcome),))
+            for outcome in ("joined", "duplicate", "late", "before_impression", "not_shown", "pending", "no_impression")
+        ),
+        *(("streamrec_joiner_invalid_total", (("topic", topic),)) for topic in (IMPRESSIONS, CLICKS)),
+    }
+    for name, labels in names:
+        before[(name, labels)] = sample(name, dict(labels))
+    yield grown
+
+
+def test_a_joined_click_labels_its_impression_once_the_window_closes(harness: Harness, counts: Any) -> None:
+    harness.run(
+        on(IMPRESSIONS, impression("r1"), partition=2, offset=7),
+        on(CLICKS, click("r1", "i1", 10), partition=2, offset=3),
+        on(CLICKS, click("r1", "i1", 12), partition=2, offset=4),  # a second click on the item
+        harness.at(60),  # window plus grace still open
+    )
+    assert harness.outputs.labeled_examples == []
+    harness.run(harness.at(66))
+    assert [(e.request_id, e.item_id, e.clicked) for e in harness.outputs.labeled_examples] == [
+        ("r1", "i0", False),
+        ("r1", "i1", True),
+        ("r1", "i2", False),
+    ]
+    assert harness.outputs.labeled_examples[1].click_time == T0 + timedelta(seconds=10)
+    assert harness.outputs.dead_letters == []
+    # every change of the state went to the table and its changelog, on the user's partition
+    assert [(partition, user) for partition, user, _ in harness.changelog] == [(2, "u1")] * 4
+    assert harness.changelog[-1][2] == harness.states["u1"]
+    assert harness.states["u1"]["open"] == {} and harness.states["u1"]["partition"] == 2
+    assert counts("streamrec_joiner_impressions_total") == 1
+    assert counts("streamrec_joiner_clicks_total", outcome="joined") == 1
+    assert counts("streamrec_joiner_clicks_total", outcome="duplicate") == 1
+    assert counts("streamrec_joiner_labeled_total", clicked="true") == 1
+    assert counts("streamrec_joiner_labeled_total", clicked="false") == 2
+
+
+def test_unjoinable_clicks_are_dead_lettered_with_their_reason_and_position(harness: Harness, counts: Any) -> None:
+    harness.run(
+        on(IMPRESSIONS, impression("r1"), partition=1, offset=0),
+        on(CLICKS, click("r1", "i0", -1), partition=1, offset=10),
+        on(CLICKS, click("r1", "i0", 61), partition=1, offset=11),
+        on(CLICKS, click("r1", "i9", 5), partition=1, offset=12),
+        on(CLICKS, click("ghost", "i0", 5), partition=1, offset=13),  # its impression never comes
+        harness.at(69),  # r1 labeled; the held click has waited 64 s of its 65
+    )
+    letters = [(d.reason, d.source_topic, d.source_partition, d.source_offset) for d in harness.outputs.dead_letters]
+    assert letters == [
+        ("click_before_impression", CLICKS, 1, 10),
+        ("click_late", CLICKS, 1, 11),
+        ("click_not_shown", CLICKS, 1, 12),
+    ]
+    harness.run(harness.at(71))
+    ghost = harness.outputs.dead_letters[-1]
+    # found by the timer: the partition stored with the state, no offset
+    assert (ghost.reason, ghost.source_topic, ghost.source_partition, ghost.source_offset) == (
+        "click_no_impression",
+        CLICKS,
+        1,
+        -1,
+    )
+    assert Click.model_validate_json(ghost.original_value()) == click("ghost", "i0", 5)
+    assert len(harness.outputs.labeled_examples) == 3
+    assert not any(e.clicked for e in harness.outputs.labeled_examples)
+    for outcome in ("before_impression", "late", "not_shown", "pending", "no_impression"):
+        assert counts("streamrec_joiner_clicks_total", outcome=outcome) == 1, outcome
+
+
+def test_undecodable_records_are_dead_lettered_with_their_bytes_and_change_no_state(
+    harness: Harness, counts: Any
+) -> None:
+    harness.run(
+        Event(b"u1", b"not json", Record(CLICKS, 3, 40)),
+        Event(b"u1", click("r1", "i0", 1).to_bytes(), Record(IMPRESSIONS, 3, 41)),  # a click on the wrong topic
+    )
+    letters = [(d.reason, d.source_topic, d.source_partition, d.source_offset) for d in harness.outputs.dead_letters]
+    assert letters == [("undecodable", CLICKS, 3, 40), ("schema", IMPRESSIONS, 3, 41)]
+    assert harness.outputs.dead_letters[0].original_value() == b"not json"
+    assert harness.states == {} and harness.changelog == []
+    assert counts("streamrec_joiner_invalid_total", topic=CLICKS) == 1
+    assert counts("streamrec_joiner_invalid_total", topic=IMPRESSIONS) == 1
+
+
+def test_past_the_cap_the_oldest_impression_is_labeled_at_once(counts: Any) -> None:
+    harness = make_harness(JoinConfig(window_s=60, grace_s=5, max_open_per_user=2))
+    harness.run(*(on(IMPRESSIONS, impression(f"r{n}", at_s=n), partition=0, offset=n) for n in range(3)))
+    assert [(e.request_id, e.position) for e in harness.outputs.labeled_examples] == [("r0", 0), ("r0", 1), ("r0", 2)]
+    assert sorted(harness.states["u1"]["open"]) == ["r1", "r2"]
+    assert counts("streamrec_joiner_labeled_early_total") == 3
+
+
+def test_the_faust_app_hands_both_topics_to_the_agent_and_keeps_state_in_its_table(tmp_path: Path) -> None:
+    settings = JoinerSettings(
+        paths=PathSettings(state_dir=tmp_path), joiner=JoinerTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
+    )
+    topics = settings.topics
+    outputs = RecordingOutputs()
+    changelog: list[tuple[int, str]] = []
+
+    async def main() -> dict[str, Any]:
+        joiner = create_joiner(settings)
+        joiner.joiner.outputs = outputs
+        # No Kafka producer in the harness: record the changelog writes instead.
+        joiner.joiner.send_changelog = lambda partition, user_id, value: changelog.append((partition, user_id))
+        try:
+            async with joiner.agent.test_context() as agent:
+                to_message = agent.to_message
+
+                async def put(topic: str, record: Impression | Click, partition: int) -> None:
+                    # The harness names no topic for a two-topic source; the consumer would.
+                    def on_topic(*args: Any, **kwargs: Any) -> Any:
+                        message = to_message(*args, **kwargs)
+                        message.topic = topic
+                        return message
+
+                    agent.to_message = on_topic
+                    await agent.put(record.to_bytes(), key=record.key(), partition=partition)
+
+                await put(topics.impressions, impression("r1"), 2)
+                await put(topics.clicks, click("r1", "i2", 5), 2)
+            joiner.joiner.clock = lambda: T0 + timedelta(hours=1)
+            await joiner.joiner.label_closed_windows()
+            return dict(cast(Any, joiner.app.tables["join_state"]).data)
+        finally:
+            _close_unstarted_consumer_loop(joiner.app)
+
+    table = asyncio.run(main())
+    gc.collect()  # surface any leaked loop or socket here, in this test
+    assert [(e.item_id, e.clicked) for e in outputs.labeled_examples] == [("i0", False), ("i1", False), ("i2", True)]
+    assert outputs.dead_letters == []
+    assert changelog == [(2, "u1")] * 3
+    assert table["u1"]["partition"] == 2 and table["u1"]["labeled"] == ["r1"]
+
+
+def _close_unstarted_consumer_loop(app: Any) -> None:
+    """The harness creates Faust's Kafka consumer (never started: no broker) and with it a
+    thread's event loop, which only a started thread closes; close it so nothing leaks."""
+    thread = getattr(app.consumer, "_thread", None)
+    loop = getattr(thread, "thread_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running() and not loop.is_closed():
+        loop.close()
