@@ -32,8 +32,11 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from online_trainer.catalog import ItemCatalog, user_profiles_from_movielens
-from online_trainer.model import ModelConfig, TwoTowerModel, build_model, catalog_vectors, train, user_vectors
+from online_trainer.inference import catalog_vectors, user_vectors
+from online_trainer.model import TwoTowerModel, build_model
+from online_trainer.model_config import ModelConfig
 from online_trainer.ranking_metrics import RankingMetrics, ranking_metrics, top_k_masked
+from online_trainer.training import train
 from streamrec.datasets import movielens
 
 K = 10

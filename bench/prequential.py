@@ -47,8 +47,12 @@ from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_interactions, user_profiles_from_movielens
 from online_trainer.finetune import finetune, plan_interval
 from online_trainer.gate import GateResult, check_model
-from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, recommend, train
+from online_trainer.inference import recommend
+from online_trainer.model import TwoTowerModel, build_model
+from online_trainer.model_config import ModelConfig
+from online_trainer.model_state import clone_for_finetune
 from online_trainer.settings import TrainerSettings
+from online_trainer.training import train
 from streamrec.datasets import movielens
 
 K = 10

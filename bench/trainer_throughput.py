@@ -47,9 +47,11 @@ from online_trainer.catalog import ItemCatalog, examples_from_interactions, user
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.history import UserHistories
 from online_trainer.loop import OnlineTrainer
-from online_trainer.model import ModelConfig, build_model, train
+from online_trainer.model import build_model
+from online_trainer.model_config import ModelConfig
 from online_trainer.publish import VersionWriter, publish_candidate
 from online_trainer.settings import TrainerSettings, TrainerTuning
+from online_trainer.training import train
 from serving.model_client import ModelServerClient
 from serving.model_server.core import CoreOptions
 from serving.model_server.server import ModelServer, ServerOptions

@@ -24,9 +24,11 @@ from online_trainer.buffer import ReplayBuffer
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.dataset import DatasetInfo, build_examples, catalog_from_feast, interactions_until, split_holdout
 from online_trainer.history import UserHistories
-from online_trainer.model import ModelConfig, build_model, train
+from online_trainer.model import build_model
+from online_trainer.model_config import ModelConfig
 from online_trainer.publish import Outcome, Publisher, VersionWriter, publish_candidate
 from online_trainer.settings import TrainerSettings
+from online_trainer.training import train
 from streamrec.core import contracts
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The item catalog the model scores, and the training-example frame the model learns from.
 
 Two shapes cross the boundary between the data side (Feast, replay buffers, benchmarks) and the
-model side (``model.py``, ``export.py``):
+model side (``training.py``, ``inference.py``, ``export.py``):
 
 * :class:`ItemCatalog`: every item the recommend signature ranks, with its content features
   (``genres``, ``release_year``) as Feast's ``item_profile`` view holds them. The catalog is data,
@@ -70,9 +70,9 @@ class ItemCatalog:
         """item id -> row, built once per catalog on first use.
 
         Cached, not rebuilt per call: callers test membership item by item (``item in
-        catalog.index`` over an interval's 40,000 rows), and rebuilding the 1,682-entry dict on each
-        test cost the online trainer 9 s per interval. ``cached_property`` stores it in the
-        instance ``__dict__``, so the dataclass stays frozen and hashes by its fields.
+        catalog.index`` over an interval's rows), which rebuilding the dict each time made a
+        bottleneck of the online trainer (docs/design/trainer.md#catalog-index). ``cached_property``
+        stores it in the instance ``__dict__``, so the dataclass stays frozen and hashes by its fields.
         """
         return {item: row for row, item in enumerate(self.item_ids)}
 

@@ -89,7 +89,7 @@ def train_command(
     import dataclasses
 
     from online_trainer.bootstrap import bootstrap
-    from online_trainer.model import ModelConfig
+    from online_trainer.model_config import ModelConfig
 
     _logging()
     settings = _settings(bootstrap_epochs=epochs, publish=publish)

@@ -33,20 +33,11 @@ import pandas as pd
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from online_trainer.catalog import ItemCatalog
-from online_trainer.model import (
-    ModelConfig,
-    TwoTowerModel,
-    assign_optimizer_state,
-    assign_weights,
-    build_model,
-    catalog_arrays,
-    catalog_vectors,
-    optimizer_state,
-    rank,
-    user_arrays,
-    weights_by_path,
-)
+from online_trainer.catalog import ItemCatalog, catalog_arrays, user_arrays
+from online_trainer.inference import catalog_vectors, rank
+from online_trainer.model import TwoTowerModel, build_model
+from online_trainer.model_config import ModelConfig
+from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
 from streamrec.core import contracts
 
 TEMP_PREFIX = ".tmp-"

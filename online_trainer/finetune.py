@@ -8,18 +8,19 @@ measures exactly the trainer's learning, not a look-alike:
    newest rows of an interval (``trainer.holdout_size``, at most a fifth) are held out. They used
    to be learned only if the replay buffer happened to draw them; :class:`IntervalPlan` now
    *defers* them: they are the first training rows of the next interval. Every event is learned
-   as a new example exactly once, one interval late at worst (prequentially this was worth
-   about 3 points of online/frozen at 1,000-event intervals, see ``bench/prequential.py``).
+   as a new example exactly once, one interval late at worst.
 2. **Replay** (:mod:`online_trainer.buffer`): the new rows are mixed with a uniform sample of
    everything learned before (``trainer.replay_fraction`` of the mix). On ml-100k most stream
    events come from users the model has never seen (their id rows cannot help yet), so what an
    update gains is a better shared model: item vectors and the recent-items path learn from
    more data. Replay is what lets each update keep *re-learning* the whole history, the way a
    retrain's epochs would, at the cost of a bigger mix and of less weight on the interval's own
-   events; ``replay_fraction`` sets that trade (0.1 by default: the settings say why).
-3. **Fine-tune** a copy of the serving model (:func:`online_trainer.model.clone_for_finetune`:
+   events; ``replay_fraction`` sets that trade (0.1 by default).
+3. **Fine-tune** a copy of the serving model (:func:`online_trainer.model_state.clone_for_finetune`:
    weights and Adam state carried over) for ``trainer.finetune_epochs`` over the mix, with the
-   softmax over the whole catalog (``trainer.finetune_loss``; the settings docstring says why).
+   softmax over the whole catalog (``trainer.finetune_loss``; the settings say why).
+
+See docs/design/trainer.md#fine-tuning-step.
 """
 
 from __future__ import annotations
@@ -32,15 +33,10 @@ import pandas as pd
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog
 from online_trainer.dataset import holdout_rows
-from online_trainer.model import (
-    TwoTowerModel,
-    clone_for_finetune,
-    copy_into,
-    finetune_config,
-    trace_train_step,
-    train,
-)
+from online_trainer.model import TwoTowerModel
+from online_trainer.model_state import clone_for_finetune, copy_into, finetune_config
 from online_trainer.settings import TrainerTuning
+from online_trainer.training import trace_train_step, train
 
 
 @dataclass
@@ -99,7 +95,7 @@ def finetune(
 
     ``catalog``: the candidate's catalog when the interval brought new items (set before training,
     so a new positive is learned with its content features). ``reuse``: an earlier candidate that
-    serves nothing any more; it becomes the copy (see ``model.copy_into``) instead of a new object.
+    serves nothing any more; it becomes the copy (see ``model_state.copy_into``) instead of a new object.
     """
     full_catalog = tuning.finetune_loss == "full_catalog"
     if (

@@ -9,11 +9,10 @@ Checks, each adding a machine-readable reason to :class:`GateResult` when it fai
 * ``metric_regression``: hit@k on the recent hold-out is worse than the serving model's by more
   than ``margin`` (absolute) *and* the drop is significant: a one-sided exact sign test on the
   rows where only one of the two models hits gives ``p < alpha``. Both models are evaluated on
-  the same rows, so the comparison is paired. A trainer interval's hold-out is small (a fifth of
-  ~1,600 rows at the demo's rate), and on it hit@10 moves by ~0.02 from noise alone: the margin
-  alone rejected 8 of 25 candidates in ``bench/prequential.py`` (50 % bootstrap, 1,600-event
-  intervals), each one an interval the model did not learn; a broken model (random weights,
-  collapsed vectors) still fails with p far below any usable ``alpha``.
+  the same rows, so the comparison is paired. A trainer interval's hold-out is small, and on it
+  hit@k moves by about the margin from noise alone, so the margin alone rejected candidates that
+  were no worse; a broken model (random weights, collapsed vectors) still fails with p far below
+  any usable ``alpha``. See docs/design/trainer.md#validation-gate.
 * ``signature_mismatch``: the exported SavedModel lacks a signature of ``streamrec.core.contracts``, or
   an input/output has another name, dtype or shape (``None`` dims allowed where the contract
   says B/E/N).
@@ -35,7 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from online_trainer import model as model_lib
+from online_trainer.catalog import user_arrays
+from online_trainer.inference import catalog_vectors, recommend, user_vectors
 from online_trainer.model import TwoTowerModel
 from streamrec.core import contracts
 
@@ -109,7 +109,7 @@ class GateResult:
 
 def hits(model: TwoTowerModel, holdout: pd.DataFrame, *, k: int) -> np.ndarray:
     """Per hold-out example: is its positive item in the model's top-k (nothing excluded)?"""
-    ids, _ = model_lib.recommend(model, holdout, k=k)
+    ids, _ = recommend(model, holdout, k=k)
     return _positives_in(ids, holdout)
 
 
@@ -153,9 +153,9 @@ def check_model(
     if holdout.empty:
         result.fail("nonfinite_outputs", "the hold-out is empty, so the outputs could not be checked")
         return
-    users = model_lib.user_vectors(candidate, holdout)
-    items = model_lib.catalog_vectors(candidate)
-    ids, scores = model_lib.recommend(candidate, holdout, k=k)
+    users = user_vectors(candidate, holdout)
+    items = catalog_vectors(candidate)
+    ids, scores = recommend(candidate, holdout, k=k)
     depth = min(k, len(candidate.catalog))
     if not (np.all(np.isfinite(users)) and np.all(np.isfinite(items)) and np.all(np.isfinite(scores))):
         result.fail("nonfinite_outputs", "user/item vectors or scores hold NaN/inf on the hold-out")
@@ -218,7 +218,7 @@ def signature_problems(loaded: Any) -> list[str]:
 def signature_inputs(holdout: pd.DataFrame, *, rows: int = 8) -> dict[str, np.ndarray]:
     """A ``recommend`` request built from hold-out rows (excluding each row's recent items)."""
     sample = holdout.iloc[:rows]
-    arrays = model_lib.user_arrays(sample)
+    arrays = user_arrays(sample)
     arrays["exclude_items"] = arrays["recent_items"][:, :5].copy()
     return arrays
 

@@ -1,4 +1,4 @@
-"""Observability of the trainer: Prometheus metrics and TensorBoard summaries.
+"""Prometheus metrics and TensorBoard summaries of the running trainer (ranking quality: ``ranking_metrics``).
 
 Prometheus (``/metrics`` on ``trainer.metrics_port``, 0 = not served), module-level like every
 streamrec process:

@@ -3,14 +3,14 @@
 Why: Keras 3's ``Adam`` turns the sparse gradient of an embedding lookup (``tf.IndexedSlices``)
 into dense updates of the whole table, its first and second moments included. The model's id
 tables hold 32,768 rows x 64 dims each, and a 256-example fine-tune batch touches a few hundred
-rows: the dense update was ~45 % of a training step on this 2-core machine (149 steps: 5.3 s dense,
-3.0 s lazy; ``bench/trainer_throughput.py``). The lazy update is the one TensorFlow Addons'
+rows, so the dense update dominated a fine-tune step. The lazy update is the one TensorFlow Addons'
 ``LazyAdam`` (and TF1's ``tf.contrib.opt.LazyAdamOptimizer``) made: moments and weights of
 untouched rows stay as they are, instead of decaying and drifting on stale momentum.
 
 Keras 3 has no lazy Adam and TensorFlow Addons does not support Keras 3, hence this subclass. Dense
 gradients (the towers' projection layers) take Keras' own ``Adam.update_step`` unchanged, and the
-optimizer's variables are Keras Adam's, so checkpoints and ``model.optimizer_state`` are the same.
+optimizer's variables are Keras Adam's, so checkpoints and ``model_state.optimizer_state`` are the same.
+See docs/design/trainer.md#lazy-adam.
 """
 
 from __future__ import annotations

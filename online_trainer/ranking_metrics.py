@@ -1,4 +1,4 @@
-"""Top-K ranking metrics with RecBole's definitions, and full-ranking top-K with seen items masked.
+"""Ranking quality for the benchmarks: Recall/NDCG/Hit@K, RecBole's definitions (Prometheus: ``metrics``).
 
 For one user with relevant (held-out) items ``R`` and a ranked list ``L`` of length ``K``:
 
@@ -8,6 +8,7 @@ For one user with relevant (held-out) items ``R`` and a ranked list ``L`` of len
 * ``Hit@K = 1 if |L ∩ R| > 0``
 
 Each is averaged over the users that have at least one relevant item (RecBole's ``full`` mode).
+:func:`top_k_masked` ranks the full catalog with each user's seen items masked.
 """
 
 from __future__ import annotations

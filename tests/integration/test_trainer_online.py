@@ -30,9 +30,12 @@ from features.settings import FeatureStoreTuning
 from online_trainer import export
 from online_trainer import finetune as finetune_module
 from online_trainer.bootstrap import BootstrapResult, bootstrap
+from online_trainer.catalog import user_arrays
 from online_trainer.dataset import build_examples
+from online_trainer.inference import recommend
 from online_trainer.loop import OnlineTrainer
-from online_trainer.model import ModelConfig, TwoTowerModel, recommend, user_arrays
+from online_trainer.model import TwoTowerModel
+from online_trainer.model_config import ModelConfig
 from online_trainer.settings import TrainerSettings, TrainerTuning
 from serving.model_client import ModelServerClient
 from serving.settings import ModelServerSection

@@ -15,8 +15,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from online_trainer import export
-from online_trainer.catalog import ItemCatalog, examples_from_interactions
-from online_trainer.model import ModelConfig, TwoTowerModel, build_model, recommend, score, train, user_arrays
+from online_trainer.catalog import ItemCatalog, examples_from_interactions, user_arrays
+from online_trainer.inference import recommend, score
+from online_trainer.model import TwoTowerModel, build_model
+from online_trainer.model_config import ModelConfig
+from online_trainer.training import train
 from streamrec.core import contracts
 
 GENRES = ("Action", "Comedy", "Drama", "Horror")

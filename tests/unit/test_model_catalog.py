@@ -95,7 +95,7 @@ def test_recbole_split_follows_recboles_rounding() -> None:
     ("field", "before"), [("use_last_item", False), ("last_items", 1), ("use_position_weights", False)]
 )
 def test_a_model_config_saved_before_a_newer_input_restores_as_it_was_built(field: str, before: object) -> None:
-    from online_trainer.model import ModelConfig
+    from online_trainer.model_config import ModelConfig
 
     saved = ModelConfig().to_json()
     assert getattr(ModelConfig.from_json(saved), field) == getattr(ModelConfig(), field) != before
@@ -108,7 +108,8 @@ def test_position_weights_start_as_the_plain_mean_of_the_recent_items() -> None:
     import tensorflow as tf
 
     from online_trainer.catalog import ItemCatalog
-    from online_trainer.model import ModelConfig, build_model
+    from online_trainer.model import build_model
+    from online_trainer.model_config import ModelConfig
 
     items = pd.DataFrame({"item_id": ["a", "b", "c"], "genres": [["x"], ["y"], []], "release_year": [1990, 1995, -1]})
     catalog = ItemCatalog.from_frame(items)

@@ -8,16 +8,11 @@ import numpy as np
 import pandas as pd
 
 from online_trainer.catalog import ItemCatalog
-from online_trainer.model import (
-    ModelConfig,
-    build_model,
-    clone_for_finetune,
-    copy_into,
-    optimizer_state,
-    recommend,
-    train,
-    weights_by_path,
-)
+from online_trainer.inference import recommend
+from online_trainer.model import build_model
+from online_trainer.model_config import ModelConfig
+from online_trainer.model_state import clone_for_finetune, copy_into, optimizer_state, weights_by_path
+from online_trainer.training import train
 
 CATALOG = ItemCatalog(tuple(f"i{n}" for n in range(20)), tuple(("Drama",) for _ in range(20)), (1990,) * 20)
 CONFIG = dataclasses.replace(

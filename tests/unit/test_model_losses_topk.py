@@ -11,16 +11,10 @@ import pytest
 import tensorflow as tf
 
 from online_trainer.catalog import ItemCatalog
-from online_trainer.model import (
-    PAD_SCORE,
-    ModelConfig,
-    TwoTowerModel,
-    build_model,
-    in_batch_softmax_loss,
-    rank,
-    recommend,
-    score,
-)
+from online_trainer.inference import PAD_SCORE, rank, recommend, score
+from online_trainer.losses import in_batch_softmax_loss
+from online_trainer.model import TwoTowerModel, build_model
+from online_trainer.model_config import ModelConfig
 
 QUERY = tf.constant([[1.0, 0.0], [0.0, 1.0]])
 CANDIDATES = tf.constant([[1.0, 0.0], [0.0, 2.0]])  # logits at temperature 1: [[1, 0], [0, 2]]

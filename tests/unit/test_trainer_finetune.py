@@ -18,14 +18,11 @@ from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_in
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.finetune import finetune, plan_interval, training_pair
 from online_trainer.history import UserHistories
-from online_trainer.model import (
-    ModelConfig,
-    build_model,
-    full_catalog_loss,
-    optimizer_state,
-    recommend,
-    weights_by_path,
-)
+from online_trainer.inference import recommend
+from online_trainer.losses import full_catalog_loss
+from online_trainer.model import build_model
+from online_trainer.model_config import ModelConfig
+from online_trainer.model_state import optimizer_state, weights_by_path
 from online_trainer.settings import TrainerTuning
 
 TINY = ModelConfig(

@@ -21,9 +21,12 @@ from online_trainer.checkpoint import Checkpoint
 from online_trainer.dataset import split_holdout
 from online_trainer.gate import check_export, hits, run_gate, sign_test_p, signature_problems
 from online_trainer.history import UserHistories
-from online_trainer.model import ModelConfig, TwoTowerModel, build_model, clone_for_finetune, train
+from online_trainer.model import TwoTowerModel, build_model
+from online_trainer.model_config import ModelConfig
+from online_trainer.model_state import clone_for_finetune
 from online_trainer.publish import VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings, TrainerTuning
+from online_trainer.training import train
 from streamrec.core.settings import PathSettings
 from tests.support.tiny_model import write_tiny_model
 

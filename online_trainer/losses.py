@@ -1,0 +1,52 @@
+"""The retrieval losses: softmax with temperature over L2-normalized vectors.
+
+Against every catalog item (:func:`full_catalog_loss`, the default: exact, and ``B x N`` logits
+per step is cheap for catalogs of thousands of items), or against the batch's own items
+(:func:`in_batch_softmax_loss`) with the logQ correction (subtract the log sampling probability of
+each in-batch candidate, Yi et al. 2019) and accidental hits (the same item twice in a batch)
+removed from the negatives, for catalogs too large to score per step.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def in_batch_softmax_loss(
+    query: tf.Tensor,
+    candidates: tf.Tensor,
+    *,
+    temperature: float,
+    candidate_log_q: tf.Tensor | None = None,
+    candidate_ids: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Mean softmax cross-entropy of each query against all in-batch candidates (its own is the label).
+
+    ``candidate_log_q`` [B]: log sampling probability of each candidate, subtracted from its logit
+    column so popular items are not over-penalized as negatives. ``candidate_ids`` [B]: when given,
+    a candidate equal to the row's positive (other than the diagonal) is removed from that row.
+    """
+    logits = tf.matmul(query, candidates, transpose_b=True) / temperature
+    if candidate_log_q is not None:
+        logits = logits - tf.cast(candidate_log_q, logits.dtype)[tf.newaxis, :]
+    batch = tf.shape(logits)[0]
+    labels = tf.eye(batch, dtype=logits.dtype)
+    if candidate_ids is not None:
+        same = tf.equal(candidate_ids[:, tf.newaxis], candidate_ids[tf.newaxis, :])
+        accidental = tf.logical_and(same, tf.logical_not(tf.cast(labels, tf.bool)))
+        logits = tf.where(accidental, tf.cast(-1e9, logits.dtype), logits)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def full_catalog_loss(query: tf.Tensor, catalog: tf.Tensor, rows: tf.Tensor, *, temperature: float) -> tf.Tensor:
+    """Mean softmax cross-entropy of each query [B, d] against every catalog item [N, d]; ``rows`` [B]
+    holds the positive's catalog row (-1: not in the catalog, left out of the mean).
+
+    Exact where the in-batch loss is sampled: no logQ estimate, and every item is a negative in every
+    step, which is what top-k over the catalog ranks against. The cost is ``B x N`` logits per step.
+    """
+    logits = tf.matmul(query, catalog, transpose_b=True) / temperature
+    known = rows >= 0
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(rows, 0), logits=logits)
+    weights = tf.cast(known, losses.dtype)
+    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)

@@ -1,0 +1,80 @@
+"""``ModelConfig``: the two-tower model's shape, features and training hyperparameters.
+
+Saved with every exported version (``assets.extra/model_config.json``), so a version is rebuilt
+exactly as it was trained (:meth:`ModelConfig.from_json`).
+See docs/design/trainer.md#how-the-model-defaults-were-chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from streamrec.core import contracts
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Table sizes, which features each tower uses, the loss and the optimizer's settings."""
+
+    embedding_dim: int = 64
+    item_id_buckets: int = 32_768
+    user_id_buckets: int = 32_768
+    profile_buckets: int = 1_024  # per profile feature (age bucket, gender, occupation, zip prefix)
+    profile_dim: int = 16
+    genre_buckets: int = 128
+    max_genres: int = 8
+    content_dim: int = 16
+    year_min: int = 1900
+    year_bucket_width: int = 5
+    year_buckets: int = 32
+    use_user_id: bool = True
+    use_profile: bool = True
+    use_recent_items: bool = True
+    # The newest recent items' own embeddings beside the mean of all of them: the user's last
+    # steps, which the mean blurs (ml-100k users rate in bursts, one title leading to the next).
+    use_last_item: bool = True
+    last_items: int = 3  # how many of the newest recent items that slot averages
+    # The recent items weighted by position (a learned weight per slot, newest first; all equal at
+    # the start, which is the plain mean): how fast a user's taste moves on is learned, not fixed.
+    use_position_weights: bool = True
+    use_counts: bool = True
+    use_item_id: bool = True
+    use_item_content: bool = True
+    init_stddev: float = 0.05
+    # Adam updates only the embedding rows a batch touched (``optimizer.LazyAdam``); False: Keras'
+    # dense Adam, which rewrites whole 32k-row tables and their moments every step.
+    lazy_embedding_updates: bool = True
+    learning_rate: float = 0.005
+    # Fine-tuning continues the bootstrap's run (Adam state carried over) with a smaller step.
+    finetune_learning_rate: float = 0.002
+    batch_size: int = 1_024
+    finetune_batch_size: int = 256  # an interval holds few examples: smaller batches, more steps
+    # Softmax over the whole catalog instead of the in-batch candidates (``losses.full_catalog_loss``),
+    # for the bootstrap too (fine-tuning follows ``trainer.finetune_loss``), so the first
+    # fine-tunes do not switch losses.
+    full_catalog: bool = True
+    temperature: float = 0.05
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    epochs: int = 4  # bootstrap epochs: the best validation epoch with lazy Adam
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.last_items <= contracts.RECENT_ITEMS_MAX:
+            raise ValueError(
+                f"ModelConfig.last_items must be between 1 and {contracts.RECENT_ITEMS_MAX} (the recent items "
+                f"a user has), got {self.last_items}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> ModelConfig:
+        known = {field.name for field in dataclasses.fields(cls)}
+        # A model saved before ``use_last_item``, ``last_items`` or ``use_position_weights`` existed
+        # was built without them (a last-item slot of one item): restore it that way.
+        values = {"use_last_item": False, "last_items": 1, "use_position_weights": False, **payload}
+        return cls(**{key: value for key, value in values.items() if key in known})
