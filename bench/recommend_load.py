@@ -31,7 +31,7 @@ phase (``/proc/<pid>/stat``), and ``--profile DIR`` writes py-spy profiles (``--
 collapsed stacks) of both processes during the 200 rps phase.
 
 Run: ``.venv/bin/python -m bench.recommend_load`` (about 4 minutes; ``--tiny --no-write`` checks
-the wiring in under a minute). Needs ``ghz``: ``go install github.com/bojand/ghz/cmd/ghz@latest``.
+the wiring in under a minute). Needs ``ghz``: ``make go-tools`` installs the pinned version.
 """
 
 from __future__ import annotations
@@ -88,9 +88,11 @@ def targets(steady_p99_ms: float) -> dict[str, str]:
 
 
 def ghz_binary() -> str:
-    found = shutil.which("ghz") or str(Path.home() / "go" / "bin" / "ghz")
-    if not Path(found).is_file():
-        sys.exit("ghz not found; install it with `go install github.com/bojand/ghz/cmd/ghz@latest`")
+    from tests.support.tools import find_tool, missing_tool_message
+
+    found = find_tool("ghz")
+    if found is None:
+        sys.exit(missing_tool_message("ghz"))
     return found
 
 

@@ -3,15 +3,11 @@
 Why the heap is frozen after start-up: both processes import TensorFlow (the API through the
 ``tensorflow_serving`` protos), Feast and gRPC, which leaves a few hundred thousand long-lived
 objects on the heap. CPython's full (generation 2) collection walks every one of them while
-holding the GIL, so every in-flight request stalls for the whole walk. Measured in the API with
-``gc.callbacks`` timing (start-up plus one 20 s phase of ghz at 100 rps, shared 2-core machine
-under load): 17 full collections of up to 355 ms, 217 generation-1 collections of up to 65 ms
-and 2,385 young ones of up to 28 ms, the same order as the Recommend p99. ``gc.freeze()`` after
+holding the GIL, so every in-flight request stalls for the whole walk. ``gc.freeze()`` after
 start-up moves everything that exists then into a permanent generation the collector never
 scans, so later collections only see objects made while serving (requests, snapshots), and a
 larger generation-0 threshold makes young collections rare: request garbage is mostly acyclic
-and freed by reference counting anyway. With both, neither process ran a single collection in
-20 s phases at 100 rps, 200 rps and saturation, and the API's peak RSS was unchanged (~910 MiB).
+and freed by reference counting anyway. See docs/design/serving.md#the-start-up-heap-is-frozen.
 """
 
 from __future__ import annotations
@@ -55,10 +51,7 @@ def set_gil_switch_interval(interval_s: float) -> None:
     request that should take 5 ms takes tens of milliseconds. A shorter interval bounds each wait;
     the cost is more frequent forced switches, which only happen while threads contend.
 
-    A/B on ``bench/recommend_load.py`` (20 s phases, a version published every 10 s in a 40 s swap
-    phase, both processes set alike, back to back on the 2-core machine): 5 ms gave p99 38.3 ms at
-    200 rps, swap p99 72.0 ms, saturation 306.9 rps; 0.5 ms gave 12.4 ms, 21.0 ms and 330.8 rps,
-    with no more CPU per request (API 2.57 against 2.91 ms at 200 rps).
+    See docs/design/serving.md#the-gil-switch-interval.
     """
     sys.setswitchinterval(interval_s)
     log.info("GIL switch interval %.2f ms", interval_s * 1000)

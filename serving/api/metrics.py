@@ -1,8 +1,11 @@
 """Prometheus metrics of the recommendation API, on a registry of their own.
 
 One ``ApiMetrics`` per server, on its own ``CollectorRegistry`` rather than the global one, so
-several servers in one process (the tests) do not collide, and ``/metrics`` shows exactly the
-API's series. Names follow Prometheus conventions (``_seconds``, ``_total``).
+``/metrics`` shows exactly the API's series. Importing Feast turns on prometheus_client's
+multiprocess mode, where a series' value is kept per process by name and labels: a second server
+in one process (the tests) starts from what the first counted, so tests read counters as
+differences (see docs/design/serving.md#api-metrics-in-one-test-process). Names follow
+Prometheus conventions (``_seconds``, ``_total``).
 
 * ``streamrec_api_request_seconds{arm}``: end-to-end handler latency, by arm (``none`` for
   requests refused before an arm was chosen). Buckets are dense around the 30 ms target.

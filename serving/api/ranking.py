@@ -15,7 +15,8 @@ deadline to ask the model
 =====================================  ==================  =========  ========  ==============
 
 The model call runs under ``min(model budget, time left before the client's deadline minus a
-small reserve)``, so the trending answer always fits inside the caller's deadline. Seen items
+small reserve)``, so the trending answer fits inside the caller's deadline unless the host stalls
+for longer than the reserve (see docs/design/serving.md#the-deadline-reserve). Seen items
 are passed to the model as ``exclude_items`` (it excludes inside the graph) and filtered again
 here, as are the trending items, so an excluded id never reaches the user whatever answered.
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Time kept back from the client's deadline for the trending answer and the response itself.
 DEADLINE_RESERVE_S = 0.003
-# Below this there is no point starting a model call (one loopback round trip is ~0.3 ms).
+# Below this there is no point starting a model call (it is less than one loopback round trip).
 MIN_MODEL_BUDGET_S = 0.001
 _UNAVAILABLE_CODES = frozenset(
     {

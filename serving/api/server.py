@@ -2,22 +2,10 @@
 
 Why a synchronous server with a thread pool rather than ``grpc.aio``: the per-request work is two
 blocking calls (Feast's Redis read, the model server's Predict) around a little Python; with
-asyncio the Feast read either blocks the loop or hops to an executor. Measured with the same
-handler three ways (Feast read + Predict to the local model server over the 1,682-item catalog),
-ghz ``--cpus 1`` at 200 rps for 15 s, two alternating rounds on the shared 2-core development
-machine (load average ~9 from other work, so only the ordering means anything):
-
-=================================  =============  ==============  ====================
-server                             p50 (ms)       p99 (ms)        server CPU / request
-=================================  =============  ==============  ====================
-sync, 16 threads                   12.0 / 3.7     170 / 28        2.01 / 1.91 ms
-aio, Feast read inline             57.3 / 4.8     341 / 80        2.00 / 1.99 ms
-aio, Feast read in an executor     9.7 / 8.0      183 / 111       2.01 / 2.26 ms
-=================================  =============  ==============  ====================
-
-CPU per request is the same (gRPC's Python layer dominates), and the sync server had the lower
-p99 in both rounds, so it is used. ``maximum_concurrent_rpcs`` refuses load the pool cannot take
-(RESOURCE_EXHAUSTED at once) instead of queueing it past every deadline.
+asyncio the Feast read either blocks the loop or hops to an executor, and neither beat the thread
+pool's p99 under load (see docs/design/serving.md#synchronous-server-not-grpcaio).
+``maximum_concurrent_rpcs`` refuses load the pool cannot take (RESOURCE_EXHAUSTED at once)
+instead of queueing it past every deadline.
 
 Health (``grpc.health.v1.Health``) answers SERVING for ``""`` and ``streamrec.v1.Recommender``
 once every dependency the API holds in memory is ready (generated code, the FeatureService, the
@@ -81,12 +69,11 @@ def bound_redis_retries(store: FeatureStore) -> None:
     """No backoff sleeps on the request path: retry a dropped connection once, never a timeout.
 
     redis-py 7's default policy retries a timed-out or failed command three times with
-    ``ExponentialWithJitterBackoff(base=1 s, cap=10 s)``, so one Redis read that passed its
-    ``feature_timeout_ms`` (a CPU stall on a busy host is enough) put the request thread to sleep
-    for up to seconds: measured under ghz load, 15% of the API's thread samples sat in that sleep
-    and the feature read's p99 was 1.3 s with a 50 ms socket timeout. The API has its own answer
-    to a failed read (no features, marked degraded), so a timeout is final here; only a broken
-    pooled connection (Redis restarted) gets one immediate retry on a fresh connection.
+    exponential backoff of up to seconds, so one Redis read past ``feature_timeout_ms`` put the
+    request thread to sleep (see docs/design/serving.md#no-retry-backoff-on-the-feature-read).
+    The API has its own answer to a failed read (no features, marked degraded), so a timeout is
+    final here; only a broken pooled connection (Redis restarted) gets one immediate retry on a
+    fresh connection.
 
     Feast has no setting for the policy, so it is set on the client Feast made (Feast creates one
     client per store and keeps it); other online stores are left alone.

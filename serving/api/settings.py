@@ -55,11 +55,7 @@ class ApiSection(ProcessTuning):
     feature_timeout_ms: int = Field(default=50, ge=1)
     # Server threads. Each request spends most of its time waiting on Redis and the model server,
     # but every thread also takes the GIL back after each wait, so more threads than needed only
-    # add contention. A/B with bench/recommend_load.py (20 s phases, back to back, API and model
-    # server set alike, after the trending refresh was paced and the switch interval shortened):
-    # saturation 364 rps with 16 threads, 426 with 8, 414 with 4 (p99 at 100 rps 7.6 / 8.2 / 29
-    # ms; CPU per request at saturation, API + model server: 4.21 / 3.54 / 3.44 ms). An earlier
-    # A/B, before those two changes, had favoured 16 (p99 ~0.2 s against ~1 s with 4).
+    # add contention. See docs/design/serving.md#server-threads.
     max_workers: int = Field(default=8, ge=1)
     # Requests waiting for a thread beyond this are refused with RESOURCE_EXHAUSTED at once
     # rather than queued past any sensible deadline. 0: no limit.

@@ -7,11 +7,13 @@ test can be pointed at the real ``tensorflow/serving`` image unchanged.
 
 Modules, one job each:
 
-* ``config``   models.config parsing, validation and atomic writing
-* ``tensors``  TensorProto <-> numpy, fast paths for the dtypes the project uses
-* ``errors``   errors that carry their gRPC status code and TF Serving's wording
 * ``versions`` one loaded version: load, warm-up, signature cache, in-flight accounting
 * ``manager``  one model: version policy over the polled base path, loads/unloads, labels
+* ``core``     all models: config reloads and label checks (TF Serving's ``ServerCore``)
 * ``service``  the gRPC servicers
 * ``server``   wiring: gRPC server, health service, pollers, graceful stop
+* ``cli``      ``streamrec model-server``, with ``tensorflow_model_server``'s flags
+
+What the model client shares with it (models.config, TensorProto conversion, errors with their
+gRPC codes) lives in ``serving.protocol``.
 """

@@ -82,7 +82,7 @@ def model_server_command(
             help=_help("Microseconds between load retries.", "load_retry_interval_s (seconds)"),
         ),
     ] = None,
-    # 8, not more: see ``api.max_workers`` in serving/api/settings.py for the A/B (both were set alike)
+    # 8, as ``api.max_workers``: see docs/design/serving.md#server-threads (both were set alike)
     grpc_max_threads: Annotated[int, typer.Option("--grpc_max_threads", help="Threads serving RPCs.", min=1)] = 8,
     tensorflow_intra_op_parallelism: Annotated[
         int | None,

@@ -68,10 +68,10 @@ class Signature:
 
     ``flat_order`` is the order of the function's flat arguments, when TF exposes it. Calling a
     signature by keyword goes through TF's structured-signature binding (``FunctionType`` bind,
-    ``TensorSpec.cast`` per input), which repeats checks ``check_inputs`` has already made and was
-    about 40% of the call for the project's ``recommend`` signature (700 -> 430 us in a
-    micro-benchmark on the shared machine, the same outputs); with ``flat_order`` the tensors go
-    to the function's flat call directly. ``None`` (another TF version): the keyword call.
+    ``TensorSpec.cast`` per input), which repeats checks ``check_inputs`` has already made; with
+    ``flat_order`` the tensors go to the function's flat call directly (see
+    docs/design/serving.md#calling-a-signature-by-its-flat-arguments). ``None`` (another TF
+    version): the keyword call.
 
     ``checks`` holds each input's dtype and dimensions as plain Python values: comparing them is
     a few tuple compares per input, where ``TensorShape.is_compatible_with`` builds a
@@ -100,10 +100,10 @@ def to_eager_tensor(value: np.ndarray, dtype_enum: int) -> tf.Tensor:
     ``tf.constant`` goes through the weak-tensor dispatch wrapper, ``_constant_impl`` and
     ``convert_to_eager_tensor``, which copies the array, resolves the dtype and checks the
     shape, before ending in the ``EagerTensor`` constructor; here the dtype is resolved once per
-    signature and ``check_inputs`` has checked the shape. Measured per input tensor in a
-    micro-benchmark (shared 2-core machine, noisy): ~14-21 us for ``tf.constant`` against
-    ~12-14 us. The array is not copied: it was made from the request's ``TensorProto`` for this
-    call alone, so nothing can change it while the tensor lives.
+    signature and ``check_inputs`` has checked the shape (see
+    docs/design/serving.md#eager-tensors-without-tfconstant). The array is not copied: it was made
+    from the request's ``TensorProto`` for this call alone, so nothing can change it while the
+    tensor lives.
     """
     ctx = context.context()
     ctx.ensure_initialized()

@@ -48,9 +48,8 @@ def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
     """Write ``value`` into an empty ``proto`` in place (e.g. ``request.inputs[name]``).
 
     Filling the message a request or response already holds, rather than building a TensorProto
-    and ``CopyFrom``-ing it in, skips one message copy and the shape sub-messages per tensor:
-    a whole ``recommend`` PredictRequest (ten inputs) took about a third of the time in a
-    micro-benchmark (~230 -> ~80 us, same machine, same load).
+    and ``CopyFrom``-ing it in, skips one message copy and the shape sub-messages per tensor.
+    See docs/design/serving.md#filling-tensors-in-place.
     """
     array = np.asarray(value)
     dims = proto.tensor_shape.dim

@@ -18,36 +18,20 @@ Rules, checked after every batch of labeled examples for the current canary vers
    one-sided on a two-sided test at level ``alpha``, so the false-promotion rate stays at or
    below ``alpha / 2`` under no difference (checked by simulation in the tests).
 
-**The canary line.** The online trainer publishes a candidate every interval (40 s by default),
-each fine-tuned from the one before, and each becomes the canary. Tested one version at a time,
-an experiment would end before it could show a lift of the size one interval brings: at a hit
-rate near 0.14, the mSPRT needs ~3,400 requests per arm to show a 20 % lift, and a version
-serves ~800 canary requests in its 40 s at the demo's 40 visits/s. So while ``stable`` stays the
-same, the evidence of consecutive canaries is pooled (``pool_canary_line``): the test asks
-whether *the trainer's line* beats stable, and a promotion makes the line's newest version
-stable. Every new version has already passed the trainer's gate against its parent on the
-newest hold-out, and the guardrails of rule 1 are checked on the *current* canary version's own
-requests, so a broken version is still rolled back on its own numbers. Under no difference
-(every version as good as stable) the pooled requests are the stream the test is built for, so
-its false-promotion bound holds (simulated in the tests with a new version every 400 requests).
+**The canary line.** The trainer publishes a new canary every interval, too few requests for one
+version to show the lift one interval brings. So while ``stable`` stays the same, the evidence of
+consecutive canaries is pooled (``pool_canary_line``): the test asks whether *the trainer's line*
+beats stable, and a promotion makes the line's newest version stable. The guardrails of rule 1
+are checked on the *current* version's own requests, so a broken version is still rolled back on
+its own numbers; under no difference the pooled stream keeps the test's false-promotion bound.
 
-**Interleaving** (the API's ``interleave``, on by default). Even pooled, an A/B comparison of
-per-user arms is slow here: users differ far more than two close versions do, so each arm's CTR
-has several times the binomial variance, and the loop benchmark's 40,000 visits (~250 users per
-arm) never showed the line's ~13 % lift. So canary users are shown the team-draft interleaving
-of the canary's and stable's lists (``serving/api/interleave.py``), and the canary is judged by
-the share of clicked interleaved requests whose click fell on an item its team picked: a
-within-request comparison, on the same user at the same moment.
-
-A click on an item that *both* models had in their own top k is a **tie**: it is counted, but
-credits neither. Team draft would credit it to whichever team happened to pick it first, a coin
-flip that carries no information about which model is better and only dilutes the share. In
-the ``loop_long`` run before this rule (932cf7b, BENCHMARKS.md history) 60 % of the clicked
-interleaved requests before the promotion were such ties (both versions rescored offline on the
-logged inputs); on the other 40 % the line's share was 0.60 instead of team draft's 0.54, which
-the mSPRT needs about half as many clicks to see (``tests/unit/test_ab_interleaving.py``). Under no
-difference between the models, the clicks that only one model's list could have drawn still fall
-on either side alike, so the test's false-promotion bound is unchanged.
+**Interleaving** (the API's ``interleave``, on by default). Per-user arms differ far more than two
+close versions do, so canary users are shown the team-draft interleaving of the canary's and
+stable's lists (``serving/api/interleave.py``), and the canary is judged by the share of clicked
+interleaved requests whose click fell on an item its team picked: a comparison within each
+request. A click on an item that *both* models had in their own top k is a **tie**: counted, but
+crediting neither, since team draft's credit for it would be a coin flip that only dilutes the
+share. Under no difference the remaining clicks still fall on either side alike.
 
 Rules for experiments with interleaved requests, after the guardrails of rule 1:
 
@@ -62,15 +46,12 @@ Rules for experiments with interleaved requests, after the guardrails of rule 1:
 The A/B figures per arm are still kept (guardrails, reports); the canary arm's CTR is then the
 interleaved lists' own.
 
-**No CTR collapse on interleaved requests.** Comparing one version's CTR with stable's compares
-different users, and one version serves the canary arm for one trainer interval only. In the
-70,000-visit ``loop_full_h30`` run of 2026-11-30 version 25 served 977 canary requests from 17
-users, 730 of them from two users in long bursts, one of whom hit 8 times in 347 requests. At 635
-requests its CTR was 0.043 against stable's 0.145, under the 30 % collapse line, and it was rolled
-back although its team had won 75 % of its credited clicks. A broken model cannot collapse an
-interleaved list anyway: stable's team still fills about half of it, so the CTR stays near half
-of stable's, above the line. What does catch it is the within-request comparison of rule 3 (a
-broken version draws almost no credited clicks; ``tests/unit/test_ab_interleaving.py``).
+**No CTR collapse on interleaved requests.** One version's CTR against stable's compares different
+users, and a version serves the canary arm for one interval only, so a few bursty users can sink
+it while its team wins the clicks. A broken model cannot collapse an interleaved list anyway
+(stable's team fills about half of it); rule 3's within-request comparison catches it instead.
+
+See docs/design/serving.md#the-ab-evaluator for the runs behind these rules.
 """
 
 from __future__ import annotations
@@ -106,13 +87,11 @@ class PolicyConfig(BaseModel):
     # Interleaved requests (the API's ``interleave``) are judged by the share of clicks the
     # canary's team wins, not by the arms' CTRs (module docstring); the A/B rule above stays for
     # experiments without interleaved requests. ``interleave_tau``: the share-minus-1/2 the test
-    # is most sensitive to: the line's measured lifts (hit@10 +5 % after 15,000 loop visits, +13 %
-    # after 40,000) move the share by a few points, not tens; ``interleave_min_credits``: clicked
-    # interleaved requests before it acts.
+    # is most sensitive to (a few points); ``interleave_min_credits``: clicked interleaved requests
+    # before it acts. See docs/design/serving.md#the-interleaving-knobs.
     interleave_tau: float = Field(default=0.05, gt=0)
-    # The level of rule 3 (one version's own clicks), stricter than ``alpha``: the trainer publishes
-    # a version every interval, each is tested on its own, and a false rollback ends the line's
-    # pooled evidence; a broken version (share near 0) still falls within ~45 clicks.
+    # The level of rule 3 (one version's own clicks), stricter than ``alpha``: every version is
+    # tested on its own, and a false rollback ends the line's pooled evidence.
     interleave_version_alpha: float = Field(default=0.005, gt=0, lt=1)
     interleave_min_credits: int = Field(default=30, ge=10)
 

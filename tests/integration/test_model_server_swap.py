@@ -35,6 +35,15 @@ def _wait_state(client: ModelServerClient, version: int, state: str, timeout_s: 
     raise AssertionError(f"version {version} never reached {state}: {client.status()}")
 
 
+def _wait_for_answers(stream: RequestStream, count: int, timeout_s: float = 30.0) -> None:
+    """Until ``stream`` holds ``count`` answers (its calls run one after another)."""
+    deadline = time.monotonic() + timeout_s
+    while len(stream.answers) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(stream.answers)} of {count} answers in {timeout_s} s: {stream.failures[:3]}")
+        time.sleep(0.01)
+
+
 def test_new_version_is_served_during_a_request_stream_without_failures(tmp_path: Path) -> None:
     base = tmp_path / contracts.MODEL_NAME
     write_tiny_model(base, 1, item_ids=ITEMS)
@@ -42,20 +51,20 @@ def test_new_version_is_served_during_a_request_stream_without_failures(tmp_path
     with running_model_server(base, poll_s=POLL_S) as server:
         client = ModelServerClient(server.target, contracts.MODEL_NAME, timeout_s=5.0)
         with RequestStream(client) as stream:
-            stream.wait_for_version(1, timeout_s=10)
-            appeared = time.monotonic()
+            stream.wait_for_version(1, timeout_s=30)
             write_tiny_model(base, 2, item_ids=ITEMS, bias=1.0)
-            served = stream.wait_for_version(2, timeout_s=POLL_S + 15)
-            time.sleep(0.3)  # keep streaming across the unload of version 1
+            stream.wait_for_version(2, timeout_s=POLL_S + 15)
+            # keep streaming across the unload of version 1, and a few calls past it
+            assert _wait_state(client, 1, "END") == ""
+            _wait_for_answers(stream, len(stream.answers) + 5)
         assert stream.failures == []
-        assert served - appeared < POLL_S + 15
-        # after the first answer from version 2, nothing is answered by version 1 any more
-        assert all(version == 2 for at, version in stream.answers if at > served + 0.1)
-        assert _wait_state(client, 1, "END") == ""
+        # the calls run one after another: after the first answer from version 2, none from version 1
+        versions = [version for _, version in stream.answers]
+        assert set(versions[versions.index(2) :]) == {2}
         client.close()
 
 
-def test_broken_version_does_not_disturb_serving(tmp_path: Path) -> None:
+def test_broken_version_does_not_disturb_serving(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     base = tmp_path / contracts.MODEL_NAME
     write_tiny_model(base, 1, item_ids=ITEMS)
     with running_model_server(base, poll_s=POLL_S) as server:
@@ -63,8 +72,14 @@ def test_broken_version_does_not_disturb_serving(tmp_path: Path) -> None:
         with RequestStream(client) as stream:
             write_tiny_model(base, 2, item_ids=ITEMS, broken=True)
             error = _wait_state(client, 2, "END")
-            time.sleep(3 * POLL_S)  # a few more polls: the failed version is not retried forever
+            # three more polls, run here so they have happened: a retry would start loading version
+            # 2 again (state LOADING) inside the poll
+            for _ in range(3):
+                server.server.core.poll()
+            _wait_for_answers(stream, len(stream.answers) + 5)
         assert "cannot be parsed" in error or "SavedModel" in error
+        load_failures = [r for r in caplog.records if "version: 2} failed" in r.getMessage()]
+        assert len(load_failures) == 1, [r.getMessage() for r in load_failures]
         assert stream.failures == []
         assert {version for _, version in stream.answers} == {1}
         assert {item.version: item.state for item in client.status()} == {2: "END", 1: "AVAILABLE"}
@@ -85,7 +100,7 @@ def test_publish_canary_promote_rollback_keeps_every_request_answered(tmp_path: 
             write_tiny_model(base, 2, item_ids=ITEMS, bias=1.0)
             client.publish_canary(2)
             assert client.labels() == {"stable": 1, "canary": 2}
-            canary.wait_for_version(2, timeout_s=5)
+            canary.wait_for_version(2, timeout_s=30)
             assert client.predict(example_inputs(["u"]), label="stable")[0] == 1
 
             # a broken canary: the publish fails, labels and serving stay as they were
@@ -96,16 +111,18 @@ def test_publish_canary_promote_rollback_keeps_every_request_answered(tmp_path: 
             assert any(item.version == 3 and item.error_message for item in client.status())
 
             assert client.promote(2) == 2
-            stable.wait_for_version(2, timeout_s=5)
+            stable.wait_for_version(2, timeout_s=30)
             write_tiny_model(base, 4, item_ids=ITEMS, bias=2.0)
             client.publish_canary(4)
-            canary.wait_for_version(4, timeout_s=5)
+            canary.wait_for_version(4, timeout_s=30)
             assert client.rollback() == 2
             assert client.labels() == {"stable": 2, "canary": 2}
-            rolled_back = time.monotonic()
-            time.sleep(0.3)
+            # the call in flight during the rollback may still resolve "canary" to 4; every later one is 2
+            rolled_back = len(canary.answers) + 1
+            _wait_for_answers(canary, rolled_back + 5)
+            _wait_for_answers(stable, len(stable.answers) + 5)
         assert stable.failures == [] and canary.failures == []
-        assert all(version == 2 for at, version in canary.answers if at > rolled_back + 0.05)
+        assert {version for _, version in canary.answers[rolled_back:]} == {2}
         loaded = {item.version for item in client.status() if item.state == "AVAILABLE"}
         assert 2 in loaded and len(loaded) <= client.max_versions_loaded
         client.close()

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import uuid
 from collections import defaultdict
 
-import pytest
 from confluent_kafka import Producer
 
 from streamrec.core.events import Interaction
@@ -17,6 +15,7 @@ from streamrec.datasets import movielens
 from streamrec.kafka.consume import consume_decoded
 from streamrec.ops.replay import replay
 from streamrec.ops.settings import ReplaySettings
+from tests.support.tools import require_tool
 
 
 def as_replay_settings(settings: CommonSettings) -> ReplaySettings:
@@ -81,12 +80,12 @@ def test_malformed_records_are_reported_with_their_reason(fresh_settings: Common
     assert records[2].event == good
 
 
-@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat not installed (apt-get install kcat)")
 def test_a_json_line_from_kcat_is_a_valid_interaction(fresh_settings: CommonSettings) -> None:
+    kcat = require_tool("kcat")
     topic = fresh_settings.topics.interactions
     line = '{"event_id":"kcat-1","event_time":1767225600,"user_id":"42","item_id":"7","kind":"click"}'
     subprocess.run(
-        ["kcat", "-P", "-b", fresh_settings.kafka.bootstrap_servers, "-t", topic, "-K", "|"],
+        [kcat, "-P", "-b", fresh_settings.kafka.bootstrap_servers, "-t", topic, "-K", "|"],
         input=f"42|{line}\n".encode(),
         check=True,
         timeout=30,

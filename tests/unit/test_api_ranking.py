@@ -20,7 +20,7 @@ import pytest
 from serving.api.arms import CanaryGate
 from serving.api.impressions import PendingImpression, to_impression
 from serving.api.metrics import ApiMetrics
-from serving.api.ranking import NoAnswer, Ranker, _ModelError, model_inputs, parse_answer
+from serving.api.ranking import DEADLINE_RESERVE_S, NoAnswer, Ranker, _ModelError, model_inputs, parse_answer
 from serving.api.trending import EMPTY, TrendingSnapshot, rank
 from serving.api.user_features import UserFeatures
 from serving.model_client import ModelServerRpcError
@@ -140,12 +140,26 @@ def test_a_failing_model_gives_trending_marked_degraded(code: grpc.StatusCode, r
     assert (ranked.fallback_reason, ranked.degraded, ranked.model_version) == (reason, True, 0)
 
 
-def test_the_model_budget_shrinks_to_the_clients_deadline_and_is_skipped_when_none_is_left() -> None:
+class StoppedClock:
+    """Stands in for the ranking module's ``time``: ``monotonic()`` stays where the test puts it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_model_budget_shrinks_to_the_clients_deadline_and_is_skipped_when_none_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = StoppedClock(1_000.0)
+    monkeypatch.setattr("serving.api.ranking.time", clock)  # the budget is computed from this clock only
     model = FakeModel({"stable": (1, _outputs(["x"], [1.0]))})
     ranker = _ranker(model, budget_s=1.0)
-    ranker.rank(KNOWN, k=1, exclude=[], arm="stable", deadline=time.monotonic() + 0.02)
-    assert model.calls[0][1] is not None and model.calls[0][1] <= 0.02
-    ranked = ranker.rank(KNOWN, k=1, exclude=[], arm="stable", deadline=time.monotonic() + 0.001)
+    ranker.rank(KNOWN, k=1, exclude=[], arm="stable", deadline=clock.now + 0.02)
+    assert model.calls[0][1] == pytest.approx(0.02 - DEADLINE_RESERVE_S)  # the deadline less the reserve, not 1 s
+    ranked = ranker.rank(KNOWN, k=1, exclude=[], arm="stable", deadline=clock.now + 0.001)
     assert ranked.fallback_reason == "deadline" and len(model.calls) == 1
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from typer.testing import CliRunner
 
 from streamrec.core.settings import known_env_names
 from streamrec.ops.cli import app
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.unit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
 COMPOSE_FILE = INFRA_DIR / "docker-compose.yml"
-COMPOSE_BINARY = "docker-compose"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -80,10 +79,9 @@ def _host_volume_sources(spec: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def test_compose_config_is_valid() -> None:
-    if shutil.which(COMPOSE_BINARY) is None:
-        pytest.skip(f"`{COMPOSE_BINARY}` is not installed (Debian package docker-compose; CI installs it)")
+    compose = require_tool("docker-compose")
     result = subprocess.run(
-        [COMPOSE_BINARY, "-f", str(COMPOSE_FILE), "config", "-q"],
+        [compose, "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
