@@ -27,7 +27,7 @@ from features import push_log, views
 from features.errors import FeaturesError, PushValidationError
 from features.feast_internals import OnlineWriter, StreamRow
 
-__all__ = ["RowWriter", "StreamRow", "push", "push_item_stats", "push_user_activity"]
+__all__ = ["RowWriter", "push", "push_item_stats", "push_user_activity"]
 
 
 def _normalized(view: views.StreamView, frame: pd.DataFrame) -> pd.DataFrame:
