@@ -133,6 +133,9 @@ class CommonSettings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     redis: RedisSettings = RedisSettings()
     paths: PathSettings = PathSettings()
+    # The dataset every command works on unless --dataset says otherwise: a preset (ml-100k,
+    # synthetic[:options]), a description file (.toml) or a log file (streamrec.datasets.description).
+    dataset: str = Field(default="ml-100k", min_length=1)
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from tqdm import tqdm
@@ -18,11 +18,16 @@ from streamrec.core.errors import StreamrecError
 from streamrec.core.settings import CommonSettings, KafkaSettings, known_env_names, load
 from streamrec.ops.settings import ReplaySettings, StackSettings, TailSettings
 
+if TYPE_CHECKING:
+    from streamrec.datasets.description import Dataset
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, Redis) under supervisord.")
 topics_app = typer.Typer(no_args_is_help=True, help="Project topics.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
+dataset_app = typer.Typer(no_args_is_help=True, help="Datasets: check a description, write an example one.")
+app.add_typer(dataset_app, name="dataset")
 
 
 @app.command("settings")
@@ -164,37 +169,64 @@ def topics_create() -> None:
     typer.echo(f"created: {', '.join(created) if created else 'none (all existed)'}")
 
 
-def _load_dataset(dataset: str, columns: str | None, synthetic_events: int) -> object:
-    from streamrec.datasets import generic, movielens, synthetic
+DatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset",
+        help="a preset (ml-100k, synthetic[:events=N,items=N]), a description (.toml) or a log file; "
+        "default: the STREAMREC_DATASET setting (ml-100k)",
+    ),
+]
+ColumnsOption = Annotated[
+    str | None,
+    typer.Option(help="column mapping for a bare log file, e.g. user=uid,item=iid,timestamp=ts,rating="),
+]
 
-    if dataset == "ml-100k":
-        return movielens.load_interactions()
-    if dataset == "synthetic":
-        return synthetic.generate(n_events=synthetic_events)
-    mapping = generic.ColumnMapping.parse(columns) if columns else generic.ColumnMapping()
-    return generic.load_interaction_log(Path(dataset), mapping)
+
+def load_announced(spec: str, columns: str | None = None) -> Dataset:
+    """Load a dataset and print its summary before anything runs."""
+    from streamrec.datasets.description import load_dataset
+
+    dataset = load_dataset(spec, columns=columns)
+    typer.echo(dataset.summary(), err=True)
+    return dataset
+
+
+@dataset_app.command("show")
+def dataset_show(dataset: DatasetOption = None, columns: ColumnsOption = None) -> None:
+    """Load and validate a dataset and print its summary (rows, users, items, time range, kinds, attributes)."""
+    load_announced(dataset or load(CommonSettings).dataset, columns)
+
+
+@dataset_app.command("generate-shop")
+def dataset_generate_shop(
+    folder: Annotated[Path, typer.Argument(help="folder for events.csv, items.csv and shop.toml")],
+    events: Annotated[int, typer.Option(help="events in the log")] = 60_000,
+    items: Annotated[int, typer.Option(help="items in the catalog")] = 3_000,
+    users: Annotated[int, typer.Option(help="visitors")] = 2_000,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write a synthetic shop (UUID ids, ms timestamps, view/addtocart/transaction, an item file) and
+    its description: an example of describing your own log."""
+    from streamrec.datasets.shop import ShopShape, write_shop
+
+    path = write_shop(folder, ShopShape(n_events=events, n_items=items, n_users=users, seed=seed))
+    typer.echo(f"wrote {path}; try `streamrec dataset show --dataset {path}`")
 
 
 @app.command("replay")
 def replay_command(
-    dataset: Annotated[str, typer.Option(help="ml-100k, synthetic, or a CSV/Parquet path")] = "ml-100k",
+    dataset: DatasetOption = None,
     rate: Annotated[float | None, typer.Option(help="events per second (evenly spaced)")] = None,
     speedup: Annotated[float | None, typer.Option(help="event-time speed-up factor")] = None,
     limit: Annotated[int | None, typer.Option(help="replay only the first N events")] = None,
-    columns: Annotated[
-        str | None,
-        typer.Option(help="column mapping for a PATH, e.g. user=uid,item=iid,timestamp=ts,rating="),
-    ] = None,
-    synthetic_events: Annotated[int, typer.Option(help="events for --dataset synthetic")] = 100_000,
+    columns: ColumnsOption = None,
 ) -> None:
     """Produce a dataset's interactions to Kafka in event-time order (acks=all, idempotent)."""
-    import pandas as pd
-
     from streamrec.ops.replay import replay
 
     settings = load(ReplaySettings)
-    frame = _load_dataset(dataset, columns, synthetic_events)
-    assert isinstance(frame, pd.DataFrame)  # noqa: S101 -- narrow for mypy
+    frame = load_announced(dataset or settings.dataset, columns).interactions
     report = replay(frame, settings, rate=rate, speedup=speedup, limit=limit)
     typer.echo(report.summary())
     if report.failed:

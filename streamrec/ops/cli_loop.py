@@ -43,14 +43,18 @@ def simulate(
     rate: Annotated[float | None, typer.Option(help="visits per second")] = None,
     speedup: Annotated[float | None, typer.Option(help="event-time speed-up factor")] = None,
     limit: Annotated[int | None, typer.Option(help="replay only the first N held-out events")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="preset, description (.toml) or log file; default: STREAMREC_DATASET")
+    ] = None,
 ) -> None:
-    """Replay held-out MovieLens-100K interactions as visits: Recommend, click if the real item
-    was shown, and always produce the interaction."""
-    from streamrec.datasets import movielens
+    """Replay a dataset's held-out interactions as visits: Recommend, click if the real item was shown
+    (and its kind is a success kind), and always produce the interaction."""
+    from streamrec.ops.cli import load_announced
     from streamrec.ops.simulate import held_out
     from streamrec.ops.simulate import simulate as run_simulation
 
     settings = load(SimulatorSettings)
-    frame = held_out(movielens.load_interactions(), settings.simulator.holdout_start_fraction)
+    interactions = load_announced(dataset or settings.dataset).interactions
+    frame = held_out(interactions, settings.simulator.holdout_start_fraction)
     report = run_simulation(frame, settings, rate=rate, speedup=speedup, limit=limit)
     typer.echo(report.summary())

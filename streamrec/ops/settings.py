@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from streamrec.core.events import InteractionKind
 from streamrec.core.settings import CommonSettings, Section
 
 
@@ -48,13 +49,16 @@ class TailSettings(CommonSettings):
 
 
 class SimulatorTuning(Section):
-    """``streamrec simulate``: held-out MovieLens events replayed as visits to the API."""
+    """``streamrec simulate``: a dataset's held-out events replayed as visits to the API."""
 
     api_target: str = "127.0.0.1:50051"
     k: int = Field(default=10, ge=1, le=100)
     deadline_ms: int = Field(default=1000, ge=1)
-    # Events before this fraction of ml-100k (by time) are history (bootstrap); the rest is replayed.
+    # Events before this fraction of the dataset (by time) are history (bootstrap); the rest is replayed.
     holdout_start_fraction: float = Field(default=0.5, gt=0, lt=1)
+    # Kinds whose item, when shown, counts as a click (the evaluator's success); empty: every kind.
+    # E.g. ["purchase"] for a shop whose goal is sales, ["add_to_cart", "purchase"] for intent.
+    success_kinds: tuple[InteractionKind, ...] = ()
     # None: <paths.state_dir>/simulator
     output_dir: Path | None = None
 

@@ -1,8 +1,10 @@
 """``streamrec simulate``: replay held-out interactions as user visits (the replay method).
 
-For each real interaction (user ``u``, item ``i``, time ``t``) in event-time order, the
-simulator asks the API for ``u``'s recommendations over gRPC. If ``i`` is among them the user
-"clicked" it: a :class:`~streamrec.core.events.Click` goes to the clicks topic. The interaction itself
+For each real interaction (user ``u``, item ``i``, kind, time ``t``) in event-time order, the
+simulator asks the API for ``u``'s recommendations over gRPC. If ``i`` is among them and the kind
+is one of ``simulator.success_kinds`` (every kind when empty) the user "clicked" it: a
+:class:`~streamrec.core.events.Click` goes to the clicks topic, so the evaluator's click rate is
+the rate of the configured success. The interaction itself
 always goes to the interactions topic (the user found the item anyway), so the features and the
 trainer see the same stream as without recommendations. Per arm, click-through rate then equals
 online hit rate@K — the replay method of offline evaluation for recommenders (Li et al. 2011).
@@ -73,6 +75,7 @@ def simulate(
     if limit is not None:
         frame = frame.head(limit)
     tuning = settings.simulator
+    success_kinds = frozenset(tuning.success_kinds)
     out_dir = settings.simulator_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     report = SimulationReport()
@@ -118,7 +121,7 @@ def simulate(
             report.requests += 1
             if response is not None:
                 shown = [item.item_id for item in response.items]
-                hit = event.item_id in shown
+                hit = event.item_id in shown and (not success_kinds or event.kind in success_kinds)
                 arm = response.arm or "unknown"
                 report.requests_by_arm[arm] = report.requests_by_arm.get(arm, 0) + 1
                 report.hits_by_arm[arm] = report.hits_by_arm.get(arm, 0) + int(hit)
