@@ -9,17 +9,15 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from tqdm import tqdm
 
 from streamrec.core.errors import StreamrecError
 from streamrec.core.settings import CommonSettings, KafkaSettings, known_env_names, load
+from streamrec.ops.dataset_options import ColumnsOption, DatasetOption, load_announced
 from streamrec.ops.settings import ReplaySettings, StackSettings, TailSettings
-
-if TYPE_CHECKING:
-    from streamrec.datasets.description import Dataset
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, Redis) under supervisord.")
@@ -167,29 +165,6 @@ def topics_create() -> None:
 
     created = ensure_topics(load(CommonSettings))
     typer.echo(f"created: {', '.join(created) if created else 'none (all existed)'}")
-
-
-DatasetOption = Annotated[
-    str | None,
-    typer.Option(
-        "--dataset",
-        help="a preset (ml-100k, synthetic[:events=N,items=N]), a description (.toml) or a log file; "
-        "default: the STREAMREC_DATASET setting (ml-100k)",
-    ),
-]
-ColumnsOption = Annotated[
-    str | None,
-    typer.Option(help="column mapping for a bare log file, e.g. user=uid,item=iid,timestamp=ts,rating="),
-]
-
-
-def load_announced(spec: str, columns: str | None = None) -> Dataset:
-    """Load a dataset and print its summary before anything runs."""
-    from streamrec.datasets.description import load_dataset
-
-    dataset = load_dataset(spec, columns=columns)
-    typer.echo(dataset.summary(), err=True)
-    return dataset
 
 
 @dataset_app.command("show")

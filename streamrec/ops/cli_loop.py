@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from streamrec.core.settings import load
+from streamrec.ops.dataset_options import DatasetOption, load_announced
 from streamrec.ops.settings import SimulatorSettings
 
 
@@ -43,13 +44,10 @@ def simulate(
     rate: Annotated[float | None, typer.Option(help="visits per second")] = None,
     speedup: Annotated[float | None, typer.Option(help="event-time speed-up factor")] = None,
     limit: Annotated[int | None, typer.Option(help="replay only the first N held-out events")] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="preset, description (.toml) or log file; default: STREAMREC_DATASET")
-    ] = None,
+    dataset: DatasetOption = None,
 ) -> None:
     """Replay a dataset's held-out interactions as visits: Recommend, click if the real item was shown
     (and its kind is a success kind), and always produce the interaction."""
-    from streamrec.ops.cli import load_announced
     from streamrec.ops.simulate import held_out
     from streamrec.ops.simulate import simulate as run_simulation
 
