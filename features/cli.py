@@ -11,14 +11,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from tqdm import tqdm
 
 from features.errors import FeaturesError
 from features.settings import FeaturesSettings
@@ -65,29 +64,48 @@ def _redis_errors(settings: FeaturesSettings) -> Iterator[None]:
 
 
 @app.command()
-def setup() -> None:
-    """Write the ml-100k profiles to parquet, register every Feast object, materialize profiles to Redis.
+def setup(
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="PRESET (ml-100k, synthetic[:options]) or PATH (a .toml description or a log file); "
+            "default: STREAMREC_DATASET, else ml-100k",
+            show_default=False,
+        ),
+    ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(help="a bare log file's column mapping, e.g. user=who,item=what,timestamp=ts"),
+    ] = None,
+) -> None:
+    """Set the feature store up for a dataset: its attribute schema and profile files, every Feast
+    object generated from the schema, and the profiles in Redis.
 
-    Idempotent: rerunning rewrites the same files and the same online values.
+    Idempotent for one dataset. Switching to another dataset clears every online row and push-log
+    row of the previous one first (stop the stream workers meanwhile), so its ids never keep
+    another dataset's attributes or activity.
     """
     from features import store as feature_store
+    from streamrec.datasets.description import load_dataset
 
     settings = load(FeaturesSettings)
+    loaded = load_dataset(dataset or settings.dataset, columns=columns)
+    typer.echo(loaded.summary())
     store = feature_store.open_store(settings)
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("write profiles", lambda: feature_store.write_profiles(settings)),
-        ("apply definitions", lambda: f"{len(feature_store.apply(store).objects())} objects registered"),
-        ("materialize profiles", lambda: feature_store.materialize_profiles(store)),
-    ]
-    with _redis_errors(settings), tqdm(steps, desc="features setup", unit="step") as bar:
-        for name, step in bar:
-            bar.set_postfix_str(name)
-            result = step()
-            tqdm.write(f"{name}: {result if result is not None else 'done'}")
+    with _redis_errors(settings):
+        report = feature_store.setup_dataset(store, loaded.name, loaded.schema, loaded.users, loaded.items)
+    if report.switched:
+        typer.echo("another dataset (or none) was set up before: cleared its online rows and push logs")
+    typer.echo(f"profile rows: {report.profile_rows or 'none (no attributes declared)'}")
+    typer.echo(f"{report.objects} objects registered")
     typer.echo(f"registry: {settings.registry_path}\ndata:     {settings.data_dir}")
 
 
 def _show(service_name: str, entity_id: str) -> None:
+    """Every feature the service holds (the dataset's declared attributes and the stream features)."""
+    from features import profiles
     from features import store as feature_store
 
     settings = load(FeaturesSettings)
@@ -95,15 +113,17 @@ def _show(service_name: str, entity_id: str) -> None:
     with _redis_errors(settings):
         row = feature_store.read_online(store, service_name, [entity_id], include_event_timestamps=True).iloc[0]
     now = datetime.now(UTC).timestamp()
+    stamp = profiles.read_stamp(settings.data_dir)
+    typer.echo(f"{'dataset':>15}: {stamp.name if stamp else '(none set up: run `streamrec features setup`)'}")
     for name, value in row.items():
         name = str(name)
         if name.endswith("__ts"):
             continue
-        stamp = row.get(f"{name}__ts")
+        written_s = row.get(f"{name}__ts")
         age = ""
-        if stamp and value is not None:
-            written = datetime.fromtimestamp(int(stamp), UTC)
-            age = f"  (event time {written:%Y-%m-%d %H:%M:%S}Z, {now - int(stamp):,.0f} s ago)"
+        if written_s and value is not None:
+            written = datetime.fromtimestamp(int(written_s), UTC)
+            age = f"  (event time {written:%Y-%m-%d %H:%M:%S}Z, {now - int(written_s):,.0f} s ago)"
         typer.echo(f"{name:>15}: {value}{age}")
 
 
@@ -123,9 +143,10 @@ def show_item(item_id: Annotated[str, typer.Argument(help="an item id, e.g. 50")
 def compact() -> None:
     """Merge each stream view's offline push log into one file (reads open every file)."""
     from features import push_log, views
+    from streamrec.core.attributes import read_schema
 
     settings = load(FeaturesSettings)
-    for view in (views.USER_ACTIVITY, views.ITEM_STATS):
+    for view in views.stream_views(read_schema(settings.data_dir)):
         typer.echo(f"{view.view_name}: merged {push_log.compact(settings.data_dir, view)} files")
 
 

@@ -1,8 +1,10 @@
 """The module ``feast -c features apply`` scans: every Feast object of streamrec, module-level.
 
 The objects come from ``features.views.build`` for the data dir of the configured settings
-(``STREAMREC_*`` environment, like every process), so the CLI registers the same paths that
-``streamrec features setup`` does. Importing this module also creates that data dir with its
+(``STREAMREC_*`` environment, like every process) and the attribute schema stored there, so the
+CLI registers the same paths and views that ``streamrec features setup`` does. Without a schema
+(a clean checkout) there are only the stream views; a profile view the schema does not declare is
+None here, which the scan skips. Importing this module also creates the data dir with its
 push-log seeds (``features.push_log.ensure_layout``): the CLI creates the registry right after
 the scan and, on a clean checkout, its folder (``.state/feast/``) would not exist yet.
 
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 from features import push_log, views
 from features.settings import FeaturesSettings
+from streamrec.core.attributes import read_schema
 from streamrec.core.settings import load
 
 _settings = load(FeaturesSettings)
-push_log.ensure_layout(_settings.data_dir)
-_definitions = views.build(_settings.data_dir)
+_schema = read_schema(_settings.data_dir)
+push_log.ensure_layout(_settings.data_dir, _schema)
+_definitions = views.build(_settings.data_dir, _schema)
 
 user = _definitions.user
 item = _definitions.item

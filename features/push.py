@@ -1,7 +1,8 @@
 """Push stream feature rows (the Faust worker's output) to the online and offline stores.
 
 A frame holds one row per entity: the join key (``user_id`` / ``item_id``), every feature
-column of the view (``streamrec.core.contracts``) and ``event_timestamp`` (tz-aware, UTC; the event
+column of the view (``features.views.user_activity_view(schema)`` / ``item_stats_view(schema)``:
+the per-kind counts follow the dataset's schema) and ``event_timestamp`` (tz-aware, UTC; the event
 time of the entity's newest accepted event). A frame that does not match is rejected whole
 with ``PushValidationError`` before anything is written. Timestamps are floored to
 microseconds, the precision Feast's online path keeps, so both stores hold the same instant.
@@ -26,6 +27,7 @@ from feast.data_source import PushMode
 from features import push_log, views
 from features.errors import FeaturesError, PushValidationError
 from features.feast_internals import OnlineWriter, StreamRow
+from streamrec.core.attributes import AttributeSchema, read_schema
 
 __all__ = ["RowWriter", "push", "push_item_stats", "push_user_activity"]
 
@@ -85,14 +87,43 @@ def push(store: FeatureStore, view: views.StreamView, frame: pd.DataFrame, *, on
     return int(table.num_rows)
 
 
-def push_user_activity(store: FeatureStore, frame: pd.DataFrame, *, online: bool = True, offline: bool = True) -> int:
-    """Push ``user_activity`` rows: user_id, recent_items, count_1h, count_24h, last_event_ts, event_timestamp."""
-    return push(store, views.USER_ACTIVITY, frame, online=online, offline=offline)
+def _stored_schema(store: FeatureStore) -> AttributeSchema:
+    if store.config.repo_path is None:
+        raise FeaturesError("This FeatureStore has no repo_path; open it with features.store.open_store().")
+    return read_schema(store.config.repo_path)
 
 
-def push_item_stats(store: FeatureStore, frame: pd.DataFrame, *, online: bool = True, offline: bool = True) -> int:
-    """Push ``item_stats`` rows: item_id, count_1h, count_24h, trending_score, event_timestamp."""
-    return push(store, views.ITEM_STATS, frame, online=online, offline=offline)
+def push_user_activity(
+    store: FeatureStore,
+    frame: pd.DataFrame,
+    *,
+    schema: AttributeSchema | None = None,
+    online: bool = True,
+    offline: bool = True,
+) -> int:
+    """Push ``user_activity`` rows: user_id, ``attributes.user_activity_features(schema)``, event_timestamp.
+
+    ``schema`` None: the one stored in the store's data dir (read per call; a long-running writer
+    passes it, or uses :class:`RowWriter`).
+    """
+    view = views.user_activity_view(_stored_schema(store) if schema is None else schema)
+    return push(store, view, frame, online=online, offline=offline)
+
+
+def push_item_stats(
+    store: FeatureStore,
+    frame: pd.DataFrame,
+    *,
+    schema: AttributeSchema | None = None,
+    online: bool = True,
+    offline: bool = True,
+) -> int:
+    """Push ``item_stats`` rows: item_id, ``attributes.item_stats_features(schema)``, event_timestamp.
+
+    ``schema`` None: the one stored in the store's data dir.
+    """
+    view = views.item_stats_view(_stored_schema(store) if schema is None else schema)
+    return push(store, view, frame, online=online, offline=offline)
 
 
 # -- the row path of a long-running writer ------------------------------------------------

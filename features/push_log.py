@@ -16,6 +16,7 @@ See docs/design/features.md#push.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features import views
+from streamrec.core.attributes import AttributeSchema, read_schema
 
 SEED_NAME = "00000000000000000000-seed.parquet"
 
@@ -34,22 +36,36 @@ def write_parquet_atomically(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def ensure_layout(data_dir: Path) -> None:
-    """Create the data dir and each stream view's log directory with its schema seed."""
+def ensure_layout(data_dir: Path, schema: AttributeSchema | None = None) -> None:
+    """Create the data dir and each stream view's log directory with its schema seed.
+
+    ``schema`` None: the one stored in ``data_dir``. An existing seed is kept; ``reset`` removes
+    the logs when the dataset changes (``features.store.setup_dataset``).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
-    for view in (views.USER_ACTIVITY, views.ITEM_STATS):
-        log_dir = views.push_log_dir(data_dir, view.view_name)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        seed = log_dir / SEED_NAME
-        if not seed.exists():
-            write_parquet_atomically(view.schema.empty_table(), seed)
+    for view in views.stream_views(read_schema(data_dir) if schema is None else schema):
+        _seed(data_dir, view)
+
+
+def _seed(data_dir: Path, view: views.StreamView) -> None:
+    log_dir = views.push_log_dir(data_dir, view.view_name)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    seed = log_dir / SEED_NAME
+    if not seed.exists():
+        write_parquet_atomically(view.schema.empty_table(), seed)
+
+
+def reset(data_dir: Path, schema: AttributeSchema) -> None:
+    """Remove every stream view's log (another dataset's rows) and seed it again for ``schema``."""
+    shutil.rmtree(data_dir / views.PUSH_LOG_DIR, ignore_errors=True)
+    ensure_layout(data_dir, schema)
 
 
 def append(data_dir: Path, view: views.StreamView, table: pa.Table) -> Path:
     """Add one file holding ``table`` (already validated against ``view.schema``)."""
     log_dir = views.push_log_dir(data_dir, view.view_name)
     if not (log_dir / SEED_NAME).exists():
-        ensure_layout(data_dir)
+        _seed(data_dir, view)
     # Names sort by time of writing, which makes the directory easy to inspect and compact.
     path = log_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
     write_parquet_atomically(table, path)

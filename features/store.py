@@ -5,9 +5,10 @@
 free ports need no environment juggling), and the YAML file is only for the ``feast`` CLI.
 The store's ``repo_path`` is the data dir, which is how the helpers below find the parquet files.
 
-Set-up is three idempotent steps (``streamrec features setup`` runs them): ``write_profiles``
-(ml-100k users and items to parquet), ``apply`` (register every object of ``features.views``)
-and ``materialize_profiles`` (profiles into Redis). Stream views are never materialized: the
+Set-up (``streamrec features setup --dataset ...`` runs ``setup``) is ``setup_dataset``: write the
+dataset's attribute schema and profile files (``features.profiles``), ``apply`` every object
+``features.views`` generates from that schema, and ``materialize_profiles`` into Redis; switching
+to another dataset clears the previous one's rows first. Stream views are never materialized: the
 Faust worker writes them (``features.push.RowWriter``); ``push_user_activity`` / ``push_item_stats``
 (from ``features.push``, re-exported here) push frames of them.
 """
@@ -15,24 +16,21 @@ Faust worker writes them (``features.push.RowWriter``); ``push_user_activity`` /
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 from feast import FeatureStore, RepoConfig
 from feast.repo_config import RegistryConfig
 
-from features import push_log, views
+from features import profiles, push_log, views
 from features.errors import FeaturesError
 from features.push import push_item_stats, push_user_activity
 from features.settings import FeaturesSettings
-from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema, write_schema
 
-# Profiles are static: one row per entity at a fixed old time, so a point-in-time join finds
-# them at any timestamp (ml-100k's events start in 1997).
-PROFILE_TIMESTAMP = datetime(1990, 1, 1, tzinfo=UTC)
 # Feast's default and the only one it does not warn about; the key layout in Redis depends on it.
 ENTITY_KEY_SERIALIZATION_VERSION = 3
 
@@ -76,63 +74,118 @@ def data_dir_of(store: FeatureStore) -> Path:
     return Path(store.config.repo_path)
 
 
-def profile_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ml-100k users and items as the rows of ``user_profile`` and ``item_profile``."""
-    from streamrec.datasets.movielens import load_items, load_users, user_profile_rows
-
-    user_rows = user_profile_rows(load_users()).assign(**{views.EVENT_TIMESTAMP: PROFILE_TIMESTAMP})
-    items = load_items()
-    item_rows = pd.DataFrame(
-        {
-            contracts.ITEM_JOIN_KEY: items["item_id"].astype(str),
-            "genres": items["genres"],
-            "release_year": items["release_year"].fillna(-1).astype("int64"),
-            views.EVENT_TIMESTAMP: PROFILE_TIMESTAMP,
-        }
-    )
-    return user_rows, item_rows
-
-
-def write_profiles(settings: FeaturesSettings) -> dict[str, int]:
-    """Write both profile parquet files (atomically; rerunning rewrites them identically)."""
-    push_log.ensure_layout(settings.data_dir)
-    user_rows, item_rows = profile_frames()
-    counts = {}
-    for view_name, rows, schema in (
-        (contracts.USER_PROFILE_VIEW, user_rows, views.USER_PROFILE_SCHEMA),
-        (contracts.ITEM_PROFILE_VIEW, item_rows, views.ITEM_PROFILE_SCHEMA),
-    ):
-        table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
-        push_log.write_parquet_atomically(table, views.profile_path(settings.data_dir, view_name))
-        counts[view_name] = table.num_rows
-    return counts
-
-
 def apply(store: FeatureStore) -> views.Definitions:
-    """Register every entity, source, view and service (idempotent, does not need Redis).
+    """Register every object the store's schema defines, and delete registered ones it no longer does.
 
-    Objects are built for the store's own data dir, so a store opened on a temporary dir
-    registers temporary paths.
+    Idempotent, and needs Redis only when something is deleted (Feast then removes the deleted
+    views' rows online). Objects are built for the store's own data dir and the schema stored
+    there, so a store opened on a temporary dir registers temporary paths.
     """
     definitions = views.build(data_dir_of(store))
-    store.apply(definitions.objects())  # type: ignore[arg-type]  # Feast's list type is invariant
+    wanted_views = {view.name for view in definitions.feature_views}
+    wanted_sources = {
+        source.name
+        for view in definitions.feature_views
+        for source in (view.batch_source, view.stream_source)
+        if source is not None
+    }
+    stale: list[Any] = [view for view in store.list_feature_views() if view.name not in wanted_views]
+    stale += [source for source in store.list_data_sources() if source.name not in wanted_sources]
+    store.apply(definitions.objects(), objects_to_delete=stale, partial=False)  # type: ignore[arg-type]
     return definitions
 
 
-def materialize_profiles(store: FeatureStore) -> None:
-    """Load both profile views into the online store (Redis). Needs ``write_profiles`` first."""
+def materialize_profiles(store: FeatureStore, definitions: views.Definitions | None = None) -> list[str]:
+    """Load the profile views the schema declares into the online store; returns their names.
+
+    Needs their parquet files (``setup_dataset``) first.
+    """
+    definitions = definitions or views.build(data_dir_of(store))
+    names = [view.name for view in definitions.profile_views]
+    for name in names:
+        path = views.profile_path(data_dir_of(store), name)
+        if not path.is_file():
+            raise FeaturesError(f"{path} is missing; run `streamrec features setup --dataset ...` first.")
+    if names:
+        store.materialize(
+            start_date=profiles.PROFILE_TIMESTAMP - timedelta(days=1), end_date=datetime.now(UTC), feature_views=names
+        )
+    return names
+
+
+def clear_online(store: FeatureStore, definitions: views.Definitions) -> None:
+    """Delete every online row of this Feast project, of every view, for both entities."""
+    # Feast's Redis store deletes all keys of the project per join key (user_id, item_id).
+    store.provider.teardown_infra(store.project, [definitions.user_activity, definitions.item_stats], [])
+
+
+def clear_profiles_online(store: FeatureStore, definitions: views.Definitions) -> None:
+    """Delete the profile views' online rows (the stream views' fields stay)."""
+    if definitions.profile_views:
+        store.provider.update_infra(
+            project=store.project,
+            tables_to_delete=definitions.profile_views,
+            tables_to_keep=[],
+            entities_to_delete=[],
+            entities_to_keep=[],
+            partial=False,
+        )
+
+
+@dataclass(frozen=True)
+class SetupReport:
+    """What ``setup_dataset`` did."""
+
+    dataset: str
+    switched: bool  # another dataset (or none) was set up before: every online and push-log row was cleared
+    profile_rows: dict[str, int]
+    objects: int
+
+
+def setup_dataset(
+    store: FeatureStore,
+    name: str,
+    schema: AttributeSchema,
+    users: pd.DataFrame | None,
+    items: pd.DataFrame | None,
+) -> SetupReport:
+    """Set the store up for one dataset: schema, profile files, registry, online profiles.
+
+    ``users`` / ``items``: the dataset's normalized attribute frames (``features.profiles``).
+    When the store last held another dataset (name or schema differ, or none is recorded), every
+    online row of the project and the stream views' push logs are cleared before the new profiles
+    are loaded: a dataset's ids
+    must never pick up another dataset's attributes or activity. Otherwise only the profile rows
+    are rewritten (an id dropped from the file loses its row; stream rows stay). Stop the stream
+    workers while switching datasets. Idempotent.
+    """
     data_dir = data_dir_of(store)
-    for view_name in (contracts.USER_PROFILE_VIEW, contracts.ITEM_PROFILE_VIEW):
-        if not views.profile_path(data_dir, view_name).is_file():
-            raise FeaturesError(
-                f"{views.profile_path(data_dir, view_name)} is missing; run `streamrec features setup` "
-                "(or features.store.write_profiles) first."
-            )
-    store.materialize(
-        start_date=PROFILE_TIMESTAMP - timedelta(days=1),
-        end_date=datetime.now(UTC),
-        feature_views=[contracts.USER_PROFILE_VIEW, contracts.ITEM_PROFILE_VIEW],
-    )
+    tables = profiles.profile_tables(schema, users, items)  # checked before anything changes
+    stamp = profiles.DatasetStamp(name, schema)
+    switched = profiles.read_stamp(data_dir) != stamp
+    if switched:
+        profiles.clear_stamp(data_dir)  # an interrupted switch is redone in full next time
+    write_schema(data_dir, schema)
+    counts = profiles.write_profiles(data_dir, tables)
+    if switched:
+        push_log.reset(data_dir, schema)
+    definitions = apply(store)
+    if switched:
+        clear_online(store, definitions)
+    else:
+        clear_profiles_online(store, definitions)
+    materialize_profiles(store, definitions)
+    profiles.write_stamp(data_dir, stamp)
+    return SetupReport(name, switched, counts, len(definitions.objects()))
+
+
+def setup(settings: FeaturesSettings, spec: str | None = None, *, columns: str | None = None) -> SetupReport:
+    """Load the dataset ``spec`` names (default: ``settings.dataset``) and ``setup_dataset`` it."""
+    from streamrec.datasets.description import load_dataset
+
+    dataset = load_dataset(spec or settings.dataset, columns=columns)
+    store = open_store(settings)
+    return setup_dataset(store, dataset.name, dataset.schema, dataset.users, dataset.items)
 
 
 def read_online(
@@ -160,8 +213,10 @@ def read_online(
 
 __all__ = [
     "ENTITY_KEY_SERIALIZATION_VERSION",
-    "PROFILE_TIMESTAMP",
+    "SetupReport",
     "apply",
+    "clear_online",
+    "clear_profiles_online",
     "data_dir_of",
     "materialize_profiles",
     "open_store",
@@ -169,5 +224,6 @@ __all__ = [
     "push_user_activity",
     "read_online",
     "repo_config",
-    "write_profiles",
+    "setup",
+    "setup_dataset",
 ]

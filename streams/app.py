@@ -21,6 +21,10 @@ it would make recovery incremental). Processing is at-least-once (Faust acks a b
 pipeline returns, and commits offsets only after flushing the producer, changelogs included);
 deduplication by ``event_id`` makes redelivery harmless (see ``streams.pipeline``).
 
+The features follow the dataset's ``AttributeSchema`` (``attribute_schema.json`` in the feature
+data directory, written by ``streamrec features setup``): where it counts kinds on their own,
+the windows and the views carry ``<kind>_count_<window>`` too. It is read once, at build.
+
 The app is built by :func:`create_app` (through ``streams.faust_app.build_app``); the module's
 ``app`` and ``worker`` attributes build it from ``STREAMREC_*`` settings on first access, not
 at import.
@@ -43,6 +47,7 @@ from faust.serializers import codecs
 from faust.streams import Stream
 from faust.types import TP
 
+from streamrec.core.attributes import AttributeSchema, read_schema
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import load
 from streams.faust_app import build_app
@@ -137,9 +142,18 @@ def _dump_tasks() -> None:
         log.warning("task %s: %s", task.get_name(), where or "(no frames)")
 
 
-def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) -> Worker:
-    """Build the app, topics, tables and agents for ``settings``."""
+def create_app(
+    settings: StreamsSettings, *, sink: FeatureSink | None = None, schema: AttributeSchema | None = None
+) -> Worker:
+    """Build the app, topics, tables and agents for ``settings``.
+
+    ``schema`` defaults to the one ``features setup`` wrote under ``settings.data_dir``.
+    """
     tuning = settings.streams
+    if schema is None:
+        schema = read_schema(settings.data_dir)
+    if schema.counted_kinds:
+        log.info("counting event kinds on their own: %s", ", ".join(schema.counted_kinds))
     partitions = settings.topics.partitions
     app = build_app(
         settings,
@@ -174,14 +188,14 @@ def create_app(settings: StreamsSettings, *, sink: FeatureSink | None = None) ->
     if sink is None:
         from streams.sink import FeastSink
 
-        sink = FeastSink(settings)
+        sink = FeastSink(settings, schema)
     outputs: Outputs = FaustOutputs(app, deadletter, by_item)
     pipeline = FeaturePipeline(
         users=MappingTable(user_table.data, _changelog_sender(app, user_table)),
         items=MappingTable(item_table.data, _changelog_sender(app, item_table)),
         outputs=outputs,
         sink=sink,
-        window=WindowConfig.from_seconds(tuning.allowed_lateness_s),
+        window=WindowConfig.from_seconds(tuning.allowed_lateness_s, counted_kinds=schema.counted_kinds),
         max_future_skew=timedelta(seconds=tuning.max_future_skew_s),
         item_partitions=partitions,
         max_pending=tuning.max_held_events,

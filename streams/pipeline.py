@@ -10,6 +10,10 @@
   id, event time, event id and the original Kafka timestamp), then update the users' states.
 * ``item_batch`` (bundles of the repartition topic): every entry updates its item's state.
 
+Where the dataset counts event kinds on their own (``WindowConfig.counted_kinds``), both sides
+pass each event's kind to its state (the bundle entries carry it); a one-kind dataset forwards
+no kind and its states record none.
+
 Accepted events (and duplicates: their first push may have died with a crashed worker) mark
 their entity dirty in the view's :class:`~streams.pusher.ViewPusher`, which writes the entity's
 changelog record, pushes its feature row and only then releases the event's Kafka message for
@@ -136,8 +140,15 @@ class FeaturePipeline:
             except EventValidationError as exc:
                 await self._dead_letter(record, exc, report)
         # Forward first: an event whose bundle cannot be sent is dead-lettered with its state untouched.
+        counting_kinds = bool(self.window.counted_kinds)  # else no kind on the wire: nothing counts it
         entries = [
-            ItemEvent(interaction.item_id, to_us(interaction.event_time), interaction.event_id, event.message.timestamp)
+            ItemEvent(
+                interaction.item_id,
+                to_us(interaction.event_time),
+                interaction.event_id,
+                event.message.timestamp,
+                interaction.kind if counting_kinds else None,
+            )
             for event, interaction in valid
         ]
         bundles: dict[int, list[tuple[EventLike, ItemEvent]]] = {}
@@ -160,7 +171,7 @@ class FeaturePipeline:
                 continue
             self._apply(
                 "user_activity", table, pusher, event, report,
-                interaction.user_id, entry.time_us, entry.event_id, entry.item_id, entry.origin_ts,
+                interaction.user_id, entry.time_us, entry.event_id, entry.item_id, entry.origin_ts, interaction.kind,
             )  # fmt: skip
         await self._flush(report, "user_activity")
         await pusher.kick()
@@ -181,7 +192,7 @@ class FeaturePipeline:
             for entry in entries:
                 self._apply(
                     "item_stats", table, pusher, event, report,
-                    entry.item_id, entry.time_us, entry.event_id, None, entry.origin_ts,
+                    entry.item_id, entry.time_us, entry.event_id, None, entry.origin_ts, entry.kind,
                 )  # fmt: skip
         await self._flush(report, "item_stats")
         await pusher.kick()
@@ -248,6 +259,7 @@ class FeaturePipeline:
         event_id: str,
         item_id: str | None,
         origin_ts: float,
+        kind: str | None,
     ) -> None:
         """Apply one event to its entity's state and hold it for the push; failures go to ``report.failed``."""
         try:
@@ -255,7 +267,7 @@ class FeaturePipeline:
             if state is None:
                 state = EntityState()
                 table.put(entity_id, state)
-            outcome = apply(state, time_us, event_id, item_id, self.window)
+            outcome = apply(state, time_us, event_id, item_id, self.window, kind)
         except Exception as exc:  # noqa: BLE001 -- dead-lettered by _flush: never drop an event silently
             record = event.message
             log.exception("failed on %s[%s]@%s (%s)", record.topic, record.partition, record.offset, entity_id)

@@ -9,7 +9,10 @@ one *bundle* per partition; the item agent applies every entry of a bundle.
 
 A bundle is JSON ``{"v": 1, "events": [[item_id, event_time_us, event_id, origin_ts], ...]}``:
 only what the item state needs, already validated on the user side, plus ``origin_ts``, the
-event's Kafka timestamp on the interactions topic, which item freshness is measured from.
+event's Kafka timestamp on the interactions topic, which item freshness is measured from. When
+the dataset counts event kinds on their own (``AttributeSchema.counted_kinds``) an entry carries
+the event's ``kind`` as a fifth element; a one-kind dataset's entries stay four long (no bytes
+for a kind nothing counts), and a four-element entry reads as "kind not counted".
 
 The partition is ``crc32(item_id) mod partitions``: any stable hash works, because only this
 worker group writes the topic and every worker computes the same one; the table's changelog
@@ -36,6 +39,7 @@ class ItemEvent:
     time_us: int
     event_id: str
     origin_ts: float
+    kind: str | None = None  # the event's kind, only where the item side counts kinds
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -44,7 +48,12 @@ def item_partition(item_id: str, partitions: int) -> int:
 
 
 def encode(events: Sequence[ItemEvent]) -> bytes:
-    rows = [[event.item_id, event.time_us, event.event_id, event.origin_ts] for event in events]
+    rows = [
+        [event.item_id, event.time_us, event.event_id, event.origin_ts]
+        if event.kind is None
+        else [event.item_id, event.time_us, event.event_id, event.origin_ts, event.kind]
+        for event in events
+    ]
     return json.dumps({"v": BUNDLE_VERSION, "events": rows}, separators=(",", ":")).encode()
 
 
@@ -63,14 +72,17 @@ def decode(raw: bytes | None) -> list[ItemEvent]:
     for row in payload["events"]:
         if not (
             isinstance(row, list)
-            and len(row) == 4
+            and 4 <= len(row) <= 5
             and isinstance(row[0], str)
             and row[0]
             and type(row[1]) is int
             and isinstance(row[2], str)
             and row[2]
             and isinstance(row[3], int | float)
+            and (len(row) == 4 or (isinstance(row[4], str) and row[4]))
         ):
-            raise EventValidationError("schema", f"bad by-item bundle entry {row!r}: [item_id, time_us, event_id, ts]")
-        events.append(ItemEvent(row[0], row[1], row[2], float(row[3])))
+            raise EventValidationError(
+                "schema", f"bad by-item bundle entry {row!r}: [item_id, time_us, event_id, ts(, kind)]"
+            )
+        events.append(ItemEvent(row[0], row[1], row[2], float(row[3]), row[4] if len(row) == 5 else None))
     return events

@@ -12,6 +12,10 @@ so the online store holds exactly what ``store.push`` would have written (see ``
 Writes are blocking (Redis round trips, a parquet file for the offline log); the pusher calls
 :meth:`FeastSink.push` in a worker thread. One ``FeatureStore`` per view keeps the two views'
 threads from sharing one Redis client.
+
+The views' features follow the dataset's ``AttributeSchema`` (per-kind counts where it counts
+kinds): the sink is given the schema the worker's windows were built from, so the rows and the
+views agree; a registry applied from another schema fails at ``warm_up`` naming the fix.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from streamrec.core.attributes import AttributeSchema
 from streams.pipeline import FeatureRow, View
 from streams.settings import StreamsSettings
 
@@ -31,8 +36,9 @@ if TYPE_CHECKING:
 class FeastSink:
     """``FeatureSink`` writing online (always) and offline (``streams.push_offline``)."""
 
-    def __init__(self, settings: StreamsSettings) -> None:
+    def __init__(self, settings: StreamsSettings, schema: AttributeSchema) -> None:
         self.settings = settings
+        self.schema = schema
         self._writers: dict[View, RowWriter] = {}
         self._lock = threading.Lock()
 
@@ -43,7 +49,10 @@ class FeastSink:
                 from features.push import RowWriter
                 from features.store import open_store
 
-                stream_view = views.USER_ACTIVITY if view == "user_activity" else views.ITEM_STATS
+                if view == "user_activity":
+                    stream_view = views.user_activity_view(self.schema)
+                else:
+                    stream_view = views.item_stats_view(self.schema)
                 self._writers[view] = RowWriter(open_store(self.settings), stream_view)
             return self._writers[view]
 

@@ -15,12 +15,15 @@ import pandas as pd
 import pytest
 from feast import FeatureStore
 
+from features import profiles
 from features import store as feature_store
 from features.errors import FeaturesError
 from features.history import historical_features
 from features.settings import FeaturesSettings, FeatureStoreTuning
 from streamrec.core import contracts
+from streamrec.core.attributes import Attribute, AttributeSchema, user_activity_features, write_schema
 from streamrec.core.settings import PathSettings, RedisSettings
+from streamrec.datasets.description import load_dataset
 from streamrec.datasets.movielens import load_users
 from streamrec.ops.stack.ports import free_ports
 
@@ -41,16 +44,26 @@ def activity(user_id: str, when: pd.Timestamp, count_1h: int) -> pd.DataFrame:
     )
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeatureStore]:
+def offline_store(
+    folder: Path, schema: AttributeSchema, users: pd.DataFrame | None, items: pd.DataFrame | None
+) -> FeatureStore:
+    """A store with the dataset's files and registry, on a Redis that is never contacted (offline only)."""
     settings = FeaturesSettings(
-        redis=RedisSettings(port=free_ports(1)[0]),  # never contacted: offline only
-        paths=PathSettings(state_dir=Path(tmp_path_factory.mktemp("features_history"))),
+        redis=RedisSettings(port=free_ports(1)[0]),
+        paths=PathSettings(state_dir=folder),
         features=FeatureStoreTuning(project=f"t{uuid.uuid4().hex[:10]}"),
     )
+    write_schema(settings.data_dir, schema)
+    profiles.write_profiles(settings.data_dir, profiles.profile_tables(schema, users, items))
     opened = feature_store.open_store(settings)
-    feature_store.write_profiles(settings)
     feature_store.apply(opened)
+    return opened
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeatureStore]:
+    ml100k = load_dataset("ml-100k")
+    opened = offline_store(Path(tmp_path_factory.mktemp("features_history")), ml100k.schema, ml100k.users, ml100k.items)
     # User 7 gets a state at t1 < t2 < t3, each pushed separately (one log file each, written
     # out of order to show that event time, not write order, decides); user 8 one at t2.
     for user_id, when, count in (("7", T2, 2), ("7", T1, 1), ("7", T3, 3), ("8", T2, 20)):
@@ -129,7 +142,7 @@ def test_duplicate_rows_of_one_instant_resolve_to_the_first_written(store: Featu
 def test_the_item_service_joins_on_item_id(store: FeatureStore) -> None:
     entity_df = pd.DataFrame({"item_id": ["1", "267"], "event_timestamp": [T1, T2]})
     frame = historical_features(store, entity_df, contracts.ITEM_FEATURE_SERVICE)
-    assert frame["release_year"].tolist() == [1995, -1]
+    assert frame.loc[0, "release_year"] == 1995.0 and pd.isna(frame.loc[1, "release_year"])
     assert frame["trending_score"].isna().all()
 
 
@@ -148,3 +161,41 @@ def test_bad_entity_frames_are_rejected_with_the_fix(store: FeatureStore) -> Non
             pd.DataFrame({"user_id": ["7"], "event_timestamp": [T1], "count_1h": [0]}),
             contracts.USER_FEATURE_SERVICE,
         )
+
+
+def test_any_schema_reads_its_declared_attributes_and_per_kind_counts(tmp_path: Path) -> None:
+    schema = AttributeSchema(
+        item=(
+            Attribute(name="category", type="categorical"),
+            Attribute(name="tags", type="multi_categorical"),
+            Attribute(name="price", type="numeric", boundaries=(5.0,)),
+        ),
+        event_kinds=("purchase", "view"),
+    )
+    items = pd.DataFrame({"item_id": ["a", "b"], "category": ["hats", ""], "tags": [["x"], []], "price": [3.0, 9.5]})
+    store = offline_store(tmp_path, schema, None, items)
+    per_kind = {"purchase_count_1h": [1], "purchase_count_24h": [2], "view_count_1h": [4], "view_count_24h": [8]}
+    stats = pd.DataFrame(
+        {
+            "item_id": ["a"],
+            "count_1h": [5],
+            "count_24h": [10],
+            "trending_score": [3.0],
+            **per_kind,
+            "event_timestamp": [T1],
+        }
+    )
+    feature_store.push_item_stats(store, stats, online=False, offline=True)
+    entity_df = pd.DataFrame({"item_id": ["a", "a", "b"], "event_timestamp": [T1 - HOUR, T1 + HOUR, T2]})
+    frame = historical_features(store, entity_df, contracts.ITEM_FEATURE_SERVICE)
+    assert frame["category"].tolist() == ["hats", "hats", ""]
+    assert [list(tags) for tags in frame["tags"]] == [["x"], ["x"], []]
+    assert frame["price"].tolist() == [3.0, 3.0, 9.5]
+    assert frame["purchase_count_24h"].tolist() == [pd.NA, 2, pd.NA]
+    assert frame["view_count_1h"].dtype == "Int64"
+    # No user attributes: the user service is the activity view alone.
+    users = historical_features(
+        store, pd.DataFrame({"user_id": ["u"], "event_timestamp": [T1]}), contracts.USER_FEATURE_SERVICE
+    )
+    assert list(users.columns) == ["user_id", "event_timestamp", *user_activity_features(schema)]
+    assert users.loc[0, "recent_items"] is None

@@ -16,12 +16,16 @@ from features import store as feature_store
 from features.settings import FeaturesSettings, FeatureStoreTuning
 from features.watch import ActivityWatch
 from streamrec.core import contracts
+from streamrec.core.attributes import read_schema
 from streamrec.core.settings import PathSettings
+from streamrec.datasets.description import ML100K_ITEM_ATTRIBUTES, ML100K_USER_ATTRIBUTES
 from streamrec.datasets.movielens import load_items, load_users
 from streamrec.ops.settings import StackSettings
 
 SAMPLE_USERS = ["1", "2", "405", "943"]
 SAMPLE_ITEMS = ["1", "50", "267", "1682"]
+USER_ATTRIBUTES = [attribute.name for attribute in ML100K_USER_ATTRIBUTES]
+ITEM_ATTRIBUTES = [attribute.name for attribute in ML100K_ITEM_ATTRIBUTES]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +43,10 @@ def settings(
 
 @pytest.fixture(scope="module")
 def store(settings: FeaturesSettings) -> Iterator[FeatureStore]:
-    opened = feature_store.open_store(settings)
-    assert feature_store.write_profiles(settings) == {"user_profile": 943, "item_profile": 1682}
-    feature_store.apply(opened)
-    feature_store.materialize_profiles(opened)
-    yield opened
+    report = feature_store.setup(settings)  # the default dataset: ml-100k
+    assert (report.dataset, report.switched) == ("ml-100k", True)
+    assert report.profile_rows == {"user_profile": 943, "item_profile": 1682}
+    yield feature_store.open_store(settings)
 
 
 def user_activity(user_id: str, when: str, count_1h: int, recent: list[str]) -> pd.DataFrame:
@@ -71,26 +74,34 @@ def test_the_user_service_serves_the_ml100k_profile(store: FeatureStore) -> None
     assert list(frame["user_id"]) == SAMPLE_USERS
     for _, row in frame.iterrows():
         profile = users.loc[row["user_id"]]
-        assert row["age_bucket"] == contracts.age_bucket(int(profile["age"]))
+        assert row["age"] == float(profile["age"])
         assert (row["gender"], row["occupation"]) == (profile["gender"], profile["occupation"])
         assert row["zip_prefix"] == profile["zip_code"][:3]
-    assert set(frame.columns) == {"user_id", *contracts.USER_PROFILE_FEATURES, *contracts.USER_ACTIVITY_FEATURES}
+    assert set(frame.columns) == {"user_id", *USER_ATTRIBUTES, *contracts.USER_ACTIVITY_FEATURES}
 
 
 def test_the_item_service_serves_genres_and_release_year(store: FeatureStore) -> None:
     items = load_items().set_index("item_id")
     frame = feature_store.read_online(store, contracts.ITEM_FEATURE_SERVICE, SAMPLE_ITEMS)
+    assert set(frame.columns) == {"item_id", *ITEM_ATTRIBUTES, *contracts.ITEM_STATS_FEATURES}
     for _, row in frame.iterrows():
         item = items.loc[row["item_id"]]
         assert list(row["genres"]) == list(item["genres"])
-        expected_year = -1 if pd.isna(item["release_year"]) else int(item["release_year"])
-        assert row["release_year"] == expected_year
-    assert (frame["release_year"] == -1).sum() >= 1  # item 267 has no release date in ml-100k
+        if pd.isna(item["release_year"]):
+            assert pd.isna(row["release_year"])  # item 267 has no release date in ml-100k
+        else:
+            assert row["release_year"] == float(item["release_year"])
+    assert frame.set_index("item_id")["release_year"].isna().to_dict() == {
+        "1": False,
+        "50": False,
+        "267": True,
+        "1682": False,
+    }
 
 
 def test_unknown_entities_come_back_empty(store: FeatureStore) -> None:
     row = online_user(store, "no-such-user")
-    assert all(row[name] is None for name in (*contracts.USER_PROFILE_FEATURES, *contracts.USER_ACTIVITY_FEATURES))
+    assert all(row[name] is None for name in (*USER_ATTRIBUTES, *contracts.USER_ACTIVITY_FEATURES))
 
 
 def test_pushed_user_activity_is_read_back_beside_the_profile(store: FeatureStore) -> None:
@@ -141,11 +152,12 @@ def test_last_write_wins_by_event_time_so_replays_are_harmless(store: FeatureSto
     assert frame.loc[0, "count_1h__ts"] == int(pd.Timestamp("1998-03-02T14:00:00", tz="UTC").timestamp())
 
 
-def test_setup_is_idempotent(store: FeatureStore, settings: FeaturesSettings) -> None:
-    feature_store.write_profiles(settings)
-    feature_store.apply(store)
-    feature_store.materialize_profiles(store)
+def test_setup_is_idempotent_and_keeps_the_stream_rows(store: FeatureStore, settings: FeaturesSettings) -> None:
+    feature_store.push_user_activity(store, user_activity("5", "1998-03-05T10:00:00", 2, ["7"]), offline=False)
+    report = feature_store.setup(settings, "ml-100k")
+    assert (report.switched, report.profile_rows) == (False, {"user_profile": 943, "item_profile": 1682})
     assert online_user(store, "1")["occupation"] == "technician"
+    assert online_user(store, "5")["recent_items"] == ["7"]  # same dataset: its activity stays
     names = sorted(view.name for view in store.list_feature_views())
     assert names == sorted(
         [
@@ -179,7 +191,7 @@ def test_the_row_writer_stores_exactly_what_a_frame_push_stores(
     features = {"recent_items": ["7", "3"], "count_1h": 2, "count_24h": 12, "last_event_ts": int(when.timestamp())}
     frame = user_activity("30", "1998-04-01T08:00:00.000123", 2, ["7", "3"])
     feature_store.push_user_activity(store, frame, offline=False)
-    writer = RowWriter(store, views.USER_ACTIVITY)
+    writer = RowWriter(store, views.user_activity_view(read_schema(settings.data_dir)))
     version_us = (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
     assert writer.write([Row("31", features, version_us)], online=True, offline=False) == 1
 
@@ -228,20 +240,21 @@ def test_the_row_writer_signals_when_rows_are_readable_online_before_the_offline
 
     when = pd.Timestamp("1998-04-02T08:00:00", tz="UTC")
     features = {"recent_items": ["9"], "count_1h": 1, "count_24h": 1, "last_event_ts": int(when.timestamp())}
-    writer = RowWriter(store, views.USER_ACTIVITY)
     log_dir = store.config.repo_path
     assert log_dir is not None
-    files_before = len(push_log.files(log_dir, views.USER_ACTIVITY))
+    stream = views.user_activity_view(read_schema(log_dir))
+    writer = RowWriter(store, stream)
+    files_before = len(push_log.files(log_dir, stream))
     seen: dict[str, object] = {}
 
     def online_written() -> None:
         seen["recent_items"] = online_user(store, "40")["recent_items"]
-        seen["log_files"] = len(push_log.files(log_dir, views.USER_ACTIVITY))
+        seen["log_files"] = len(push_log.files(log_dir, stream))
 
     version_us = (when - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
     writer.write([Row("40", features, version_us)], online=True, offline=True, on_online_written=online_written)
     assert seen == {"recent_items": ["9"], "log_files": files_before}
-    assert len(push_log.files(log_dir, views.USER_ACTIVITY)) == files_before + 1
+    assert len(push_log.files(log_dir, stream)) == files_before + 1
 
 
 def test_feast_internals_read_exactly_what_feasts_public_push_wrote(store: FeatureStore) -> None:
@@ -257,7 +270,7 @@ def test_feast_internals_read_exactly_what_feasts_public_push_wrote(store: Featu
         to=PushMode.ONLINE,
     )
     reads = [
-        (store.get_feature_view(contracts.USER_PROFILE_VIEW), list(contracts.USER_PROFILE_FEATURES)),
+        (store.get_feature_view(contracts.USER_PROFILE_VIEW), USER_ATTRIBUTES),
         (store.get_feature_view(contracts.USER_ACTIVITY_VIEW), list(contracts.USER_ACTIVITY_FEATURES)),
     ]
     plan = feast_internals.OneHmgetRead.plan(store, reads)

@@ -2,10 +2,12 @@
 
 Every check compares what Feast serves (``FeatureStore.get_online_features``) with a reference
 computed here, with pandas, from the same events: window counts relative to each entity's
-latest event time, recent items newest first and distinct (ties by item id), trending score.
+latest event time (in total and, for a dataset with several kinds, per kind), recent items newest
+first and distinct (ties by item id), trending score.
 
 One worker serves the replay and poison tests (each adds its own events and compares *all*
-events so far, so they do not depend on each other's order); the crash test has its own.
+events so far, so they do not depend on each other's order); the kinds and crash tests have
+their own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +30,14 @@ import pandas as pd
 import pytest
 from confluent_kafka import KafkaError, Message, Producer
 
+from streamrec.core.attributes import (
+    AttributeSchema,
+    item_stats_features,
+    kind_count_feature,
+    read_schema,
+    user_activity_features,
+    write_schema,
+)
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import PathSettings, TopicSettings
 from streamrec.datasets import movielens
@@ -39,12 +50,28 @@ from streams.settings import StreamsSettings, StreamsTuning
 from tests.support.worker_process import WorkerProcess
 
 HOUR = pd.Timedelta(hours=1)
-USER_FEATURES = ("recent_items", "count_1h", "count_24h", "last_event_ts")
-ITEM_FEATURES = ("count_1h", "count_24h", "trending_score")
+WINDOWS = {"count_1h": HOUR, "count_24h": 24 * HOUR}
+# A dataset with several kinds; events of an undeclared kind ("click") count in the totals only.
+KINDS_SCHEMA = AttributeSchema(event_kinds=("view", "add_to_cart", "purchase"))
+SPREAD_KINDS = (*KINDS_SCHEMA.event_kinds, "click")
 
 
 # -- the reference -------------------------------------------------------------------------
-def reference(events: pd.DataFrame) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+def window_counts(rows: pd.DataFrame, counted_kinds: tuple[str, ...]) -> dict[str, int]:
+    """count_1h, count_24h and ``<kind>_count_<window>`` of one entity's events."""
+    latest = rows["event_time"].max()
+    counts: dict[str, int] = {}
+    for window, width in WINDOWS.items():
+        inside = rows["event_time"] > latest - width
+        counts[window] = int(inside.sum())
+        for kind in counted_kinds:
+            counts[kind_count_feature(kind, window)] = int((inside & (rows["kind"] == kind)).sum())
+    return counts
+
+
+def reference(
+    events: pd.DataFrame, counted_kinds: tuple[str, ...] = ()
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Per-user and per-item features of ``events``, computed independently of the worker."""
     users: dict[str, dict[str, Any]] = {}
     for user_id, rows in events.groupby("user_id"):
@@ -52,21 +79,23 @@ def reference(events: pd.DataFrame) -> tuple[dict[str, dict[str, Any]], dict[str
         recent = rows.sort_values(["event_time", "item_id"], ascending=False).drop_duplicates("item_id")
         users[str(user_id)] = {
             "recent_items": recent["item_id"].head(20).tolist(),
-            "count_1h": int((rows["event_time"] > latest - HOUR).sum()),
-            "count_24h": int((rows["event_time"] > latest - 24 * HOUR).sum()),
             "last_event_ts": int(latest.timestamp()),
+            **window_counts(rows, counted_kinds),
         }
     items: dict[str, dict[str, Any]] = {}
     for item_id, rows in events.groupby("item_id"):
-        latest = rows["event_time"].max()
-        count_1h = int((rows["event_time"] > latest - HOUR).sum())
-        count_24h = int((rows["event_time"] > latest - 24 * HOUR).sum())
+        counts = window_counts(rows, counted_kinds)
         items[str(item_id)] = {
-            "count_1h": count_1h,
-            "count_24h": count_24h,
-            "trending_score": count_1h / (1 + count_24h / 24),
+            "trending_score": counts["count_1h"] / (1 + counts["count_24h"] / 24),
+            **counts,
         }
     return users, items
+
+
+def with_kinds(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``SPREAD_KINDS`` spread over its events (by a hash of the event id)."""
+    kinds = [SPREAD_KINDS[zlib.crc32(event_id.encode()) % len(SPREAD_KINDS)] for event_id in frame["event_id"]]
+    return frame.assign(kind=kinds)
 
 
 def online(
@@ -82,12 +111,19 @@ def online(
 
 
 def assert_features_match(settings: StreamsSettings, events: pd.DataFrame, timeout_s: float = 60.0) -> None:
-    """Poll the online store until it equals the reference (the worker is asynchronous)."""
-    want_users, want_items = reference(events)
+    """Poll the online store until it equals the reference (the worker is asynchronous).
+
+    The features are the views' for the schema the worker reads (``settings.data_dir``).
+    """
+    schema = read_schema(settings.data_dir)
+    want_users, want_items = reference(events, schema.counted_kinds)
+    user_features, item_features = user_activity_features(schema), item_stats_features(schema)
+    assert set(user_features) == set(next(iter(want_users.values())))
+    assert set(item_features) == set(next(iter(want_items.values())))
     deadline = time.monotonic() + timeout_s
     while True:
-        got_users = online(settings, "user_activity", "user_id", USER_FEATURES, sorted(want_users))
-        got_items = online(settings, "item_stats", "item_id", ITEM_FEATURES, sorted(want_items))
+        got_users = online(settings, "user_activity", "user_id", user_features, sorted(want_users))
+        got_items = online(settings, "item_stats", "item_id", item_features, sorted(want_items))
         if got_users == want_users and got_items == want_items:
             return
         if time.monotonic() > deadline:
@@ -158,14 +194,17 @@ def streams_settings(stack_settings: StackSettings, state_dir: Path, **tuning: A
     )
 
 
-def prepare(settings: StreamsSettings) -> None:
-    """Topics, the Feast registry, and a warm idempotent producer.
+def prepare(settings: StreamsSettings, schema: AttributeSchema | None = None) -> None:
+    """Topics, the dataset's schema (as ``features setup`` writes it), the Feast registry built
+    from it, and a warm idempotent producer.
 
     On a fresh broker the first idempotent producer waits (seconds) for the transaction
     coordinator to load; paying that here keeps the paced replays below really paced.
     """
     from features.store import apply, open_store
 
+    if schema is not None:
+        write_schema(settings.data_dir, schema)
     ensure_topics(settings)
     apply(open_store(settings))
     producer = Producer(producer_config(ReplaySettings(kafka=settings.kafka, topics=settings.topics)))
@@ -256,13 +295,35 @@ def test_poison_records_are_dead_lettered_and_valid_traffic_still_counts(shared_
     assert_features_match(settings, shared_worker.all_events())
 
 
-def test_sigkill_mid_replay_then_restart_gives_the_no_crash_features(
+def test_a_dataset_with_kinds_gets_exact_per_kind_counts_online(
     local_stack: object, stack_settings: StackSettings, tmp_path: Path
+) -> None:
+    settings = streams_settings(stack_settings, tmp_path)
+    prepare(settings, KINDS_SCHEMA)
+    frame = with_kinds(movielens.load_interactions().iloc[:4000])
+    worker = FeatureWorker(settings, start_worker(settings, tmp_path / "worker.log"))
+    try:
+        worker.replay(frame)
+        assert_features_match(settings, worker.all_events())
+        assert worker.process.metric("streams_dead_letters_total") == 0
+    finally:
+        worker.process.stop()
+    # the check has teeth: every kind, the undeclared one too, is among the events, and the
+    # per-kind counts are not all equal to the totals
+    users, _ = reference(frame, KINDS_SCHEMA.counted_kinds)
+    assert set(frame["kind"]) == set(SPREAD_KINDS)
+    assert any(row["purchase_count_24h"] not in (0, row["count_24h"]) for row in users.values())
+
+
+@pytest.mark.parametrize("schema", [None, KINDS_SCHEMA], ids=["one-kind", "kinds"])
+def test_sigkill_mid_replay_then_restart_gives_the_no_crash_features(
+    local_stack: object, stack_settings: StackSettings, tmp_path: Path, schema: AttributeSchema | None
 ) -> None:
     # Offsets are committed rarely, so the restarted worker re-reads what the killed one had
     # already applied: the result must still equal the reference (no loss, no double count).
+    # With kinds, the restarted worker's states come back from changelog records that carry them.
     settings = streams_settings(stack_settings, tmp_path, commit_interval_s=30.0)
-    prepare(settings)
+    prepare(settings, schema)
     # The first worker is throttled so the kill lands inside the first half whatever the machine's
     # speed: it takes 250 events a batch, holds at most 500 unpushed, and starts a push every 5 s,
     # so after 1,500 events counted the other 1,500 need at least two more pushes (10 s).
@@ -274,6 +335,8 @@ def test_sigkill_mid_replay_then_restart_gives_the_no_crash_features(
         }
     )
     frame = movielens.load_interactions().iloc[:6000]
+    if schema is not None:
+        frame = with_kinds(frame)
     worker = FeatureWorker(settings, start_worker(throttled, tmp_path / "worker-1.log"))
     try:
         # First half of the replay; the worker dies while it is still working through it.

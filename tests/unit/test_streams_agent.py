@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import pytest
 
+from streamrec.core.attributes import AttributeSchema, write_schema
+from streamrec.core.errors import EventValidationError
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import PathSettings
 from streams import repartition
@@ -66,8 +68,10 @@ class RecordingOutputs:
         return [(partition, entry) for partition, value, _ in self.forwarded for entry in repartition.decode(value)]
 
 
-def event(event_id: str, user: str, item: str, seconds: float) -> bytes:
-    return json.dumps({"event_id": event_id, "user_id": user, "item_id": item, "event_time": seconds}).encode()
+def event(event_id: str, user: str, item: str, seconds: float, kind: str = "view") -> bytes:
+    return json.dumps(
+        {"event_id": event_id, "user_id": user, "item_id": item, "event_time": seconds, "kind": kind}
+    ).encode()
 
 
 Put = Callable[..., Awaitable[Any]]
@@ -81,15 +85,21 @@ def run_agent(
     body: Callable[[Put], Awaitable[None]],
     *,
     prepare: Callable[[Worker], None] | None = None,
+    schema: AttributeSchema | None = None,
     **tuning: Any,
 ) -> dict[int, Any]:
-    """Build a worker inside a fresh event loop (Faust binds to the running loop), feed one agent."""
+    """Build a worker inside a fresh event loop (Faust binds to the running loop), feed one agent.
+
+    ``schema`` is written where ``features setup`` writes it, for the worker to read at build.
+    """
     settings = StreamsSettings(
         paths=PathSettings(state_dir=tmp_path),
         streams=StreamsTuning(
             app_id=f"unit-{uuid.uuid4().hex[:8]}", push_max_wait_s=0.01, push_batch_size=100, **tuning
         ),
     )
+    if schema is not None:
+        write_schema(settings.data_dir, schema)
 
     async def main() -> dict[int, Any]:
         worker = create_app(settings, sink=sink)
@@ -333,6 +343,96 @@ def test_item_agent_counts_per_item_with_the_trending_score(
     }
     assert not outputs.forwarded  # the item side does not forward again
     assert [(letter.reason, letter.source_partition) for letter in outputs.dead_letters] == [("undecodable", 2)]
+
+
+def test_mixed_kinds_are_counted_per_kind_on_both_sides(tmp_path: Path, sink: RecordingSink) -> None:
+    """A dataset with several kinds: each view counts every kind on its own (a kind the schema
+    does not declare still counts in the totals); the bundles carry the kinds to the item side."""
+    schema = AttributeSchema(event_kinds=("view", "add_to_cart", "purchase"))
+    outputs = RecordingOutputs()
+    hour = 3600
+    events = [  # (event_id, user, item, seconds after T0, kind)
+        ("e1", "u1", "i1", 0, "view"),
+        ("e2", "u1", "i1", 2 * hour, "add_to_cart"),
+        ("e3", "u1", "i1", 2 * hour + 60, "purchase"),
+        ("e4", "u2", "i1", 2 * hour + 120, "view"),
+        ("e5", "u2", "i2", 2 * hour + 180, "click"),  # not a declared kind
+        ("e3", "u1", "i1", 2 * hour + 60, "purchase"),  # redelivered
+    ]
+
+    async def ingest(put: Put) -> None:
+        for event_id, user, item, offset, kind in events:
+            await put(event(event_id, user, item, T0 + offset, kind), key=user.encode(), partition=0, wait=False)
+        await put(event("e6", "u2", "i2", T0 + 2 * hour + 240, "purchase"), key=b"u2", partition=0)
+
+    run_agent(tmp_path, sink, outputs, "ingest", ingest, schema=schema)
+
+    def counts(view: int, cart: int, purchase: int, view_1h: int, cart_1h: int, purchase_1h: int) -> dict[str, int]:
+        return {
+            "view_count_1h": view_1h,
+            "view_count_24h": view,
+            "add_to_cart_count_1h": cart_1h,
+            "add_to_cart_count_24h": cart,
+            "purchase_count_1h": purchase_1h,
+            "purchase_count_24h": purchase,
+        }
+
+    assert sink.latest("user_activity") == {
+        "u1": {
+            "recent_items": ["i1"],
+            **{"count_1h": 2, "count_24h": 3, "last_event_ts": T0 + 2 * hour + 60},
+            **counts(view=1, cart=1, purchase=1, view_1h=0, cart_1h=1, purchase_1h=1),
+        },
+        "u2": {
+            "recent_items": ["i2", "i1"],
+            **{"count_1h": 3, "count_24h": 3, "last_event_ts": T0 + 2 * hour + 240},
+            **counts(view=1, cart=0, purchase=1, view_1h=1, cart_1h=0, purchase_1h=1),
+        },
+    }
+    forwarded_kinds = {entry.event_id: entry.kind for _, entry in outputs.entries()}
+    assert forwarded_kinds == {event_id: kind for event_id, _, _, _, kind in events} | {"e6": "purchase"}
+
+    # the item side, from exactly the bundles the user side forwarded
+    async def item_side(put: Put) -> None:
+        for partition, value, timestamp in outputs.forwarded:
+            await put(value, partition=partition, timestamp=timestamp, wait=False)
+
+    item_sink = RecordingSink()
+    run_agent(tmp_path / "items", item_sink, RecordingOutputs(), "item_stats", item_side, schema=schema)
+    assert item_sink.latest("item_stats") == {
+        "i1": {
+            **{"count_1h": 3, "count_24h": 4, "trending_score": 3 / (1 + 4 / 24)},
+            **counts(view=2, cart=1, purchase=1, view_1h=1, cart_1h=1, purchase_1h=1),
+        },
+        "i2": {
+            **{"count_1h": 2, "count_24h": 2, "trending_score": 2 / (1 + 2 / 24)},
+            **counts(view=0, cart=0, purchase=1, view_1h=0, cart_1h=0, purchase_1h=1),
+        },
+    }
+
+
+def test_a_one_kind_dataset_forwards_no_kind_and_pushes_no_kind_counts(
+    tmp_path: Path, sink: RecordingSink, outputs: RecordingOutputs
+) -> None:
+    async def body(put: Put) -> None:
+        await put(event("e1", "u1", "i1", T0, "rating"), key=b"u1", partition=0)
+
+    run_agent(tmp_path, sink, outputs, "ingest", body, schema=AttributeSchema(event_kinds=("rating",)))
+    assert sink.latest("user_activity") == {
+        "u1": {"recent_items": ["i1"], "count_1h": 1, "count_24h": 1, "last_event_ts": T0}
+    }
+    (bundle,) = [json.loads(value) for _, value, _ in outputs.forwarded]
+    assert bundle["events"] == [["i1", T0 * 10**6, "e1", bundle["events"][0][3]]]  # four fields: no kind
+
+
+def test_bundle_entries_carry_a_kind_only_when_given_one() -> None:
+    entries = [repartition.ItemEvent("i1", 5, "e1", 1.0, "purchase"), repartition.ItemEvent("i2", 6, "e2", 2.0)]
+    raw = repartition.encode(entries)
+    assert json.loads(raw)["events"] == [["i1", 5, "e1", 1.0, "purchase"], ["i2", 6, "e2", 2.0]]
+    assert repartition.decode(raw) == entries
+    for bad in (["i1", 5, "e1", 1.0, ""], ["i1", 5, "e1", 1.0, 7], ["i1", 5, "e1", 1.0, "view", "extra"]):
+        with pytest.raises(EventValidationError, match="by-item bundle entry"):
+            repartition.decode(json.dumps({"v": 1, "events": [bad]}).encode())
 
 
 def test_an_event_is_acked_only_after_the_push_carrying_it_returned(tmp_path: Path, outputs: RecordingOutputs) -> None:
