@@ -1,19 +1,23 @@
-"""Offline quality on MovieLens-100K under RecBole's published protocol, with a popularity baseline.
+"""Offline quality under RecBole's published protocol, with a popularity baseline (any ``--dataset``).
 
 Protocol (RecBole ``eval_args``: ``split: {RS: [0.8, 0.1, 0.1]}, group_by: user, order: RO, mode: full``):
 
 * every rating is an implicit positive;
 * interactions are shuffled (seeded), grouped by user, and each user's list is cut 80/10/10 with
   RecBole's ``split_by_ratio`` rounding (valid and test get ``int(0.1 n)`` each, the rest trains);
-* full ranking over all 1,682 items; items the user has in earlier splits are masked (train for
-  validation; train + validation for test), the split's own items are the relevant set;
+* full ranking over the whole catalog (ml-100k: 1,682 items); items the user has in earlier splits
+  are masked (train for validation; train + validation for test), the split's own items are the
+  relevant set;
 * Recall@10, NDCG@10, Hit@10 with RecBole's definitions (``online_trainer.ranking_metrics``), averaged
   over users. The epoch count is chosen on validation NDCG@10 (best epoch, early stopping);
   test is reported for that epoch only.
 
 Under a random split "recent items" have no time meaning, so the model here uses its id and
-profile features only (``recent_items`` empty, counts 0); the content features of the item tower
-stay on. RecBole's BPR reaches 0.237 / 0.277 (Recall@10 / NDCG@10) on this protocol.
+declared user attributes only (``recent_items`` empty, counts 0); the item attributes of the item
+tower stay on. On ml-100k RecBole's BPR reaches 0.237 / 0.277 (Recall@10 / NDCG@10) on this protocol.
+
+``--dataset`` is any ``streamrec.datasets.description.load_dataset`` spec (default ``ml-100k``; the
+result file is ``quality.json`` for it, ``quality-<name>.json`` for another dataset).
 
 Run: ``.venv/bin/python -m bench.offline_quality`` (``--help`` for settings; ``--no-write`` to try
 it without touching bench/results).
@@ -25,19 +29,21 @@ import argparse
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from bench.common import write_result
-from online_trainer.catalog import ItemCatalog, user_profiles_from_movielens
+from online_trainer.catalog import ItemCatalog
 from online_trainer.inference import catalog_vectors, user_vectors
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.ranking_metrics import RankingMetrics, ranking_metrics, top_k_masked
 from online_trainer.training import train
-from streamrec.datasets import movielens
+from streamrec.core.attributes import AttributeSchema
+from streamrec.datasets.description import Dataset, load_dataset
 
 K = 10
 
@@ -68,13 +74,43 @@ def recbole_random_split(interactions: pd.DataFrame, seed: int) -> tuple[pd.Data
     return train_rows, valid_rows, test_rows
 
 
-def id_profile_examples(interactions: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
-    """Training rows: user id + profile, no sequential features (see the module docstring)."""
-    frame = interactions[["user_id", "item_id", "event_time"]].merge(profiles, on="user_id", how="left")
+def user_frame(dataset: Dataset) -> pd.DataFrame:
+    """Every user of the interactions (first-seen order) with their declared attributes (NaN/None: unknown)."""
+    users = pd.DataFrame({"user_id": dataset.interactions["user_id"].astype(str).drop_duplicates().to_numpy()})
+    if dataset.users is None or not dataset.schema.user:
+        return users
+    attributes = dataset.users[["user_id", *(a.name for a in dataset.schema.user)]]
+    return users.merge(attributes.assign(user_id=attributes["user_id"].astype(str)), on="user_id", how="left")
+
+
+def id_profile_examples(interactions: pd.DataFrame, users: pd.DataFrame) -> pd.DataFrame:
+    """Training rows: user id + declared attributes, no sequential features (see the module docstring)."""
+    frame = interactions[["user_id", "item_id", "kind", "event_time"]].merge(users, on="user_id", how="left")
     frame["recent_items"] = [[] for _ in range(len(frame))]
-    frame["count_1h"] = np.int64(0)
-    frame["count_24h"] = np.int64(0)
-    return frame
+    return frame  # the counts are absent: 0 (``examples.user_arrays``)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the protocol trains on and evaluates against, for one dataset and seed."""
+
+    schema: AttributeSchema
+    catalog: ItemCatalog
+    users: pd.DataFrame
+    train_rows: pd.DataFrame
+    valid_rows: pd.DataFrame
+    test_rows: pd.DataFrame
+    examples: pd.DataFrame
+
+
+def prepare(dataset: Dataset, seed: int) -> Setup:
+    """The catalog (item file, else the items seen), the users and the RecBole split of ``dataset``."""
+    interactions = dataset.interactions
+    catalog = ItemCatalog.for_dataset(dataset.items, interactions["item_id"].astype(str), dataset.schema)
+    users = user_frame(dataset)
+    train_rows, valid_rows, test_rows = recbole_random_split(interactions, seed)
+    examples = id_profile_examples(train_rows, users)
+    return Setup(dataset.schema, catalog, users, train_rows, valid_rows, test_rows, examples)
 
 
 class Evaluator:
@@ -101,6 +137,7 @@ class Evaluator:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description)")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=6, help="epochs without a better validation NDCG@10")
@@ -108,24 +145,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=ModelConfig.batch_size)
     parser.add_argument("--learning-rate", type=float, default=ModelConfig.learning_rate)
     parser.add_argument("--temperature", type=float, default=ModelConfig.temperature)
-    parser.add_argument("--no-profile", action="store_true", help="user id only in the user tower")
-    parser.add_argument("--no-content", action="store_true", help="item id only in the item tower")
+    parser.add_argument("--no-profile", action="store_true", help="user id only in the user tower (no attributes)")
+    parser.add_argument("--no-content", action="store_true", help="item id only in the item tower (no attributes)")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
 
-    data = movielens.load()
-    catalog = ItemCatalog.from_frame(data.items)
-    profiles = user_profiles_from_movielens(data.users)
-    train_rows, valid_rows, test_rows = recbole_random_split(data.interactions, args.seed)
-    examples = id_profile_examples(train_rows, profiles)
-    validation = Evaluator(catalog, profiles, train_rows, valid_rows)
-    test = Evaluator(catalog, profiles, pd.concat([train_rows, valid_rows]), test_rows)
+    dataset = load_dataset(args.dataset)
+    print(dataset.summary())
+    setup = prepare(dataset, args.seed)
+    catalog, train_rows, valid_rows = setup.catalog, setup.train_rows, setup.valid_rows
+    examples = setup.examples
+    validation = Evaluator(catalog, setup.users, train_rows, valid_rows)
+    test = Evaluator(catalog, setup.users, pd.concat([train_rows, valid_rows]), setup.test_rows)
 
     counts = train_rows["item_id"].value_counts().reindex(list(catalog.item_ids), fill_value=0).to_numpy()
     popularity = test.evaluate(np.broadcast_to(counts.astype(np.float64), test.mask.shape))
 
     config = dataclasses.replace(
-        ModelConfig(),
+        ModelConfig(attributes=setup.schema),
         embedding_dim=args.embedding_dim,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -165,15 +202,17 @@ def main() -> None:
         return
     units = {name: ("epochs" if name.endswith("best_epoch") else "fraction") for name in metrics}
     write_result(
-        "quality",
+        "quality" if dataset.name == "ml-100k" else f"quality-{dataset.name}",
         metrics,
         units,
         targets={"quality.recall_at_10": ">= 0.22", "quality.ndcg_at_10": ">= 0.26"},
         command=" ".join([".venv/bin/python -m bench.offline_quality", *sys.argv[1:]]),
         notes=(
-            f"RecBole ml-100k protocol (RS 80/10/10 by user, full ranking, seen items masked), {result.users} test "
-            f"users; two-tower, id + {'profile' if config.use_profile else 'no profile'} user tower, "
-            f"id + {'content' if config.use_item_content else 'no content'} item tower, no sequential features; "
+            f"{dataset.name}, RecBole protocol (RS 80/10/10 by user, full ranking over {len(catalog)} items, seen "
+            f"items masked), {result.users} test users; two-tower, id + "
+            f"{'user attributes' if config.use_profile else 'no attributes'} user tower, id + "
+            f"{'item attributes' if config.use_item_content else 'no attributes'} item tower, no sequential "
+            "features; "
             f"{'full-catalog softmax' if config.full_catalog else 'in-batch softmax with logQ'}, "
             f"dim {config.embedding_dim}, batch {config.batch_size}, "
             f"temperature {config.temperature}, lr {config.learning_rate}; best epoch {best_epoch} on validation "

@@ -1,15 +1,17 @@
-"""Prequential (test-then-learn) quality on MovieLens-100K: a frozen model against the online trainer.
+"""Prequential (test-then-learn) quality: a frozen model against the online trainer (any ``--dataset``).
 
-Protocol:
+Protocol (``--dataset``: a ``streamrec.datasets.description.load_dataset`` spec, default ml-100k):
 
-1. Order all ratings by time; the first ``--bootstrap-fraction`` (30 %) trains the bootstrap model
-   (point-in-time features from ``examples_from_interactions``: profile, recent items, counts), and
-   seeds the replay buffer, as ``streamrec train`` does.
+1. Order all interactions by time; every event moves its user's features, the trainer's
+   ``positive_kinds`` are the examples (all of them by default), weighted by ``kind_weights``.
+   The first ``--bootstrap-fraction`` (30 %) of the examples trains the bootstrap model
+   (point-in-time features from ``examples_from_interactions``: declared user attributes, recent
+   items, counts), and seeds the replay buffer, as ``streamrec train`` does.
 2. The rest is cut into intervals of ``--chunk-size`` consecutive events. For each interval,
    *before* either model has seen it, its events are tested (all of them, or a seeded sample of
    ``--test-per-chunk``): is the true item in the model's top 10 over the whole catalog, for the
-   user's features as of just before the event, with the items the user rated earlier excluded
-   (ml-100k users rate a movie once)?
+   user's features as of just before the event, with the items the user learned from earlier
+   excluded (ml-100k users rate a movie once)?
 3. Then the online model learns the interval with the trainer's own code and settings
    (``TrainerSettings().trainer``, so ``STREAMREC_TRAINER__*`` variables change both):
    :func:`online_trainer.finetune.plan_interval` (hold-out, the previous interval's deferred
@@ -44,16 +46,17 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_interactions, user_profiles_from_movielens
+from online_trainer.catalog import ItemCatalog
+from online_trainer.examples import empty_examples, examples_from_interactions, positive_examples
 from online_trainer.finetune import finetune, plan_interval
 from online_trainer.gate import GateResult, check_model
 from online_trainer.inference import recommend
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import clone_for_finetune
-from online_trainer.settings import TrainerSettings
+from online_trainer.settings import TrainerSettings, TrainerTuning
 from online_trainer.training import train
-from streamrec.datasets import movielens
+from streamrec.datasets.description import Dataset, load_dataset
 
 K = 10
 
@@ -74,6 +77,14 @@ def hits(model: TwoTowerModel, tested: pd.DataFrame, exclude: list[list[str]]) -
     return np.asarray([truth in row for truth, row in zip(tested["item_id"], ids, strict=True)], dtype=bool)
 
 
+def prepare(dataset: Dataset, tuning: TrainerTuning) -> tuple[ItemCatalog, pd.DataFrame]:
+    """The catalog (item file, else the items seen) and the learned examples in time order."""
+    interactions = dataset.interactions
+    catalog = ItemCatalog.for_dataset(dataset.items, interactions["item_id"].astype(str), dataset.schema)
+    every_kind = examples_from_interactions(interactions, dataset.users, dataset.schema)
+    return catalog, positive_examples(every_kind, tuning.positive_kinds)
+
+
 def ratio_interval(frozen_hits: list[np.ndarray], online_hits: list[np.ndarray], seed: int) -> tuple[float, float]:
     """95 % bootstrap interval of online/frozen hit rate, resampling whole intervals (2,000 draws)."""
     frozen = np.array([h.sum() for h in frozen_hits], dtype=np.float64)
@@ -86,6 +97,7 @@ def ratio_interval(frozen_hits: list[np.ndarray], online_hits: list[np.ndarray],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description)")
     parser.add_argument("--bootstrap-fraction", type=float, default=0.3)
     parser.add_argument("--bootstrap-epochs", type=int, default=6)
     parser.add_argument("--chunk-size", type=int, default=1_000, help="events per trainer interval")
@@ -104,26 +116,31 @@ def main() -> None:
         default="full_catalog" if ModelConfig().full_catalog else "in_batch",
         help="loss of the frozen model (default: ModelConfig's)",
     )
-    parser.add_argument("--result-name", default="prequential", help="bench/results/<name>.json")
+    parser.add_argument(
+        "--result-name", default=None, help="bench/results/<name>.json (default: prequential[-<dataset>])"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
     if args.serve_lag < 0:
         parser.error(f"--serve-lag must be 0 or more intervals, got {args.serve_lag}")
 
     tuning = TrainerSettings().trainer
-    data = movielens.load()
-    catalog = ItemCatalog.from_frame(data.items)
-    examples = examples_from_interactions(data.interactions, user_profiles_from_movielens(data.users))
+    dataset = load_dataset(args.dataset)
+    print(dataset.summary())
+    result_name = args.result_name or ("prequential" if dataset.name == "ml-100k" else f"prequential-{dataset.name}")
+    catalog, examples = prepare(dataset, tuning)
     seen = seen_before(examples)
     split = int(len(examples) * args.bootstrap_fraction)
-    config = dataclasses.replace(ModelConfig(), seed=args.seed, full_catalog=args.bootstrap_loss == "full_catalog")
+    config = dataclasses.replace(
+        ModelConfig(attributes=dataset.schema), seed=args.seed, full_catalog=args.bootstrap_loss == "full_catalog"
+    )
     started = time.perf_counter()
     frozen = build_model(catalog, config)
-    train(frozen, examples.iloc[:split], epochs=args.bootstrap_epochs)
+    train(frozen, examples.iloc[:split], epochs=args.bootstrap_epochs, kind_weights=tuning.kind_weights)
     online: TwoTowerModel = clone_for_finetune(frozen)  # what load_for_finetune gives the trainer
     replay = ReplayBuffer(tuning.replay_buffer_size)
     replay.add(examples.iloc[:split])
-    deferred = empty_examples()
+    deferred = empty_examples(dataset.schema)
     rng = np.random.default_rng(args.seed)
 
     starts = list(range(split, len(examples), args.chunk_size))
@@ -193,7 +210,7 @@ def main() -> None:
         return
     lag_note = f" by the online model of {args.serve_lag} intervals earlier" if args.serve_lag else ""
     write_result(
-        args.result_name,
+        result_name,
         metrics,
         {
             "prequential.hit_at_10_frozen": "fraction",
@@ -207,10 +224,11 @@ def main() -> None:
         targets={"prequential.online_over_frozen": ">= 1.2"},
         command=" ".join([".venv/bin/python -m bench.prequential", *sys.argv[1:]]),
         notes=(
-            f"ml-100k by time: bootstrap on the first {args.bootstrap_fraction:.0%} ({split} events, "
+            f"{dataset.name} by time: bootstrap on the first {args.bootstrap_fraction:.0%} ({split} events, "
             f"{args.bootstrap_epochs} epochs), then {len(starts)} trainer intervals of {args.chunk_size} events, "
             f"{tested_events} events tested before learning{lag_note} (top 10 over {len(catalog)} items, "
-            f"earlier items of the user excluded); 95% interval of the ratio from a bootstrap over intervals. "
+            f"earlier items of the user excluded; learned kinds {tuning.positive_kinds or 'all'}, kind weights "
+            f"{tuning.kind_weights or 'none'}); 95% interval of the ratio from a bootstrap over intervals. "
             f"Online updates use "
             f"online_trainer.finetune with the trainer settings (finetune_loss={tuning.finetune_loss}, "
             f"finetune_epochs={tuning.finetune_epochs}, "

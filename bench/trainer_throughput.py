@@ -1,7 +1,8 @@
 """Online trainer: CPU fine-tuning throughput and the time from "interval ends" to "version published".
 
 Both figures come from the trainer's own code path (``online_trainer.loop.OnlineTrainer``), on
-MovieLens-100K, with the production ``ModelConfig`` unless ``--tiny``:
+``--dataset`` (a ``streamrec.datasets.description.load_dataset`` spec, default ml-100k), with the
+production ``ModelConfig`` unless ``--tiny``:
 
 * ``trainer.examples_per_s``: examples x epochs / seconds of one interval's fine-tune
   (``train`` on the new examples plus the replay sample), median over the intervals after the
@@ -18,8 +19,9 @@ MovieLens-100K, with the production ``ModelConfig`` unless ``--tiny``:
   checkpoint, rename, load + warm-up by the server, label move. Target <= 15 s; the median is
   over the intervals after the first, the max over all of them, and ``trainer.stage.*`` split the
   median into stages (``IntervalReport.stage_s``). Kafka is not involved (events go to
-  ``OnlineTrainer.ingest`` directly; the offset commit after publishing is a few ms) and user
-  profiles come from the ml-100k frame instead of Feast online (one cached Redis read per new user in production).
+  ``OnlineTrainer.ingest`` directly; the offset commit after publishing is a few ms) and user and
+  item attributes come from the dataset's frames (``lookup.FrameLookup``) instead of Feast online
+  (one cached Redis read per new user in production).
 
 Setup, not measured: a bootstrap model trained for one epoch on the events before the last
 ``--runs`` x ``--examples`` (at most the first half). Each run then feeds the next ``--examples``
@@ -32,10 +34,11 @@ Run: ``.venv/bin/python -m bench.trainer_throughput`` (``--tiny --no-write`` che
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
+import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -43,9 +46,11 @@ from tqdm import tqdm
 
 from bench.common import write_result
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import ItemCatalog, examples_from_interactions, user_profiles_from_movielens
+from online_trainer.catalog import ItemCatalog
 from online_trainer.checkpoint import Checkpoint
+from online_trainer.examples import examples_from_interactions, positive_examples
 from online_trainer.history import UserHistories
+from online_trainer.lookup import FrameLookup
 from online_trainer.loop import OnlineTrainer
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
@@ -57,51 +62,40 @@ from serving.model_server.core import CoreOptions
 from serving.model_server.server import ModelServer, ServerOptions
 from serving.settings import ModelServerSection
 from streamrec.core import contracts
+from streamrec.core.attributes import write_schema
 from streamrec.core.events import Interaction
 from streamrec.core.settings import PathSettings
-from streamrec.datasets import movielens
+from streamrec.datasets.description import load_dataset
 
-TINY = ModelConfig(embedding_dim=16, item_id_buckets=4096, user_id_buckets=2048, profile_buckets=64, batch_size=256)
-
-
-class FrameLookup:
-    """Profiles and item content from the ml-100k frames (stands in for Feast online reads)."""
-
-    def __init__(self, profiles: pd.DataFrame, catalog: ItemCatalog) -> None:
-        self._profiles = profiles.set_index("user_id")[list(contracts.USER_PROFILE_FEATURES)].to_dict("index")
-        self._content = dict(zip(catalog.item_ids, zip(catalog.genres, catalog.release_year, strict=True), strict=True))
-
-    def user_profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        empty = {name: "" for name in contracts.USER_PROFILE_FEATURES}
-        return {user: {str(k): str(v) for k, v in self._profiles.get(user, empty).items()} for user in user_ids}
-
-    def item_content(self, item_ids: Sequence[str]) -> dict[str, tuple[list[str], int]]:
-        return {item: (list(self._content[item][0]), self._content[item][1]) if item in self._content else ([], -1)
-                for item in item_ids}  # fmt: skip
+TINY = ModelConfig(embedding_dim=16, item_id_buckets=4096, user_id_buckets=2048, attribute_buckets=64, batch_size=256)
 
 
 def events(frame: pd.DataFrame) -> list[Interaction]:
-    times = pd.to_datetime(frame["event_time"], utc=True).dt.to_pydatetime()
+    times = [stamp.to_pydatetime() for stamp in pd.to_datetime(frame["event_time"], utc=True)]
+    columns = (frame["event_id"], times, frame["user_id"], frame["item_id"], frame["kind"])
     return [
-        Interaction(event_id=str(event_id), event_time=when, user_id=str(user), item_id=str(item), kind="rating")
-        for event_id, when, user, item in zip(frame["event_id"], times, frame["user_id"], frame["item_id"], strict=True)
+        Interaction(event_id=str(event_id), event_time=when, user_id=str(user), item_id=str(item), kind=kind)
+        for event_id, when, user, item, kind in zip(*columns, strict=True)
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description)")
     parser.add_argument("--runs", type=int, default=4, help="intervals; the first is reported on its own")
     parser.add_argument("--examples", type=int, default=TrainerTuning().max_examples, help="new examples per interval")
     parser.add_argument("--tiny", action="store_true", help="small model and data: checks the script, not a figure")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    config = TINY if args.tiny else ModelConfig()
+    dataset = load_dataset(args.dataset)
+    print(dataset.summary())
+    schema = dataset.schema
+    config = dataclasses.replace(TINY if args.tiny else ModelConfig(), attributes=schema)
     per_interval = min(args.examples, 500) if args.tiny else args.examples
 
-    interactions = movielens.load_interactions()
-    profiles = user_profiles_from_movielens(movielens.load_users())
-    catalog = ItemCatalog.from_movielens()
+    interactions = dataset.interactions
+    catalog = ItemCatalog.for_dataset(dataset.items, interactions["item_id"].astype(str), schema)
     split = min(len(interactions) // 2, len(interactions) - args.runs * per_interval) if not args.tiny else 3000
     if args.runs < 2:
         raise SystemExit("--runs must be >= 2: the first interval is reported apart from the steady ones")
@@ -112,10 +106,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as state:
         tuning = TrainerTuning(max_examples=per_interval, interval_s=3600, metrics_port=0, gate_margin=1.0)
         settings = TrainerSettings(paths=PathSettings(state_dir=Path(state)), trainer=tuning)
+        write_schema(settings.data_dir, schema)  # what `streamrec features setup --dataset` leaves
         print(f"bootstrap: 1 epoch on {len(history):,} events (not measured)")
-        examples = examples_from_interactions(history, profiles)
+        every_kind = examples_from_interactions(history, dataset.users, schema)
+        examples = positive_examples(every_kind, tuning.positive_kinds)
         model = build_model(catalog, config)
-        train(model, examples, epochs=1)
+        train(model, examples, epochs=1, kind_weights=tuning.kind_weights)
         replay = ReplayBuffer(tuning.replay_buffer_size)
         replay.add(examples)
         writer = VersionWriter(settings)
@@ -131,7 +127,8 @@ def main() -> None:
         try:
             settings = settings.model_copy(update={"model_server": ModelServerSection(port=server.port)})
             client = ModelServerClient.from_settings(settings)
-            trainer = OnlineTrainer(settings, publisher=client, lookup=FrameLookup(profiles, catalog))
+            lookup = FrameLookup(schema, dataset.users, dataset.items)
+            trainer = OnlineTrainer(settings, publisher=client, lookup=lookup)
             trainer.resume()
             throughput, publish, stages = [], [], []
             for run in tqdm(range(args.runs), desc="intervals", unit="interval"):
@@ -166,16 +163,16 @@ def main() -> None:
     if args.no_write:
         return
     write_result(
-        "trainer",
+        "trainer" if dataset.name == "ml-100k" else f"trainer-{dataset.name}",
         metrics,
         {name: "examples/s" if name.endswith("examples_per_s") else "s" for name in metrics},
         targets={"trainer.examples_per_s": ">= 5,000", "trainer.publish_s": "<= 15"},
-        command="python -m bench.trainer_throughput" + (" --tiny" if args.tiny else ""),
+        command=" ".join(["python -m bench.trainer_throughput", *sys.argv[1:]]),
         notes=(
-            f"{args.runs} intervals of {per_interval:,} new ml-100k events each after a bootstrap on the first "
+            f"{args.runs} intervals of {per_interval:,} new {dataset.name} events each after a bootstrap on the first "
             f"{split:,} (plus the replay sample, "
             f"replay_fraction {tuning.replay_fraction}), {'tiny' if args.tiny else 'production'} ModelConfig, "
-            "local model server in the same process, profiles from the ml-100k frame (no Feast). "
+            "local model server in the same process, attributes from the dataset's frames (no Feast). "
             "Medians over the intervals after the first; the first (the first call of each code path; the "
             "training step is traced when the trainer resumes) on its own. Per interval: examples/s "
             f"{', '.join(f'{value:,.0f}' for value in throughput)}; publish s "

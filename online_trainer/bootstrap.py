@@ -1,9 +1,13 @@
 """``streamrec train --until T``: the first version (or the next one), learned from history.
 
-Steps: the interactions up to ``T`` -> the example frame through Feast's point-in-time join
-(:mod:`online_trainer.dataset`) -> the catalog from ``recommender_item_v1`` -> train on all but
-the newest hold-out rows -> the same publish path as the online loop (staging, gate without a
-serving model to compare with, checkpoint, rename, canary label; :mod:`online_trainer.publish`).
+Steps: the feature repo's attribute schema (``attribute_schema.json``, written by ``streamrec
+features setup --dataset``) -> the interactions up to ``T`` -> the example frame through Feast's
+point-in-time join (:mod:`online_trainer.dataset`), keeping the kinds the trainer learns
+(``trainer.positive_kinds``) -> the catalog from ``recommender_item_v1`` (or the items seen, for a
+dataset without item attributes) -> a model built from the schema, trained on all but the newest
+hold-out rows, each example weighted by its kind (``trainer.kind_weights``) -> the same publish
+path as the online loop (staging, gate without a serving model to compare with, checkpoint,
+rename, canary label; :mod:`online_trainer.publish`).
 
 The checkpoint saved with the version seeds the online loop: every user's history after the
 last event up to ``T`` and a replay buffer of the bootstrap examples. The lineage records
@@ -13,6 +17,7 @@ learned them), so it can read the topic from the beginning without learning anyt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +28,7 @@ import pandas as pd
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.dataset import DatasetInfo, build_examples, catalog_from_feast, interactions_until, split_holdout
+from online_trainer.examples import positive_examples
 from online_trainer.history import UserHistories
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
@@ -30,6 +36,8 @@ from online_trainer.publish import Outcome, Publisher, VersionWriter, publish_ca
 from online_trainer.settings import TrainerSettings
 from online_trainer.training import train
 from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema, read_schema
+from streamrec.core.errors import DatasetError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -58,24 +66,35 @@ def bootstrap(
     store: FeatureStore | None = None,
     publisher: Publisher | None = None,
     progress: bool = True,
+    schema: AttributeSchema | None = None,
 ) -> BootstrapResult:
-    """Train on ``interactions`` up to ``until`` and publish the next version (if the gate passes)."""
+    """Train on ``interactions`` up to ``until`` and publish the next version (if the gate passes).
+
+    ``schema``: the dataset's declared attributes (None: the feature repo's, ``read_schema``);
+    ``config.attributes`` is replaced by it, so the towers always match the features.
+    """
     if store is None:
         from features.store import open_store
 
         store = open_store(settings)
+    schema = schema if schema is not None else read_schema(settings.data_dir)
+    config = dataclasses.replace(config or ModelConfig(), attributes=schema)
     tuning = settings.trainer
     cutoff = pd.Timestamp(until)
     cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
     history = interactions_until(interactions, cutoff.to_pydatetime())
-    examples, info = build_examples(store, history, min_coverage=tuning.min_feature_coverage)
-    log.info("training set: %d examples of %d users (%s)", info.rows, info.users, info.note)
+    every_kind, info = build_examples(store, history, min_coverage=tuning.min_feature_coverage, schema=schema)
+    examples = positive_examples(every_kind, tuning.positive_kinds)
+    if examples.empty:
+        raise DatasetError(f"no interaction of the learned kinds {tuning.positive_kinds} up to {cutoff}")
+    log.info("training set: %d examples of %d users (%s)", len(examples), info.users, info.note)
     catalog = catalog_from_feast(
-        store, cutoff.to_pydatetime(), extra_item_ids=history["item_id"].astype(str).unique().tolist()
+        store, cutoff.to_pydatetime(), schema, extra_item_ids=history["item_id"].astype(str).unique().tolist()
     )
     fit, holdout = split_holdout(examples, tuning.holdout_size)
     model = build_model(catalog, config)
-    stats = train(model, fit, epochs=epochs if epochs is not None else tuning.bootstrap_epochs, progress=progress)
+    epochs = epochs if epochs is not None else tuning.bootstrap_epochs
+    stats = train(model, fit, epochs=epochs, progress=progress, kind_weights=tuning.kind_weights)
     replay = ReplayBuffer(tuning.replay_buffer_size)
     replay.add(examples)
     state = Checkpoint(UserHistories.from_interactions(history), replay, meta={"offsets": {}})

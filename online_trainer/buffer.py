@@ -6,6 +6,9 @@ forgetting). The buffer is a reservoir sample (Vitter's algorithm R): after ``se
 each one is in the buffer with probability ``capacity / seen``, whatever its age, in bounded
 memory. The random generator is seeded from ``seen``, so a restart from a checkpoint draws the
 same way as a run without the restart.
+
+The buffer holds the example frame's columns (``examples.example_columns`` of the model's schema):
+those of ``frame`` when given, else those of the first examples added.
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from online_trainer.catalog import EXAMPLE_COLUMNS, empty_examples
-
 
 class ReplayBuffer:
     def __init__(self, capacity: int, frame: pd.DataFrame | None = None, seen: int = 0) -> None:
         if capacity < 0:
             raise ValueError(f"ReplayBuffer capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        self.frame = (frame if frame is not None else empty_examples()).reset_index(drop=True).iloc[:capacity]
+        self.frame = (frame if frame is not None else pd.DataFrame()).reset_index(drop=True).iloc[:capacity]
         self.seen = max(seen, len(self.frame))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.frame.columns)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -32,11 +37,16 @@ class ReplayBuffer:
         if examples.empty or self.capacity == 0:
             self.seen += len(examples)
             return
-        examples = examples.loc[:, list(EXAMPLE_COLUMNS)].reset_index(drop=True)
+        columns = self.columns or list(examples.columns)
+        missing = [column for column in columns if column not in examples.columns]
+        if missing:
+            raise ValueError(f"replay buffer: the examples lack column(s) {missing} (another schema's examples?)")
+        examples = examples.loc[:, columns].reset_index(drop=True)
         free = max(self.capacity - len(self.frame), 0)
         head, tail = examples.iloc[:free], examples.iloc[free:]
         if not head.empty:
             self.frame = head.copy() if self.frame.empty else pd.concat([self.frame, head], ignore_index=True)
+            self.frame = self.frame.loc[:, columns]
             self.seen += len(head)
         if tail.empty:
             return
@@ -51,7 +61,7 @@ class ReplayBuffer:
         chosen = pd.DataFrame({"slot": slots[taken], "row": np.nonzero(taken)[0]}).drop_duplicates("slot", keep="last")
         replacement = tail.iloc[chosen["row"].to_numpy()]
         replacement.index = chosen["slot"].to_numpy()
-        self.frame.loc[replacement.index, list(EXAMPLE_COLUMNS)] = replacement[list(EXAMPLE_COLUMNS)]
+        self.frame.loc[replacement.index, columns] = replacement[columns]
 
     def sample(self, count: int, *, seed: int) -> pd.DataFrame:
         """``count`` distinct examples (or all of them if fewer), chosen uniformly."""

@@ -28,7 +28,6 @@ from typing import Any
 import pandas as pd
 
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import empty_examples
 from online_trainer.history import UserHistories
 
 
@@ -39,7 +38,7 @@ class Checkpoint:
     meta: dict[str, Any]
     # The last interval's hold-out, not learned yet: the next interval trains on it first
     # (:mod:`online_trainer.finetune`). Saved so a restart learns it too.
-    deferred: pd.DataFrame = field(default_factory=empty_examples)
+    deferred: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 _NAME = re.compile(r"^v(\d+)-s(\d+)$")
@@ -86,7 +85,7 @@ def load_latest(state_path: Path, version: int, replay_capacity: int) -> Checkpo
     meta = json.loads((folder / "meta.json").read_text())
     replay_frame = _read_examples(folder / "replay.parquet")
     deferred_path = folder / "deferred.parquet"  # absent in checkpoints written before it existed
-    deferred = _read_examples(deferred_path) if deferred_path.exists() else empty_examples()
+    deferred = _read_examples(deferred_path) if deferred_path.exists() else pd.DataFrame()
     return Checkpoint(
         histories=UserHistories.from_frame(pd.read_parquet(folder / "users.parquet")),
         replay=ReplayBuffer(replay_capacity, replay_frame, seen=int(meta.get("replay_seen", len(replay_frame)))),
@@ -97,7 +96,8 @@ def load_latest(state_path: Path, version: int, replay_capacity: int) -> Checkpo
 
 def _read_examples(path: Path) -> pd.DataFrame:
     frame = pd.read_parquet(path)
-    frame["recent_items"] = frame["recent_items"].map(lambda items: [str(i) for i in items])
+    if "recent_items" in frame.columns:
+        frame["recent_items"] = frame["recent_items"].map(lambda items: [str(i) for i in items])
     return frame
 
 

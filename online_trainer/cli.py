@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from online_trainer.publish import Publisher
+    from streamrec.datasets.description import Dataset
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 
@@ -38,16 +38,22 @@ def parse_until(value: str) -> pd.Timestamp:
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
-def load_interactions(dataset: str, columns: str | None) -> pd.DataFrame:
-    """The same datasets as ``streamrec replay``: ml-100k, synthetic, or a CSV/Parquet log."""
-    from streamrec.datasets import generic, movielens, synthetic
+def load_training_dataset(spec: str, columns: str | None, settings: TrainerSettings) -> Dataset:
+    """The ``--dataset`` (``streamrec.datasets.description.load_dataset``), checked against the feature repo.
 
-    if dataset == "ml-100k":
-        return movielens.load_interactions()
-    if dataset == "synthetic":
-        return synthetic.generate()
-    mapping = generic.ColumnMapping.parse(columns) if columns else generic.ColumnMapping()
-    return generic.load_interaction_log(Path(dataset), mapping)
+    The model reads the attributes through Feast, so the repo must have been set up for this
+    dataset: another dataset's schema would give these ids another dataset's attributes.
+    """
+    from streamrec.core.attributes import read_schema, schema_path
+    from streamrec.datasets.description import load_dataset
+
+    dataset = load_dataset(spec, columns=columns)
+    if read_schema(settings.data_dir) != dataset.schema:
+        raise SettingsError(
+            f"the feature repo ({schema_path(settings.data_dir)}) was set up for other attributes or event "
+            f"kinds than dataset {dataset.name!r}; run `streamrec features setup --dataset {spec}` first"
+        )
+    return dataset
 
 
 def _settings(**trainer_overrides: Any) -> TrainerSettings:
@@ -75,8 +81,12 @@ def _logging() -> None:
 @app.command("train")
 def train_command(
     until: Annotated[str, typer.Option(help="learn from interactions up to this time (ISO-8601 or epoch s)")],
-    dataset: Annotated[str, typer.Option(help="ml-100k, synthetic, or a CSV/Parquet path")] = "ml-100k",
-    columns: Annotated[str | None, typer.Option(help="column mapping for a PATH (see `streamrec replay`)")] = None,
+    dataset: Annotated[
+        str, typer.Option(help="a preset (ml-100k, synthetic[:options]), a description .toml or a log file")
+    ] = "ml-100k",
+    columns: Annotated[
+        str | None, typer.Option(help="column mapping of a bare log file (see `streamrec replay`)")
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="training epochs (env STREAMREC_TRAINER__BOOTSTRAP_EPOCHS)")
     ] = None,
@@ -85,7 +95,11 @@ def train_command(
         bool | None, typer.Option(help="label the version canary on the model server (env STREAMREC_TRAINER__PUBLISH)")
     ] = None,
 ) -> None:
-    """Bootstrap: train on history through Feast's point-in-time join and publish the next version."""
+    """Bootstrap: train on history through Feast's point-in-time join and publish the next version.
+
+    The towers are built from the dataset's declared attributes; the feature repo must have been
+    set up for the same dataset (`streamrec features setup --dataset ...`).
+    """
     import dataclasses
 
     from online_trainer.bootstrap import bootstrap
@@ -94,11 +108,13 @@ def train_command(
     _logging()
     settings = _settings(bootstrap_epochs=epochs, publish=publish)
     config = ModelConfig() if embedding_dim is None else dataclasses.replace(ModelConfig(), embedding_dim=embedding_dim)
+    loaded = load_training_dataset(dataset, columns, settings)
+    typer.echo(loaded.summary())
     publisher = _publisher(settings)
     result = bootstrap(
-        settings, load_interactions(dataset, columns), parse_until(until), config=config, publisher=publisher
+        settings, loaded.interactions, parse_until(until), config=config, publisher=publisher, schema=loaded.schema
     )
-    typer.echo(f"dataset: {result.dataset.rows:,} examples, features from {result.dataset.features_source}")
+    typer.echo(f"examples: {result.dataset.rows:,}, features from {result.dataset.features_source}")
     typer.echo(f"         {result.dataset.note}")
     typer.echo(result.outcome.gate.summary())
     if result.version is None:

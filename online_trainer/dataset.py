@@ -4,9 +4,10 @@
 one example whose user inputs come from the ``recommender_user_v1`` feature service via
 ``features.history.historical_features`` (Feast's point-in-time semantics over the registry's views;
 it stands in for ``FeatureStore.get_historical_features``, whose file store drops rows and crashes
-on the push log, see that module): the user's profile, and the ``user_activity`` row the Faust worker
-pushed for the state *before* the interaction. Feast's join takes rows with
-``feature_ts <= entity_ts``, so the entity timestamp decides what is visible:
+on the push log, see that module): the user's declared attributes (``user_profile``, one feature
+per attribute of the schema), and the ``user_activity`` row the Faust worker pushed for the state
+*before* the interaction (recent items, window counts and, with several event kinds, each
+kind's). Feast's join takes rows with ``feature_ts <= entity_ts``, so the entity timestamp decides what is visible:
 
 * The worker stamps the state after an event with the event time, nudged by one microsecond per
   earlier event of the same user at the same instant (``streams/windows.py``, ``version_us``:
@@ -21,12 +22,15 @@ pushed for the state *before* the interaction. Feast's join takes rows with
 Fallback: the stream views only have history if the worker's pushes were logged offline
 (``features.push_log``). When too few examples find an activity row (share below
 ``trainer.min_feature_coverage``; e.g. nothing was pushed yet), the sequential features are
-computed from the interaction log itself with ``catalog.examples_from_interactions`` (same window
-semantics), profiles still come from Feast, and :class:`DatasetInfo` says so; it goes into the
+computed from the interaction log itself with ``examples.examples_from_interactions`` (same window
+semantics), attributes still come from Feast, and :class:`DatasetInfo` says so; it goes into the
 version's lineage.
 
-The catalog comes from ``recommender_item_v1`` (``item_profile``: genres, release year) for every
-item of the profile table, plus items that only appear in the interactions (empty content).
+The catalog comes from ``recommender_item_v1`` (``item_profile``: the item attributes) for every
+item of the profile table, plus items that only appear in the interactions (unknown values); a
+dataset without item attributes has no ``item_profile`` view, and its catalog is the items seen.
+Which attributes: the schema ``streamrec features setup --dataset`` wrote
+(``streamrec.core.attributes.read_schema``), passed in by the caller.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ import numpy as np
 import pandas as pd
 
 from features.history import historical_features
-from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog, examples_from_interactions
+from online_trainer.attribute_values import frame_column
+from online_trainer.catalog import ItemCatalog
+from online_trainer.examples import count_columns, example_columns, examples_from_interactions, interaction_kinds
 from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema
 from streamrec.core.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -123,17 +130,28 @@ def _prior_event_expected(interactions: pd.DataFrame) -> np.ndarray:
     return (interactions.groupby("user_id", sort=False).cumcount() > 0).to_numpy()
 
 
+def _feature(joined: pd.DataFrame, name: str, service: str) -> pd.Series:
+    if name not in joined.columns:
+        raise DatasetError(
+            f"feature service {service} has no feature {name!r} the attribute schema declares; "
+            "rerun `streamrec features setup --dataset ...` for this dataset"
+        )
+    return joined[name]
+
+
 def build_examples(
-    store: FeatureStore, interactions: pd.DataFrame, *, min_coverage: float
+    store: FeatureStore, interactions: pd.DataFrame, *, min_coverage: float, schema: AttributeSchema
 ) -> tuple[pd.DataFrame, DatasetInfo]:
-    """The example frame (``catalog.EXAMPLE_COLUMNS``) for ``interactions`` and how it was built."""
+    """The example frame (``examples.example_columns(schema)``, every kind) for ``interactions``
+    and how it was built."""
     if interactions.empty:
         raise DatasetError("no interactions to train on; check --until and the dataset")
     interactions = interactions.sort_values("event_time", kind="stable").reset_index(drop=True)
     joined = historical_user_features(store, interactions)
+    service = contracts.USER_FEATURE_SERVICE
     examples = pd.DataFrame({"user_id": interactions["user_id"].astype(str)})
-    for name in contracts.USER_PROFILE_FEATURES:
-        examples[name] = joined[name].fillna("").astype(str).to_numpy()
+    for attribute in schema.user:
+        examples[attribute.name] = frame_column(attribute, _feature(joined, attribute.name, service))
     found = joined["last_event_ts"].notna().to_numpy()
     expected = _prior_event_expected(interactions)
     coverage = float(found[expected].mean()) if expected.any() else 1.0
@@ -141,24 +159,25 @@ def build_examples(
         source = "feast"
         note = f"user_activity from the offline push log for {coverage:.1%} of examples with prior events"
         examples["recent_items"] = [_as_str_list(value) for value in joined["recent_items"]]
-        for name in contracts.USER_COUNT_INPUTS:
-            examples[name] = pd.to_numeric(joined[name]).fillna(0).astype("int64").to_numpy()
+        for name in count_columns(schema):
+            examples[name] = pd.to_numeric(_feature(joined, name, service)).fillna(0).astype("int64").to_numpy()
     else:
         source = "interaction_log"
         note = (
             f"only {coverage:.1%} of examples with prior events found a user_activity row offline "
             f"(< {min_coverage:.0%}): recent_items and counts recomputed from the interaction log "
-            "with catalog.examples_from_interactions; profiles from Feast"
+            "with examples.examples_from_interactions; attributes from Feast"
         )
-        replayed = examples_from_interactions(interactions, users=None)
+        replayed = examples_from_interactions(interactions, None, schema)
         examples["recent_items"] = replayed["recent_items"].to_numpy()
-        for name in contracts.USER_COUNT_INPUTS:
+        for name in count_columns(schema):
             examples[name] = replayed[name].to_numpy()
     examples["item_id"] = interactions["item_id"].astype(str).to_numpy()
+    examples["kind"] = interaction_kinds(interactions, schema)
     examples["event_time"] = pd.to_datetime(interactions["event_time"], utc=True).to_numpy()
     examples["event_time"] = pd.to_datetime(examples["event_time"], utc=True)
     info = DatasetInfo(
-        feature_service=contracts.USER_FEATURE_SERVICE,
+        feature_service=service,
         features_source=source,
         rows=len(examples),
         users=int(examples["user_id"].nunique()),
@@ -167,15 +186,20 @@ def build_examples(
         activity_coverage=coverage,
         note=note,
     )
-    return examples[list(EXAMPLE_COLUMNS)], info
+    return examples[list(example_columns(schema))], info
 
 
-def catalog_from_feast(store: FeatureStore, at: datetime, extra_item_ids: list[str] | None = None) -> ItemCatalog:
-    """Every item of ``item_profile`` with its content as of ``at``, through ``recommender_item_v1``.
+def catalog_from_feast(
+    store: FeatureStore, at: datetime, schema: AttributeSchema, extra_item_ids: list[str] | None = None
+) -> ItemCatalog:
+    """Every item of ``item_profile`` with its attributes as of ``at``, through ``recommender_item_v1``.
 
     ``extra_item_ids`` (e.g. items seen in interactions) missing from the profiles are appended
-    with empty content, so the model can still rank them (by id).
+    with unknown values, so the model can still rank them (by id). Without item attributes in
+    ``schema`` there is no ``item_profile`` view: the catalog is ``extra_item_ids``.
     """
+    if not schema.item:
+        return ItemCatalog.from_items_seen(extra_item_ids or [], schema)
     view = store.get_feature_view(contracts.ITEM_PROFILE_VIEW)
     path = getattr(view.batch_source, "path", None)
     if not path:
@@ -191,16 +215,7 @@ def catalog_from_feast(store: FeatureStore, at: datetime, extra_item_ids: list[s
         {_ROW: np.arange(len(item_ids)), contracts.ITEM_JOIN_KEY: item_ids, ENTITY_TIMESTAMP: timestamp}
     )
     joined = historical_features(store, entity_df, contracts.ITEM_FEATURE_SERVICE).sort_values(_ROW)
-    catalog = ItemCatalog.from_frame(
-        pd.DataFrame(
-            {
-                "item_id": joined[contracts.ITEM_JOIN_KEY].astype(str),
-                "genres": [_as_str_list(value) for value in joined["genres"]],
-                "release_year": joined["release_year"],
-            }
-        )
-    )
-    extra = [item for item in dict.fromkeys(extra_item_ids or []) if item not in catalog.index]
-    if extra:
-        catalog = catalog.with_new_items(extra, [[] for _ in extra], [-1 for _ in extra])
-    return catalog
+    items = pd.DataFrame({"item_id": joined[contracts.ITEM_JOIN_KEY].astype(str).to_numpy()})
+    for attribute in schema.item:
+        items[attribute.name] = _feature(joined, attribute.name, contracts.ITEM_FEATURE_SERVICE).to_numpy()
+    return ItemCatalog.for_dataset(items, extra_item_ids or [], schema)

@@ -2,12 +2,15 @@
 
 Layout of ``<base_path>/<version>/`` (what TF Serving's file-system source loads):
 
-* ``saved_model.pb`` + ``variables/``: signatures ``recommend`` (= ``serving_default``) and
-  ``score``, typed exactly as ``streamrec.core.contracts`` documents. The catalog (ids, content and
-  the item-tower vectors computed at export) is held as variables, so ``recommend`` ranks the
-  whole catalog inside the graph and drops ``exclude_items`` there too.
-* ``assets.extra/tf_serving_warmup_requests``: TFRecord of ``PredictionLog`` records (recommend
-  requests) that TF Serving replays before it marks the version available.
+* ``saved_model.pb`` + ``variables/``: signatures ``recommend`` (= ``serving_default``), ``score``
+  and ``similar``, typed exactly as ``streamrec.core.contracts`` documents, the user inputs being
+  ``streamrec.core.attributes.user_model_inputs`` of the model's schema (:mod:`online_trainer.signatures`).
+  The catalog (ids, attribute values and the item-tower vectors computed at export) is held as
+  variables, so ``recommend`` and ``similar`` rank the whole catalog inside the graph and drop
+  ``exclude_items`` there too.
+* ``assets.extra/tf_serving_warmup_requests``: TFRecord of ``PredictionLog`` records (recommend,
+  score and similar requests) that TF Serving replays before it marks the version available.
+* ``assets.extra/attribute_schema.json``: the schema the signatures were built from.
 * ``assets.extra/lineage.json``: the caller's lineage (data range, offsets, feature service,
   metrics, parent version) plus the model config and catalog size.
 * ``assets.extra/weights.npz`` + ``optimizer.npz`` + ``model_config.json`` + ``catalog.json``: enough to
@@ -33,12 +36,15 @@ import pandas as pd
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from online_trainer.catalog import ItemCatalog, catalog_arrays, user_arrays
-from online_trainer.inference import catalog_vectors, rank
+from online_trainer.catalog import ItemCatalog, catalog_arrays
+from online_trainer.examples import user_arrays
+from online_trainer.inference import catalog_vectors, rank, similar_rank
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
+from online_trainer.signatures import recommend_specs, score_specs, similar_specs
 from streamrec.core import contracts
+from streamrec.core.attributes import SCHEMA_FILE, AttributeSchema
 
 TEMP_PREFIX = ".tmp-"
 EXTRA_DIR = "assets.extra"
@@ -51,36 +57,29 @@ CATALOG_FILE = "catalog.json"
 MAX_WARMUP_REQUESTS = 32
 
 
-def _user_specs() -> dict[str, tf.TensorSpec]:
-    specs = {name: tf.TensorSpec([None], tf.string, name=name) for name in contracts.USER_STRING_INPUTS}
-    specs["recent_items"] = tf.TensorSpec([None, contracts.RECENT_ITEMS_MAX], tf.string, name="recent_items")
-    for name in contracts.USER_COUNT_INPUTS:
-        specs[name] = tf.TensorSpec([None], tf.int64, name=name)
-    return specs
-
-
 class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no type hints
-    """Tracks the model's variables and the catalog; its two tf.functions are the signatures."""
+    """Tracks the model's variables and the catalog; its tf.functions are the signatures."""
 
     def __init__(self, model: TwoTowerModel) -> None:
         super().__init__(name="streamrec")
         # Not an attribute TF tracks: only the variables below are saved, not the Keras object graph.
         object.__setattr__(self, "_model", model)
         self.model_variables = list(model.variables)  # tracked, so they are saved and restored
-        ids, genres, years = catalog_arrays(model.catalog, model.config.max_genres)
+        ids, values = catalog_arrays(model.catalog)
         self.catalog_ids = tf.Variable(ids.astype(bytes), trainable=False, name="catalog_ids")
-        self.catalog_genres = tf.Variable(genres.astype(bytes), trainable=False, name="catalog_genres")
-        self.catalog_years = tf.Variable(years, trainable=False, name="catalog_release_year")
+        self.catalog_values = {
+            name: tf.Variable(_tensor_ready(column), trainable=False, name=f"catalog_{name}")
+            for name, column in values.items()
+        }
         self.catalog_vectors = tf.Variable(catalog_vectors(model), trainable=False, name="catalog_vectors")
         self.catalog_rows = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(ids.astype(bytes)), tf.range(len(ids), dtype=tf.int64)),
             default_value=-1,
         )
-        user_specs = _user_specs()
-        exclude = {"exclude_items": tf.TensorSpec([None, None], tf.string, name="exclude_items")}
-        items = {"item_ids": tf.TensorSpec([None, None], tf.string, name="item_ids")}
-        self.recommend = tf.function(self._recommend, input_signature=[{**user_specs, **exclude}], autograph=False)
-        self.score = tf.function(self._score, input_signature=[{**user_specs, **items}], autograph=False)
+        schema = model.schema
+        self.recommend = tf.function(self._recommend, input_signature=[recommend_specs(schema)], autograph=False)
+        self.score = tf.function(self._score, input_signature=[score_specs(schema)], autograph=False)
+        self.similar = tf.function(self._similar, input_signature=[similar_specs()], autograph=False)
 
     def _recommend(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         users = self._model.user_tower(inputs)
@@ -101,43 +100,78 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         rows = self.catalog_rows.lookup(flat)
         known = rows >= 0
         safe = tf.maximum(rows, 0)
-        genres = tf.where(known[:, None], tf.gather(self.catalog_genres, safe), "")
-        years = tf.where(known, tf.gather(self.catalog_years, safe), tf.constant(-1, tf.int64))
-        items = self._model.item_tower(flat, genres, years)
+        values = {}
+        for attribute in self._model.schema.item:
+            column = tf.gather(self.catalog_values[attribute.name], safe)
+            if attribute.type == "numeric":
+                values[attribute.name] = tf.where(known, column, float("nan"))
+            elif attribute.type == "categorical":
+                values[attribute.name] = tf.where(known, column, "")
+            else:
+                values[attribute.name] = tf.where(known[:, None], column, "")
+        items = self._model.item_tower(flat, values)
         items = tf.reshape(items, tf.concat([tf.shape(item_ids), [-1]], axis=0))
         scores = tf.einsum("bd,bnd->bn", users, items) / self._model.config.temperature
         return {"scores": scores}
 
+    def _similar(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        ids, scores = similar_rank(
+            self.catalog_vectors,
+            self.catalog_ids,
+            self.catalog_rows.lookup(inputs["item_id"]),
+            self.catalog_rows.lookup(inputs["exclude_items"]),
+            k=contracts.TOP_K_EXPORTED,
+            temperature=self._model.config.temperature,
+        )
+        return {"item_ids": ids, "scores": scores}
 
-def _signature_function(module: _ServingModule, name: str) -> Any:
-    """Keyword-argument wrapper so the signature's inputs carry the contract's names."""
-    specs = _user_specs()
-    if name == contracts.RECOMMEND_SIGNATURE:
-        specs["exclude_items"] = tf.TensorSpec([None, None], tf.string, name="exclude_items")
-        return module.recommend.get_concrete_function(specs)
-    specs["item_ids"] = tf.TensorSpec([None, None], tf.string, name="item_ids")
-    return module.score.get_concrete_function(specs)
+
+def _tensor_ready(column: np.ndarray) -> np.ndarray:
+    return column.astype(bytes) if column.dtype == object else column
+
+
+def _signatures(module: _ServingModule, schema: AttributeSchema) -> dict[str, Any]:
+    """Concrete functions whose inputs carry the contract's names (keyword arguments only)."""
+    recommend = module.recommend.get_concrete_function(recommend_specs(schema))
+    return {
+        contracts.RECOMMEND_SIGNATURE: recommend,
+        "serving_default": recommend,
+        contracts.SCORE_SIGNATURE: module.score.get_concrete_function(score_specs(schema)),
+        contracts.SIMILAR_SIGNATURE: module.similar.get_concrete_function(similar_specs()),
+    }
+
+
+def _request(signature: str, arrays: dict[str, np.ndarray]) -> prediction_log_pb2.PredictionLog:
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=contracts.MODEL_NAME, signature_name=signature)
+    )
+    for name, values in arrays.items():
+        if values.dtype == object:
+            values = np.vectorize(lambda text: str(text).encode(), otypes=[object])(values)
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(values))
+    return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
 
 
 def warmup_requests(
-    warmup_users: pd.DataFrame, *, limit: int = MAX_WARMUP_REQUESTS
+    warmup_users: pd.DataFrame, schema: AttributeSchema, catalog: ItemCatalog, *, limit: int = MAX_WARMUP_REQUESTS
 ) -> list[prediction_log_pb2.PredictionLog]:
-    """PredictionLogs for the recommend signature: one batched request, then single-user ones."""
+    """PredictionLogs for every signature: one batched recommend request, single-user ones, then
+    one score and one similar request; the user inputs are ``user_model_inputs(schema)``."""
     if warmup_users.empty:
         raise ValueError("export: warmup_users is empty; pass at least one user row to warm TF Serving up")
-    frames = [warmup_users.head(limit)] + [warmup_users.iloc[[row]] for row in range(min(len(warmup_users), limit - 1))]
+    singles = min(len(warmup_users), limit - 3)
+    frames = [warmup_users.head(limit)] + [warmup_users.iloc[[row]] for row in range(singles)]
     logs = []
     for frame in frames:
-        arrays = user_arrays(frame)
+        arrays = user_arrays(frame, schema)
         arrays["exclude_items"] = arrays["recent_items"][:, :1]
-        request = predict_pb2.PredictRequest(
-            model_spec=model_pb2.ModelSpec(name=contracts.MODEL_NAME, signature_name=contracts.RECOMMEND_SIGNATURE)
-        )
-        for name, values in arrays.items():
-            if values.dtype == object:
-                values = np.vectorize(lambda text: str(text).encode(), otypes=[object])(values)
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(values))
-        logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+        logs.append(_request(contracts.RECOMMEND_SIGNATURE, arrays))
+    items = np.asarray(catalog.item_ids[:3], dtype=object)
+    scored = user_arrays(warmup_users.head(1), schema)
+    scored["item_ids"] = items[np.newaxis, :]
+    logs.append(_request(contracts.SCORE_SIGNATURE, scored))
+    similar = {"item_id": items[:1], "exclude_items": items[np.newaxis, 1:2]}
+    logs.append(_request(contracts.SIMILAR_SIGNATURE, similar))
     return logs
 
 
@@ -159,17 +193,13 @@ def export_version(
         raise FileExistsError(f"export: {final} already exists; versions are immutable, publish {version + 1}")
     temp = base_path / f"{TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
     module = _ServingModule(model)
-    signatures = {
-        contracts.RECOMMEND_SIGNATURE: _signature_function(module, contracts.RECOMMEND_SIGNATURE),
-        contracts.SCORE_SIGNATURE: _signature_function(module, contracts.SCORE_SIGNATURE),
-    }
-    signatures["serving_default"] = signatures[contracts.RECOMMEND_SIGNATURE]
-    tf.saved_model.save(module, str(temp), signatures=signatures)
+    tf.saved_model.save(module, str(temp), signatures=_signatures(module, model.schema))
     extra = temp / EXTRA_DIR
     extra.mkdir(exist_ok=True)
     with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
-        for log in warmup_requests(warmup_users):
+        for log in warmup_requests(warmup_users, model.schema, model.catalog):
             writer.write(log.SerializeToString())
+    (extra / SCHEMA_FILE).write_text(model.schema.to_json())
     record = {
         **lineage,
         "version": version,
@@ -262,7 +292,11 @@ def read_lineage(path: Path) -> dict[str, Any]:
 
 
 def load_for_finetune(version_dir: Path) -> TwoTowerModel:
-    """Rebuild the Keras model of a published version (weights, config, catalog) to keep training it."""
+    """Rebuild the Keras model of a published version (weights, config, catalog) to keep training it.
+
+    A version exported before issue 20 (no attribute schema in its config) raises ``DatasetError``
+    naming the fix: retrain with ``streamrec train``.
+    """
     extra = Path(version_dir) / EXTRA_DIR
     for name in (WEIGHTS_FILE, CONFIG_FILE, CATALOG_FILE):
         if not (extra / name).is_file():

@@ -18,7 +18,8 @@ measures exactly the trainer's learning, not a look-alike:
    events; ``replay_fraction`` sets that trade (0.1 by default).
 3. **Fine-tune** a copy of the serving model (:func:`online_trainer.model_state.clone_for_finetune`:
    weights and Adam state carried over) for ``trainer.finetune_epochs`` over the mix, with the
-   softmax over the whole catalog (``trainer.finetune_loss``; the settings say why).
+   softmax over the whole catalog (``trainer.finetune_loss``; the settings say why), each example
+   weighted by its event kind (``trainer.kind_weights``).
 
 See docs/design/trainer.md#fine-tuning-step.
 """
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import EXAMPLE_COLUMNS, ItemCatalog
+from online_trainer.catalog import ItemCatalog
 from online_trainer.dataset import holdout_rows
 from online_trainer.model import TwoTowerModel
 from online_trainer.model_state import clone_for_finetune, copy_into, finetune_config
@@ -76,7 +77,7 @@ def plan_interval(
         holdout = replay.frame.sort_values("event_time").tail(tuning.holdout_size)
         holdout = holdout if not holdout.empty else fresh.tail(tuning.holdout_size)
     if not deferred.empty:
-        fresh = pd.concat([deferred.loc[:, list(EXAMPLE_COLUMNS)], fresh], ignore_index=True)
+        fresh = pd.concat([deferred.loc[:, list(fresh.columns)], fresh], ignore_index=True)
     replayed = replay.sample(replay.replay_count(len(fresh), tuning.replay_fraction), seed=seed)
     return IntervalPlan(
         fresh=fresh, holdout=holdout, replayed=replayed, deferred=next_deferred, deferred_rows=held_rows
@@ -109,7 +110,9 @@ def finetune(
     if catalog is not None:
         candidate.catalog = catalog
     mix = plan.mix
-    stats = train(candidate, mix, epochs=tuning.finetune_epochs, progress=False) if not mix.empty else {}
+    stats: dict[str, float] = {}
+    if not mix.empty:
+        stats = train(candidate, mix, epochs=tuning.finetune_epochs, progress=False, kind_weights=tuning.kind_weights)
     return candidate, stats
 
 
@@ -129,5 +132,5 @@ def training_pair(
         model = clone_for_finetune(model, full_catalog=full_catalog)
     spare = clone_for_finetune(model, full_catalog=full_catalog)
     for each in (model, spare):
-        trace_train_step(each, warm_up)
+        trace_train_step(each, warm_up, kind_weights=tuning.kind_weights)
     return model, spare

@@ -15,7 +15,8 @@ Checks, each adding a machine-readable reason to :class:`GateResult` when it fai
   any usable ``alpha``. See docs/design/trainer.md#validation-gate.
 * ``signature_mismatch``: the exported SavedModel lacks a signature of ``streamrec.core.contracts``, or
   an input/output has another name, dtype or shape (``None`` dims allowed where the contract
-  says B/E/N).
+  says B/E/N); the user inputs are those of the model's attribute schema
+  (:func:`online_trainer.signatures.contract_signatures`).
 * ``export_outputs``: calling the exported signatures on hold-out rows gives wrong shapes/dtypes
   or non-finite scores (this catches a model that is fine in memory but broken once exported).
 
@@ -34,35 +35,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from online_trainer.catalog import user_arrays
+from online_trainer.examples import user_arrays
 from online_trainer.inference import catalog_vectors, recommend, user_vectors
 from online_trainer.model import TwoTowerModel
+from online_trainer.signatures import Spec, contract_signatures
 from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema
 
 REASONS = ("nonfinite_weights", "nonfinite_outputs", "metric_regression", "signature_mismatch", "export_outputs")
-
-# name -> (dtype name, shape with None for "any"), as in streamrec.core.contracts.
-Spec = dict[str, tuple[str, tuple[int | None, ...]]]
-_USER_SPEC: Spec = {
-    **{name: ("string", (None,)) for name in contracts.USER_STRING_INPUTS},
-    "recent_items": ("string", (None, contracts.RECENT_ITEMS_MAX)),
-    **{name: ("int64", (None,)) for name in contracts.USER_COUNT_INPUTS},
-}
-_RECOMMEND_IO: tuple[Spec, Spec] = (
-    {**_USER_SPEC, "exclude_items": ("string", (None, None))},
-    {
-        "item_ids": ("string", (None, contracts.TOP_K_EXPORTED)),
-        "scores": ("float32", (None, contracts.TOP_K_EXPORTED)),
-    },
-)
-CONTRACT_SIGNATURES: dict[str, tuple[Spec, Spec]] = {
-    contracts.RECOMMEND_SIGNATURE: _RECOMMEND_IO,
-    "serving_default": _RECOMMEND_IO,
-    contracts.SCORE_SIGNATURE: (
-        {**_USER_SPEC, "item_ids": ("string", (None, None))},
-        {"scores": ("float32", (None, None))},
-    ),
-}
 
 
 @dataclass
@@ -198,11 +178,11 @@ def _spec_mismatches(kind: str, actual: dict[str, Any], expected: Spec) -> list[
     return problems
 
 
-def signature_problems(loaded: Any) -> list[str]:
-    """Every difference between a loaded SavedModel's signatures and the contract."""
+def signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]:
+    """Every difference between a loaded SavedModel's signatures and the contract for ``schema``."""
     problems: list[str] = []
     signatures = loaded.signatures
-    for name, (inputs, outputs) in CONTRACT_SIGNATURES.items():
+    for name, (inputs, outputs) in contract_signatures(schema).items():
         if name not in signatures:
             problems.append(f"signature {name!r} is missing (has {sorted(signatures)})")
             continue
@@ -215,16 +195,18 @@ def signature_problems(loaded: Any) -> list[str]:
     return problems
 
 
-def signature_inputs(holdout: pd.DataFrame, *, rows: int = 8) -> dict[str, np.ndarray]:
+def signature_inputs(holdout: pd.DataFrame, schema: AttributeSchema, *, rows: int = 8) -> dict[str, np.ndarray]:
     """A ``recommend`` request built from hold-out rows (excluding each row's recent items)."""
     sample = holdout.iloc[:rows]
-    arrays = user_arrays(sample)
+    arrays = user_arrays(sample, schema)
     arrays["exclude_items"] = arrays["recent_items"][:, :5].copy()
     return arrays
 
 
-def check_export(result: GateResult, export_dir: Path, holdout: pd.DataFrame, catalog_size: int) -> None:
-    """Load the exported version, compare its signatures to the contract and call them once."""
+def check_export(
+    result: GateResult, export_dir: Path, holdout: pd.DataFrame, catalog_size: int, schema: AttributeSchema
+) -> None:
+    """Load the exported version, compare its signatures to the contract and call each once."""
     import tensorflow as tf
 
     try:
@@ -232,13 +214,13 @@ def check_export(result: GateResult, export_dir: Path, holdout: pd.DataFrame, ca
     except Exception as exc:  # any load failure means the model server would fail too
         result.fail("signature_mismatch", f"the export at {export_dir} does not load: {exc}")
         return
-    problems = signature_problems(loaded)
+    problems = signature_problems(loaded, schema)
     if problems:
         result.fail("signature_mismatch", "; ".join(problems))
         return
     if holdout.empty:
         return
-    arrays = signature_inputs(holdout)
+    arrays = signature_inputs(holdout, schema)
     batch = len(arrays["user_id"])
     request = {name: tf.constant(value) for name, value in arrays.items()}
     answer = loaded.signatures[contracts.RECOMMEND_SIGNATURE](**request)
@@ -259,6 +241,21 @@ def check_export(result: GateResult, export_dir: Path, holdout: pd.DataFrame, ca
     scored = loaded.signatures[contracts.SCORE_SIGNATURE](**score_request)["scores"].numpy()
     if scored.shape != (batch, 3) or not np.all(np.isfinite(scored)):
         result.fail("export_outputs", f"score returned shape {scored.shape} or non-finite values")
+        return
+    _check_similar(result, loaded, answer["item_ids"][:, 0], catalog_size)
+
+
+def _check_similar(result: GateResult, loaded: Any, item_ids: Any, catalog_size: int) -> None:
+    """``similar`` for the items recommend returned first: full, finite, never the item itself."""
+    import tensorflow as tf
+
+    request = {"item_id": item_ids, "exclude_items": tf.fill([tf.shape(item_ids)[0], 1], "")}
+    answer = loaded.signatures[contracts.SIMILAR_SIGNATURE](**request)
+    ids, scores = answer["item_ids"].numpy(), answer["scores"].numpy()
+    eligible = max(min(contracts.TOP_K_EXPORTED, catalog_size - 1), 0)
+    returns_itself = any(item in row for item, row in zip(item_ids.numpy(), ids, strict=True))
+    if returns_itself or not np.all(np.isfinite(scores[:, :eligible])) or np.any(ids[:, :eligible] == b""):
+        result.fail("export_outputs", "similar returned an item itself, NaN/inf or padding for eligible items")
 
 
 def run_gate(
@@ -275,5 +272,5 @@ def run_gate(
     result = GateResult()
     check_model(result, candidate, holdout, serving=serving, k=k, margin=margin, alpha=alpha)
     if result.passed and export_dir is not None:
-        check_export(result, export_dir, holdout, len(candidate.catalog))
+        check_export(result, export_dir, holdout, len(candidate.catalog), candidate.schema)
     return result

@@ -1,7 +1,7 @@
-"""Scoring with a :class:`~online_trainer.model.TwoTowerModel` in memory: top-k and pair scores.
+"""Scoring with a :class:`~online_trainer.model.TwoTowerModel` in memory: top-k, pair scores, similar items.
 
-:func:`rank` is shared with the export's ``recommend`` signature, so the in-memory and exported
-answers are the same computation (same exclusion, same padding with :data:`PAD_SCORE`).
+:func:`rank` is shared with the export's ``recommend`` and ``similar`` signatures, so the in-memory
+and exported answers are the same computation (same exclusion, same padding with :data:`PAD_SCORE`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from online_trainer.catalog import catalog_arrays, item_arrays, user_arrays
+from online_trainer.catalog import catalog_arrays, item_arrays
+from online_trainer.examples import user_arrays
 from online_trainer.model import TwoTowerModel
 
 PAD_SCORE = float(np.finfo(np.float32).min)  # score of an empty ("") slot in a top-K answer
 
 
 def user_vectors(model: TwoTowerModel, user_inputs: pd.DataFrame, *, batch_size: int = 4_096) -> np.ndarray:
-    """The user tower's [B, d] unit vectors for ``user_inputs`` (``catalog.USER_INPUT_COLUMNS``), in batches."""
-    arrays = user_arrays(user_inputs)
+    """The user tower's [B, d] unit vectors for ``user_inputs`` (``examples.user_input_columns``), in batches."""
+    arrays = user_arrays(user_inputs, model.schema)
     chunks = [
         model.user_tower({name: tf.constant(values[start : start + batch_size]) for name, values in arrays.items()})
         for start in range(0, len(user_inputs), batch_size)
@@ -31,8 +32,13 @@ def user_vectors(model: TwoTowerModel, user_inputs: pd.DataFrame, *, batch_size:
 
 def catalog_vectors(model: TwoTowerModel) -> np.ndarray:
     """The item tower's [N, d] unit vectors for the model's catalog, in catalog order."""
-    ids, genres, years = catalog_arrays(model.catalog, model.config.max_genres)
-    return np.asarray(model.item_tower(tf.constant(ids), tf.constant(genres), tf.constant(years)))
+    return item_vectors(model, *catalog_arrays(model.catalog))
+
+
+def item_vectors(model: TwoTowerModel, ids: np.ndarray, values: dict[str, np.ndarray]) -> np.ndarray:
+    """The item tower's [N, d] unit vectors for ids and their attribute arrays (``catalog.item_arrays``)."""
+    tensors = {name: tf.constant(column) for name, column in values.items()}
+    return np.asarray(model.item_tower(tf.constant(ids), tensors))
 
 
 def rank(
@@ -69,16 +75,43 @@ def rank(
     return top_ids, top_scores
 
 
+def similar_rank(
+    item_vecs: tf.Tensor,
+    item_ids: tf.Tensor,
+    query_rows: tf.Tensor,
+    exclude_rows: tf.Tensor,
+    *,
+    k: int,
+    temperature: float,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Top-k catalog items nearest each query row [B] (int64, -1: not in the catalog); shared with the export.
+
+    The query item itself and ``exclude_rows`` [B, E] are never returned; a query not in the
+    catalog gets all ids "" and scores :data:`PAD_SCORE`.
+    """
+    known = query_rows >= 0
+    queries = tf.gather(item_vecs, tf.maximum(query_rows, 0))
+    excluded = tf.concat([query_rows[:, tf.newaxis], exclude_rows], axis=1)
+    ids, scores = rank(queries, item_vecs, item_ids, excluded, k=k, temperature=temperature)
+    ids = tf.where(known[:, tf.newaxis], ids, "")
+    scores = tf.where(known[:, tf.newaxis], scores, PAD_SCORE)
+    return ids, scores
+
+
+def _rows(model: TwoTowerModel, items: Sequence[str]) -> list[int]:
+    index = model.catalog.index
+    return [index.get(str(item), -1) for item in items]
+
+
 def _exclude_rows(model: TwoTowerModel, exclude: Sequence[Sequence[str]] | None, batch: int) -> np.ndarray:
     if exclude is None:
         return np.full((batch, 1), -1, dtype=np.int64)
     if len(exclude) != batch:
         raise ValueError(f"exclude has {len(exclude)} rows for {batch} users; pass one list per user")
-    index = model.catalog.index
     width = max(1, max((len(row) for row in exclude), default=1))
     rows = np.full((batch, width), -1, dtype=np.int64)
     for b, items in enumerate(exclude):
-        rows[b, : len(items)] = [index.get(str(item), -1) for item in items]
+        rows[b, : len(items)] = _rows(model, items)
     return rows
 
 
@@ -112,7 +145,25 @@ def score(
     if grid.ndim != 2 or grid.shape[0] != len(user_inputs):
         raise ValueError(f"item_ids must be [B, N] with B = {len(user_inputs)} users; got shape {grid.shape}")
     users = user_vectors(model, user_inputs)
-    ids, genres, years = item_arrays(model.catalog, model.config.max_genres, grid.reshape(-1))
-    items = np.asarray(model.item_tower(tf.constant(ids), tf.constant(genres), tf.constant(years)))
+    items = item_vectors(model, *item_arrays(model.catalog, grid.reshape(-1)))
     items = items.reshape(grid.shape[0], grid.shape[1], -1)
     return cast(np.ndarray, np.einsum("bd,bnd->bn", users, items) / model.config.temperature).astype(np.float32)
+
+
+def similar(
+    model: TwoTowerModel,
+    item_ids: Sequence[str],
+    *,
+    k: int,
+    exclude: Sequence[Sequence[str]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k catalog items nearest each of ``item_ids`` [B, k] (str) and their scores (``similar_rank``)."""
+    ids, scores = similar_rank(
+        tf.constant(catalog_vectors(model)),
+        tf.constant(np.asarray(model.catalog.item_ids, dtype=object)),
+        tf.constant(np.asarray(_rows(model, item_ids), dtype=np.int64)),
+        tf.constant(_exclude_rows(model, exclude, len(item_ids))),
+        k=k,
+        temperature=model.config.temperature,
+    )
+    return np.asarray(ids.numpy()).astype(str), np.asarray(scores.numpy())

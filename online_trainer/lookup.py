@@ -1,12 +1,13 @@
-"""Static features the online trainer reads from Feast's online store: user profiles, item content.
+"""Static features the online trainer reads from Feast's online store: user and item attributes.
 
 The *sequential* user features (recent items, counts) come from the trainer's own state
 (:mod:`online_trainer.history`); what it reads here never changes with the stream: a user's
-profile (``user_profile`` through ``recommender_user_v1``) and, for an item the catalog has not
-seen, its content (``item_profile`` through ``recommender_item_v1``). Both are cached for the
-process's life. A failed read (Redis down) is logged and counted, and the rows get empty values,
-which the model treats as "unknown": a transient outage degrades a few examples, it does not stop
-the trainer.
+declared attributes (``user_profile`` through ``recommender_user_v1``) and, for an item the
+catalog has not seen, its attributes (``item_profile`` through ``recommender_item_v1``), each
+feature named as the attribute (``streamrec.core.attributes``). A side without attributes is never
+read. Both are cached for the process's life. A failed read (Redis down) is logged and counted,
+and the rows get unknown values, which the model treats as "unknown": a transient outage degrades
+a few examples, it does not stop the trainer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pandas as pd
 from prometheus_client import Counter
 
+from online_trainer.attribute_values import Value, normalize, unknown
 from streamrec.core import contracts
+from streamrec.core.attributes import Attribute, AttributeSchema
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -28,27 +31,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LOOKUP_FAILURES = Counter("trainer_feature_lookup_failures_total", "Failed Feast online reads.", ("service",))
 
-EMPTY_PROFILE: dict[str, str] = {name: "" for name in contracts.USER_PROFILE_FEATURES}
+Attributes = dict[str, Value]
 
 
 class FeatureLookup(Protocol):
-    def user_profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, str]]: ...
+    """Attribute values by id: name -> normalized value (``attribute_values``), unknown when absent."""
 
-    def item_content(self, item_ids: Sequence[str]) -> dict[str, tuple[list[str], int]]: ...
+    def user_attributes(self, user_ids: Sequence[str]) -> dict[str, Attributes]: ...
+
+    def item_attributes(self, item_ids: Sequence[str]) -> dict[str, Attributes]: ...
 
 
-def _text(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+def unknown_row(attributes: Sequence[Attribute]) -> Attributes:
+    return {attribute.name: unknown(attribute) for attribute in attributes}
 
 
 class FeastLookup:
     """:class:`FeatureLookup` over ``features.store.read_online`` with a per-process cache."""
 
-    def __init__(self, settings: FeaturesSettings, store: FeatureStore | None = None) -> None:
+    def __init__(self, settings: FeaturesSettings, schema: AttributeSchema, store: FeatureStore | None = None) -> None:
         self._settings = settings
+        self._schema = schema
         self._store = store
-        self._profiles: dict[str, dict[str, str]] = {}
-        self._content: dict[str, tuple[list[str], int]] = {}
+        self._cache: dict[str, dict[str, Attributes]] = {"user": {}, "item": {}}
 
     def _read(self, service: str, ids: list[str]) -> pd.DataFrame | None:
         from features.store import open_store, read_online
@@ -62,33 +67,60 @@ class FeastLookup:
             log.warning("Feast online read of %d ids through %s failed: %s", len(ids), service, exc)
             return None
 
-    def user_profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        wanted = [str(user) for user in user_ids]
-        missing = sorted(set(wanted) - set(self._profiles))
-        fetched: dict[str, dict[str, str]] = {}
+    def _attributes(self, side: str, service: str, ids: Sequence[str]) -> dict[str, Attributes]:
+        attributes = self._schema.user if side == "user" else self._schema.item
+        wanted = [str(entity) for entity in ids]
+        if not attributes:
+            return {entity: {} for entity in wanted}
+        cache = self._cache[side]
+        missing = sorted(set(wanted) - set(cache))
+        fetched: dict[str, Attributes] = {}
         if missing:
-            frame = self._read(contracts.USER_FEATURE_SERVICE, missing)
-            for row, user in enumerate(missing):
-                fetched[user] = (
-                    dict(EMPTY_PROFILE)
+            frame = self._read(service, missing)
+            for row, entity in enumerate(missing):
+                fetched[entity] = (
+                    unknown_row(attributes)
                     if frame is None
-                    else {name: _text(frame[name].iloc[row]) for name in contracts.USER_PROFILE_FEATURES}
+                    else {
+                        a.name: normalize(a, frame[a.name].iloc[row]) if a.name in frame else unknown(a)
+                        for a in attributes
+                    }
                 )
-            if frame is not None:  # an outage is not cached: those users are read again next time
-                self._profiles.update(fetched)
-        return {user: self._profiles.get(user) or fetched.get(user, dict(EMPTY_PROFILE)) for user in wanted}
+            if frame is not None:  # an outage is not cached: those ids are read again next time
+                cache.update(fetched)
+        return {entity: cache.get(entity) or fetched.get(entity) or unknown_row(attributes) for entity in wanted}
 
-    def item_content(self, item_ids: Sequence[str]) -> dict[str, tuple[list[str], int]]:
-        missing = sorted({str(item) for item in item_ids} - set(self._content))
-        if missing:
-            frame = self._read(contracts.ITEM_FEATURE_SERVICE, missing)
-            if frame is None:
-                return {str(item): self._content.get(str(item), ([], -1)) for item in item_ids}
-            for row, item in enumerate(missing):
-                genres = frame["genres"].iloc[row]
-                year = frame["release_year"].iloc[row]
-                self._content[item] = (
-                    [str(g) for g in genres] if genres is not None and not isinstance(genres, float) else [],
-                    int(year) if year is not None and year == year else -1,
-                )
-        return {str(item): self._content[str(item)] for item in item_ids}
+    def user_attributes(self, user_ids: Sequence[str]) -> dict[str, Attributes]:
+        return self._attributes("user", contracts.USER_FEATURE_SERVICE, user_ids)
+
+    def item_attributes(self, item_ids: Sequence[str]) -> dict[str, Attributes]:
+        return self._attributes("item", contracts.ITEM_FEATURE_SERVICE, item_ids)
+
+
+class FrameLookup:
+    """:class:`FeatureLookup` over normalized attribute frames (benchmarks, tests: no Feast)."""
+
+    def __init__(self, schema: AttributeSchema, users: pd.DataFrame | None, items: pd.DataFrame | None) -> None:
+        self._schema = schema
+        self._users = _rows(users, "user_id", schema.user)
+        self._items = _rows(items, "item_id", schema.item)
+
+    def user_attributes(self, user_ids: Sequence[str]) -> dict[str, Attributes]:
+        return {str(u): self._users.get(str(u)) or unknown_row(self._schema.user) for u in user_ids}
+
+    def item_attributes(self, item_ids: Sequence[str]) -> dict[str, Attributes]:
+        return {str(i): self._items.get(str(i)) or unknown_row(self._schema.item) for i in item_ids}
+
+
+def _row(frame: pd.DataFrame, row: int, attributes: Sequence[Attribute]) -> Attributes:
+    return {a.name: normalize(a, frame[a.name].iloc[row]) if a.name in frame else unknown(a) for a in attributes}
+
+
+def _rows(frame: pd.DataFrame | None, key: str, attributes: Sequence[Attribute]) -> dict[str, Attributes]:
+    if frame is None or not attributes:
+        return {}
+    columns: list[Any] = [frame[a.name] for a in attributes]
+    return {
+        str(entity): {a.name: normalize(a, value) for a, value in zip(attributes, values, strict=True)}
+        for entity, *values in zip(frame[key], *columns, strict=True)
+    }

@@ -14,9 +14,11 @@ One process, one Kafka consumer in its own group (``trainer.group_id``), manual 
    counted (``trainer_records_total{outcome="invalid:<reason>"}``) and skipped: the Faust worker
    owns the dead-letter topic. Records at or before the bootstrap's ``--until`` are skipped (the
    bootstrap already learned them), and so are redelivered ``event_id``s. Every other interaction
-   becomes an example whose user inputs are the user's state *before* it (:mod:`online_trainer.history`;
-   the module docstring says why the trainer keeps this state itself instead of reading Feast
-   online), with the profile read from Feast online (:mod:`online_trainer.lookup`).
+   moves its user's state, and one of a learned kind (``trainer.positive_kinds``) becomes an example
+   whose user inputs are the user's state *before* it (:mod:`online_trainer.history`; the module
+   docstring says why the trainer keeps this state itself instead of reading Feast online), with the
+   user's declared attributes read from Feast online (:mod:`online_trainer.lookup`,
+   :mod:`online_trainer.stream_examples`).
 3. **Interval** (every ``interval_s`` or ``max_examples``, whichever comes first): hold out the
    newest examples (they are learned in the next interval), fine-tune a clone of the current
    weights on the rest plus a replay sample (:mod:`online_trainer.finetune`, the same step
@@ -44,21 +46,22 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from online_trainer import checkpoint, export, metrics
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import EXAMPLE_COLUMNS, USER_INPUT_COLUMNS, ItemCatalog, empty_examples
+from online_trainer.catalog import ItemCatalog
 from online_trainer.checkpoint import Checkpoint
+from online_trainer.examples import empty_examples
 from online_trainer.finetune import finetune, plan_interval, training_pair
 from online_trainer.history import UserHistories
 from online_trainer.lookup import FeastLookup, FeatureLookup
 from online_trainer.model import TwoTowerModel
 from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings
+from online_trainer.stream_examples import POSITION, event_row, examples_frame
 from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema, read_schema
 from streamrec.core.errors import EventValidationError, StreamrecError
 from streamrec.core.events import Interaction, LabeledExample, decode_event
 
 log = logging.getLogger(__name__)
-
-_POSITION = "_kafka_position"  # key of a pending row's (partition, offset)
 
 
 class TrainerError(StreamrecError):
@@ -94,25 +97,29 @@ class OnlineTrainer:
         lookup: FeatureLookup | None = None,
         fault: Fault | None = None,
         summaries: metrics.SummaryWriter | None = None,
+        schema: AttributeSchema | None = None,
     ) -> None:
+        """``schema``: the dataset's attributes (None: the feature repo's ``attribute_schema.json``);
+        the resumed version must have been trained with the same."""
         self.settings = settings
         self.tuning = settings.trainer
         self.topic = settings.source_topic
         self.writer = VersionWriter(settings)
         self.publisher = publisher
-        self.lookup: FeatureLookup = lookup if lookup is not None else FeastLookup(settings)
+        self.schema = schema if schema is not None else read_schema(settings.data_dir)
+        self.lookup: FeatureLookup = lookup if lookup is not None else FeastLookup(settings, self.schema)
         self.fault = fault
         self.summaries = summaries or metrics.SummaryWriter(None)
         self.model: TwoTowerModel | None = None
         self.version = 0
         self.histories = UserHistories()
         self.replay = ReplayBuffer(self.tuning.replay_buffer_size)
-        self.deferred = empty_examples()  # the last interval's hold-out, learned in the next one
+        self.deferred = empty_examples(self.schema)  # the last interval's hold-out, learned in the next one
         self.bootstrap_until: pd.Timestamp | None = None
         self.resume_offsets: dict[int, int] = {}
         self.positions: dict[int, int] = {}
         self.committed: dict[int, int] = {}
-        # example rows, each with the (partition, offset) of its record under ``_POSITION`` (None for
+        # example rows, each with the (partition, offset) of its record under ``POSITION`` (None for
         # events given to ``ingest`` directly); ``_examples`` keeps only the example columns
         self.pending: list[dict[str, Any]] = []
         self.interval_started = time.monotonic()
@@ -139,6 +146,12 @@ class OnlineTrainer:
         self.version = versions[-1]
         version_dir = self.writer.base_path / str(self.version)
         self.model = export.load_for_finetune(version_dir)
+        if self.model.schema != self.schema:
+            raise TrainerError(
+                f"version {self.version} was trained on other declared attributes than the feature repo's "
+                f"({self.settings.data_dir / 'attribute_schema.json'}); retrain with `streamrec train --until T` "
+                "after `streamrec features setup --dataset ...`"
+            )
         lineage = export.read_lineage(version_dir)
         until = lineage.get("bootstrap_until")
         self.bootstrap_until = pd.Timestamp(until) if until else None
@@ -211,27 +224,12 @@ class OnlineTrainer:
         return self.ingest(event, position=position)
 
     def ingest(self, event: Interaction | LabeledExample, *, position: tuple[int, int] | None = None) -> str:
-        """Turn one event into a pending example; returns the outcome counted by ``poll``."""
-        if isinstance(event, LabeledExample):
-            if not event.clicked:
-                return "not_clicked"
-            event_time = event.click_time or event.event_time
-        else:
-            event_time = event.event_time
-        if self.bootstrap_until is not None and event_time <= self.bootstrap_until:
-            return "already_trained"
-        history = self.histories.get(event.user_id)
-        recent, counts = list(history.recent_items), history.counts()
-        if not history.accept(event.event_id, event.item_id, int(event_time.timestamp())):
-            return "duplicate"
-        row: dict[str, Any] = {"user_id": event.user_id, "recent_items": recent, **counts}
-        logged = USER_INPUT_COLUMNS[1:]
-        if isinstance(event, LabeledExample) and all(name in event.features for name in logged):
-            row.update({name: event.features[name] for name in logged})  # what the model saw at impression
-        row.update(item_id=event.item_id, event_time=event_time)
-        row[_POSITION] = position
-        self.pending.append(row)
-        return "example"
+        """Move the user's state and maybe add a pending example; returns the outcome counted by ``poll``."""
+        outcome, row = event_row(event, self.histories, self.schema, self.tuning, self.bootstrap_until)
+        if row is not None:
+            row[POSITION] = position
+            self.pending.append(row)
+        return outcome
 
     def interval_due(self) -> bool:
         elapsed = time.monotonic() - self.interval_started
@@ -239,29 +237,16 @@ class OnlineTrainer:
 
     # -- interval ----------------------------------------------------------------------------
     def _examples(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
-        frame = pd.DataFrame(rows)
-        users = frame["user_id"].astype(str).tolist()
-        profiles = self.lookup.user_profiles(sorted(set(users)))
-        for name in contracts.USER_PROFILE_FEATURES:
-            logged = frame[name] if name in frame else pd.Series([None] * len(frame))
-            frame[name] = [
-                value if isinstance(value, str) else profiles[user][name]
-                for value, user in zip(logged, users, strict=True)
-            ]
-        frame["recent_items"] = [[str(item) for item in items] for items in frame["recent_items"]]
-        for name in contracts.USER_COUNT_INPUTS:
-            frame[name] = frame[name].astype("int64")
-        frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
-        return frame[list(EXAMPLE_COLUMNS)]
+        return examples_frame(rows, self.schema, self.lookup)
 
     def _grown_catalog(self, catalog: ItemCatalog, item_ids: list[str]) -> ItemCatalog | None:
-        """``catalog`` plus the interval's never-seen items (with content from Feast); None if none."""
+        """``catalog`` plus the interval's never-seen items (with attributes from Feast); None if none."""
         new = sorted({item for item in item_ids if item not in catalog.index})
         if not new:
             return None
-        content = self.lookup.item_content(new)
+        found = self.lookup.item_attributes(new) if self.schema.item else {}
         log.info("catalog grows by %d new item(s), e.g. %s", len(new), new[:3])
-        return catalog.with_new_items(new, [content[item][0] for item in new], [content[item][1] for item in new])
+        return catalog.with_new_items(new, [found.get(item, {}) for item in new])
 
     def _state(self, offsets: dict[int, int]) -> Checkpoint:
         meta = {"topic": self.topic, "group_id": self.tuning.group_id, "offsets": offsets, "step": self.step + 1}
@@ -322,10 +307,10 @@ class OnlineTrainer:
                 "topic": self.topic,
                 "group_id": self.tuning.group_id,
                 "offsets": offsets,
-                "trained_offsets": trained_offsets(offsets, plan.deferred_rows, [row[_POSITION] for row in rows]),
+                "trained_offsets": trained_offsets(offsets, plan.deferred_rows, [row[POSITION] for row in rows]),
             },
             "feature_service": contracts.USER_FEATURE_SERVICE,
-            "features_source": "trainer user histories from the consumed stream; profiles from Feast online",
+            "features_source": "trainer user histories from the consumed stream; attributes from Feast online",
             "metrics": {key: float(value) for key, value in stats.items()},
         }
         report.outcome = publish_candidate(

@@ -11,7 +11,8 @@ streamrec process:
 * ``trainer_gate_total{result, reason}``: gate passes (``result="passed", reason=""``) and
   rejections by reason; ``trainer_current_version``: the version the trainer fine-tunes from;
 * ``trainer_records_total{outcome}``: what happened to each consumed record (``example``,
-  ``invalid:<reason>``, ``duplicate``, ``already_trained``, ``not_clicked``).
+  ``invalid:<reason>``, ``duplicate``, ``already_trained``, ``not_clicked``, ``not_positive``: a kind
+  the trainer does not learn, ``trainer.positive_kinds``).
 
 TensorBoard (``tf.summary`` under ``tensorboard_dir/<run>``): one step per fine-tune interval, with
 the loss, hold-out hit@k of candidate and serving model, example counts and timings. Scalars are

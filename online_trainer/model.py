@@ -2,15 +2,17 @@
 
 Design after TensorFlow Recommenders' ``tasks/retrieval.py`` and YouTube's two-tower papers; the
 id tables are :mod:`online_trainer.hash_embedding`'s, the losses :mod:`online_trainer.losses`.
+Both towers are built from the dataset's declared attributes (``ModelConfig.attributes``), one
+input per attribute (:class:`AttributeEmbedding`), so nothing here names a dataset's fields.
 
-* **User tower**: user id + profile (age bucket, gender, occupation, zip prefix) + the
-  position-weighted mean of the recent items' id embeddings (``use_position_weights``; the *same*
-  table as the item tower: a user is partly the items they just touched, which is what makes the
-  online updates bite) + the mean of the newest three (``use_last_item``, ``last_items``) +
-  ``log1p`` of the activity counts, concatenated and projected.
-  A new user falls back to profile and recent items.
-* **Item tower**: item id + genres (masked mean of hashed-genre embeddings) + release-year bucket.
-  A new item's id rows are untrained (small random init), so its vector comes from its content.
+* **User tower**: user id + each user attribute (``use_profile``) + the position-weighted mean of
+  the recent items' id embeddings (``use_position_weights``; the *same* table as the item tower: a
+  user is partly the items they just touched, which is what makes the online updates bite) + the
+  mean of the newest three (``use_last_item``, ``last_items``) + ``log1p`` of the activity counts
+  (the windows and, for a dataset with several event kinds, each kind's), concatenated and
+  projected. A new user falls back to attributes and recent items.
+* **Item tower**: item id + each item attribute (``use_item_content``). A new item's id rows are
+  untrained (small random init), so its vector comes from its attributes.
 * **Scores** are the logits ``cos(user, item) / temperature``, in memory and in the export alike.
 """
 
@@ -22,10 +24,56 @@ import keras
 import tensorflow as tf
 
 from online_trainer.catalog import ItemCatalog
+from online_trainer.examples import count_columns
 from online_trainer.hash_embedding import HashedBagEmbedding
 from online_trainer.model_config import ModelConfig
 from online_trainer.optimizer import LazyAdam
 from streamrec.core import contracts
+from streamrec.core.attributes import Attribute, AttributeSchema
+from streamrec.core.errors import DatasetError
+
+ITEM_INPUT_PREFIX = "item."  # batch keys of the positive item's attribute values (beside user inputs)
+
+
+class AttributeEmbedding(keras.layers.Layer):  # type: ignore[misc]  # keras ships no type hints
+    """One declared attribute -> [B, dim].
+
+    ``categorical`` [B] and ``multi_categorical`` [B, M] strings are hashed (two salts, one table
+    of ``buckets`` rows; :class:`HashedBagEmbedding`), the latter averaged over its first
+    ``max_tokens`` non-empty tokens. ``numeric`` [B] floats are bucketized with the attribute's
+    ``boundaries`` (bucket ``i + 1`` holds ``boundaries[i - 1] <= x < boundaries[i]``) into a
+    small table whose row 0 is NaN / unknown.
+    """
+
+    def __init__(self, attribute: Attribute, buckets: int, dim: int, stddev: float, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.attribute = attribute
+        if attribute.type == "numeric":
+            init = keras.initializers.RandomNormal(stddev=stddev, seed=seed)
+            self.table = keras.layers.Embedding(
+                len(attribute.boundaries) + 2, dim, embeddings_initializer=init, name="buckets"
+            )
+        else:
+            self.table = HashedBagEmbedding(buckets, dim, stddev, seed, name="hashed")
+
+    def build(self, input_shape: Any = None) -> None:
+        self.table.build()
+        self.built = True
+
+    def bucket(self, values: tf.Tensor) -> tf.Tensor:
+        """numeric [B] -> int32 [B]: 0 for NaN, else 1 + the ``Bucketize`` index."""
+        values = tf.cast(values, tf.float32)
+        edges = [float(edge) for edge in self.attribute.boundaries]
+        index = tf.raw_ops.Bucketize(input=values, boundaries=edges) + 1
+        return tf.where(tf.math.is_nan(values), tf.zeros_like(index), index)
+
+    def call(self, values: tf.Tensor) -> tf.Tensor:
+        kind = self.attribute.type
+        if kind == "numeric":
+            return self.table(self.bucket(tf.reshape(values, [-1])))
+        if kind == "categorical":
+            return self.table(tf.reshape(values, [-1, 1]))
+        return self.table(values[:, : self.attribute.max_tokens])
 
 
 class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type hints
@@ -33,28 +81,50 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
 
     def __init__(self, catalog: ItemCatalog, config: ModelConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if catalog.attributes != config.attributes.item:
+            raise DatasetError(
+                f"the catalog's item attributes {[a.name for a in catalog.attributes]} are not the model's "
+                f"{[a.name for a in config.attributes.item]}; build the catalog with the model's schema"
+            )
         self.config = config
         self._catalog = catalog
         d, seed, std = config.embedding_dim, config.seed, config.init_stddev
         self.item_ids_embedding = HashedBagEmbedding(config.item_id_buckets, d, std, seed + 1, name="item_id")
         self.user_ids_embedding = HashedBagEmbedding(config.user_id_buckets, d, std, seed + 2, name="user_id")
-        self.profile_embeddings = [
-            HashedBagEmbedding(config.profile_buckets, config.profile_dim, std, seed + 10 + i, name=f"profile_{name}")
-            for i, name in enumerate(contracts.USER_PROFILE_FEATURES)
+        buckets = config.attribute_buckets
+        self.user_attribute_embeddings = [
+            AttributeEmbedding(a, buckets, config.profile_dim, std, seed + 10 + i, name=f"user_attr_{a.name}")
+            for i, a in enumerate(config.attributes.user)
         ]
-        self.genre_embedding = HashedBagEmbedding(
-            config.genre_buckets, config.content_dim, std, seed + 3, name="genres"
-        )
-        year_init = keras.initializers.RandomNormal(stddev=std, seed=seed + 4)
-        self.year_embedding = keras.layers.Embedding(
-            config.year_buckets, config.content_dim, embeddings_initializer=year_init, name="year"
-        )
+        self.item_attribute_embeddings = [
+            AttributeEmbedding(a, buckets, config.content_dim, std, seed + 500 + i, name=f"item_attr_{a.name}")
+            for i, a in enumerate(config.attributes.item)
+        ]
         glorot = keras.initializers.GlorotUniform
         self.user_projection = keras.layers.Dense(d, kernel_initializer=glorot(seed + 5), name="user_projection")
         self.item_projection = keras.layers.Dense(d, kernel_initializer=glorot(seed + 6), name="item_projection")
         # One logit per recent-items slot (newest first); zeros: the plain mean to start from.
         self.recent_position_logits = keras.layers.Embedding(
             contracts.RECENT_ITEMS_MAX, 1, embeddings_initializer="zeros", name="recent_position"
+        )
+
+    @property
+    def schema(self) -> AttributeSchema:
+        return self.config.attributes
+
+    def _uses_user_attributes(self) -> bool:
+        return self.config.use_profile and bool(self.user_attribute_embeddings)
+
+    def _uses_item_attributes(self) -> bool:
+        return self.config.use_item_content and bool(self.item_attribute_embeddings)
+
+    def _uses_item_id(self) -> bool:
+        return self.config.use_item_id or not self._uses_item_attributes()
+
+    def _uses_counts(self) -> bool:
+        cfg = self.config
+        return cfg.use_counts or not (
+            cfg.use_user_id or self._uses_user_attributes() or cfg.use_recent_items or cfg.use_last_item
         )
 
     def build(self, input_shape: Any = None) -> None:
@@ -64,23 +134,23 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
         if cfg.use_user_id:
             self.user_ids_embedding.build()
             user_width += cfg.embedding_dim
-        if cfg.use_profile:
-            for layer in self.profile_embeddings:
+        if self._uses_user_attributes():
+            for layer in self.user_attribute_embeddings:
                 layer.build()
-            user_width += cfg.profile_dim * len(self.profile_embeddings)
-        if cfg.use_recent_items or cfg.use_last_item or cfg.use_item_id or not cfg.use_item_content:
+            user_width += cfg.profile_dim * len(self.user_attribute_embeddings)
+        if cfg.use_recent_items or cfg.use_last_item or self._uses_item_id():
             self.item_ids_embedding.build()
         if cfg.use_recent_items and cfg.use_position_weights:
             self.recent_position_logits.build()
         user_width += cfg.embedding_dim * (int(cfg.use_recent_items) + int(cfg.use_last_item))
-        if cfg.use_counts or user_width == 0:
-            user_width += len(contracts.USER_COUNT_INPUTS)
-        if cfg.use_item_id or not cfg.use_item_content:
+        if self._uses_counts():
+            user_width += len(count_columns(self.schema))
+        if self._uses_item_id():
             item_width += cfg.embedding_dim
-        if cfg.use_item_content:
-            self.genre_embedding.build()
-            self.year_embedding.build()
-            item_width += 2 * cfg.content_dim
+        if self._uses_item_attributes():
+            for layer in self.item_attribute_embeddings:
+                layer.build()
+            item_width += cfg.content_dim * len(self.item_attribute_embeddings)
         self.user_projection.build((None, user_width))
         self.item_projection.build((None, item_width))
         self.built = True
@@ -92,10 +162,12 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
     @catalog.setter
     def catalog(self, catalog: ItemCatalog) -> None:
         """Swap the ranked catalog (e.g. new items from the stream); weights are unchanged."""
+        if catalog.attributes != self._catalog.attributes:
+            raise DatasetError("the new catalog declares other item attributes than the model was built with")
         self._catalog = catalog
 
     def user_tower(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Raw user inputs (recommend signature names) -> [B, d] unit vectors.
+        """Raw user inputs (``user_model_inputs(schema)`` names) -> [B, d] unit vectors.
 
         Disabled parts (``ModelConfig.use_*``) are not computed at all, and their weights never created.
         """
@@ -103,15 +175,14 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
         parts = []
         if cfg.use_user_id:
             parts.append(self.user_ids_embedding(tf.reshape(features["user_id"], [-1, 1])))
-        if cfg.use_profile:
-            for name, layer in zip(contracts.USER_PROFILE_FEATURES, self.profile_embeddings, strict=True):
-                parts.append(layer(tf.reshape(features[name], [-1, 1])))
+        if self._uses_user_attributes():
+            parts += [layer(features[layer.attribute.name]) for layer in self.user_attribute_embeddings]
         if cfg.use_recent_items:
             parts.append(self._recent_items(features["recent_items"]))
         if cfg.use_last_item:  # recent_items is newest first
             parts.append(self.item_ids_embedding(features["recent_items"][:, : cfg.last_items]))
-        if cfg.use_counts or not parts:
-            counts = [tf.math.log1p(tf.cast(features[name], tf.float32)) for name in contracts.USER_COUNT_INPUTS]
+        if self._uses_counts():
+            counts = [tf.math.log1p(tf.cast(features[name], tf.float32)) for name in count_columns(self.schema)]
             parts.append(tf.stack(counts, axis=-1))
         return tf.math.l2_normalize(self.user_projection(tf.concat(parts, axis=-1)), axis=-1)
 
@@ -125,23 +196,20 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
         total = tf.reduce_sum(self.item_ids_embedding.rows(ids) * weights[..., tf.newaxis], axis=-2)
         return total / tf.maximum(tf.reduce_sum(weights, axis=-1, keepdims=True), 1e-9)
 
-    def item_tower(self, item_ids: tf.Tensor, genres: tf.Tensor, release_year: tf.Tensor) -> tf.Tensor:
-        """item ids [N], genres [N, G] ("" padded), release years [N] (-1 unknown) -> [N, d] unit vectors."""
-        cfg = self.config
+    def item_tower(self, item_ids: tf.Tensor, values: dict[str, tf.Tensor]) -> tf.Tensor:
+        """item ids [N] and each item attribute's values (``catalog.item_arrays``) -> [N, d] unit vectors."""
         parts = []
-        if cfg.use_item_id or not cfg.use_item_content:
+        if self._uses_item_id():
             parts.append(self.item_ids_embedding(tf.reshape(item_ids, [-1, 1])))
-        if cfg.use_item_content:
-            parts.append(self.genre_embedding(genres))
-            year = tf.cast(release_year, tf.int64)
-            bucket = tf.clip_by_value((year - cfg.year_min) // cfg.year_bucket_width, 0, cfg.year_buckets - 2) + 1
-            parts.append(self.year_embedding(tf.where(year < 0, tf.zeros_like(bucket), bucket)))
+        if self._uses_item_attributes():
+            parts += [layer(values[layer.attribute.name]) for layer in self.item_attribute_embeddings]
         return tf.math.l2_normalize(self.item_projection(tf.concat(parts, axis=-1)), axis=-1)
 
     def call(self, inputs: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """A training batch: user inputs, ``item_id`` and the item's values under ``item.<name>``."""
         users = self.user_tower(inputs)
-        items = self.item_tower(inputs["item_id"], inputs["item_genres"], inputs["item_release_year"])
-        return users, items
+        values = {a.name: inputs[ITEM_INPUT_PREFIX + a.name] for a in self.schema.item if self._uses_item_attributes()}
+        return users, self.item_tower(inputs["item_id"], values)
 
 
 def build_model(catalog: ItemCatalog, config: ModelConfig | None = None) -> TwoTowerModel:

@@ -1,7 +1,10 @@
 """``ModelConfig``: the two-tower model's shape, features and training hyperparameters.
 
-Saved with every exported version (``assets.extra/model_config.json``), so a version is rebuilt
-exactly as it was trained (:meth:`ModelConfig.from_json`).
+It carries the dataset's :class:`~streamrec.core.attributes.AttributeSchema` (``attributes``): the
+towers are built from the declared attributes, so the schema is part of what a model *is*. Saved
+with every exported version (``assets.extra/model_config.json``), so a version is rebuilt exactly
+as it was trained (:meth:`ModelConfig.from_json`); a version exported before the schema existed
+(issue 20) cannot be resumed and says so.
 See docs/design/trainer.md#how-the-model-defaults-were-chosen.
 """
 
@@ -12,25 +15,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema
+from streamrec.core.errors import DatasetError
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Table sizes, which features each tower uses, the loss and the optimizer's settings."""
 
+    # The declared user and item attributes (and event kinds) the towers read.
+    attributes: AttributeSchema = AttributeSchema()
     embedding_dim: int = 64
     item_id_buckets: int = 32_768
     user_id_buckets: int = 32_768
-    profile_buckets: int = 1_024  # per profile feature (age bucket, gender, occupation, zip prefix)
-    profile_dim: int = 16
-    genre_buckets: int = 128
-    max_genres: int = 8
-    content_dim: int = 16
-    year_min: int = 1900
-    year_bucket_width: int = 5
-    year_buckets: int = 32
+    # Hash buckets of each categorical / multi-categorical attribute's table.
+    attribute_buckets: int = 1_024
+    profile_dim: int = 16  # embedding size of each user attribute
+    content_dim: int = 16  # embedding size of each item attribute
     use_user_id: bool = True
-    use_profile: bool = True
+    use_profile: bool = True  # the declared user attributes
     use_recent_items: bool = True
     # The newest recent items' own embeddings beside the mean of all of them: the user's last
     # steps, which the mean blurs (ml-100k users rate in bursts, one title leading to the next).
@@ -41,7 +44,7 @@ class ModelConfig:
     use_position_weights: bool = True
     use_counts: bool = True
     use_item_id: bool = True
-    use_item_content: bool = True
+    use_item_content: bool = True  # the declared item attributes
     init_stddev: float = 0.05
     # Adam updates only the embedding rows a batch touched (``optimizer.LazyAdam``); False: Keras'
     # dense Adam, which rewrites whole 32k-row tables and their moments every step.
@@ -68,13 +71,24 @@ class ModelConfig:
                 f"a user has), got {self.last_items}"
             )
 
+    @property
+    def schema(self) -> AttributeSchema:
+        return self.attributes
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        values["attributes"] = self.attributes.model_dump(mode="json")
+        return values
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ModelConfig:
+        """The config saved by :meth:`to_json`; one saved before issue 20 (no ``attributes``) is refused."""
+        if "attributes" not in payload:
+            raise DatasetError(
+                "this model version was exported before the towers were built from the dataset's declared "
+                "attributes (issue 20) and cannot be resumed; retrain with `streamrec train --until ...`"
+            )
         known = {field.name for field in dataclasses.fields(cls)}
-        # A model saved before ``use_last_item``, ``last_items`` or ``use_position_weights`` existed
-        # was built without them (a last-item slot of one item): restore it that way.
-        values = {"use_last_item": False, "last_items": 1, "use_position_weights": False, **payload}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        values = {key: value for key, value in payload.items() if key in known}
+        values["attributes"] = AttributeSchema.model_validate(payload["attributes"])
+        return cls(**values)

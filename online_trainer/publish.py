@@ -195,7 +195,7 @@ def publish_candidate(
         if fault is not None:
             fault("staged")  # a crash here leaves the staged dir for recover() to delete, like a real one
         try:
-            check_export(gate, staged, holdout, len(candidate.catalog))
+            check_export(gate, staged, holdout, len(candidate.catalog), candidate.schema)
         except BaseException:
             writer.discard(staged)
             raise

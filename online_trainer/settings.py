@@ -16,15 +16,23 @@ See docs/design/trainer.md#trainer-settings.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from features.settings import FeaturesSettings
 from serving.settings import ServingSettings
 from streamrec.core import contracts
+from streamrec.core.events import InteractionKind
 from streamrec.core.settings import CommonSettings
+
+
+def _known_kinds(kinds: Iterable[str]) -> None:
+    unknown = sorted(set(kinds) - set(get_args(InteractionKind)))
+    if unknown:
+        raise ValueError(f"unknown event kind(s) {unknown}; streamrec's kinds are {list(get_args(InteractionKind))}")
 
 
 class TrainerTuning(BaseModel):
@@ -39,6 +47,14 @@ class TrainerTuning(BaseModel):
     # Where a group without committed offsets starts. ``earliest`` loses nothing: events the
     # bootstrap model was already trained on (event time <= its ``--until``) are skipped.
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    # -- what is learned ----------------------------------------------------------------------
+    # Event kinds that become training examples (None: every kind). Every event still moves the
+    # user's recent items and counts; e.g. ["add_to_cart", "purchase"] learns from intent only.
+    positive_kinds: tuple[str, ...] | None = None
+    # Loss weight of an example by its kind (1.0 for a kind not named), e.g. {"purchase": 4.0}: a
+    # purchase counts four times a view. Weights multiply each example's loss term.
+    kind_weights: dict[str, float] = Field(default_factory=dict)
 
     # -- the online loop ----------------------------------------------------------------------
     # Seconds between candidates. An interaction waits for the interval to end, then for the
@@ -88,6 +104,27 @@ class TrainerTuning(BaseModel):
     # -- observability ------------------------------------------------------------------------
     tensorboard_dir: Path | None = None
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="0: no /metrics endpoint")
+
+    @field_validator("positive_kinds")
+    @classmethod
+    def _some_positive_kind(cls, kinds: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if kinds is not None and not kinds:
+            raise ValueError("positive_kinds is empty, so nothing would be learned; unset it to learn every kind")
+        _known_kinds(kinds or ())
+        return kinds
+
+    @field_validator("kind_weights")
+    @classmethod
+    def _finite_weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        _known_kinds(weights)
+        bad = {kind: weight for kind, weight in weights.items() if not 0.0 <= weight < float("inf")}
+        if bad:
+            raise ValueError(f"kind_weights must be finite and >= 0, got {bad}")
+        return weights
+
+    def learns(self, kind: str) -> bool:
+        """Whether an event of ``kind`` becomes a training example."""
+        return self.positive_kinds is None or kind in self.positive_kinds
 
 
 class TrainerSettings(FeaturesSettings, ServingSettings):

@@ -2,7 +2,8 @@
 
 The optimizer state lives on the model and the traced training step is kept on it, so calling
 :func:`train` again (an epoch, or the next interval's fine-tune) continues one run without tracing
-again. The loss is the config's (:mod:`online_trainer.losses`).
+again. The loss is the config's (:mod:`online_trainer.losses`), each example weighted by its event
+kind (``kind_weights``, the trainer's setting; ``examples.example_weights``).
 See docs/design/trainer.md#training-step-tracing-and-reuse.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,13 +19,16 @@ import pandas as pd
 import tensorflow as tf
 from tqdm import tqdm
 
-from online_trainer.catalog import catalog_arrays, item_arrays, user_arrays
+from online_trainer.catalog import catalog_arrays, item_arrays
+from online_trainer.examples import example_weights, user_arrays
 from online_trainer.losses import full_catalog_loss, in_batch_softmax_loss
-from online_trainer.model import TwoTowerModel
+from online_trainer.model import ITEM_INPUT_PREFIX, TwoTowerModel
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
 
 
-def trace_train_step(model: TwoTowerModel, examples: pd.DataFrame) -> None:
+def trace_train_step(
+    model: TwoTowerModel, examples: pd.DataFrame, *, kind_weights: Mapping[str, float] | None = None
+) -> None:
     """Trace ``model``'s training step now, leaving its weights and optimizer state as they were.
 
     Why: a model object pays seconds of tracing the first time it trains. The online trainer
@@ -35,20 +40,22 @@ def trace_train_step(model: TwoTowerModel, examples: pd.DataFrame) -> None:
     if examples.empty:
         return
     weights, state = weights_by_path(model), optimizer_state(model)
-    train(model, examples, epochs=1, progress=False)
+    train(model, examples, epochs=1, progress=False, kind_weights=kind_weights)
     assign_weights(model, weights)
     assign_optimizer_state(model, state)
 
 
-def _training_arrays(model: TwoTowerModel, examples: pd.DataFrame) -> dict[str, np.ndarray]:
+def _training_arrays(
+    model: TwoTowerModel, examples: pd.DataFrame, kind_weights: Mapping[str, float] | None
+) -> dict[str, np.ndarray]:
     if examples.empty:
         raise ValueError("train: the example frame is empty; nothing to learn from")
-    arrays = user_arrays(examples)
+    arrays = user_arrays(examples, model.schema)
     item_ids = examples["item_id"].astype(str).to_numpy(dtype=object)
     n_items = len(item_ids)
-    arrays["item_id"], arrays["item_genres"], arrays["item_release_year"] = item_arrays(
-        model.catalog, model.config.max_genres, item_ids
-    )
+    arrays["item_id"], values = item_arrays(model.catalog, item_ids)
+    arrays.update({ITEM_INPUT_PREFIX + name: column for name, column in values.items()})
+    arrays["weight"] = example_weights(examples, kind_weights)
     # logQ: in-batch candidates are drawn with the item's frequency in this training set.
     frequency = pd.Series(item_ids).map(pd.Series(item_ids).value_counts(normalize=True))
     arrays["log_q"] = np.log(frequency.to_numpy(dtype=np.float32))
@@ -64,12 +71,16 @@ def _train_step(model: TwoTowerModel) -> Any:
     cfg = model.config
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
-    def train_step(batch: dict[str, tf.Tensor], catalog: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    def train_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...]) -> tf.Tensor:
         with tf.GradientTape() as tape:
             if cfg.full_catalog:
                 users = model.user_tower(batch)
                 loss = full_catalog_loss(
-                    users, model.item_tower(*catalog), batch["catalog_row"], temperature=cfg.temperature
+                    users,
+                    model.item_tower(*catalog),
+                    batch["catalog_row"],
+                    temperature=cfg.temperature,
+                    weights=batch["weight"],
                 )
             else:
                 users, items = model(batch)
@@ -79,6 +90,7 @@ def _train_step(model: TwoTowerModel) -> Any:
                     temperature=cfg.temperature,
                     candidate_log_q=batch["log_q"] if cfg.logq_correction else None,
                     candidate_ids=batch["item_id"] if cfg.remove_accidental_hits else None,
+                    weights=batch["weight"],
                 )
         variables = model.trainable_variables
         model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
@@ -89,14 +101,20 @@ def _train_step(model: TwoTowerModel) -> Any:
 
 
 def train(
-    model: TwoTowerModel, examples: pd.DataFrame, *, epochs: int | None = None, progress: bool = True
+    model: TwoTowerModel,
+    examples: pd.DataFrame,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Fit on the example frame (``catalog.EXAMPLE_COLUMNS``); returns final loss and examples/s.
+    """Fit on the example frame (``examples.example_columns``); returns final loss and examples/s.
 
+    ``kind_weights``: each example's loss weight by its ``kind`` (1.0 for a kind not named).
     Optimizer state lives on the model, so calling ``train`` once per epoch continues the same run.
     """
     epochs = model.config.epochs if epochs is None else epochs
-    arrays = _training_arrays(model, examples)
+    arrays = _training_arrays(model, examples, kind_weights)
     n = len(examples)
     # A new order per epoch (seeded by the step count), reproducible across restarts. Shuffled here
     # by index, not with ``Dataset.shuffle(n)``, which copies every string tensor through its buffer.
@@ -109,8 +127,10 @@ def train(
 
     step = _train_step(model)
     # The catalog is an argument, not a captured constant: it can grow between calls (new items).
-    catalog_parts = catalog_arrays(model.catalog, model.config.max_genres) if model.config.full_catalog else ()
-    catalog = tuple(tf.constant(part) for part in catalog_parts)
+    catalog: tuple[Any, ...] = ()
+    if model.config.full_catalog:
+        ids, values = catalog_arrays(model.catalog)
+        catalog = (tf.constant(ids), {name: tf.constant(column) for name, column in values.items()})
     steps_per_epoch = math.ceil(n / model.config.batch_size)
     losses: list[float] = []
     started = time.perf_counter()

@@ -29,15 +29,22 @@ loaded into the model at export, and refreshed by the API in memory).
 
 Model (SavedModel, ``online_trainer/`` exports, ``serving/`` serves)
 ===================================================================
-One model name, ``MODEL_NAME``, with two signatures besides ``serving_default`` (= recommend):
+One model name, ``MODEL_NAME``, with three signatures besides ``serving_default`` (= recommend).
+The user inputs follow the dataset's attribute schema: exactly
+``streamrec.core.attributes.user_model_inputs(schema)`` (``user_id`` string [B]; ``recent_items``
+string [B, RECENT_ITEMS_MAX] padded with ""; ``count_1h``, ``count_24h`` and each counted kind's
+counts int64 [B]; one input per user attribute, named as the attribute: string [B] ("" unknown),
+string [B, M] "" padded, or float32 [B] (NaN unknown)).
 
-``recommend`` inputs (batch dimension B):
-  ``user_id`` string [B]; ``age_bucket``, ``gender``, ``occupation``, ``zip_prefix`` string [B]
-  ("" when unknown); ``recent_items`` string [B, RECENT_ITEMS_MAX] padded with "";
-  ``count_1h``, ``count_24h`` int64 [B]; ``exclude_items`` string [B, E] padded with "" (any E >= 1).
+``recommend`` inputs (batch dimension B): the user inputs plus ``exclude_items`` string [B, E]
+  padded with "" (any E >= 1).
 ``recommend`` outputs: ``item_ids`` string [B, TOP_K_EXPORTED], ``scores`` float32 [B, TOP_K_EXPORTED],
   best first, never containing an excluded id.
-``score`` inputs: the user inputs above plus ``item_ids`` string [B, N]; output ``scores`` float32 [B, N].
+``score`` inputs: the user inputs plus ``item_ids`` string [B, N]; output ``scores`` float32 [B, N].
+``similar`` (``SIMILAR_SIGNATURE``) inputs: ``item_id`` string [B], ``exclude_items`` string [B, E];
+  outputs ``item_ids`` string [B, TOP_K_EXPORTED] and ``scores`` float32 [B, TOP_K_EXPORTED]: the
+  cosine of the catalog's item-tower vectors / temperature, best first, never the item itself nor
+  an excluded id; an item not in the catalog gets all ids "" and scores float32 min (the padding score).
 
 Version labels: ``stable`` and ``canary`` (TF Serving's ``version_labels``).
 """
@@ -74,6 +81,7 @@ WINDOWS_S: Final = {"count_1h": 3600, "count_24h": 24 * 3600}
 MODEL_NAME: Final = "streamrec"
 RECOMMEND_SIGNATURE: Final = "recommend"
 SCORE_SIGNATURE: Final = "score"
+SIMILAR_SIGNATURE: Final = "similar"
 TOP_K_EXPORTED: Final = 100
 USER_STRING_INPUTS: Final = ("user_id", "age_bucket", "gender", "occupation", "zip_prefix")
 USER_COUNT_INPUTS: Final = ("count_1h", "count_24h")

@@ -7,8 +7,9 @@
   replays exactly the uncommitted records into the same version number;
 * a diverged (NaN) fine-tune is rejected: no version directory, the model server unchanged.
 
-One tiny model is bootstrapped per module (from the first ml-100k events, through Feast) and
-copied into each test's own state directory.
+One tiny model is bootstrapped per module (from the first ml-100k events, through Feast set up
+with ``streamrec features setup --dataset ml-100k``'s code, so the towers read its declared
+attributes) and copied into each test's own state directory.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from features.settings import FeatureStoreTuning
 from online_trainer import export
 from online_trainer import finetune as finetune_module
 from online_trainer.bootstrap import BootstrapResult, bootstrap
-from online_trainer.catalog import user_arrays
 from online_trainer.dataset import build_examples
+from online_trainer.examples import user_arrays
 from online_trainer.inference import recommend
 from online_trainer.loop import OnlineTrainer
 from online_trainer.model import TwoTowerModel
@@ -40,6 +41,7 @@ from online_trainer.settings import TrainerSettings, TrainerTuning
 from serving.model_client import ModelServerClient
 from serving.settings import ModelServerSection
 from streamrec.core import contracts
+from streamrec.core.attributes import read_schema
 from streamrec.core.events import Interaction
 from streamrec.core.settings import CommonSettings, PathSettings
 from streamrec.datasets.movielens import load_interactions
@@ -55,9 +57,8 @@ TINY = ModelConfig(
     embedding_dim=16,
     item_id_buckets=4096,
     user_id_buckets=2048,
-    profile_buckets=64,
+    attribute_buckets=64,
     profile_dim=4,
-    genre_buckets=32,
     content_dim=4,
     batch_size=256,
     epochs=2,
@@ -74,10 +75,7 @@ def feast_tuning(
     data_dir = Path(tmp_path_factory.mktemp("trainer_feast"))
     tuning = FeatureStoreTuning(data_dir=data_dir, project=f"t{uuid.uuid4().hex[:10]}")
     settings = TrainerSettings(redis=stack_settings.redis, paths=PathSettings(state_dir=data_dir), features=tuning)
-    store = feature_store.open_store(settings)
-    feature_store.write_profiles(settings)
-    feature_store.apply(store)
-    feature_store.materialize_profiles(store)
+    feature_store.setup(settings, "ml-100k")
     return tuning
 
 
@@ -240,7 +238,9 @@ def test_a_feature_written_after_an_example_is_never_in_it(
             "event_time": pd.to_datetime(list(at.values()), utc=True),
         }
     )
-    examples, info = build_examples(store, interactions, min_coverage=0.0)
+    schema = read_schema(feast_tuning.data_dir)
+    assert [attribute.name for attribute in schema.user] == ["age", "gender", "occupation", "zip_prefix"]
+    examples, info = build_examples(store, interactions, min_coverage=0.0, schema=schema)
     assert info.features_source == "feast"
     seen = dict(zip(at, zip(examples["recent_items"], examples["count_1h"], strict=True), strict=True))
     assert seen == {
@@ -253,7 +253,7 @@ def test_a_feature_written_after_an_example_is_never_in_it(
     }
     # without enough offline rows the builder says it fell back to the interaction log
     other = interactions.assign(user_id="never-pushed")
-    fallback, fallback_info = build_examples(store, other, min_coverage=0.5)
+    fallback, fallback_info = build_examples(store, other, min_coverage=0.5, schema=schema)
     assert fallback_info.features_source == "interaction_log" and "recomputed" in fallback_info.note
     assert fallback["recent_items"].tolist()[-1] == ["x"]
 
@@ -266,6 +266,7 @@ def test_bootstrap_exports_version_one_with_its_lineage(template: tuple[Path, Bo
     assert lineage["dataset"]["features_source"] == "interaction_log"  # nothing was pushed offline
     assert lineage["dataset"]["rows"] == BOOTSTRAP_EVENTS and lineage["gate"]["passed"] is True
     assert lineage["bootstrap_until"] == result.dataset.data_end
+    assert lineage["model_config"]["attributes"]["user"][0]["name"] == "age"  # ml-100k's declared attributes
 
 
 # -- the online loop -------------------------------------------------------------------------
@@ -276,8 +277,7 @@ def _focus(template: tuple[Path, BootstrapResult], history: pd.DataFrame) -> tup
     state_dir, _ = template
     model = export.load_for_finetune(state_dir / "models" / contracts.MODEL_NAME / "1")
     user = str(history["user_id"].value_counts().index[0])
-    row = pd.DataFrame({name: [""] for name in contracts.USER_STRING_INPUTS}).assign(user_id=user)
-    ids, _ = recommend(model, row, k=400)
+    ids, _ = recommend(model, pd.DataFrame({"user_id": [user]}), k=400)
     return user, [str(item) for item in ids[0][300:303]]
 
 
@@ -327,9 +327,7 @@ def test_one_interval_publishes_a_canary_that_learned_the_new_interactions(
     # the user's inputs after the stream, asked of both versions through the model server
     recent, counts = trainer.histories.snapshot(user)
     request = pd.DataFrame([{"user_id": user, "recent_items": recent, **counts}])
-    for name in contracts.USER_PROFILE_FEATURES:
-        request[name] = ""
-    inputs = user_arrays(request)
+    inputs = user_arrays(request, read_schema(feast_tuning.data_dir))  # attributes unknown
     inputs["exclude_items"] = np.array([[""]], dtype=object)
     asker = ModelServerClient(served.target, timeout_s=10.0)
     _, before = asker.predict(inputs, version=1)

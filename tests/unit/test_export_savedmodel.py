@@ -1,4 +1,8 @@
-"""SavedModel export: signatures equal to the in-memory model, warm-up records, atomic versions."""
+"""SavedModel export: signatures equal to the in-memory model, warm-up records, atomic versions.
+
+The model is built from a schema that is not MovieLens': string ids, a categorical, a numeric
+and a multi-categorical attribute on each side, and three event kinds counted on their own.
+"""
 
 from __future__ import annotations
 
@@ -15,47 +19,75 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from online_trainer import export
-from online_trainer.catalog import ItemCatalog, examples_from_interactions, user_arrays
-from online_trainer.inference import recommend, score
+from online_trainer.catalog import ItemCatalog
+from online_trainer.examples import examples_from_interactions, user_arrays
+from online_trainer.inference import PAD_SCORE, recommend, score, similar
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.training import train
 from streamrec.core import contracts
+from streamrec.core.attributes import Attribute, AttributeSchema, user_model_inputs
+from streamrec.core.errors import DatasetError
 
-GENRES = ("Action", "Comedy", "Drama", "Horror")
+SCHEMA = AttributeSchema(
+    user=(
+        Attribute(name="tier", type="categorical"),
+        Attribute(name="lifetime_spend", type="numeric", boundaries=(10.0, 100.0, 1000.0)),
+        Attribute(name="languages", type="multi_categorical", max_tokens=3),
+    ),
+    item=(
+        Attribute(name="category", type="categorical"),
+        Attribute(name="price", type="numeric", boundaries=(5.0, 20.0, 80.0)),
+        Attribute(name="tags", type="multi_categorical", max_tokens=4),
+    ),
+    event_kinds=("add_to_cart", "purchase", "view"),
+)
+CATEGORIES = ("shoes", "hats", "bags", "socks")
+
+
+def sku(n: int) -> str:
+    return f"sku-{n:04d}"
 
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[TwoTowerModel, pd.DataFrame]:
     rng = np.random.default_rng(7)
-    catalog = ItemCatalog(
-        tuple(f"m{n}" for n in range(150)),
-        tuple((GENRES[n % 4],) if n % 5 else () for n in range(150)),
-        tuple(1950 + n % 50 if n % 7 else -1 for n in range(150)),
+    items = pd.DataFrame(
+        {
+            "item_id": [sku(n) for n in range(150)],
+            "category": [CATEGORIES[n % 4] if n % 5 else "" for n in range(150)],
+            "price": [float(n % 90) if n % 7 else np.nan for n in range(150)],
+            "tags": [[f"t{n % 3}", f"t{n % 5}"] if n % 2 else [] for n in range(150)],
+        }
     )
     events = pd.DataFrame(
         {
             "event_id": [f"e{n}" for n in range(600)],
-            "user_id": [f"u{n}" for n in rng.integers(0, 40, 600)],
-            "item_id": [f"m{n}" for n in rng.zipf(1.3, 600) % 150],
+            "user_id": [f"user-{n:03d}" for n in rng.integers(0, 40, 600)],
+            "item_id": [sku(n) for n in rng.zipf(1.3, 600) % 150],
+            "kind": rng.choice(SCHEMA.event_kinds, 600),
             "event_time": pd.to_datetime(np.sort(rng.integers(0, 10**6, 600)), unit="s", utc=True),
         }
     )
     users = pd.DataFrame(
         {
-            "user_id": [f"u{n}" for n in range(40)],
-            "age_bucket": ["25-34"] * 40,
-            "gender": ["M", "F"] * 20,
-            "occupation": ["student"] * 40,
-            "zip_prefix": ["021"] * 40,
+            "user_id": [f"user-{n:03d}" for n in range(40)],
+            "tier": ["gold", "silver", ""] * 13 + ["gold"],
+            "lifetime_spend": [float(n * 37) if n % 6 else np.nan for n in range(40)],
+            "languages": [["en"], ["en", "fr"], []] * 13 + [["de"]],
         }
     )
-    examples = examples_from_interactions(events, users)
+    examples = examples_from_interactions(events, users, SCHEMA)
     config = dataclasses.replace(
-        ModelConfig(), embedding_dim=8, item_id_buckets=2048, user_id_buckets=512, batch_size=64
+        ModelConfig(attributes=SCHEMA),
+        embedding_dim=8,
+        item_id_buckets=2048,
+        user_id_buckets=512,
+        attribute_buckets=64,
+        batch_size=64,
     )
-    model = build_model(catalog, config)
-    train(model, examples, epochs=2, progress=False)
+    model = build_model(ItemCatalog.from_frame(items, SCHEMA), config)
+    train(model, examples, epochs=2, progress=False, kind_weights={"purchase": 4.0})
     return model, examples
 
 
@@ -68,7 +100,7 @@ def exported(tiny: tuple[TwoTowerModel, pd.DataFrame], tmp_path_factory: pytest.
 
 
 def _inputs(frame: pd.DataFrame) -> dict[str, tf.Tensor]:
-    return {name: tf.constant(values) for name, values in user_arrays(frame).items()}
+    return {name: tf.constant(values) for name, values in user_arrays(frame, SCHEMA).items()}
 
 
 def test_signatures_match_the_in_memory_model(tiny: tuple[TwoTowerModel, pd.DataFrame], exported: Path) -> None:
@@ -77,7 +109,7 @@ def test_signatures_match_the_in_memory_model(tiny: tuple[TwoTowerModel, pd.Data
     exclude = [list(items[:3]) for items in users["recent_items"]]
     padded = np.array([row + [""] * (3 - len(row)) for row in exclude], dtype=object)
     loaded = tf.saved_model.load(str(exported))
-    assert set(loaded.signatures) == {"recommend", "score", "serving_default"}
+    assert set(loaded.signatures) == {"recommend", "score", "similar", "serving_default"}
     served = loaded.signatures["recommend"](**_inputs(users), exclude_items=tf.constant(padded))
     ids, scores = recommend(model, users, k=contracts.TOP_K_EXPORTED, exclude=exclude)
     assert served["item_ids"].shape == (6, contracts.TOP_K_EXPORTED)
@@ -86,7 +118,7 @@ def test_signatures_match_the_in_memory_model(tiny: tuple[TwoTowerModel, pd.Data
     default = loaded.signatures["serving_default"](**_inputs(users), exclude_items=tf.constant(padded))
     assert (default["item_ids"].numpy() == served["item_ids"].numpy()).all()
 
-    pairs = np.array([["m1", "m2", "m3"]] * 6, dtype=object)
+    pairs = np.array([[sku(1), sku(2), "never-seen"]] * 6, dtype=object)
     scored = loaded.signatures["score"](**_inputs(users), item_ids=tf.constant(pairs))["scores"].numpy()
     np.testing.assert_allclose(scored, score(model, users, pairs), rtol=1e-5, atol=1e-5)
     top_scored = loaded.signatures["score"](**_inputs(users), item_ids=tf.constant(ids[:, :5]))["scores"]
@@ -97,11 +129,38 @@ def test_excluded_ids_are_never_returned(exported: Path, tiny: tuple[TwoTowerMod
     _, examples = tiny
     users = examples.head(2)
     loaded = tf.saved_model.load(str(exported))
-    everything_but_three = np.array([[f"m{n}" for n in range(147)] + ["", "unknown"]] * 2, dtype=object)
+    everything_but_three = np.array([[sku(n) for n in range(147)] + ["", "unknown"]] * 2, dtype=object)
     out = loaded.signatures["recommend"](**_inputs(users), exclude_items=tf.constant(everything_but_three))
     ids = out["item_ids"].numpy().astype(str)
-    assert sorted(ids[0][:3]) == ["m147", "m148", "m149"] and (ids[:, 3:] == "").all()
+    assert sorted(ids[0][:3]) == [sku(147), sku(148), sku(149)] and (ids[:, 3:] == "").all()
     assert not set(ids.ravel()) & set(everything_but_three.ravel()) - {""}
+
+
+def test_similar_matches_memory_and_never_returns_the_item_or_an_excluded_one(
+    exported: Path, tiny: tuple[TwoTowerModel, pd.DataFrame]
+) -> None:
+    model, _ = tiny
+    loaded = tf.saved_model.load(str(exported))
+    queries = [sku(3), sku(40), "not-in-the-catalog"]
+    exclude = [[sku(5), sku(6)], [""], [sku(3)]]
+    served = loaded.signatures["similar"](
+        item_id=tf.constant(queries), exclude_items=tf.constant([row + [""] * (2 - len(row)) for row in exclude])
+    )
+    ids, scores = served["item_ids"].numpy().astype(str), served["scores"].numpy()
+    assert ids.shape == scores.shape == (3, contracts.TOP_K_EXPORTED) and scores.dtype == np.float32
+    memory_ids, memory_scores = similar(model, queries, k=contracts.TOP_K_EXPORTED, exclude=exclude)
+    assert (ids == memory_ids).all()
+    np.testing.assert_allclose(scores, memory_scores, rtol=1e-5, atol=1e-5)
+    assert sku(3) not in ids[0] and not {sku(5), sku(6)} & set(ids[0]) and sku(40) not in ids[1]
+    assert (ids[:2] != "").all() and np.all(np.diff(scores[:2], axis=1) <= 1e-6)  # full and best first
+    assert (ids[2] == "").all() and (scores[2] == PAD_SCORE).all()  # an unknown item: padding only
+    # the scores are the cosine of item-tower vectors over the temperature
+    from online_trainer.inference import catalog_vectors
+
+    vectors = catalog_vectors(model)
+    row = model.catalog.index
+    expected = vectors[row[sku(3)]] @ vectors[row[ids[0][0]]] / model.config.temperature
+    assert scores[0][0] == pytest.approx(expected, rel=1e-4)
 
 
 def test_new_user_and_new_item_are_served(exported: Path, tiny: tuple[TwoTowerModel, pd.DataFrame]) -> None:
@@ -109,29 +168,35 @@ def test_new_user_and_new_item_are_served(exported: Path, tiny: tuple[TwoTowerMo
     stranger = pd.DataFrame(
         {
             "user_id": ["never-seen"],
-            "age_bucket": [""],
-            "gender": [""],
-            "occupation": [""],
-            "zip_prefix": [""],
-            "recent_items": [["m3", "brand-new"]],
+            "tier": [""],
+            "lifetime_spend": [np.nan],
+            "languages": [[]],
+            "recent_items": [[sku(3), "brand-new"]],
             "count_1h": [1],
             "count_24h": [2],
+            "purchase_count_24h": [1],
         }
     )
     loaded = tf.saved_model.load(str(exported))
-    out = loaded.signatures["score"](**_inputs(stranger), item_ids=tf.constant([["brand-new", "m1"]]))
+    out = loaded.signatures["score"](**_inputs(stranger), item_ids=tf.constant([["brand-new", sku(1)]]))
     assert np.isfinite(out["scores"].numpy()).all()
     ids = loaded.signatures["recommend"](**_inputs(stranger), exclude_items=tf.constant([[""]]))["item_ids"]
     assert (ids.numpy() != b"").all()
-    # a new item added to the catalog is ranked from its content at once
-    model.catalog = model.catalog.with_new_items(["brand-new"], [["Drama"]], [1990])
+    # a new item added to the catalog is ranked from its attributes at once
+    original = model.catalog
+    model.catalog = original.with_new_items(["brand-new"], [{"category": "hats", "price": 12.0, "tags": ["t1"]}])
     try:
+        assert model.catalog.attribute_row("brand-new") == {"category": "hats", "price": 12.0, "tags": ("t1",)}
         ids, scores = recommend(model, stranger, k=len(model.catalog))
         assert "brand-new" in ids[0] and np.isfinite(scores).all()
     finally:
-        model.catalog = ItemCatalog(
-            model.catalog.item_ids[:-1], model.catalog.genres[:-1], model.catalog.release_year[:-1]
-        )
+        model.catalog = original
+
+
+def test_a_catalog_of_another_schema_is_refused(tiny: tuple[TwoTowerModel, pd.DataFrame]) -> None:
+    model, _ = tiny
+    with pytest.raises(DatasetError, match="item attributes"):
+        build_model(ItemCatalog.from_items_seen(["a", "b"], AttributeSchema()), model.config)
 
 
 def test_saved_model_cli_lists_typed_signatures(exported: Path) -> None:
@@ -140,26 +205,43 @@ def test_saved_model_cli_lists_typed_signatures(exported: Path) -> None:
         [str(cli), "show", "--all", "--dir", str(exported)], capture_output=True, text=True, check=True
     )
     text = shown.stdout
-    for signature in ("'recommend'", "'score'", "'serving_default'"):
+    for signature in ("'recommend'", "'score'", "'similar'", "'serving_default'"):
         assert f"signature_def[{signature}]" in text
     assert "inputs['exclude_items'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1, -1)" in text
     assert "inputs['recent_items'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1, 20)" in text
     assert "inputs['count_1h'] tensor_info:\n        dtype: DT_INT64\n        shape: (-1)" in text
+    assert "inputs['purchase_count_24h'] tensor_info:\n        dtype: DT_INT64\n        shape: (-1)" in text
+    assert "inputs['tier'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in text
+    assert "inputs['lifetime_spend'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1)" in text
+    assert "inputs['languages'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1, -1)" in text
+    assert "inputs['item_id'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in text
     assert "outputs['item_ids'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1, 100)" in text
 
 
 def test_warmup_requests_are_prediction_logs(exported: Path) -> None:
     path = exported / "assets.extra" / "tf_serving_warmup_requests"
-    records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
-    assert records
-    for raw in records:
-        log = prediction_log_pb2.PredictionLog.FromString(raw)
+    raw_records = tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
+    records = [prediction_log_pb2.PredictionLog.FromString(raw) for raw in raw_records]
+    by_signature: dict[str, int] = {}
+    users = set(user_model_inputs(SCHEMA))
+    expected = {
+        contracts.RECOMMEND_SIGNATURE: {*users, "exclude_items"},
+        contracts.SCORE_SIGNATURE: {*users, "item_ids"},
+        contracts.SIMILAR_SIGNATURE: {"item_id", "exclude_items"},
+    }
+    for log in records:
         request = log.predict_log.request
         assert request.model_spec.name == contracts.MODEL_NAME
-        assert request.model_spec.signature_name == contracts.RECOMMEND_SIGNATURE
-        expected = {*contracts.USER_STRING_INPUTS, *contracts.USER_COUNT_INPUTS, "recent_items", "exclude_items"}
-        assert set(request.inputs) == expected
-        assert tf.make_ndarray(request.inputs["recent_items"]).shape[1] == contracts.RECENT_ITEMS_MAX
+        signature = request.model_spec.signature_name
+        by_signature[signature] = by_signature.get(signature, 0) + 1
+        assert set(request.inputs) == expected[signature]
+        if "recent_items" in request.inputs:
+            assert tf.make_ndarray(request.inputs["recent_items"]).shape[1] == contracts.RECENT_ITEMS_MAX
+            assert tf.make_ndarray(request.inputs["lifetime_spend"]).dtype == np.float32
+    assert by_signature == {"recommend": 6, "score": 1, "similar": 1}  # one batch of 5, 5 single users
+    # the schema the signatures were built from travels with the version
+    saved = AttributeSchema.from_json((exported / "assets.extra" / "attribute_schema.json").read_text())
+    assert saved == SCHEMA
 
 
 def test_lineage_and_resume(exported: Path, tiny: tuple[TwoTowerModel, pd.DataFrame]) -> None:
@@ -167,11 +249,28 @@ def test_lineage_and_resume(exported: Path, tiny: tuple[TwoTowerModel, pd.DataFr
     lineage = export.read_lineage(exported)
     assert lineage["version"] == 1 and lineage["feature_service"] == contracts.USER_FEATURE_SERVICE
     assert lineage["catalog_size"] == 150
+    assert lineage["model_config"]["attributes"]["event_kinds"] == list(SCHEMA.event_kinds)
     resumed = export.load_for_finetune(exported)
-    assert resumed.catalog == model.catalog and resumed.config == model.config
+    assert resumed.catalog == model.catalog and resumed.config == model.config and resumed.schema == SCHEMA
+    assert np.isnan(resumed.catalog.values["price"][0]) and resumed.catalog.values["tags"][1] == ("t1", "t1")
     np.testing.assert_allclose(
         recommend(resumed, examples.head(3), k=10)[1], recommend(model, examples.head(3), k=10)[1]
     )
+    assert ItemCatalog.from_json(json.loads(json.dumps(model.catalog.to_json()))) == model.catalog
+
+
+def test_a_version_from_before_declared_attributes_names_the_fix(exported: Path, tmp_path: Path) -> None:
+    import shutil
+
+    old = tmp_path / "1"
+    shutil.copytree(exported, old)
+    config_path = old / "assets.extra" / "model_config.json"
+    config = json.loads(config_path.read_text())
+    del config["attributes"]
+    config.update(profile_buckets=1024, genre_buckets=128, max_genres=8)  # what issue 19 wrote
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(DatasetError, match="retrain with `streamrec train"):
+        export.load_for_finetune(old)
 
 
 def test_crash_before_rename_leaves_no_visible_version(

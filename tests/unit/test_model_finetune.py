@@ -13,10 +13,19 @@ from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import clone_for_finetune, copy_into, optimizer_state, weights_by_path
 from online_trainer.training import train
+from streamrec.core.attributes import Attribute, AttributeSchema
 
-CATALOG = ItemCatalog(tuple(f"i{n}" for n in range(20)), tuple(("Drama",) for _ in range(20)), (1990,) * 20)
+SCHEMA = AttributeSchema(
+    user=(Attribute(name="region", type="categorical"),), item=(Attribute(name="genre", type="categorical"),)
+)
+CATALOG = ItemCatalog(tuple(f"i{n}" for n in range(20)), SCHEMA.item, {"genre": ("drama",) * 20})
 CONFIG = dataclasses.replace(
-    ModelConfig(), embedding_dim=4, item_id_buckets=256, user_id_buckets=64, profile_buckets=16, batch_size=8
+    ModelConfig(attributes=SCHEMA),
+    embedding_dim=4,
+    item_id_buckets=256,
+    user_id_buckets=64,
+    attribute_buckets=16,
+    batch_size=8,
 )
 
 
@@ -25,10 +34,7 @@ def _examples(seed: int) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "user_id": [f"u{n}" for n in rng.integers(0, 5, 64)],
-            "age_bucket": "",
-            "gender": "",
-            "occupation": "",
-            "zip_prefix": "",
+            "region": "",
             "recent_items": [[f"i{n}"] for n in rng.integers(0, 20, 64)],
             "count_1h": np.int64(1),
             "count_24h": np.int64(2),

@@ -42,6 +42,15 @@ def test_logq_correction_subtracts_log_sampling_probability_per_candidate() -> N
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
+def test_weights_multiply_each_loss_term_over_the_batch_size() -> None:
+    weights = tf.constant([4.0, 0.5])
+    row_0, row_1 = math.log1p(math.exp(-1)), math.log1p(math.exp(-2))
+    loss = in_batch_softmax_loss(QUERY, CANDIDATES, temperature=1.0, weights=weights)
+    assert float(loss) == pytest.approx((4.0 * row_0 + 0.5 * row_1) / 2, rel=1e-6)
+    ones = in_batch_softmax_loss(QUERY, CANDIDATES, temperature=1.0, weights=tf.ones([2]))
+    assert float(ones) == pytest.approx(float(in_batch_softmax_loss(QUERY, CANDIDATES, temperature=1.0)))
+
+
 def test_accidental_hits_are_not_negatives() -> None:
     same_item = tf.constant(["a", "a"])
     loss = in_batch_softmax_loss(QUERY, CANDIDATES, temperature=1.0, candidate_ids=same_item)
@@ -62,7 +71,7 @@ def test_rank_orders_excludes_and_pads() -> None:
 
 def _fixed_model() -> TwoTowerModel:
     """Id-only towers, identity projections, id embeddings set so a, b, c get known vectors."""
-    catalog = ItemCatalog(("a", "b", "c"), ((), (), ()), (-1, -1, -1))
+    catalog = ItemCatalog(("a", "b", "c"))
     config = dataclasses.replace(
         ModelConfig(),
         embedding_dim=2,
@@ -94,7 +103,7 @@ def _fixed_model() -> TwoTowerModel:
 
 def test_top_k_of_a_tiny_model_with_fixed_weights() -> None:
     model = _fixed_model()
-    user = pd.DataFrame({"user_id": ["u"], "age_bucket": [""], "gender": [""], "occupation": [""], "zip_prefix": [""]})
+    user = pd.DataFrame({"user_id": ["u"]})
     ids, scores = recommend(model, user, k=2)
     assert ids.tolist() == [["a", "b"]]
     np.testing.assert_allclose(scores, [[2.0, 1.2]], rtol=1e-6)

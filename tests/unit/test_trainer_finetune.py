@@ -14,8 +14,9 @@ import tensorflow as tf
 
 from online_trainer import checkpoint
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import ItemCatalog, empty_examples, examples_from_interactions
+from online_trainer.catalog import ItemCatalog
 from online_trainer.checkpoint import Checkpoint
+from online_trainer.examples import empty_examples, examples_from_interactions
 from online_trainer.finetune import finetune, plan_interval, training_pair
 from online_trainer.history import UserHistories
 from online_trainer.inference import recommend
@@ -24,10 +25,23 @@ from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import optimizer_state, weights_by_path
 from online_trainer.settings import TrainerTuning
+from online_trainer.training import train
+from streamrec.core.attributes import Attribute, AttributeSchema
 
+SCHEMA = AttributeSchema(item=(Attribute(name="genre", type="categorical"),))
 TINY = ModelConfig(
-    embedding_dim=8, item_id_buckets=512, user_id_buckets=128, profile_buckets=16, batch_size=32, finetune_batch_size=16
+    attributes=SCHEMA,
+    embedding_dim=8,
+    item_id_buckets=512,
+    user_id_buckets=128,
+    attribute_buckets=16,
+    batch_size=32,
+    finetune_batch_size=16,
 )
+
+
+def _catalog(n: int) -> ItemCatalog:
+    return ItemCatalog(tuple(str(i) for i in range(n)), SCHEMA.item, {"genre": ("drama",) * n})
 
 
 def _examples(n: int, *, first: int) -> pd.DataFrame:
@@ -41,7 +55,7 @@ def _examples(n: int, *, first: int) -> pd.DataFrame:
             "event_time": pd.to_datetime(1_000_000 + (first + np.arange(n)) * 60, unit="s", utc=True),
         }
     )
-    return examples_from_interactions(interactions, users=None)
+    return examples_from_interactions(interactions, None, SCHEMA)
 
 
 def _ids(frame: pd.DataFrame) -> list[int]:
@@ -52,7 +66,7 @@ def test_every_new_example_is_learned_once_and_the_holdout_one_interval_late() -
     tuning = TrainerTuning(holdout_size=10, replay_fraction=0.5)
     replay = ReplayBuffer(1_000)
     replay.add(_examples(100, first=0))  # the bootstrap's rows
-    deferred = empty_examples()
+    deferred = empty_examples(SCHEMA)
     learned: list[int] = []
     for step, first in enumerate(range(100, 400, 100)):
         interval = _examples(100, first=first)
@@ -74,21 +88,21 @@ def test_a_tiny_interval_keeps_a_holdout_from_the_replay_buffer() -> None:
     tuning = TrainerTuning(holdout_size=10)
     replay = ReplayBuffer(1_000)
     replay.add(_examples(50, first=0))
-    plan = plan_interval(_examples(3, first=50), deferred=empty_examples(), replay=replay, tuning=tuning, seed=0)
+    plan = plan_interval(_examples(3, first=50), deferred=empty_examples(SCHEMA), replay=replay, tuning=tuning, seed=0)
     assert _ids(plan.fresh) == [50, 51, 52] and plan.deferred.empty
     assert _ids(plan.holdout) == list(range(40, 50))  # the newest replayed rows
 
 
 def test_finetune_trains_a_copy_on_the_mix(tmp_path: Path) -> None:
     items = [str(i) for i in range(60)]
-    catalog = ItemCatalog(tuple(items[:50]), tuple(("Drama",) for _ in range(50)), (1990,) * 50)
+    catalog = _catalog(50)
     model = build_model(catalog, dataclasses.replace(TINY, full_catalog=False))  # an in-batch bootstrap
     tuning = TrainerTuning(holdout_size=5, finetune_epochs=2)
     replay = ReplayBuffer(100)
     replay.add(_examples(50, first=0))
-    plan = plan_interval(_examples(10, first=50), deferred=empty_examples(), replay=replay, tuning=tuning, seed=0)
+    plan = plan_interval(_examples(10, first=50), deferred=empty_examples(SCHEMA), replay=replay, tuning=tuning, seed=0)
     before = recommend(model, plan.holdout, k=5)[1]
-    grown = catalog.with_new_items(items[50:], [["Comedy"]] * 10, [1995] * 10)
+    grown = catalog.with_new_items(items[50:], [{"genre": "comedy"}] * 10)
     candidate, stats = finetune(model, plan, tuning, catalog=grown)
     assert candidate is not model and len(candidate.catalog) == 60 and len(model.catalog) == 50
     assert candidate.config.full_catalog and not model.config.full_catalog  # trainer.finetune_loss default
@@ -111,7 +125,7 @@ def test_finetune_trains_a_copy_on_the_mix(tmp_path: Path) -> None:
 
 
 def test_training_pair_traces_both_objects_before_the_first_interval() -> None:
-    catalog = ItemCatalog(tuple(str(i) for i in range(60)), tuple(("Drama",) for _ in range(60)), (1990,) * 60)
+    catalog = _catalog(60)
     loaded = build_model(catalog, dataclasses.replace(TINY, full_catalog=False))  # as load_for_finetune gives it
     tuning = TrainerTuning(holdout_size=5)
     replay = ReplayBuffer(100)
@@ -127,7 +141,7 @@ def test_training_pair_traces_both_objects_before_the_first_interval() -> None:
         for saved, now in zip(optimizer_state(loaded), optimizer_state(model), strict=True):
             np.testing.assert_array_equal(saved, now)
     # two intervals, alternating as the trainer does: both objects are reused and none traces again
-    plan = plan_interval(_examples(30, first=50), deferred=empty_examples(), replay=replay, tuning=tuning, seed=0)
+    plan = plan_interval(_examples(30, first=50), deferred=empty_examples(SCHEMA), replay=replay, tuning=tuning, seed=0)
     first, _ = finetune(serving, plan, tuning, reuse=spare)
     second, _ = finetune(first, plan, tuning, reuse=serving)
     assert first is spare and second is serving
@@ -141,3 +155,26 @@ def test_full_catalog_loss_matches_hand_computation() -> None:
     # row 0: -log(e / (e + 2)); row 1: -log(e^2 / (e^2 + 2)); row 2 (not in the catalog) is left out
     expected = (math.log1p(2 * math.exp(-1)) + math.log1p(2 * math.exp(-2))) / 2
     assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_full_catalog_loss_weights_each_row() -> None:
+    query = tf.constant([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    catalog = tf.constant([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    rows = tf.constant([0, 1, -1], dtype=tf.int64)
+    weights = tf.constant([3.0, 0.0, 5.0])  # the row not in the catalog stays out, whatever its weight
+    loss = full_catalog_loss(query, catalog, rows, temperature=1.0, weights=weights)
+    assert float(loss) == pytest.approx(3 * math.log1p(2 * math.exp(-1)) / 2, rel=1e-6)
+
+
+def test_kind_weights_scale_the_loss_and_a_zero_weight_teaches_nothing() -> None:
+    examples = _examples(40, first=0).assign(kind="purchase")
+    config = dataclasses.replace(TINY, batch_size=64)  # one step: the loss is the one before any update
+    plain, weighted = build_model(_catalog(40), config), build_model(_catalog(40), config)
+    once = train(plain, examples, epochs=1, progress=False)["loss"]
+    twice = train(weighted, examples, epochs=1, progress=False, kind_weights={"purchase": 2.0, "view": 9.0})["loss"]
+    assert twice == pytest.approx(2 * once, rel=1e-5)
+    ignored = build_model(_catalog(40), config)
+    before = weights_by_path(ignored)
+    train(ignored, examples, epochs=2, progress=False, kind_weights={"purchase": 0.0})
+    for name, value in weights_by_path(ignored).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)

@@ -16,9 +16,10 @@ import pytest
 from online_trainer import checkpoint, export
 from online_trainer import publish as publish_module
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import ItemCatalog, examples_from_interactions
+from online_trainer.catalog import ItemCatalog
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.dataset import split_holdout
+from online_trainer.examples import examples_from_interactions
 from online_trainer.gate import check_export, hits, run_gate, sign_test_p, signature_problems
 from online_trainer.history import UserHistories
 from online_trainer.model import TwoTowerModel, build_model
@@ -27,17 +28,24 @@ from online_trainer.model_state import clone_for_finetune
 from online_trainer.publish import VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings, TrainerTuning
 from online_trainer.training import train
+from streamrec.core.attributes import Attribute, AttributeSchema
 from streamrec.core.settings import PathSettings
-from tests.support.tiny_model import write_tiny_model
+from tests.support.tiny_model import TINY_SCHEMA, write_tiny_model
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
+SCHEMA = AttributeSchema(
+    item=(
+        Attribute(name="genres", type="multi_categorical"),
+        Attribute(name="year", type="numeric", boundaries=(1992.0, 1995.0)),
+    )
+)
 TINY = ModelConfig(
+    attributes=SCHEMA,
     embedding_dim=8,
     item_id_buckets=512,
     user_id_buckets=256,
-    profile_buckets=16,
+    attribute_buckets=16,
     profile_dim=4,
-    genre_buckets=16,
     content_dim=4,
     batch_size=64,
     epochs=5,
@@ -51,9 +59,10 @@ def tiny_catalog() -> ItemCatalog:
             {
                 "item_id": [str(i) for i in range(40)],
                 "genres": [[GENRES[i % 4]] for i in range(40)],
-                "release_year": [1990 + i % 10 for i in range(40)],
+                "year": [1990 + i % 10 for i in range(40)],
             }
-        )
+        ),
+        SCHEMA,
     )
 
 
@@ -74,7 +83,7 @@ def tiny_interactions(n: int = 900, seed: int = 0) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[TwoTowerModel, pd.DataFrame, pd.DataFrame]:
-    examples = examples_from_interactions(tiny_interactions(), users=None)
+    examples = examples_from_interactions(tiny_interactions(), None, SCHEMA)
     fit, holdout = split_holdout(examples, 200)
     model = build_model(tiny_catalog(), TINY)
     train(model, fit, progress=False)
@@ -210,7 +219,8 @@ def test_a_changed_signature_is_rejected_and_never_published(
     outcome = publish(settings, model, fit, holdout)
     assert outcome.gate.reasons == ["signature_mismatch"] and outcome.version is None
     detail = " ".join(outcome.gate.details)
-    assert "'score' is missing" in detail and "count_24h" in detail and "float64" in detail
+    assert "'score' is missing" in detail and "'similar' is missing" in detail
+    assert "count_24h" in detail and "float64" in detail
     assert_nothing_published(settings)
 
 
@@ -220,17 +230,21 @@ def test_contract_table_matches_the_serving_tiny_model_and_nan_outputs_are_caugh
     _, _, holdout = trained
     item_ids = [str(i) for i in range(40)]
     good = write_tiny_model(tmp_path, 1, item_ids=item_ids)
-    assert signature_problems(tf.saved_model.load(str(good))) == []
+    assert signature_problems(tf.saved_model.load(str(good)), TINY_SCHEMA) == []
+    assert run_gate_on_export(good, holdout, TINY_SCHEMA).passed
+    # the same model checked against another schema: the user inputs differ
+    problems = " ".join(signature_problems(tf.saved_model.load(str(good)), SCHEMA))
+    assert "unexpected ['segment', 'tenure_days']" in problems
     nan = write_tiny_model(tmp_path, 2, item_ids=item_ids, nan=True)
-    result = run_gate_on_export(nan, holdout)
+    result = run_gate_on_export(nan, holdout, TINY_SCHEMA)
     assert result.reasons == ["export_outputs"]
 
 
-def run_gate_on_export(path: Path, holdout: pd.DataFrame) -> Any:
+def run_gate_on_export(path: Path, holdout: pd.DataFrame, schema: AttributeSchema) -> Any:
     from online_trainer.gate import GateResult
 
     result = GateResult()
-    check_export(result, path, holdout, catalog_size=40)
+    check_export(result, path, holdout, catalog_size=40, schema=schema)
     return result
 
 

@@ -8,9 +8,12 @@ import pandas as pd
 import pytest
 
 from online_trainer.buffer import ReplayBuffer
-from online_trainer.catalog import EXAMPLE_COLUMNS, examples_from_interactions
+from online_trainer.examples import example_columns, examples_from_interactions
 from online_trainer.history import UserHistories, UserHistory
 from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema
+
+KINDS = AttributeSchema(event_kinds=("add_to_cart", "purchase", "view"))
 
 
 def _interactions(n: int, *, users: int = 5, items: int = 30, seed: int = 0) -> pd.DataFrame:
@@ -22,6 +25,7 @@ def _interactions(n: int, *, users: int = 5, items: int = 30, seed: int = 0) -> 
             "event_id": [f"e{i}" for i in range(n)],
             "user_id": rng.integers(0, users, size=n).astype(str),
             "item_id": rng.integers(0, items, size=n).astype(str),
+            "kind": rng.choice(KINDS.event_kinds, size=n),
             "event_time": pd.to_datetime(seconds, unit="s", utc=True),
         }
     )
@@ -29,30 +33,41 @@ def _interactions(n: int, *, users: int = 5, items: int = 30, seed: int = 0) -> 
 
 def test_online_state_gives_the_same_examples_as_the_offline_builder() -> None:
     interactions = _interactions(400)
-    offline = examples_from_interactions(interactions, users=None)
+    offline = examples_from_interactions(interactions, None, KINDS)
     histories = UserHistories()
-    online_recent, online_1h, online_24h = [], [], []
+    online: dict[str, list[object]] = {"recent_items": []}
     for row in interactions.itertuples():
         history = histories.get(row.user_id)
-        online_recent.append(list(history.recent_items))
-        counts = history.counts()
-        online_1h.append(counts["count_1h"])
-        online_24h.append(counts["count_24h"])
-        assert history.accept(row.event_id, row.item_id, int(row.event_time.timestamp()))
-    assert online_recent == [list(items) for items in offline["recent_items"]]
-    assert online_1h == offline["count_1h"].tolist()
-    assert online_24h == offline["count_24h"].tolist()
-    assert max(online_24h) > max(online_1h) > 0  # the data exercised both windows
+        online["recent_items"].append(list(history.recent_items))
+        for name, value in history.counts(KINDS.counted_kinds).items():
+            online.setdefault(name, []).append(value)
+        assert history.accept(row.event_id, row.item_id, int(row.event_time.timestamp()), row.kind)
+    assert online["recent_items"] == [list(items) for items in offline["recent_items"]]
+    assert len(online) == 1 + 2 + 2 * 3  # the windows and each kind's
+    for name, values in online.items():
+        if name != "recent_items":
+            assert values == offline[name].tolist(), name
+    assert max(online["count_24h"]) > max(online["count_1h"]) > 0  # the data exercised both windows
+    assert max(online["purchase_count_1h"]) > 0
 
 
 def test_hand_computed_state() -> None:
     history = UserHistory()
     t = 1_000_000
-    for event_id, item, second in [("a", "1", t), ("b", "2", t + 10), ("c", "1", t + 3600), ("d", "3", t + 3610)]:
-        history.accept(event_id, item, second)
+    events = [("a", "1", t, "view"), ("b", "2", t + 10, "purchase"), ("c", "1", t + 3600, "view")]
+    for event_id, item, second, kind in [*events, ("d", "3", t + 3610, "view")]:
+        history.accept(event_id, item, second, kind)
     assert history.recent_items == ["3", "1", "2"]  # distinct, newest first
     # at t + 3610: 1 h window (t + 10, t + 3610] holds c, d; 24 h holds all four
     assert history.counts() == {"count_1h": 2, "count_24h": 4}
+    assert history.counts(("purchase", "view")) == {
+        "count_1h": 2,
+        "count_24h": 4,
+        "purchase_count_1h": 0,
+        "purchase_count_24h": 1,
+        "view_count_1h": 2,
+        "view_count_24h": 3,
+    }
     assert not history.accept("c", "9", t + 3620)  # redelivered event id: nothing changes
     assert history.recent_items == ["3", "1", "2"]
     history.accept("e", "4", t + 3610 + 24 * 3600)
@@ -74,10 +89,16 @@ def test_histories_round_trip_through_a_frame() -> None:
     for user in map(str, range(5)):
         assert restored.snapshot(user) == histories.snapshot(user)
     assert restored.snapshot("nobody") == ([], {"count_1h": 0, "count_24h": 0})
+    assert restored.snapshot("1", KINDS.counted_kinds) == histories.snapshot("1", KINDS.counted_kinds)
+    assert restored.snapshot("nobody", ("view",)) == ([], {"count_1h": 0, "count_24h": 0, **_zero_view()})
+
+
+def _zero_view() -> dict[str, int]:
+    return {"view_count_1h": 0, "view_count_24h": 0}
 
 
 def _examples(n: int, start: int = 0) -> pd.DataFrame:
-    frame = examples_from_interactions(_interactions(n, seed=start), users=None)
+    frame = examples_from_interactions(_interactions(n, seed=start), None, KINDS)
     frame["item_id"] = [f"x{start + i}" for i in range(n)]  # unique ids to follow rows
     return frame
 
@@ -90,7 +111,7 @@ def test_replay_buffer_is_bounded_and_deterministic() -> None:
     assert len(first) == 100 and first.seen == 400
     assert first.frame["item_id"].tolist() == second.frame["item_id"].tolist()
     assert first.frame["item_id"].is_unique
-    assert list(first.frame.columns) == list(EXAMPLE_COLUMNS)
+    assert list(first.frame.columns) == list(example_columns(KINDS))
 
 
 def test_replay_buffer_samples_all_ages_uniformly() -> None:

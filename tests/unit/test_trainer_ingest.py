@@ -10,40 +10,48 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from online_trainer.catalog import EXAMPLE_COLUMNS
 from online_trainer.cli import parse_until
 from online_trainer.dataset import holdout_rows, interactions_until, split_holdout
+from online_trainer.examples import example_columns, example_weights, positive_examples
 from online_trainer.loop import OnlineTrainer
 from online_trainer.settings import TrainerSettings, TrainerTuning
 from serving.settings import ServingSettings
+from streamrec.core.attributes import Attribute, AttributeSchema, write_schema
 from streamrec.core.errors import SettingsError
-from streamrec.core.events import Interaction, LabeledExample
+from streamrec.core.events import Interaction, InteractionKind, LabeledExample
 from streamrec.core.settings import PathSettings
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+SCHEMA = AttributeSchema(
+    user=(
+        Attribute(name="occupation", type="categorical"),
+        Attribute(name="age", type="numeric", boundaries=(18.0, 30.0)),
+    ),
+    event_kinds=("add_to_cart", "purchase", "view"),
+)
 
 
-class ProfilesFromDict:
+class AttributesFromDict:
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
 
-    def user_profiles(self, user_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    def user_attributes(self, user_ids: Sequence[str]) -> dict[str, dict[str, object]]:
         self.asked.append(list(user_ids))
-        return {
-            u: {"age_bucket": "25-34", "gender": "F", "occupation": "writer", "zip_prefix": "021"} for u in user_ids
-        }
+        return {u: {"occupation": "writer", "age": 33.0} for u in user_ids}
 
-    def item_content(self, item_ids: Sequence[str]) -> dict[str, tuple[list[str], int]]:
-        return {item: (["Drama"], 1999) for item in item_ids}
+    def item_attributes(self, item_ids: Sequence[str]) -> dict[str, dict[str, object]]:
+        return {item: {} for item in item_ids}
 
 
 def trainer(tmp_path: Path, **tuning: object) -> OnlineTrainer:
     settings = TrainerSettings(paths=PathSettings(state_dir=tmp_path), trainer=TrainerTuning(**tuning))  # type: ignore[arg-type]
-    return OnlineTrainer(settings, lookup=ProfilesFromDict())
+    write_schema(settings.data_dir, SCHEMA)  # what `streamrec features setup --dataset` leaves
+    return OnlineTrainer(settings, lookup=AttributesFromDict())
 
 
-def click(event_id: str, item: str, minutes: int, user: str = "u1") -> Interaction:
-    return Interaction(event_id=event_id, event_time=T0 + timedelta(minutes=minutes), user_id=user, item_id=item)
+def click(event_id: str, item: str, minutes: int, user: str = "u1", kind: InteractionKind = "view") -> Interaction:
+    when = T0 + timedelta(minutes=minutes)
+    return Interaction(event_id=event_id, event_time=when, user_id=user, item_id=item, kind=kind)
 
 
 def test_each_interaction_becomes_an_example_with_the_state_before_it(tmp_path: Path) -> None:
@@ -58,27 +66,68 @@ def test_each_interaction_becomes_an_example_with_the_state_before_it(tmp_path: 
     ]
     assert outcomes == ["already_trained", "example", "example", "duplicate", "example"]
     examples = loop._examples(loop.pending)
-    assert list(examples.columns) == list(EXAMPLE_COLUMNS)
+    assert loop.schema == SCHEMA  # read from the feature repo's attribute_schema.json
+    assert list(examples.columns) == list(example_columns(SCHEMA))
     assert examples["recent_items"].tolist() == [[], ["1"], ["2", "1"]]
     # counts as of the user's previous event (what Feast holds then): at c, that is b, with a and b
     # inside (b - 1 h, b], although b is 88 minutes before c
     assert examples["count_1h"].tolist() == [0, 1, 2]
     assert examples["count_24h"].tolist() == [0, 1, 2]
+    assert examples["view_count_24h"].tolist() == [0, 1, 2] and examples["purchase_count_24h"].sum() == 0
     assert examples["item_id"].tolist() == ["1", "2", "1"]
-    assert set(examples["occupation"]) == {"writer"} and examples["count_1h"].dtype == "int64"
+    assert set(examples["occupation"]) == {"writer"} and set(examples["age"]) == {33.0}
+    assert examples["count_1h"].dtype == "int64"
+
+
+def test_only_positive_kinds_are_learned_but_every_kind_moves_the_state(tmp_path: Path) -> None:
+    loop = trainer(tmp_path, positive_kinds=["add_to_cart", "purchase"], kind_weights={"purchase": 4.0})
+    outcomes = [
+        loop.ingest(click("v1", "shoe", 0)),
+        loop.ingest(click("c1", "shoe", 1, kind="add_to_cart")),
+        loop.ingest(click("v2", "hat", 2)),
+        loop.ingest(click("p1", "shoe", 3, kind="purchase")),
+    ]
+    assert outcomes == ["not_positive", "example", "not_positive", "example"]
+    examples = loop._examples(loop.pending)
+    assert examples["kind"].tolist() == ["add_to_cart", "purchase"]
+    assert examples["recent_items"].tolist() == [["shoe"], ["hat", "shoe"]]  # the views count as history
+    assert examples["view_count_1h"].tolist() == [1, 2] and examples["add_to_cart_count_1h"].tolist() == [0, 1]
+    assert example_weights(examples, loop.tuning.kind_weights).tolist() == [1.0, 4.0]
+    # the same selection for a frame (bootstrap, benchmarks)
+    assert positive_examples(examples, ["purchase"])["item_id"].tolist() == ["shoe"]
+    assert positive_examples(examples, None) is examples
+
+
+def test_kind_settings_are_validated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    tuning = TrainerTuning()
+    assert tuning.positive_kinds is None and tuning.kind_weights == {} and tuning.learns("view")
+    with pytest.raises(ValidationError, match="unknown event kind"):
+        TrainerTuning(kind_weights={"purchse": 2.0})
+    with pytest.raises(ValidationError, match="nothing would be learned"):
+        TrainerTuning(positive_kinds=())
+    with pytest.raises(ValidationError, match="finite and >= 0"):
+        TrainerTuning(kind_weights={"purchase": -1.0})
+    monkeypatch.setenv("STREAMREC_TRAINER__KIND_WEIGHTS", '{"purchase": 4.0}')
+    monkeypatch.setenv("STREAMREC_TRAINER__POSITIVE_KINDS", '["purchase", "add_to_cart"]')
+    monkeypatch.setenv("STREAMREC_PATHS__STATE_DIR", str(tmp_path))
+    from streamrec.core.settings import load
+
+    loaded = load(TrainerSettings).trainer
+    assert loaded.kind_weights == {"purchase": 4.0} and not loaded.learns("view") and loaded.learns("purchase")
 
 
 def test_labeled_examples_learn_from_clicks_with_the_logged_features(tmp_path: Path) -> None:
     loop = trainer(tmp_path, source="labeled")
     assert loop.topic == loop.settings.topics.labeled
     logged = {
-        "age_bucket": "18-24",
-        "gender": "M",
         "occupation": "student",
-        "zip_prefix": "945",
+        "age": 19.0,
         "recent_items": ["7", "8"],
         "count_1h": 2,
         "count_24h": 5,
+        **{f"{kind}_count_{w}": 1 for kind in SCHEMA.event_kinds for w in ("1h", "24h")},
     }
 
     def labeled(event_id: str, clicked: bool, features: dict[str, object]) -> LabeledExample:
@@ -103,8 +152,9 @@ def test_labeled_examples_learn_from_clicks_with_the_logged_features(tmp_path: P
     assert loop.ingest(labeled("z", True, {})) == "example"  # nothing logged: the trainer's own state
     examples = loop._examples(loop.pending)
     assert examples["recent_items"].tolist() == [["7", "8"], ["9"]]
-    assert examples["occupation"].tolist() == ["student", "writer"]
-    assert examples["count_24h"].tolist() == [5, 1]
+    assert examples["occupation"].tolist() == ["student", "writer"] and examples["age"].tolist() == [19.0, 33.0]
+    assert examples["count_24h"].tolist() == [5, 1] and examples["view_count_24h"].tolist() == [1, 0]
+    assert examples["kind"].tolist() == ["click", "click"]
 
 
 def test_the_newest_examples_are_held_out() -> None:
