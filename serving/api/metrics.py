@@ -17,6 +17,15 @@ Prometheus conventions (``_seconds``, ``_total``).
 * ``streamrec_api_impressions_total{outcome}``: impressions ``queued``, ``delivered``,
   ``dropped`` (queue full) or ``failed`` (Kafka delivery error).
 * ``streamrec_api_trending_age_seconds`` / ``streamrec_api_trending_refresh_failures_total``.
+
+``SimilarItems`` has series of its own, so Recommend's keep their meaning (and their labels):
+
+* ``streamrec_api_similar_request_seconds``: end-to-end SimilarItems handler latency.
+* ``streamrec_api_similar_fallbacks_total{reason}``: trending answers (``item_unknown``,
+  ``model_unavailable``, ``model_error``, ``deadline``).
+* ``streamrec_api_similar_errors_total{code}``: SimilarItems calls answered with a gRPC error.
+
+A model failure on either RPC is also counted in ``streamrec_api_degraded_total{dependency="model_server"}``.
 """
 
 from __future__ import annotations
@@ -65,6 +74,25 @@ class ApiMetrics:
         self.trending_failures = Counter(
             "streamrec_api_trending_refresh_failures_total",
             "Background refreshes of the trending list that failed (the previous list is kept).",
+            registry=self.registry,
+        )
+
+        self.similar_latency = Histogram(
+            "streamrec_api_similar_request_seconds",
+            "SimilarItems handler latency.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.similar_fallbacks = Counter(
+            "streamrec_api_similar_fallbacks_total",
+            "SimilarItems answers from the trending list, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.similar_errors = Counter(
+            "streamrec_api_similar_errors_total",
+            "SimilarItems calls answered with a gRPC error.",
+            ["code"],
             registry=self.registry,
         )
 

@@ -6,8 +6,8 @@ The decision table (what the response and the metrics say):
 situation                              items from          fallback   degraded  reason
 =====================================  ==================  =========  ========  ==============
 known user, model answers              model               no         no        ""
-unknown user (no fresh features)       model, no profile   yes        no        cold_start
-feature store failed                   model, no profile   yes        yes       features_unavailable
+unknown user (no fresh features)       model, no features  yes        no        cold_start
+feature store failed                   model, no features  yes        yes       features_unavailable
 model server down / past its budget    trending            yes        yes       model_unavailable
 model answers garbage or errors        trending            yes        yes       model_error
 no time left before the client's       trending            yes        yes       deadline
@@ -16,9 +16,21 @@ deadline to ask the model
 
 The model call runs under ``min(model budget, time left before the client's deadline minus a
 small reserve)``, so the trending answer fits inside the caller's deadline unless the host stalls
-for longer than the reserve (see docs/design/serving.md#the-deadline-reserve). Seen items
-are passed to the model as ``exclude_items`` (it excludes inside the graph) and filtered again
-here, as are the trending items, so an excluded id never reaches the user whatever answered.
+for longer than the reserve (see docs/design/serving.md#the-deadline-reserve). Excluded items
+(seen ones, and the request's ``exclude_item_ids``) are passed to the model as ``exclude_items``
+(it excludes inside the graph) and filtered again here, as are the trending items, so an excluded
+id never reaches the user whatever answered.
+
+Allow-list (``candidate_item_ids``): the model's ``score`` signature scores exactly those ids
+(less the excluded ones) for the user and the top ``k`` are returned; an id outside the model's
+catalog is scored from the id alone by the real model's item tower, and an id the model scores
+``-inf`` (it cannot score it at all) is left out. When the model cannot answer, or scores none of
+them, the allow-list comes back in trending order, ids without trending stats last in request
+order (score 0), with the table's reason (``model_error`` for "scored none"). An allow-list
+that is entirely excluded is an empty answer, and the model is not asked.
+
+Every call carries the user inputs of the dataset's attribute schema (``user_model_inputs``,
+built by :func:`user_inputs`); nothing here names an attribute.
 
 Canary: a user in the canary arm is served with ``version_label="canary"``. When the model
 server has no canary label (no experiment running), the call is retried once with ``stable``
@@ -38,7 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -52,6 +64,7 @@ from serving.api.trending import TrendingSnapshot
 from serving.api.user_features import UserFeatures
 from serving.model_client import ModelServerRpcError
 from streamrec.core import contracts
+from streamrec.core.attributes import InputKind
 from streamrec.core.events import Arm
 
 log = logging.getLogger(__name__)
@@ -89,7 +102,9 @@ class NoAnswer(Exception):
     """Neither the model nor the trending list can answer (the handler returns UNAVAILABLE)."""
 
 
-class _ModelError(Exception):
+class ModelAnswerError(Exception):
+    """The model gave no usable answer; ``reason`` is the fallback reason it leads to."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
@@ -113,17 +128,37 @@ class Ranked:
         return bool(self.fallback_reason)
 
 
-def model_inputs(features: UserFeatures, exclude: list[str]) -> dict[str, np.ndarray]:
-    """The ``recommend`` signature's inputs for one user (batch of 1), per ``streamrec.core.contracts``."""
-    recent = (features.recent_items + [""] * contracts.RECENT_ITEMS_MAX)[: contracts.RECENT_ITEMS_MAX]
-    inputs: dict[str, np.ndarray] = {"user_id": np.array([features.user_id], dtype=object)}
-    for name in contracts.USER_STRING_INPUTS[1:]:
-        inputs[name] = np.array([features.profile.get(name, "")], dtype=object)
-    inputs["recent_items"] = np.array([recent], dtype=object)
-    for name in contracts.USER_COUNT_INPUTS:
-        inputs[name] = np.array([features.counts.get(name, 0)], dtype=np.int64)
-    inputs["exclude_items"] = np.array([exclude or [""]], dtype=object)
-    return inputs
+def user_inputs(features: UserFeatures, inputs: Mapping[str, InputKind]) -> dict[str, np.ndarray]:
+    """The user inputs of ``recommend``/``score`` for one user (batch of 1), in ``inputs`` order.
+
+    ``inputs`` is ``user_model_inputs(schema)``: ``string`` [1] ("" unknown), ``strings`` [1, M]
+    "" padded (``recent_items`` to exactly ``RECENT_ITEMS_MAX``, others to max(1, len)), ``int``
+    int64 [1] (0 unknown), ``float`` float32 [1] (NaN unknown).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for name, kind in inputs.items():
+        if name == "user_id":
+            arrays[name] = np.array([features.user_id], dtype=object)
+        elif name == "recent_items":
+            recent = (features.recent_items + [""] * contracts.RECENT_ITEMS_MAX)[: contracts.RECENT_ITEMS_MAX]
+            arrays[name] = np.array([recent], dtype=object)
+        elif kind == "int":
+            arrays[name] = np.array([features.counts.get(name, 0)], dtype=np.int64)
+        elif kind == "float":
+            value = features.attributes.get(name)
+            arrays[name] = np.array([math.nan if value is None else value], dtype=np.float32)
+        elif kind == "strings":
+            arrays[name] = np.array([list(features.attributes.get(name) or []) or [""]], dtype=object)
+        else:
+            arrays[name] = np.array([features.attributes.get(name) or ""], dtype=object)
+    return arrays
+
+
+def model_inputs(
+    features: UserFeatures, exclude: Sequence[str], inputs: Mapping[str, InputKind]
+) -> dict[str, np.ndarray]:
+    """The ``recommend`` signature's inputs: :func:`user_inputs` plus ``exclude_items`` [1, max(1, E)]."""
+    return {**user_inputs(features, inputs), "exclude_items": np.array([list(exclude) or [""]], dtype=object)}
 
 
 def _is_missing_label(error: ModelServerRpcError) -> bool:
@@ -135,10 +170,10 @@ def _is_missing_label(error: ModelServerRpcError) -> bool:
 def parse_answer(outputs: dict[str, np.ndarray], k: int, exclude: frozenset[str]) -> list[tuple[str, float]]:
     """Top ``k`` (item, score) from ``recommend``'s outputs; padding ("" / -inf) dropped.
 
-    Raises ``_ModelError`` for an answer no user should see (missing outputs, NaN scores).
+    Raises ``ModelAnswerError`` for an answer no user should see (missing outputs, NaN scores).
     """
     if "item_ids" not in outputs or "scores" not in outputs:
-        raise _ModelError("model_error", f"the model answered without item_ids/scores (got {sorted(outputs)})")
+        raise ModelAnswerError("model_error", f"the model answered without item_ids/scores (got {sorted(outputs)})")
     item_ids = outputs["item_ids"].reshape(-1)
     scores = outputs["scores"].reshape(-1)
     picked: list[tuple[str, float]] = []
@@ -148,17 +183,67 @@ def parse_answer(outputs: dict[str, np.ndarray], k: int, exclude: frozenset[str]
         if not item_id or score == -math.inf or item_id in exclude:
             continue
         if math.isnan(score) or math.isinf(score):
-            raise _ModelError("model_error", f"the model scored item {item_id!r} as {score}")
+            raise ModelAnswerError("model_error", f"the model scored item {item_id!r} as {score}")
         picked.append((item_id, score))
         if len(picked) == k:
             break
     if not picked:
-        raise _ModelError("model_error", "the model returned no eligible item")
+        raise ModelAnswerError("model_error", "the model returned no eligible item")
     return picked
 
 
+def parse_scores(outputs: dict[str, np.ndarray], item_ids: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """Top ``k`` of ``item_ids`` by ``score``'s output, best first (ties in request order).
+
+    An id scored ``-inf`` is left out (the model cannot score it); raises ``ModelAnswerError``
+    for a missing or mis-shaped output, a NaN or +inf score, or no id scored at all.
+    """
+    if "scores" not in outputs:
+        raise ModelAnswerError("model_error", f"the model answered without scores (got {sorted(outputs)})")
+    scores = outputs["scores"].reshape(-1)
+    if scores.shape[0] != len(item_ids):
+        raise ModelAnswerError("model_error", f"the model gave {scores.shape[0]} scores for {len(item_ids)} items")
+    scored: list[tuple[str, float]] = []
+    for item_id, raw_score in zip(item_ids, scores.tolist(), strict=True):
+        score = float(raw_score)
+        if score == -math.inf:
+            continue
+        if math.isnan(score) or math.isinf(score):
+            raise ModelAnswerError("model_error", f"the model scored item {item_id!r} as {score}")
+        scored.append((item_id, score))
+    if not scored:
+        raise ModelAnswerError("model_error", "the model scored none of the candidate items")
+    scored.sort(key=lambda pair: -pair[1])  # stable: ties keep request order
+    return scored[:k]
+
+
+def rpc_fallback_reason(error: ModelServerRpcError) -> str:
+    """``model_unavailable`` for a server that is down, slow or overloaded; else ``model_error``."""
+    return "model_unavailable" if error.code in _UNAVAILABLE_CODES else "model_error"
+
+
+def model_budget(budget_s: float, deadline: float) -> float:
+    """The model call's timeout: the budget, cut to the deadline less the reserve; raises if too little is left."""
+    budget = min(budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
+    if budget < MIN_MODEL_BUDGET_S:
+        raise ModelAnswerError("deadline", "no time left before the client's deadline to ask the model")
+    return budget
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One signature's inputs and how to read its answer (kept for the interleaving call)."""
+
+    signature: str
+    inputs: dict[str, np.ndarray]
+    parse: Callable[[dict[str, np.ndarray]], list[tuple[str, float]]]
+
+
 class Ranker:
-    """Model answer within budget, else trending (see the module docstring for the table)."""
+    """Model answer within budget, else trending (see the module docstring for the table).
+
+    ``inputs`` is ``user_model_inputs(schema)``: the user inputs every model call carries.
+    """
 
     def __init__(
         self,
@@ -166,6 +251,7 @@ class Ranker:
         trending: TrendingSource,
         metrics: ApiMetrics,
         *,
+        inputs: Mapping[str, InputKind],
         budget_s: float,
         canary_gate: CanaryGate,
         interleave: bool = False,
@@ -173,6 +259,7 @@ class Ranker:
         self._client = client
         self._trending = trending
         self._metrics = metrics
+        self._inputs = dict(inputs)
         self._budget_s = budget_s
         self._gate = canary_gate
         self._interleave = interleave
@@ -182,41 +269,65 @@ class Ranker:
         features: UserFeatures,
         *,
         k: int,
-        exclude: list[str],
+        exclude: Sequence[str],
         arm: Arm,
         deadline: float,
         features_failed: bool = False,
+        candidates: Sequence[str] | None = None,
     ) -> Ranked:
-        """``deadline`` is a ``time.monotonic()`` instant (the client's deadline)."""
+        """``deadline`` is a ``time.monotonic()`` instant (the client's deadline); ``candidates``
+        an optional allow-list (rank only those)."""
         excluded = frozenset(exclude)
         if arm == contracts.CANARY_LABEL and not self._gate.canary_available():
             arm = contracts.STABLE_LABEL
-        inputs = model_inputs(features, exclude)  # built once: the interleaving call reuses it
+        allowed: list[str] | None = None
+        if candidates is not None:
+            allowed = [item_id for item_id in dict.fromkeys(candidates) if item_id not in excluded]
+            if not allowed:  # every candidate is excluded: nothing to rank, nothing to ask
+                return Ranked([], 0, arm, "", degraded=features_failed)
+        call = self._call(features, k=k, exclude=exclude, excluded=excluded, allowed=allowed)
         try:
-            version, items, arm = self._ask_model(inputs, k=k, excluded=excluded, arm=arm, deadline=deadline)
-        except _ModelError as exc:
+            version, items, arm = self._ask_model(call, arm=arm, deadline=deadline)
+        except ModelAnswerError as exc:
             self._metrics.degraded.labels("model_server").inc()
             log.debug("model fallback (%s): %s", exc.reason, exc)
-            return self._trending_answer(k=k, excluded=excluded, arm=arm, reason=exc.reason)
+            return self._trending_answer(k=k, excluded=excluded, arm=arm, reason=exc.reason, allowed=allowed)
         self._metrics.model_version.labels(arm).set(version)
         reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
         ranked = Ranked(items, version, arm, reason, degraded=features_failed)
         if self._interleave and arm == contracts.CANARY_LABEL:
-            return self._interleaved(inputs, ranked, k=k, excluded=excluded, deadline=deadline)
+            return self._interleaved(call, ranked, k=k, deadline=deadline)
         return ranked
 
-    def _interleaved(
-        self, inputs: dict[str, np.ndarray], canary: Ranked, *, k: int, excluded: frozenset[str], deadline: float
-    ) -> Ranked:
+    def _call(
+        self,
+        features: UserFeatures,
+        *,
+        k: int,
+        exclude: Sequence[str],
+        excluded: frozenset[str],
+        allowed: list[str] | None,
+    ) -> _Call:
+        """``recommend`` over the catalog, or ``score`` over the allow-list; built once per request."""
+        if allowed is None:
+            return _Call(
+                contracts.RECOMMEND_SIGNATURE,
+                model_inputs(features, exclude, self._inputs),
+                lambda outputs: parse_answer(outputs, k, excluded),
+            )
+        inputs = {**user_inputs(features, self._inputs), "item_ids": np.array([allowed], dtype=object)}
+        return _Call(contracts.SCORE_SIGNATURE, inputs, lambda outputs: parse_scores(outputs, allowed, k))
+
+    def _interleaved(self, call: _Call, canary: Ranked, *, k: int, deadline: float) -> Ranked:
         """The team-draft list of canary and stable, or the canary's own when stable cannot answer.
 
         Each shown item also says whether it was in *both* top-k lists: a click on such an item is a
         tie for the evaluator, since either model alone would have shown it (``serving/rollout/policy.py``).
         """
         try:
-            stable_version, outputs = self._predict(inputs, contracts.STABLE_LABEL, deadline)
-            stable_items = parse_answer(outputs, k, excluded)
-        except (ModelServerRpcError, _ModelError) as exc:
+            stable_version, outputs = self._predict(call, contracts.STABLE_LABEL, deadline)
+            stable_items = call.parse(outputs)
+        except (ModelServerRpcError, ModelAnswerError) as exc:
             log.debug("serving the canary's own list: stable could not answer for interleaving: %s", exc)
             return canary
         if stable_version == canary.model_version:
@@ -231,31 +342,29 @@ class Ranker:
             control_version=stable_version,
         )
 
-    def _predict(self, inputs: dict[str, np.ndarray], label: Arm, deadline: float) -> tuple[int, dict[str, np.ndarray]]:
-        """One ``recommend`` call under what is left of the budget; ``_ModelError("deadline")`` if nothing is."""
-        budget = min(self._budget_s, deadline - time.monotonic() - DEADLINE_RESERVE_S)
-        if budget < MIN_MODEL_BUDGET_S:
-            raise _ModelError("deadline", "no time left before the client's deadline to ask the model")
-        return self._client.predict(inputs, signature=contracts.RECOMMEND_SIGNATURE, label=label, timeout_s=budget)
+    def _predict(self, call: _Call, label: Arm, deadline: float) -> tuple[int, dict[str, np.ndarray]]:
+        """One model call under what is left of the budget; ``ModelAnswerError("deadline")`` if nothing is."""
+        budget = model_budget(self._budget_s, deadline)
+        return self._client.predict(call.inputs, signature=call.signature, label=label, timeout_s=budget)
 
-    def _ask_model(
-        self, inputs: dict[str, np.ndarray], *, k: int, excluded: frozenset[str], arm: Arm, deadline: float
-    ) -> tuple[int, list[tuple[str, float]], Arm]:
+    def _ask_model(self, call: _Call, *, arm: Arm, deadline: float) -> tuple[int, list[tuple[str, float]], Arm]:
         attempts: list[Arm] = [arm] if arm == contracts.STABLE_LABEL else [arm, contracts.STABLE_LABEL]
         for label in attempts:
             try:
-                version, outputs = self._predict(inputs, label, deadline)
+                version, outputs = self._predict(call, label, deadline)
             except ModelServerRpcError as exc:
                 if label == contracts.CANARY_LABEL and _is_missing_label(exc):
                     self._gate.mark_missing()
                     continue
-                reason = "model_unavailable" if exc.code in _UNAVAILABLE_CODES else "model_error"
-                raise _ModelError(reason, str(exc)) from exc
-            return version, parse_answer(outputs, k, excluded), label
-        raise _ModelError("model_error", "the model server has neither a canary nor a stable label")
+                raise ModelAnswerError(rpc_fallback_reason(exc), str(exc)) from exc
+            return version, call.parse(outputs), label
+        raise ModelAnswerError("model_error", "the model server has neither a canary nor a stable label")
 
-    def _trending_answer(self, *, k: int, excluded: frozenset[str], arm: Arm, reason: str) -> Ranked:
-        items = self._trending.snapshot.top(k, excluded)
+    def _trending_answer(
+        self, *, k: int, excluded: frozenset[str], arm: Arm, reason: str, allowed: list[str] | None
+    ) -> Ranked:
+        snapshot = self._trending.snapshot
+        items = snapshot.top(k, excluded) if allowed is None else snapshot.top_of(allowed, k)
         if not items:
             raise NoAnswer(
                 f"the model could not answer ({reason}) and the trending list is empty; "

@@ -10,7 +10,8 @@ instead of queueing it past every deadline.
 Health (``grpc.health.v1.Health``) answers SERVING for ``""`` and ``streamrec.v1.Recommender``
 once every dependency the API holds in memory is ready (generated code, the FeatureService, the
 first trending read), so a load balancer only routes to a replica that can answer. Reflection
-lists the Recommender, health and reflection services, so ``grpcurl`` needs no .proto file.
+lists the Recommender (``Recommend`` and ``SimilarItems``), health and reflection services, so
+``grpcurl`` needs no .proto file.
 
 Shutdown (:meth:`ApiServer.stop`, called on SIGTERM by ``serve``): health goes NOT_SERVING first
 (watchers are told at once), then the server stops accepting calls and gives the in-flight ones
@@ -36,9 +37,11 @@ from serving.api.proto import SERVICE_NAME, generated
 from serving.api.ranking import Ranker
 from serving.api.service import RecommenderService
 from serving.api.settings import ApiSettings
+from serving.api.similar import SimilarItems
 from serving.api.trending import TrendingItems
 from serving.api.user_features import UserFeatureReader
 from serving.model_client import ModelServerClient
+from streamrec.core.attributes import read_schema, user_model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,10 @@ class ApiServer:
         settings = self.settings
         pb = generated()
         store = self._store or open_feature_store(settings)
+        # what the model's user tower reads: the dataset's attributes, as `features setup` wrote them
+        inputs = user_model_inputs(read_schema(settings.data_dir))
         try:
-            features = UserFeatureReader(store, max_age_s=settings.feature_max_age_s)
+            features = UserFeatureReader(store, inputs=inputs, max_age_s=settings.feature_max_age_s)
             self._trending = TrendingItems(
                 store,
                 interval_s=settings.api.item_refresh_interval_s,
@@ -154,11 +159,13 @@ class ApiServer:
             client,
             self._trending,
             self.metrics,
+            inputs=inputs,
             budget_s=settings.model_budget_s,
             canary_gate=CanaryGate(settings.api.canary_recheck_s),
             interleave=settings.api.interleave,
         )
-        service = RecommenderService(settings, features, ranker, self._impressions, self.metrics)
+        similar = SimilarItems(client, self._trending, self.metrics, budget_s=settings.model_budget_s)
+        service = RecommenderService(settings, features, ranker, similar, self._impressions, self.metrics)
 
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.api.max_workers, thread_name_prefix="recommend"),

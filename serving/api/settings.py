@@ -33,10 +33,15 @@ class ApiSection(ProcessTuning):
     # The model exports its top TOP_K_EXPORTED, so no request can ask for more.
     max_k: int = Field(default=50, ge=1, le=contracts.TOP_K_EXPORTED)
     default_k: int = Field(default=10, ge=1, le=contracts.TOP_K_EXPORTED)
-    # A serialized RecommendRequest above this is refused with INVALID_ARGUMENT (a request is a
-    # user id and a small context map; anything bigger is a bug or abuse).
-    max_request_bytes: int = Field(default=16 * 1024, ge=64)
+    # A serialized request above this is refused with INVALID_ARGUMENT (a request is a user id, a
+    # small context map and at most a few thousand item ids; anything bigger is a bug or abuse).
+    max_request_bytes: int = Field(default=64 * 1024, ge=64)
     max_user_id_chars: int = Field(default=256, ge=1)
+    max_item_id_chars: int = Field(default=256, ge=1)
+    # Item ids a request may exclude (``exclude_item_ids``) and rank (``candidate_item_ids``): the
+    # model takes them as one [1, N] tensor, so these bound one call's work.
+    max_exclude_items: int = Field(default=1000, ge=0)
+    max_candidate_items: int = Field(default=1000, ge=0)
     # Arms: sha256(salt:user_id) mapped to [0, 1); below canary_share -> canary. A new salt
     # reshuffles users (a new experiment); the same salt keeps every user in their arm.
     experiment_salt: str = Field(default="streamrec-ab-v1", min_length=1)

@@ -6,14 +6,17 @@ request would cost more than the model call it replaces. So a daemon thread re-r
 current snapshot (one attribute load, no lock).
 
 The catalog (which item ids exist) comes from the item profile view's batch source (its parquet
-file), because Feast's online store cannot list keys; the stats come from the service's stream
-view, read online with ``Provider.online_read`` (``features.feast_internals``) in chunks of
-``CHUNK`` ids with a ``PAUSE_S`` rest after each, so a refresh never holds the GIL long enough to
-stall requests in flight.
+file), because Feast's online store cannot list keys; a dataset with no item attributes has no
+profile view, and then the catalog is every item the stream view's offline push log holds (the
+items that had an event). The stats come from the service's stream view, read online with
+``Provider.online_read`` (``features.feast_internals``) in chunks of ``CHUNK`` ids with a
+``PAUSE_S`` rest after each, so a refresh never holds the GIL long enough to stall requests in
+flight.
 
 Ranking: trending score, then 24 h count, then catalog order; items with no fresh stats rank
-after every item with stats, so the list is never empty while the catalog is not. A refresh that
-fails keeps the previous snapshot (and is counted): stale trending beats no answer.
+after every item with stats, so the list is never empty while the catalog is not. Restricted to
+an allow-list (:meth:`TrendingSnapshot.top_of`), ids outside the catalog rank last the same way.
+A refresh that fails keeps the previous snapshot (and is counted): stale trending beats no answer.
 See docs/design/features.md#trending-refresh.
 """
 
@@ -24,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from feast import FeatureStore, FeatureView, FileSource
 
@@ -55,6 +59,22 @@ class TrendingSnapshot:
                 if len(picked) == k:
                     break
         return picked
+
+    def top_of(self, candidates: Sequence[str], k: int) -> list[tuple[str, float]]:
+        """The first ``k`` of ``candidates`` in trending order; ids not in the snapshot follow in
+        the given order with score 0 (like catalog items without stats)."""
+        positions = self._positions
+        unranked = len(positions)
+        order = sorted(range(len(candidates)), key=lambda i: (positions.get(candidates[i], unranked), i))
+        return [
+            (candidates[i], self.scores[positions[candidates[i]]] if candidates[i] in positions else 0.0)
+            for i in order[:k]
+        ]
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        # built on first use per snapshot; a race builds it twice, harmlessly
+        return {item_id: position for position, item_id in enumerate(self.item_ids)}
 
 
 EMPTY = TrendingSnapshot((), (), 0.0)
@@ -99,11 +119,20 @@ class TrendingItems:
                 stats_view = view
             elif view.stream_source is None and isinstance(view.batch_source, FileSource):
                 self._catalog_paths.append(view.batch_source.path)
-        if not self._catalog_paths or stats_view is None:
+        if stats_view is None:
             raise ApiSetupError(
-                f"FeatureService {service_name!r} needs a file-backed item profile view (the catalog) and a stream "
-                f"view with {list(_RANKING_FEATURES)}; run `streamrec features setup`"
+                f"FeatureService {service_name!r} needs a stream view with {list(_RANKING_FEATURES)}; "
+                "run `streamrec features setup`"
             )
+        if not self._catalog_paths:  # no item attributes: the items that had events are the catalog
+            log_source = getattr(stats_view.stream_source, "batch_source", None)
+            if not isinstance(log_source, FileSource):
+                raise ApiSetupError(
+                    f"FeatureService {service_name!r} has no file-backed item profile view and its stream view "
+                    f"{stats_view.name!r} no file-backed push log to list the catalog from; "
+                    "run `streamrec features setup`"
+                )
+            self._catalog_paths.append(log_source.path)
         self._stats = ViewReader(store, stats_view, _RANKING_FEATURES)
         metrics.trending_age.set_function(self._age_s)
 

@@ -1,18 +1,20 @@
 """The recommendation API end to end on loopback: real gRPC, Feast on the stack's Redis, the local
 model server with tiny models, impressions on the stack's Kafka, grpcurl through reflection.
 
-One feature store, one model server (v1 = stable, v2 = canary, with different biases so the
-arm that served is visible in the scores) and one API serve the whole module. The tiny model's
-answers are computed by hand (``tests.support.tiny_model.expected_top``), so the tests check
-the actual items, not just their count. Expected arms and feature rows are written out here from
-the spec (the salted hash of ``serving.api.arms``' docstring, ml-100k's users), never computed by
-the code under test.
+One feature store (set up for the tiny model's attribute schema: a categorical and a numeric
+user attribute, a multi-categorical item attribute), one model server (v1 = stable, v2 = canary,
+with different biases so the arm that served is visible in the scores) and one API serve the
+whole module. The tiny model's answers are computed by hand (``tests.support.tiny_model.expected_top``),
+so the tests check the actual items, not just their count. Expected arms and feature rows are
+written out here from the spec (the salted hash of ``serving.api.arms``' docstring, the users
+written below), never computed by the code under test.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import time
 import uuid
@@ -22,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pandas as pd
 import pytest
 from confluent_kafka import Consumer
@@ -36,29 +39,32 @@ from serving.api.user_features import UserFeatureReader, UserFeatures
 from serving.model_client import ModelServerClient
 from serving.model_server.server import ModelServer, ServerOptions
 from serving.settings import ModelServerSection
+from streamrec.core.attributes import user_model_inputs
 from streamrec.core.events import Impression, decode_event
 from streamrec.core.settings import PathSettings, TopicSettings
 from streamrec.kafka.admin import ensure_topics
 from streamrec.ops.settings import StackSettings
-from tests.support.tiny_model import expected_scores, expected_top, write_tiny_model
+from tests.support.tiny_model import TINY_SCHEMA, expected_scores, expected_similar, expected_top, write_tiny_model
 from tests.support.tools import require_tool
 
 pb = generated()
 MODEL_ITEMS = [str(i) for i in range(1, 61)]
+# The feature store's catalog: the model's items and some it has never seen (61..80).
+CATALOG = [str(i) for i in range(1, 81)]
 BIAS = {1: 0.0, 2: 5.0}  # v1 serves stable, v2 canary
 SALT = "test-salt"
 CANARY_SHARE = 0.5
 FRESH_USER, FRESH_RECENT = "1", ["1", "2", "3"]
 STALE_USER, STALE_RECENT = "2", ["4", "5"]
 TRENDING_TOP = ["50", "40", "30"]
-# ml-100k's u.user rows for users 1, 2 and 3 (1|24|M|technician|85711, 2|53|F|other|94043,
-# 3|23|M|writer|32067) as user_profile features: the age bucket and the zip code's first 3 digits.
-PROFILES = {
-    "1": {"age_bucket": "18-24", "gender": "M", "occupation": "technician", "zip_prefix": "857"},
-    "2": {"age_bucket": "50-55", "gender": "F", "occupation": "other", "zip_prefix": "940"},
-    "3": {"age_bucket": "18-24", "gender": "M", "occupation": "writer", "zip_prefix": "320"},
+INPUTS = user_model_inputs(TINY_SCHEMA)
+# The user rows written to the store (TINY_SCHEMA's user attributes); user 3's tenure is unknown.
+PROFILES: dict[str, dict[str, object]] = {
+    "1": {"segment": "gold", "tenure_days": 400.0},
+    "2": {"segment": "new", "tenure_days": 3.0},
+    "3": {"segment": "silver", "tenure_days": None},
 }
-NO_PROFILE = {"age_bucket": "", "gender": "", "occupation": "", "zip_prefix": ""}
+NO_PROFILE: dict[str, object] = {"segment": "", "tenure_days": None}
 NO_COUNTS = {"count_1h": 0, "count_24h": 0}
 
 
@@ -116,11 +122,17 @@ def make_settings(
 
 
 def set_up_features(settings: ApiSettings) -> None:
-    """Profiles materialized; one fresh and one stale activity row; trending stats for a few items."""
-    feature_store.write_profiles(settings)
+    """The tiny schema's profiles materialized; one fresh and one stale activity row; trending stats for a few items."""
+    users = pd.DataFrame(
+        {
+            "user_id": list(PROFILES),
+            "segment": [str(row["segment"]) for row in PROFILES.values()],
+            "tenure_days": [np.nan if row["tenure_days"] is None else row["tenure_days"] for row in PROFILES.values()],
+        }
+    )
+    items = pd.DataFrame({"item_id": CATALOG, "tags": [[f"tag-{int(item) % 3}"] for item in CATALOG]})
     store = feature_store.open_store(settings)
-    feature_store.apply(store)
-    feature_store.materialize_profiles(store)
+    feature_store.setup_dataset(store, "api-tiny", TINY_SCHEMA, users, items)
     now = pd.Timestamp.now(tz="UTC")
     stale = now - timedelta(days=3)
     feature_store.push_user_activity(
@@ -206,6 +218,11 @@ def series_value(api: ApiServer, metric: MetricWrapperBase, sample: str, **label
     return value
 
 
+def nan_as_none(row: dict[str, object]) -> dict[str, object]:
+    """``row`` with NaN values as None, so rows with an unknown number compare equal."""
+    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()}
+
+
 def version_of(arm: str) -> int:
     return 2 if arm == "canary" else 1
 
@@ -250,6 +267,30 @@ def test_exclude_seen_removes_the_users_recent_items(stub: object) -> None:
     assert with_exclusion == expected_top(MODEL_ITEMS, FRESH_RECENT, exclude=FRESH_RECENT, bias=BIAS[version], k=10)
 
 
+def test_exclude_item_ids_are_never_returned_and_join_the_seen_items(stub: object) -> None:
+    version = version_of(expected_arm(FRESH_USER))
+    top = expected_top(MODEL_ITEMS, FRESH_RECENT, bias=BIAS[version], k=4)
+    unseen_top = [item for item in top if item not in FRESH_RECENT][:2]
+    assert unseen_top  # the model's own top has items the user has not seen, so the test can fail
+    request = pb.pb2.RecommendRequest(user_id=FRESH_USER, k=10, exclude_seen=True, exclude_item_ids=unseen_top)
+    shown = [item.item_id for item in stub.Recommend(request, timeout=10).items]  # type: ignore[attr-defined]
+    exclude = [*FRESH_RECENT, *unseen_top]
+    assert shown == expected_top(MODEL_ITEMS, FRESH_RECENT, exclude=exclude, bias=BIAS[version], k=10)
+
+
+def test_candidate_item_ids_rank_only_the_allow_list_by_the_models_score(stub: object) -> None:
+    version = version_of(expected_arm(FRESH_USER))
+    scores = expected_scores(MODEL_ITEMS, FRESH_RECENT, bias=BIAS[version])
+    # "70" is in the feature catalog but not the model's: the tiny model scores it -inf, so it is left out
+    candidates = ["45", "2", "70", "17", "1", "33", "2"]
+    request = pb.pb2.RecommendRequest(user_id=FRESH_USER, k=3, exclude_item_ids=["1"], candidate_item_ids=candidates)
+    response = stub.Recommend(request, timeout=10)  # type: ignore[attr-defined]
+    expected = sorted(["45", "2", "17", "33"], key=lambda item: -scores[item])[:3]
+    assert [item.item_id for item in response.items] == expected
+    assert [item.score for item in response.items] == pytest.approx([scores[item] for item in expected], abs=1e-4)
+    assert (response.model_version, response.fallback) == (version, False)
+
+
 @pytest.mark.parametrize("one_round_trip", [True, False], ids=["one-hmget", "online-read-per-view"])
 def test_the_reader_gives_the_rows_and_features_get_online_features_gives(
     settings: ApiSettings, one_round_trip: bool
@@ -258,7 +299,9 @@ def test_the_reader_gives_the_rows_and_features_get_online_features_gives(
     view on other stores (see ``serving.api.user_features``); each must see exactly what Feast's
     public read returns."""
     store = open_feature_store(settings)
-    reader = UserFeatureReader(store, max_age_s=settings.feature_max_age_s, one_round_trip=one_round_trip)
+    reader = UserFeatureReader(
+        store, inputs=INPUTS, max_age_s=settings.feature_max_age_s, one_round_trip=one_round_trip
+    )
     assert (reader._hmget is not None) == one_round_trip  # noqa: SLF001 - the path under test
     service = store.get_feature_service("recommender_user_v1")
     profile_only = {"found_views": frozenset({"user_profile"}), "recent_items": [], "counts": NO_COUNTS}
@@ -281,7 +324,7 @@ def test_the_reader_gives_the_rows_and_features_get_online_features_gives(
             features=service, entity_rows=[{"user_id": user}], full_feature_names=True
         ).to_dict(include_event_timestamps=True)
         public_row = {key: values[0] for key, values in public.items() if not key.startswith("user_id")}
-        assert reader.read_row(user) == public_row, user
+        assert nan_as_none(reader.read_row(user)) == nan_as_none(public_row), user
         assert reader.read(user) == features, user
     assert not reader.read("no-such-user").known
 
@@ -309,7 +352,10 @@ def test_an_unknown_user_gets_the_profile_less_model_answer_marked_cold_start(st
         ({"user_id": "", "k": 3}, "user_id is empty"),
         ({"user_id": "1", "k": -2}, "k must be positive"),
         ({"user_id": "1", "k": 51}, "k must be at most 50"),
-        ({"user_id": "1", "k": 3, "context": {"junk": "x" * 20_000}}, "above the limit of 16384"),
+        ({"user_id": "1", "k": 3, "context": {"junk": "x" * 70_000}}, "above the limit of 65536"),
+        ({"user_id": "1", "exclude_item_ids": ["5", ""]}, "exclude_item_ids[1] is empty"),
+        ({"user_id": "1", "candidate_item_ids": [""]}, "candidate_item_ids[0] is empty"),
+        ({"user_id": "1", "candidate_item_ids": ["1"] * 1001}, "candidate_item_ids has 1001 ids, above the limit"),
     ],
 )
 def test_invalid_requests_get_invalid_argument_with_a_message(
@@ -350,7 +396,8 @@ def test_impressions_land_in_the_topic_and_decode_as_impression(stub: object, se
     assert first.user_id == FRESH_USER
     assert [item.position for item in first.items] == [0, 1, 2, 3]
     assert first.model_version == version_of(first.arm)
-    assert first.features["recent_items"] == FRESH_RECENT and first.features["gender"] in ("M", "F")
+    assert first.features["recent_items"] == FRESH_RECENT
+    assert {name: first.features[name] for name in PROFILES[FRESH_USER]} == PROFILES[FRESH_USER]
     assert (first.fallback, first.degraded) == (False, False)
     assert first.serve_latency_ms is not None and 0 < first.serve_latency_ms < 10_000  # the call's deadline
 
@@ -390,11 +437,19 @@ def test_grpcurl_lists_the_services_and_calls_recommend_with_json(api: ApiServer
 
     services = run(address, "list").split()
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
-    assert "rpc Recommend ( .streamrec.v1.RecommendRequest ) returns ( .streamrec.v1.RecommendResponse )" in run(
-        address, "describe", SERVICE_NAME
+    assert run(address, "list", SERVICE_NAME).split() == [f"{SERVICE_NAME}.Recommend", f"{SERVICE_NAME}.SimilarItems"]
+    described = run(address, "describe", SERVICE_NAME)
+    assert "rpc Recommend ( .streamrec.v1.RecommendRequest ) returns ( .streamrec.v1.RecommendResponse )" in described
+    assert "rpc SimilarItems ( .streamrec.v1.SimilarItemsRequest ) returns ( .streamrec.v1.SimilarItemsResponse )" in (
+        described
     )
     answer = json.loads(run("-d", json.dumps({"user_id": FRESH_USER, "k": 3}), address, f"{SERVICE_NAME}/Recommend"))
     assert len(answer["items"]) == 3
     assert answer["arm"] == expected_arm(FRESH_USER)
     assert int(answer["model_version"]) == version_of(answer["arm"])  # int64 is a JSON string
+    similar_request = json.dumps({"item_id": "5", "k": 2, "exclude_item_ids": ["6"]})
+    similar = json.loads(run("-d", similar_request, address, f"{SERVICE_NAME}/SimilarItems"))
+    expected_items = expected_similar(MODEL_ITEMS, "5", exclude=["6"], bias=BIAS[version_of("stable")], k=2)
+    assert [item["item_id"] for item in similar["items"]] == [item for item, _ in expected_items]
+    assert int(similar["model_version"]) == version_of("stable")
     assert json.loads(run(address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}

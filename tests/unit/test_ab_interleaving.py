@@ -27,7 +27,7 @@ from serving.rollout.policy import Experiment, PolicyConfig
 from serving.rollout.sequential import ArmCounts, msprt_share
 from streamrec.core.events import Arm, Impression, LabeledExample, decode_event
 from streams.joiner import label
-from tests.unit.test_api_ranking import KNOWN, TRENDING, FakeModel, FixedTrending, _outputs, pending_impression
+from tests.unit.test_api_ranking import INPUTS, KNOWN, TRENDING, FakeModel, FixedTrending, _outputs, pending_impression
 
 CANARY = [(f"c{rank}", 10.0 - rank) for rank in range(10)]
 STABLE = [(f"s{rank}", 5.0 - rank) for rank in range(10)]
@@ -78,7 +78,13 @@ def test_a_short_ranking_is_filled_by_the_other_team() -> None:
 # -- the API's answer ---------------------------------------------------------------------------
 def _interleaving_ranker(model: FakeModel) -> Ranker:
     return Ranker(
-        model, FixedTrending(TRENDING), ApiMetrics(), budget_s=0.05, canary_gate=CanaryGate(5.0), interleave=True
+        model,
+        FixedTrending(TRENDING),
+        ApiMetrics(),
+        inputs=INPUTS,
+        budget_s=0.05,
+        canary_gate=CanaryGate(5.0),
+        interleave=True,
     )
 
 

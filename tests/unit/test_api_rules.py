@@ -15,10 +15,18 @@ from serving.api import proto
 from serving.api.arms import CanaryGate, assign_arm, bucket
 from serving.api.errors import InvalidRequest
 from serving.api.settings import ApiSection, ApiSettings
-from serving.api.validation import validate
+from serving.api.validation import validate, validate_similar
 
 pb2 = proto.generated().pb2
-LIMITS = ApiSection(max_k=20, default_k=5, max_request_bytes=256, max_user_id_chars=32)
+LIMITS = ApiSection(
+    max_k=20,
+    default_k=5,
+    max_request_bytes=256,
+    max_user_id_chars=32,
+    max_item_id_chars=8,
+    max_exclude_items=3,
+    max_candidate_items=4,
+)
 
 
 def test_generated_code_matches_the_proto_and_rewrites_the_colliding_import() -> None:
@@ -26,7 +34,9 @@ def test_generated_code_matches_the_proto_and_rewrites_the_colliding_import() ->
     assert (proto.GENERATED_DIR / ".proto.sha256").read_text().strip() == digest
     service_source = (proto.GENERATED_DIR / "streamrec/v1/recommender_pb2_grpc.py").read_text()
     assert "from streamrec.v1 import" not in service_source  # would shadow the project's package
-    assert pb2.DESCRIPTOR.services_by_name["Recommender"].full_name == proto.SERVICE_NAME
+    service = pb2.DESCRIPTOR.services_by_name["Recommender"]
+    assert service.full_name == proto.SERVICE_NAME
+    assert sorted(method.name for method in service.methods) == ["Recommend", "SimilarItems"]
     assert proto.ensure_generated() == proto.GENERATED_DIR  # up to date: a no-op
 
 
@@ -73,6 +83,63 @@ def test_a_valid_request_keeps_its_values_and_k_zero_means_the_default() -> None
 def test_invalid_requests_are_refused_with_a_reason(request_fields: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         validate(pb2.RecommendRequest(**request_fields), LIMITS)
+
+
+def test_item_id_lists_are_stripped_and_deduplicated_in_order_and_no_candidates_means_the_catalog() -> None:
+    request = pb2.RecommendRequest(
+        user_id="u", exclude_item_ids=["b", " a ", "b"], candidate_item_ids=["c2", "c1", "c2", "c3"]
+    )
+    valid = validate(request, LIMITS)
+    assert valid.exclude_item_ids == ("b", "a")
+    assert valid.candidate_item_ids == ("c2", "c1", "c3")
+    unrestricted = validate(pb2.RecommendRequest(user_id="u"), LIMITS)
+    assert (unrestricted.exclude_item_ids, unrestricted.candidate_item_ids) == ((), None)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"user_id": "u", "exclude_item_ids": ["a", ""]}, r"exclude_item_ids\[1\] is empty"),
+        ({"user_id": "u", "exclude_item_ids": [" "]}, r"exclude_item_ids\[0\] is empty"),
+        (
+            {"user_id": "u", "exclude_item_ids": ["a", "b", "c", "d"]},
+            "exclude_item_ids has 4 ids, above the limit of 3",
+        ),
+        ({"user_id": "u", "candidate_item_ids": [""]}, r"candidate_item_ids\[0\] is empty"),
+        ({"user_id": "u", "candidate_item_ids": list("abcde")}, "candidate_item_ids has 5 ids, above the limit of 4"),
+        ({"user_id": "u", "candidate_item_ids": ["x" * 9]}, "9 characters, above the limit of 8"),
+    ],
+)
+def test_bad_item_id_lists_are_refused_with_the_position_and_the_fix(
+    request_fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        validate(pb2.RecommendRequest(**request_fields), LIMITS)
+
+
+def test_a_valid_similar_items_request_keeps_its_values_and_k_zero_means_the_default() -> None:
+    valid = validate_similar(pb2.SimilarItemsRequest(item_id=" m1 ", exclude_item_ids=["m2", "m2"]), LIMITS)
+    assert (valid.item_id, valid.k, valid.exclude_item_ids) == ("m1", 5, ("m2",))
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"item_id": ""}, "item_id is empty"),
+        ({"item_id": "  "}, "item_id is empty"),
+        ({"item_id": "x" * 9}, "item_id has 9 characters, above the limit of 8"),
+        ({"item_id": "m1", "k": -1}, "k must be positive"),
+        ({"item_id": "m1", "k": 21}, "k must be at most 20"),
+        ({"item_id": "m1", "exclude_item_ids": ["a", ""]}, r"exclude_item_ids\[1\] is empty"),
+        ({"item_id": "m1", "exclude_item_ids": list("abcd")}, "above the limit of 3"),
+        ({"item_id": "m1", "exclude_item_ids": ["x" * 8] * 3 + ["y" * 300]}, "bytes, above the limit of 256"),
+    ],
+)
+def test_invalid_similar_items_requests_are_refused_with_a_reason(
+    request_fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        validate_similar(pb2.SimilarItemsRequest(**request_fields), LIMITS)
 
 
 def test_an_arm_is_stable_per_user_and_the_split_follows_the_share() -> None:
