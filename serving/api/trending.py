@@ -5,10 +5,10 @@ request would cost more than the model call it replaces. So a daemon thread re-r
 ``interval_s`` and swaps in a new immutable :class:`TrendingSnapshot`; requests only read the
 current snapshot (one attribute load, no lock).
 
-The catalog (which item ids exist) comes from the item profile view's batch source (its parquet
-file), because Feast's online store cannot list keys; a dataset with no item attributes has no
-profile view, and then the catalog is every item the stream view's offline push log holds (the
-items that had an event). The stats come from the service's stream view, read online with
+The catalog (which item ids exist) is the item profile view's batch source (its parquet file;
+none for a dataset without item attributes) plus every item the stream view's offline push log
+holds (the items that had an event), because Feast's online store cannot list keys: an item first
+seen in the stream is in the next refresh's catalog, ranked by its stats like any other. The stats come from the service's stream view, read online with
 ``Provider.online_read`` (``features.feast_internals``) in chunks of ``CHUNK`` ids with a
 ``PAUSE_S`` rest after each, so a refresh never holds the GIL long enough to stall requests in
 flight.
@@ -124,15 +124,16 @@ class TrendingItems:
                 f"FeatureService {service_name!r} needs a stream view with {list(_RANKING_FEATURES)}; "
                 "run `streamrec features setup`"
             )
-        if not self._catalog_paths:  # no item attributes: the items that had events are the catalog
-            log_source = getattr(stats_view.stream_source, "batch_source", None)
-            if not isinstance(log_source, FileSource):
-                raise ApiSetupError(
-                    f"FeatureService {service_name!r} has no file-backed item profile view and its stream view "
-                    f"{stats_view.name!r} no file-backed push log to list the catalog from; "
-                    "run `streamrec features setup`"
-                )
+        # The items that had events join the catalog: an item first seen in the stream trends at once.
+        log_source = getattr(stats_view.stream_source, "batch_source", None)
+        if isinstance(log_source, FileSource):
             self._catalog_paths.append(log_source.path)
+        elif not self._catalog_paths:
+            raise ApiSetupError(
+                f"FeatureService {service_name!r} has no file-backed item profile view and its stream view "
+                f"{stats_view.name!r} no file-backed push log to list the catalog from; "
+                "run `streamrec features setup`"
+            )
         self._stats = ViewReader(store, stats_view, _RANKING_FEATURES)
         metrics.trending_age.set_function(self._age_s)
 
@@ -150,7 +151,7 @@ class TrendingItems:
         seen: dict[str, None] = {}
         for path in self._catalog_paths:
             table = pq.read_table(path, columns=[contracts.ITEM_JOIN_KEY])
-            for item_id in table.column(contracts.ITEM_JOIN_KEY).to_pylist():
+            for item_id in table.column(contracts.ITEM_JOIN_KEY).unique().to_pylist():
                 if item_id:
                     seen.setdefault(str(item_id), None)
         return list(seen)

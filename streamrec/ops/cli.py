@@ -256,9 +256,10 @@ def count_interactions(
 
 @app.command("demo")
 def demo_command(
+    dataset: DatasetOption = None,
     visits: Annotated[int, typer.Option(help="held-out visits to simulate (more = longer, clearer A/B)")] = 7200,
     rate: Annotated[float, typer.Option(help="visits per second")] = 30.0,
-    history_fraction: Annotated[float, typer.Option(help="share of ml-100k (by time) used as history")] = 0.5,
+    history_fraction: Annotated[float, typer.Option(help="share of the dataset (by time) used as history")] = 0.5,
     canary_share: Annotated[float, typer.Option(help="share of users in the canary arm")] = 0.8,
     trainer_interval: Annotated[float, typer.Option(help="seconds between trainer candidates")] = 40.0,
     keep_running: Annotated[bool, typer.Option(help="leave the stack up at the end")] = False,
@@ -271,6 +272,7 @@ def demo_command(
 
     page = run(
         DemoOptions(
+            dataset=dataset or load(CommonSettings).dataset,
             visits=visits,
             rate=rate,
             history_fraction=history_fraction,

@@ -1,7 +1,8 @@
 """``make demo``: the whole loop on the local stack, from a clean state, with a report at the end.
 
-1. Kafka and Redis (supervisord), topics, the Feast repo (profiles written, applied, materialized).
-2. The feature worker; the first part of MovieLens-100K (by time) replayed as history; wait
+1. Kafka and Redis (supervisord), topics, the Feast repo set up for the dataset (``--dataset``,
+   MovieLens-100K by default: its schema, views and attribute rows).
+2. The feature worker; the first part of the dataset (by time) replayed as history; wait
    until the worker has caught up, printing a few users' online features as they change.
 3. Bootstrap training through Feast's point-in-time join -> version 1, served as ``stable``.
 4. Joiner, API, online trainer and evaluator start; the trainer begins at the end of history.
@@ -35,6 +36,7 @@ from streamrec.ops.stack.ports import free_ports
 
 @dataclass(frozen=True)
 class DemoOptions:
+    dataset: str = "ml-100k"  # a preset, a description (.toml) or a log file
     history_fraction: float = 0.5
     visits: int = 7200
     rate: float = 30.0
@@ -52,6 +54,7 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
     kafka, controller, redis_port, model_server, api, streams_metrics, api_metrics, trainer_metrics = free_ports(8)
     return {
         "STREAMREC_PATHS__STATE_DIR": str(options.state_dir),
+        "STREAMREC_DATASET": options.dataset,
         "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka}",
         "STREAMREC_STACK__KAFKA_PORT": str(kafka),
         "STREAMREC_STACK__KAFKA_CONTROLLER_PORT": str(controller),
@@ -66,8 +69,8 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
         "STREAMREC_TRAINER__METRICS_PORT": str(trainer_metrics),
         "STREAMREC_TRAINER__INTERVAL_S": str(options.trainer_interval_s),
         "STREAMREC_JOINER__LABEL_WINDOW_S": str(options.label_window_s),
-        # MovieLens events keep their 1997-98 event times, so "fresh" must reach back that far;
-        # with live traffic this stays at its default (24 h).
+        # Replayed events keep their own event times (MovieLens' are from 1997-98), so "fresh" must
+        # reach back that far; with live traffic this stays at its default (24 h).
         "STREAMREC_FEATURES__MAX_FEATURE_AGE_S": str(40 * 365 * 24 * 3600),
     }
 
@@ -119,13 +122,13 @@ def counter_total(families: list[Metric], metric: str) -> float:
 
 def run(options: DemoOptions) -> Path:
     from features.settings import FeaturesSettings
-    from features.store import apply, materialize_profiles, open_store, write_profiles
+    from features.store import open_store, setup_dataset
     from online_trainer.bootstrap import bootstrap
     from online_trainer.settings import TrainerSettings
     from serving.model_client import ModelServerClient
     from serving.rollout.settings import EvaluatorSettings
     from streamrec.core.settings import PathSettings, load
-    from streamrec.datasets import movielens
+    from streamrec.datasets.description import load_dataset
     from streamrec.kafka.admin import ensure_topics
     from streamrec.kafka.consume import commit_group_offsets, end_offsets
     from streamrec.ops.replay import replay
@@ -142,17 +145,17 @@ def run(options: DemoOptions) -> Path:
     stack_settings = load(StackSettings)
     stack = LocalStack(stack_settings)
 
+    dataset = load_dataset(options.dataset)
+    typer.echo(dataset.summary())
     typer.secho("1/6 Kafka + Redis, topics, feature repo", bold=True)
     stack.up()
     ensure_topics(stack_settings)
     features = load(FeaturesSettings)
-    write_profiles(features)
     store = open_store(features)
-    apply(store)
-    materialize_profiles(store)
+    setup_dataset(store, dataset.name, dataset.schema, dataset.users, dataset.items)
 
     try:
-        interactions = movielens.load_interactions()
+        interactions = dataset.interactions
         history_rows = int(len(interactions) * options.history_fraction)
         history = interactions.head(history_rows)
         until = history["event_time"].iloc[-1].to_pydatetime()
@@ -177,7 +180,7 @@ def run(options: DemoOptions) -> Path:
         stack.start("model-server")
         trainer_settings = load(TrainerSettings)
         with ModelServerClient.from_settings(trainer_settings) as client:
-            result = bootstrap(trainer_settings, interactions, until, publisher=client)
+            result = bootstrap(trainer_settings, interactions, until, publisher=client, schema=dataset.schema)
             if result.version is None:
                 raise RuntimeError(f"bootstrap model rejected by the gate: {result.outcome.gate.summary()}")
             client.publish_stable(result.version)
