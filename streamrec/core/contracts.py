@@ -7,9 +7,10 @@ Features (Feast, ``features/``)
 ===============================
 Entities: ``user`` (join key ``user_id``, string) and ``item`` (join key ``item_id``, string).
 
-Batch feature views (from MovieLens-100K profiles, parquet, materialized):
-  * ``user_profile``: ``age_bucket`` (str), ``gender`` (str), ``occupation`` (str), ``zip_prefix`` (str)
-  * ``item_profile``: ``genres`` (list[str]), ``release_year`` (int64, -1 when unknown)
+Batch feature views, generated from the dataset's declared attributes
+(``streamrec.core.attributes``; parquet written by ``streamrec features setup``, materialized):
+  * ``user_profile`` / ``item_profile``: one feature per declared attribute (String,
+    Array(String) or Float64); a side without attributes has no profile view.
 
 Stream feature views (Feast ``PushSource``, written by the Faust worker, ``streams/``):
   * ``user_activity`` (push source ``user_activity_push``): ``recent_items`` (list[str], newest
@@ -17,6 +18,8 @@ Stream feature views (Feast ``PushSource``, written by the Faust worker, ``strea
     ``last_event_ts`` (int64, epoch seconds)
   * ``item_stats`` (push source ``item_stats_push``): ``count_1h``, ``count_24h`` (int64),
     ``trending_score`` (float64)
+  * both, when the dataset has several event kinds: ``<kind>_count_1h``, ``<kind>_count_24h``
+    (int64) per kind (``attributes.kind_count_features``), the same windows over that kind's events
 
 Window semantics (event time, exact, what the tests compare against a pandas reference): for an
 entity whose latest accepted event has time ``t``, ``count_W`` is the number of distinct
@@ -66,8 +69,6 @@ ITEM_STATS_VIEW: Final = "item_stats"
 USER_ACTIVITY_PUSH: Final = "user_activity_push"
 ITEM_STATS_PUSH: Final = "item_stats_push"
 
-USER_PROFILE_FEATURES: Final = ("age_bucket", "gender", "occupation", "zip_prefix")
-ITEM_PROFILE_FEATURES: Final = ("genres", "release_year")
 USER_ACTIVITY_FEATURES: Final = ("recent_items", "count_1h", "count_24h", "last_event_ts")
 ITEM_STATS_FEATURES: Final = ("count_1h", "count_24h", "trending_score")
 
@@ -83,18 +84,8 @@ RECOMMEND_SIGNATURE: Final = "recommend"
 SCORE_SIGNATURE: Final = "score"
 SIMILAR_SIGNATURE: Final = "similar"
 TOP_K_EXPORTED: Final = 100
-USER_STRING_INPUTS: Final = ("user_id", "age_bucket", "gender", "occupation", "zip_prefix")
-USER_COUNT_INPUTS: Final = ("count_1h", "count_24h")
 STABLE_LABEL: Final = "stable"
 CANARY_LABEL: Final = "canary"
-
-
-def age_bucket(age: int) -> str:
-    """The profile's age as a coarse bucket (the model and the features agree on it here)."""
-    for upper, label in ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55")):
-        if age < upper:
-            return label
-    return "56+"
 
 
 def trending_score(count_1h: int, count_24h: int) -> float:

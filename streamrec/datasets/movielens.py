@@ -93,20 +93,4 @@ def load(folder: Path | None = None) -> MovieLens100K:
     return MovieLens100K(load_interactions(folder), load_users(folder), load_items(folder))
 
 
-ZIP_PREFIX_LEN = 3
-
-
-def user_profile_rows(users: pd.DataFrame) -> pd.DataFrame:
-    """ml-100k user rows (age, gender, occupation, zip_code) as the ``user_profile`` feature
-    columns of ``streamrec.core.contracts``: the one place both the feature repo and the trainer use."""
-    from streamrec.core import contracts
-
-    return pd.DataFrame(
-        {
-            "user_id": users["user_id"].astype(str),
-            "age_bucket": users["age"].map(lambda age: contracts.age_bucket(int(age))),
-            "gender": users["gender"].astype(str),
-            "occupation": users["occupation"].astype(str),
-            "zip_prefix": users["zip_code"].astype(str).str[:ZIP_PREFIX_LEN],
-        }
-    )
+ZIP_PREFIX_LEN = 3  # the MovieLens preset keeps the first 3 digits of a zip code (an area)

@@ -98,6 +98,27 @@ def _wait_for_lag(
     raise TimeoutError(f"the feature worker still lags after {timeout_s:.0f}s; see {settings.paths.state_dir}/logs")
 
 
+def _wait_for_trainer(url: str, timeout_s: float = 300.0) -> None:
+    """Wait until the online trainer has loaded its version (``trainer_current_version`` >= 1):
+    visits before that would only feed an interval nobody trains on yet."""
+    deadline = time.monotonic() + timeout_s
+    with tqdm(desc="online trainer starting", unit="poll") as bar:
+        while time.monotonic() < deadline:
+            try:
+                if gauge_value(scrape_metrics(url), "trainer_current_version") >= 1:
+                    return
+            except OSError:
+                pass  # not listening yet (TensorFlow still importing)
+            bar.update()
+            time.sleep(1)
+    raise TimeoutError(f"the online trainer did not start within {timeout_s:.0f}s; see its log under logs/")
+
+
+def gauge_value(families: list[Metric], metric: str) -> float:
+    """A gauge's value summed over its label sets; 0 if the process has none."""
+    return sum(float(sample.value) for family in families for sample in family.samples if sample.name == metric)
+
+
 def scrape_metrics(url: str) -> list[Metric]:
     """Every metric family a /metrics endpoint exposes (parsed by prometheus_client)."""
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 -- our own loopback endpoint
@@ -195,6 +216,7 @@ def run(options: DemoOptions) -> Path:
         )
         for name in ("joiner", "api", "trainer", "evaluator"):
             stack.start(name)
+        _wait_for_trainer(f"http://127.0.0.1:{trainer_settings.trainer.metrics_port}/metrics")
 
         typer.secho(f"5/6 simulating {options.visits:,} held-out visits at {options.rate:g}/s", bold=True)
         metrics_url = f"http://127.0.0.1:{streams.streams.metrics_port}/metrics"

@@ -133,6 +133,9 @@ def _click_share(ax: Any, record: LoopRecord) -> None:
         at = (datetime.fromisoformat(decision["time"]).timestamp() - start) / 60
         ax.axvline(at, color="green" if decision["action"] == "promote" else "red", linestyle="--", alpha=0.7)
     ax.set(title=title, xlabel="minutes", ylabel="share", ylim=(0, 1), xlim=(0, None))
+    if frame.empty:  # every experiment still below 10 credited clicks: no line, so no legend
+        ax.text(0.5, 0.5, "fewer than 10 credited interleaved clicks per experiment so far", ha="center")
+        return
     ax.legend(loc="upper left")
 
 

@@ -89,3 +89,9 @@ def test_a_loop_without_interleaving_or_decisions_still_reports(tmp_path: Path) 
     assert "last_experiment_canary_click_share" not in summary(empty)
     assert "last_experiment_tied_clicks" not in summary(empty)
     assert write_report(empty, tmp_path / "report").exists()
+
+
+def test_a_loop_with_only_a_few_interleaved_clicks_still_reports(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    record.timeline = record.timeline[:1]  # 5 clicks: below the plot's threshold, no line to label
+    assert write_report(record, tmp_path / "report").exists()
