@@ -2,8 +2,8 @@
 
 Runs ``make demo``'s loop (``streamrec.ops.demo.run``: Kafka, Redis, feature worker, model server,
 bootstrap version 1 as stable, joiner, API, online trainer, evaluator, then the replay
-simulator over held-out MovieLens-100K), keeps the stack up at the end to read the impressions
-topic back, then computes:
+simulator over the held-out part of ``--dataset``, default ml-100k), keeps the stack up at the
+end to read the impressions topic back, then computes:
 
 * **online hit rate@10**: the share of simulated visits whose real item was among the 10 items
   the live loop served (both arms; the replay method, so CTR = hit rate);
@@ -25,7 +25,8 @@ topic back, then computes:
 Run: ``.venv/bin/python -m bench.loop_online`` (about 11 minutes: 15,000 visits at 40/s, longer
 than the demo so that the first minutes, before any trained version exists, weigh less).
 ``--visits 3000 --interval 30 --no-write`` is a smoke test; ``--analyze-only`` recomputes the
-figures from the last run's files.
+figures from the last run's files (pass the same ``--dataset``). Another dataset writes
+``bench/results/loop-<dataset name>.json`` unless ``--result-name`` says otherwise.
 """
 
 from __future__ import annotations
@@ -84,13 +85,21 @@ def read_impressions(settings: Any) -> pd.DataFrame:
 
 def frozen_answers(version_dir: Path, visits: pd.DataFrame) -> list[list[str]]:
     """Top-K of the version in ``version_dir`` (the frozen one unless told) for each visit, from the
-    features the API logged."""
+    features the API logged.
+
+    The inputs are the version's own (``user_model_inputs`` of the schema in its
+    ``assets.extra``), rebuilt the way the API builds them (``serving.api.ranking.model_inputs``),
+    so a rescored visit gets exactly the request the live loop sent.
+    """
     import tensorflow as tf
 
+    from online_trainer.export import EXTRA_DIR
     from serving.api.ranking import model_inputs
-    from serving.api.user_features import UserFeatures
+    from serving.api.user_features import UserFeatures, normalized
     from streamrec.core import contracts
+    from streamrec.core.attributes import read_schema, user_model_inputs
 
+    kinds = user_model_inputs(read_schema(version_dir / EXTRA_DIR))
     signature = tf.saved_model.load(str(version_dir)).signatures[contracts.RECOMMEND_SIGNATURE]
     answers: list[list[str]] = []
     rows = visits.itertuples(index=False)
@@ -99,14 +108,9 @@ def frozen_answers(version_dir: Path, visits: pd.DataFrame) -> list[list[str]]:
             answers.append(list(visit.items))
             continue
         raw = visit.features
-        base = UserFeatures.unknown(visit.user_id)
-        features = UserFeatures(
-            user_id=visit.user_id,
-            profile={name: str(raw.get(name) or "") for name in base.profile},
-            recent_items=[str(item) for item in raw.get("recent_items") or []],
-            counts={name: int(raw.get(name) or 0) for name in base.counts},
-        )
-        inputs = model_inputs(features, list(features.recent_items))
+        values = {name: normalized(kind, raw.get(name)) for name, kind in kinds.items() if name != "user_id"}
+        features = UserFeatures.from_inputs(str(visit.user_id), values, kinds)
+        inputs = model_inputs(features, list(features.recent_items), kinds)
         outputs = signature(**{name: tf.constant(value) for name, value in inputs.items()})
         excluded = set(features.recent_items)
         ranked = [item.decode() for item in outputs["item_ids"].numpy().reshape(-1)]
@@ -183,6 +187,7 @@ def stable_version_age(visits: pd.DataFrame) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description)")
     parser.add_argument("--visits", type=int, default=15000, help="held-out visits (the demo runs 7,200)")
     parser.add_argument("--rate", type=float, default=40.0, help="visits per second (the demo runs 30)")
     parser.add_argument("--history-fraction", type=float, default=0.5)
@@ -196,7 +201,9 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(
-        "--result-name", default="loop", help="bench/results/<name>.json (e.g. loop_long for a --visits 40000 run)"
+        "--result-name",
+        default=None,
+        help="bench/results/<name>.json (default: loop[-<dataset>]; e.g. loop_long for a --visits 40000 run)",
     )
     parser.add_argument(
         "--analyze-only", action="store_true", help="recompute the figures from the last run's files (no new run)"
@@ -204,12 +211,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from streamrec.core.settings import load
-    from streamrec.datasets import movielens
+    from streamrec.datasets.description import load_dataset
     from streamrec.ops import demo
     from streamrec.ops.settings import SimulatorSettings, StackSettings
     from streamrec.ops.stack.local_stack import LocalStack
 
     canary_share = demo.DemoOptions().canary_share if args.canary_share is None else args.canary_share
+    dataset = load_dataset(args.dataset)
+    result_name = args.result_name or ("loop" if dataset.name == "ml-100k" else f"loop-{dataset.name}")
 
     state_dir = PROJECT_ROOT / ".state" / "bench-loop"
     impressions_path = state_dir / "impressions.parquet"
@@ -217,6 +226,7 @@ def main() -> None:
         # Keep every version on disk: the frozen version 1 is rescored and every lineage is read.
         os.environ["STREAMREC_TRAINER__RETENTION"] = "100000"
         options = demo.DemoOptions(
+            dataset=args.dataset,
             history_fraction=args.history_fraction,
             visits=args.visits,
             rate=args.rate,
@@ -248,7 +258,7 @@ def main() -> None:
     if missing:
         print(f"{missing} responses have no logged impression; they are left out", file=sys.stderr)
         visits = visits[visits["features"].notna()].reset_index(drop=True)
-    interactions = movielens.load_interactions()
+    interactions = dataset.interactions
     history = interactions.head(int(len(interactions) * args.history_fraction))
     truth = visits["item_id"].astype(str).to_numpy()
 
@@ -324,12 +334,12 @@ def main() -> None:
     arms = ", ".join(f"{arm} {row['mean']:.4f} over {int(row['size']):,}" for arm, row in by_arm.iterrows())
     actions = [f"{d['action']} v{d['canary_version']} ({d['reason']})" for d in decisions]
     notes = (
-        f"`streamrec demo` loop: history {args.history_fraction:.0%} of ml-100k, then {len(visits):,} held-out visits "
-        f"at {args.rate:g}/s, canary share {canary_share:g}, trainer interval {args.interval:g} s, label window "
-        f"{args.label_window:g} s; all services real and on this machine. Same visits for every policy: online = "
-        f"what the live loop served (per arm: {arms}); frozen = version 1 rescored on the features each impression "
-        f"logged; popularity = most interacted items so far. Online/frozen 95% bootstrap interval "
-        f"{ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}. ctr_trained_versions / ctr_frozen_same_requests: the "
+        f"`streamrec demo` loop: history {args.history_fraction:.0%} of {dataset.name}, then {len(visits):,} "
+        f"held-out visits at {args.rate:g}/s, canary share {canary_share:g}, trainer interval {args.interval:g} s, "
+        f"label window {args.label_window:g} s; all services real and on this machine. Same visits for every "
+        f"policy: online = what the live loop served (per arm: {arms}); frozen = version 1 rescored on the "
+        f"features each impression logged; popularity = most interacted items so far. Online/frozen 95% bootstrap "
+        f"interval {ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}. ctr_trained_versions / ctr_frozen_same_requests: the "
         f"{int(trained.sum()):,} requests answered by a trainer-published version, scored by that version's own "
         "top 10 (the live list, or rescored on the logged inputs where the user saw it interleaved with stable), "
         f"and frozen on those same requests; ctr_interleaved: the {int(interleaved.sum()):,} canary requests shown "
@@ -344,12 +354,13 @@ def main() -> None:
     )
     defaults = parser.parse_args([])
     flags = ("visits", "rate", "interval", "history_fraction")
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in flags
-               if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
+    changed = [f"--dataset {args.dataset}"] if args.dataset != defaults.dataset else []
+    changed += [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in flags
+                if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
     changed += [f"--canary-share {args.canary_share:g}"] if args.canary_share is not None else []
-    changed += [f"--result-name {args.result_name}"] if args.result_name != defaults.result_name else []
+    changed += [f"--result-name {args.result_name}"] if args.result_name is not None else []
     report(
-        args.result_name,
+        result_name,
         metrics,
         units,
         targets={

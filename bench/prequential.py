@@ -24,6 +24,10 @@ Protocol (``--dataset``: a ``streamrec.datasets.description.load_dataset`` spec,
 Figures: hit@10 of each model over all tested events (``prequential.hit_at_10_frozen`` /
 ``prequential.hit_at_10_online``), their ratio, and a 95 % interval of the ratio from a bootstrap
 over intervals (intervals resampled with replacement; paired: both models on the same events).
+Beside them, the "most popular so far" baseline on the same events (``hit_at_10_popularity``:
+items ranked by how often they were learned from before the interval, the user's earlier items
+excluded): a model that loses to it is not ready to serve, so both models' ratios to it are
+recorded with a target of at least 1.
 
 ``--serve-lag N`` tests each interval on the online model as it was N intervals earlier: what
 serving an older version costs (the loop's ``stable`` is as old as its last promotion).
@@ -75,6 +79,29 @@ def seen_before(examples: pd.DataFrame) -> list[list[str]]:
 def hits(model: TwoTowerModel, tested: pd.DataFrame, exclude: list[list[str]]) -> np.ndarray:
     ids, _ = recommend(model, tested, k=K, exclude=exclude)
     return np.asarray([truth in row for truth, row in zip(tested["item_id"], ids, strict=True)], dtype=bool)
+
+
+class PopularitySoFar:
+    """The "most popular so far" baseline: items ranked by how often they were learned from until now."""
+
+    def __init__(self, catalog: ItemCatalog) -> None:
+        self._index = catalog.index
+        self._counts = np.zeros(len(catalog), dtype=np.int64)
+        self._ids = np.asarray(catalog.item_ids, dtype=object)
+
+    def learn(self, examples: pd.DataFrame) -> None:
+        rows = [self._index[item] for item in examples["item_id"] if item in self._index]
+        np.add.at(self._counts, np.asarray(rows, dtype=np.int64), 1)
+
+    def hits(self, tested: pd.DataFrame, exclude: list[list[str]]) -> np.ndarray:
+        """Top ``K`` by count (ties by catalog order) minus the user's earlier items; is the truth in it?"""
+        ranked = self._ids[np.argsort(-self._counts, kind="stable")[: K + max(map(len, exclude), default=0)]]
+        found = []
+        for truth, seen in zip(tested["item_id"], exclude, strict=True):
+            excluded = set(seen)
+            top = [item for item in ranked if item not in excluded][:K]
+            found.append(truth in top)
+        return np.asarray(found, dtype=bool)
 
 
 def prepare(dataset: Dataset, tuning: TrainerTuning) -> tuple[ItemCatalog, pd.DataFrame]:
@@ -140,6 +167,9 @@ def main() -> None:
     online: TwoTowerModel = clone_for_finetune(frozen)  # what load_for_finetune gives the trainer
     replay = ReplayBuffer(tuning.replay_buffer_size)
     replay.add(examples.iloc[:split])
+    popularity = PopularitySoFar(catalog)
+    popularity.learn(examples.iloc[:split])
+    popularity_hits: list[np.ndarray] = []
     deferred = empty_examples(dataset.schema)
     rng = np.random.default_rng(args.seed)
 
@@ -164,6 +194,8 @@ def main() -> None:
             frozen_hits.append(hits(frozen, tested, exclude))
             recent_models.append(online)
             online_hits.append(hits(recent_models[0], tested, exclude))
+            popularity_hits.append(popularity.hits(tested, exclude))
+            popularity.learn(chunk)
 
             update_started = time.perf_counter()
             plan = plan_interval(chunk, deferred=deferred, replay=replay, tuning=tuning, seed=step)
@@ -194,9 +226,13 @@ def main() -> None:
     online_rate = float(np.concatenate(online_hits).mean())
     low, high = ratio_interval(frozen_hits, online_hits, args.seed)
     tested_events = int(sum(len(h) for h in frozen_hits))
+    popularity_rate = float(np.concatenate(popularity_hits).mean())
     metrics = {
         "prequential.hit_at_10_frozen": frozen_rate,
         "prequential.hit_at_10_online": online_rate,
+        "prequential.hit_at_10_popularity": popularity_rate,
+        "prequential.frozen_over_popularity": frozen_rate / popularity_rate if popularity_rate else float("nan"),
+        "prequential.online_over_popularity": online_rate / popularity_rate if popularity_rate else float("nan"),
         "prequential.online_over_frozen": online_rate / frozen_rate if frozen_rate else float("nan"),
         "prequential.online_over_frozen_ci95_low": low,
         "prequential.online_over_frozen_ci95_high": high,
@@ -215,13 +251,20 @@ def main() -> None:
         {
             "prequential.hit_at_10_frozen": "fraction",
             "prequential.hit_at_10_online": "fraction",
+            "prequential.hit_at_10_popularity": "fraction",
+            "prequential.frozen_over_popularity": "ratio",
+            "prequential.online_over_popularity": "ratio",
             "prequential.online_over_frozen": "ratio",
             "prequential.online_over_frozen_ci95_low": "ratio",
             "prequential.online_over_frozen_ci95_high": "ratio",
             "prequential.update_s_median": "s",
             "prequential.gate_rejections": "count",
         },
-        targets={"prequential.online_over_frozen": ">= 1.2"},
+        targets={
+            "prequential.online_over_frozen": ">= 1.2",
+            "prequential.frozen_over_popularity": ">= 1",
+            "prequential.online_over_popularity": ">= 1",
+        },
         command=" ".join([".venv/bin/python -m bench.prequential", *sys.argv[1:]]),
         notes=(
             f"{dataset.name} by time: bootstrap on the first {args.bootstrap_fraction:.0%} ({split} events, "

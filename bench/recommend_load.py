@@ -3,10 +3,18 @@
 Everything is co-located, as on the target 2-core machine: Kafka and Redis (``LocalStack``, on
 free ports), the local model server (``python -m serving.model_server.cli``) and the API
 (``python -m serving``), each its own process, and ``ghz --cpus 1`` as the client. The feature
-store holds ml-100k profiles (materialized) plus fresh ``user_activity`` (every user's last 20
-items) and ``item_stats`` rows, so every request reads a real row; requests cycle through all
-943 users plus 5% unknown ones (cold start). The model is the tests' tiny model over the whole
-ml-100k catalog (1,682 items), or any exported SavedModel given with ``--model-dir``.
+store is set up for ``--dataset`` (default ml-100k; ``bench.recommend_setup``): its profiles
+(materialized) plus fresh ``user_activity`` (every user's last 20 items) and ``item_stats`` rows,
+so every request reads a real row; requests cycle through all the dataset's users plus 5% unknown
+ones (cold start). The model (``--model``): ``tiny``, the tests' tiny model over the dataset's
+catalog (the default for ml-100k: 1,682 items); ``export``, the trainer's model exported by its
+real export path, untrained (the default for any other dataset); or any exported SavedModel given
+with ``--model-dir``.
+
+Results: the default (ml-100k, tiny model) writes ``bench/results/recommend.json``; anything else
+writes ``recommend-<N>k.json`` with every figure named ``..._<N>k_items`` by the catalog size,
+e.g. ``--dataset synthetic:items=100000,events=200000`` (a real export over 100,000 items) writes
+``recommend-100k.json`` with ``recommend.p99_ms_200rps_100k_items``.
 
 Phases (each reported from ghz's own percentiles; non-OK statuses are errors):
 
@@ -31,7 +39,8 @@ phase (``/proc/<pid>/stat``), and ``--profile DIR`` writes py-spy profiles (``--
 collapsed stacks) of both processes during the 200 rps phase.
 
 Run: ``.venv/bin/python -m bench.recommend_load`` (about 4 minutes; ``--tiny --no-write`` checks
-the wiring in under a minute). Needs ``ghz``: ``make go-tools`` installs the pinned version.
+the wiring in about a minute, two with the 100k-item export). Needs ``ghz``: ``make go-tools``
+installs the pinned version.
 """
 
 from __future__ import annotations
@@ -40,7 +49,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,10 +61,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from bench.common import ROOT, write_result
+from bench.recommend_setup import ModelKind, ServedModel, served_model, set_up_features
 from serving.model_client import ModelServerClient
 from streamrec.core.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisSettings
 from streamrec.ops.settings import StackSettings, StackTuning
@@ -73,18 +81,28 @@ TARGETS = {
     "recommend.saturation_rps": ">= 400 rps",
     "recommend.swap_failed_requests": "<= 0 requests",
 }
+# A large catalog (any run but the default) is held to the same latency and zero errors; its
+# saturation is reported without a target (the 400 rps one is the tiny model's).
+LARGE_CATALOG_TARGETS = ("recommend.p99_ms_200rps", "recommend.errors_200rps", "recommend.swap_failed_requests")
 SWAP_P99_FACTOR = 2.0
 
 
-def targets(steady_p99_ms: float) -> dict[str, str]:
+def targets(steady_p99_ms: float, suffix: str = "") -> dict[str, str]:
     """The targets with the swap bound as a number: 2 x the steady-state p99 at 200 rps.
 
     The table's verdict reads the first number after the operator, so a target written as
     "<= 2 x recommend.p99_ms_200rps" was judged against 2 ms (a 73 ms swap p99 next to a 98 ms
-    steady p99 showed as MISSED).
+    steady p99 showed as MISSED). ``suffix``: the large-catalog names (``_100k_items``).
     """
     bound = SWAP_P99_FACTOR * steady_p99_ms
-    return {**TARGETS, "recommend.swap_p99_ms": f"<= {bound:.2f} ms (2 x recommend.p99_ms_200rps)"}
+    chosen = {name: target for name, target in TARGETS.items() if not suffix or name in LARGE_CATALOG_TARGETS}
+    chosen["recommend.swap_p99_ms"] = f"<= {bound:.2f} ms (2 x recommend.p99_ms_200rps{suffix})"
+    return {name + suffix: target for name, target in chosen.items()}
+
+
+def catalog_label(size: int) -> str:
+    """``100000`` -> ``"100k"``: how result files and figures of a non-default run name the catalog."""
+    return f"{size / 1000:.0f}k" if size >= 1000 else str(size)
 
 
 def ghz_binary() -> str:
@@ -173,53 +191,9 @@ def api_counters(metrics_port: int) -> dict[str, float]:
     return totals
 
 
-def set_up_features(env_settings: Any) -> list[str]:
-    """Profiles + fresh activity for every ml-100k user + item stats; returns the user ids."""
-    from features import store as feature_store
-    from streamrec.core import contracts
-    from streamrec.datasets.movielens import load_interactions
-
-    feature_store.write_profiles(env_settings)
-    store = feature_store.open_store(env_settings)
-    feature_store.apply(store)
-    feature_store.materialize_profiles(store)
-    interactions = load_interactions().sort_values("event_time")
-    now = pd.Timestamp.now(tz="UTC")
-    recent = (
-        interactions.groupby("user_id")["item_id"]
-        .agg(lambda items: list(dict.fromkeys(reversed(items.tolist())))[: contracts.RECENT_ITEMS_MAX])
-        .reset_index()
-    )
-    recent["count_1h"] = 3
-    recent["count_24h"] = 12
-    recent["last_event_ts"] = int(now.timestamp())
-    recent["event_timestamp"] = now
-    recent = recent.rename(columns={"item_id": "recent_items"})
-    feature_store.push_user_activity(store, recent, offline=False)
-    counts = interactions.groupby("item_id").size()
-    rng = np.random.default_rng(7)
-    stats = pd.DataFrame(
-        {
-            "item_id": counts.index.astype(str),
-            "count_1h": rng.integers(0, 20, len(counts)),
-            "count_24h": counts.to_numpy(),
-            "event_timestamp": now,
-        }
-    )
-    stats["trending_score"] = stats["count_1h"] / (1 + stats["count_24h"] / 24)
-    feature_store.push_item_stats(store, stats, offline=False)
-    return [str(user) for user in recent["user_id"]]
-
-
-def write_version(base_path: Path, version: int, item_ids: list[str], model_dir: Path | None) -> None:
-    if model_dir is not None:
-        staging = base_path / f".tmp-{version}"
-        shutil.copytree(model_dir, staging)
-        os.rename(staging, base_path / str(version))
-        return
-    from tests.support.tiny_model import write_tiny_model
-
-    write_tiny_model(base_path, version, item_ids=item_ids, bias=version * 0.01)
+def stop_process(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    process.wait(30)
 
 
 def wait_for_line(process: subprocess.Popen[str], needle: str, timeout_s: float, log: Path) -> None:
@@ -257,6 +231,16 @@ def main() -> None:
     parser.add_argument("--swap-duration", type=float, default=95.0, help="seconds of the swap phase")
     parser.add_argument("--swap-every", type=float, default=30.0, help="seconds between published versions")
     parser.add_argument("--saturation-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description): users, items, features"
+    )
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "export"],
+        default=None,
+        help="the tests' tiny model, or the trainer's model through its real export (untrained); "
+        "default: tiny for ml-100k, export for any other dataset",
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="an exported SavedModel to serve instead")
     parser.add_argument("--tiny", action="store_true", help="3-second phases: check the wiring only")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
@@ -273,8 +257,14 @@ def main() -> None:
     ghz_binary()
 
     from features.settings import FeaturesSettings, FeatureStoreTuning
-    from streamrec.datasets.movielens import load_items
+    from streamrec.datasets.description import load_dataset
     from streamrec.ops.stack.local_stack import LocalStack
+
+    dataset = load_dataset(args.dataset)
+    print(dataset.summary(), file=sys.stderr)
+    kind: ModelKind = (
+        "dir" if args.model_dir is not None else args.model or ("tiny" if dataset.name == "ml-100k" else "export")
+    )
 
     kafka_port, controller_port, redis_port, model_port, api_port, metrics_port = free_ports(6)
     with ExitStack() as cleanup:
@@ -298,11 +288,13 @@ def main() -> None:
         from streamrec.kafka.admin import ensure_topics
 
         ensure_topics(features)
-        users = set_up_features(features)
-        item_ids = [str(item) for item in load_items()["item_id"]]
+        activity = set_up_features(features, dataset)
+        users = activity["user_id"].tolist()
+        print(f"writing the model ({kind}) ...", file=sys.stderr)
+        served: ServedModel = served_model(kind, dataset, activity, state / "export", args.model_dir)
         base_path = state / "models" / "streamrec"
         base_path.mkdir(parents=True)
-        write_version(base_path, 1, item_ids, args.model_dir)
+        served.write(base_path, 1)
 
         env = {key: value for key, value in os.environ.items() if not key.upper().startswith("STREAMREC_")}
         env.update(
@@ -321,7 +313,7 @@ def main() -> None:
              "--file_system_poll_wait_seconds", "1"],
             cwd=PROJECT_ROOT, env=env, stdout=model_log.open("w"), stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        cleanup.callback(lambda: (model_server.terminate(), model_server.wait(30)))
+        cleanup.callback(stop_process, model_server)
         client = ModelServerClient(f"127.0.0.1:{model_port}", server_base_path=str(base_path), admin_timeout_s=60)
         client.wait_until_available(1, timeout_s=120)
         client.publish_stable(1)
@@ -329,13 +321,13 @@ def main() -> None:
             [sys.executable, "-m", "serving", "--port", str(api_port), "--metrics-port", str(metrics_port)],
             cwd=PROJECT_ROOT, env=env, stdout=api_log.open("w"), stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        cleanup.callback(lambda: (api.terminate(), api.wait(30)))
+        cleanup.callback(stop_process, api)
         wait_for_line(api, "listening on", 180, api_log)
 
         data_file = state / "requests.json"
         cold = [f"cold-{i}" for i in range(int(len(users) * COLD_SHARE))]
         requests = [{"user_id": user, "k": 10, "exclude_seen": True} for user in users + cold]
-        np.random.default_rng(11).shuffle(requests)  # type: ignore[arg-type]
+        np.random.default_rng(11).shuffle(requests)
         data_file.write_text(json.dumps(requests))
         address = f"127.0.0.1:{api_port}"
 
@@ -389,7 +381,7 @@ def main() -> None:
         staged.mkdir()
         staged_versions = list(range(2, 3 + int(args.swap_duration // args.swap_every)))
         for version in staged_versions:
-            write_version(staged, version, item_ids, args.model_dir)
+            served.write(staged, version)
         published: list[int] = []
         stop = threading.Event()
 
@@ -410,7 +402,12 @@ def main() -> None:
         steps.close()
         api_rss, server_rss = peak_rss_mb(api.pid), peak_rss_mb(model_server.pid)
 
-    metrics = {
+    # The default run (ml-100k, the tiny model or a given SavedModel) keeps its names; any other
+    # names every figure and its result file by the catalog size.
+    default_run = dataset.name == "ml-100k" and kind != "export"
+    label = catalog_label(len(served.item_ids))
+    suffix = "" if default_run else f"_{label}_items"
+    figures = {
         "recommend.p50_ms_100rps": round(at_100.p50_ms, 2),
         "recommend.p99_ms_100rps": round(at_100.p99_ms, 2),
         "recommend.p50_ms_200rps": round(at_200.p50_ms, 2),
@@ -421,19 +418,20 @@ def main() -> None:
         "recommend.swap_p99_ms": round(swap.p99_ms, 2),
         "recommend.api_rss_mb": round(api_rss, 1),
     }
-    units = {name: "ms" for name in metrics if name.endswith("_ms") or "_ms_" in name}
+    units = {name: "ms" for name in figures if name.endswith("_ms") or "_ms_" in name}
     units.update({"recommend.saturation_rps": "req/s", "recommend.errors_200rps": "requests",
                   "recommend.swap_failed_requests": "requests", "recommend.api_rss_mb": "MiB"})  # fmt: skip
-    model = f"SavedModel {args.model_dir}" if args.model_dir else "the tests' tiny model over 1,682 items"
+    metrics = {name + suffix: value for name, value in figures.items()}
+    units = {name + suffix: unit for name, unit in units.items()}
     notes = (
-        f"ghz --cpus 1, one connection; {len(users)} users with fresh features + {len(cold)} unknown (cold start), "
-        f"k=10, exclude_seen. Model: {model}. Phases of {args.duration:g} s; saturation at "
-        f"{args.saturation_concurrency} in flight ({saturation.errors} errors); swap phase {args.swap_duration:g} s "
-        f"with versions {published} (exported before the phase) moved into the base path and published every "
-        f"{args.swap_every:g} s. Share of degraded answers per phase, "
+        f"Dataset {dataset.name}: {len(users):,} users with fresh features + {len(cold):,} unknown (cold start); "
+        f"ghz --cpus 1, one connection; k=10, exclude_seen. Model: {served.describe()}. Phases of "
+        f"{args.duration:g} s; saturation at {args.saturation_concurrency} in flight ({saturation.errors} errors); "
+        f"swap phase {args.swap_duration:g} s with versions {published} (exported before the phase) moved into the "
+        f"base path and published every {args.swap_every:g} s. Share of degraded answers per phase, "
         "model server failed or past its budget (trending fallback) / feature read failed or past "
         "api.feature_timeout_ms (model answer without user features): "
-        + ", ".join(f"{name} {model:.1%} / {features:.1%}" for name, (model, features) in degraded.items())
+        + ", ".join(f"{name} {share:.1%} / {features:.1%}" for name, (share, features) in degraded.items())
         + ". "
         "CPU ms per request, API / model server: "
         + ", ".join(f"{name} {api_ms:.2f} / {server_ms:.2f}" for name, (api_ms, server_ms) in cpu_per_request.items())
@@ -449,16 +447,21 @@ def main() -> None:
         met = (
             at_200.p99_ms <= 30
             and at_200.errors == 0
-            and saturation.rps >= 400
+            and (saturation.rps >= 400 or not default_run)
             and swap.errors == 0
             and swap.p99_ms <= SWAP_P99_FACTOR * at_200.p99_ms
         )
+        defaults = parser.parse_args([])
+        command = ["python -m bench.recommend_load"]
+        command += [f"--dataset {args.dataset}"] if args.dataset != defaults.dataset else []
+        command += [f"--model {args.model}"] if args.model is not None else []
+        command += [f"--model-dir {args.model_dir}"] if args.model_dir is not None else []
         path = write_result(
-            "recommend",
+            "recommend" if default_run else f"recommend-{label}",
             metrics,
             units,
-            targets=targets(at_200.p99_ms),
-            command="python -m bench.recommend_load",
+            targets=targets(at_200.p99_ms, suffix),
+            command=" ".join(command),
             notes=notes + (" All targets met." if met else " Not every target was met; see the table."),
         )
         print(f"wrote {path}", file=sys.stderr)

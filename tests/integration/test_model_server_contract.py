@@ -20,8 +20,9 @@ from serving.model_client import ModelServerClient, ModelServerRpcError
 from serving.model_server.versions import LoadedVersion
 from serving.protocol.models_config import single_model_config
 from streamrec.core import contracts
+from streamrec.core.attributes import user_model_inputs
 from tests.support.model_server import running_model_server
-from tests.support.tiny_model import example_inputs, expected_scores, expected_top, write_tiny_model
+from tests.support.tiny_model import TINY_SCHEMA, example_inputs, expected_scores, expected_top, write_tiny_model
 
 ITEMS = [f"item-{k}" for k in range(12)]
 BIAS = {1: 0.0, 2: 0.5}
@@ -123,14 +124,18 @@ def test_metadata_lists_the_contract_signatures(served: tuple[ModelServerClient,
     client, _ = served
     metadata = client.metadata()
     assert metadata.version == 2
-    assert {"recommend", "score", "serving_default"} <= set(metadata.signatures)
+    assert {"recommend", "score", contracts.SIMILAR_SIGNATURE, "serving_default"} <= set(metadata.signatures)
     recommend = metadata.signatures["recommend"]
-    expected_inputs = {*contracts.USER_STRING_INPUTS, "recent_items", *contracts.USER_COUNT_INPUTS, "exclude_items"}
+    expected_inputs = {*user_model_inputs(TINY_SCHEMA), "exclude_items"}
     assert set(recommend.inputs) == expected_inputs
     assert set(recommend.outputs) == {"item_ids", "scores"}
     assert [d.size for d in recommend.outputs["item_ids"].tensor_shape.dim] == [-1, contracts.TOP_K_EXPORTED]
     assert [d.size for d in recommend.inputs["recent_items"].tensor_shape.dim] == [-1, contracts.RECENT_ITEMS_MAX]
     assert set(metadata.signatures["score"].inputs) == expected_inputs - {"exclude_items"} | {"item_ids"}
+    similar = metadata.signatures[contracts.SIMILAR_SIGNATURE]
+    assert set(similar.inputs) == {"item_id", "exclude_items"}
+    assert set(similar.outputs) == {"item_ids", "scores"}
+    assert [d.size for d in similar.outputs["scores"].tensor_shape.dim] == [-1, contracts.TOP_K_EXPORTED]
 
 
 def test_status_reports_available_versions(labelled: ModelServerClient) -> None:
@@ -146,7 +151,7 @@ def test_status_reports_available_versions(labelled: ModelServerClient) -> None:
         (lambda c: c.predict(example_inputs(["u"]), label="no-such-label"), grpc.StatusCode.INVALID_ARGUMENT),
         (lambda c: c.predict(example_inputs(["u"]), signature="nope"), grpc.StatusCode.FAILED_PRECONDITION),
         (
-            lambda c: c.predict({k: v for k, v in example_inputs(["u"]).items() if k != "gender"}),
+            lambda c: c.predict({k: v for k, v in example_inputs(["u"]).items() if k != "segment"}),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (

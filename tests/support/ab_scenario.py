@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import grpc
 import numpy as np
+import pandas as pd
 from confluent_kafka import Consumer, Producer
 
 from features import store as feature_store
@@ -43,12 +44,13 @@ from streamrec.core.events import Click, LabeledExample, decode_event
 from streamrec.core.settings import CommonSettings, PathSettings
 from streamrec.kafka.consume import consumer_config
 from tests.support.processes import faust_worker, settings_env
-from tests.support.tiny_model import write_tiny_model
+from tests.support.tiny_model import TINY_SCHEMA, write_tiny_model
 
 ITEMS = [str(i) for i in range(1, 61)]
 LIKED = [str(i) for i in range(1, 11)]
 OTHERS = [item for item in ITEMS if item not in LIKED]
 K = 10
+USERS = [f"e2e-user-{n}" for n in range(500)]
 Quality = Literal["baseline", "broken", "better"]
 
 
@@ -85,7 +87,7 @@ class Scenario:
         write_tiny_model(self.base_path, version, item_ids=catalog_order(quality, seed))
 
     def visit(self) -> None:
-        user = f"e2e-user-{self.visits % 500}"
+        user = USERS[self.visits % len(USERS)]
         self.visits += 1
         try:
             response = self.stub.Recommend(self.pb2.RecommendRequest(user_id=user, k=K), timeout=2.0)
@@ -143,6 +145,21 @@ class Scenario:
         return self.workdir / "evaluator"
 
 
+def set_up_features(settings: ApiSettings) -> None:
+    """Profiles of the scripted users and the catalog, with the tiny model's schema (so the API
+    sends exactly the inputs every version accepts); the attributes change no tiny-model score."""
+    users = pd.DataFrame(
+        {
+            "user_id": USERS,
+            "segment": [f"segment-{n % 3}" for n in range(len(USERS))],
+            "tenure_days": [float(n % 400) for n in range(len(USERS))],
+        }
+    )
+    items = pd.DataFrame({"item_id": ITEMS, "tags": [[f"tag-{int(item) % 4}"] for item in ITEMS]})
+    store = feature_store.open_store(settings)
+    feature_store.setup_dataset(store, "ab", TINY_SCHEMA, users, items)
+
+
 @contextmanager
 def ab_scenario(
     settings: CommonSettings, workdir: Path, *, policy: PolicyConfig, label_window_s: float = 1.0
@@ -175,10 +192,7 @@ def ab_scenario(
             api=ApiSection(port=0, metrics_port=0, canary_share=0.5, canary_recheck_s=0.5, experiment_salt="e2e"),
             features=FeatureStoreTuning(project=f"e2e{uuid.uuid4().hex[:8]}"),
         )
-        feature_store.write_profiles(api_settings)
-        store = feature_store.open_store(api_settings)
-        feature_store.apply(store)
-        feature_store.materialize_profiles(store)
+        set_up_features(api_settings)
         api = ApiServer(api_settings)
         api_port = api.start()
         cleanup.callback(api.stop, 1)
