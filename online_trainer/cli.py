@@ -44,14 +44,16 @@ def load_training_dataset(spec: str, columns: str | None, settings: TrainerSetti
     The model reads the attributes through Feast, so the repo must have been set up for this
     dataset: another dataset's schema would give these ids another dataset's attributes.
     """
-    from streamrec.core.attributes import read_schema, schema_path
+    from features.profiles import read_stamp
     from streamrec.datasets.description import load_dataset
 
     dataset = load_dataset(spec, columns=columns)
-    if read_schema(settings.data_dir) != dataset.schema:
+    stamp = read_stamp(settings.data_dir)
+    if stamp is None or stamp.name != dataset.name or stamp.schema != dataset.schema:
+        held = "nothing" if stamp is None else f"dataset {stamp.name!r}"
         raise SettingsError(
-            f"the feature repo ({schema_path(settings.data_dir)}) was set up for other attributes or event "
-            f"kinds than dataset {dataset.name!r}; run `streamrec features setup --dataset {spec}` first"
+            f"the feature repo ({settings.data_dir}) holds {held}, not dataset {dataset.name!r} with its attributes "
+            f"and event kinds; run `streamrec features setup --dataset {spec}` first"
         )
     return dataset
 
@@ -82,8 +84,12 @@ def _logging() -> None:
 def train_command(
     until: Annotated[str, typer.Option(help="learn from interactions up to this time (ISO-8601 or epoch s)")],
     dataset: Annotated[
-        str, typer.Option(help="a preset (ml-100k, synthetic[:options]), a description .toml or a log file")
-    ] = "ml-100k",
+        str | None,
+        typer.Option(
+            help="a preset (ml-100k, synthetic[:options]), a description .toml or a log file; "
+            "default: the STREAMREC_DATASET setting (ml-100k)"
+        ),
+    ] = None,
     columns: Annotated[
         str | None, typer.Option(help="column mapping of a bare log file (see `streamrec replay`)")
     ] = None,
@@ -108,7 +114,7 @@ def train_command(
     _logging()
     settings = _settings(bootstrap_epochs=epochs, publish=publish)
     config = ModelConfig() if embedding_dim is None else dataclasses.replace(ModelConfig(), embedding_dim=embedding_dim)
-    loaded = load_training_dataset(dataset, columns, settings)
+    loaded = load_training_dataset(dataset or settings.dataset, columns, settings)
     typer.echo(loaded.summary())
     publisher = _publisher(settings)
     result = bootstrap(
