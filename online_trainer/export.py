@@ -6,13 +6,14 @@ Layout of ``<base_path>/<version>/`` (what TF Serving's file-system source loads
   and ``similar``, typed exactly as ``streamrec.core.contracts`` documents, the user inputs being
   ``streamrec.core.attributes.user_model_inputs`` of the model's schema (:mod:`online_trainer.signatures`).
   The catalog (ids, attribute values and the item-tower vectors computed at export) is held as
-  variables, so ``recommend`` and ``similar`` rank the whole catalog inside the graph and drop
-  ``exclude_items`` there too.
+  variables, so ``recommend`` and ``similar`` rank the catalog inside the graph and drop
+  ``exclude_items`` there too: exactly up to ``ModelConfig.exact_topk_max_items`` items, through
+  an IVF index built here above that (:mod:`online_trainer.retrieval_index`).
 * ``assets.extra/tf_serving_warmup_requests``: TFRecord of ``PredictionLog`` records (recommend,
   score and similar requests) that TF Serving replays before it marks the version available.
 * ``assets.extra/attribute_schema.json``: the schema the signatures were built from.
 * ``assets.extra/lineage.json``: the caller's lineage (data range, offsets, feature service,
-  metrics, parent version) plus the model config and catalog size.
+  metrics, parent version) plus the model config, catalog size and retrieval method.
 * ``assets.extra/weights.npz`` + ``optimizer.npz`` + ``model_config.json`` + ``catalog.json``: enough to
   rebuild the Keras model and resume fine-tuning after a restart (:func:`load_for_finetune`).
 
@@ -42,6 +43,7 @@ from online_trainer.inference import catalog_vectors, rank, similar_rank
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
+from online_trainer.retrieval_index import IvfSearch, build_ivf_index, n_lists_for
 from online_trainer.signatures import recommend_specs, score_specs, similar_specs
 from streamrec.core import contracts
 from streamrec.core.attributes import SCHEMA_FILE, AttributeSchema
@@ -71,7 +73,11 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
             name: tf.Variable(_tensor_ready(column), trainable=False, name=f"catalog_{name}")
             for name, column in values.items()
         }
-        self.catalog_vectors = tf.Variable(catalog_vectors(model), trainable=False, name="catalog_vectors")
+        vectors = catalog_vectors(model)
+        # None: brute force over catalog_vectors; a large catalog is searched through an IVF index.
+        self.ivf = _ivf_search(vectors, model.config)
+        if self.ivf is None:
+            self.catalog_vectors = tf.Variable(vectors, trainable=False, name="catalog_vectors")
         self.catalog_rows = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(ids.astype(bytes)), tf.range(len(ids), dtype=tf.int64)),
             default_value=-1,
@@ -83,14 +89,21 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
 
     def _recommend(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         users = self._model.user_tower(inputs)
-        ids, scores = rank(
-            users,
-            self.catalog_vectors,
-            self.catalog_ids,
-            self.catalog_rows.lookup(inputs["exclude_items"]),
-            k=contracts.TOP_K_EXPORTED,
-            temperature=self._model.config.temperature,
-        )
+        exclude = self.catalog_rows.lookup(inputs["exclude_items"])
+        temperature = self._model.config.temperature
+        if self.ivf is not None:
+            ids, scores = self.ivf.rank(
+                users, self.catalog_ids, exclude, k=contracts.TOP_K_EXPORTED, temperature=temperature
+            )
+        else:
+            ids, scores = rank(
+                users,
+                self.catalog_vectors,
+                self.catalog_ids,
+                exclude,
+                k=contracts.TOP_K_EXPORTED,
+                temperature=temperature,
+            )
         return {"item_ids": ids, "scores": scores}
 
     def _score(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -115,15 +128,49 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         return {"scores": scores}
 
     def _similar(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        ids, scores = similar_rank(
-            self.catalog_vectors,
-            self.catalog_ids,
-            self.catalog_rows.lookup(inputs["item_id"]),
-            self.catalog_rows.lookup(inputs["exclude_items"]),
-            k=contracts.TOP_K_EXPORTED,
-            temperature=self._model.config.temperature,
-        )
+        query = self.catalog_rows.lookup(inputs["item_id"])
+        exclude = self.catalog_rows.lookup(inputs["exclude_items"])
+        temperature = self._model.config.temperature
+        if self.ivf is not None:
+            ids, scores = self.ivf.similar_rank(
+                self.catalog_ids, query, exclude, k=contracts.TOP_K_EXPORTED, temperature=temperature
+            )
+        else:
+            ids, scores = similar_rank(
+                self.catalog_vectors,
+                self.catalog_ids,
+                query,
+                exclude,
+                k=contracts.TOP_K_EXPORTED,
+                temperature=temperature,
+            )
         return {"item_ids": ids, "scores": scores}
+
+
+def _ivf_search(vectors: np.ndarray, config: ModelConfig) -> IvfSearch | None:
+    """The IVF index of a catalog above ``config.exact_topk_max_items`` items, else None (exact)."""
+    if len(vectors) <= config.exact_topk_max_items:
+        return None
+    index = build_ivf_index(
+        vectors,
+        n_lists=n_lists_for(len(vectors), config.ivf_lists_per_sqrt_n),
+        max_list_factor=config.ivf_max_list_factor,
+        iterations=config.ivf_kmeans_iterations,
+        seed=config.seed,
+    )
+    return IvfSearch(index, vectors, n_probe=config.ivf_n_probe, min_candidates=contracts.TOP_K_EXPORTED)
+
+
+def _retrieval(module: _ServingModule) -> dict[str, Any]:
+    """How the version ranks its catalog, for the lineage record."""
+    if module.ivf is None:
+        return {"method": "exact"}
+    return {
+        "method": "ivf",
+        "lists": int(module.ivf.members.shape[0]),
+        "list_size": module.ivf.list_size,
+        "n_probe": module.ivf.n_probe,
+    }
 
 
 def _tensor_ready(column: np.ndarray) -> np.ndarray:
@@ -205,6 +252,7 @@ def export_version(
         "version": version,
         "exported_at": time.time(),
         "catalog_size": len(model.catalog),
+        "retrieval": _retrieval(module),
         "model_config": model.config.to_json(),
     }
     (extra / LINEAGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,7 +1,10 @@
 """Scoring with a :class:`~online_trainer.model.TwoTowerModel` in memory: top-k, pair scores, similar items.
 
 :func:`rank` is shared with the export's ``recommend`` and ``similar`` signatures, so the in-memory
-and exported answers are the same computation (same exclusion, same padding with :data:`PAD_SCORE`).
+and exported answers are the same computation (same exclusion, same padding with :data:`PAD_SCORE`)
+up to ``ModelConfig.exact_topk_max_items`` items. Above that the export searches an IVF index
+(:mod:`online_trainer.retrieval_index`, same contract, approximate); in memory it stays exact here,
+the reference the gate and the benchmarks measure.
 """
 
 from __future__ import annotations
@@ -64,7 +67,15 @@ def rank(
     scores = tf.tensor_scatter_nd_update(scores, pairs, tf.fill(tf.shape(pairs)[:1], float("-inf")))
     depth = min(k, int(item_vecs.shape[0]))
     top_scores, top_rows = tf.math.top_k(scores, k=depth)
-    top_ids = tf.gather(item_ids, top_rows)
+    return padded_answer(tf.gather(item_ids, top_rows), top_scores, k)
+
+
+def padded_answer(top_ids: tf.Tensor, top_scores: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """A top-k answer [B, k]: slots scored -inf (excluded, padding) and missing ones as "" / :data:`PAD_SCORE`.
+
+    ``top_ids`` and ``top_scores`` are [B, depth] with depth <= k, best first.
+    """
+    depth = int(top_scores.shape[1])
     valid = tf.math.is_finite(top_scores)
     top_ids = tf.where(valid, top_ids, "")
     top_scores = tf.where(valid, top_scores, PAD_SCORE)
@@ -90,6 +101,9 @@ def similar_rank(
     catalog gets all ids "" and scores :data:`PAD_SCORE`.
     """
     known = query_rows >= 0
+    # Gather from one whole read, not from the variable: a gather on a TF variable puts it in
+    # copy-on-read mode, after which every whole read (``recommend``'s matmul) copies the catalog.
+    item_vecs = tf.convert_to_tensor(item_vecs)
     queries = tf.gather(item_vecs, tf.maximum(query_rows, 0))
     excluded = tf.concat([query_rows[:, tf.newaxis], exclude_rows], axis=1)
     ids, scores = rank(queries, item_vecs, item_ids, excluded, k=k, temperature=temperature)

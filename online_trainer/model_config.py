@@ -63,12 +63,30 @@ class ModelConfig:
     remove_accidental_hits: bool = True
     epochs: int = 4  # bootstrap epochs: the best validation epoch with lazy Adam
     seed: int = 0
+    # Retrieval in the exported `recommend` and `similar` (online_trainer/retrieval_index.py): a
+    # catalog up to this size is ranked exactly (brute force); a larger one through an IVF index
+    # built at export, which scores ivf_n_probe of its ~ivf_lists_per_sqrt_n * sqrt(N) lists.
+    exact_topk_max_items: int = 20_000
+    ivf_lists_per_sqrt_n: float = 4.0
+    ivf_n_probe: int = 96
+    ivf_max_list_factor: float = 1.5  # a list above this multiple of the mean size is split
+    ivf_kmeans_iterations: int = 10
 
     def __post_init__(self) -> None:
         if not 1 <= self.last_items <= contracts.RECENT_ITEMS_MAX:
             raise ValueError(
                 f"ModelConfig.last_items must be between 1 and {contracts.RECENT_ITEMS_MAX} (the recent items "
                 f"a user has), got {self.last_items}"
+            )
+        if self.exact_topk_max_items < 0 or self.ivf_n_probe < 1 or self.ivf_kmeans_iterations < 1:
+            raise ValueError(
+                "ModelConfig: exact_topk_max_items must be >= 0, ivf_n_probe and ivf_kmeans_iterations >= 1; got "
+                f"{self.exact_topk_max_items}, {self.ivf_n_probe}, {self.ivf_kmeans_iterations}"
+            )
+        if self.ivf_lists_per_sqrt_n <= 0 or self.ivf_max_list_factor < 1:
+            raise ValueError(
+                "ModelConfig: ivf_lists_per_sqrt_n must be > 0 and ivf_max_list_factor >= 1 (a multiple of the "
+                f"mean list size); got {self.ivf_lists_per_sqrt_n}, {self.ivf_max_list_factor}"
             )
 
     @property

@@ -8,10 +8,10 @@ current snapshot (one attribute load, no lock).
 The catalog (which item ids exist) is the item profile view's batch source (its parquet file;
 none for a dataset without item attributes) plus every item the stream view's offline push log
 holds (the items that had an event), because Feast's online store cannot list keys: an item first
-seen in the stream is in the next refresh's catalog, ranked by its stats like any other. The stats come from the service's stream view, read online with
-``Provider.online_read`` (``features.feast_internals``) in chunks of ``CHUNK`` ids with a
-``PAUSE_S`` rest after each, so a refresh never holds the GIL long enough to stall requests in
-flight.
+seen in the stream is in the next refresh's catalog, ranked by its stats like any other. The
+stats come from the service's stream view, read online with ``Provider.online_read``
+(``features.feast_internals``) in chunks of ``CHUNK`` ids with a ``PAUSE_S`` rest after each, so
+a refresh never holds the GIL long enough to stall requests in flight.
 
 Ranking: trending score, then 24 h count, then catalog order; items with no fresh stats rank
 after every item with stats, so the list is never empty while the catalog is not. Restricted to
