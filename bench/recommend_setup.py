@@ -82,7 +82,9 @@ def set_up_features(settings: Any, dataset: Dataset) -> pd.DataFrame:
     now = pd.Timestamp.now(tz="UTC")
     activity = user_activity(dataset, now)
     feature_store.push_user_activity(store, activity, schema=dataset.schema, offline=False)
-    feature_store.push_item_stats(store, item_stats(dataset, now), schema=dataset.schema, offline=False)
+    # Logged offline as the worker does by default (streams.push_offline): the API's trending
+    # refresh reads the stats of the logged items only.
+    feature_store.push_item_stats(store, item_stats(dataset, now), schema=dataset.schema, offline=True)
     return activity
 
 

@@ -80,6 +80,14 @@ class TrendingSnapshot:
 EMPTY = TrendingSnapshot((), (), 0.0)
 
 
+def _ids(path: str) -> list[str]:
+    """The distinct non-empty item ids of a parquet file or directory, in first-seen order."""
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(path, columns=[contracts.ITEM_JOIN_KEY]).column(contracts.ITEM_JOIN_KEY)
+    return [str(item_id) for item_id in column.unique().to_pylist() if item_id]
+
+
 def rank(catalog: Sequence[str], stats: dict[str, tuple[float, int]]) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """Order ``catalog`` by (trending score, 24 h count) descending, then catalog order."""
     order = sorted(
@@ -126,9 +134,8 @@ class TrendingItems:
             )
         # The items that had events join the catalog: an item first seen in the stream trends at once.
         log_source = getattr(stats_view.stream_source, "batch_source", None)
-        if isinstance(log_source, FileSource):
-            self._catalog_paths.append(log_source.path)
-        elif not self._catalog_paths:
+        self._log_path: str | None = log_source.path if isinstance(log_source, FileSource) else None
+        if self._log_path is None and not self._catalog_paths:
             raise ApiSetupError(
                 f"FeatureService {service_name!r} has no file-backed item profile view and its stream view "
                 f"{stats_view.name!r} no file-backed push log to list the catalog from; "
@@ -146,15 +153,15 @@ class TrendingItems:
         return self._clock() - refreshed if refreshed else float("inf")
 
     def catalog(self) -> list[str]:
-        import pyarrow.parquet as pq
+        """Every item id: the item file's, then the push log's (items that had events)."""
+        profile_ids, logged_ids = self._listed_ids()
+        return list(dict.fromkeys([*profile_ids, *logged_ids]))
 
-        seen: dict[str, None] = {}
-        for path in self._catalog_paths:
-            table = pq.read_table(path, columns=[contracts.ITEM_JOIN_KEY])
-            for item_id in table.column(contracts.ITEM_JOIN_KEY).unique().to_pylist():
-                if item_id:
-                    seen.setdefault(str(item_id), None)
-        return list(seen)
+    def _listed_ids(self) -> tuple[list[str], list[str]]:
+        """(ids of the item profile files, ids of the stream view's push log), each distinct, in file order."""
+        return [item for path in self._catalog_paths for item in _ids(path)], (
+            _ids(self._log_path) if self._log_path is not None else []
+        )
 
     def _read_stats(self, item_ids: list[str]) -> dict[str, tuple[float, int]]:
         now = self._clock()
@@ -177,9 +184,16 @@ class TrendingItems:
         return stats
 
     def refresh(self) -> TrendingSnapshot:
-        """Read the catalog and its stats now and swap in the new snapshot (raises on failure)."""
-        catalog = self.catalog()
-        item_ids, scores = rank(catalog, self._read_stats(catalog))
+        """Read the catalog and its stats now and swap in the new snapshot (raises on failure).
+
+        Stats are read only for the items of the push log when it lists any: with the worker's
+        offline log on (``streams.push_offline``, the default) no other item can have a stats row,
+        and a large item file then costs nothing per refresh. With the log off (empty), every
+        catalog item is read.
+        """
+        profile_ids, logged_ids = self._listed_ids()
+        catalog = list(dict.fromkeys([*profile_ids, *logged_ids]))
+        item_ids, scores = rank(catalog, self._read_stats(logged_ids or catalog))
         self._snapshot = TrendingSnapshot(item_ids, scores, self._clock())
         return self._snapshot
 
