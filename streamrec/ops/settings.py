@@ -36,6 +36,10 @@ class StackTuning(Section):
     supervisor_port: int = Field(default=9001, ge=1, le=65535)
     java_bin: str = "java"
     redis_server_bin: str = "redis-server"
+    # Redis keeps its data in an append-only file under <state>/redis: "everysec" fsyncs it once a
+    # second (a crash loses at most the last second of writes, which the worker pushes again from
+    # Kafka), "always" on every write (slower), "no" leaves it to the OS.
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
 
 
 class StackSettings(CommonSettings):

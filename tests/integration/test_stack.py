@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import redis
 from confluent_kafka.admin import AdminClient
@@ -51,8 +53,23 @@ def test_a_second_stack_starts_restarts_and_stops_cleanly(
     )
     stack = LocalStack(settings)
     stack.up()
+    written = redis.Redis(host=settings.redis.host, port=redis_port)
+    written.set("streamrec:kept", "1")
+    time.sleep(1.5)  # appendfsync everysec: on disk within a second
+    redis_pid = next(info["pid"] for info in stack.status() if info["name"] == "redis")
+    os.kill(redis_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # supervisord restarts it; it replays its append-only file
+    while not any(
+        info["name"] == "redis" and info["statename"] == "RUNNING" and info["pid"] not in (0, redis_pid)
+        for info in stack.status()
+    ):
+        assert time.monotonic() < deadline, f"redis not restarted: {stack.status()}"
+        time.sleep(0.2)
+    stack.wait_healthy(30, ["redis"])
+    assert redis.Redis(host=settings.redis.host, port=redis_port).get("streamrec:kept") == b"1"
     stack.down()
-    stack.up()  # a restart on the same state folder keeps the formatted storage
+    stack.up()  # a restart on the same state folder keeps the formatted storage and Redis' data
+    assert redis.Redis(host=settings.redis.host, port=redis_port).get("streamrec:kept") == b"1"
     pids = [info["pid"] for info in stack.status() if info["pid"]]
     assert len(pids) == 2
     stack.down()
