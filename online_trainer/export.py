@@ -43,7 +43,7 @@ from online_trainer.inference import catalog_vectors, rank, similar_rank
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
-from online_trainer.retrieval_index import IvfSearch, build_ivf_index, n_lists_for
+from online_trainer.retrieval_index import IvfSearch, index_for_config
 from online_trainer.signatures import recommend_specs, score_specs, similar_specs
 from streamrec.core import contracts
 from streamrec.core.attributes import SCHEMA_FILE, AttributeSchema
@@ -151,14 +151,9 @@ def _ivf_search(vectors: np.ndarray, config: ModelConfig) -> IvfSearch | None:
     """The IVF index of a catalog above ``config.exact_topk_max_items`` items, else None (exact)."""
     if len(vectors) <= config.exact_topk_max_items:
         return None
-    index = build_ivf_index(
-        vectors,
-        n_lists=n_lists_for(len(vectors), config.ivf_lists_per_sqrt_n),
-        max_list_factor=config.ivf_max_list_factor,
-        iterations=config.ivf_kmeans_iterations,
-        seed=config.seed,
+    return IvfSearch(
+        index_for_config(vectors, config), vectors, n_probe=config.ivf_n_probe, min_candidates=contracts.TOP_K_EXPORTED
     )
-    return IvfSearch(index, vectors, n_probe=config.ivf_n_probe, min_candidates=contracts.TOP_K_EXPORTED)
 
 
 def _retrieval(module: _ServingModule) -> dict[str, Any]:

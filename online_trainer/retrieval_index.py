@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from online_trainer.inference import PAD_SCORE, padded_answer
+from online_trainer.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,17 @@ def build_ivf_index(
     for number, rows in enumerate(lists):
         members[number, : len(rows)] = rows
     return IvfIndex(np.stack(centroids).astype(np.float32), members)
+
+
+def index_for_config(vectors: np.ndarray, config: ModelConfig) -> IvfIndex:
+    """The IVF index of ``vectors`` with ``config``'s list count, list cap, k-means iterations and seed."""
+    return build_ivf_index(
+        vectors,
+        n_lists=n_lists_for(len(vectors), config.ivf_lists_per_sqrt_n),
+        max_list_factor=config.ivf_max_list_factor,
+        iterations=config.ivf_kmeans_iterations,
+        seed=config.seed,
+    )
 
 
 def _split(vectors: np.ndarray, rows: np.ndarray, cap: int) -> list[np.ndarray]:

@@ -2,9 +2,9 @@
 
 A gather on a TF resource variable (``ResourceGather``) puts it in copy-on-read mode for good, and
 from then on every whole read (``ReadVariableOp``) copies it. The model server replays a
-``similar`` warm-up request before it serves, so a catalog variable read both ways made every
-``recommend`` copy the whole catalog (25.6 MB for 100,000 items: 3.4 -> 6.2 ms per call, measured
-in docs/design/trainer.md#retrieval-over-large-catalogs). Checked on the exact and the IVF graph.
+``similar`` warm-up request before it serves, so a catalog variable read both ways would make
+every ``recommend`` copy the whole catalog (docs/design/trainer.md#retrieval-over-large-catalogs).
+Checked on the exact and the IVF graph.
 """
 
 from __future__ import annotations

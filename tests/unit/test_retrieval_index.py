@@ -18,7 +18,7 @@ from online_trainer.examples import examples_from_interactions, user_arrays
 from online_trainer.inference import PAD_SCORE, catalog_vectors, rank, recommend, similar, similar_rank
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
-from online_trainer.retrieval_index import IvfIndex, IvfSearch, build_ivf_index, n_lists_for
+from online_trainer.retrieval_index import IvfIndex, IvfSearch, build_ivf_index, index_for_config, n_lists_for
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema
 
@@ -132,13 +132,7 @@ def test_few_candidates_are_padded_like_the_exact_path() -> None:
 def test_recall_at_100_on_a_clustered_catalog_at_the_default_n_probe() -> None:
     config = ModelConfig()
     vectors = _clustered(30_000, 32, 400, seed=8, spread=0.6)  # at n_probe 24: recall 0.86
-    index = build_ivf_index(
-        vectors,
-        n_lists=n_lists_for(len(vectors), config.ivf_lists_per_sqrt_n),
-        max_list_factor=config.ivf_max_list_factor,
-        iterations=config.ivf_kmeans_iterations,
-        seed=config.seed,
-    )
+    index = index_for_config(vectors, config)
     search = IvfSearch(index, vectors, n_probe=config.ivf_n_probe)
     users = tf.constant(_clustered(200, 32, 400, seed=9, spread=0.6))
     none = tf.fill([200, 1], tf.constant(-1, tf.int64))
