@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,13 +78,27 @@ class TopicSettings(Section):
     deadletter: str = "streamrec.deadletter"
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
+    # Replicas that must have a record before the broker acknowledges it to an acks=all producer;
+    # with replication_factor 3 and 2 here, one broker can die without losing an acknowledged record.
+    min_insync_replicas: int = Field(default=1, ge=1)
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> TopicSettings:
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync_replicas}) cannot exceed replication_factor "
+                f"({self.replication_factor}): no write could ever be acknowledged; lower it"
+            )
+        return self
 
     def all_names(self) -> list[str]:
         return [self.interactions, self.impressions, self.clicks, self.labeled, self.deadletter]
 
     @classmethod
-    def prefixed(cls, prefix: str, partitions: int = 4) -> TopicSettings:
+    def prefixed(
+        cls, prefix: str, partitions: int = 4, replication_factor: int = 1, min_insync_replicas: int = 1
+    ) -> TopicSettings:
         """Topics of their own (``<prefix>.interactions`` ...): runs sharing a broker never mix records."""
         return cls(
             interactions=f"{prefix}.interactions",
@@ -93,14 +107,26 @@ class TopicSettings(Section):
             labeled=f"{prefix}.labeled",
             deadletter=f"{prefix}.deadletter",
             partitions=partitions,
+            replication_factor=replication_factor,
+            min_insync_replicas=min_insync_replicas,
         )
 
 
 class RedisSettings(Section):
+    """Where the online store lives. With ``cluster`` on, ``host:port`` is one node of a Redis
+    Cluster (clients discover the others from it) and ``db`` must be 0, the only one a cluster has."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=0, ge=0)
     password: SecretStr | None = None
+    cluster: bool = False
+
+    @model_validator(mode="after")
+    def _cluster_has_one_db(self) -> RedisSettings:
+        if self.cluster and self.db != 0:
+            raise ValueError("a Redis Cluster has only database 0; set redis.db = 0 with redis.cluster")
+        return self
 
     def url(self) -> str:
         auth = f":{self.password.get_secret_value()}@" if self.password else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from streamrec.core.events import InteractionKind
 from streamrec.core.settings import CommonSettings, Section
@@ -29,8 +29,11 @@ class StackTuning(Section):
     """Ports and sizes of the local stack (Kafka in KRaft mode and Redis)."""
 
     kafka_host: str = "127.0.0.1"
+    # Kafka nodes (each a KRaft broker and controller). Node n (from 0) listens on kafka_port + n
+    # and kafka_controller_port + n. One is the demo's default; three give replication factor 3.
+    brokers: int = Field(default=1, ge=1, le=5)
     kafka_port: int = Field(default=9092, ge=1, le=65535)
-    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=9192, ge=1, le=65535)
     kafka_heap_mb: int = Field(default=512, ge=128, le=512)
     kafka_start_timeout_s: float = Field(default=90.0, gt=0)
     supervisor_port: int = Field(default=9001, ge=1, le=65535)
@@ -40,6 +43,17 @@ class StackTuning(Section):
     # second (a crash loses at most the last second of writes, which the worker pushes again from
     # Kafka), "always" on every write (slower), "no" leaves it to the OS.
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+
+    @model_validator(mode="after")
+    def _port_ranges_apart(self) -> StackTuning:
+        kafka = set(range(self.kafka_port, self.kafka_port + self.brokers))
+        controllers = set(range(self.kafka_controller_port, self.kafka_controller_port + self.brokers))
+        if kafka & controllers or self.supervisor_port in kafka | controllers:
+            raise ValueError(
+                f"Kafka ports {sorted(kafka)}, controller ports {sorted(controllers)} and the supervisor port "
+                f"{self.supervisor_port} overlap; move stack.kafka_controller_port or stack.kafka_port"
+            )
+        return self
 
 
 class StackSettings(CommonSettings):

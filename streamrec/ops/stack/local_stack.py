@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
 from confluent_kafka.admin import AdminClient
 from supervisor.xmlrpc import SupervisorTransport
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -34,7 +33,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_d
 from streamrec.core.errors import StackError
 from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX
 from streamrec.ops.settings import StackSettings
-from streamrec.ops.stack import kafka_broker
+from streamrec.ops.stack import kafka_broker, redis_server
 from streamrec.ops.stack.programs import Program, project_health_checks, project_programs
 
 
@@ -47,14 +46,6 @@ def kafka_healthy(bootstrap: str) -> bool:
     except Exception:  # noqa: BLE001 -- any failure means "not yet"
         return False
     return len(metadata.brokers) > 0
-
-
-def redis_healthy(redis_settings: Any) -> bool:
-    try:
-        client = redis.Redis(host=redis_settings.host, port=redis_settings.port, socket_timeout=1)
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 class LocalStack:
@@ -88,44 +79,19 @@ class LocalStack:
 
     def programs(self) -> list[Program]:
         layout = kafka_broker.prepare(self.settings)
-        redis_dir = self.root / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
-        redis_settings = self.settings.redis
         checks = self.health_checks()
         return [
             Program("kafka", kafka_broker.broker_command(self.settings, layout), checks["kafka"], 60, (0, 143)),
-            Program(
-                "redis",
-                [
-                    self.settings.stack.redis_server_bin,
-                    "--port",
-                    str(redis_settings.port),
-                    "--bind",
-                    redis_settings.host,
-                    "--dir",
-                    str(redis_dir),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    self.settings.stack.redis_appendfsync,
-                    "--protected-mode",
-                    "no",
-                ],
-                checks["redis"],
-                10,
-            ),
+            *redis_server.redis_programs(self.settings),
             *project_programs(self.settings),
         ]
 
     def health_checks(self) -> dict[str, Callable[[], bool] | None]:
         """One readiness probe per program, by program name."""
-        redis_settings = self.settings.redis
         bootstrap = self.bootstrap_servers()
         return {
             "kafka": lambda: kafka_healthy(bootstrap),
-            "redis": lambda: redis_healthy(redis_settings),
+            **{program.name: program.healthy for program in redis_server.redis_programs(self.settings)},
             **project_health_checks(),
         }
 
@@ -196,6 +162,7 @@ class LocalStack:
         if not started:
             raise StackError(f"supervisord did not start; see {self.log_dir / 'supervisord.log'}")
         self.wait_healthy(timeout_s)
+        redis_server.finish_start(self.settings)
 
     def wait_healthy(self, timeout_s: float | None = None, names: list[str] | None = None) -> None:
         deadline = timeout_s or self.settings.stack.kafka_start_timeout_s
