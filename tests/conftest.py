@@ -46,8 +46,8 @@ def fresh_settings(local_stack: object, stack_settings: StackSettings) -> Common
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by folder (tests/unit, tests/integration, tests/e2e) so ``-m`` selects them."""
+    """Mark tests by folder (tests/unit, tests/integration, tests/e2e, tests/faults) so ``-m`` selects them."""
     for item in items:
-        for level in ("unit", "integration", "e2e"):
+        for level in ("unit", "integration", "e2e", "faults"):
             if f"tests/{level}/" in str(item.path).replace("\\", "/"):
                 item.add_marker(getattr(pytest.mark, level))

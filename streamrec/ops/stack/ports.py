@@ -21,6 +21,28 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def free_port_block(count: int, *, low: int = 20_000, high: int = 60_000, attempts: int = 200) -> int:
+    """The first of ``count`` consecutive ports that are all free now (for services numbered from a
+    base port, such as the nodes of a Kafka or Redis cluster)."""
+    import random
+
+    for _ in range(attempts):
+        base = random.randrange(low, high - count)  # noqa: S311 -- a port, not a secret
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise OSError(f"no {count} consecutive free ports between {low} and {high}")
+
+
 def stack_settings_on_free_ports(state_dir: Path) -> StackSettings:
     """A local stack (Kafka, Redis, supervisord) on free ports with its state in ``state_dir``:
     tests and benchmarks start their own beside any stack a user already runs."""
