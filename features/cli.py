@@ -6,6 +6,7 @@ lists them), so it works on whatever Redis and data dir the rest of the stack us
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -37,7 +38,12 @@ def _redis_down(settings: FeaturesSettings, exc: Exception) -> FeaturesError:
 @contextmanager
 def _redis_errors(settings: FeaturesSettings) -> Iterator[None]:
     """Check Redis once, without retries (Feast's client retries for ~10 s), and turn a
-    connection error into one line naming the fix."""
+    connection error into one line naming the fix.
+
+    The check talks to the configured node alone, in both modes: it must answer, run in the mode
+    ``redis.cluster`` says (a plain client on a cluster node would meet MOVED replies, a cluster
+    client on a plain server fails), and, for a cluster, see the cluster whole.
+    """
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -52,14 +58,27 @@ def _redis_errors(settings: FeaturesSettings) -> Iterator[None]:
         retry=Retry(NoBackoff(), 0),
     )
     try:
-        client.ping()
+        # redis-py's sync client returns parsed replies; its stubs also allow the async client's
+        cluster_enabled = bool(int(cast(dict[str, Any], client.info("cluster"))["cluster_enabled"]))
+        cluster_state = cast(dict[str, Any], client.cluster("INFO"))["cluster_state"] if cluster_enabled else None
     except redis.exceptions.ConnectionError as exc:
         raise _redis_down(settings, exc) from exc
     finally:
         client.close()
+    where = f"Redis at {redis_settings.host}:{redis_settings.port}"
+    if cluster_enabled != redis_settings.cluster:
+        raise FeaturesError(
+            f"{where} is {'a node of a Redis Cluster' if cluster_enabled else 'not a cluster node'}; "
+            f"set STREAMREC_REDIS__CLUSTER={str(cluster_enabled).lower()} to match it."
+        )
+    if cluster_state not in (None, "ok"):
+        raise FeaturesError(
+            f"{where} reports cluster_state:{cluster_state} (a node is down or the slots are not all "
+            "served); see `streamrec stack status` and the nodes' logs."
+        )
     try:
         yield
-    except redis.exceptions.ConnectionError as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.ClusterDownError) as exc:
         raise _redis_down(settings, exc) from exc
 
 
@@ -154,11 +173,14 @@ def render_feature_store_yaml(settings: FeaturesSettings) -> str:
     """``feature_store.yaml`` with every value from settings (for the Feast CLI)."""
     from features import store as feature_store
 
+    # JSON strings are YAML double-quoted scalars: a password with a quote or colon stays one value
+    online = feature_store.online_store_config(settings)
+    online_store = "".join(f"  {key}: {json.dumps(value)}\n" for key, value in online.items())
     return (
         f"project: {settings.features.project}\n"
         "provider: local\n"
         f"registry:\n  registry_type: file\n  path: {settings.registry_path.resolve()}\n"
-        f'online_store:\n  type: redis\n  connection_string: "{feature_store.redis_connection_string(settings)}"\n'
+        f"online_store:\n{online_store}"
         "offline_store:\n  type: file\n"
         f"entity_key_serialization_version: {feature_store.ENTITY_KEY_SERIALIZATION_VERSION}\n"
     )

@@ -27,6 +27,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import StringList, Value
 from feast.type_map import feast_value_type_to_python_type
 from redis import Redis
+from redis.cluster import RedisCluster
 
 __all__ = [
     "VALUE_BUILDERS",
@@ -138,14 +139,14 @@ class OneHmgetRead:
         ]
 
 
-def online_redis_client(store: FeatureStore) -> Redis | None:
-    """The redis-py client Feast's online store made for ``store`` and keeps (made on first use), or
-    None when the online store has no such client (another store, or a Redis cluster)."""
+def online_redis_client(store: FeatureStore) -> Redis | RedisCluster | None:
+    """The redis-py client Feast's online store made for ``store`` and keeps (made on first use): a
+    ``RedisCluster`` for ``redis_type: redis_cluster``; None when the online store has no such client."""
     get_client = getattr(provider(store).online_store, "_get_client", None)
     if get_client is None:
         return None
     client = get_client(store.config.online_store)
-    return client if isinstance(client, Redis) else None
+    return client if isinstance(client, Redis | RedisCluster) else None
 
 
 # -- the provider's write path ------------------------------------------------------------

@@ -36,12 +36,24 @@ ENTITY_KEY_SERIALIZATION_VERSION = 3
 
 
 def redis_connection_string(settings: FeaturesSettings) -> str:
-    """Feast's Redis format: ``host:port,db=N[,password=...]``."""
+    """Feast's Redis format: ``host:port,db=N[,password=...]``; for a Redis Cluster
+    ``host:port[,password=...]`` (one node to discover the others from; a cluster has no ``db``)."""
     redis = settings.redis
-    parts = [f"{redis.host}:{redis.port}", f"db={redis.db}"]
+    parts = [f"{redis.host}:{redis.port}"]
+    if not redis.cluster:
+        parts.append(f"db={redis.db}")
     if redis.password is not None:
         parts.append(f"password={redis.password.get_secret_value()}")
     return ",".join(parts)
+
+
+def online_store_config(settings: FeaturesSettings) -> dict[str, str]:
+    """The ``online_store`` section: Feast's Redis store, of ``redis_type`` ``redis_cluster``
+    with ``redis.cluster`` (its client then follows the cluster's slot map)."""
+    config = {"type": "redis", "connection_string": redis_connection_string(settings)}
+    if settings.redis.cluster:
+        config["redis_type"] = "redis_cluster"
+    return config
 
 
 def repo_config(settings: FeaturesSettings) -> RepoConfig:
@@ -50,7 +62,7 @@ def repo_config(settings: FeaturesSettings) -> RepoConfig:
         project=settings.features.project,
         provider="local",
         registry=RegistryConfig(registry_type="file", path=str(settings.registry_path.resolve())),
-        online_store={"type": "redis", "connection_string": redis_connection_string(settings)},
+        online_store=online_store_config(settings),
         offline_store={"type": "file"},
         entity_key_serialization_version=ENTITY_KEY_SERIALIZATION_VERSION,
         repo_path=settings.data_dir.resolve(),
@@ -219,6 +231,7 @@ __all__ = [
     "clear_profiles_online",
     "data_dir_of",
     "materialize_profiles",
+    "online_store_config",
     "open_store",
     "push_item_stats",
     "push_user_activity",

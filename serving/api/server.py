@@ -52,8 +52,9 @@ GRPC_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 def open_feature_store(settings: ApiSettings) -> FeatureStore:
     """Feast on the configured Redis, with socket timeouts so a hung Redis cannot hang a request.
 
-    Feast's Redis connection string passes extra ``key=value`` pairs to ``redis.Redis``; the
-    features package builds the string, and the API adds its timeouts to it.
+    Feast's Redis connection string passes extra ``key=value`` pairs to ``redis.Redis`` (to each
+    node's client, for a Redis Cluster); the features package builds the string, and the API adds
+    its timeouts to it.
     """
     from features.store import open_store, repo_config
 
@@ -79,16 +80,22 @@ def bound_redis_retries(store: FeatureStore) -> None:
     fresh connection.
 
     Feast has no setting for the policy, so it is set on the client Feast made (Feast creates one
-    client per store and keeps it); other online stores are left alone.
+    client per store and keeps it); other online stores are left alone. A Redis Cluster client
+    retries at the cluster level, and its policy only sets how often, timeouts included: never
+    here (a pooled connection to a restarted node is already replaced when it is taken from the
+    pool, and MOVED redirects are followed outside the retries).
     """
     from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.retry import Retry
 
     from features.feast_internals import online_redis_client
 
     client = online_redis_client(store)
-    if client is not None:
+    if isinstance(client, RedisCluster):
+        client.set_retry(Retry(NoBackoff(), 0))
+    elif client is not None:
         client.set_retry(Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
 

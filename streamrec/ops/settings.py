@@ -34,6 +34,7 @@ class StackTuning(Section):
     brokers: int = Field(default=1, ge=1, le=5)
     kafka_port: int = Field(default=9092, ge=1, le=65535)
     kafka_controller_port: int = Field(default=9192, ge=1, le=65535)
+    # Heap of each Kafka node (a three-node cluster takes three of these).
     kafka_heap_mb: int = Field(default=512, ge=128, le=512)
     kafka_start_timeout_s: float = Field(default=90.0, gt=0)
     supervisor_port: int = Field(default=9001, ge=1, le=65535)
@@ -43,6 +44,13 @@ class StackTuning(Section):
     # second (a crash loses at most the last second of writes, which the worker pushes again from
     # Kafka), "always" on every write (slower), "no" leaves it to the OS.
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    # supervisord restarts a program that dies unexpectedly (a crash, SIGKILL). Fault tests turn it
+    # off to choose when a killed broker or worker comes back (``LocalStack.start``).
+    restart_crashed: bool = True
+    # With redis.cluster: node n (from 0) of the Redis Cluster serves on redis.port + n and talks to
+    # the other nodes on redis_cluster_bus_port + n (Redis' default, port + 10000, can pass 65535).
+    redis_cluster_nodes: int = Field(default=3, ge=3, le=9)
+    redis_cluster_bus_port: int = Field(default=16379, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _port_ranges_apart(self) -> StackTuning:
@@ -58,6 +66,20 @@ class StackTuning(Section):
 
 class StackSettings(CommonSettings):
     stack: StackTuning = StackTuning()
+
+    @model_validator(mode="after")
+    def _redis_cluster_ports_fit(self) -> StackSettings:
+        if not self.redis.cluster:
+            return self
+        count = self.stack.redis_cluster_nodes
+        nodes = range(self.redis.port, self.redis.port + count)
+        buses = range(self.stack.redis_cluster_bus_port, self.stack.redis_cluster_bus_port + count)
+        if nodes[-1] > 65535 or buses[-1] > 65535 or set(nodes) & set(buses):
+            raise ValueError(
+                f"the {count} Redis Cluster nodes need client ports {nodes[0]}-{nodes[-1]} and bus ports "
+                f"{buses[0]}-{buses[-1]}, each at most 65535 and apart; move redis.port or stack.redis_cluster_bus_port"
+            )
+        return self
 
 
 class TailSettings(CommonSettings):
