@@ -242,6 +242,25 @@ class FeaturePipeline:
                 log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
                 await self.rewind(topic, partition, offset)
 
+    def forget_partitions(self, revoked: set[tuple[str, int]], interactions_topic: str, by_item_topic: str) -> None:
+        """Partitions (topic, partition) this worker no longer owns after a rebalance.
+
+        Their offset progress is dropped: when a partition comes back, other workers have moved
+        it on, and a stale expected offset would look like a gap and rewind over their records.
+        Whatever the pushers still hold for them is dropped unpushed (``ViewPusher.forget_partitions``).
+        """
+        for key in revoked:
+            self.next_offsets.pop(key, None)
+            self.rewinding.pop(key, None)
+        views: tuple[tuple[View, str], ...] = (("user_activity", interactions_topic), ("item_stats", by_item_topic))
+        for view, topic in views:
+            pusher = self.pushers.get(view)
+            partitions = {partition for name, partition in revoked if name == topic}
+            if pusher is not None and partitions:
+                dropped = pusher.forget_partitions(partitions)
+                if dropped:
+                    log.warning("dropped %d unpushed %s events of revoked partitions %s", dropped, view, partitions)
+
     async def drain(self) -> None:
         """Wait until every held event is pushed and acked."""
         for pusher in list(self.pushers.values()):

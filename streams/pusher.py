@@ -117,6 +117,23 @@ class ViewPusher:
         self._held.append((event, event.message.timestamp if origin_ts is None else origin_ts))
         self._dirty[entity_id] = _Dirty(state, partition)
 
+    def forget_partitions(self, partitions: set[int]) -> int:
+        """Drop the dirty entities and held events of ``partitions`` (revoked from this worker);
+        returns how many events were dropped.
+
+        Their events stay unacked, so their offsets are never committed here: the partitions' new
+        owner reads them again and rebuilds the states from the changelog, and this worker never
+        writes a row or a changelog record for a partition it no longer owns. (Faust waits for
+        held events before it revokes, so normally nothing is left; this covers a wait cut short.)
+        """
+        if not partitions:
+            return 0
+        self._dirty = {key: entry for key, entry in self._dirty.items() if entry.partition not in partitions}
+        kept = [(event, ts) for event, ts in self._held if event.message.partition not in partitions]
+        dropped = len(self._held) - len(kept)
+        self._held = kept
+        return dropped
+
     @property
     def pending(self) -> int:
         return len(self._held) + self._in_flight

@@ -23,11 +23,11 @@ from streamrec.core.attributes import AttributeSchema, write_schema
 from streamrec.core.errors import EventValidationError
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import PathSettings
-from streams import repartition
+from streams import metrics, repartition
 from streams.app import Worker, create_app
 from streams.pipeline import FeatureRow, View
 from streams.settings import StreamsSettings, StreamsTuning
-from streams.windows import EntityState
+from streams.windows import EntityState, apply
 
 T0 = 880_000_000  # 1997-11-20, MovieLens time
 
@@ -543,6 +543,66 @@ def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_pat
             assert rewinds == [("t", 0, 8), ("t", 0, 8), ("t", 0, 14)]
             await see(0, 14, 15)
             assert pipeline.rewinding == {}
+        finally:
+            _close_unstarted_consumer_loop(worker)
+
+    asyncio.run(main())
+    gc.collect()
+
+
+def test_a_revoked_partition_forgets_its_progress_and_what_it_held(tmp_path: Path) -> None:
+    """``FeaturePipeline.forget_partitions``: a partition that comes back after a rebalance (other
+    workers moved it on meanwhile) is no gap and no rewind; what the pusher held for it is dropped
+    unpushed and unacked, the other partitions' holds stay."""
+    rewinds: list[tuple[str, int, int]] = []
+
+    async def rewind(topic: str, partition: int, offset: int) -> None:
+        rewinds.append((topic, partition, offset))
+
+    settings = StreamsSettings(
+        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
+    )
+
+    class _Held(_Event):
+        acked = False
+
+        def __init__(self, partition: int, offset: int) -> None:
+            super().__init__(partition, offset)
+            self.message.incref = lambda n=1: None  # type: ignore[attr-defined]
+            self.message.timestamp = 0.0  # type: ignore[attr-defined]
+
+        def ack(self) -> bool:
+            self.acked = True
+            return True
+
+    async def main() -> None:
+        worker = create_app(settings, sink=RecordingSink())
+        try:
+            pipeline = worker.pipeline
+            pipeline.rewind = rewind
+            pipeline.users.send_changelog = _no_producer  # type: ignore[attr-defined]
+            gaps_before = metrics.OFFSET_GAPS._value.get()  # noqa: SLF001
+
+            async def see(partition: int, *offsets: int) -> None:
+                await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
+
+            await see(0, 5, 6, 7)
+            await see(1, 3)
+            pusher = pipeline.pusher("user_activity")
+            kept, dropped = _Held(1, 4), _Held(0, 8)
+            states = [EntityState(), EntityState()]
+            for number, state in enumerate(states):
+                apply(state, 1_000_000, f"e{number}", "i1", pipeline.window)
+            pusher.hold("u1", states[0], 1, kept)
+            pusher.hold("u0", states[1], 0, dropped)
+            pipeline.forget_partitions({("t", 0)}, "t", "t.by-item")
+            assert (0 in {p for _, p in pipeline.next_offsets}, pusher.pending) == (False, 1)
+            await see(0, 40, 41)  # moved on by another worker while it was away: not a gap
+            await see(1, 4)
+            assert rewinds == []
+            assert metrics.OFFSET_GAPS._value.get() == gaps_before  # noqa: SLF001
+            await pusher.drain()
+            assert (kept.acked, dropped.acked) == (True, False)
         finally:
             _close_unstarted_consumer_loop(worker)
 
