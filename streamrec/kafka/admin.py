@@ -1,7 +1,9 @@
-"""Topic creation with the layout from settings (partitions, replication, retention)."""
+"""Topic creation with the layout from settings (partitions, replication, min.insync.replicas,
+retention)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from confluent_kafka import KafkaError, KafkaException
@@ -9,27 +11,41 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from streamrec.core.errors import StackError
-from streamrec.core.settings import CommonSettings
+from streamrec.core.settings import CommonSettings, TopicSettings
+
+
+def topic_config(topics: TopicSettings) -> dict[str, str]:
+    """The per-topic configuration every project topic is created with."""
+    return {"retention.ms": str(topics.retention_ms), "min.insync.replicas": str(topics.min_insync_replicas)}
 
 
 def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequence[str] = ()) -> list[str]:
-    """Create every project topic (and ``extra`` ones, same layout) that does not exist yet; return
-    the names created."""
+    """Create every project topic (and ``extra`` ones, same layout) that does not exist yet and wait
+    until the brokers' metadata shows a leader for each of their partitions; return the names
+    created. Refuses, naming the fix, a replication factor above the live brokers."""
     admin = AdminClient(settings.kafka.client_config())
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    metadata = admin.list_topics(timeout=timeout_s)
+    existing = set(metadata.topics)
     topics = settings.topics
+    missing = [name for name in dict.fromkeys([*topics.all_names(), *extra]) if name not in existing]
+    if not missing:
+        return []
+    if topics.replication_factor > len(metadata.brokers):
+        raise StackError(
+            f"cannot create {', '.join(missing)} with replication factor {topics.replication_factor}: "
+            f"{len(metadata.brokers)} broker(s) are live at {settings.kafka.bootstrap_servers}. Start more "
+            "(`streamrec stack up --brokers 3`) or lower STREAMREC_TOPICS__REPLICATION_FACTOR "
+            "(and STREAMREC_TOPICS__MIN_INSYNC_REPLICAS)"
+        )
     wanted = [
         NewTopic(
             name,
             num_partitions=topics.partitions,
             replication_factor=topics.replication_factor,
-            config={"retention.ms": str(topics.retention_ms)},
+            config=topic_config(topics),
         )
-        for name in dict.fromkeys([*topics.all_names(), *extra])
-        if name not in existing
+        for name in missing
     ]
-    if not wanted:
-        return []
     created = []
     for name, future in admin.create_topics(wanted, operation_timeout=timeout_s).items():
         try:
@@ -40,4 +56,26 @@ def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequ
             if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             raise StackError(f"could not create topic {name!r}: {error}") from exc
+    _wait_until_led(admin, created, topics.partitions, timeout_s)
     return created
+
+
+def _wait_until_led(admin: AdminClient, names: list[str], partitions: int, timeout_s: float) -> None:
+    """A created topic is in the controller's log at once but in a broker's metadata a moment later;
+    a client that asks that broker first would see an unknown topic."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(names)
+    while pending:
+        described = admin.list_topics(timeout=timeout_s).topics
+        pending = [
+            name
+            for name in pending
+            if name not in described
+            or described[name].error is not None
+            or len(described[name].partitions) < partitions
+            or any(partition.leader < 0 for partition in described[name].partitions.values())
+        ]
+        if pending and time.monotonic() > deadline:
+            raise StackError(f"topics {', '.join(pending)} have no leader {timeout_s:.0f}s after their creation")
+        if pending:
+            time.sleep(0.1)

@@ -9,15 +9,18 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from tqdm import tqdm
 
 from streamrec.core.errors import StreamrecError
-from streamrec.core.settings import CommonSettings, KafkaSettings, known_env_names, load
+from streamrec.core.settings import CommonSettings, known_env_names, load
 from streamrec.ops.dataset_options import ColumnsOption, DatasetOption, load_announced
-from streamrec.ops.settings import ReplaySettings, StackSettings, TailSettings
+from streamrec.ops.settings import ReplaySettings, StackSettings, StackTuning, TailSettings
+
+if TYPE_CHECKING:
+    from streamrec.ops.stack.local_stack import LocalStack
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack (Kafka, Redis) under supervisord.")
@@ -54,19 +57,12 @@ def setup() -> None:
     typer.echo(f"ml-100k:        {ml100k_dir()}")
 
 
-def _stack(settings: StackSettings | None = None) -> tuple[StackSettings, object]:
+def _running_stack() -> LocalStack:
+    """The stack in the settings' state folder, with as many Kafka nodes as it runs (so a stack
+    started with ``--brokers 3`` is managed without repeating the flag)."""
     from streamrec.ops.stack.local_stack import LocalStack
 
-    settings = settings or load(StackSettings)
-    return settings, LocalStack(settings)
-
-
-def _with_stack_bootstrap(settings: StackSettings) -> CommonSettings:
-    """The stack's own broker address, whatever STREAMREC_KAFKA__BOOTSTRAP_SERVERS says."""
-    bootstrap = f"{settings.stack.kafka_host}:{settings.stack.kafka_port}"
-    return settings.model_copy(
-        update={"kafka": KafkaSettings(**{**settings.kafka.model_dump(), "bootstrap_servers": bootstrap})}
-    )
+    return LocalStack.attach(load(StackSettings))
 
 
 @stack_app.command("up")
@@ -75,19 +71,36 @@ def stack_up(
         str | None,
         typer.Option("--with", help="project processes to start too, comma-separated, or 'all'"),
     ] = None,
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=5,
+            help="Kafka nodes; 3 or more replicate topics 3 times with min.insync.replicas 2 "
+            "(env STREAMREC_STACK__BROKERS, default 1).",
+        ),
+    ] = None,
 ) -> None:
     """Start Kafka and Redis (and, with --with, project processes), wait until they answer,
-    and create the project topics."""
+    and create the project topics (replicated across the nodes with --brokers 3)."""
     from streamrec.kafka.admin import ensure_topics
     from streamrec.ops.stack.local_stack import LocalStack
     from streamrec.ops.stack.programs import PROJECT_SERVICES
 
     settings = load(StackSettings)
+    if brokers is not None:
+        tuning = StackTuning(**{**settings.stack.model_dump(), "brokers": brokers})
+        settings = settings.model_copy(update={"stack": tuning})
     stack = LocalStack(settings)
     typer.echo(f"starting the stack in {settings.paths.state_dir} ...")
     stack.up()
-    created = ensure_topics(_with_stack_bootstrap(settings))
-    typer.echo(f"topics created: {', '.join(created) if created else 'none (all existed)'}")
+    client = stack.client_settings()
+    created = ensure_topics(client)
+    topics = client.topics
+    typer.echo(
+        f"topics created (replication factor {topics.replication_factor}, min.insync.replicas "
+        f"{topics.min_insync_replicas}): {', '.join(created) if created else 'none (all existed)'}"
+    )
     names = list(PROJECT_SERVICES) if services == "all" else [n for n in (services or "").split(",") if n]
     for name in names:
         if name not in PROJECT_SERVICES:
@@ -99,26 +112,20 @@ def stack_up(
 
 @stack_app.command("start")
 def stack_start(name: Annotated[str, typer.Argument(help="a project process, e.g. api")]) -> None:
-    """Start one project process in the running stack and wait until it is ready."""
-    from streamrec.ops.stack.local_stack import LocalStack
-
-    LocalStack(load(StackSettings)).start(name)
+    """Start one program of the running stack (a project process, or a stopped or killed one) and
+    wait until it is ready."""
+    _running_stack().start(name)
     typer.echo(f"{name} started")
 
 
 @stack_app.command("stop")
 def stack_stop(name: Annotated[str, typer.Argument(help="a process of the stack")]) -> None:
     """Stop one process of the running stack (SIGTERM)."""
-    from streamrec.ops.stack.local_stack import LocalStack
-
-    LocalStack(load(StackSettings)).stop(name)
+    _running_stack().stop(name)
     typer.echo(f"{name} stopped")
 
 
-def _print_status(stack: object) -> None:
-    from streamrec.ops.stack.local_stack import LocalStack
-
-    assert isinstance(stack, LocalStack)  # noqa: S101 -- narrow for mypy
+def _print_status(stack: LocalStack) -> None:
     health = stack.health()
     for info in stack.status():
         state = "-" if info["statename"] == "STOPPED" else "healthy" if health.get(info["name"]) else "NOT ready"
@@ -129,9 +136,7 @@ def _print_status(stack: object) -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Process state and health of each stack service."""
-    from streamrec.ops.stack.local_stack import LocalStack
-
-    stack = LocalStack(load(StackSettings))
+    stack = _running_stack()
     if not stack.is_running():
         typer.echo("the stack is not running (streamrec stack up)")
         raise typer.Exit(1)
@@ -144,18 +149,28 @@ def stack_logs(
     length: Annotated[int, typer.Option(help="bytes from the end of the log")] = 8000,
 ) -> None:
     """The end of one service's log."""
-    from streamrec.ops.stack.local_stack import LocalStack
-
-    typer.echo(LocalStack(load(StackSettings)).logs(name, length))
+    typer.echo(_running_stack().logs(name, length))
 
 
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop every service cleanly (SIGTERM) and the process runner."""
-    from streamrec.ops.stack.local_stack import LocalStack
-
-    LocalStack(load(StackSettings)).down()
+    _running_stack().down()
     typer.echo("stack stopped")
+
+
+@stack_app.command("env")
+def stack_env() -> None:
+    """Shell exports that point a process run by hand at the running stack (its brokers, topic
+    replication, Redis and state folder): eval "$(streamrec stack env)"."""
+    import shlex
+
+    stack = _running_stack()
+    if not stack.is_running():
+        typer.echo("the stack is not running (streamrec stack up)", err=True)
+        raise typer.Exit(1)
+    for key, value in sorted(stack.client_environment().items()):
+        typer.echo(f"export {key}={shlex.quote(value)}")
 
 
 @topics_app.command("create")

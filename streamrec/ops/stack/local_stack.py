@@ -8,13 +8,18 @@ and checks health on top of it. See docs/design/ops.md#the-local-stack.
 
 The same :class:`LocalStack` serves ``streamrec stack up/status/logs/down`` and the pytest
 session fixtures (which point it at free ports and a temporary state folder), so the tests
-exercise exactly what a user runs.
+exercise exactly what a user runs. With ``stack.brokers`` 3 Kafka is a three-node cluster
+(``kafka_broker``) and the stack's clients replicate their topics three times
+(:meth:`LocalStack.topic_settings`); :meth:`LocalStack.kill`, :meth:`LocalStack.start` and
+:meth:`LocalStack.partition_leader_program` are what fault tests need on top.
 """
 
 from __future__ import annotations
 
 import configparser
+import functools
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -26,26 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
 from supervisor.xmlrpc import SupervisorTransport
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from streamrec.core.errors import StackError
-from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX
-from streamrec.ops.settings import StackSettings
+from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, CommonSettings, KafkaSettings, TopicSettings
+from streamrec.ops.settings import StackSettings, StackTuning
 from streamrec.ops.stack import kafka_broker, redis_server
 from streamrec.ops.stack.programs import Program, project_health_checks, project_programs
-
-
-def kafka_healthy(bootstrap: str) -> bool:
-    """The broker answers a metadata request with at least one broker."""
-    try:
-        metadata = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000, "log_level": 0}).list_topics(
-            timeout=2
-        )
-    except Exception:  # noqa: BLE001 -- any failure means "not yet"
-        return False
-    return len(metadata.brokers) > 0
 
 
 class LocalStack:
@@ -59,38 +52,91 @@ class LocalStack:
         self.socket_path = self.root / "supervisor.sock"
         self.pid_path = self.root / "supervisord.pid"
 
+    @classmethod
+    def attach(cls, settings: StackSettings) -> LocalStack:
+        """The stack running in the settings' state folder with as many Kafka nodes as it runs
+        (read from supervisord), whatever ``stack.brokers`` says; as configured if none runs."""
+        stack = cls(settings)
+        if not stack.is_running():
+            return stack
+        brokers = len(stack.running_kafka_programs())
+        if brokers in (0, settings.stack.brokers):
+            return stack
+        tuning = StackTuning(**{**settings.stack.model_dump(), "brokers": brokers})
+        return cls(settings.model_copy(update={"stack": tuning}))
+
     # -- the programs -------------------------------------------------------------------
     def bootstrap_servers(self) -> str:
-        return f"{self.settings.stack.kafka_host}:{self.settings.stack.kafka_port}"
+        """Every Kafka node's address, comma-separated."""
+        return kafka_broker.bootstrap_servers(self.settings)
+
+    def topic_settings(self) -> TopicSettings:
+        """The topic layout of this stack's clients (replicated on a cluster; see
+        ``kafka_broker.client_topics``)."""
+        return kafka_broker.client_topics(self.settings)
+
+    def client_settings(self) -> CommonSettings:
+        """The shared settings of a client of this stack: its brokers and its topic layout."""
+        kafka = KafkaSettings(**{**self.settings.kafka.model_dump(), "bootstrap_servers": self.bootstrap_servers()})
+        return CommonSettings(
+            **{
+                **{name: getattr(self.settings, name) for name in CommonSettings.model_fields},
+                "kafka": kafka,
+                "topics": self.topic_settings(),
+            }
+        )
 
     def client_environment(self) -> dict[str, str]:
         """What other processes need in their environment to reach this stack: every
-        ``STREAMREC_*`` variable of this process (already checked for typos), with the broker,
-        Redis and state folder of this stack on top."""
+        ``STREAMREC_*`` variable of this process (already checked for typos), with the brokers,
+        topic replication, Redis and state folder of this stack on top."""
         inherited = {key: value for key, value in os.environ.items() if key.upper().startswith(ENV_PREFIX)}
+        topics = self.topic_settings()
         return {
             **inherited,
             f"{ENV_PREFIX}KAFKA{ENV_NESTED_DELIMITER}BOOTSTRAP_SERVERS": self.bootstrap_servers(),
+            **(
+                {
+                    f"{ENV_PREFIX}STACK{ENV_NESTED_DELIMITER}BROKERS": str(self.settings.stack.brokers),
+                    f"{ENV_PREFIX}TOPICS{ENV_NESTED_DELIMITER}REPLICATION_FACTOR": str(topics.replication_factor),
+                    f"{ENV_PREFIX}TOPICS{ENV_NESTED_DELIMITER}MIN_INSYNC_REPLICAS": str(topics.min_insync_replicas),
+                }
+                if self.settings.stack.brokers > 1
+                else {}
+            ),
             f"{ENV_PREFIX}REDIS{ENV_NESTED_DELIMITER}HOST": self.settings.redis.host,
             f"{ENV_PREFIX}REDIS{ENV_NESTED_DELIMITER}PORT": str(self.settings.redis.port),
+            f"{ENV_PREFIX}REDIS{ENV_NESTED_DELIMITER}CLUSTER": str(self.settings.redis.cluster).lower(),
             f"{ENV_PREFIX}PATHS{ENV_NESTED_DELIMITER}STATE_DIR": str(self.settings.paths.state_dir),
             f"{ENV_PREFIX}PATHS{ENV_NESTED_DELIMITER}CACHE_DIR": str(self.settings.paths.cache_dir),
         }
 
+    def kafka_programs(self) -> list[str]:
+        """The Kafka nodes' program names, in node id order."""
+        return [node.program for node in kafka_broker.nodes(self.settings)]
+
     def programs(self) -> list[Program]:
-        layout = kafka_broker.prepare(self.settings)
+        cluster = kafka_broker.prepare(self.settings)
         checks = self.health_checks()
         return [
-            Program("kafka", kafka_broker.broker_command(self.settings, layout), checks["kafka"], 60, (0, 143)),
+            *(
+                Program(
+                    node.program, kafka_broker.broker_command(self.settings, node), checks[node.program], 60, (0, 143)
+                )
+                for node in cluster
+            ),
             *redis_server.redis_programs(self.settings),
             *project_programs(self.settings),
         ]
 
     def health_checks(self) -> dict[str, Callable[[], bool] | None]:
-        """One readiness probe per program, by program name."""
-        bootstrap = self.bootstrap_servers()
+        """One readiness probe per program, by program name. A Kafka node is ready once it is
+        registered in the cluster's metadata, so the stack is up when every node is."""
         return {
-            "kafka": lambda: kafka_healthy(bootstrap),
+            **{
+                node.program: functools.partial(kafka_broker.node_registered, node)
+                for node in kafka_broker.nodes(self.settings)
+            },
             **{program.name: program.healthy for program in redis_server.redis_programs(self.settings)},
             **project_health_checks(),
         }
@@ -116,7 +162,7 @@ class LocalStack:
             config[f"program:{program.name}"] = {
                 "command": shlex.join(program.command).replace("%", "%%"),
                 "autostart": str(program.autostart).lower(),
-                "autorestart": "unexpected",
+                "autorestart": "unexpected" if self.settings.stack.restart_crashed else "false",
                 "startsecs": "2",
                 "stopsignal": "TERM",
                 "stopwaitsecs": str(program.stop_wait_s),
@@ -153,6 +199,12 @@ class LocalStack:
     def up(self, timeout_s: float | None = None) -> None:
         """Start every program and wait until each is healthy, or raise naming its log."""
         if self.is_running():
+            running, wanted = self.running_kafka_programs(), self.kafka_programs()
+            if running != wanted:
+                raise StackError(
+                    f"the stack in {self.root} runs Kafka as {', '.join(running)}, not {', '.join(wanted)}; "
+                    "`streamrec stack down` first to change stack.brokers"
+                )
             self.wait_healthy(timeout_s)
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +229,7 @@ class LocalStack:
                 stop=stop_after_delay(deadline), wait=wait_fixed(0.5), retry=retry_if_exception_type(_NotYet)
             ):
                 with attempt:
-                    self._raise_if_dead()
+                    self._raise_if_dead(wanted)
                     running = {info["name"] for info in self.status() if info["statename"] == "RUNNING"}
                     for name in [name for name, check in pending.items() if _ready(name, check, running)]:
                         del pending[name]
@@ -187,15 +239,16 @@ class LocalStack:
             logs = ", ".join(str(self.log_dir / f"{name}.log") for name in pending)
             raise StackError(f"{', '.join(pending)} not healthy after {deadline:.0f}s; see {logs}") from exc
 
-    def _raise_if_dead(self) -> None:
+    def _raise_if_dead(self, names: set[str]) -> None:
         for info in self.status():
-            if info["statename"] in {"FATAL", "EXITED", "BACKOFF"}:
+            if info["name"] in names and info["statename"] in {"FATAL", "EXITED", "BACKOFF"}:
                 name = info["name"]
                 tail = self.logs(name, 4000)
                 raise StackError(f"{name} is {info['statename']}; see {self.log_dir / f'{name}.log'}:\n{tail}")
 
     def start(self, name: str, timeout_s: float | None = None) -> None:
-        """Start one program (a project process) and wait until it is healthy."""
+        """Start one program (a project process, or one that was stopped or killed) and wait
+        until it is healthy."""
         with self._rpc() as rpc:
             info = rpc.getProcessInfo(name)
             if info["statename"] not in {"RUNNING", "STARTING"}:
@@ -206,6 +259,51 @@ class LocalStack:
         with self._rpc() as rpc:
             if rpc.getProcessInfo(name)["statename"] in {"RUNNING", "STARTING"}:
                 rpc.stopProcess(name, True)
+
+    def kill(self, name: str, timeout_s: float = 10.0) -> int:
+        """SIGKILL one running program (no shutdown hook runs) and return its pid once supervisord
+        has seen it die. With ``stack.restart_crashed`` supervisord starts it again at once;
+        without, it stays down until :meth:`start`."""
+        with self._rpc() as rpc:
+            info = rpc.getProcessInfo(name)
+        if info["statename"] != "RUNNING" or not info["pid"]:
+            raise StackError(f"{name} is {info['statename']}, not running; nothing to kill")
+        pid = int(info["pid"])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._rpc() as rpc:
+                info = rpc.getProcessInfo(name)
+            if info["pid"] != pid:
+                return pid
+            if time.monotonic() > deadline:
+                raise StackError(f"supervisord still reports {name} as pid {pid} {timeout_s:.0f}s after SIGKILL")
+            time.sleep(0.05)
+
+    def running_kafka_programs(self) -> list[str]:
+        """The Kafka programs the running supervisord knows, in node id order."""
+        names = [info["name"] for info in self.status() if _KAFKA_PROGRAM.fullmatch(info["name"])]
+        return sorted(names, key=lambda name: int(name.partition("-")[2] or 1))
+
+    def partition_leader_program(self, topic: str, partition: int, timeout_s: float = 15.0) -> str:
+        """The program of the Kafka node that leads ``topic``'s ``partition`` now; waits up to
+        ``timeout_s`` while the partition is not in the metadata yet (a new topic) or has no live
+        leader (a failover under way)."""
+        by_node_id = {node.node_id: node.program for node in kafka_broker.nodes(self.settings)}
+        admin = kafka_broker.admin_client(self.bootstrap_servers())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            described = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            if described is not None and described.error is None and partition in described.partitions:
+                leader = described.partitions[partition].leader
+                if leader in by_node_id:
+                    return by_node_id[leader]
+                problem = f"leader id {leader}"
+            else:
+                problem = str(described.error) if described is not None else "unknown topic"
+            if time.monotonic() > deadline:
+                raise StackError(f"{topic}[{partition}] has no live leader after {timeout_s:.0f}s ({problem})")
+            time.sleep(0.2)
 
     def status(self) -> list[dict[str, Any]]:
         with self._rpc() as rpc:
@@ -253,6 +351,10 @@ def _supervisor_quote(value: str) -> str:
 
 class _NotYet(Exception):
     pass
+
+
+# "kafka" (one node) or "kafka-<n>" (node n of a cluster).
+_KAFKA_PROGRAM = re.compile(r"kafka(-[0-9]+)?")
 
 
 def _alive(pid: int) -> bool:

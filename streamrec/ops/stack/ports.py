@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 from streamrec.core.settings import KafkaSettings, PathSettings, RedisSettings
 from streamrec.ops.settings import StackSettings, StackTuning
@@ -43,15 +44,31 @@ def free_port_block(count: int, *, low: int = 20_000, high: int = 60_000, attemp
     raise OSError(f"no {count} consecutive free ports between {low} and {high}")
 
 
-def stack_settings_on_free_ports(state_dir: Path) -> StackSettings:
+def stack_settings_on_free_ports(state_dir: Path, *, brokers: int = 1, **tuning: Any) -> StackSettings:
     """A local stack (Kafka, Redis, supervisord) on free ports with its state in ``state_dir``:
-    tests and benchmarks start their own beside any stack a user already runs."""
-    kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
+    tests and benchmarks start their own beside any stack a user already runs. ``brokers`` Kafka
+    nodes take one block of consecutive ports (clients first, then controllers); ``tuning`` sets
+    other ``StackTuning`` fields."""
+    if brokers == 1:
+        kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
+    else:
+        kafka_port = free_port_block(2 * brokers)
+        controller_port = kafka_port + brokers
+        block = range(kafka_port, kafka_port + 2 * brokers)
+        redis_port, supervisor_port = next(
+            ports for ports in iter(lambda: free_ports(2), None) if not set(ports) & set(block)
+        )
+    stack = StackTuning(
+        brokers=brokers,
+        kafka_port=kafka_port,
+        kafka_controller_port=controller_port,
+        supervisor_port=supervisor_port,
+        **tuning,
+    )
+    bootstrap = ",".join(f"{stack.kafka_host}:{kafka_port + n}" for n in range(brokers))
     return StackSettings(
-        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
         redis=RedisSettings(port=redis_port),
         paths=PathSettings(state_dir=state_dir),
-        stack=StackTuning(
-            kafka_port=kafka_port, kafka_controller_port=controller_port, supervisor_port=supervisor_port
-        ),
+        stack=stack,
     )
