@@ -25,7 +25,6 @@ is a smoke test.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.common import report
+from serving.rollout.decision_log import applied_decisions
 from serving.rollout.policy import PolicyConfig
 from streamrec.core import contracts
 from streamrec.core.settings import (
@@ -114,7 +114,7 @@ def main() -> None:
             )
         failures = list(scenario.failures)
         decisions_path = scenario.evaluator_dir / "decisions.jsonl"
-        reasons = [json.loads(line)["reason"] for line in decisions_path.read_text().splitlines() if line.strip()]
+        reasons = [record["reason"] for record in applied_decisions(decisions_path)]
 
     metrics: dict[str, float] = {}
     units: dict[str, str] = {}

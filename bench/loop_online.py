@@ -44,6 +44,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from bench.common import report
+from serving.rollout.decision_log import applied_decisions
 from streamrec.core.settings import PROJECT_ROOT
 
 K = 10
@@ -295,9 +296,7 @@ def main() -> None:
     cutoff = end - 2 * args.interval
     delays = model_freshness(produced, responses, base_path, cutoff)
     decisions_path = state_dir / "evaluator" / "decisions.jsonl"
-    decisions = (
-        [json.loads(line) for line in decisions_path.read_text().splitlines()] if decisions_path.exists() else []
-    )
+    decisions = applied_decisions(decisions_path)
     versions = sorted(int(child.name) for child in base_path.iterdir() if child.name.isdigit())
 
     stable_age = stable_version_age(visits)

@@ -14,26 +14,34 @@ team that picked the clicked item, or counts a tie when both models had that ite
 Decisions go through :class:`LabelController` (the model client in production): promote moves
 ``stable`` to the canary version (already loaded, so TF Serving's order holds), rollback moves
 ``canary`` back to the stable version and records the version as rejected. Every decision is
-appended to ``decisions.jsonl`` (time, versions, per-arm figures, test statistic, reason) and
-counted in Prometheus; the running per-arm figures of the current experiment are appended to
-``timeline.jsonl`` on an interval, for anyone following an experiment (``tail -f``).
+written to ``decisions.jsonl`` (time, versions, per-arm figures, test statistic, reason, the read
+positions of its evidence) *before* it acts, and reconciled with the labels at start
+(``decision_log.py``), and counted in Prometheus; the running per-arm figures of the current
+experiment are appended to ``timeline.jsonl`` on an interval, for anyone following an experiment
+(``tail -f``).
+
+Crash safety: the joiner is at-least-once, so an example may arrive twice (same ``event_id``); a
+request counts once as a trial (its position-0 example) and once as a hit (any clicked example),
+by request id, within an experiment. The evaluator rebuilds its evidence from Kafka after a
+restart: ``checkpoint.py`` keeps where the experiment began in ``topics.labeled``, and
+:meth:`AbEvaluator.recover` reads it again from there. Memory: ~150 B per request of the current
+experiment for those request ids.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from collections import OrderedDict
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from serving.rollout.checkpoint import EvaluatorCheckpoint
+from serving.rollout.decision_log import DecisionLog, LabelController
 from serving.rollout.policy import Decision, Experiment, PolicyConfig
-from serving.rollout.settings import EvaluatorSettings
 from streamrec.core import contracts
 from streamrec.core.events import LabeledExample
 
@@ -49,28 +57,73 @@ CANARY_WIN_SHARE = Gauge(
 VERSION = Gauge("streamrec_evaluator_version", "Model version under each label", ["label"])
 
 
-class LabelController(Protocol):
-    def labels(self) -> dict[str, int]: ...
-
-    def promote(self, version: int | None = None) -> int: ...
-
-    def rollback(self) -> int: ...
+__all__ = ["AbEvaluator", "LabelController"]
 
 
 class AbEvaluator:
-    """The evaluator's state: the current experiment, decided versions, and its logs."""
+    """The evaluator's state: the current experiment, decided versions, read positions, and its logs."""
 
-    def __init__(self, controller: LabelController, config: PolicyConfig, output_dir: Path) -> None:
+    def __init__(self, controller: LabelController, config: PolicyConfig, output_dir: Path, topic: str = "") -> None:
         self.controller = controller
         self.config = config
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.decisions_path = output_dir / "decisions.jsonl"
+        self.log = DecisionLog(output_dir)
+        self.decisions_path = self.log.path
         self.timeline_path = output_dir / "timeline.jsonl"
-        self.rejected_path = output_dir / "rejected.json"
+        self.checkpoint_path = output_dir / "checkpoint.json"
+        self.topic = topic
         self.experiment: Experiment | None = None
-        self.decided: set[int] = set(self.rejected_versions())
-        # Requests already counted as hits (bounded: examples of one request arrive together).
-        self._hit_requests: OrderedDict[str, None] = OrderedDict()
+        self.decided: set[int] = self.log.decided_versions()
+        # Next offset to read per partition of the labeled topic, and where the experiment began.
+        self.positions: dict[int, int] = {}
+        self.experiment_start: dict[int, int] = {}
+        # Requests of this experiment counted as trials and as hits (the dedup of module docstring).
+        self._trials: set[str] = set()
+        self._hits: set[str] = set()
+        self._saved: EvaluatorCheckpoint | None = None
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover(self) -> dict[int, int]:
+        """At start: settle decisions left half done, restore the experiment the labels still
+        show, and return where to read ``topic`` from (partitions not named: the beginning)."""
+        self.log.reconcile(self.controller)
+        self.decided = self.log.decided_versions()
+        saved = EvaluatorCheckpoint.load(self.checkpoint_path, self.topic)
+        self.positions = dict(saved.positions)
+        restored = None
+        if saved.stable is not None and saved.canary_versions and saved.canary_versions[-1] not in self.decided:
+            restored = Experiment(saved.stable, saved.canary_versions[0], self.config)
+            for version in saved.canary_versions[1:]:
+                restored.advance(version)
+            self.experiment, self.experiment_start = restored, dict(saved.start)
+        self.refresh_labels()
+        if restored is not None and self.experiment is restored:
+            log.info(
+                "rebuilding the evidence of canary %s against stable %s from %s",
+                saved.canary_versions,
+                saved.stable,
+                saved.start,
+            )
+            self.positions = dict(saved.start)
+            return dict(saved.start)
+        return dict(self.positions)
+
+    def mark_read(self, partition: int, offset: int) -> None:
+        """The record at ``offset`` of ``partition`` has been read (counted, skipped or invalid)."""
+        self.positions[partition] = offset + 1
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint.json`` when anything in it changed."""
+        experiment = self.experiment
+        checkpoint = EvaluatorCheckpoint(
+            topic=self.topic,
+            positions=dict(self.positions),
+            stable=experiment.stable.version if experiment is not None else None,
+            canary_versions=list(experiment.canary_versions) if experiment is not None else [],
+            start=dict(self.experiment_start) if experiment is not None else {},
+        )
+        if checkpoint != self._saved:
+            checkpoint.save(self.checkpoint_path)
+            self._saved = checkpoint
 
     # -- labels -------------------------------------------------------------------------
     def refresh_labels(self) -> None:
@@ -80,6 +133,7 @@ class AbEvaluator:
             VERSION.labels(label).set(version)
         if stable is None or canary is None or canary == stable or canary in self.decided:
             self.experiment = None
+            self.save_checkpoint()
             return
         current = self.experiment
         if current is not None and (current.stable.version, current.canary.version) == (stable, canary):
@@ -92,9 +146,13 @@ class AbEvaluator:
         ):
             log.info("canary line moves on: %s (after %s) against stable %s", canary, current.canary.version, stable)
             current.advance(canary)
+            self.save_checkpoint()
             return
         log.info("new experiment: canary %s against stable %s", canary, stable)
         self.experiment = Experiment(stable, canary, self.config)
+        self.experiment_start = dict(self.positions)
+        self._trials, self._hits = set(), set()
+        self.save_checkpoint()
 
     # -- evidence -------------------------------------------------------------------------
     def handle(self, example: LabeledExample) -> Decision | None:
@@ -109,7 +167,10 @@ class AbEvaluator:
         # Interleaved with this experiment's stable: the click's team is evidence too.
         team = example.team if example.control_version == experiment.stable.version else None
         interleaved = team is not None
-        if example.position == 0:
+        if example.position == 0 and example.request_id in self._trials:
+            EXAMPLES.labels("duplicate").inc()  # labeled again after a joiner restart
+        elif example.position == 0:
+            self._trials.add(example.request_id)
             experiment.record(
                 example.arm,
                 hit=False,
@@ -119,10 +180,8 @@ class AbEvaluator:
                 user_id=example.user_id,
                 interleaved=interleaved,
             )
-        if example.clicked and example.request_id not in self._hit_requests:
-            self._hit_requests[example.request_id] = None
-            if len(self._hit_requests) > 100_000:
-                self._hit_requests.popitem(last=False)
+        if example.clicked and example.request_id not in self._hits:
+            self._hits.add(example.request_id)
             experiment.record_hit(example.arm, example.model_version, example.user_id, interleaved=interleaved)
             if team is not None:
                 experiment.record_credit(team, example.model_version, example.user_id, tie=bool(example.shared))
@@ -136,16 +195,23 @@ class AbEvaluator:
         if decision.action == "continue":
             return None
         canary = experiment.canary.version
-        if decision.action == "promote":
-            self.controller.promote(canary)
-        else:
-            self.controller.rollback()
-            self._mark_rejected(canary)
+        intent = self.log.intend(
+            {
+                "action": decision.action,
+                "reason": decision.reason,
+                "stable_version": experiment.stable.version,
+                "canary_version": canary,
+                "figures": self.figures(),
+                "test": asdict(decision.test) if decision.test is not None else None,
+                "positions": dict(self.positions),
+            }
+        )
+        self.log.apply(intent, self.controller)
         self.decided.add(canary)
-        self._audit(decision, experiment)
         DECISIONS.labels(decision.action).inc()
         log.info("%s version %s: %s", decision.action, canary, decision.reason)
         self.experiment = None
+        self.save_checkpoint()
         return decision
 
     # -- records --------------------------------------------------------------------------
@@ -196,27 +262,7 @@ class AbEvaluator:
             self._append(self.timeline_path, {"time": _now(), **figures})
 
     def rejected_versions(self) -> list[int]:
-        if not self.rejected_path.exists():
-            return []
-        return [int(version) for version in json.loads(self.rejected_path.read_text())]
-
-    def _mark_rejected(self, version: int) -> None:
-        rejected = sorted({*self.rejected_versions(), version})
-        temp = self.rejected_path.with_suffix(".tmp")
-        temp.write_text(json.dumps(rejected))
-        temp.replace(self.rejected_path)
-
-    def _audit(self, decision: Decision, experiment: Experiment) -> None:
-        record = {
-            "time": _now(),
-            "action": decision.action,
-            "reason": decision.reason,
-            "stable_version": experiment.stable.version,
-            "canary_version": experiment.canary.version,
-            "figures": self.figures(),
-            "test": asdict(decision.test) if decision.test is not None else None,
-        }
-        self._append(self.decisions_path, record)
+        return self.log.rejected_versions()
 
     @staticmethod
     def _append(path: Path, record: dict[str, Any]) -> None:
@@ -226,44 +272,3 @@ class AbEvaluator:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> None:
-    """The evaluator process: consume labeled examples until stopped (or ``max_seconds``)."""
-    from confluent_kafka import Consumer
-
-    from serving.model_client import ModelServerClient
-    from streamrec.core.errors import EventValidationError
-    from streamrec.core.events import decode_event
-    from streamrec.kafka.consume import consumer_config
-
-    client = ModelServerClient.from_settings(settings)
-    evaluator = AbEvaluator(client, settings.evaluator.policy, settings.evaluator_dir)
-    consumer = Consumer(consumer_config(settings, settings.evaluator.group_id, from_beginning=True))
-    consumer.subscribe([settings.topics.labeled])
-    started = last_labels = last_snapshot = time.monotonic()
-    evaluator.refresh_labels()
-    try:
-        while max_seconds is None or time.monotonic() - started < max_seconds:
-            for message in consumer.consume(num_messages=500, timeout=0.5):
-                if message.error() is not None:
-                    log.warning("consumer error: %s", message.error())
-                    continue
-                try:
-                    example = decode_event(message.value(), LabeledExample)
-                except EventValidationError as error:
-                    EXAMPLES.labels("invalid").inc()
-                    log.warning("invalid labeled example at offset %s: %s", message.offset(), error)
-                    continue
-                evaluator.handle(example)
-            evaluator.decide()
-            now = time.monotonic()
-            if now - last_labels >= settings.evaluator.labels_refresh_s:
-                evaluator.refresh_labels()
-                last_labels = now
-            if now - last_snapshot >= settings.evaluator.snapshot_interval_s:
-                evaluator.snapshot()
-                last_snapshot = now
-    finally:
-        consumer.close()
-        client.close()

@@ -13,6 +13,7 @@ from serving.settings import ServingSettings
 class EvaluatorSection(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # The consumer's group.id; it never joins the group nor commits (checkpoint.py says why).
     group_id: str = "streamrec-evaluator"
     # The decision rule (serving/rollout/policy.py says what each knob guards).
     policy: PolicyConfig = PolicyConfig()
@@ -20,7 +21,7 @@ class EvaluatorSection(BaseModel):
     snapshot_interval_s: float = Field(default=5.0, gt=0)
     # How often the current labels are re-read from the model config.
     labels_refresh_s: float = Field(default=2.0, gt=0)
-    # None: <paths.state_dir>/evaluator
+    # decisions.jsonl, rejected.json, timeline.jsonl, checkpoint.json; None: <paths.state_dir>/evaluator
     output_dir: Path | None = None
     metrics_port: int = Field(default=0, ge=0, le=65535)
 

@@ -116,7 +116,11 @@ class Click(UserKeyed):
 
 
 class LabeledExample(UserKeyed):
-    """One shown item with its outcome, emitted when the label window closes."""
+    """One shown item with its outcome, emitted when the label window closes.
+
+    Its ``event_id`` is :meth:`id_for` its request and item: the joiner is at-least-once, so after
+    a crash it may label an item again, always under the same id; consumers count an id once.
+    """
 
     request_id: NonEmptyId
     item_id: NonEmptyId
@@ -137,6 +141,11 @@ class LabeledExample(UserKeyed):
     team: Arm | None = None
     shared: bool | None = None
     control_version: int | None = Field(default=None, ge=0)
+
+    @staticmethod
+    def id_for(request_id: str, item_id: str) -> str:
+        """The stable ``event_id`` of the example of ``item_id`` shown by ``request_id``."""
+        return f"label:{request_id}:{item_id}"
 
 
 class DeadLetter(Event):

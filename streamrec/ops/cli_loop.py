@@ -16,7 +16,7 @@ def evaluator(
     max_seconds: Annotated[float | None, typer.Option(help="stop after this long (default: run until killed)")] = None,
 ) -> None:
     """The A/B evaluator: test canary against stable on labeled examples; promote or roll back."""
-    from serving.rollout.evaluator import run
+    from serving.rollout.process import run
     from serving.rollout.settings import EvaluatorSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -30,9 +30,16 @@ def evaluator(
 
 def joiner(
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Faust log level")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=1, help="Joiner processes on this host; the group splits the partitions across them.")
+    ] = 1,
 ) -> None:
     """The impression-click joiner (same as ``faust -A streams.joiner_app worker``): labeled
     examples to the labeled topic, unjoinable clicks to the dead-letter topic."""
+    if workers > 1:
+        from streams.worker_group import run_group, streamrec_command
+
+        run_group("joiner", streamrec_command("joiner", "-l", loglevel), "joiner", workers)
     import faust
 
     from streams.joiner_app import main_joiner

@@ -36,7 +36,10 @@ class LoopRecord:
     def load(cls, simulator_dir: Path, evaluator_dir: Path, model_base_path: Path) -> LoopRecord:
         responses_path = simulator_dir / "responses.parquet"
         responses = pd.read_parquet(responses_path) if responses_path.exists() else pd.DataFrame()
-        decisions = _read_jsonl(evaluator_dir / "decisions.jsonl")
+        # applied decisions only: the log also holds each one's intent (serving/rollout/decision_log.py)
+        decisions = [
+            d for d in _read_jsonl(evaluator_dir / "decisions.jsonl") if d.get("state", "applied") == "applied"
+        ]
         versions = []
         if model_base_path.exists():
             for child in sorted(model_base_path.iterdir()):

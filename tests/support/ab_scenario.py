@@ -1,11 +1,14 @@
-"""Scripted users against the real feedback loop, shared by the e2e test and ``bench.loop_decisions``.
+"""Scripted users against the real feedback loop, shared by the e2e test, the A/B fault test and
+``bench.loop_decisions``.
 
 Real services: the local model server (in process), the API (in process), Kafka and Redis (the
 caller's), the Faust joiner (a child process), and an :class:`~serving.rollout.evaluator.AbEvaluator`
-driven from the labeled topic. Users are scripted so the outcome is known: every visit wants
-one of ``LIKED`` items and clicks it if shown. The tiny model ranks a cold user's list by item
-order (``tests.support.tiny_model``), so a version's click-through rate is set by where its
-catalog order puts the liked items:
+driven from the labeled topic, or (``evaluator_process=True``) the ``streamrec evaluator``
+process. Both children can be SIGKILLed and started again. Users are scripted so the outcome is
+known: every visit wants one of ``LIKED`` items and clicks it if shown; the scenario keeps what
+it was shown and what it clicked. The tiny model ranks a cold user's list by item order
+(``tests.support.tiny_model``), so a version's click-through rate is set by where its catalog
+order puts the liked items:
 
 * ``BASELINE`` (stable): half of the liked items in its top 10 -> CTR about 0.5;
 * ``BROKEN`` ("random weights"): a random catalog order -> few liked items in the top 10;
@@ -14,7 +17,10 @@ catalog order puts the liked items:
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import grpc
 import numpy as np
@@ -36,6 +42,7 @@ from serving.api.server import ApiServer
 from serving.api.settings import ApiSection, ApiSettings
 from serving.model_client import ModelServerClient
 from serving.model_server.server import ModelServer, ServerOptions
+from serving.rollout.decision_log import applied_decisions
 from serving.rollout.evaluator import AbEvaluator
 from serving.rollout.policy import PolicyConfig
 from serving.settings import ModelServerSection
@@ -43,7 +50,7 @@ from streamrec.core import contracts
 from streamrec.core.events import Click, LabeledExample, decode_event
 from streamrec.core.settings import CommonSettings, PathSettings
 from streamrec.kafka.consume import consumer_config
-from tests.support.processes import faust_worker, settings_env
+from tests.support.processes import settings_env
 from tests.support.tiny_model import TINY_SCHEMA, write_tiny_model
 
 ITEMS = [str(i) for i in range(1, 61)]
@@ -63,6 +70,57 @@ def catalog_order(quality: Quality, seed: int = 2) -> list[str]:
     return LIKED + OTHERS
 
 
+class ChildProcess:
+    """A project process as a child in its own process group, logging to a file; it can be
+    SIGKILLed (no shutdown hook runs) and started again with the same command and environment."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.command, self.env, self.log_path = command, env, log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 -- our own command line
+            self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL, wait_s=10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s."""
+        try:
+            self._signal(signal.SIGTERM, wait_s=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def _signal(self, number: int, wait_s: float) -> None:
+        if self.process is not None and self.alive():
+            os.killpg(self.process.pid, number)
+            self.process.wait(wait_s)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def child_env(settings: CommonSettings, **extra: str) -> dict[str, str]:
+    """``settings_env`` without the Prometheus multiprocess variables a parent that imported Feast carries."""
+    env = settings_env(settings, **extra)
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR", "prometheus_multiproc_dir"):
+        env.pop(name, None)
+    return env
+
+
+def policy_env(policy: PolicyConfig) -> dict[str, str]:
+    return {
+        f"STREAMREC_EVALUATOR__POLICY__{name.upper()}": str(getattr(policy, name)) for name in PolicyConfig.model_fields
+    }
+
+
 @dataclass
 class Scenario:
     """The running loop; ``visit`` and ``run_until`` drive it."""
@@ -71,16 +129,21 @@ class Scenario:
     workdir: Path
     base_path: Path
     admin: ModelServerClient
-    evaluator: AbEvaluator
+    evaluator: AbEvaluator | None  # None: the evaluator is ``evaluator_process``
     stub: Any
     pb2: Any
     producer: Producer
-    labeled: Consumer
+    labeled: Consumer | None
+    joiner: ChildProcess
+    evaluator_process: ChildProcess | None = None
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     failures: list[str] = field(default_factory=list)
     served_versions: set[tuple[str, int]] = field(default_factory=set)
     # Responses by (arm, model version): the impressions each version has had.
     impressions: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Every response: request id -> (arm, version, items shown); and every (request, item) clicked.
+    shown: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)
+    clicked: set[tuple[str, str]] = field(default_factory=set)
     visits: int = 0
 
     def write_version(self, version: int, quality: Quality, seed: int = 2) -> None:
@@ -99,7 +162,9 @@ class Scenario:
         self.impressions[served] = self.impressions.get(served, 0) + 1
         wanted = str(self.rng.choice(LIKED))
         shown = [item.item_id for item in response.items]
+        self.shown[response.request_id] = (*served, tuple(shown))
         if wanted in shown:
+            self.clicked.add((response.request_id, wanted))
             click = Click(
                 event_id=f"c-{response.request_id}",
                 event_time=datetime.now(UTC),
@@ -127,18 +192,19 @@ class Scenario:
             if rate is not None:
                 time.sleep(max(0.0, started + (self.visits - first_visit) / rate - time.monotonic()))
             self.producer.flush(5)
-            self.evaluator.refresh_labels()
-            for message in self.labeled.consume(num_messages=5000, timeout=0.3):
-                self.evaluator.handle(decode_event(message.value(), LabeledExample))
-            self.evaluator.decide()
+            if self.evaluator is not None and self.labeled is not None:
+                self.evaluator.refresh_labels()
+                for message in self.labeled.consume(num_messages=5000, timeout=0.3):
+                    self.evaluator.handle(decode_event(message.value(), LabeledExample))
+                self.evaluator.decide()
             if done():
                 return
-        raise TimeoutError(f"no decision within {timeout_s}s; figures {self.evaluator.figures()}")
+        figures = self.evaluator.figures() if self.evaluator is not None else "in the evaluator process"
+        raise TimeoutError(f"not done within {timeout_s}s; figures {figures}")
 
     def decisions(self) -> list[str]:
-        path = self.evaluator_dir / "decisions.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [json.loads(line)["action"] for line in lines if line.strip()]
+        """The actions of the applied decisions, oldest first."""
+        return [record["action"] for record in applied_decisions(self.evaluator_dir / "decisions.jsonl")]
 
     @property
     def evaluator_dir(self) -> Path:
@@ -162,9 +228,19 @@ def set_up_features(settings: ApiSettings) -> None:
 
 @contextmanager
 def ab_scenario(
-    settings: CommonSettings, workdir: Path, *, policy: PolicyConfig, label_window_s: float = 1.0
+    settings: CommonSettings,
+    workdir: Path,
+    *,
+    policy: PolicyConfig,
+    label_window_s: float = 1.0,
+    evaluator_process: bool = False,
+    joiner_session_timeout_s: float = 30.0,
 ) -> Iterator[Scenario]:
-    """Model server with version 1 (``baseline``) as stable, API, joiner and evaluator on ``settings``."""
+    """Model server with version 1 (``baseline``) as stable, API, joiner and evaluator on ``settings``.
+
+    ``evaluator_process``: the evaluator is ``streamrec evaluator`` (``scenario.evaluator_process``,
+    not started: start it once the labels are as the test wants them) instead of in process.
+    """
     base_path = workdir / "models" / contracts.MODEL_NAME
     write_tiny_model(base_path, 1, item_ids=catalog_order("baseline"))
     with ExitStack() as cleanup:
@@ -199,26 +275,50 @@ def ab_scenario(
         stubs = generated()
         channel = grpc.insecure_channel(f"127.0.0.1:{api_port}")
         cleanup.callback(channel.close)
-        labeled = Consumer(consumer_config(settings, f"eval-{uuid.uuid4().hex}", from_beginning=True))
-        labeled.subscribe([settings.topics.labeled])
-        cleanup.callback(labeled.close)
-        env = settings_env(
+        labeled = None
+        if not evaluator_process:
+            labeled = Consumer(consumer_config(settings, f"eval-{uuid.uuid4().hex}", from_beginning=True))
+            labeled.subscribe([settings.topics.labeled])
+            cleanup.callback(labeled.close)
+        joiner_env = child_env(
             settings,
             STREAMREC_JOINER__APP_ID=f"joiner-{uuid.uuid4().hex[:8]}",
             STREAMREC_JOINER__LABEL_WINDOW_S=str(label_window_s),
             STREAMREC_JOINER__GRACE_S="0.5",
             STREAMREC_JOINER__EXPIRE_INTERVAL_S="0.2",
+            STREAMREC_JOINER__SESSION_TIMEOUT_S=str(joiner_session_timeout_s),
+            STREAMREC_JOINER__STATE_DIR=str(workdir / "joiner"),
         )
-        cleanup.enter_context(faust_worker("streams.joiner_app", env, workdir / "joiner.log"))
+        faust = [sys.executable, "-m", "faust", "-A", "streams.joiner_app", "worker", "-l", "info", "--without-web"]
+        joiner = ChildProcess(faust, joiner_env, workdir / "joiner.log")
+        joiner.start()
+        cleanup.callback(joiner.stop)
+        process = None
+        if evaluator_process:
+            evaluator_env = child_env(
+                settings,
+                STREAMREC_MODEL_SERVER__PORT=str(model_server.port),
+                STREAMREC_MODEL_SERVER__MODEL_BASE_PATH=str(base_path),
+                STREAMREC_MODEL_SERVER__MODEL_CONFIG_FILE=str(workdir / "models.config"),
+                STREAMREC_EVALUATOR__OUTPUT_DIR=str(workdir / "evaluator"),
+                STREAMREC_EVALUATOR__LABELS_REFRESH_S="0.5",
+                STREAMREC_EVALUATOR__SNAPSHOT_INTERVAL_S="0.5",
+                **policy_env(policy),
+            )
+            streamrec = str(Path(sys.executable).with_name("streamrec"))
+            process = ChildProcess([streamrec, "evaluator"], evaluator_env, workdir / "evaluator.log")
+            cleanup.callback(process.stop)
         scenario = Scenario(
             settings=settings,
             workdir=workdir,
             base_path=base_path,
             admin=admin,
-            evaluator=AbEvaluator(admin, policy, workdir / "evaluator"),
+            evaluator=None if evaluator_process else AbEvaluator(admin, policy, workdir / "evaluator"),
             stub=stubs.grpc.RecommenderStub(channel),
             pb2=stubs.pb2,
             producer=Producer(settings.kafka.client_config()),
             labeled=labeled,
+            joiner=joiner,
+            evaluator_process=process,
         )
         yield scenario

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 
 from streamrec.core.events import Click, Impression, ImpressionItem
-from streams.joiner import JoinConfig, JoinState
+from streams.joiner import CapOutcome, JoinConfig, JoinState, fit_features
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 CONFIG = JoinConfig(window_s=60, grace_s=5)
@@ -111,7 +112,7 @@ def test_past_the_cap_the_oldest_impressions_are_labeled_early_and_their_later_c
     early = []
     for n in range(5):
         state.add_impression(impression(f"r{n}", T0 + timedelta(seconds=n)), config)
-        early += state.label_overflow(config)
+        early += state.enforce_caps(config).labeled
     assert sorted(state.open) == ["r2", "r3", "r4"]  # the three newest stay open
     assert [(e.request_id, e.position) for e in early] == [
         ("r0", 0),
@@ -123,7 +124,7 @@ def test_past_the_cap_the_oldest_impressions_are_labeled_early_and_their_later_c
     ]
     assert state.add_click(click("i0", 10, "r0"), config) == "late"  # dead-lettered, not lost
     assert state.add_click(click("i0", 10, "r4"), config) == "joined"
-    assert state.label_overflow(config) == []
+    assert state.enforce_caps(config) == CapOutcome([], [], over_bytes=False)
 
 
 def test_a_bursting_user_stays_one_kafka_message() -> None:
@@ -135,6 +136,99 @@ def test_a_bursting_user_stays_one_kafka_message() -> None:
     for n in range(1_000):
         shown = impression(f"request-{n:06d}", T0 + timedelta(milliseconds=25 * n))
         state.add_impression(shown.model_copy(update={"features": {"recent_items": recent}}), config)
-        state.label_overflow(config)
+        state.enforce_caps(config)
     size = len(json.dumps(state.to_json()))
     assert len(state.open) == config.max_open_per_user and size < 300_000, size
+
+
+def test_every_example_of_an_item_has_the_same_id_however_often_it_is_labeled() -> None:
+    first, again = JoinState(), JoinState()
+    for state in (first, again):
+        state.add_impression(impression(), CONFIG)
+    ids = [e.event_id for e in first.expire(T0 + timedelta(hours=1), CONFIG)[0]]
+    assert ids == ["label:r1:i0", "label:r1:i1", "label:r1:i2"]
+    assert [e.event_id for e in again.expire(T0 + timedelta(hours=1), CONFIG)[0]] == ids
+
+
+def test_a_large_context_loses_its_largest_keys_and_the_rest_of_the_features_stay() -> None:
+    context = {f"k{n}": "x" * 100 for n in range(150)}  # ~16 KB
+    shown = impression().model_copy(update={"features": {"recent_items": ["i9"], "context": context}})
+    fitted, dropped = fit_features(shown, max_bytes=8 * 1024)
+    assert dropped == ["context"] and fitted.features == {"recent_items": ["i9"]}
+    assert fit_features(fitted, max_bytes=8 * 1024) == (fitted, [])
+    many = {f"k{n}": "y" * (n * 10) for n in range(1, 20)}  # 1,900 bytes of values in keys of rising size
+    trimmed, dropped = fit_features(shown.model_copy(update={"features": many}), max_bytes=1000)
+    assert dropped == [f"k{n}" for n in range(19, 12, -1)]  # the largest first, until it fits
+    assert len(json.dumps(trimmed.features)) <= 1000 < len(json.dumps({**trimmed.features, "k13": many["k13"]}))
+
+
+def test_past_the_byte_cap_the_oldest_impressions_are_labeled_early_then_held_clicks_evicted() -> None:
+    config = JoinConfig(window_s=60, grace_s=5, max_state_bytes=8 * 1024, max_features_bytes=2 * 1024)
+    state = JoinState()
+    big = {"recent_items": [f"item-{n:04d}" for n in range(150)]}  # ~1.8 KB
+    early = []
+    for n in range(10):
+        shown = impression(f"r{n}", T0 + timedelta(seconds=n)).model_copy(update={"features": big})
+        state.add_impression(shown, config)
+        outcome = state.enforce_caps(config)
+        early += outcome.labeled
+        assert state.size_bytes() <= config.max_state_bytes
+    assert sorted({e.request_id for e in early}) == [f"r{n}" for n in range(10 - len(state.open))]
+    assert 0 < len(state.open) < 10
+    # nothing open: held clicks go, oldest first
+    state = JoinState()
+    for n in range(200):
+        state.add_click(click("i0", n, request_id=f"ghost-{n:03d}"), config)
+    outcome = state.enforce_caps(config)
+    assert outcome.over_bytes and outcome.labeled == []
+    assert [c.request_id for c in outcome.evicted] == [f"ghost-{n:03d}" for n in range(len(outcome.evicted))]
+    assert state.size_bytes() <= config.max_state_bytes and state.waiting
+
+
+def test_the_size_bound_is_never_below_the_changelog_message() -> None:
+    """Random states (impressions with features, clicks, held clicks, labeled ids): ``size_bytes``
+    is at least the JSON Faust writes (default separators, ASCII escapes), so the cap holds."""
+    rng = random.Random(7)
+    config = JoinConfig(window_s=60, grace_s=5, max_open_per_user=1000, max_state_bytes=10**9)
+    for _ in range(30):
+        state = JoinState()
+        for n in range(rng.randint(0, 40)):
+            request = f"req-{n}-{'é' * rng.randint(0, 5)}"
+            features = {"recent_items": [f"item-{rng.randint(0, 99999)}" for _ in range(rng.randint(0, 60))]}
+            if rng.random() < 0.3:
+                features["context"] = {"page": "ü" * rng.randint(0, 300)}
+            shown = impression(request, T0 + timedelta(seconds=rng.random() * 100))
+            state.add_impression(shown.model_copy(update={"features": features}), config)
+            for item in rng.sample(["i0", "i1", "i2"], rng.choice([0, 0, 1, 3])):
+                state.add_click(click(item, rng.random() * 50, request_id=request), config)
+            if rng.random() < 0.2:
+                state.add_click(click("i0", 1, request_id=f"held-{n}"), config)
+        state.expire(T0 + timedelta(seconds=rng.random() * 200), config)
+        assert state.size_bytes() >= len(json.dumps({**state.to_json(), "partition": 3}).encode())
+    burst = JoinState()  # many open impressions and nothing else
+    for n in range(300):
+        burst.add_impression(impression(f"burst-request-{n}", T0), config)
+    assert burst.size_bytes() >= len(json.dumps({**burst.to_json(), "partition": 3}).encode())
+
+
+def test_labeled_ids_are_forgotten_after_their_memory_and_the_state_empties() -> None:
+    config = JoinConfig(window_s=60, grace_s=5, labeled_memory_s=100)
+    state = JoinState()
+    state.add_impression(impression(), config)
+    state.expire(T0 + timedelta(seconds=66), config)
+    assert state.open == {} and not state.is_empty()  # r1 remembered: a click now is late
+    assert state.add_click(click("i0", 70), config) == "late"
+    assert state.forget(T0 + timedelta(seconds=165)) == 0
+    assert state.forget(T0 + timedelta(seconds=166)) == 1
+    assert state.is_empty()
+
+
+def test_a_state_written_before_the_byte_cap_still_loads() -> None:
+    state = JoinState()
+    state.add_impression(impression("r2"), CONFIG)
+    entry = {key: value for key, value in state.open["r2"].items() if key != "bytes"}
+    old = {"open": {"r2": entry}, "waiting": [], "labeled": ["r1"]}
+    restored = JoinState.from_json(old)
+    assert restored.open["r2"]["bytes"] == state.open["r2"]["bytes"]
+    assert restored.add_impression(impression("r1"), CONFIG) == [] and "r1" not in restored.open
+    assert restored.forget(T0) == 1  # old ids are forgotten at the next tick

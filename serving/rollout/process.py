@@ -1,0 +1,75 @@
+"""The evaluator process (``streamrec evaluator``): read labeled examples, judge, act, checkpoint.
+
+It reads every partition of ``topics.labeled`` by assignment from where
+:meth:`~serving.rollout.evaluator.AbEvaluator.recover` says (``checkpoint.py`` says why no
+consumer group), and after every batch lets the evaluator decide and saves its checkpoint. The
+labels are re-read every ``evaluator.labels_refresh_s``, the figures written to the timeline
+every ``evaluator.snapshot_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from serving.rollout.evaluator import EXAMPLES, AbEvaluator
+from serving.rollout.settings import EvaluatorSettings
+
+log = logging.getLogger(__name__)
+
+
+def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> None:
+    """Consume labeled examples until stopped (or ``max_seconds``)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from serving.model_client import ModelServerClient
+    from streamrec.core.errors import EventValidationError, SettingsError
+    from streamrec.core.events import LabeledExample, decode_event
+    from streamrec.kafka.consume import consumer_config
+
+    topic = settings.topics.labeled
+    client = ModelServerClient.from_settings(settings)
+    evaluator = AbEvaluator(client, settings.evaluator.policy, settings.evaluator_dir, topic)
+    config = {
+        **consumer_config(settings, settings.evaluator.group_id, from_beginning=True),
+        "enable.auto.commit": False,
+    }
+    consumer = Consumer(config)
+    try:
+        start = evaluator.recover()
+        metadata = consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            raise SettingsError(f"the labeled topic {topic!r} does not exist; create it with `streamrec topics create`")
+        consumer.assign(
+            [
+                TopicPartition(topic, partition, start.get(partition, OFFSET_BEGINNING))
+                for partition in metadata.partitions
+            ]
+        )
+        started = last_labels = last_snapshot = time.monotonic()
+        while max_seconds is None or time.monotonic() - started < max_seconds:
+            for message in consumer.consume(num_messages=500, timeout=0.5):
+                if message.error() is not None:
+                    log.warning("consumer error: %s", message.error())
+                    continue
+                partition, offset = int(message.partition() or 0), int(message.offset() or 0)
+                evaluator.mark_read(partition, offset)
+                try:
+                    example = decode_event(message.value(), LabeledExample)
+                except EventValidationError as error:
+                    EXAMPLES.labels("invalid").inc()
+                    log.warning("invalid labeled example at %s/%s: %s", partition, offset, error)
+                    continue
+                evaluator.handle(example)
+            evaluator.decide()
+            evaluator.save_checkpoint()
+            now = time.monotonic()
+            if now - last_labels >= settings.evaluator.labels_refresh_s:
+                evaluator.refresh_labels()
+                last_labels = now
+            if now - last_snapshot >= settings.evaluator.snapshot_interval_s:
+                evaluator.snapshot()
+                last_snapshot = now
+    finally:
+        consumer.close()
+        client.close()
