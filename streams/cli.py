@@ -27,11 +27,19 @@ def worker(
     loglevel: Annotated[
         str | None, typer.Option("--loglevel", "-l", help="Default: STREAMREC_STREAMS__LOG_LEVEL.")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes on this host; the group splits the partitions across them.")
+    ] = 1,
 ) -> None:
     """Consume interactions, keep windowed state, push features to Feast until stopped (Ctrl-C)."""
     import mode.loop
 
     settings = load(StreamsSettings)
+    if workers > 1:
+        from streams.worker_group import run_group, streamrec_command
+
+        level = loglevel or settings.streams.log_level
+        run_group("streams-worker", streamrec_command("streams", "worker", "-l", level), "streams", workers)
     # Before the app exists: the policy decides the loop the Faust worker creates.
     mode.loop.use("aio" if settings.streams.event_loop == "asyncio" else settings.streams.event_loop)
 

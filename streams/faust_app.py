@@ -9,14 +9,24 @@ metrics the same way.
 Nothing here runs at import, and both app modules build their app on first access of their
 ``app`` attribute (a module ``__getattr__``): importing a module of ``streams`` loads no
 settings and creates no directory, and ``faust -A streams.app worker`` still finds the app.
+
+Durability: the apps produce with ``acks=all`` and aiokafka's idempotence (a batch retried after a
+broker failover is written once), and the topics Faust creates itself (table changelogs, the
+by-item repartition topic, the leader topic) get the settings' replication factor and
+``min.insync.replicas``, like the project topics. Faust turns idempotence on only inside
+transactions (exactly-once), through its producer's ``_settings_extra``; this module is the one
+place that overrides it (:class:`IdempotentProducer`), and a unit test fails if the producer Faust
+builds stops being idempotent. See docs/design/ops.md#a-kafka-cluster.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as aiokafka_driver
 from prometheus_client import start_http_server
 
 from streamrec.core.errors import SettingsError
@@ -42,6 +52,31 @@ def check_security(kafka: KafkaSettings) -> None:
         )
 
 
+class IdempotentProducer(aiokafka_driver.Producer):
+    """Faust's aiokafka producer with ``acks=all`` and idempotence outside transactions too."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+class IdempotentTransport(aiokafka_driver.Transport):
+    """Faust's ``kafka://`` transport, creating :class:`IdempotentProducer` producers."""
+
+    Producer = IdempotentProducer
+
+
+def replicated_topic_class(min_insync_replicas: int) -> type[faust.Topic]:
+    """A ``faust.Topic`` whose topics, when Faust creates them, carry ``min.insync.replicas``
+    (Faust passes its ``topic_replication_factor`` but no broker-side topic config of ours)."""
+    durability = {"min.insync.replicas": str(min_insync_replicas)}
+
+    class ReplicatedTopic(faust.Topic):
+        def __init__(self, *args: Any, config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, config={**durability, **(config or {})}, **kwargs)
+
+    return ReplicatedTopic
+
+
 def build_app(
     settings: CommonSettings,
     tuning: FaustAppTuning,
@@ -52,9 +87,10 @@ def build_app(
 ) -> faust.App:
     """A ``faust.App`` for ``tuning.app_id`` on the settings' broker, with the watchdog and metrics.
 
-    Every app is at-least-once, keeps its tables in memory backed by changelog topics (created
-    with the settings' partitions and replication), starts from the earliest offset of a new
-    group and reads raw bytes (each agent decodes and dead-letters itself). ``web_port`` 0
+    Every app is at-least-once, produces with ``acks=all`` and idempotence, keeps its tables in
+    memory backed by changelog topics (created with the settings' partitions, replication and
+    ``min.insync.replicas``), starts from the earliest offset of a new group and reads raw bytes
+    (each agent decodes and dead-letters itself). ``web_port`` 0
     turns Faust's web server off. ``app_options`` are further ``faust.App`` settings of one app.
     """
     check_security(settings.kafka)
@@ -62,7 +98,9 @@ def build_app(
     app = faust.App(
         tuning.app_id,
         broker=broker_urls(settings.kafka.bootstrap_servers),
-        broker_client_id=settings.kafka.client_id,
+        broker_client_id=(
+            f"{settings.kafka.client_id}-{tuning.worker_index}" if tuning.worker_index else settings.kafka.client_id
+        ),
         store="memory://",
         datadir=str(state_dir),
         processing_guarantee="at_least_once",
@@ -70,19 +108,22 @@ def build_app(
         consumer_auto_offset_reset="earliest",
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=settings.topics.replication_factor,
+        Topic=replicated_topic_class(settings.topics.min_insync_replicas),
+        producer_acks=-1,
         web_enabled=web_port != 0,
-        web_port=web_port or _FAUST_DEFAULT_WEB_PORT,
+        web_port=(web_port + tuning.worker_index) if web_port else _FAUST_DEFAULT_WEB_PORT,
         web_bind="127.0.0.1",
         key_serializer="raw",
         value_serializer="raw",
         **app_options,
     )
-    if tuning.metrics_port:
-        metrics_port = tuning.metrics_port
+    if tuning.resolved_metrics_port:
+        metrics_port = tuning.resolved_metrics_port
 
         async def serve_metrics() -> None:
             start_http_server(metrics_port)  # a daemon thread
 
         app.task(serve_metrics)
+    app.transport = IdempotentTransport(app.conf.broker_consumer, app)
     watchdog.install(app)
     return app

@@ -9,7 +9,7 @@ original timestamp: the repartition hop keeps it.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Fine below 0.5 s, where the freshness targets are (p50 < 100 ms, p99 < 500 ms).
 _LATENCY_BUCKETS = (
@@ -22,6 +22,14 @@ OFFSET_GAPS = Counter(
     "streams_offset_gaps_total",
     "Records the consumer skipped (an offset jump on a partition of the interactions or by-item topic); "
     "each jump rewinds the partition so they are read again (streams.pipeline).",
+)
+OPEN_GAPS = Gauge(
+    "streams_offset_gaps_open",
+    "Skipped records not read again yet (partitions being rewound); 0 once every gap is repaired.",
+)
+ABANDONED_GAPS = Counter(
+    "streams_offset_gaps_abandoned_total",
+    "Partitions revoked while a skipped record was still being read again (it may be lost: alert on it).",
 )
 DEAD_LETTERS = Counter(
     "streams_dead_letters_total", "Records sent to the dead-letter topic, by reason.", labelnames=("reason",)
@@ -56,4 +64,29 @@ APPLIED_SECONDS = Histogram(
     f"event in {APPLIED_SAMPLE_EVERY} of each batch or bundle.",
     ("view",),
     buckets=_LATENCY_BUCKETS,
+)
+
+# Bounded state (streams.windows, streams.expiry; docs/design/streams.md#bounded-state)
+FOLDED_EVENTS = Counter(
+    "streams_folded_events_total",
+    "Exact events of a state over max_exact_events folded into count buckets (their ids forgotten).",
+)
+FOLD_COARSENINGS = Counter(
+    "streams_fold_coarsenings_total",
+    "Times a state's count buckets went over max_fold_buckets and merged at a coarser resolution.",
+)
+OVERSIZE_EVENTS = Counter(
+    "streams_oversize_events_total",
+    "Events at or before their entity's fold horizon: not applied, dead-lettered with reason oversize.",
+)
+EXPIRED_ENTITIES = Counter(
+    "streams_expired_entities_total",
+    "Idle entities deleted from a table (with a changelog tombstone); their feature rows stay.",
+    labelnames=("view",),
+)
+TABLE_ENTITIES = Gauge("streams_table_entities", "Entities in a table at the last expiry sweep.", labelnames=("view",))
+
+STORE_RESTARTS = Counter(
+    "streams_feature_store_restarts_total",
+    "Restarts of the online store seen by the worker (each makes it push its owned states again).",
 )

@@ -29,10 +29,11 @@ tests can replace them at the transport boundary and run the agents in ``test_co
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -109,6 +110,8 @@ class FeaturePipeline:
     # next expected offset, and a rewind in progress, by (topic, partition) (see _check_offsets)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rewinding: dict[tuple[str, int], int] = field(default_factory=dict)
+    # the online store's run last seen (check_feature_store)
+    store_epoch: str | None = None
 
     def pusher(self, view: View) -> ViewPusher:
         if view not in self.pushers:
@@ -237,6 +240,7 @@ class FeaturePipeline:
                 if key in rewinding and record.offset >= rewinding[key]:
                     del rewinding[key]
                     rewind_now.pop(key, None)
+        metrics.OPEN_GAPS.set(len(rewinding))
         if self.rewind is not None:
             for (topic, partition), offset in rewind_now.items():
                 log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
@@ -251,7 +255,10 @@ class FeaturePipeline:
         """
         for key in revoked:
             self.next_offsets.pop(key, None)
-            self.rewinding.pop(key, None)
+            if self.rewinding.pop(key, None) is not None:
+                metrics.ABANDONED_GAPS.inc()
+                log.error("%s[%d] revoked while its skipped records were being read again", *key)
+        metrics.OPEN_GAPS.set(len(self.rewinding))
         views: tuple[tuple[View, str], ...] = (("user_activity", interactions_topic), ("item_stats", by_item_topic))
         for view, topic in views:
             pusher = self.pushers.get(view)
@@ -260,6 +267,32 @@ class FeaturePipeline:
                 dropped = pusher.forget_partitions(partitions)
                 if dropped:
                     log.warning("dropped %d unpushed %s events of revoked partitions %s", dropped, view, partitions)
+
+    async def check_feature_store(self, owned: Mapping[View, Iterable[tuple[str, int]]]) -> int:
+        """Push every owned entity again if the online store restarted since the last check.
+
+        Redis acknowledges a write before its append-only file is fsynced (every second by
+        default), so a Redis that died and came back may lack rows whose events are committed
+        here and will never be read again. Its ``run_id`` (``FeatureSink.store_epoch``) tells a
+        restart; then every state this worker owns (``owned``: entity id and changelog partition
+        per view) is pushed again: the newest state wins in Feast whatever was lost. Returns the
+        number of entities marked (0: no restart, or the store does not answer yet).
+        """
+        epoch = await asyncio.to_thread(self.sink.store_epoch)
+        if epoch is None:
+            return 0
+        previous, self.store_epoch = self.store_epoch, epoch
+        if previous is None or previous == epoch:
+            return 0
+        metrics.STORE_RESTARTS.inc()
+        marked = 0
+        for view, entities in owned.items():
+            table, pusher = self.users if view == "user_activity" else self.items, self.pusher(view)
+            found = ((key, table.get(key), partition) for key, partition in entities)
+            marked += pusher.mark_dirty((key, state, partition) for key, state, partition in found if state is not None)
+            await pusher.kick()
+        log.warning("the online store restarted (run %s, was %s): pushing %d entities again", epoch, previous, marked)
+        return marked
 
     async def drain(self) -> None:
         """Wait until every held event is pushed and acked."""

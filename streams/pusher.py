@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -48,6 +48,11 @@ class FeatureSink(Protocol):
     def push(self, view: View, rows: Sequence[FeatureRow]) -> float | None:
         """Write ``rows``; returns the wall-clock time they became readable online, if known
         (a sink that also writes an offline log returns the time between the two writes), else None."""
+        ...
+
+    def store_epoch(self) -> str | None:
+        """An id of the online store's current run (it changes when the store restarts and may
+        have lost acknowledged writes); None when unknown or unreachable."""
         ...
 
 
@@ -133,6 +138,15 @@ class ViewPusher:
         dropped = len(self._held) - len(kept)
         self._held = kept
         return dropped
+
+    def mark_dirty(self, entities: Iterable[tuple[str, EntityState, int]]) -> int:
+        """Push these (entity, state, partition) again at the next cycle, holding no event (an
+        online store that lost writes gets them back); returns how many were marked."""
+        marked = 0
+        for entity_id, state, partition in entities:
+            self._dirty.setdefault(entity_id, _Dirty(state, partition))
+            marked += 1
+        return marked
 
     @property
     def pending(self) -> int:

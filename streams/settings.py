@@ -32,9 +32,19 @@ class FaustAppTuning(Section):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     # None = ``<paths.state_dir>/<the app's directory>``; Faust keeps its table metadata there.
     state_dir: Path | None = None
+    # This process's number among the app's processes on one host (``--workers N`` sets it, see
+    # streams.worker_group): process n serves metrics on metrics_port + n, keeps its state in
+    # ``<state dir>/worker-<n>`` (n > 0) and names its Kafka client ``<client_id>-<n>``.
+    worker_index: int = Field(default=0, ge=0, le=255)
 
     def resolved_state_dir(self, paths: PathSettings, default_name: str) -> Path:
-        return self.state_dir or paths.state_dir / default_name
+        base = self.state_dir or paths.state_dir / default_name
+        return base / f"worker-{self.worker_index}" if self.worker_index else base
+
+    @property
+    def resolved_metrics_port(self) -> int:
+        """This process's metrics port (0: none)."""
+        return self.metrics_port + self.worker_index if self.metrics_port else 0
 
 
 class StreamsTuning(FaustAppTuning):
@@ -50,6 +60,19 @@ class StreamsTuning(FaustAppTuning):
 
     ``max_future_skew_s`` rejects (dead-letters) events from the future relative to the wall
     clock; events from the past (MovieLens is from 1997) are fine.
+
+    Bounded state (rules in ``streams.windows`` and ``streams.expiry``; memory and record sizes in
+    docs/design/streams.md#bounded-state): an entity keeps its newest ``max_exact_events`` events
+    exactly (17 bytes each in its changelog record, about 190 in memory) and folds older ones into
+    at most ``max_fold_buckets`` count buckets (13 bytes each, in the record and in memory); an
+    event older than what it folded is dead-lettered (``oversize``). The worker refuses at start
+    caps whose largest record could exceed ``max_state_record_bytes``, which stays under the Kafka
+    producer's 1,000,000-byte request limit. Keep ``max_exact_events`` at least ``max_held_events``,
+    so that events redelivered after a crash are still recognised as duplicates (beyond it they
+    are dead-lettered as oversize: dropped either way). Every ``expiry_interval_s`` (0: never), an
+    entity idle both in event time (its newest event more than retention + ``expiry_grace_s``
+    behind its partition's progress) and on the wall clock (not written for ``expiry_idle_s``)
+    leaves its table, with a changelog tombstone; its feature row stays.
     """
 
     app_id: str = Field(default="streamrec-features", pattern=APP_ID_PATTERN)
@@ -69,6 +92,9 @@ class StreamsTuning(FaustAppTuning):
     # Events applied but not yet pushed (their offsets uncommitted); beyond it the agents wait.
     max_held_events: int = Field(default=20_000, ge=1)
     push_offline: bool = True
+    # How often the worker asks the online store whether it restarted (and may have lost the
+    # writes of its last second); after a restart it pushes every state it owns again. 0: never.
+    store_check_interval_s: float = Field(default=2.0, ge=0)
     web_port: int = Field(default=0, ge=0, le=65535)
     # How soon the group notices a dead worker (SIGKILL, lost host) and hands its partitions on;
     # the broker's group.min.session.timeout.ms (6 s by default) is the floor.
@@ -79,6 +105,12 @@ class StreamsTuning(FaustAppTuning):
     # The worker's asyncio event loop: uvloop (libuv, in C) costs less CPU per wake-up than the
     # pure-Python default; "asyncio" is the fallback where uvloop is missing.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    max_exact_events: int = Field(default=20_000, ge=1)
+    max_fold_buckets: int = Field(default=30_000, ge=512)
+    max_state_record_bytes: int = Field(default=900_000, ge=65_536, le=990_000)
+    expiry_interval_s: float = Field(default=60.0, ge=0)
+    expiry_grace_s: float = Field(default=24 * 3600.0, ge=0)
+    expiry_idle_s: float = Field(default=600.0, ge=0)
 
 
 class StreamsSettings(FeaturesSettings):

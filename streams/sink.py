@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from streamrec.core.attributes import AttributeSchema
 from streams.pipeline import FeatureRow, View
@@ -61,6 +61,32 @@ class FeastSink:
         that would otherwise land on the first events' freshness)."""
         for view in ("user_activity", "item_stats"):
             self.writer(view)
+
+    def store_epoch(self) -> str | None:
+        """Which run of the online store answers: Redis' ``run_id`` (every master's, for a
+        cluster), new after each restart; None while it does not answer.
+
+        A restarted Redis may have lost the writes of its last second (``appendfsync everysec``)
+        although it acknowledged them; the pipeline compares epochs and pushes its states again
+        (``FeaturePipeline.check_feature_store``).
+        """
+        from redis import RedisCluster, RedisError
+
+        from features.feast_internals import online_redis_client
+
+        client = online_redis_client(self.writer("user_activity").store)
+        if client is None:
+            return None
+        try:
+            if isinstance(client, RedisCluster):
+                replies = cast(dict[str, dict[str, object]], client.info("server", target_nodes=RedisCluster.PRIMARIES))
+                run_ids = sorted(str(reply["run_id"]) for reply in replies.values())
+            else:
+                reply = cast(dict[str, object], client.info("server"))
+                run_ids = [str(reply["run_id"])]
+        except (RedisError, KeyError, OSError):
+            return None
+        return ",".join(run_ids)
 
     def push(self, view: View, rows: Sequence[FeatureRow]) -> float:
         """Online, then the offline log; returns when the rows became readable online (``time.time``)."""

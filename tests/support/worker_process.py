@@ -94,7 +94,7 @@ class WorkerProcess:
     def __init__(self, settings: StreamsSettings, log_path: Path) -> None:
         self.settings = settings
         self.log_path = log_path
-        self.metrics_port = settings.streams.metrics_port or None
+        self.metrics_port = settings.streams.resolved_metrics_port or None
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 

@@ -36,9 +36,13 @@ class RecordingSink:
     def __init__(self, failures: int = 0) -> None:
         self.pushes: list[tuple[View, list[FeatureRow]]] = []
         self.failures = failures
+        self.epoch: str | None = None
 
     def warm_up(self) -> None:
         pass
+
+    def store_epoch(self) -> str | None:
+        return self.epoch
 
     def push(self, view: View, rows: Sequence[FeatureRow]) -> None:
         if self.failures:
@@ -603,6 +607,44 @@ def test_a_revoked_partition_forgets_its_progress_and_what_it_held(tmp_path: Pat
             assert metrics.OFFSET_GAPS._value.get() == gaps_before  # noqa: SLF001
             await pusher.drain()
             assert (kept.acked, dropped.acked) == (True, False)
+        finally:
+            _close_unstarted_consumer_loop(worker)
+
+    asyncio.run(main())
+    gc.collect()
+
+
+def test_a_restarted_online_store_gets_every_owned_state_pushed_again(tmp_path: Path) -> None:
+    """``FeaturePipeline.check_feature_store``: a new run id of the store (it may have lost its last
+    second of acknowledged writes) pushes every owned entity's state again; the same run id, or
+    no answer, pushes nothing."""
+    settings = StreamsSettings(
+        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
+    )
+    sink = RecordingSink()
+
+    async def main() -> None:
+        worker = create_app(settings, sink=sink)
+        try:
+            pipeline = worker.pipeline
+            pipeline.users.send_changelog = _no_producer  # type: ignore[attr-defined]
+            for number, user in enumerate(("u1", "u2", "u3")):
+                state = EntityState()
+                apply(state, (T0 + number) * 1_000_000, f"e{number}", "i1", pipeline.window)
+                pipeline.users.put(user, state)
+            owned: dict[View, list[tuple[str, int]]] = {"user_activity": [("u1", 0), ("u2", 1), ("gone", 1)]}
+            assert await pipeline.check_feature_store(owned) == 0  # no answer yet
+            sink.epoch = "run-a"
+            assert await pipeline.check_feature_store(owned) == 0  # the first run seen
+            assert await pipeline.check_feature_store(owned) == 0  # the same run
+            sink.epoch = "run-b"
+            assert await pipeline.check_feature_store(owned) == 2  # restarted: u1 and u2 (u3 is not owned)
+            for _ in range(200):  # the push runs in its task, in a thread
+                pushed = {row.entity_id for view, rows in sink.pushes for row in rows if view == "user_activity"}
+                if pushed:
+                    break
+                await asyncio.sleep(0.05)
+            assert pushed == {"u1", "u2"}
         finally:
             _close_unstarted_consumer_loop(worker)
 

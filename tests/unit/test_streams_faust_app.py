@@ -65,7 +65,7 @@ def test_both_apps_refuse_a_security_protocol_they_do_not_pass_on(build: Builder
 def test_both_apps_are_built_from_the_shared_settings(build: Builder, tmp_path: Path) -> None:
     shared = {
         "kafka": KafkaSettings(bootstrap_servers="kafka-a:9092, kafka-b:9093", client_id="unit-client"),
-        "topics": TopicSettings(partitions=3, replication_factor=2),
+        "topics": TopicSettings(partitions=3, replication_factor=3, min_insync_replicas=2),
         "paths": PathSettings(state_dir=tmp_path),
     }
     settings, app = built_in_a_loop(build, shared, commit_interval_s=2.5, state_dir=tmp_path / "own")
@@ -74,7 +74,14 @@ def test_both_apps_are_built_from_the_shared_settings(build: Builder, tmp_path: 
     assert conf.broker_client_id == "unit-client"
     assert conf.processing_guarantee == ProcessingGuarantee.AT_LEAST_ONCE
     assert conf.broker_commit_interval == 2.5
-    assert (conf.topic_partitions, conf.topic_replication_factor) == (3, 2)
+    assert (conf.topic_partitions, conf.topic_replication_factor) == (3, 3)
+    assert conf.producer_acks == -1  # acks=all
+    # topics Faust creates itself (changelogs, repartition, the leader topic) carry min.insync.replicas
+    assert {table.changelog_topic.config["min.insync.replicas"] for table in app.tables.values()} == {"2"}
+    assert app.topic("internal-x", internal=True, config={"cleanup.policy": "compact"}).config == {
+        "min.insync.replicas": "2",
+        "cleanup.policy": "compact",
+    }
     assert conf.consumer_auto_offset_reset == "earliest"
     assert (conf.key_serializer, conf.value_serializer) == ("raw", "raw")
     assert str(conf.store) == "memory:"
@@ -92,3 +99,23 @@ def test_each_app_keeps_its_own_faust_options(tmp_path: Path) -> None:
     assert (worker.conf.producer_linger, worker.conf.table_standby_replicas) == (0.01, 0)
     assert joiner.conf.table_standby_replicas == faust.App("defaults").conf.table_standby_replicas
     assert sorted(path.name for path in tmp_path.iterdir()) == ["joiner", "streams"]
+
+
+@BUILDERS
+def test_both_apps_produce_with_acks_all_and_idempotence(build: Builder, tmp_path: Path) -> None:
+    """Faust enables idempotence only in transactions; ``IdempotentProducer`` overrides the private
+    ``_settings_extra`` for at-least-once too. This reads the aiokafka producer Faust actually builds,
+    so a Faust or aiokafka upgrade that bypasses the override fails here."""
+
+    async def main() -> tuple[object, int]:
+        _, app = build({"paths": PathSettings(state_dir=tmp_path)})
+        client = app.producer._new_producer()
+        try:
+            return client._txn_manager, client._sender._acks
+        finally:
+            await client.stop()
+
+    txn_manager, acks = asyncio.run(main())
+    gc.collect()
+    assert txn_manager is not None  # aiokafka's idempotence state (producer id and sequence numbers)
+    assert acks == -1
