@@ -2,20 +2,22 @@
 
 Both read ``TrainerSettings`` (``STREAMREC_TRAINER__*``, ``STREAMREC_MODEL_SERVER__*``,
 ``STREAMREC_FEATURES__*``, Kafka and paths); flags override a setting for one run and say which.
-The lead mounts ``app`` into the ``streamrec`` command.
+The lead mounts ``app`` into the ``streamrec`` command; ``python -m online_trainer.cli`` runs it
+too (how ``streamrec train --workers N`` starts its local workers, :mod:`online_trainer.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from online_trainer.settings import TrainerSettings
-from streamrec.core.errors import SettingsError
+from streamrec.core.errors import SettingsError, StreamrecError
 from streamrec.core.settings import load
 
 if TYPE_CHECKING:
@@ -59,11 +61,17 @@ def load_training_dataset(spec: str, columns: str | None, settings: TrainerSetti
 
 
 def _settings(**trainer_overrides: Any) -> TrainerSettings:
+    from pydantic import ValidationError
+
     settings = load(TrainerSettings)
     overrides = {key: value for key, value in trainer_overrides.items() if value is not None}
     if not overrides:
         return settings
-    tuning = settings.trainer.model_validate({**settings.trainer.model_dump(), **overrides})
+    try:
+        tuning = settings.trainer.model_validate({**settings.trainer.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'trainer'}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"invalid option(s): {problems}") from exc
     return settings.model_copy(update={"trainer": tuning})
 
 
@@ -75,8 +83,9 @@ def _publisher(settings: TrainerSettings) -> Publisher | None:
     return ModelServerClient.from_settings(settings)
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(worker: str = "") -> None:
+    """``worker``: e.g. ``"worker 1/2 "``, so the interleaved logs of local workers say whose line is whose."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker}%(levelname)s %(name)s: %(message)s")
     logging.getLogger("feast").setLevel(logging.WARNING)  # registry cache refreshes on every read
 
 
@@ -100,26 +109,75 @@ def train_command(
     publish: Annotated[
         bool | None, typer.Option(help="label the version canary on the model server (env STREAMREC_TRAINER__PUBLISH)")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="train in this many local worker processes under MultiWorkerMirroredStrategy, each on 1/N of "
+            "every global batch (env STREAMREC_TRAINER__WORKERS; default 1: no tf.distribute)"
+        ),
+    ] = None,
+    worker_hosts: Annotated[
+        str | None,
+        typer.Option(
+            help="several machines: every worker's host:port, comma-separated, the chief first, the same on each "
+            "machine (env STREAMREC_TRAINER__WORKER_HOSTS); a TF_CONFIG variable works too"
+        ),
+    ] = None,
+    task_index: Annotated[
+        int | None,
+        typer.Option(help="this machine's place in --worker-hosts, 0 = the chief (env STREAMREC_TRAINER__TASK_INDEX)"),
+    ] = None,
 ) -> None:
     """Bootstrap: train on history through Feast's point-in-time join and publish the next version.
 
     The towers are built from the dataset's declared attributes; the feature repo must have been
-    set up for the same dataset (`streamrec features setup --dataset ...`).
+    set up for the same dataset (`streamrec features setup --dataset ...`). With several workers
+    each one reads the same feature repo and dataset, trains on its shard of every batch, and the
+    chief (worker 0) publishes.
     """
     import dataclasses
+
+    from online_trainer import distributed
+
+    settings = _settings(
+        bootstrap_epochs=epochs, publish=publish, workers=workers, worker_hosts=worker_hosts, task_index=task_index
+    )
+    tuning = settings.trainer
+    if tuning.workers > 1 and not tuning.worker_hosts:
+        _logging()
+        options = {"--dataset": dataset, "--columns": columns, "--epochs": epochs, "--embedding-dim": embedding_dim}
+        train_args = ["--until", until, *(f"{flag}={value}" for flag, value in options.items() if value is not None)]
+        if publish is not None:
+            train_args.append("--publish" if publish else "--no-publish")
+        raise typer.Exit(distributed.run_local_workers(train_args, tuning.workers))
+    cluster = distributed.configured_cluster(tuning)
+    _logging(f"worker {cluster.task_index}/{cluster.workers} " if cluster is not None else "")
+    distribution = distributed.start(cluster) if cluster is not None else None  # before any TensorFlow op
 
     from online_trainer.bootstrap import bootstrap
     from online_trainer.model_config import ModelConfig
 
-    _logging()
-    settings = _settings(bootstrap_epochs=epochs, publish=publish)
+    chief = cluster is None or cluster.is_chief
     config = ModelConfig() if embedding_dim is None else dataclasses.replace(ModelConfig(), embedding_dim=embedding_dim)
     loaded = load_training_dataset(dataset or settings.dataset, columns, settings)
-    typer.echo(loaded.summary())
-    publisher = _publisher(settings)
+    if chief:
+        typer.echo(loaded.summary())
     result = bootstrap(
-        settings, loaded.interactions, parse_until(until), config=config, publisher=publisher, schema=loaded.schema
+        settings,
+        loaded.interactions,
+        parse_until(until),
+        config=config,
+        publisher=_publisher(settings) if chief else None,
+        schema=loaded.schema,
+        progress=chief,
+        distribution=distribution,
     )
+    if not result.is_chief:
+        published = f"version {result.version}" if result.version is not None else "nothing (gate rejected it)"
+        typer.echo(f"worker {cluster.task_index if cluster else 0}: trained its shards; chief published {published}")
+        if result.version is None:
+            raise typer.Exit(1)
+        return
     typer.echo(f"examples: {result.dataset.rows:,}, features from {result.dataset.features_source}")
     typer.echo(f"         {result.dataset.note}")
     typer.echo(result.outcome.gate.summary())
@@ -147,6 +205,7 @@ def trainer_command(
 
     from online_trainer import metrics
     from online_trainer.loop import OnlineTrainer
+    from online_trainer.publish import stop_at
 
     _logging()
     settings = _settings(interval_s=interval_s, max_examples=max_examples, publish=publish)
@@ -155,9 +214,23 @@ def trainer_command(
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    trainer = OnlineTrainer(settings, publisher=_publisher(settings), summaries=summaries)
+    fault = stop_at(settings.trainer.fault_stop_at) if settings.trainer.fault_stop_at else None  # fault tests only
+    trainer = OnlineTrainer(settings, publisher=_publisher(settings), summaries=summaries, fault=fault)
     trainer.start()
     try:
         trainer.run(stop=stop, max_intervals=max_intervals)
     finally:
         trainer.close()
+
+
+def main() -> None:
+    """``python -m online_trainer.cli``: a StreamrecError is one line naming the fix, as in ``streamrec``."""
+    try:
+        app()
+    except StreamrecError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

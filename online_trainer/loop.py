@@ -178,6 +178,7 @@ class OnlineTrainer:
             "enable.auto.commit": False,
             "auto.offset.reset": self.tuning.auto_offset_reset,
             "enable.partition.eof": False,
+            "session.timeout.ms": int(self.tuning.session_timeout_s * 1000),
         }
         self._consumer = Consumer(config)
         self._consumer.subscribe([self.topic], on_assign=self._on_assign)
@@ -276,6 +277,7 @@ class OnlineTrainer:
         self.interval_started = time.monotonic()
         examples = self._examples(rows)
         stage_s = {"examples_s": time.perf_counter() - interval_end}
+        learned_late = len(self.deferred)  # the last interval's hold-out, learned in this one
         plan = plan_interval(examples, deferred=self.deferred, replay=self.replay, tuning=self.tuning, seed=self.step)
         holdout, replayed = plan.holdout, plan.replayed
         # every item trained on or held out (a deferred or replayed row may carry an item that only a
@@ -297,6 +299,7 @@ class OnlineTrainer:
                 "start": examples["event_time"].min().isoformat(),
                 "end": examples["event_time"].max().isoformat(),
                 "new_examples": len(examples),
+                "deferred_examples": learned_late,
                 "replayed_examples": len(replayed),
                 "holdout_examples": len(holdout),
             },

@@ -88,6 +88,18 @@ def clone_for_finetune(
     return clone
 
 
+def copy_model(model: TwoTowerModel) -> TwoTowerModel:
+    """A new model object with ``model``'s config, catalog, weights and Adam state.
+
+    Built in the current ``tf.distribute`` scope: called outside it, the plain model that a model
+    trained under a multi-worker strategy is exported from (:mod:`online_trainer.distributed`).
+    """
+    copy = build_model(model.catalog, model.config)
+    assign_weights(copy, weights_by_path(model))
+    assign_optimizer_state(copy, optimizer_state(model))
+    return copy
+
+
 def copy_into(target: TwoTowerModel, source: TwoTowerModel) -> TwoTowerModel:
     """Make ``target`` a fine-tune copy of ``source`` again (weights, optimizer state, catalog).
 

@@ -19,7 +19,10 @@ The order, shared by ``streamrec train`` and the online loop:
 6. **prune** versions beyond ``trainer.retention`` (never one a label points at) and their checkpoints.
 
 The caller commits its Kafka offsets only after this returns (at-least-once: a crash anywhere
-above replays the same records into the same version number).
+above replays the same records into the same version number). A crash after the rename and before
+that commit neither loses nor repeats a record: the checkpoint of step 3 holds the offsets the version
+consumed, and the restarted loop starts there (``loop.OnlineTrainer._on_assign``), not at the
+older committed offsets. See docs/design/trainer.md#crash-safety-of-publish-and-commit.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,28 @@ PUBLISHED_FILE = "published.json"
 
 Fault = Callable[[str], None]
 """Crash injection for tests: called with a step name (``staged``, ``checkpointed``, ``revealed``)."""
+FAULT_STEPS = ("staged", "checkpointed", "revealed")
+
+
+def stop_at(step: str) -> Fault:
+    """A fault that stops this process (SIGSTOP) the first time publishing reaches ``step``.
+
+    For fault tests of a real trainer process (``trainer.fault_stop_at``): the test sees the process
+    stopped, exactly at that step, and SIGKILLs it; nothing is raised, unlike an in-process fault.
+    """
+    if step not in FAULT_STEPS:
+        raise ValueError(f"unknown publish step {step!r}; expected one of {FAULT_STEPS}")
+    stopped: list[str] = []
+
+    def fault(reached: str) -> None:
+        if reached == step and not stopped:
+            stopped.append(reached)
+            log.warning("fault injection (trainer.fault_stop_at): stopping at %r, pid %d", step, os.getpid())
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    return fault
 
 
 class Publisher(Protocol):

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.settings import FeaturesSettings
 from serving.settings import ServingSettings
@@ -35,6 +35,14 @@ def _known_kinds(kinds: Iterable[str]) -> None:
         raise ValueError(f"unknown event kind(s) {unknown}; streamrec's kinds are {list(get_args(InteractionKind))}")
 
 
+def worker_address(text: str) -> str:
+    """``host:port`` of a training worker (port 1-65535), stripped; ValueError naming the form otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"worker address {text!r} is not host:port (e.g. trainer-1.internal:2222)")
+    return f"{host}:{int(port)}"
+
+
 class TrainerTuning(BaseModel):
     """How the trainer learns, validates and publishes."""
 
@@ -47,6 +55,10 @@ class TrainerTuning(BaseModel):
     # Where a group without committed offsets starts. ``earliest`` loses nothing: events the
     # bootstrap model was already trained on (event time <= its ``--until``) are skipped.
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Kafka's consumer session timeout: a trainer that died without leaving its group keeps its
+    # partitions this long, so a restarted trainer's first poll waits up to this. Kafka's default;
+    # the broker's ``group.min.session.timeout.ms`` (6 s by default) is the floor.
+    session_timeout_s: float = Field(default=45.0, ge=1.0, le=3600.0)
 
     # -- what is learned ----------------------------------------------------------------------
     # Event kinds that become training examples (None: every kind). Every event still moves the
@@ -94,6 +106,14 @@ class TrainerTuning(BaseModel):
         le=1.0,
         description="below this share of examples with stream features offline, bootstrap falls back to the log",
     )
+    # -- distributed bootstrap (online_trainer/distributed.py) ---------------------------------
+    # Local worker processes of ``streamrec train`` under MultiWorkerMirroredStrategy; 1 trains in
+    # this process without tf.distribute. Each worker steps through 1/N of every global batch.
+    workers: int = Field(default=1, ge=1, le=64)
+    # Several machines: every worker's host:port, comma-separated (the chief first, the same list on
+    # each machine), and this machine's index in it; empty: ``workers`` local processes (or TF_CONFIG).
+    worker_hosts: str = ""
+    task_index: int = Field(default=0, ge=0)
     # -- versions -----------------------------------------------------------------------------
     retention: int = Field(default=5, ge=1, description="versions kept on disk (serving labels are never removed)")
     state_path: Path | None = None
@@ -101,6 +121,10 @@ class TrainerTuning(BaseModel):
     # off, or when the server is unreachable, versions are still written and the server's file
     # system poll sees them.
     publish: bool = True
+    # Tests only (tests/faults/test_trainer_crash.py): the online trainer stops itself with SIGSTOP
+    # at this step of its first publish (``publish.stop_at``), so a test can SIGKILL it exactly in
+    # the window it names. Never set it for a real trainer: the process would stay stopped.
+    fault_stop_at: Literal["staged", "checkpointed", "revealed"] | None = None
     # -- observability ------------------------------------------------------------------------
     tensorboard_dir: Path | None = None
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="0: no /metrics endpoint")
@@ -121,6 +145,33 @@ class TrainerTuning(BaseModel):
         if bad:
             raise ValueError(f"kind_weights must be finite and >= 0, got {bad}")
         return weights
+
+    @field_validator("worker_hosts")
+    @classmethod
+    def _host_ports(cls, text: str) -> str:
+        hosts = [worker_address(host) for host in text.split(",") if host.strip()]
+        if len(hosts) == 1:
+            raise ValueError("worker_hosts names one worker; give every worker's host:port, or leave it empty")
+        return ",".join(hosts)
+
+    @property
+    def worker_host_list(self) -> tuple[str, ...]:
+        """``worker_hosts`` as a tuple (empty when unset)."""
+        return tuple(self.worker_hosts.split(",")) if self.worker_hosts else ()
+
+    @model_validator(mode="after")
+    def _task_in_cluster(self) -> TrainerTuning:
+        hosts = self.worker_host_list
+        if hosts and self.task_index >= len(hosts):
+            raise ValueError(
+                f"task_index {self.task_index} is not one of the {len(hosts)} worker_hosts (0..{len(hosts) - 1})"
+            )
+        if hosts and self.workers not in (1, len(hosts)):
+            raise ValueError(
+                f"workers = {self.workers} but worker_hosts names {len(hosts)}; "
+                "with worker_hosts each machine runs one worker: leave workers at 1"
+            )
+        return self
 
     def learns(self, kind: str) -> bool:
         """Whether an event of ``kind`` becomes a training example."""

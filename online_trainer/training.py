@@ -20,6 +20,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from online_trainer.catalog import catalog_arrays, item_arrays
+from online_trainer.distributed import shard_steps
 from online_trainer.examples import example_weights, user_arrays
 from online_trainer.losses import full_catalog_loss, in_batch_softmax_loss
 from online_trainer.model import ITEM_INPUT_PREFIX, TwoTowerModel
@@ -64,40 +65,74 @@ def _training_arrays(
     return arrays
 
 
+def _batch_loss(model: TwoTowerModel, batch: dict[str, tf.Tensor], catalog: tuple[Any, ...], denominator: Any) -> Any:
+    """The config's loss of one batch; ``denominator``: the global batch's count when ``batch`` is a shard."""
+    cfg = model.config
+    if cfg.full_catalog:
+        users = model.user_tower(batch)
+        return full_catalog_loss(
+            users,
+            model.item_tower(*catalog),
+            batch["catalog_row"],
+            temperature=cfg.temperature,
+            weights=batch["weight"],
+            denominator=denominator,
+        )
+    users, items = model(batch)
+    return in_batch_softmax_loss(
+        users,
+        items,
+        temperature=cfg.temperature,
+        candidate_log_q=batch["log_q"] if cfg.logq_correction else None,
+        candidate_ids=batch["item_id"] if cfg.remove_accidental_hits else None,
+        weights=batch["weight"],
+        denominator=denominator,
+    )
+
+
+def _apply_step(model: TwoTowerModel, batch: dict[str, tf.Tensor], catalog: tuple[Any, ...], denominator: Any) -> Any:
+    with tf.GradientTape() as tape:
+        loss = _batch_loss(model, batch, catalog, denominator)
+    variables = model.trainable_variables
+    # Under tf.distribute the optimizer sums the workers' gradients (Keras' _all_reduce_sum_gradients).
+    model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+    return loss
+
+
 def _train_step(model: TwoTowerModel) -> Any:
     step = getattr(model, "_compiled_train_step", None)
     if step is not None:
         return step
-    cfg = model.config
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
     def train_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...]) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            if cfg.full_catalog:
-                users = model.user_tower(batch)
-                loss = full_catalog_loss(
-                    users,
-                    model.item_tower(*catalog),
-                    batch["catalog_row"],
-                    temperature=cfg.temperature,
-                    weights=batch["weight"],
-                )
-            else:
-                users, items = model(batch)
-                loss = in_batch_softmax_loss(
-                    users,
-                    items,
-                    temperature=cfg.temperature,
-                    candidate_log_q=batch["log_q"] if cfg.logq_correction else None,
-                    candidate_ids=batch["item_id"] if cfg.remove_accidental_hits else None,
-                    weights=batch["weight"],
-                )
-        variables = model.trainable_variables
-        model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
-        return loss
+        return _apply_step(model, batch, catalog, None)
 
     object.__setattr__(model, "_compiled_train_step", train_step)
     return train_step
+
+
+def _sharded_step(model: TwoTowerModel, strategy: Any) -> Any:
+    """One step of every worker on its shard of the global batch; returns the global batch's loss."""
+    step = getattr(model, "_compiled_sharded_step", None)
+    if step is not None:
+        return step
+
+    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
+    def sharded_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...], denominator: tf.Tensor) -> tf.Tensor:
+        per_worker = strategy.run(_apply_step, args=(model, batch, catalog, denominator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_worker, axis=None)
+
+    object.__setattr__(model, "_compiled_sharded_step", sharded_step)
+    return sharded_step
+
+
+def _catalog_argument(model: TwoTowerModel) -> tuple[Any, ...]:
+    # The catalog is an argument, not a captured constant: it can grow between calls (new items).
+    if not model.config.full_catalog:
+        return ()
+    ids, values = catalog_arrays(model.catalog)
+    return (tf.constant(ids), {name: tf.constant(column) for name, column in values.items()})
 
 
 def train(
@@ -107,18 +142,24 @@ def train(
     epochs: int | None = None,
     progress: bool = True,
     kind_weights: Mapping[str, float] | None = None,
+    strategy: Any = None,
 ) -> dict[str, float]:
     """Fit on the example frame (``examples.example_columns``); returns final loss and examples/s.
 
     ``kind_weights``: each example's loss weight by its ``kind`` (1.0 for a kind not named).
     Optimizer state lives on the model, so calling ``train`` once per epoch continues the same run.
+    ``strategy``: a multi-worker ``tf.distribute`` strategy the model was built under
+    (:mod:`online_trainer.distributed`); every worker passes the same ``examples`` and trains on its
+    shard of each global batch of ``config.batch_size`` rows.
     """
     epochs = model.config.epochs if epochs is None else epochs
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        return _train_sharded(model, examples, epochs, progress=progress, kind_weights=kind_weights, strategy=strategy)
     arrays = _training_arrays(model, examples, kind_weights)
     n = len(examples)
     # A new order per epoch (seeded by the step count), reproducible across restarts. Shuffled here
     # by index, not with ``Dataset.shuffle(n)``, which copies every string tensor through its buffer.
-    order = np.random.default_rng(model.config.seed * 1_000_003 + int(model.optimizer.iterations))
+    order = _epoch_order(model)
 
     def epoch_batches() -> tf.data.Dataset:
         permutation = order.permutation(n)
@@ -126,11 +167,7 @@ def train(
         return tf.data.Dataset.from_tensor_slices(shuffled).batch(model.config.batch_size).prefetch(2)
 
     step = _train_step(model)
-    # The catalog is an argument, not a captured constant: it can grow between calls (new items).
-    catalog: tuple[Any, ...] = ()
-    if model.config.full_catalog:
-        ids, values = catalog_arrays(model.catalog)
-        catalog = (tf.constant(ids), {name: tf.constant(column) for name, column in values.items()})
+    catalog = _catalog_argument(model)
     steps_per_epoch = math.ceil(n / model.config.batch_size)
     losses: list[float] = []
     started = time.perf_counter()
@@ -142,6 +179,46 @@ def train(
                 bar.update(1)
             losses.append(float(epoch_loss) / steps_per_epoch)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    elapsed = time.perf_counter() - started
+    return _stats(losses, n * epochs, time.perf_counter() - started)
+
+
+def _epoch_order(model: TwoTowerModel) -> np.random.Generator:
+    return np.random.default_rng(model.config.seed * 1_000_003 + int(model.optimizer.iterations.value.numpy()))
+
+
+def _stats(losses: list[float], examples: int, elapsed: float) -> dict[str, float]:
     final = losses[-1] if losses else float("nan")
-    return {"loss": final, "examples_per_s": n * epochs / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+    return {"loss": final, "examples_per_s": examples / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+
+
+def _train_sharded(
+    model: TwoTowerModel,
+    examples: pd.DataFrame,
+    epochs: int,
+    *,
+    progress: bool,
+    kind_weights: Mapping[str, float] | None,
+    strategy: Any,
+) -> dict[str, float]:
+    """:func:`train` on one worker of several: the same permutations and global batches as one worker,
+    each worker stepping through its shard (``distributed.shard_steps``), gradients summed across them."""
+    arrays = _training_arrays(model, examples, kind_weights)
+    n, batch_size = len(examples), model.config.batch_size
+    workers, task = strategy.num_replicas_in_sync, strategy.cluster_resolver.task_id
+    counted = arrays["catalog_row"] >= 0 if model.config.full_catalog else np.ones(n, dtype=bool)
+    order = _epoch_order(model)
+    step = _sharded_step(model, strategy)
+    catalog = _catalog_argument(model)
+    steps_per_epoch = math.ceil(n / batch_size)
+    losses: list[float] = []
+    started = time.perf_counter()
+    with tqdm(total=epochs * steps_per_epoch, desc="train", unit="batch", disable=not progress) as bar:
+        for _ in range(epochs):
+            epoch_loss = tf.constant(0.0)
+            for shard, global_rows in shard_steps(order.permutation(n), batch_size, workers, task):
+                batch = {name: values[shard] for name, values in arrays.items()}
+                epoch_loss += step(batch, catalog, tf.constant(float(counted[global_rows].sum())))
+                bar.update(1)
+            losses.append(float(epoch_loss) / steps_per_epoch)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return _stats(losses, n * epochs, time.perf_counter() - started)
