@@ -50,8 +50,9 @@ from faust.types import TP
 from streamrec.core.attributes import AttributeSchema, read_schema
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import load
+from streams import expiry
 from streams.faust_app import build_app
-from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs
+from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs, View
 from streams.settings import StreamsSettings
 from streams.windows import EntityState, WindowConfig
 
@@ -175,8 +176,20 @@ def create_app(
         internal=True,
     )
     deadletter = app.topic(settings.topics.deadletter, key_serializer="raw", value_serializer="raw")
-    user_table = app.Table("user_state", partitions=partitions, help="EntityState by user id")
-    item_table = app.Table("item_state", partitions=partitions, help="EntityState by item id")
+    # each key's changelog partition and last write, for the expiry of idle entities (streams.expiry)
+    user_keys, item_keys = expiry.KeyIndex(), expiry.KeyIndex()
+    user_table = app.Table(
+        "user_state",
+        partitions=partitions,
+        help="EntityState by user id",
+        on_changelog_event=user_keys.on_changelog_event,
+    )
+    item_table = app.Table(
+        "item_state",
+        partitions=partitions,
+        help="EntityState by item id",
+        on_changelog_event=item_keys.on_changelog_event,
+    )
     for table in (user_table, item_table):
         # Faust derives a table's serializers from its key/value *types*; ours is a codec by name,
         # so the changelog topic (used by sends and by recovery) is rebuilt with it. (TableT, the
@@ -190,12 +203,20 @@ def create_app(
 
         sink = FeastSink(settings, schema)
     outputs: Outputs = FaustOutputs(app, deadletter, by_item)
+    send_user_state = user_keys.tracking(_changelog_sender(app, user_table))
+    send_item_state = item_keys.tracking(_changelog_sender(app, item_table))
     pipeline = FeaturePipeline(
-        users=MappingTable(user_table.data, _changelog_sender(app, user_table)),
-        items=MappingTable(item_table.data, _changelog_sender(app, item_table)),
+        users=MappingTable(user_table.data, send_user_state),
+        items=MappingTable(item_table.data, send_item_state),
         outputs=outputs,
         sink=sink,
-        window=WindowConfig.from_seconds(tuning.allowed_lateness_s, counted_kinds=schema.counted_kinds),
+        window=WindowConfig.from_seconds(
+            tuning.allowed_lateness_s,
+            counted_kinds=schema.counted_kinds,
+            max_exact_events=tuning.max_exact_events,
+            max_fold_buckets=tuning.max_fold_buckets,
+            max_record_bytes=tuning.max_state_record_bytes,
+        ),
         max_future_skew=timedelta(seconds=tuning.max_future_skew_s),
         item_partitions=partitions,
         max_pending=tuning.max_held_events,
@@ -235,6 +256,46 @@ def create_app(
             log.exception("could not open the feature store at start; the first push will retry")
 
     app.task(start_up)
+    expiry.install(
+        app,
+        tuning,
+        pipeline.window.retention_us,
+        [
+            expiry.ExpiringTable("user_activity", user_table, settings.topics.interactions, user_keys, send_user_state),
+            expiry.ExpiringTable("item_stats", item_table, settings.by_item_topic, item_keys, send_item_state),
+        ],
+    )
+
+    if tuning.store_check_interval_s > 0:
+
+        async def check_feature_store() -> None:
+            if app.rebalancing:
+                return
+            assigned = app.consumer.assignment()
+            owned: dict[View, list[tuple[str, int]]] = {}
+            sources: tuple[tuple[View, str, expiry.KeyIndex], ...] = (
+                ("user_activity", settings.topics.interactions, user_keys),
+                ("item_stats", settings.by_item_topic, item_keys),
+            )
+            for view, topic, keys in sources:
+                mine = {tp.partition for tp in assigned if tp.topic == topic}
+                owned[view] = [(key, partition) for key, (partition, _) in keys.entries.items() if partition in mine]
+            try:
+                await pipeline.check_feature_store(owned)
+            except Exception:  # noqa: BLE001 -- a timer that raises stops for good; check again next time
+                log.exception("could not check the online store for a restart")
+
+        app.timer(interval=tuning.store_check_interval_s)(check_feature_store)
+
+    @app.on_partitions_revoked.connect
+    def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        # Called with the revoked TPs after Faust has waited for (and committed) what the agents
+        # hold: see FeaturePipeline.forget_partitions.
+        revoked: set[TP] = args[0]
+        pipeline.forget_partitions(
+            {(tp.topic, tp.partition) for tp in revoked}, settings.topics.interactions, settings.by_item_topic
+        )
+
     return Worker(settings, app, pipeline, ingest_agent, item_agent)
 
 

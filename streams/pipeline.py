@@ -320,6 +320,11 @@ class FeaturePipeline:
                 state = EntityState()
                 table.put(entity_id, state)
             outcome = apply(state, time_us, event_id, item_id, self.window, kind)
+        except EventValidationError as exc:  # a rule refused it (e.g. oversize): dead-lettered with its reason
+            record = event.message
+            log.warning("refused %s[%s]@%s (%s): %s", record.topic, record.partition, record.offset, entity_id, exc)
+            report.failed.append((record, exc))
+            return
         except Exception as exc:  # noqa: BLE001 -- dead-lettered by _flush: never drop an event silently
             record = event.message
             log.exception("failed on %s[%s]@%s (%s)", record.topic, record.partition, record.offset, entity_id)

@@ -10,18 +10,22 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from prometheus_client import REGISTRY
 
 from streamrec.core import contracts
 from streamrec.core.attributes import kind_count_feature
+from streamrec.core.errors import EventValidationError
 from streams.windows import (
     US_PER_S,
     EntityState,
     Outcome,
+    OversizeEvent,
     WindowConfig,
     apply,
     id_hash,
     item_features,
     kind_counts,
+    record_bytes_bound,
     user_features,
     window_counts,
 )
@@ -346,3 +350,250 @@ def test_corrupt_state_is_refused() -> None:
 def test_empty_state_has_no_features() -> None:
     with pytest.raises(ValueError, match="accepted event"):
         user_features(EntityState(), CONFIG)
+
+
+# -- bounded state: folding (see "Bounded state" in streams.windows) ------------------------
+def fold_model(
+    arrivals: list[tuple[int, str, str, str]], config: WindowConfig
+) -> tuple[list[str], list[tuple[int, str, str, str]], int]:
+    """The documented rules with plain lists and no buckets: each arrival's outcome
+    (accepted, duplicate, late, oversize), the accepted events and how many were folded. Only for runs whose buckets
+    stay at the starting resolution (no coarsening), where a bucket key is the event's time."""
+    exact: list[tuple[int, int, str]] = []  # (time, arrival, event_id), ascending
+    horizon: int | None = None
+    latest: int | None = None
+    outcomes: list[str] = []
+    accepted: list[tuple[int, str, str, str]] = []
+    folded = 0
+    for arrival, event in enumerate(arrivals):
+        time_us, event_id = event[0], event[1]
+        if any(kept_id == event_id for _, _, kept_id in exact):
+            outcomes.append("duplicate")
+        elif latest is not None and time_us < latest - config.allowed_lateness_us:
+            outcomes.append("late")
+        elif horizon is not None and time_us <= horizon:
+            outcomes.append("oversize")
+        else:
+            outcomes.append("accepted")
+            accepted.append(event)
+            exact.append((time_us, arrival, event_id))
+            exact.sort()
+            if latest is None or time_us > latest:
+                latest = time_us
+                cutoff = latest - config.retention_us
+                exact = [kept for kept in exact if kept[0] >= cutoff]
+                if horizon is not None and horizon < cutoff:
+                    horizon = None  # every bucket left with retention
+            if len(exact) > config.max_exact_events:  # fold a chunk: 1/64 of the cap, at least one
+                chunk = len(exact) - (config.max_exact_events - config.max_exact_events // 64)
+                horizon, exact = exact[chunk - 1][0], exact[chunk:]
+                folded += chunk
+    return outcomes, accepted, folded
+
+
+def mostly_ordered_arrivals(rng: random.Random, count: int, kinds: tuple[str, ...]) -> list[tuple[int, str, str, str]]:
+    """``random_arrivals``' events in time order, shuffled within blocks of 8, with a fifth of
+    them redelivered a while later: what a hot entity gets."""
+    events = sorted(random_arrivals(rng, count, kinds)[: count + 5])
+    for block in range(0, len(events), 8):
+        chunk = events[block : block + 8]
+        rng.shuffle(chunk)
+        events[block : block + 8] = chunk
+    for event in rng.sample(events, k=count // 5):
+        events.insert(rng.randrange(events.index(event), len(events) + 1), event)
+    return events
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def apply_outcome(state: EntityState, event: tuple[int, str, str, str], config: WindowConfig) -> str:
+    time_us, event_id, item_id, kind = event
+    try:
+        return apply(state, time_us, event_id, item_id, config, kind).value
+    except OversizeEvent:
+        return "oversize"
+
+
+def hot_hour(count: int, kinds: tuple[str, ...], seed: int) -> list[tuple[int, str, str, str]]:
+    """``count`` events of one entity in one hour of whole seconds, a little out of order."""
+    rng = random.Random(seed)
+    start = at(880_000_000)
+    events = [(start + at(n * 3600 // count), f"hot-{n}", f"i{n % 50}", rng.choice(kinds)) for n in range(count)]
+    for block in range(0, count, 200):  # shuffled within blocks of 200: out of order, never far
+        chunk = events[block : block + 200]
+        rng.shuffle(chunk)
+        events[block : block + 200] = chunk
+    return events
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_folding_keeps_exact_counts_and_refuses_only_what_it_cannot_deduplicate(seed: int) -> None:
+    """Property: with small caps, each arrival's outcome is the documented rule's (a plain-list
+    model), the features equal the pandas reference over the accepted events, the record stays
+    under the bound and survives its encoding."""
+    rng = random.Random(seed)
+    counted_kinds = tuple(rng.sample(KINDS, k=rng.choice((0, 2, 3))))
+    config = WindowConfig(
+        allowed_lateness_us=at(rng.choice((0.5 * H, 24 * H, 30 * H))),
+        recent_max=rng.choice((3, 20)),
+        counted_kinds=counted_kinds,
+        max_exact_events=rng.choice((1, 5, 40, 130)),
+        max_fold_buckets=10_000,  # never coarsens: the model's counts are exact
+    )
+    arrivals = mostly_ordered_arrivals(rng, rng.randrange(50, 300), KINDS)
+    # whole seconds, as MovieLens and the synthetic data have
+    arrivals = [(time_us - time_us % US_PER_S, event_id, item, kind) for time_us, event_id, item, kind in arrivals]
+    want_outcomes, accepted, want_folded = fold_model(arrivals, config)
+    state = EntityState()
+    folded_before = counter("streams_folded_events_total")
+    bound = record_bytes_bound(config.max_exact_events, config.max_fold_buckets, config.recent_max, counted_kinds)
+    outcomes = []
+    for step, event in enumerate(arrivals):
+        outcomes.append(apply_outcome(state, event, config))
+        assert len(state.times) <= config.max_exact_events
+        if step % 13 == 0:
+            raw = state.to_bytes()
+            assert len(raw) <= bound
+            state = EntityState.from_bytes(raw)
+    assert outcomes == want_outcomes
+    assert counter("streams_folded_events_total") - folded_before == want_folded
+    frame = pd.DataFrame(accepted, columns=["time_us", "event_id", "item_id", "kind"])
+    want = reference_features(frame, counted_kinds, config.recent_max)
+    assert user_features(state, config) == want
+    counts = {name: value for name, value in want.items() if "count" in name}
+    assert item_features(state, config) == {
+        **counts,
+        "trending_score": contracts.trending_score(want["count_1h"], want["count_24h"]),
+    }
+
+
+def test_a_hot_hour_of_70000_events_stays_under_the_record_cap_with_exact_features() -> None:
+    """Fault 8's item half in memory: 70,000 events of one entity in one hour of event time,
+    with the worker's default caps and three kinds."""
+    config = WindowConfig.from_seconds(allowed_lateness_s=24 * H, counted_kinds=KINDS[:2])
+    events = hot_hour(70_000, KINDS, seed=3)
+    state = EntityState()
+    folded_before = counter("streams_folded_events_total")
+    assert {apply_outcome(state, event, config) for event in events} == {"accepted"}
+    raw = state.to_bytes()
+    assert len(raw) <= config.max_record_bytes < 1024 * 1024
+    assert config.fold_to_events <= len(state.times) <= config.max_exact_events
+    assert counter("streams_folded_events_total") - folded_before == 70_000 - len(state.times)
+    assert state.fold_resolution_us == 1  # 3,600 seconds x 3 kind codes fit without coarsening
+    frame = pd.DataFrame(events, columns=["time_us", "event_id", "item_id", "kind"])
+    want = reference_features(frame, KINDS[:2], config.recent_max)
+    counts = {name: value for name, value in want.items() if "count" in name}
+    assert counts["count_1h"] == 70_000
+    assert item_features(state, config) == {**counts, "trending_score": contracts.trending_score(70_000, 70_000)}
+    # Redelivered: exact events are duplicates, folded ones oversize; nothing changes either way.
+    restored = EntityState.from_bytes(raw)
+    assert restored == state
+    oversize_before = counter("streams_oversize_events_total")
+    outcomes = [apply_outcome(restored, event, config) for event in events[::7]]
+    assert set(outcomes) == {"duplicate", "oversize"}
+    assert counter("streams_oversize_events_total") - oversize_before == outcomes.count("oversize")
+    assert restored.to_bytes() == raw
+
+
+def test_an_oversize_event_is_refused_with_the_reason_and_the_fix() -> None:
+    config = WindowConfig(allowed_lateness_us=at(24 * H), max_exact_events=2)
+    state = EntityState()
+    for second in (10, 20, 30):
+        apply(state, at(second), f"e{second}", None, config)
+    assert (state.times, state.fold_horizon_us, list(state.fold_counts)) == ([at(20), at(30)], at(10), [1])
+    before = state.to_bytes()
+    with pytest.raises(OversizeEvent, match="STREAMREC_STREAMS__MAX_EXACT_EVENTS") as refused:
+        apply(state, at(10), "new-at-the-horizon", None, config)
+    assert refused.value.reason == "oversize"
+    assert isinstance(refused.value, EventValidationError)  # the worker dead-letters it
+    assert state.to_bytes() == before
+    assert apply(state, at(11), "just-after-the-horizon", None, config) is Outcome.ACCEPTED
+    assert window_counts(state, config) == {"count_1h": 4, "count_24h": 4}
+
+
+def test_buckets_leave_with_retention_and_then_nothing_is_folded() -> None:
+    config = WindowConfig(allowed_lateness_us=at(2 * H), max_exact_events=1)  # retention 24 h
+    state = EntityState()
+    apply(state, at(0), "a", None, config)
+    apply(state, at(2 * H), "b", None, config)  # "a" folds
+    assert (state.fold_horizon_us, list(state.fold_times)) == (at(0), [at(0)])
+    apply(state, at(24.5 * H), "c", None, config)  # the bucket of "a" leaves, "b" folds
+    assert (state.fold_horizon_us, list(state.fold_times), state.times) == (at(2 * H), [at(2 * H)], [at(24.5 * H)])
+    assert window_counts(state, config) == {"count_1h": 1, "count_24h": 2}
+    apply(state, at(27 * H), "d", None, config)  # the bucket of "b" leaves, "c" folds
+    assert (state.fold_horizon_us, list(state.fold_times)) == (at(24.5 * H), [at(24.5 * H)])
+    apply(state, at(60 * H), "e", None, config)  # the last bucket and "d" leave: nothing folded
+    assert (state.fold_horizon_us, state.fold_resolution_us, state.times) == (None, 1, [at(60 * H)])
+    assert state.to_bytes() == EntityState(times=state.times, ids=state.ids, version_us=state.version_us).to_bytes()
+    # the old horizon no longer refuses anything: whatever lies at or before it is late
+    assert apply(state, at(24.5 * H), "at-the-old-horizon", None, config) is Outcome.LATE
+
+
+def test_too_many_buckets_coarsen_and_only_miscount_within_one_resolution_of_a_window_edge() -> None:
+    """Coarser buckets overcount at most the folded events within one resolution below a
+    window's lower edge, and never undercount."""
+    config = WindowConfig(allowed_lateness_us=at(24 * H), max_exact_events=100, max_fold_buckets=64)
+    rng = random.Random(5)
+    times = sorted(at(rng.uniform(0, 30 * H)) for _ in range(3000))
+    state = EntityState()
+    for index, time_us in enumerate(times):
+        apply(state, time_us, f"e{index}", None, config)
+    assert len(state.fold_times) <= 64
+    resolution = state.fold_resolution_us
+    assert resolution > US_PER_S
+    latest = times[-1]
+    horizon = state.fold_horizon_us
+    assert horizon is not None
+    folded = [time_us for time_us in times if time_us <= horizon]
+    got = window_counts(state, config)
+    for window, seconds in contracts.WINDOWS_S.items():
+        edge = latest - seconds * US_PER_S
+        want = sum(time_us > edge for time_us in times)
+        slack = sum(edge - resolution < time_us <= edge for time_us in folded)
+        assert want <= got[window] <= want + slack
+    assert EntityState.from_bytes(state.to_bytes()) == state
+
+
+def test_a_folded_state_with_kinds_round_trips_and_adopts_other_kinds() -> None:
+    before = WindowConfig(allowed_lateness_us=at(2 * H), counted_kinds=("view", "purchase"), max_exact_events=2)
+    state = EntityState()
+    for index, kind in enumerate(["view", "purchase", "purchase", "click", "view"]):
+        apply(state, at(60 * index), f"e{index}", None, before, kind)
+    assert (list(state.fold_kinds), list(state.fold_counts)) == ([1, 2, 2], [1, 1, 1])
+    decoded = EntityState.from_bytes(state.to_bytes())
+    assert decoded == state
+    after = WindowConfig(allowed_lateness_us=at(2 * H), counted_kinds=("purchase", "view"), max_exact_events=2)
+    assert kind_counts(decoded, after) == {
+        "purchase_count_1h": 2,
+        "purchase_count_24h": 2,
+        "view_count_1h": 2,
+        "view_count_24h": 2,
+    }
+    apply(decoded, at(300), "e5", None, after, "purchase")  # recodes exact and folded kinds
+    assert (decoded.kind_names, list(decoded.fold_kinds)) == (("purchase", "view"), [2, 1, 1, 0])
+    assert kind_counts(decoded, after)["purchase_count_1h"] == 3
+    one_kind = WindowConfig(allowed_lateness_us=at(2 * H), max_exact_events=2)
+    apply(decoded, at(360), "e6", None, one_kind, "view")
+    assert (decoded.kind_names, decoded.fold_kinds) == ((), bytearray())
+    assert window_counts(decoded, one_kind) == {"count_1h": 7, "count_24h": 7}
+    assert EntityState.from_bytes(decoded.to_bytes()) == decoded
+
+
+def test_corrupt_buckets_are_refused() -> None:
+    config = WindowConfig(allowed_lateness_us=at(2 * H), max_exact_events=1)
+    state = EntityState()
+    apply(state, at(1), "e1", None, config)
+    apply(state, at(2), "e2", None, config)
+    raw = state.to_bytes()
+    with pytest.raises(ValueError, match="corrupt"):
+        EntityState.from_bytes(raw[:-3] + b"]")
+
+
+def test_caps_over_the_record_limit_are_refused_naming_the_settings() -> None:
+    assert record_bytes_bound(20_000, 30_000, contracts.RECENT_ITEMS_MAX, ()) <= 900_000
+    with pytest.raises(ValueError, match="STREAMREC_STREAMS__MAX_EXACT_EVENTS"):
+        WindowConfig.from_seconds(allowed_lateness_s=H, max_exact_events=60_000)
+    with pytest.raises(ValueError, match="max_fold_buckets"):
+        WindowConfig(allowed_lateness_us=at(H), counted_kinds=KINDS, max_fold_buckets=7)
