@@ -45,6 +45,12 @@ def exit_for_restart(error: DeliveryFailed) -> None:
     os._exit(watchdog.EXIT_CODE)
 
 
+def _exit_if_refused(user_id: str, sent: asyncio.Future[Any]) -> None:
+    error = None if sent.cancelled() else sent.exception()
+    if error is not None:
+        exit_for_restart(DeliveryFailed(f"Kafka refused the changelog record of user {user_id!r}: {error!r}"))
+
+
 class FaustJoinerOutputs:
     """``JoinerOutputs`` on the labeled and dead-letter topics: ``send_soon`` queues a record in
     the app's producer buffer and returns the future Faust resolves once Kafka acknowledged it."""
@@ -106,9 +112,12 @@ def create_joiner(settings: JoinerSettings) -> Joiner:
 
     def send_changelog(partition: int, user_id: str, value: StoredState | None) -> None:
         if value is None:  # a tombstone: the user's state is deleted on recovery
-            table.send_changelog(partition, user_id, None, value_serializer="raw")
+            sent = table.send_changelog(partition, user_id, None, value_serializer="raw")
         else:
-            table.send_changelog(partition, user_id, value)
+            sent = table.send_changelog(partition, user_id, value)
+        # Faust only logs a changelog record the broker refuses (e.g. over the topic's
+        # max.message.bytes); the joiner would go on with a state no restart can recover.
+        sent.add_done_callback(functools.partial(_exit_if_refused, user_id))
 
     async def offsets(partitions: list[TopicPartition]) -> Offsets:
         return await asyncio.to_thread(kafka_offsets.read, partitions)
