@@ -74,7 +74,9 @@ class FeastSink:
 
         from features.feast_internals import online_redis_client
 
-        client = online_redis_client(self.writer("user_activity").store)
+        with self._lock:  # never build a writer here: that is warm_up's (seconds), and pushes wait on the lock
+            writer = self._writers.get("user_activity")
+        client = None if writer is None else online_redis_client(writer.store)
         if client is None:
             return None
         try:

@@ -31,6 +31,16 @@ def local_stack(stack_settings: StackSettings) -> Iterator[object]:
         stack.down()
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A second stack of three Kafka nodes (and its Redis), for the cluster and fault tests; a
+    killed node stays down until the test starts it again (``stack.restart_crashed`` off)."""
+    from tests.support.cluster import running_cluster
+
+    with running_cluster(Path(tmp_path_factory.mktemp("cluster")), brokers=3, restart_crashed=False) as stack:
+        yield stack
+
+
 @pytest.fixture
 def fresh_settings(local_stack: object, stack_settings: StackSettings) -> CommonSettings:
     """Settings on the running stack with topics of their own, so tests never see each

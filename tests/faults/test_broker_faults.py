@@ -10,33 +10,21 @@ restarted by hand except the broker itself.
 
 from __future__ import annotations
 
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from serving.api.server import ApiServer
 from streamrec.core.settings import CommonSettings, PathSettings
 from streamrec.datasets import movielens
-from streamrec.ops.replay import ReplayReport, replay
-from streamrec.ops.settings import ReplaySettings
 from streamrec.ops.stack.local_stack import LocalStack
 from streamrec.ops.stack.ports import free_ports
 from streams.settings import StreamsSettings, StreamsTuning
-from tests.integration.test_api_server import make_settings, set_up_features, start_model_server
+from tests.integration.test_api_server import start_model_server
 from tests.integration.test_streams_worker import assert_features_match, prepare
-from tests.support.cluster import cluster_settings, running_cluster
-from tests.support.recommend_load import RecommendLoad
+from tests.support.cluster import cluster_settings
+from tests.support.paced_replay import PacedReplay
+from tests.support.recommend_load import RecommendLoad, start_api_on_cluster
 from tests.support.worker_process import WorkerProcess
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with running_cluster(tmp_path_factory.mktemp("cluster")) as stack:
-        yield stack
 
 
 def run_with_a_broker_fault(stack: LocalStack, tmp_path: Path, fault: Callable[[str], None]) -> None:
@@ -52,19 +40,10 @@ def run_with_a_broker_fault(stack: LocalStack, tmp_path: Path, fault: Callable[[
     )
     prepare(settings)
     models = start_model_server(tmp_path / "models" / "streamrec", {1: 0.0})
-    api_settings = make_settings(
-        stack.settings, tmp_path / "api", f"api{uuid.uuid4().hex[:6]}", models.target
-    ).model_copy(update={"kafka": base.kafka, "topics": base.topics})
-    set_up_features(api_settings)
-    api = ApiServer(api_settings)
-    api_port = api.start()
+    api = start_api_on_cluster(stack, base, tmp_path / "api", models.target)
+    api_port = api.port
     frame = movielens.load_interactions().iloc[:4000]
-    report: list[ReplayReport] = []
-    paced = threading.Thread(
-        target=lambda: report.append(
-            replay(frame, ReplaySettings(kafka=settings.kafka, topics=settings.topics), rate=250.0, progress=False)
-        )
-    )
+    paced = PacedReplay(frame, settings, rate=250.0)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.start()
@@ -73,8 +52,7 @@ def run_with_a_broker_fault(stack: LocalStack, tmp_path: Path, fault: Callable[[
             paced.start()
             worker.wait_for_metric("streams_events_in_total", 500, timeout_s=60)
             fault(stack.partition_leader_program(settings.topics.interactions, 0))
-            paced.join(timeout=180)
-        assert report and (report[0].delivered, report[0].failed) == (len(frame), 0), report
+            paced.assert_all_delivered(timeout_s=180)
         assert_features_match(settings, frame, timeout_s=120)
         assert worker.alive(), worker.log_tail(60)
         assert load.errors == [], load.errors[:5]

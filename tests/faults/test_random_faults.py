@@ -16,25 +16,22 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.api.server import ApiServer
 from serving.model_client import ModelServerClient
 from serving.settings import ModelServerSection, ServingSettings
 from streamrec.core.settings import CommonSettings, PathSettings
 from streamrec.datasets import movielens
-from streamrec.ops.replay import ReplayReport, replay
-from streamrec.ops.settings import ReplaySettings
 from streamrec.ops.stack.local_stack import LocalStack
 from streamrec.ops.stack.ports import free_port_block, free_ports
 from streams.settings import StreamsSettings, StreamsTuning
 from tests.faults.test_model_server_restart import ModelServerProcess
-from tests.integration.test_api_server import MODEL_ITEMS, make_settings, set_up_features
+from tests.integration.test_api_server import MODEL_ITEMS
 from tests.integration.test_streams_worker import assert_features_match, prepare
-from tests.support.cluster import cluster_settings, running_cluster
-from tests.support.recommend_load import RecommendLoad
+from tests.support.cluster import cluster_settings
+from tests.support.paced_replay import PacedReplay
+from tests.support.recommend_load import RecommendLoad, start_api_on_cluster
 from tests.support.tiny_model import write_tiny_model
 from tests.support.worker_process import WorkerProcess
 
@@ -55,11 +52,10 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     assert schedule(SEED) != schedule(SEED + 1)
 
 
-def test_a_seeded_random_schedule_of_faults_during_one_replay(tmp_path: Path) -> None:
+def test_a_seeded_random_schedule_of_faults_during_one_replay(cluster: LocalStack, tmp_path: Path) -> None:
     plan = schedule(SEED)
     print(f"fault schedule for seed {SEED}: {plan}")
-    with running_cluster(tmp_path / "cluster") as stack:
-        run_schedule(stack, tmp_path, plan)
+    run_schedule(cluster, tmp_path, plan)
 
 
 def run_schedule(stack: LocalStack, tmp_path: Path, plan: list[tuple[float, str]]) -> None:
@@ -87,19 +83,10 @@ def run_schedule(stack: LocalStack, tmp_path: Path, plan: list[tuple[float, str]
     model_server.start()
     with ModelServerClient.from_settings(serving) as admin:
         admin.publish_stable(1)
-    api_settings = make_settings(
-        stack.settings, tmp_path / "api", f"api{uuid.uuid4().hex[:6]}", serving.model_server.target
-    ).model_copy(update={"kafka": base.kafka, "topics": base.topics})
-    set_up_features(api_settings)
-    api = ApiServer(api_settings)
-    api_port = api.start()
+    api = start_api_on_cluster(stack, base, tmp_path / "api", serving.model_server.target)
+    api_port = api.port
     frame = movielens.load_interactions().iloc[:5000]
-    report: list[ReplayReport] = []
-    paced = threading.Thread(
-        target=lambda: report.append(
-            replay(frame, ReplaySettings(kafka=streams.kafka, topics=streams.topics), rate=250.0, progress=False)
-        )
-    )
+    paced = PacedReplay(frame, streams, rate=250.0)
 
     def restart_worker_later(index: int) -> None:
         workers[index].kill()
@@ -147,8 +134,7 @@ def run_schedule(stack: LocalStack, tmp_path: Path, plan: list[tuple[float, str]
                 threads.append(thread)
             for thread in threads:
                 thread.join(timeout=120)
-            paced.join(timeout=240)
-        assert report and (report[0].delivered, report[0].failed) == (len(frame), 0), report
+            paced.assert_all_delivered(timeout_s=240)
         assert_features_match(streams, frame, timeout_s=180)
         assert load.errors == [], load.errors[:5]
         assert load.unmarked_fallbacks == 0

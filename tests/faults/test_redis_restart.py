@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 from streamrec.datasets import movielens
-from streamrec.ops.replay import ReplayReport, replay
-from streamrec.ops.settings import ReplaySettings, StackSettings
+from streamrec.ops.settings import StackSettings
 from streamrec.ops.stack.local_stack import LocalStack
 from tests.integration.test_streams_worker import assert_features_match, prepare, streams_settings
+from tests.support.paced_replay import PacedReplay
 from tests.support.worker_process import WorkerProcess
 
 
@@ -33,12 +32,7 @@ def test_redis_killed_mid_replay_then_restarted_ends_with_the_reference_features
     settings = streams_settings(stack_settings, tmp_path)
     prepare(settings)
     frame = movielens.load_interactions().iloc[:5000]
-    report: list[ReplayReport] = []
-    paced = threading.Thread(
-        target=lambda: report.append(
-            replay(frame, ReplaySettings(kafka=settings.kafka, topics=settings.topics), rate=500.0, progress=False)
-        )
-    )
+    paced = PacedReplay(frame, settings, rate=500.0)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.start()
@@ -52,8 +46,7 @@ def test_redis_killed_mid_replay_then_restarted_ends_with_the_reference_features
             assert time.monotonic() < deadline, local_stack.status()
             time.sleep(0.2)
         local_stack.wait_healthy(30, ["redis"])
-        paced.join(timeout=120)
-        assert report and (report[0].delivered, report[0].failed) == (len(frame), 0), report
+        paced.assert_all_delivered(timeout_s=120)
         assert_features_match(settings, frame, timeout_s=90)
         assert worker.metric("streams_feature_store_restarts_total") >= 1, worker.log_tail(40)
         assert worker.alive()

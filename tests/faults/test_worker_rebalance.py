@@ -8,16 +8,21 @@ count, which would move a count), and no offset gap is left open or abandoned.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 from streamrec.datasets import movielens
-from streamrec.ops.replay import ReplayReport, replay
-from streamrec.ops.settings import ReplaySettings, StackSettings
+from streamrec.ops.settings import StackSettings
 from streamrec.ops.stack.ports import free_port_block
 from streams.settings import StreamsSettings
-from tests.integration.test_streams_worker import assert_features_match, prepare, streams_settings
+from tests.integration.test_streams_worker import (
+    DIAGNOSTIC_METRICS,
+    assert_features_match,
+    prepare,
+    python_stacks,
+    streams_settings,
+)
+from tests.support.paced_replay import PacedReplay
 from tests.support.worker_process import WorkerProcess
 
 
@@ -34,12 +39,7 @@ def test_a_worker_killed_mid_replay_and_restarted_leaves_the_reference_features(
     base = base.model_copy(update={"streams": base.streams.model_copy(update={"metrics_port": metrics_base})})
     prepare(base)
     frame = movielens.load_interactions().iloc[:6000]
-    report: list[ReplayReport] = []
-    paced = threading.Thread(
-        target=lambda: report.append(
-            replay(frame, ReplaySettings(kafka=base.kafka, topics=base.topics), rate=400.0, progress=False)
-        )
-    )
+    paced = PacedReplay(frame, base, rate=400.0)
     first = WorkerProcess(worker_settings(base, 0), tmp_path / "worker-0.log")
     second = WorkerProcess(worker_settings(base, 1), tmp_path / "worker-1.log")
     restarted = WorkerProcess(worker_settings(base, 1), tmp_path / "worker-1-restarted.log")
@@ -57,9 +57,14 @@ def test_a_worker_killed_mid_replay_and_restarted_leaves_the_reference_features(
         time.sleep(8)  # past the session timeout: the survivor takes every partition
         restarted.start()  # the group rebalances again and hands it partitions back
         restarted.wait_serving(60)
-        paced.join(timeout=120)
-        assert report and (report[0].delivered, report[0].failed) == (len(frame), 0), report
-        assert_features_match(base, frame, timeout_s=120)
+        paced.assert_all_delivered(timeout_s=120)
+        try:
+            assert_features_match(base, frame, timeout_s=120)
+        except BaseException:
+            for worker in (first, restarted):
+                print(worker.log_path.name, {name: worker.metric(name) for name in DIAGNOSTIC_METRICS})
+                print(python_stacks(worker.pid))
+            raise
         assert restarted.metric("streams_events_in_total") > 0, "the restarted worker got no partition back"
         # Faust's consumer now and then drops a record around a rebalance; the pipeline sees the
         # offset jump and rewinds until the record is read (README: known Faust issues): every such

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
@@ -19,15 +17,9 @@ from streamrec.kafka.admin import ensure_topics
 from streamrec.ops.replay import producer_config
 from streamrec.ops.settings import ReplaySettings, StackSettings, StackTuning
 from streamrec.ops.stack.local_stack import LocalStack
-from tests.support.cluster import cluster_settings, running_cluster
+from tests.support.cluster import cluster_settings
 
 RECORDS_PER_PHASE = 200
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with running_cluster(Path(tmp_path_factory.mktemp("cluster")), brokers=3, restart_crashed=False) as stack:
-        yield stack
 
 
 def partition_replicas(settings: CommonSettings, topic: str) -> dict[int, tuple[list[int], list[int]]]:

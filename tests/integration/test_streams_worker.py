@@ -138,6 +138,10 @@ def assert_features_match(settings: StreamsSettings, events: pd.DataFrame, timeo
 
 DIAGNOSTIC_METRICS = (
     "streams_events_in_total",
+    "streams_accepted_events_total",
+    "streams_pushed_rows_total",
+    "streams_push_failures_total",
+    "streams_offset_gaps_open",
     "streams_offset_gaps_total",
     "streams_pushes_total",
     "streams_duplicate_events_total",

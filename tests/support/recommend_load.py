@@ -5,14 +5,30 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import grpc
 
 from serving.api.proto import generated
-from tests.integration.test_api_server import FRESH_USER
+from serving.api.server import ApiServer
+from streamrec.core.settings import CommonSettings
+from streamrec.ops.stack.local_stack import LocalStack
+from tests.integration.test_api_server import FRESH_USER, make_settings, set_up_features
 
 pb = generated()
+
+
+def start_api_on_cluster(stack: LocalStack, client: CommonSettings, state_dir: Path, model_target: str) -> ApiServer:
+    """An API on ``stack``'s Redis (the tiny feature set of the API tests) that logs impressions to
+    ``client``'s brokers and topics, scoring on the model server at ``model_target``; started."""
+    settings = make_settings(stack.settings, state_dir, f"api{uuid.uuid4().hex[:6]}", model_target)
+    settings = settings.model_copy(update={"kafka": client.kafka, "topics": client.topics})
+    set_up_features(settings)
+    api = ApiServer(settings)
+    api.start()
+    return api
 
 
 class RecommendLoad:

@@ -22,11 +22,25 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def free_port_block(count: int, *, low: int = 20_000, high: int = 60_000, attempts: int = 200) -> int:
+def _ephemeral_low(default: int = 32_768) -> int:
+    """The first port of the kernel's ephemeral range (``net.ipv4.ip_local_port_range``)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def free_port_block(count: int, *, low: int = 10_000, high: int | None = None, attempts: int = 200) -> int:
     """The first of ``count`` consecutive ports that are all free now (for services numbered from a
-    base port, such as the nodes of a Kafka or Redis cluster)."""
+    base port, such as the nodes of a Kafka or Redis cluster).
+
+    The block lies below the kernel's ephemeral range unless ``high`` says otherwise: a port in
+    that range can be taken by any outgoing connection between this check and the service's bind
+    (a broker of a test cluster once failed with "Address already in use" that way).
+    """
     import random
 
+    high = high if high is not None else _ephemeral_low()
     for _ in range(attempts):
         base = random.randrange(low, high - count)  # noqa: S311 -- a port, not a secret
         sockets: list[socket.socket] = []
