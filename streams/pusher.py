@@ -210,7 +210,8 @@ class ViewPusher:
                 self._wake.set()
 
     async def _push_cycle(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]]) -> None:
-        """Changelog records, then the feature rows, then the acks of the events they carry."""
+        """Changelog records, then the feature rows, then (once Kafka has the records) the acks of
+        the events they carry."""
         receipts = [
             await self.table.save(entity_id, entry.state, entry.partition) for entity_id, entry in dirty.items()
         ]
@@ -218,6 +219,12 @@ class ViewPusher:
             await asyncio.gather(*(receipt for receipt in receipts if receipt is not None))
         rows = [self.to_row(entity_id, entry.state) for entity_id, entry in dirty.items()]
         written_at = await self._push(rows)
+        if not self.changelog_before_online:
+            # Delivered (normally long since) before the events are acked: a changelog record the
+            # broker refused would otherwise fail only its future, and the offsets committed after
+            # the acks would leave a state no recovery can rebuild. A refusal fails this cycle,
+            # which is retried (records and rows written again, the events still held).
+            await asyncio.gather(*(receipt for receipt in receipts if receipt is not None))
         readable_at = self.clock() if written_at is None else written_at
         freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
         for event, origin_ts in held:
