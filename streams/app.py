@@ -52,6 +52,7 @@ from streamrec.core.events import DeadLetter
 from streamrec.core.settings import load
 from streams import expiry
 from streams.faust_app import build_app
+from streams.joiner_progress import KafkaOffsets
 from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs, View
 from streams.settings import StreamsSettings
 from streams.windows import EntityState, WindowConfig
@@ -128,6 +129,24 @@ def _changelog_sender(
         )
 
     return send
+
+
+def _group_start_offsets(settings: StreamsSettings) -> Callable[[str, int], Awaitable[int | None]]:
+    """Where the worker group should resume a partition: its committed offset, else the earliest
+    (read with a confluent consumer that never joins the group); None if Kafka does not say."""
+    offsets = KafkaOffsets(settings.kafka.client_config(), settings.streams.app_id)
+    lock = asyncio.Lock()  # one blocking client, used from both agents
+
+    async def start_offset(topic: str, partition: int) -> int | None:
+        async with lock:
+            try:
+                read = await asyncio.to_thread(offsets.read, [(topic, partition)])
+            except Exception:  # noqa: BLE001 -- the gap check then starts at the first record
+                log.warning("could not read where %s[%d] starts for this group", topic, partition, exc_info=True)
+                return None
+        return read[(topic, partition)][0]
+
+    return start_offset
 
 
 def _dump_tasks() -> None:
@@ -222,6 +241,7 @@ def create_app(
         max_pending=tuning.max_held_events,
         push_min_interval_s=tuning.push_min_interval_s,
         rewind=lambda topic, partition, offset: app.consumer.seek(TP(topic, partition), offset),
+        start_offset=_group_start_offsets(settings),
     )
 
     # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares.

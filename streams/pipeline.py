@@ -107,6 +107,9 @@ class FeaturePipeline:
     pushers: dict[View, ViewPusher] = field(default_factory=dict)
     # Seeks the consumer of (topic, partition) back to an offset (see _check_offsets); None: only count.
     rewind: Callable[[str, int, int], Awaitable[object]] | None = None
+    # Where the group should resume (topic, partition): its committed offset, else the earliest
+    # one; None when unknown (see _check_offsets). None here: the first record sets the start.
+    start_offset: Callable[[str, int], Awaitable[int | None]] | None = None
     # next expected offset, and a rewind in progress, by (topic, partition) (see _check_offsets)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rewinding: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -219,9 +222,20 @@ class FeaturePipeline:
         the seek can make Faust drop the re-read record. So while the first
         missing offset has not come back, every batch that brings such a record rewinds again
         (once per batch and partition); the stale records run out, the re-read gets through.
+
+        The first record of a newly assigned partition is checked too, against ``start_offset``
+        (the group's committed offset, else the partition's earliest): in a group of two workers,
+        Faust handed a partition that had no committed offset yet (its killed owner had pushed
+        nothing) to the survivor from a later offset, skipping every record before it.
         """
         expected, rewinding = self.next_offsets, self.rewinding
         rewind_now: dict[tuple[str, int], int] = {}
+        if self.start_offset is not None:
+            for topic, partition in {(e.message.topic, e.message.partition) for e in events} - expected.keys():
+                start = await self.start_offset(topic, partition)
+                if start is not None:
+                    log.info("%s[%d] assigned to this worker: its records start at offset %d", topic, partition, start)
+                    expected[(topic, partition)] = start
         for event in events:
             record = event.message
             key = (record.topic, record.partition)

@@ -209,7 +209,9 @@ def prepare(settings: StreamsSettings, schema: AttributeSchema | None = None) ->
 
     if schema is not None:
         write_schema(settings.data_dir, schema)
-    ensure_topics(settings)
+    # The by-item topic too, as `streamrec streams worker` creates it: a worker started straight
+    # from Faust creates it itself, but its subscription may ignore it until the next rebalance.
+    ensure_topics(settings, extra=[settings.by_item_topic])
     apply(open_store(settings))
     producer = Producer(producer_config(ReplaySettings(kafka=settings.kafka, topics=settings.topics)))
     producer.produce(settings.topics.impressions, value=b"warm-up")

@@ -109,6 +109,7 @@ def run_agent(
         worker = create_app(settings, sink=sink)
         worker.pipeline.outputs = outputs
         worker.pipeline.rewind = None  # the harness numbers offsets across partitions; no consumer to seek
+        worker.pipeline.start_offset = None  # no broker to ask
         for table in (worker.pipeline.users, worker.pipeline.items):
             table.send_changelog = _no_producer  # type: ignore[attr-defined]  # replaced below if recorded
         if prepare is not None:
@@ -529,6 +530,7 @@ def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_pat
         try:
             pipeline = worker.pipeline
             pipeline.rewind = rewind
+            pipeline.start_offset = None
 
             async def see(partition: int, *offsets: int) -> None:
                 await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
@@ -584,6 +586,7 @@ def test_a_revoked_partition_forgets_its_progress_and_what_it_held(tmp_path: Pat
         try:
             pipeline = worker.pipeline
             pipeline.rewind = rewind
+            pipeline.start_offset = None
             pipeline.users.send_changelog = _no_producer  # type: ignore[attr-defined]
             gaps_before = metrics.OFFSET_GAPS._value.get()  # noqa: SLF001
 
@@ -645,6 +648,43 @@ def test_a_restarted_online_store_gets_every_owned_state_pushed_again(tmp_path: 
                     break
                 await asyncio.sleep(0.05)
             assert pushed == {"u1", "u2"}
+        finally:
+            _close_unstarted_consumer_loop(worker)
+
+    asyncio.run(main())
+    gc.collect()
+
+
+def test_a_newly_assigned_partition_is_checked_from_where_the_group_should_resume(tmp_path: Path) -> None:
+    """``start_offset``: a partition handed over without a committed offset must start at its
+    earliest record; a first record later than that is a gap, rewound like any other."""
+    rewinds: list[tuple[str, int, int]] = []
+
+    async def rewind(topic: str, partition: int, offset: int) -> None:
+        rewinds.append((topic, partition, offset))
+
+    async def start_offset(topic: str, partition: int) -> int | None:
+        return {0: 0, 1: 40}.get(partition)  # partition 2: Kafka did not say
+
+    settings = StreamsSettings(
+        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
+    )
+
+    async def main() -> None:
+        worker = create_app(settings, sink=RecordingSink())
+        try:
+            pipeline = worker.pipeline
+            pipeline.rewind, pipeline.start_offset = rewind, start_offset
+
+            async def see(partition: int, *offsets: int) -> None:
+                await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
+
+            await see(0, 921, 922)  # records 0..920 were skipped
+            await see(1, 40, 41)  # resumes at its committed offset
+            await see(2, 7)  # unknown start: the first record sets it
+            assert rewinds == [("t", 0, 0)]
+            await see(0, 0, 1)
+            assert pipeline.rewinding == {}
         finally:
             _close_unstarted_consumer_loop(worker)
 
