@@ -512,181 +512,149 @@ class _Event:
         self.message = _Record(partition, offset)
 
 
-def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_path: Path) -> None:
-    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; every later
-    batch that still brings records from before the rewind rewinds again (Faust would drop the
-    re-read behind them), once per batch; the re-read record ends it."""
-    rewinds: list[tuple[str, int, int]] = []
+class _OffsetHarness:
+    """A built worker's pipeline (its Faust app bound to a fresh loop), the rewinds it asked for,
+    and ``see(partition, *offsets)``: one batch of records of topic ``t`` through the offset check."""
 
-    async def rewind(topic: str, partition: int, offset: int) -> None:
-        rewinds.append((topic, partition, offset))
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.rewinds: list[tuple[str, int, int]] = []
 
+        async def rewind(topic: str, partition: int, offset: int) -> None:
+            self.rewinds.append((topic, partition, offset))
+
+        pipeline.rewind, pipeline.start_offset = rewind, None
+        pipeline.users.send_changelog = _no_producer
+
+    async def see(self, partition: int, *offsets: int) -> None:
+        await self.pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
+
+
+def on_a_pipeline(tmp_path: Path, body: Callable[[_OffsetHarness], Awaitable[None]], sink: Any = None) -> None:
     settings = StreamsSettings(
         paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
     )
 
     async def main() -> None:
-        worker = create_app(settings, sink=RecordingSink())
+        worker = create_app(settings, sink=sink or RecordingSink())
         try:
-            pipeline = worker.pipeline
-            pipeline.rewind = rewind
-            pipeline.start_offset = None
-
-            async def see(partition: int, *offsets: int) -> None:
-                await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
-
-            await see(0, 5, 6, 7)  # first records after start: no gap
-            await see(1, 0, 1)
-            await see(0, 9, 10)  # 8 never came
-            assert rewinds == [("t", 0, 8)]
-            await see(0, 11, 12)  # fetched before the rewind: rewind again, once for the batch
-            await see(1, 2)  # other partitions are unaffected
-            assert rewinds == [("t", 0, 8), ("t", 0, 8)]
-            await see(0, 8, 9, 10, 11, 12)  # the re-read ends it
-            await see(0, 13)
-            assert rewinds == [("t", 0, 8), ("t", 0, 8)]
-            await see(0, 11, 15)  # a duplicate changes nothing; a new hole (14) rewinds again
-            assert rewinds == [("t", 0, 8), ("t", 0, 8), ("t", 0, 14)]
-            await see(0, 14, 15)
-            assert pipeline.rewinding == {}
+            await body(_OffsetHarness(worker.pipeline))
         finally:
             _close_unstarted_consumer_loop(worker)
 
     asyncio.run(main())
     gc.collect()
+
+
+def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_path: Path) -> None:
+    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; every later
+    batch that still brings records from before the rewind rewinds again (Faust would drop the
+    re-read behind them), once per batch; the re-read record ends it."""
+
+    async def body(h: _OffsetHarness) -> None:
+        await h.see(0, 5, 6, 7)  # first records after start: no gap
+        await h.see(1, 0, 1)
+        await h.see(0, 9, 10)  # 8 never came
+        assert h.rewinds == [("t", 0, 8)]
+        await h.see(0, 11, 12)  # fetched before the rewind: rewind again, once for the batch
+        await h.see(1, 2)  # other partitions are unaffected
+        assert h.rewinds == [("t", 0, 8), ("t", 0, 8)]
+        await h.see(0, 8, 9, 10, 11, 12)  # the re-read ends it
+        await h.see(0, 13)
+        assert h.rewinds == [("t", 0, 8), ("t", 0, 8)]
+        await h.see(0, 11, 15)  # a duplicate changes nothing; a new hole (14) rewinds again
+        assert h.rewinds == [("t", 0, 8), ("t", 0, 8), ("t", 0, 14)]
+        await h.see(0, 14, 15)
+        assert h.pipeline.rewinding == {}
+
+    on_a_pipeline(tmp_path, body)
+
+
+class _Held(_Event):
+    acked = False
+
+    def __init__(self, partition: int, offset: int) -> None:
+        super().__init__(partition, offset)
+        self.message.incref = lambda n=1: None  # type: ignore[attr-defined]
+        self.message.timestamp = 0.0  # type: ignore[attr-defined]
+
+    def ack(self) -> bool:
+        self.acked = True
+        return True
+
+
+def one_event_state(number: int, window: Any) -> EntityState:
+    state = EntityState()
+    apply(state, (T0 + number) * 1_000_000, f"e{number}", "i1", window)
+    return state
 
 
 def test_a_revoked_partition_forgets_its_progress_and_what_it_held(tmp_path: Path) -> None:
     """``FeaturePipeline.forget_partitions``: a partition that comes back after a rebalance (other
     workers moved it on meanwhile) is no gap and no rewind; what the pusher held for it is dropped
     unpushed and unacked, the other partitions' holds stay."""
-    rewinds: list[tuple[str, int, int]] = []
 
-    async def rewind(topic: str, partition: int, offset: int) -> None:
-        rewinds.append((topic, partition, offset))
+    async def body(h: _OffsetHarness) -> None:
+        gaps_before = metrics.OFFSET_GAPS._value.get()  # noqa: SLF001
+        await h.see(0, 5, 6, 7)
+        await h.see(1, 3)
+        pusher = h.pipeline.pusher("user_activity")
+        kept, dropped = _Held(1, 4), _Held(0, 8)
+        pusher.hold("u1", one_event_state(0, h.pipeline.window), 1, kept)
+        pusher.hold("u0", one_event_state(1, h.pipeline.window), 0, dropped)
+        h.pipeline.forget_partitions({("t", 0)}, "t", "t.by-item")
+        assert (0 in {p for _, p in h.pipeline.next_offsets}, pusher.pending) == (False, 1)
+        await h.see(0, 40, 41)  # moved on by another worker while it was away: not a gap
+        await h.see(1, 4)
+        assert h.rewinds == []
+        assert metrics.OFFSET_GAPS._value.get() == gaps_before  # noqa: SLF001
+        await pusher.drain()
+        assert (kept.acked, dropped.acked) == (True, False)
 
-    settings = StreamsSettings(
-        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
-    )
-
-    class _Held(_Event):
-        acked = False
-
-        def __init__(self, partition: int, offset: int) -> None:
-            super().__init__(partition, offset)
-            self.message.incref = lambda n=1: None  # type: ignore[attr-defined]
-            self.message.timestamp = 0.0  # type: ignore[attr-defined]
-
-        def ack(self) -> bool:
-            self.acked = True
-            return True
-
-    async def main() -> None:
-        worker = create_app(settings, sink=RecordingSink())
-        try:
-            pipeline = worker.pipeline
-            pipeline.rewind = rewind
-            pipeline.start_offset = None
-            pipeline.users.send_changelog = _no_producer  # type: ignore[attr-defined]
-            gaps_before = metrics.OFFSET_GAPS._value.get()  # noqa: SLF001
-
-            async def see(partition: int, *offsets: int) -> None:
-                await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
-
-            await see(0, 5, 6, 7)
-            await see(1, 3)
-            pusher = pipeline.pusher("user_activity")
-            kept, dropped = _Held(1, 4), _Held(0, 8)
-            states = [EntityState(), EntityState()]
-            for number, state in enumerate(states):
-                apply(state, 1_000_000, f"e{number}", "i1", pipeline.window)
-            pusher.hold("u1", states[0], 1, kept)
-            pusher.hold("u0", states[1], 0, dropped)
-            pipeline.forget_partitions({("t", 0)}, "t", "t.by-item")
-            assert (0 in {p for _, p in pipeline.next_offsets}, pusher.pending) == (False, 1)
-            await see(0, 40, 41)  # moved on by another worker while it was away: not a gap
-            await see(1, 4)
-            assert rewinds == []
-            assert metrics.OFFSET_GAPS._value.get() == gaps_before  # noqa: SLF001
-            await pusher.drain()
-            assert (kept.acked, dropped.acked) == (True, False)
-        finally:
-            _close_unstarted_consumer_loop(worker)
-
-    asyncio.run(main())
-    gc.collect()
+    on_a_pipeline(tmp_path, body)
 
 
 def test_a_restarted_online_store_gets_every_owned_state_pushed_again(tmp_path: Path) -> None:
     """``FeaturePipeline.check_feature_store``: a new run id of the store (it may have lost its last
     second of acknowledged writes) pushes every owned entity's state again; the same run id, or
     no answer, pushes nothing."""
-    settings = StreamsSettings(
-        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
-    )
     sink = RecordingSink()
 
-    async def main() -> None:
-        worker = create_app(settings, sink=sink)
-        try:
-            pipeline = worker.pipeline
-            pipeline.users.send_changelog = _no_producer  # type: ignore[attr-defined]
-            for number, user in enumerate(("u1", "u2", "u3")):
-                state = EntityState()
-                apply(state, (T0 + number) * 1_000_000, f"e{number}", "i1", pipeline.window)
-                pipeline.users.put(user, state)
-            owned: dict[View, list[tuple[str, int]]] = {"user_activity": [("u1", 0), ("u2", 1), ("gone", 1)]}
-            assert await pipeline.check_feature_store(owned) == 0  # no answer yet
-            sink.epoch = "run-a"
-            assert await pipeline.check_feature_store(owned) == 0  # the first run seen
-            assert await pipeline.check_feature_store(owned) == 0  # the same run
-            sink.epoch = "run-b"
-            assert await pipeline.check_feature_store(owned) == 2  # restarted: u1 and u2 (u3 is not owned)
-            for _ in range(200):  # the push runs in its task, in a thread
-                pushed = {row.entity_id for view, rows in sink.pushes for row in rows if view == "user_activity"}
-                if pushed:
-                    break
-                await asyncio.sleep(0.05)
-            assert pushed == {"u1", "u2"}
-        finally:
-            _close_unstarted_consumer_loop(worker)
+    async def body(h: _OffsetHarness) -> None:
+        pipeline = h.pipeline
+        for number, user in enumerate(("u1", "u2", "u3")):
+            pipeline.users.put(user, one_event_state(number, pipeline.window))
+        owned: dict[View, list[tuple[str, int]]] = {"user_activity": [("u1", 0), ("u2", 1), ("gone", 1)]}
+        assert await pipeline.check_feature_store(owned) == 0  # no answer yet
+        sink.epoch = "run-a"
+        assert await pipeline.check_feature_store(owned) == 0  # the first run seen
+        assert await pipeline.check_feature_store(owned) == 0  # the same run
+        sink.epoch = "run-b"
+        assert await pipeline.check_feature_store(owned) == 2  # restarted: u1 and u2 (u3 is not owned)
+        for _ in range(200):  # the push runs in its task, in a thread
+            pushed = {row.entity_id for view, rows in sink.pushes for row in rows if view == "user_activity"}
+            if pushed:
+                break
+            await asyncio.sleep(0.05)
+        assert pushed == {"u1", "u2"}
 
-    asyncio.run(main())
-    gc.collect()
+    on_a_pipeline(tmp_path, body, sink)
 
 
 def test_a_newly_assigned_partition_is_checked_from_where_the_group_should_resume(tmp_path: Path) -> None:
     """``start_offset``: a partition handed over without a committed offset must start at its
     earliest record; a first record later than that is a gap, rewound like any other."""
-    rewinds: list[tuple[str, int, int]] = []
-
-    async def rewind(topic: str, partition: int, offset: int) -> None:
-        rewinds.append((topic, partition, offset))
 
     async def start_offset(topic: str, partition: int) -> int | None:
         return {0: 0, 1: 40}.get(partition)  # partition 2: Kafka did not say
 
-    settings = StreamsSettings(
-        paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id=f"unit-{uuid.uuid4().hex[:8]}")
-    )
+    async def body(h: _OffsetHarness) -> None:
+        h.pipeline.start_offset = start_offset
+        await h.see(0, 921, 922)  # records 0..920 were skipped
+        await h.see(1, 40, 41)  # resumes at its committed offset
+        await h.see(2, 7)  # unknown start: the first record sets it
+        assert h.rewinds == [("t", 0, 0)]
+        await h.see(0, 0, 1)
+        assert h.pipeline.rewinding == {}
 
-    async def main() -> None:
-        worker = create_app(settings, sink=RecordingSink())
-        try:
-            pipeline = worker.pipeline
-            pipeline.rewind, pipeline.start_offset = rewind, start_offset
-
-            async def see(partition: int, *offsets: int) -> None:
-                await pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
-
-            await see(0, 921, 922)  # records 0..920 were skipped
-            await see(1, 40, 41)  # resumes at its committed offset
-            await see(2, 7)  # unknown start: the first record sets it
-            assert rewinds == [("t", 0, 0)]
-            await see(0, 0, 1)
-            assert pipeline.rewinding == {}
-        finally:
-            _close_unstarted_consumer_loop(worker)
-
-    asyncio.run(main())
-    gc.collect()
+    on_a_pipeline(tmp_path, body)
