@@ -16,7 +16,8 @@ by-item repartition topic, the leader topic) get the settings' replication facto
 ``min.insync.replicas``, like the project topics. Faust turns idempotence on only inside
 transactions (exactly-once), through its producer's ``_settings_extra``; this module is the one
 place that overrides it (:class:`IdempotentProducer`), and a unit test fails if the producer Faust
-builds stops being idempotent. See docs/design/ops.md#a-kafka-cluster.
+builds stops being idempotent. See docs/design/ops.md#a-kafka-cluster. Commits never pass a record
+that was not processed (:class:`GaplessConsumer`).
 """
 
 from __future__ import annotations
@@ -59,10 +60,27 @@ class IdempotentProducer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+class GaplessConsumer(aiokafka_driver.Consumer):
+    """Faust's aiokafka consumer that never commits past a record no agent has acked.
+
+    Faust notes an offset jump between two records it reads as a "gap" and commits over it as if
+    acked (meant for compacted topics and transaction markers). Our agents read topics with
+    contiguous offsets, where a jump is a record Faust skipped: the feature worker reads it again
+    (``FeaturePipeline._check_offsets``), and a commit over it would let the partition's next owner
+    start after records nobody processed. So jumps are not noted, and a commit stops at the first
+    offset not acked.
+    """
+
+    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        return None
+
+
 class IdempotentTransport(aiokafka_driver.Transport):
-    """Faust's ``kafka://`` transport, creating :class:`IdempotentProducer` producers."""
+    """Faust's ``kafka://`` transport, creating :class:`IdempotentProducer` producers and
+    :class:`GaplessConsumer` consumers."""
 
     Producer = IdempotentProducer
+    Consumer = GaplessConsumer
 
 
 def replicated_topic_class(min_insync_replicas: int) -> type[faust.Topic]:

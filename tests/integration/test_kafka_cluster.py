@@ -25,6 +25,8 @@ RECORDS_PER_PHASE = 200
 def partition_replicas(settings: CommonSettings, topic: str) -> dict[int, tuple[list[int], list[int]]]:
     """Replicas and in-sync replicas of each partition of ``topic``."""
     metadata = AdminClient(settings.kafka.client_config()).list_topics(topic, timeout=10)
+    if metadata.topics[topic].error is not None:  # not yet in this node's metadata
+        return {}
     return {
         number: (sorted(partition.replicas), sorted(partition.isrs))
         for number, partition in metadata.topics[topic].partitions.items()
@@ -62,10 +64,13 @@ def test_every_node_registers_and_topics_replicate_three_times(cluster: LocalSta
     assert set(admin.list_topics(timeout=10).brokers) == {1, 2, 3}
     assert len(settings.kafka.bootstrap_servers.split(",")) == 3
 
+    # a new topic reaches every node's metadata, and its followers the ISR, within moments
+    expected = {number: ([1, 2, 3], [1, 2, 3]) for number in range(settings.topics.partitions)}
     for topic in settings.topics.all_names():
-        assert partition_replicas(settings, topic) == {
-            number: ([1, 2, 3], [1, 2, 3]) for number in range(settings.topics.partitions)
-        }
+        deadline = time.monotonic() + 30
+        while (layout := partition_replicas(settings, topic)) != expected:
+            assert time.monotonic() < deadline, f"{topic}: {layout}"
+            time.sleep(0.5)
     resource = ConfigResource(ConfigResource.Type.TOPIC, settings.topics.interactions)
     config = admin.describe_configs([resource])[resource].result(timeout=10)
     assert config["min.insync.replicas"].value == "2"

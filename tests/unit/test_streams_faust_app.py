@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 from collections.abc import Callable
 from pathlib import Path
@@ -10,11 +11,14 @@ from typing import Any
 
 import faust
 import pytest
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
 from faust.types.enums import ProcessingGuarantee
 
 from streamrec.core.errors import SettingsError
 from streamrec.core.settings import CommonSettings, KafkaSettings, PathSettings, TopicSettings
 from streams.app import create_app
+from streams.faust_app import GaplessConsumer
 from streams.joiner_app import create_joiner
 from streams.joiner_settings import JoinerSettings, JoinerTuning
 from streams.settings import StreamsSettings, StreamsTuning
@@ -119,3 +123,34 @@ def test_both_apps_produce_with_acks_all_and_idempotence(build: Builder, tmp_pat
     gc.collect()
     assert txn_manager is not None  # aiokafka's idempotence state (producer id and sequence numbers)
     assert acks == -1
+
+
+@BUILDERS
+def test_neither_app_commits_past_a_record_its_agents_never_acked(build: Builder, tmp_path: Path) -> None:
+    """Faust's own consumer notes an offset jump as a gap and commits over it; ours stops at the
+    first offset not acked, so a partition's next owner never starts after unprocessed records."""
+
+    async def next_commit(consumer: Any, add_gap: Any, partition: int) -> tuple[int | None, int | None]:
+        tp = TP("events", partition)
+        consumer._committed_offset[tp] = 10  # Faust keeps the next offset to read
+        await add_gap(tp, 11, 20)  # Faust read 10, then 21: 11..20 were skipped
+        consumer._acked[tp].extend([10, 21])
+        first = consumer._committed_offset[tp] = consumer._new_offset(tp)  # as a commit does
+        consumer._acked[tp].extend(range(11, 21))  # the skipped records are read again and acked
+        return first, consumer._new_offset(tp)
+
+    async def main() -> tuple[type, tuple[int | None, int | None], tuple[int | None, int | None]]:
+        _, app = build({"paths": PathSettings(state_dir=tmp_path)})
+        consumer: Any = app.consumer
+        fausts_own = functools.partial(aiokafka_driver.Consumer._add_gap, consumer)
+        return (
+            type(consumer),
+            await next_commit(consumer, consumer._add_gap, 0),
+            await next_commit(consumer, fausts_own, 1),
+        )
+
+    consumer_class, ours, fausts = asyncio.run(main())
+    gc.collect()
+    assert consumer_class is GaplessConsumer
+    assert ours == (11, 22)  # up to the hole; past it once the hole is read
+    assert fausts[0] == 22  # what Faust alone would commit: over 11..20
