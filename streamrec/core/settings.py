@@ -20,6 +20,7 @@ import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
@@ -43,14 +44,38 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def read_secret(value: SecretStr | None, file: Path | None, what: str) -> str | None:
+    """A secret given either inline (``value``) or as a file holding it (``file``, trailing
+    newline dropped); a file keeps it out of the environment, ``ps`` and config dumps."""
+    if value is not None and file is not None:
+        raise SettingsError(f"{what}: set the secret or the file that holds it, not both")
+    if file is None:
+        return value.get_secret_value() if value is not None else None
+    try:
+        return file.read_text().rstrip("\n")
+    except OSError as exc:
+        raise SettingsError(f"{what}: cannot read {file} ({exc.strerror}); create it or fix the path") from exc
+
+
 class KafkaSettings(Section):
-    """How every process reaches the broker."""
+    """How every process reaches the broker. With ``SSL``/``SASL_SSL``, ``ssl_ca_file`` is the CA
+    that signed the brokers' certificates (and ``ssl_cert_file``/``ssl_key_file`` this client's,
+    for mutual TLS); with ``SASL_*``, the principal's password comes from ``sasl_password`` or,
+    better, ``sasl_password_file``."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "streamrec"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_ca_file: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+
+    def sasl_secret(self) -> str | None:
+        return read_secret(self.sasl_password, self.sasl_password_file, "kafka.sasl_password")
 
     def client_config(self) -> dict[str, str | int | float | bool]:
         """The librdkafka keys shared by producers, consumers and the admin client."""
@@ -59,9 +84,18 @@ class KafkaSettings(Section):
             "client.id": self.client_id,
             "security.protocol": self.security_protocol,
         }
-        if self.sasl_username is not None and self.sasl_password is not None:
+        secret = self.sasl_secret()
+        if self.sasl_username is not None and secret is not None:
+            config["sasl.mechanism"] = self.sasl_mechanism
             config["sasl.username"] = self.sasl_username
-            config["sasl.password"] = self.sasl_password.get_secret_value()
+            config["sasl.password"] = secret
+        for key, path in (
+            ("ssl.ca.location", self.ssl_ca_file),
+            ("ssl.certificate.location", self.ssl_cert_file),
+            ("ssl.key.location", self.ssl_key_file),
+        ):
+            if path is not None:
+                config[key] = str(path)
         return config
 
 
@@ -114,13 +148,22 @@ class TopicSettings(Section):
 
 class RedisSettings(Section):
     """Where the online store lives. With ``cluster`` on, ``host:port`` is one node of a Redis
-    Cluster (clients discover the others from it) and ``db`` must be 0, the only one a cluster has."""
+    Cluster (clients discover the others from it) and ``db`` must be 0, the only one a cluster has.
+    ``username`` and the password (``password`` or ``password_file``) name a Redis ACL user; with
+    ``tls`` the client verifies the server against ``ca_file`` (and presents ``cert_file``/``key_file``
+    where the server asks for client certificates)."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=0, ge=0)
+    username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
     cluster: bool = False
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @model_validator(mode="after")
     def _cluster_has_one_db(self) -> RedisSettings:
@@ -128,9 +171,54 @@ class RedisSettings(Section):
             raise ValueError("a Redis Cluster has only database 0; set redis.db = 0 with redis.cluster")
         return self
 
+    def secret(self) -> str | None:
+        return read_secret(self.password, self.password_file, "redis.password")
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's ``Redis``/``RedisCluster``: credentials and TLS."""
+        options: dict[str, Any] = {}
+        if self.username is not None:
+            options["username"] = self.username
+        secret = self.secret()
+        if secret is not None:
+            options["password"] = secret
+        if self.tls:
+            options["ssl"] = True
+            for key, path in (
+                ("ssl_ca_certs", self.ca_file),
+                ("ssl_certfile", self.cert_file),
+                ("ssl_keyfile", self.key_file),
+            ):
+                if path is not None:
+                    options[key] = str(path)
+        return options
+
     def url(self) -> str:
-        auth = f":{self.password.get_secret_value()}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+        secret = self.secret()
+        user = quote(self.username, safe="") if self.username else ""
+        auth = f"{user}:{quote(secret, safe='')}@" if secret else (f"{user}@" if user else "")
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/{self.db}"
+
+
+class GrpcSecurity(Section):
+    """TLS and caller identity on the gRPC hops (callers -> API; API, trainer, evaluator -> model server).
+
+    A server presents ``cert_file``/``key_file``; with ``client_verify`` it requires a client
+    certificate signed by ``ca_file`` (mutual TLS). A caller's identity is its client certificate's
+    common name or, without one, the name its bearer token maps to in the server's ``tokens_file``
+    (lines ``<identity> <token>``); the admin RPCs (version reloads, label moves) accept only
+    ``admin_identities``. A client verifies the server against ``ca_file``, presents its own
+    certificate for mutual TLS and sends ``token_file``'s token as ``authorization: Bearer``.
+    """
+
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_verify: bool = False
+    token_file: Path | None = None
+    tokens_file: Path | None = None
+    admin_identities: tuple[str, ...] = ("trainer", "evaluator", "admin")
 
 
 class PathSettings(Section):
@@ -158,6 +246,7 @@ class CommonSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     redis: RedisSettings = RedisSettings()
+    grpc: GrpcSecurity = GrpcSecurity()
     paths: PathSettings = PathSettings()
     # The dataset every command works on unless --dataset says otherwise: a preset (ml-100k,
     # synthetic[:options]), a description file (.toml) or a log file (streamrec.datasets.description).

@@ -80,6 +80,15 @@ def stack_up(
             "(env STREAMREC_STACK__BROKERS, default 1).",
         ),
     ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="a local CA and one identity per service: Kafka SASL_SSL with ACLs, Redis TLS with ACL "
+            "users, gRPC TLS (env STREAMREC_STACK__SECURE). `eval $(streamrec stack env)` gives a shell "
+            "the admin identity.",
+        ),
+    ] = False,
 ) -> None:
     """Start Kafka and Redis (and, with --with, project processes), wait until they answer,
     and create the project topics (replicated across the nodes with --brokers 3)."""
@@ -88,8 +97,9 @@ def stack_up(
     from streamrec.ops.stack.programs import PROJECT_SERVICES
 
     settings = load(StackSettings)
-    if brokers is not None:
-        tuning = StackTuning(**{**settings.stack.model_dump(), "brokers": brokers})
+    if brokers is not None or secure:
+        chosen = {"brokers": brokers or settings.stack.brokers, "secure": secure or settings.stack.secure}
+        tuning = StackTuning(**{**settings.stack.model_dump(), **chosen})
         settings = settings.model_copy(update={"stack": tuning})
     stack = LocalStack(settings)
     typer.echo(f"starting the stack in {settings.paths.state_dir} ...")

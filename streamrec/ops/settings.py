@@ -50,6 +50,9 @@ class StackTuning(Section):
     # With redis.cluster: node n (from 0) of the Redis Cluster serves on redis.port + n and talks to
     # the other nodes on redis_cluster_bus_port + n (Redis' default, port + 10000, can pass 65535).
     redis_cluster_nodes: int = Field(default=3, ge=3, le=9)
+    # ``stack up --secure``: a local CA and one identity per service (streamrec.ops.stack.identities);
+    # Kafka speaks SASL_SSL with ACLs, Redis TLS with ACL users, gRPC TLS with caller identities.
+    secure: bool = False
     redis_cluster_bus_port: int = Field(default=16379, ge=1, le=65535)
 
     @model_validator(mode="after")

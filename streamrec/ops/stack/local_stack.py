@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import configparser
 import functools
+import io
 import os
 import re
 import shlex
@@ -38,6 +39,8 @@ from streamrec.core.errors import StackError
 from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, CommonSettings, KafkaSettings, TopicSettings
 from streamrec.ops.settings import StackSettings, StackTuning
 from streamrec.ops.stack import kafka_broker, redis_server
+from streamrec.ops.stack.certs import write_private
+from streamrec.ops.stack.identities import IDENTITIES, StackSecrets, service_environment
 from streamrec.ops.stack.programs import Program, project_health_checks, project_programs
 
 
@@ -51,6 +54,9 @@ class LocalStack:
         self.config_path = self.root / "supervisord.conf"
         self.socket_path = self.root / "supervisor.sock"
         self.pid_path = self.root / "supervisord.pid"
+        self.secrets_dir = self.root / "secrets"
+        # present while a secure stack runs here, so `stack status` etc. attach to it as one
+        self.secure_marker = self.root / "secure"
 
     @classmethod
     def attach(cls, settings: StackSettings) -> LocalStack:
@@ -59,10 +65,11 @@ class LocalStack:
         stack = cls(settings)
         if not stack.is_running():
             return stack
-        brokers = len(stack.running_kafka_programs())
-        if brokers in (0, settings.stack.brokers):
+        brokers = len(stack.running_kafka_programs()) or settings.stack.brokers
+        secure = stack.secure_marker.is_file()
+        if (brokers, secure) == (settings.stack.brokers, settings.stack.secure):
             return stack
-        tuning = StackTuning(**{**settings.stack.model_dump(), "brokers": brokers})
+        tuning = StackTuning(**{**settings.stack.model_dump(), "brokers": brokers, "secure": secure})
         return cls(settings.model_copy(update={"stack": tuning}))
 
     # -- the programs -------------------------------------------------------------------
@@ -109,7 +116,26 @@ class LocalStack:
             f"{ENV_PREFIX}REDIS{ENV_NESTED_DELIMITER}CLUSTER": str(self.settings.redis.cluster).lower(),
             f"{ENV_PREFIX}PATHS{ENV_NESTED_DELIMITER}STATE_DIR": str(self.settings.paths.state_dir),
             f"{ENV_PREFIX}PATHS{ENV_NESTED_DELIMITER}CACHE_DIR": str(self.settings.paths.cache_dir),
+            **(
+                {f"{ENV_PREFIX}STACK{ENV_NESTED_DELIMITER}SECURE": "true", **service_environment(self.secrets, "admin")}
+                if self.secrets is not None
+                else {}
+            ),
         }
+
+    @functools.cached_property
+    def secrets(self) -> StackSecrets | None:
+        """The CA and the services' identities of a secure stack (created on first use); None
+        without ``stack.secure``."""
+        return StackSecrets.ensure(self.secrets_dir) if self.settings.stack.secure else None
+
+    def program_environment(self, program: str) -> dict[str, str]:
+        """:meth:`client_environment`, plus, on a secure stack, the credentials (file paths) of the
+        program's own identity: the project's processes each connect as themselves."""
+        environment = self.client_environment()
+        if self.secrets is not None and program in IDENTITIES:
+            environment.update(service_environment(self.secrets, program))
+        return environment
 
     def kafka_programs(self) -> list[str]:
         """The Kafka nodes' program names, in node id order."""
@@ -158,7 +184,7 @@ class LocalStack:
         }
         config["supervisorctl"] = {"serverurl": f"unix://{self.socket_path}"}
         for program in programs:
-            environment = self.client_environment()
+            environment = self.program_environment(program.name)
             config[f"program:{program.name}"] = {
                 "command": shlex.join(program.command).replace("%", "%%"),
                 "autostart": str(program.autostart).lower(),
@@ -174,8 +200,9 @@ class LocalStack:
                 "stdout_logfile_maxbytes": "20MB",
                 "environment": ",".join(f'{key}="{_supervisor_quote(value)}"' for key, value in environment.items()),
             }
-        with self.config_path.open("w") as handle:
-            config.write(handle)
+        rendered = io.StringIO()
+        config.write(rendered)
+        write_private(self.config_path, rendered.getvalue().encode())  # environments name secret files
 
     @contextmanager
     def _rpc(self) -> Iterator[Any]:
@@ -208,6 +235,10 @@ class LocalStack:
             self.wait_healthy(timeout_s)
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.stack.secure:
+            self.secure_marker.touch()
+        else:
+            self.secure_marker.unlink(missing_ok=True)
         programs = self.programs()
         self._render(programs)
         started = _run_supervisord(self.config_path)
