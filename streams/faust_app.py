@@ -2,9 +2,10 @@
 
 :func:`build_app` builds a ``faust.App`` from the shared settings (Kafka, topic layout and a
 ``FaustAppTuning`` section) and installs what every app needs: the crash watchdog and the
-Prometheus ``/metrics`` server. Each app module (``streams.app``, ``streams.joiner_app``) adds
-only its topics, tables and agents, so the two apps connect, commit, keep state and export
-metrics the same way.
+Prometheus ``/metrics`` server, and Kafka security (:func:`broker_credentials`: SASL/SCRAM over
+TLS on a secure stack, as the confluent-kafka clients get from ``KafkaSettings.client_config``).
+Each app module (``streams.app``, ``streams.joiner_app``) adds only its topics, tables and agents,
+so the two apps connect, commit, keep state and export metrics the same way.
 
 Nothing here runs at import, and both app modules build their app on first access of their
 ``app`` attribute (a module ``__getattr__``): importing a module of ``streams`` loads no
@@ -22,12 +23,14 @@ that was not processed (:class:`GaplessConsumer`).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types.auth import CredentialsT
 from prometheus_client import start_http_server
 
 from streamrec.core.errors import SettingsError
@@ -44,13 +47,36 @@ def broker_urls(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
 
 
-def check_security(kafka: KafkaSettings) -> None:
-    """Refuse a security protocol the Faust apps do not pass to their Kafka clients yet."""
-    if kafka.security_protocol != "PLAINTEXT":
+def tls_context(kafka: KafkaSettings) -> ssl.SSLContext:
+    """A client TLS context that verifies the brokers against ``ssl_ca_file`` (the system's CAs
+    without one) and their host names, and presents this client's certificate where one is set."""
+    try:
+        context = ssl.create_default_context(cafile=str(kafka.ssl_ca_file) if kafka.ssl_ca_file else None)
+        if kafka.ssl_cert_file is not None and kafka.ssl_key_file is not None:
+            context.load_cert_chain(kafka.ssl_cert_file, kafka.ssl_key_file)
+    except (OSError, ssl.SSLError) as exc:
         raise SettingsError(
-            "The Faust apps of streams (feature worker, joiner) connect with PLAINTEXT only for now; set "
-            "STREAMREC_KAFKA__SECURITY_PROTOCOL=PLAINTEXT or add broker_credentials in streams/faust_app.py."
-        )
+            f"kafka TLS files (ssl_ca_file={kafka.ssl_ca_file}, ssl_cert_file={kafka.ssl_cert_file}, "
+            f"ssl_key_file={kafka.ssl_key_file}) cannot be loaded: {exc}; fix STREAMREC_KAFKA__SSL_*"
+        ) from exc
+    return context
+
+
+def broker_credentials(kafka: KafkaSettings) -> CredentialsT | None:
+    """What Faust passes to aiokafka for ``kafka.security_protocol``: SASL (SCRAM or PLAIN) with
+    the principal's password, over TLS for ``SASL_SSL``; TLS alone for ``SSL``; None for
+    ``PLAINTEXT``. An unreadable password or TLS file fails here, naming the setting."""
+    protocol = kafka.security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(tls_context(kafka))
+    return faust.SASLCredentials(
+        username=kafka.sasl_username,
+        password=kafka.sasl_secret(),
+        mechanism=kafka.sasl_mechanism,
+        ssl_context=tls_context(kafka) if protocol == "SASL_SSL" else None,
+    )
 
 
 class IdempotentProducer(aiokafka_driver.Producer):
@@ -105,17 +131,19 @@ def build_app(
 ) -> faust.App:
     """A ``faust.App`` for ``tuning.app_id`` on the settings' broker, with the watchdog and metrics.
 
-    Every app is at-least-once, produces with ``acks=all`` and idempotence, keeps its tables in
-    memory backed by changelog topics (created with the settings' partitions, replication and
-    ``min.insync.replicas``), starts from the earliest offset of a new group and reads raw bytes
-    (each agent decodes and dead-letters itself). ``web_port`` 0
-    turns Faust's web server off. ``app_options`` are further ``faust.App`` settings of one app.
+    Every app connects as the settings' Kafka principal, is at-least-once, produces with
+    ``acks=all`` and idempotence, keeps its tables in memory backed by changelog topics (created
+    with the settings' partitions, replication and ``min.insync.replicas``), starts from the
+    earliest offset of a new group and reads raw bytes (each agent decodes and dead-letters
+    itself). ``web_port`` 0 turns Faust's web server off. ``app_options`` are further
+    ``faust.App`` settings of one app.
     """
-    check_security(settings.kafka)
+    credentials = broker_credentials(settings.kafka)
     state_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         tuning.app_id,
         broker=broker_urls(settings.kafka.bootstrap_servers),
+        broker_credentials=credentials,
         broker_client_id=(
             f"{settings.kafka.client_id}-{tuning.worker_index}" if tuning.worker_index else settings.kafka.client_id
         ),

@@ -60,8 +60,9 @@ def read_secret(value: SecretStr | None, file: Path | None, what: str) -> str | 
 class KafkaSettings(Section):
     """How every process reaches the broker. With ``SSL``/``SASL_SSL``, ``ssl_ca_file`` is the CA
     that signed the brokers' certificates (and ``ssl_cert_file``/``ssl_key_file`` this client's,
-    for mutual TLS); with ``SASL_*``, the principal's password comes from ``sasl_password`` or,
-    better, ``sasl_password_file``."""
+    for mutual TLS); with ``SASL_*``, the principal is ``sasl_username`` and its password comes
+    from ``sasl_password`` or, better, ``sasl_password_file``. An incomplete combination fails at
+    load, naming the variables to set, rather than as a broker disconnect later."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "streamrec"
@@ -73,6 +74,25 @@ class KafkaSettings(Section):
     ssl_ca_file: Path | None = None
     ssl_cert_file: Path | None = None
     ssl_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and (
+            self.sasl_username is None or (self.sasl_password is None and self.sasl_password_file is None)
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs a principal: set STREAMREC_KAFKA__SASL_USERNAME "
+                "and STREAMREC_KAFKA__SASL_PASSWORD_FILE (or use PLAINTEXT/SSL)"
+            )
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("set kafka.sasl_password or kafka.sasl_password_file, not both (better: the file)")
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("kafka.ssl_cert_file and kafka.ssl_key_file go together (mutual TLS): set both or neither")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
 
     def sasl_secret(self) -> str | None:
         return read_secret(self.sasl_password, self.sasl_password_file, "kafka.sasl_password")
@@ -171,6 +191,15 @@ class RedisSettings(Section):
             raise ValueError("a Redis Cluster has only database 0; set redis.db = 0 with redis.cluster")
         return self
 
+    @model_validator(mode="after")
+    def _tls_files_need_tls(self) -> RedisSettings:
+        files = [name for name in ("ca_file", "cert_file", "key_file") if getattr(self, name) is not None]
+        if files and not self.tls:
+            raise ValueError(f"redis.{', redis.'.join(files)}: used only over TLS; set redis.tls = true or unset them")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key: set both redis.cert_file and redis.key_file")
+        return self
+
     def secret(self) -> str | None:
         return read_secret(self.password, self.password_file, "redis.password")
 
@@ -207,8 +236,11 @@ class GrpcSecurity(Section):
     certificate signed by ``ca_file`` (mutual TLS). A caller's identity is its client certificate's
     common name or, without one, the name its bearer token maps to in the server's ``tokens_file``
     (lines ``<identity> <token>``); the admin RPCs (version reloads, label moves) accept only
-    ``admin_identities``. A client verifies the server against ``ca_file``, presents its own
+    ``admin_identities``. A client verifies the server against ``ca_file`` (checking the name
+    ``server_name`` when the address is not one the certificate names), presents its own
     certificate for mutual TLS and sends ``token_file``'s token as ``authorization: Bearer``.
+    Only paths live here: ``serving.grpc_security`` reads the files once, when a server or
+    channel is built.
     """
 
     tls: bool = False
@@ -219,6 +251,15 @@ class GrpcSecurity(Section):
     token_file: Path | None = None
     tokens_file: Path | None = None
     admin_identities: tuple[str, ...] = ("trainer", "evaluator", "admin")
+    # The host name a client checks the server's certificate for, when the address it dials is
+    # not one of the certificate's names (an IP, a compose service name); None: the address's host.
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> GrpcSecurity:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("grpc.cert_file and grpc.key_file go together: set both (or neither)")
+        return self
 
 
 class PathSettings(Section):

@@ -1,5 +1,9 @@
 """Topic creation with the layout from settings (partitions, replication, min.insync.replicas,
-retention)."""
+retention).
+
+Under ACLs (the secure stack) a principal sees only the topics it may use, and only the operator
+creates the project topics: :func:`ensure_topics` leaves alone a topic the caller may neither see
+nor create (another service's), and refuses, naming the fix, one it may use but that is missing."""
 
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ def topic_config(topics: TopicSettings) -> dict[str, str]:
 def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequence[str] = ()) -> list[str]:
     """Create every project topic (and ``extra`` ones, same layout) that does not exist yet and wait
     until the brokers' metadata shows a leader for each of their partitions; return the names
-    created. Refuses, naming the fix, a replication factor above the live brokers."""
+    created. Refuses, naming the fix, a replication factor above the live brokers. Topics the
+    caller's principal may not describe or create are another service's and are skipped."""
     admin = AdminClient(settings.kafka.client_config())
     metadata = admin.list_topics(timeout=timeout_s)
     existing = set(metadata.topics)
@@ -55,9 +60,29 @@ def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequ
             error = exc.args[0]
             if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
+            if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                _check_not_needed(admin, settings, name, timeout_s)
+                continue
             raise StackError(f"could not create topic {name!r}: {error}") from exc
     _wait_until_led(admin, created, topics.partitions, timeout_s)
     return created
+
+
+def _check_not_needed(admin: AdminClient, settings: CommonSettings, name: str, timeout_s: float) -> None:
+    """The caller may not create ``name``. If it may not describe it either, the topic is not its
+    own (existing or not, this principal could not use it): fine. If it may describe it, the ACLs
+    let it use the topic, which is missing: only the operator can fix that."""
+    described = admin.list_topics(topic=name, timeout=timeout_s).topics.get(name)
+    error = described.error if described is not None else None
+    if error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        return
+    if error is not None and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+        kafka = settings.kafka
+        raise StackError(
+            f"topic {name!r} does not exist and {kafka.sasl_username or 'this client'} may not create it: create "
+            "the project topics as the operator (`streamrec topics create` in a shell set up by "
+            "`eval $(streamrec stack env)`; `streamrec stack up` does it)"
+        )
 
 
 def _wait_until_led(admin: AdminClient, names: list[str], partitions: int, timeout_s: float) -> None:

@@ -58,10 +58,25 @@ def built_in_a_loop(build: Builder, shared: dict[str, Any], **tuning: Any) -> tu
 
 
 @BUILDERS
-def test_both_apps_refuse_a_security_protocol_they_do_not_pass_on(build: Builder, tmp_path: Path) -> None:
-    shared = {"kafka": KafkaSettings(security_protocol="SASL_SSL"), "paths": PathSettings(state_dir=tmp_path)}
-    with pytest.raises(SettingsError, match="STREAMREC_KAFKA__SECURITY_PROTOCOL=PLAINTEXT"):
-        built_in_a_loop(build, shared)
+def test_both_apps_connect_as_the_settings_kafka_principal(build: Builder, tmp_path: Path) -> None:
+    password = tmp_path / "kafka-password"
+    password.write_text("s3cret\n")
+    kafka = KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_username="streams", sasl_password_file=password)
+    _, app = built_in_a_loop(build, {"kafka": kafka, "paths": PathSettings(state_dir=tmp_path / "state")})
+    credentials = app.conf.broker_credentials
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert (credentials.username, credentials.password, credentials.mechanism.value) == (
+        "streams",
+        "s3cret",
+        "SCRAM-SHA-512",
+    )
+
+
+@BUILDERS
+def test_both_apps_refuse_a_password_file_they_cannot_read(build: Builder, tmp_path: Path) -> None:
+    kafka = KafkaSettings(security_protocol="SASL_SSL", sasl_username="streams", sasl_password_file=tmp_path / "gone")
+    with pytest.raises(SettingsError, match="gone"):
+        built_in_a_loop(build, {"kafka": kafka, "paths": PathSettings(state_dir=tmp_path / "state")})
     assert list(tmp_path.iterdir()) == []  # refused before anything was created
 
 

@@ -18,6 +18,14 @@ Three steps, each idempotent:
 
 :func:`node_registered` is a node's readiness probe and :func:`client_topics` the topic layout the
 stack hands its clients (replicated three times on a cluster). See docs/design/ops.md#a-kafka-cluster.
+
+On a secure stack (``stack.secure``, credentials from ``identities.StackSecrets``) the client
+listener, also used between nodes, is SASL_SSL with SCRAM-SHA-512, the controller listener mutual
+TLS with the nodes' certificate (PEM keystore and truststore), and KRaft's ``StandardAuthorizer``
+denies what no ACL allows (``kafka_access`` holds the table). Every identity's SCRAM credential is
+written into the metadata log at format time, from an argument file that StorageTool reads
+(``@file``, 0600, removed after), so no password is ever on a command line; the inter-broker
+password is in ``server.properties``, which is 0600.
 """
 
 from __future__ import annotations
@@ -26,19 +34,29 @@ import base64
 import shutil
 import subprocess
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
 from streamrec.core.errors import StackError
-from streamrec.core.settings import PROJECT_ROOT, TopicSettings
+from streamrec.core.settings import PROJECT_ROOT, KafkaSettings, TopicSettings
 from streamrec.ops.settings import StackSettings
+from streamrec.ops.stack.certs import write_private
+from streamrec.ops.stack.identities import StackSecrets
 
 KAFKA_INFRA_DIR = PROJECT_ROOT / "infra" / "kafka"
 POM_PATH = KAFKA_INFRA_DIR / "pom.xml"
 TEMPLATE_PATH = KAFKA_INFRA_DIR / "server.properties.template"
+SECURITY_TEMPLATE_PATH = KAFKA_INFRA_DIR / "security.properties.template"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+# The operator's identity; the nodes also use it for their own replication traffic (SCRAM).
+ADMIN_IDENTITY = "admin"
+# The principal of a node on the controller listener: its certificate's subject (mutual TLS).
+NODE_PRINCIPAL = "User:CN=kafka"
 LOG4J_PATH = KAFKA_INFRA_DIR / "log4j.properties"
 
 
@@ -139,16 +157,33 @@ def client_topics(settings: StackSettings) -> TopicSettings:
     )
 
 
-def admin_client(bootstrap: str) -> AdminClient:
-    """A Kafka admin client that gives up on a node after 2 s and logs nothing (for probes)."""
-    return AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000, "log_level": 0})
+def client_security(secrets: StackSecrets | None, identity: str = ADMIN_IDENTITY) -> dict[str, Any]:
+    """The ``KafkaSettings`` fields that connect as ``identity`` to the stack's brokers (SASL_SSL,
+    its password file, the stack's CA); none on a plaintext stack."""
+    if secrets is None:
+        return {}
+    return {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": SCRAM_MECHANISM,
+        "sasl_username": identity,
+        "sasl_password": None,
+        "sasl_password_file": secrets.identities[identity].kafka_password_file,
+        "ssl_ca_file": secrets.ca_file,
+    }
 
 
-def node_registered(node: KafkaNode) -> bool:
+def admin_client(bootstrap: str, security: Mapping[str, Any] | None = None) -> AdminClient:
+    """A Kafka admin client that gives up on a node after 2 s and logs nothing (for probes);
+    ``security`` holds :func:`client_security`'s fields on a secure stack."""
+    config = KafkaSettings(bootstrap_servers=bootstrap, **(security or {})).client_config()
+    return AdminClient({**config, "socket.timeout.ms": 2000, "log_level": 0})
+
+
+def node_registered(node: KafkaNode, security: Mapping[str, Any] | None = None) -> bool:
     """The node answers a metadata request on its own listener, and the metadata lists it among
     the live brokers (registered with the controller quorum and not fenced)."""
     try:
-        metadata = admin_client(node.address).list_topics(timeout=2)
+        metadata = admin_client(node.address, security).list_topics(timeout=2)
     except Exception:  # noqa: BLE001 -- any failure means "not yet"
         return False
     return node.node_id in metadata.brokers
@@ -200,33 +235,89 @@ def _classpath(libs_dir: Path) -> str:
     return f"{libs_dir}/*"
 
 
-def _render(settings: StackSettings, node: KafkaNode, quorum_voters: str) -> None:
-    replication, min_insync = internal_replication(settings.stack.brokers)
-    node.config.write_text(
-        Template(TEMPLATE_PATH.read_text()).substitute(
-            node_id=node.node_id,
-            quorum_voters=quorum_voters,
-            host=node.host,
-            port=node.port,
-            controller_port=node.controller_port,
-            log_dirs=node.data,
-            partitions=settings.topics.partitions,
-            replication=replication,
-            min_insync=min_insync,
+def _password(secrets: StackSecrets, identity: str) -> str:
+    """An identity's Kafka password, checked to be safe inside a JAAS string and a properties file."""
+    password = secrets.identities[identity].kafka_password()
+    if not password or any(not (char.isalnum() or char in "-_.~") for char in password):
+        raise StackError(
+            f"the Kafka password in {secrets.identities[identity].kafka_password_file} must be letters, digits "
+            "and -_.~ only; remove the file to have `stack up --secure` create a new one"
         )
+    return password
+
+
+def _render(settings: StackSettings, node: KafkaNode, quorum_voters: str, secrets: StackSecrets | None) -> None:
+    replication, min_insync = internal_replication(settings.stack.brokers)
+    text = Template(TEMPLATE_PATH.read_text()).substitute(
+        node_id=node.node_id,
+        quorum_voters=quorum_voters,
+        host=node.host,
+        port=node.port,
+        controller_port=node.controller_port,
+        client_listener="SASL_SSL" if secrets else "PLAINTEXT",
+        controller_protocol="SSL" if secrets else "PLAINTEXT",
+        log_dirs=node.data,
+        partitions=settings.topics.partitions,
+        replication=replication,
+        min_insync=min_insync,
     )
+    if secrets is not None:
+        text += Template(SECURITY_TEMPLATE_PATH.read_text()).substitute(
+            inter_broker_user=ADMIN_IDENTITY,
+            inter_broker_password=_password(secrets, ADMIN_IDENTITY),
+            keystore=secrets.servers["kafka"].bundle_file,
+            truststore=secrets.ca_file,
+            super_users=f"User:{ADMIN_IDENTITY};{NODE_PRINCIPAL}",
+        )
+    write_private(node.config, text.encode())  # holds the inter-broker password on a secure stack
 
 
-def prepare(settings: StackSettings) -> list[KafkaNode]:
-    """Render every node's config and format its storage; safe to call again on existing nodes."""
-    libs_dir = fetch_jars(settings.paths.kafka_libs_dir)
+def _scram_marker(node: KafkaNode) -> Path:
+    """Present once the node's storage was formatted with the identities' SCRAM credentials."""
+    return node.root / "scram-formatted"
+
+
+def _scram_arguments(secrets: StackSecrets, path: Path) -> Path:
+    """StorageTool's ``--add-scram`` arguments for every identity, one per line, in a 0600 file
+    (StorageTool expands ``@path``), so the passwords stay off the command line."""
+    lines = [
+        line
+        for identity in secrets.identities
+        for line in ("--add-scram", f"{SCRAM_MECHANISM}=[name={identity},password={_password(secrets, identity)}]")
+    ]
+    write_private(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def prepare(settings: StackSettings, secrets: StackSecrets | None = None) -> list[KafkaNode]:
+    """Render every node's config and format its storage; safe to call again on existing nodes.
+    With ``secrets`` (a secure stack) the nodes are configured for SASL_SSL and ACLs, and a new
+    storage gets every identity's SCRAM credential."""
+    if settings.stack.secure and secrets is None:
+        raise StackError("stack.secure needs the stack's secrets (LocalStack.secrets) to configure Kafka")
     cluster = nodes(settings)
+    formatted = {node.node_id: (node.data / "meta.properties").is_file() for node in cluster}
+    if secrets is not None:
+        plain = [str(node.data) for node in cluster if formatted[node.node_id] and not _scram_marker(node).is_file()]
+        if plain:
+            raise StackError(
+                f"the Kafka storage in {', '.join(plain)} was formatted without SCRAM credentials (a plaintext "
+                "stack); `streamrec stack down` and remove those folders to start the stack secure"
+            )
+    libs_dir = fetch_jars(settings.paths.kafka_libs_dir)
     for node in cluster:
         node.data.mkdir(parents=True, exist_ok=True)
+        if secrets is not None:
+            node.root.chmod(0o700)  # its metadata log holds the identities' SCRAM hashes
     cluster_id = _cluster_id(*(node.data for node in cluster))
     quorum_voters = ",".join(f"{node.node_id}@{node.host}:{node.controller_port}" for node in cluster)
     for node in cluster:
-        _render(settings, node, quorum_voters)
+        _render(settings, node, quorum_voters, secrets)
+    scram = (
+        [f"@{_scram_arguments(secrets, secrets.directory / 'kafka-scram.args')}"]
+        if secrets is not None and not all(formatted.values())
+        else []
+    )
     # One JVM per node; started together, they format in the time of one. A short-lived tool needs
     # neither the optimizing JIT nor G1's threads (half the CPU on a 2-core machine).
     formats = [
@@ -248,6 +339,7 @@ def prepare(settings: StackSettings) -> list[KafkaNode]:
                     "-c",
                     str(node.config),
                     "--ignore-formatted",
+                    *scram,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -257,10 +349,16 @@ def prepare(settings: StackSettings) -> list[KafkaNode]:
         for node in cluster
     ]
     failures = []
-    for node, process in formats:
-        output, _ = process.communicate()
-        if process.returncode != 0:
-            failures.append(f"{node.data}:\n{output}")
+    try:
+        for node, process in formats:
+            output, _ = process.communicate()
+            if process.returncode != 0:
+                failures.append(f"{node.data}:\n{output}")
+            elif scram and not formatted[node.node_id]:
+                _scram_marker(node).touch()
+    finally:
+        if secrets is not None:
+            (secrets.directory / "kafka-scram.args").unlink(missing_ok=True)
     if failures:
         raise StackError("kafka StorageTool format failed for " + "\n".join(failures))
     return cluster
