@@ -31,7 +31,17 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pret
 def _redis_down(settings: FeaturesSettings, exc: Exception) -> FeaturesError:
     return FeaturesError(
         f"Redis at {settings.redis.host}:{settings.redis.port} does not answer ({exc}); "
-        "start the stack (`streamrec stack up`) or fix STREAMREC_REDIS__HOST/PORT."
+        "start the stack (`streamrec stack up`) or fix STREAMREC_REDIS__HOST/PORT (a secure stack speaks "
+        'TLS only: `eval "$(streamrec stack env)"` sets STREAMREC_REDIS__TLS and the credentials).'
+    )
+
+
+def _redis_refused(settings: FeaturesSettings, exc: Exception) -> FeaturesError:
+    user = settings.redis.username or "default"
+    return FeaturesError(
+        f"Redis at {settings.redis.host}:{settings.redis.port} refused user {user!r} ({exc}); set "
+        "STREAMREC_REDIS__USERNAME and STREAMREC_REDIS__PASSWORD_FILE to an identity that may do this "
+        '(`eval "$(streamrec stack env)"` gives the operator\'s, admin).'
     )
 
 
@@ -53,14 +63,16 @@ def _redis_errors(settings: FeaturesSettings) -> Iterator[None]:
         host=redis_settings.host,
         port=redis_settings.port,
         db=redis_settings.db,
-        password=redis_settings.password.get_secret_value() if redis_settings.password else None,
         socket_connect_timeout=5,
         retry=Retry(NoBackoff(), 0),
+        **redis_settings.client_options(),
     )
     try:
         # redis-py's sync client returns parsed replies; its stubs also allow the async client's
         cluster_enabled = bool(int(cast(dict[str, Any], client.info("cluster"))["cluster_enabled"]))
         cluster_state = cast(dict[str, Any], client.cluster("INFO"))["cluster_state"] if cluster_enabled else None
+    except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise _redis_refused(settings, exc) from exc
     except redis.exceptions.ConnectionError as exc:
         raise _redis_down(settings, exc) from exc
     finally:
@@ -78,6 +90,8 @@ def _redis_errors(settings: FeaturesSettings) -> Iterator[None]:
         )
     try:
         yield
+    except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise _redis_refused(settings, exc) from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.ClusterDownError) as exc:
         raise _redis_down(settings, exc) from exc
 
@@ -199,6 +213,7 @@ def feast(ctx: typer.Context) -> None:
     settings.registry_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="streamrec-feast-") as tmp:
         config = Path(tmp) / "feature_store.yaml"
+        config.touch(mode=0o600)  # holds the Redis password while feast runs; the folder is 0700 too
         config.write_text(render_feature_store_yaml(settings))
         command = [feast_bin, "-c", str(settings.features.repo_dir), "-f", str(config), *ctx.args]
         completed = subprocess.run(command, check=False, env=os.environ.copy())  # noqa: S603  # our own feast binary

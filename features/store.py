@@ -15,6 +15,7 @@ Faust worker writes them (``features.push.RowWriter``); ``push_user_activity`` /
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,15 +37,39 @@ ENTITY_KEY_SERIALIZATION_VERSION = 3
 
 
 def redis_connection_string(settings: FeaturesSettings) -> str:
-    """Feast's Redis format: ``host:port,db=N[,password=...]``; for a Redis Cluster
-    ``host:port[,password=...]`` (one node to discover the others from; a cluster has no ``db``)."""
+    """Feast's Redis format: ``host:port,db=N`` (for a Redis Cluster ``host:port``, one node to
+    discover the others from; a cluster has no ``db``), then every redis-py option of
+    ``RedisSettings.client_options``: ``username``, ``password``, ``ssl`` and the TLS files.
+
+    Feast passes each ``key=value`` to ``redis.Redis``/``RedisCluster`` after ``json.loads`` of the
+    value where that parses. The password is read from ``redis.password_file`` here, at each
+    ``open_store``: it stays in memory (and, for ``streamrec features feast``, in a 0600 temporary
+    file while that runs), never in a config file.
+    """
     redis = settings.redis
     parts = [f"{redis.host}:{redis.port}"]
     if not redis.cluster:
         parts.append(f"db={redis.db}")
-    if redis.password is not None:
-        parts.append(f"password={redis.password.get_secret_value()}")
+    parts += [f"{key}={_feast_value(key, value)}" for key, value in redis.client_options().items()]
     return ",".join(parts)
+
+
+def _feast_value(key: str, value: object) -> str:
+    """``value`` as Feast's connection string carries it: Feast splits on commas and ``json.loads``
+    what it can, so a string that would parse as JSON (``123``, ``true``, ``"x"``) goes JSON-quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if "," in text:
+        raise FeaturesError(
+            f"redis.{key} holds a comma, which Feast's Redis connection string cannot carry; "
+            "choose a value (or a path) without one"
+        )
+    try:
+        json.loads(text)
+    except ValueError:
+        return text
+    return json.dumps(text)
 
 
 def online_store_config(settings: FeaturesSettings) -> dict[str, str]:

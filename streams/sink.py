@@ -64,14 +64,17 @@ class FeastSink:
 
     def store_epoch(self) -> str | None:
         """Which run of the online store answers: Redis' ``run_id`` (every master's, for a
-        cluster), new after each restart; None while it does not answer.
+        cluster), new after each restart; None while it does not answer. Raises ``FeaturesError``
+        when the worker's Redis user may not run ``INFO`` (an ACL that would hide restarts).
 
         A restarted Redis may have lost the writes of its last second (``appendfsync everysec``)
         although it acknowledged them; the pipeline compares epochs and pushes its states again
         (``FeaturePipeline.check_feature_store``).
         """
         from redis import RedisCluster, RedisError
+        from redis.exceptions import NoPermissionError
 
+        from features.errors import FeaturesError
         from features.feast_internals import online_redis_client
 
         with self._lock:  # never build a writer here: that is warm_up's (seconds), and pushes wait on the lock
@@ -86,6 +89,11 @@ class FeastSink:
             else:
                 reply = cast(dict[str, object], client.info("server"))
                 run_ids = [str(reply["run_id"])]
+        except NoPermissionError as exc:
+            raise FeaturesError(
+                f"Redis user {self.settings.redis.username!r} may not run INFO ({exc}), so a restart of the "
+                "online store goes unnoticed; grant it +info (as the secure stack's ACL does)"
+            ) from exc
         except (RedisError, KeyError, OSError):
             return None
         return ",".join(run_ids)
