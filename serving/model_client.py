@@ -25,7 +25,9 @@ Channel options, request/response conversion and the error types live in ``servi
 and are re-exported here.
 
 Only standard RPCs are used (no custom ones), so ``ModelServerClient("tf-serving:8500", ...)``
-works against the ``tensorflow/serving`` image as well.
+works against the ``tensorflow/serving`` image as well. With ``security`` (the ``grpc`` settings
+section) the channel is TLS: the server is verified against ``grpc.ca_file``, the client presents
+its certificate and bearer token, whichever server it is (TF Serving ignores the token).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.grpc_security import open_channel
 from serving.model_rpc import (
     STATE_NAME,
     ModelLoadError,
@@ -67,6 +70,7 @@ from streamrec.core import contracts
 
 if TYPE_CHECKING:
     from serving.settings import ServingSettings
+    from streamrec.core.settings import GrpcSecurity
 
 
 class ModelServerClient:
@@ -84,6 +88,7 @@ class ModelServerClient:
         load_timeout_s: float = 120.0,
         max_versions_loaded: int = 2,
         max_message_mb: int = 64,
+        security: GrpcSecurity | None = None,
     ) -> None:
         self.target = target
         self.model_name = model_name
@@ -93,7 +98,7 @@ class ModelServerClient:
         self.server_base_path = server_base_path
         self.load_timeout_s = load_timeout_s
         self.max_versions_loaded = max_versions_loaded
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_mb))
+        self._channel = open_channel(target, security, channel_options(max_message_mb))
         self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._memory_config: model_server_config_pb2.ModelServerConfig | None = None
@@ -112,6 +117,7 @@ class ModelServerClient:
             load_timeout_s=section.load_timeout_s,
             max_versions_loaded=section.max_versions_loaded,
             max_message_mb=section.grpc_max_message_mb,
+            security=settings.grpc,
         )
 
     def close(self) -> None:

@@ -58,7 +58,16 @@ class ModelServerSection(ProcessTuning):
     num_load_threads: int = Field(default=2, ge=1)
     max_num_load_retries: int = Field(default=5, ge=0)
     load_retry_interval_s: float = Field(default=60.0, ge=0)
+    # Where HandleReloadConfigRequest may point models (their base paths must lie under it);
+    # None: the folder that holds model_base_path (``<paths.state_dir>/models`` by default).
+    model_root: Path | None = None
+    # TF Serving's --ssl_config_file: an SSLConfig text proto (PEM text of key, certificate and
+    # CA, and client_verify) the local server listens with instead of the ``grpc`` section's files.
+    ssl_config_file: Path | None = None
+    # Largest message either way (requests above it: RESOURCE_EXHAUSTED, before any work).
     grpc_max_message_mb: int = Field(default=64, ge=1)
+    # Calls in flight beyond this are refused at once with RESOURCE_EXHAUSTED; 0: no limit.
+    max_concurrent_rpcs: int = Field(default=256, ge=0)
     # Budget of one Predict from the API (the API falls back when it runs out).
     request_timeout_ms: int = Field(default=100, ge=1)
     # Budget of admin calls (status, metadata, reload config).
@@ -92,6 +101,11 @@ class ServingSettings(CommonSettings):
     def model_config_file(self) -> Path:
         configured = self.model_server.model_config_file
         return configured if configured is not None else self.paths.state_dir / "models" / "models.config"
+
+    @property
+    def model_root(self) -> Path:
+        configured = self.model_server.model_root
+        return configured if configured is not None else self.model_base_path.parent
 
     @property
     def server_base_path(self) -> str:

@@ -40,13 +40,40 @@ from serving.api.settings import ApiSettings
 from serving.api.similar import SimilarItems
 from serving.api.trending import TrendingItems
 from serving.api.user_features import UserFeatureReader
+from serving.grpc_security import caller_check, listen, server_interceptors, server_tls
 from serving.model_client import ModelServerClient
 from streamrec.core.attributes import read_schema, user_model_inputs
 
 log = logging.getLogger(__name__)
 
-# Above the API's own size check, so an oversized request reaches it and gets INVALID_ARGUMENT.
-GRPC_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+
+def recommender_server(
+    settings: ApiSettings, service: RecommenderService, health_servicer: health.HealthServicer
+) -> tuple[grpc.Server, int]:
+    """The Recommender's gRPC server with health and reflection, bound but not started, and its port.
+
+    TLS and caller identity follow the ``grpc`` section (``serving.grpc_security``: with TLS and
+    client certificates or a tokens file, every call but health needs a known caller). Requests
+    above ``api.max_receive_bytes`` are refused by gRPC (RESOURCE_EXHAUSTED) before any work;
+    below it, the API's own checks answer INVALID_ARGUMENT naming the limit (bytes that do not
+    parse as the request, too).
+    """
+    tls = server_tls(settings.grpc)
+    check = caller_check(settings.grpc, tls)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.api.max_workers, thread_name_prefix="recommend"),
+        interceptors=server_interceptors(check),
+        maximum_concurrent_rpcs=settings.api.max_concurrent_rpcs or None,
+        options=[("grpc.max_receive_message_length", settings.api.max_receive_bytes), ("grpc.so_reuseport", 0)],
+    )
+    generated().grpc.add_RecommenderServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.api.host}:{settings.api.port}"
+    try:
+        return server, listen(server, address, tls)
+    except (RuntimeError, OSError) as exc:
+        raise ApiSetupError(f"cannot listen on {address} ({exc}); is the port taken? set STREAMREC_API__PORT") from exc
 
 
 def open_feature_store(settings: ApiSettings) -> FeatureStore:
@@ -129,7 +156,6 @@ class ApiServer:
 
     def _start(self) -> int:
         settings = self.settings
-        pb = generated()
         store = self._store or open_feature_store(settings)
         # what the model's user tower reads: the dataset's attributes, as `features setup` wrote them
         inputs = user_model_inputs(read_schema(settings.data_dir))
@@ -153,6 +179,7 @@ class ApiServer:
             settings.model_server.model_name,
             settings.model_budget_s,
             max_message_mb=settings.model_server.grpc_max_message_mb,
+            security=settings.grpc,
         )
         self._client = client
         self._impressions = ImpressionLogger(
@@ -174,24 +201,7 @@ class ApiServer:
         similar = SimilarItems(client, self._trending, self.metrics, budget_s=settings.model_budget_s)
         service = RecommenderService(settings, features, ranker, similar, self._impressions, self.metrics)
 
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.api.max_workers, thread_name_prefix="recommend"),
-            maximum_concurrent_rpcs=settings.api.max_concurrent_rpcs or None,
-            options=[("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES), ("grpc.so_reuseport", 0)],
-        )
-        pb.grpc.add_RecommenderServicer_to_server(service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
-        )
-        address = f"{settings.api.host}:{settings.api.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ApiSetupError(
-                f"cannot listen on {address} ({exc}); is the port taken? set STREAMREC_API__PORT"
-            ) from exc
+        server, self.port = recommender_server(settings, service, self._health)
         server.start()
         self._server = server
         if settings.api.metrics_port:
@@ -199,9 +209,10 @@ class ApiServer:
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "Recommender API on %s:%d (model server %s, %d trending items)",
+            "Recommender API on %s:%d (%s; model server %s, %d trending items)",
             settings.api.host,
             self.port,
+            "TLS" if settings.grpc.tls else "plaintext",
             settings.model_server.target,
             len(self._trending.snapshot.item_ids),
         )

@@ -36,6 +36,13 @@ class ApiSection(ProcessTuning):
     # A serialized request above this is refused with INVALID_ARGUMENT (a request is a user id, a
     # small context map and at most a few thousand item ids; anything bigger is a bug or abuse).
     max_request_bytes: int = Field(default=64 * 1024, ge=64)
+    # gRPC's own receive limit: a message above it is refused (RESOURCE_EXHAUSTED) before it is
+    # even parsed. Kept above max_request_bytes so a merely oversized request gets the API's
+    # INVALID_ARGUMENT naming the limit, while a flood of megabytes costs no parsing.
+    max_receive_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # ``context``: at most this many entries, each key and value at most max_context_chars.
+    max_context_entries: int = Field(default=32, ge=0)
+    max_context_chars: int = Field(default=256, ge=1)
     max_user_id_chars: int = Field(default=256, ge=1)
     max_item_id_chars: int = Field(default=256, ge=1)
     # Item ids a request may exclude (``exclude_item_ids``) and rank (``candidate_item_ids``): the
@@ -79,6 +86,11 @@ class ApiSection(ProcessTuning):
     def _default_k_within_max(self) -> ApiSection:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        if self.max_receive_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"max_receive_bytes ({self.max_receive_bytes}) must be at least max_request_bytes "
+                f"({self.max_request_bytes}), so an oversized request gets the API's own answer"
+            )
         return self
 
 

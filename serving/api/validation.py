@@ -3,9 +3,10 @@
 Kept apart from the handlers so the rules are unit-tested without a server. The size check is
 on the serialized request: gRPC's own receive limit answers RESOURCE_EXHAUSTED (and only at
 megabytes), while an oversized request here is the caller's mistake, so it gets
-INVALID_ARGUMENT like every other bad input. Ids are stripped of surrounding blanks; item id
-lists are checked id by id (an empty id is a caller's bug, never "no item") and de-duplicated in
-order.
+INVALID_ARGUMENT like every other bad input (gRPC's limit, ``api.max_receive_bytes``, stays far
+above it). The context map is bounded in entries and in key and value length. Ids are stripped
+of surrounding blanks; item id lists are checked id by id (an empty id is a caller's bug, never
+"no item") and de-duplicated in order.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def validate(request: Any, limits: ApiSection) -> ValidRequest:
         user_id=user_id,
         k=_k(request.k, limits),
         exclude_seen=request.exclude_seen,
-        context=dict(request.context),
+        context=_context(request.context, limits),
         exclude_item_ids=item_ids("exclude_item_ids", request.exclude_item_ids, limits.max_exclude_items, limits),
         candidate_item_ids=candidates or None,
     )
@@ -89,6 +90,24 @@ def item_ids(field: str, values: Sequence[str], max_count: int, limits: ApiSecti
             )
         unique.setdefault(value, None)
     return tuple(unique)
+
+
+def _context(context: Any, limits: ApiSection) -> dict[str, str]:
+    """The request's context map, within the entry count and the key and value lengths."""
+    if len(context) > limits.max_context_entries:
+        raise InvalidRequest(
+            f"context has {len(context)} entries, above the limit of {limits.max_context_entries}; send fewer"
+        )
+    for key, value in context.items():
+        if len(key) > limits.max_context_chars:
+            raise InvalidRequest(
+                f"context key {key[:32]!r}... has {len(key)} characters, above the limit of {limits.max_context_chars}"
+            )
+        if len(value) > limits.max_context_chars:
+            raise InvalidRequest(
+                f"context[{key[:32]!r}] has {len(value)} characters, above the limit of {limits.max_context_chars}"
+            )
+    return dict(context)
 
 
 def _check_size(request: Any, limits: ApiSection) -> None:

@@ -3,9 +3,11 @@
 Flags are ``tensorflow_model_server``'s where they overlap (``--port``, ``--model_config_file``,
 ``--model_name``, ``--model_base_path``, ``--file_system_poll_wait_seconds``, ...), so the same
 command line (minus the binary) runs the real TF Serving. Every flag falls back to the
-``model_server`` settings section (``STREAMREC_MODEL_SERVER__*``); when no ``--model_config_file``
-is given, the settings' ``models.config`` is used if it exists (it holds the labels the model
-client wrote), otherwise ``--model_name``/``--model_base_path`` serve the latest version.
+``model_server`` settings section (``STREAMREC_MODEL_SERVER__*``); TLS and caller identity come
+from the ``grpc`` section (``STREAMREC_GRPC__*``), TLS from TF Serving's ``--ssl_config_file``
+instead when it is given. When no ``--model_config_file`` is given, the settings' ``models.config``
+is used if it exists (it holds the labels the model client wrote), otherwise
+``--model_name``/``--model_base_path`` serve the latest version.
 
 Mount it in the main CLI with ``app.command("model-server")(model_server_command)``.
 """
@@ -82,6 +84,13 @@ def model_server_command(
             help=_help("Microseconds between load retries.", "load_retry_interval_s (seconds)"),
         ),
     ] = None,
+    ssl_config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ssl_config_file",
+            help=_help("SSLConfig text proto (PEM text, as TF Serving's) to serve TLS with.", "ssl_config_file"),
+        ),
+    ] = None,
     # 8, as ``api.max_workers``: see docs/design/serving.md#server-threads (both were set alike)
     grpc_max_threads: Annotated[int, typer.Option("--grpc_max_threads", help="Threads serving RPCs.", min=1)] = 8,
     tensorflow_intra_op_parallelism: Annotated[
@@ -105,6 +114,7 @@ def model_server_command(
     from serving.protocol.errors import ModelServerError
     from serving.runtime import tune_serving_process
     from serving.settings import ServingSettings
+    from streamrec.core.errors import SettingsError
     from streamrec.core.settings import load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,6 +139,10 @@ def model_server_command(
         ),
         grpc_max_message_mb=section.grpc_max_message_mb,
         grpc_workers=grpc_max_threads,
+        max_concurrent_rpcs=section.max_concurrent_rpcs,
+        security=settings.grpc,
+        ssl_config_file=_pick(ssl_config_file, section.ssl_config_file),
+        model_root=settings.model_root,
         core=CoreOptions(
             num_load_threads=_pick(num_load_threads, section.num_load_threads),
             max_num_load_retries=_pick(max_num_load_retries, section.max_num_load_retries),
@@ -146,7 +160,11 @@ def model_server_command(
         _pick(tensorflow_intra_op_parallelism, section.tf_intra_op_threads),
         _pick(tensorflow_inter_op_parallelism, section.tf_inter_op_threads),
     )
-    server = ModelServer(options)
+    try:
+        server = ModelServer(options)  # reads the TLS and token files
+    except (SettingsError, ValueError) as exc:
+        typer.echo(f"model server did not start: {exc}", err=True)
+        raise typer.Exit(1) from exc
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

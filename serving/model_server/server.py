@@ -10,6 +10,14 @@ SERVING. A client can therefore tell "starting" (NOT_SERVING, Predict answers NO
 
 ``stop()`` turns health NOT_SERVING, lets in-flight RPCs finish within the grace period, then
 unloads every version.
+
+Security (``serving.grpc_security``): with ``grpc.tls``, or TF Serving's ``--ssl_config_file``,
+the port is TLS (mutual with ``client_verify``), and every RPC but health needs a caller
+identity; ``HandleReloadConfigRequest`` needs an admin identity. Whatever the security, a reload
+may only point models under ``model_root`` or at the start-up base paths (``model_root``).
+``max_concurrent_rpcs`` refuses calls beyond it with RESOURCE_EXHAUSTED; requests above
+``grpc_max_message_mb`` are refused by gRPC the same way, and bytes that do not parse as the
+request with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -26,14 +34,19 @@ from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.grpc_security import ServerTls, caller_check, listen, read_ssl_config, server_interceptors, server_tls
 from serving.model_server.core import CoreOptions, ServerCore
+from serving.model_server.model_root import ModelRoot
 from serving.model_server.service import ModelService, PredictionService
 from serving.protocol.errors import InvalidArgument, ModelServerError
 from serving.protocol.models_config import parse_config, single_model_config
+from streamrec.core.settings import GrpcSecurity
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+# The RPCs that load versions and move labels: admin identities only (when callers are identified).
+ADMIN_METHODS = ("/tensorflow.serving.ModelService/HandleReloadConfigRequest",)
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,21 @@ class ServerOptions:
     model_config_file_poll_wait_seconds: float = 0.0
     grpc_max_message_mb: int = 64
     grpc_workers: int = 16
+    # Calls beyond this many in flight are refused with RESOURCE_EXHAUSTED; 0: no limit.
+    max_concurrent_rpcs: int = 0
     core: CoreOptions = field(default_factory=CoreOptions)
+    # TLS and caller identity (``serving.grpc_security``); ``ssl_config_file`` (TF Serving's
+    # SSLConfig) replaces the TLS part of ``security``, whose tokens and admins still apply.
+    security: GrpcSecurity = field(default_factory=GrpcSecurity)
+    ssl_config_file: Path | None = None
+    # Where reloads may point models (see ``model_root``); None: only the start-up base paths.
+    model_root: Path | None = None
+
+    def tls(self) -> ServerTls | None:
+        """The TLS this server listens with (files read now); None: plaintext."""
+        if self.ssl_config_file is not None:
+            return read_ssl_config(self.ssl_config_file)
+        return server_tls(self.security)
 
     def initial_config(self) -> tuple[model_server_config_pb2.ModelServerConfig, str | None]:
         """The first config and, when it came from a file, that file's text."""
@@ -65,9 +92,14 @@ class ModelServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.core = ServerCore(options.core)
+        self.model_root = ModelRoot(options.model_root)
+        self._tls = options.tls()
+        check = caller_check(options.security, self._tls, ADMIN_METHODS)
         limit = options.grpc_max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
             ThreadPoolExecutor(options.grpc_workers, thread_name_prefix="model-rpc"),
+            interceptors=server_interceptors(check),
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs or None,
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -78,7 +110,7 @@ class ModelServer:
             ],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(self.core), self._grpc)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.core), self._grpc)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.core, self.model_root), self._grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -93,12 +125,12 @@ class ModelServer:
     def start(self) -> ModelServer:
         """Open the port, load the first config, start polling; returns when models are loaded."""
         config, self._config_text = self.options.initial_config()
+        self.model_root.allow(model.base_path for model in config.model_config_list.config)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._grpc.add_insecure_port(f"{self.options.host}:{self.options.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.options.host}:{self.options.port} (port in use?)")
+        self.port = listen(self._grpc, f"{self.options.host}:{self.options.port}", self._tls)
         self._grpc.start()
-        log.info("model server listening on %s:%d", self.options.host, self.port)
+        security = "plaintext" if self._tls is None else ("mutual TLS" if self._tls.client_verify else "TLS")
+        log.info("model server listening on %s:%d (%s)", self.options.host, self.port, security)
         try:
             self.core.reload_config(config)
         except ModelServerError:

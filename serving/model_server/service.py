@@ -4,7 +4,9 @@ Thin on purpose: each RPC resolves its ``ModelSpec`` through ``ServerCore`` and 
 ``ModelServerError`` into the gRPC status it carries, so every code and message is decided in
 one place (``core``/``manager``/``versions``) and reads like TF Serving's. ``Classify``,
 ``Regress`` and ``MultiInference`` answer UNIMPLEMENTED: the project's models have only predict
-signatures.
+signatures. ``HandleReloadConfigRequest`` first checks that every base path lies where a reload
+may point (``model_root``); who may call it at all is decided before, by the server's
+``serving.grpc_security`` interceptor.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from tensorflow_serving.apis import (
 
 from serving.model_server.core import ServerCore
 from serving.model_server.manager import ModelManager
+from serving.model_server.model_root import ModelRoot
 from serving.model_server.versions import LoadedVersion
 from serving.protocol.errors import InvalidArgument, ModelServerError
+from serving.protocol.models_config import validate_config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,8 +121,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer): 
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]  # untyped stubs
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ServerCore, model_root: ModelRoot) -> None:
         self._core = core
+        self._model_root = model_root
 
     def GetModelStatus(  # noqa: N802 - gRPC method name
         self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
@@ -148,6 +153,8 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore
         self, request: model_management_pb2.ReloadConfigRequest, context: grpc.ServicerContext
     ) -> model_management_pb2.ReloadConfigResponse:
         try:
+            validate_config(request.config)
+            self._model_root.check(request.config)  # before anything changes
             self._core.reload_config(request.config)
         except ModelServerError as exc:
             log.error("ServerCore failed to reload config: %s", exc.message)

@@ -4,6 +4,7 @@ ModelServerError (streamrec.core.errors.StreamrecError)      code
 ├── NotFound            unknown model / version / label  NOT_FOUND
 ├── InvalidArgument     bad inputs, signature or config  INVALID_ARGUMENT
 ├── FailedPrecondition  a label names an unloaded version FAILED_PRECONDITION
+├── PermissionDenied    a reload points outside the root  PERMISSION_DENIED
 └── Unavailable         the server is stopping           UNAVAILABLE
 
 Messages follow TF Serving's wording where it has one (for example "Servable not found for
@@ -36,6 +37,10 @@ class InvalidArgument(ModelServerError):
 
 class FailedPrecondition(ModelServerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(ModelServerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Unavailable(ModelServerError):

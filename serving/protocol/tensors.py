@@ -10,6 +10,7 @@ back to TensorFlow's helpers, so no valid tensor is refused.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -35,6 +36,9 @@ _VAL_FIELD: dict[int, str] = {
 _DTYPE_OF_NUMPY: dict[np.dtype[Any], int] = {np.dtype(v).newbyteorder("="): k for k, v in _NUMERIC.items()}
 
 DTYPE_NAMES: dict[int, str] = {value: name for name, value in types_pb2.DataType.items()}
+# The most elements one tensor may have (a TensorProto may give one value for a whole shape,
+# so without a bound a request of a few bytes could make the server allocate gigabytes).
+MAX_TENSOR_ELEMENTS = 1 << 24
 
 
 def to_tensor_proto(value: Any) -> tensor_pb2.TensorProto:
@@ -81,7 +85,12 @@ def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
     shape = tuple(int(dim.size) for dim in proto.tensor_shape.dim)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)  # Python ints: a hostile shape cannot overflow into a small size
+    if size > MAX_TENSOR_ELEMENTS:
+        # one value may stand for the whole shape, so a tiny message could ask for any allocation
+        raise InvalidArgument(
+            f"tensor shape {list(shape)} has {size} elements, above the limit of {MAX_TENSOR_ELEMENTS}"
+        )
     if proto.dtype == types_pb2.DT_STRING:
         values = np.empty(len(proto.string_val), dtype=object)
         values[:] = list(proto.string_val)

@@ -50,7 +50,10 @@ class Event(BaseModel):
     @field_validator("event_time")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value if value.tzinfo is UTC else value.astimezone(UTC)
+        try:
+            return value if value.tzinfo is UTC else value.astimezone(UTC)
+        except OverflowError as exc:  # e.g. 0001-01-01T00:00+01:00; pydantic reports only ValueError
+            raise ValueError(f"{value.isoformat()} is out of range in UTC") from exc
 
     def key(self) -> bytes | None:
         """The Kafka key for this event; user-keyed events override it."""
@@ -198,7 +201,8 @@ def json_value(raw: bytes | None, what: str) -> Any:
         raise EventValidationError("undecodable", "the record has no value (tombstone)")
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: also integers past Python's digit limit; RecursionError: arrays nested too deep
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise EventValidationError("undecodable", f"{what} is not UTF-8 JSON: {exc}") from exc
 
 

@@ -70,6 +70,7 @@ def simulate(
     progress: bool = True,
 ) -> SimulationReport:
     from serving.api.proto import generated
+    from serving.grpc_security import open_channel
 
     stubs = generated()
     if limit is not None:
@@ -97,7 +98,7 @@ def simulate(
             "on_delivery": on_delivery,
         }
     )
-    channel = grpc.insecure_channel(tuning.api_target)
+    channel = open_channel(tuning.api_target, settings.grpc)  # TLS, verifying the API, with grpc.tls
     stub = stubs.grpc.RecommenderStub(channel)
     event_seconds = (frame["event_time"].astype("int64") // 1_000_000_000).to_numpy()
     pacer = Pacer(rate, speedup, float(event_seconds[0]) if len(frame) else 0.0)

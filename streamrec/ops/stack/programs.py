@@ -4,9 +4,10 @@ The project's processes are known to supervisord but start only on request (``st
 start NAME``, ``stack up --with``). Each is the same command a user would run by hand; its
 settings come from the ``STREAMREC_*`` environment the stack passes on
 (``LocalStack.client_environment``). Readiness: the model server and the API answer the standard
-gRPC health check; the stream workers, trainer and evaluator count as ready once supervisord sees
-them running past their start time (they have no request port to probe). This module does not
-import ``local_stack`` (which imports it), so there is no cycle.
+gRPC health check (over TLS when the ``grpc`` settings given, or this process's, say so; health
+needs no caller identity); the stream workers, trainer and evaluator count as ready once
+supervisord sees them running past their start time (they have no request port to probe). This
+module does not import ``local_stack`` (which imports it), so there is no cycle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from streamrec.core.settings import GrpcSecurity
     from streamrec.ops.settings import StackSettings
 
 
@@ -43,13 +45,16 @@ def _streamrec_cli() -> str:
     return str(Path(sys.executable).with_name("streamrec"))
 
 
-def grpc_serving(target: str, service: str = "") -> bool:
-    """The standard health check of a gRPC server answers SERVING."""
+def grpc_serving(target: str, service: str = "", security: GrpcSecurity | None = None) -> bool:
+    """The standard health check of a gRPC server answers SERVING (over TLS with ``security.tls``:
+    a probe needs no identity, but it must trust the server's certificate)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from serving.grpc_security import open_channel
+
     try:
-        with grpc.insecure_channel(target) as channel:
+        with open_channel(target, security) as channel:
             # The stub's methods are set in __init__, which the type stubs do not describe.
             response = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=service), timeout=1.0
@@ -59,19 +64,20 @@ def grpc_serving(target: str, service: str = "") -> bool:
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _model_server_target() -> str:
+def _model_server_serving(security: GrpcSecurity | None) -> bool:
     from serving.settings import ServingSettings
     from streamrec.core.settings import load
 
-    return load(ServingSettings).model_server.target
+    settings = load(ServingSettings)
+    return grpc_serving(settings.model_server.target, security=security or settings.grpc)
 
 
-def _api_target() -> str:
+def _api_serving(security: GrpcSecurity | None) -> bool:
     from serving.api.settings import ApiSettings
     from streamrec.core.settings import load
 
-    api = load(ApiSettings).api
-    return f"{api.host}:{api.port}"
+    settings = load(ApiSettings)
+    return grpc_serving(f"{settings.api.host}:{settings.api.port}", security=security or settings.grpc)
 
 
 def project_programs(settings: StackSettings) -> list[Program]:
@@ -88,11 +94,12 @@ def project_programs(settings: StackSettings) -> list[Program]:
     return [Program(name, commands[name], checks[name], 30, (0, 143), autostart=False) for name in PROJECT_SERVICES]
 
 
-def project_health_checks() -> dict[str, Callable[[], bool] | None]:
-    """A probe per process; ``None``: supervisord's RUNNING state (after startsecs) is the signal."""
+def project_health_checks(security: GrpcSecurity | None = None) -> dict[str, Callable[[], bool] | None]:
+    """A probe per process; ``None``: supervisord's RUNNING state (after startsecs) is the signal.
+    The gRPC probes dial with ``security`` (a secure stack's CA), else this process's ``grpc`` settings."""
     return {
-        "model-server": lambda: grpc_serving(_model_server_target()),
-        "api": lambda: grpc_serving(_api_target()),
+        "model-server": lambda: _model_server_serving(security),
+        "api": lambda: _api_serving(security),
         "streams": None,
         "joiner": None,
         "trainer": None,
