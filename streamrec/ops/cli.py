@@ -183,6 +183,52 @@ def stack_env() -> None:
         typer.echo(f"export {key}={shlex.quote(value)}")
 
 
+@stack_app.command("renew-certificates")
+def stack_renew_certificates(
+    restart: Annotated[bool, typer.Option(help="restart each running program, one at a time, to load them")] = True,
+) -> None:
+    """Issue every service of the running secure stack a new certificate from the same CA (peers
+    keep trusting it), then restart the running programs one by one so each loads its own."""
+    from streamrec.ops.stack.identities import StackSecrets
+
+    stack = _running_stack()
+    if not stack.settings.stack.secure:
+        raise StreamrecError("the stack here is not secure (streamrec stack up --secure); it has no certificates")
+    StackSecrets.ensure(stack.secrets_dir, renew=True)
+    typer.echo(f"new certificates in {stack.secrets_dir}")
+    if not restart:
+        return
+    for info in stack.status():
+        if info["statename"] == "RUNNING":
+            typer.echo(f"restarting {info['name']} ...")
+            stack.stop(info["name"])
+            stack.start(info["name"])
+    _print_status(stack)
+
+
+@stack_app.command("compose-secrets")
+def stack_compose_secrets(
+    directory: Annotated[Path, typer.Argument(help="where to write them (created 0700); then SECRETS_DIR=<it>")],
+    renew: Annotated[bool, typer.Option(help="issue new certificates (passwords are kept)")] = False,
+) -> None:
+    """The secret files infra/docker-compose.yml reads: every identity's credentials (0600), the
+    Redis ACL file (passwords only as hashes) and a random Grafana admin password. Kept when they
+    exist, so running it again changes nothing."""
+    import secrets
+
+    from streamrec.ops.stack.certs import write_private
+    from streamrec.ops.stack.identities import StackSecrets
+    from streamrec.ops.stack.redis_server import write_acl_file
+
+    stack_secrets = StackSecrets.ensure(directory, renew=renew)
+    acl = write_acl_file(stack_secrets)
+    grafana = directory / "grafana-admin-password"
+    if not grafana.is_file():
+        write_private(grafana, (secrets.token_urlsafe(24) + "\n").encode())
+    typer.echo(f"wrote the identities, {acl.name} and {grafana.name} to {directory}")
+    typer.echo(f"export SECRETS_DIR={directory.resolve()}  # then: docker-compose -f infra/docker-compose.yml up -d")
+
+
 @topics_app.command("create")
 def topics_create() -> None:
     """Create the project topics (partitions and retention from settings) if missing."""
@@ -288,6 +334,9 @@ def demo_command(
     canary_share: Annotated[float, typer.Option(help="share of users in the canary arm")] = 0.8,
     trainer_interval: Annotated[float, typer.Option(help="seconds between trainer candidates")] = 40.0,
     keep_running: Annotated[bool, typer.Option(help="leave the stack up at the end")] = False,
+    secure: Annotated[
+        bool, typer.Option("--secure", help="run it on a secure stack (stack up --secure: TLS, identities, ACLs)")
+    ] = False,
 ) -> None:
     """The whole loop from a clean state: stack, features, bootstrap model, API, trainer,
     evaluator, simulated visits; then a summary and a report (HTML + PNG)."""
@@ -304,6 +353,7 @@ def demo_command(
             canary_share=canary_share,
             trainer_interval_s=trainer_interval,
             keep_running=keep_running,
+            secure=secure,
         )
     )
     typer.secho("summary", bold=True)

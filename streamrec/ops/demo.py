@@ -48,6 +48,9 @@ class DemoOptions:
     label_window_s: float = 10.0
     state_dir: Path = PROJECT_ROOT / ".state" / "demo"
     keep_running: bool = False
+    # ``stack up --secure``: every hop authenticated and encrypted, each process its own identity;
+    # the demo's own steps (topics, feature setup, replay, bootstrap, simulator) act as "admin".
+    secure: bool = False
 
 
 def demo_environment(options: DemoOptions) -> dict[str, str]:
@@ -72,6 +75,7 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
         # Replayed events keep their own event times (MovieLens' are from 1997-98), so "fresh" must
         # reach back that far; with live traffic this stays at its default (24 h).
         "STREAMREC_FEATURES__MAX_FEATURE_AGE_S": str(40 * 365 * 24 * 3600),
+        **({"STREAMREC_STACK__SECURE": "true"} if options.secure else {}),
     }
 
 
@@ -170,7 +174,9 @@ def run(options: DemoOptions) -> Path:
     typer.echo(dataset.summary())
     typer.secho("1/6 Kafka + Redis, topics, feature repo", bold=True)
     stack.up()
-    ensure_topics(stack_settings)
+    # the stack's client settings (on a secure stack: the admin identity's credential files)
+    os.environ.update(stack.client_environment())
+    ensure_topics(load(StackSettings))
     features = load(FeaturesSettings)
     store = open_store(features)
     setup_dataset(store, dataset.name, dataset.schema, dataset.users, dataset.items)

@@ -4,7 +4,9 @@ with other attributes, no user file): stack, feature setup, replay -> worker, bo
 publishing canaries, API, joiner, evaluator, simulator and the report, all real processes.
 
 Smaller than the shipped demo (part of the history, a few hundred visits, a short trainer
-interval) so that it fits ``make test``; the code path is the one ``make demo`` runs.
+interval) so that it fits ``make test``; the code path is the one ``make demo`` runs. The shop log
+runs on a secure stack (``demo --secure``: TLS, one identity per process, Kafka and Redis ACLs),
+and no secret may show in a command line, an environment, a log or a file others can read.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from pathlib import Path
 
 import grpc
 import pandas as pd
+import psutil
 import pytest
 
 from serving.api.proto import generated
-from streamrec.core.settings import PathSettings
+from serving.grpc_security.credentials import open_channel
+from streamrec.core.settings import CommonSettings, PathSettings, load
 from streamrec.datasets.shop import ShopShape, write_shop
 from streamrec.ops.demo import DemoOptions, run
 from streamrec.ops.settings import StackSettings
+from streamrec.ops.stack.identities import StackSecrets
 from streamrec.ops.stack.local_stack import LocalStack
 
 NEW_ITEM = "item-first-seen-in-the-stream"
@@ -63,6 +68,39 @@ def check_loop(state_dir: Path, page: Path) -> pd.DataFrame:
     return responses
 
 
+def check_no_secret_leaks(state_dir: Path) -> None:
+    """No password or token of the secure stack in a command line, a process environment, a log,
+    or a file that others may read; the stack's processes were told paths, never secrets."""
+    stack_secrets = StackSecrets.ensure(state_dir / "secrets")
+    secrets = {
+        value.encode()
+        for identity in stack_secrets.identities.values()
+        for value in (identity.kafka_password(), identity.redis_password(), identity.grpc_token())
+    }
+    processes = [process for process in psutil.process_iter() if _under(process, state_dir)]
+    assert len(processes) >= 8, "expected Kafka, Redis and the six project processes"
+    for process in processes:
+        with process.oneshot():
+            exposed = " ".join(process.cmdline()).encode() + repr(process.environ()).encode()
+        assert not any(secret in exposed for secret in secrets), process.name()
+    for path in state_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        content = path.read_bytes()
+        if any(secret in content for secret in secrets):
+            assert path.suffix != ".log", f"a secret in the log {path}"
+            assert path.stat().st_mode & 0o077 == 0, f"{path} holds a secret and others may read it"
+            assert all(parent.stat().st_mode & 0o077 == 0 for parent in (path.parent, state_dir / "secrets"))
+
+
+def _under(process: psutil.Process, state_dir: Path) -> bool:
+    """The process runs from the demo's state folder or names it on its command line."""
+    try:
+        return str(state_dir) in " ".join(process.cmdline()) or str(state_dir) in repr(process.environ())
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
 def test_demo_as_shipped_runs_the_loop(demo_environment: None, tmp_path: Path) -> None:
     state_dir = tmp_path / "demo"
     page = run(small_demo("ml-100k", state_dir))
@@ -80,11 +118,15 @@ def test_demo_on_a_shop_log_with_kinds_and_an_item_file(demo_environment: None, 
     events.to_csv(tmp_path / "shop" / "events.csv", index=False)
     state_dir = tmp_path / "demo"
     try:
-        page = run(small_demo(str(description), state_dir, keep_running=True))
+        page = run(small_demo(str(description), state_dir, keep_running=True, secure=True))
         check_loop(state_dir, page)
+        check_no_secret_leaks(state_dir)
         stubs = generated()
         api_target = os.environ["STREAMREC_SIMULATOR__API_TARGET"]
-        with grpc.insecure_channel(api_target) as channel:
+        with pytest.raises(grpc.RpcError):  # the secure stack's API speaks TLS only
+            with grpc.insecure_channel(api_target) as plaintext:
+                stubs.grpc.RecommenderStub(plaintext).Recommend(stubs.pb2.RecommendRequest(user_id="1", k=1), timeout=5)
+        with open_channel(api_target, load(CommonSettings).grpc) as channel:
             stub = stubs.grpc.RecommenderStub(channel)
             user = str(events["visitorid"].iloc[-1])
             answer = stub.Recommend(stubs.pb2.RecommendRequest(user_id=user, k=10), timeout=10)

@@ -8,6 +8,7 @@ then fails here instead of in a container at start.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -78,17 +79,80 @@ def _host_volume_sources(spec: dict[str, Any]) -> list[tuple[str, str]]:
     return mounts
 
 
-def test_compose_config_is_valid() -> None:
-    compose = require_tool("docker-compose")
-    result = subprocess.run(
-        [compose, "-f", str(COMPOSE_FILE), "config", "-q"],
+def compose_config(secrets_dir: Path | None, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` of the file, with ``SECRETS_DIR`` set or (None) unset."""
+    environment = {key: value for key, value in os.environ.items() if key not in {"SECRETS_DIR", "PUBLISH_ADDRESS"}}
+    if secrets_dir is not None:
+        environment["SECRETS_DIR"] = str(secrets_dir)
+    return subprocess.run(
+        [require_tool("docker-compose"), "-f", str(COMPOSE_FILE), "config", *extra],
         cwd=REPO_ROOT,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `streamrec stack compose-secrets DIR` writes."""
+    directory = tmp_path_factory.mktemp("compose") / "secrets"
+    result = CliRunner().invoke(app, ["stack", "compose-secrets", str(directory)])
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def test_compose_config_is_valid(secrets_dir: Path) -> None:
+    result = compose_config(secrets_dir, "-q")
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_refuses_to_start_without_its_secrets() -> None:
+    result = compose_config(None, "-q")
+    assert result.returncode != 0
+    assert "set SECRETS_DIR to a folder written by `streamrec stack compose-secrets DIR`" in result.stderr
+
+
+def test_compose_publishes_on_localhost_only_and_has_no_default_password(secrets_dir: Path) -> None:
+    resolved = yaml.safe_load(compose_config(secrets_dir).stdout)
+    published = {name: [str(port) for port in spec.get("ports", [])] for name, spec in resolved["services"].items()}
+    assert {name for name, ports in published.items() if ports} == {"api", "tf-serving", "prometheus", "grafana"}
+    assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports), published
+    # every secret file compose mounts exists, and only its owner reads it
+    for name, secret in resolved["secrets"].items():
+        path = Path(secret["file"])
+        assert path.is_file() and path.stat().st_mode & 0o077 == 0, name
+    services = _services()
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana-admin-password"  # noqa: S105
+    assert not any("PASSWORD" in key and not key.endswith("__FILE") for key in grafana)
+    redis = _command_words(services["redis"])
+    assert redis[redis.index("--aclfile") + 1] == "/run/secrets/redis-acl"
+    assert redis[redis.index("--protected-mode") + 1] == "yes"
+    acl = (secrets_dir / "redis-users.acl").read_text()
+    assert acl.startswith("user default off")
+    # each project service logs into Redis as a user of its own, its password a mounted secret
+    for name, spec in _project_services().items():
+        user = spec["environment"]["STREAMREC_REDIS__USERNAME"]
+        assert {"source": f"redis-password-{user}", "target": "redis-password"} in spec["secrets"], name
+        assert f"user {user} " in acl
+        assert spec["environment"]["STREAMREC_REDIS__PASSWORD_FILE"] == "/run/secrets/redis-password"  # noqa: S105
+
+
+def test_compose_binds_another_address_only_when_told(secrets_dir: Path) -> None:
+    environment_result = subprocess.run(
+        [require_tool("docker-compose"), "-f", str(COMPOSE_FILE), "config"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "SECRETS_DIR": str(secrets_dir), "PUBLISH_ADDRESS": "0.0.0.0"},  # noqa: S104
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    ports = yaml.safe_load(environment_result.stdout)["services"]["api"]["ports"]
+    assert [str(port) for port in ports] == ["0.0.0.0:50051:50051/tcp"]  # noqa: S104
 
 
 def test_project_services_exist() -> None:

@@ -73,6 +73,8 @@ class StackSecrets:
     def ensure(cls, directory: Path, *, renew: bool = False) -> StackSecrets:
         """The stack's secrets in ``directory``, created where missing (certificates renewed
         with ``renew``; passwords and tokens are kept)."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.chmod(0o700)  # mkdir's mode does not apply to a folder that already exists
         ca = LocalCA.load_or_create(directory / "ca")
         identities = {
             name: Identity(

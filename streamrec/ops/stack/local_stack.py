@@ -36,9 +36,16 @@ from supervisor.xmlrpc import SupervisorTransport
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from streamrec.core.errors import StackError
-from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, CommonSettings, KafkaSettings, TopicSettings
+from streamrec.core.settings import (
+    ENV_NESTED_DELIMITER,
+    ENV_PREFIX,
+    CommonSettings,
+    GrpcSecurity,
+    KafkaSettings,
+    TopicSettings,
+)
 from streamrec.ops.settings import StackSettings, StackTuning
-from streamrec.ops.stack import kafka_broker, redis_server
+from streamrec.ops.stack import kafka_access, kafka_broker, redis_server
 from streamrec.ops.stack.certs import write_private
 from streamrec.ops.stack.identities import IDENTITIES, StackSecrets, service_environment
 from streamrec.ops.stack.programs import Program, project_health_checks, project_programs
@@ -82,9 +89,16 @@ class LocalStack:
         ``kafka_broker.client_topics``)."""
         return kafka_broker.client_topics(self.settings)
 
-    def client_settings(self) -> CommonSettings:
-        """The shared settings of a client of this stack: its brokers and its topic layout."""
-        kafka = KafkaSettings(**{**self.settings.kafka.model_dump(), "bootstrap_servers": self.bootstrap_servers()})
+    def client_settings(self, identity: str = "admin") -> CommonSettings:
+        """The shared settings of a client of this stack: its brokers and its topic layout (on a
+        secure stack, Kafka as ``identity``)."""
+        kafka = KafkaSettings(
+            **{
+                **self.settings.kafka.model_dump(),
+                **kafka_broker.client_security(self.secrets, identity),
+                "bootstrap_servers": self.bootstrap_servers(),
+            }
+        )
         return CommonSettings(
             **{
                 **{name: getattr(self.settings, name) for name in CommonSettings.model_fields},
@@ -142,7 +156,7 @@ class LocalStack:
         return [node.program for node in kafka_broker.nodes(self.settings)]
 
     def programs(self) -> list[Program]:
-        cluster = kafka_broker.prepare(self.settings)
+        cluster = kafka_broker.prepare(self.settings, self.secrets)
         checks = self.health_checks()
         return [
             *(
@@ -151,7 +165,7 @@ class LocalStack:
                 )
                 for node in cluster
             ),
-            *redis_server.redis_programs(self.settings),
+            *redis_server.redis_programs(self.settings, self.secrets),
             *project_programs(self.settings),
         ]
 
@@ -160,11 +174,16 @@ class LocalStack:
         registered in the cluster's metadata, so the stack is up when every node is."""
         return {
             **{
-                node.program: functools.partial(kafka_broker.node_registered, node)
+                node.program: functools.partial(
+                    kafka_broker.node_registered, node, kafka_broker.client_security(self.secrets)
+                )
                 for node in kafka_broker.nodes(self.settings)
             },
-            **{program.name: program.healthy for program in redis_server.redis_programs(self.settings)},
-            **project_health_checks(),
+            **{program.name: program.healthy for program in redis_server.redis_programs(self.settings, self.secrets)},
+            # a secure stack's probes check the servers against its CA (health needs no identity)
+            **project_health_checks(
+                GrpcSecurity(tls=True, ca_file=self.secrets.ca_file) if self.secrets is not None else None
+            ),
         }
 
     # -- supervisord --------------------------------------------------------------------
@@ -245,7 +264,9 @@ class LocalStack:
         if not started:
             raise StackError(f"supervisord did not start; see {self.log_dir / 'supervisord.log'}")
         self.wait_healthy(timeout_s)
-        redis_server.finish_start(self.settings)
+        redis_server.finish_start(self.settings, self.secrets)
+        if self.secrets is not None:
+            kafka_access.apply(self.client_settings(), self.secrets)
 
     def wait_healthy(self, timeout_s: float | None = None, names: list[str] | None = None) -> None:
         deadline = timeout_s or self.settings.stack.kafka_start_timeout_s
@@ -321,7 +342,7 @@ class LocalStack:
         ``timeout_s`` while the partition is not in the metadata yet (a new topic) or has no live
         leader (a failover under way)."""
         by_node_id = {node.node_id: node.program for node in kafka_broker.nodes(self.settings)}
-        admin = kafka_broker.admin_client(self.bootstrap_servers())
+        admin = kafka_broker.admin_client(self.bootstrap_servers(), kafka_broker.client_security(self.secrets))
         deadline = time.monotonic() + timeout_s
         while True:
             described = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
