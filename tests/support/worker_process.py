@@ -8,6 +8,7 @@ into those variables, so a test builds typed settings once and the child sees th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,8 @@ def _env_value(value: object) -> str:
         return value.get_secret_value()
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple | list | dict):
+        return json.dumps(value)  # pydantic-settings reads complex values from the environment as JSON
     return str(value)
 
 
