@@ -23,6 +23,9 @@ import pytest
 
 from serving.api.proto import generated
 from serving.grpc_security.credentials import open_channel
+from serving.model_client import ModelServerClient
+from serving.rollout.decision_log import applied_decisions
+from serving.settings import ServingSettings
 from streamrec.core.settings import CommonSettings, PathSettings, load
 from streamrec.datasets.shop import ShopShape, write_shop
 from streamrec.ops.demo import DemoOptions, run
@@ -117,10 +120,27 @@ def test_demo_on_a_shop_log_with_kinds_and_an_item_file(demo_environment: None, 
     events = pd.concat([events, late.assign(timestamp=late["timestamp"] + 1)]).sort_values("timestamp", kind="stable")
     events.to_csv(tmp_path / "shop" / "events.csv", index=False)
     state_dir = tmp_path / "demo"
+    # A decision through the evaluator's identity in a few hundred visits: the latency guardrail,
+    # tightened, rolls back a canary that answers slower than stable (an interleaved list costs
+    # two model calls), whatever the clicks say.
+    os.environ.update(
+        {
+            "STREAMREC_EVALUATOR__POLICY__LATENCY_BUDGET_MS": "0.001",
+            "STREAMREC_EVALUATOR__POLICY__LATENCY_RATIO": "1.0001",
+            "STREAMREC_EVALUATOR__POLICY__LATENCY_MIN_TRIALS": "10",
+        }
+    )
     try:
         page = run(small_demo(str(description), state_dir, keep_running=True, secure=True))
         check_loop(state_dir, page)
         check_no_secret_leaks(state_dir)
+        # the evaluator moved the labels as itself (an admin identity on the model server)
+        decisions = applied_decisions(state_dir / "evaluator" / "decisions.jsonl")
+        assert decisions and {record["action"] for record in decisions} <= {"promote", "rollback"}
+        last = decisions[-1]
+        stable = last["canary_version"] if last["action"] == "promote" else last["stable_version"]
+        with ModelServerClient.from_settings(load(ServingSettings)) as model_server:
+            assert model_server.labels()["stable"] == stable, last  # decisions.jsonl agrees with models.config
         stubs = generated()
         api_target = os.environ["STREAMREC_SIMULATOR__API_TARGET"]
         with pytest.raises(grpc.RpcError):  # the secure stack's API speaks TLS only
