@@ -61,6 +61,11 @@ bench: setup
 	$(BIN)/python -m bench.prequential
 	$(BIN)/python -m bench.loop_decisions
 	$(BIN)/python -m bench.loop_online
+	$(BIN)/python -m bench.cluster_ingest
+	$(BIN)/python -m bench.leader_kill_recovery
+	$(BIN)/python -m bench.distributed_training
+	$(BIN)/python -m bench.secure_ingest
+	$(BIN)/python -m bench.secure_recommend
 
 stack-up: setup
 	$(STREAMREC) stack up

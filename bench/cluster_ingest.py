@@ -274,56 +274,71 @@ def run_layout(layout: str, count: int, state_dir: Path, timeout_s: float) -> La
         # the consumer subscribes to before it exists is ignored until the next metadata refresh
         ensure_topics(settings, extra=[settings.by_item_topic])
         group = worker_group(settings, workers, state_dir)
-        lag = GroupLag(settings)
-        broker_pids, redis_pids = stack_pids(stack, kafka=True), stack_pids(stack, kafka=False)
-        try:
-            for worker in group:
-                worker.start()
-            for worker in group:
-                worker.wait_serving(120)
-            warm = warm_up(group, settings, lag, frame.iloc[:WARM_UP_MAX])
-            pids = [worker.pid for worker in group]
+        return drain_backlog(layout, group, settings, GroupLag(settings), stack, frame, count, timeout_s)
 
-            def sample() -> Sample:
-                read = sum(worker.metric("streams_events_in_total") for worker in group) - warm
-                cpu = (cpu_seconds(pids), cpu_seconds(broker_pids), cpu_seconds(redis_pids))
-                return Sample(time.monotonic(), lag.lag(), read, *cpu)
 
-            first = sample()
-            backlog = frame.iloc[WARM_UP_MAX : WARM_UP_MAX + count]
-            produced = replay(backlog, ReplaySettings(kafka=settings.kafka, topics=settings.topics), progress=False)
-            if produced.failed or produced.delivered != count:
-                raise RuntimeError(f"{layout}: the backlog was not produced: {produced.summary()}")
-            print(f"{layout}: backlog {produced.summary()}")
-            run = LayoutRun(layout, produced, samples=[first], started=first.at, warm_up_events=warm)
-            while True:
-                run.samples.append(latest := sample())
-                if latest.lag == 0 and latest.events_in >= count:
-                    break
-                dead = [worker.log_path for worker in group if not worker.alive()]
-                if dead or time.monotonic() > run.started + timeout_s:
-                    raise RuntimeError(
-                        f"{layout}: lag {latest.lag}, {latest.events_in:.0f} of {count} read after "
-                        f"{latest.at - run.started:.0f}s; workers exited: {dead or 'none'}; offset gaps "
-                        f"{sum(worker.metric('streams_offset_gaps_total') for worker in group):.0f} (see "
-                        f"{', '.join(str(worker.log_path) for worker in group)})"
-                    )
-                time.sleep(SAMPLE_EVERY_S)
-            run.counters = {
-                name: sum(worker.metric(name) for worker in group)
-                for name in (
-                    "streams_accepted_events_total",
-                    "streams_duplicate_events_total",
-                    "streams_late_events_total",
-                    "streams_offset_gaps_total",
-                    "streams_dead_letters_total",
+def drain_backlog(
+    layout: str,
+    group: list[WorkerProcess],
+    producer: StreamsSettings,
+    lag: GroupLag,
+    stack: LocalStack,
+    frame: pd.DataFrame,
+    count: int,
+    timeout_s: float,
+) -> LayoutRun:
+    """Start and warm up ``group``, produce the backlog (``frame`` after the warm-up events, with
+    ``producer``'s Kafka client and topics) and sample until ``lag`` is 0; the workers are stopped
+    and ``lag`` closed at the end."""
+    broker_pids, redis_pids = stack_pids(stack, kafka=True), stack_pids(stack, kafka=False)
+    try:
+        for worker in group:
+            worker.start()
+        for worker in group:
+            worker.wait_serving(120)
+        warm = warm_up(group, producer, lag, frame.iloc[:WARM_UP_MAX])
+        pids = [worker.pid for worker in group]
+
+        def sample() -> Sample:
+            read = sum(worker.metric("streams_events_in_total") for worker in group) - warm
+            cpu = (cpu_seconds(pids), cpu_seconds(broker_pids), cpu_seconds(redis_pids))
+            return Sample(time.monotonic(), lag.lag(), read, *cpu)
+
+        first = sample()
+        backlog = frame.iloc[WARM_UP_MAX : WARM_UP_MAX + count]
+        produced = replay(backlog, ReplaySettings(kafka=producer.kafka, topics=producer.topics), progress=False)
+        if produced.failed or produced.delivered != count:
+            raise RuntimeError(f"{layout}: the backlog was not produced: {produced.summary()}")
+        print(f"{layout}: backlog {produced.summary()}")
+        run = LayoutRun(layout, produced, samples=[first], started=first.at, warm_up_events=warm)
+        while True:
+            run.samples.append(latest := sample())
+            if latest.lag == 0 and latest.events_in >= count:
+                break
+            dead = [worker.log_path for worker in group if not worker.alive()]
+            if dead or time.monotonic() > run.started + timeout_s:
+                raise RuntimeError(
+                    f"{layout}: lag {latest.lag}, {latest.events_in:.0f} of {count} read after "
+                    f"{latest.at - run.started:.0f}s; workers exited: {dead or 'none'}; offset gaps "
+                    f"{sum(worker.metric('streams_offset_gaps_total') for worker in group):.0f} (see "
+                    f"{', '.join(str(worker.log_path) for worker in group)})"
                 )
-            }
-        finally:
-            lag.close()
-            for worker in group:
-                worker.stop()
-            gc.collect()  # the replays' producers, before their brokers go away
+            time.sleep(SAMPLE_EVERY_S)
+        run.counters = {
+            name: sum(worker.metric(name) for worker in group)
+            for name in (
+                "streams_accepted_events_total",
+                "streams_duplicate_events_total",
+                "streams_late_events_total",
+                "streams_offset_gaps_total",
+                "streams_dead_letters_total",
+            )
+        }
+    finally:
+        lag.close()
+        for worker in group:
+            worker.stop()
+        gc.collect()  # the replays' producers, before their brokers go away
     return run
 
 

@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,19 @@ class GhzRun:
         )
 
 
-def run_ghz(address: str, data_file: Path, *, rps: int, duration_s: float, concurrency: int) -> GhzRun:
+def run_ghz(
+    address: str,
+    data_file: Path,
+    *,
+    rps: int,
+    duration_s: float,
+    concurrency: int,
+    transport: Sequence[str] = ("--insecure",),
+) -> GhzRun:
+    """One ghz run; ``transport``: plaintext, or ghz's TLS options (``bench.secure_recommend``)."""
     command = [
         ghz_binary(),
-        "--insecure",
+        *transport,
         "--proto", str(PROTO / "streamrec/v1/recommender.proto"),
         "--import-paths", str(PROTO),
         "--call", CALL,

@@ -90,28 +90,68 @@ def listen(server: grpc.Server, address: str, tls: ServerTls | None) -> int:
 
 
 def channel_credentials(security: GrpcSecurity) -> grpc.ChannelCredentials | None:
-    """TLS credentials of a client under ``security`` (with its bearer token when it has one);
-    None without ``grpc.tls``."""
+    """TLS credentials of a client under ``security``; None without ``grpc.tls``. The bearer token
+    is not part of them: :func:`open_channel` adds it to each call's metadata."""
     if not security.tls:
         return None
-    ssl = grpc.ssl_channel_credentials(
+    return grpc.ssl_channel_credentials(
         root_certificates=read_pem(security.ca_file, "ca_file") if security.ca_file is not None else None,
         private_key=read_pem(security.key_file, "key_file") if security.key_file is not None else None,
         certificate_chain=read_pem(security.cert_file, "cert_file") if security.cert_file is not None else None,
     )
-    if security.token_file is None:
-        return ssl
-    token = read_pem(security.token_file, "token_file").decode("utf-8", "replace").strip()
-    return grpc.composite_channel_credentials(ssl, grpc.access_token_call_credentials(token))
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a TLS channel. Per-call metadata in
+    the calling thread: gRPC's token call credentials start a Python thread for every call
+    (docs/design/security.md#grpc)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, (*(details.metadata or ()), self._header))
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 def open_channel(
     target: str, security: GrpcSecurity | None = None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
-    """A channel to ``target``: TLS as ``security`` says, plaintext without it (or without ``grpc.tls``)."""
+    """A channel to ``target``: TLS as ``security`` says (and its bearer token on every call),
+    plaintext without it (or without ``grpc.tls``)."""
     credentials = channel_credentials(security) if security is not None else None
     if credentials is None:
         return grpc.insecure_channel(target, options=list(options))
     assert security is not None  # noqa: S101 - credentials exist only with settings
     extra = [("grpc.ssl_target_name_override", security.server_name)] if security.server_name else []
-    return grpc.secure_channel(target, credentials, options=[*options, *extra])
+    channel = grpc.secure_channel(target, credentials, options=[*options, *extra])
+    if security.token_file is None:
+        return channel
+    token = read_pem(security.token_file, "token_file").decode("utf-8", "replace").strip()
+    return grpc.intercept_channel(channel, BearerToken(token))
