@@ -138,7 +138,7 @@ class FeaturePipeline:
         report = BatchReport(records=len(events))
         valid: list[tuple[EventLike, Interaction]] = []
         now = datetime.fromtimestamp(self.clock(), UTC)  # once a batch: the future-skew check's reference
-        await self._check_offsets(events)
+        events = await self._check_offsets(events)
         for event in events:
             record = event.message
             try:
@@ -186,7 +186,7 @@ class FeaturePipeline:
     async def item_batch(self, events: Sequence[EventLike]) -> BatchReport:
         """Apply every entry of each by-item bundle (``streams.repartition``) to item states."""
         report = BatchReport(records=len(events))
-        await self._check_offsets(events)
+        events = await self._check_offsets(events)
         table, pusher = self.items, self.pusher("item_stats")
         for event in events:
             try:
@@ -204,7 +204,7 @@ class FeaturePipeline:
         await pusher.kick()
         return report
 
-    async def _check_offsets(self, events: Sequence[EventLike]) -> None:
+    async def _check_offsets(self, events: Sequence[EventLike]) -> Sequence[EventLike]:
         """Catch a record the consumer skipped (an offset jump) and have it read again.
 
         Neither the interactions topic nor the by-item topic is compacted or transactional, so
@@ -227,9 +227,15 @@ class FeaturePipeline:
         (the group's committed offset, else the partition's earliest): in a group of two workers,
         Faust handed a partition that had no committed offset yet (its killed owner had pushed
         nothing) to the survivor from a later offset, skipping every record before it.
+
+        Returns the events to apply: a record beyond a hole is not applied now but when it is read
+        again after the rewind, in offset order (applied first, a user's newer events made the
+        older ones of the hole late, and they were dropped: fault 3). It stays unacked (a
+        reference is kept, as the pusher does), so no commit covers it before its second reading.
         """
         expected, rewinding = self.next_offsets, self.rewinding
         rewind_now: dict[tuple[str, int], int] = {}
+        parked: set[int] = set()
         if self.start_offset is not None:
             for topic, partition in {(e.message.topic, e.message.partition) for e in events} - expected.keys():
                 start = await self.start_offset(topic, partition)
@@ -248,6 +254,8 @@ class FeaturePipeline:
                     log.error("%s[%d]: offsets %d..%d were never handed to the worker", *key, want, record.offset - 1)
                 if self.rewind is not None:
                     rewinding[key] = rewind_now[key] = want
+                    event.message.incref()  # never acked: its second reading is applied and acked
+                    parked.add(id(event))
                     continue
             if want is None or record.offset >= want:
                 expected[key] = record.offset + 1
@@ -259,6 +267,7 @@ class FeaturePipeline:
             for (topic, partition), offset in rewind_now.items():
                 log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
                 await self.rewind(topic, partition, offset)
+        return [event for event in events if id(event) not in parked] if parked else events
 
     def forget_partitions(self, revoked: set[tuple[str, int]], interactions_topic: str, by_item_topic: str) -> None:
         """Partitions (topic, partition) this worker no longer owns after a rebalance.

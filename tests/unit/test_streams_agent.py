@@ -505,6 +505,10 @@ def test_changelog_records_have_the_bytes_faust_would_send_and_read_back(tmp_pat
 class _Record:
     def __init__(self, partition: int, offset: int) -> None:
         self.topic, self.partition, self.offset = "t", partition, offset
+        self.refs = 0
+
+    def incref(self, n: int = 1) -> None:
+        self.refs += n
 
 
 class _Event:
@@ -526,8 +530,12 @@ class _OffsetHarness:
         pipeline.rewind, pipeline.start_offset = rewind, None
         pipeline.users.send_changelog = _no_producer
 
-    async def see(self, partition: int, *offsets: int) -> None:
-        await self.pipeline._check_offsets([_Event(partition, offset) for offset in offsets])  # noqa: SLF001
+    async def see(self, partition: int, *offsets: int) -> list[int]:
+        """The offsets of the batch to apply now; the others must be held unacked (a reference)."""
+        events = [_Event(partition, offset) for offset in offsets]
+        applied = await self.pipeline._check_offsets(events)  # noqa: SLF001
+        assert all(event.message.refs == (0 if event in applied else 1) for event in events)
+        return [event.message.offset for event in applied]
 
 
 def on_a_pipeline(tmp_path: Path, body: Callable[[_OffsetHarness], Awaitable[None]], sink: Any = None) -> None:
@@ -552,19 +560,19 @@ def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_pat
     re-read behind them), once per batch; the re-read record ends it."""
 
     async def body(h: _OffsetHarness) -> None:
-        await h.see(0, 5, 6, 7)  # first records after start: no gap
+        assert await h.see(0, 5, 6, 7) == [5, 6, 7]  # first records after start: no gap
         await h.see(1, 0, 1)
-        await h.see(0, 9, 10)  # 8 never came
+        assert await h.see(0, 9, 10) == []  # 8 never came: nothing beyond it is applied before it
         assert h.rewinds == [("t", 0, 8)]
-        await h.see(0, 11, 12)  # fetched before the rewind: rewind again, once for the batch
-        await h.see(1, 2)  # other partitions are unaffected
+        assert await h.see(0, 11, 12) == []  # fetched before the rewind: rewind again, once for the batch
+        assert await h.see(1, 2) == [2]  # other partitions are unaffected
         assert h.rewinds == [("t", 0, 8), ("t", 0, 8)]
-        await h.see(0, 8, 9, 10, 11, 12)  # the re-read ends it
+        assert await h.see(0, 8, 9, 10, 11, 12) == [8, 9, 10, 11, 12]  # the re-read ends it, in order
         await h.see(0, 13)
         assert h.rewinds == [("t", 0, 8), ("t", 0, 8)]
-        await h.see(0, 11, 15)  # a duplicate changes nothing; a new hole (14) rewinds again
+        assert await h.see(0, 11, 15) == [11]  # a duplicate changes nothing; a new hole (14) rewinds again
         assert h.rewinds == [("t", 0, 8), ("t", 0, 8), ("t", 0, 14)]
-        await h.see(0, 14, 15)
+        assert await h.see(0, 14, 15) == [14, 15]
         assert h.pipeline.rewinding == {}
 
     on_a_pipeline(tmp_path, body)
