@@ -228,10 +228,10 @@ class FeaturePipeline:
         Faust handed a partition that had no committed offset yet (its killed owner had pushed
         nothing) to the survivor from a later offset, skipping every record before it.
 
-        Returns the events to apply: a record beyond a hole is not applied now but when it is read
-        again after the rewind, in offset order (applied first, a user's newer events made the
-        older ones of the hole late, and they were dropped: fault 3). It stays unacked (a
-        reference is kept, as the pusher does), so no commit covers it before its second reading.
+        Returns the events to apply: a record beyond a hole is applied only when it is read again
+        after the rewind, in offset order, since applied first its newer events would make the
+        hole's older ones late (docs/design/streams.md#offset-gaps). It stays unacked (a reference
+        is kept, as the pusher does), so no commit covers it before its second reading.
         """
         expected, rewinding = self.next_offsets, self.rewinding
         rewind_now: dict[tuple[str, int], int] = {}

@@ -121,7 +121,8 @@ def service_acls(settings: CommonSettings) -> tuple[Grant, ...]:
     )
 
 
-def _key(binding: AclBinding) -> tuple[object, ...]:
+def _key(binding: AclBinding) -> tuple[Any, ...]:
+    """The binding's fields, in ``AclBindingFilter``'s argument order."""
     return (
         binding.restype,
         binding.name,
@@ -135,15 +136,7 @@ def _key(binding: AclBinding) -> tuple[object, ...]:
 
 def _exactly(binding: AclBinding) -> AclBindingFilter:
     """A filter that matches (and so deletes) exactly ``binding``."""
-    return AclBindingFilter(
-        binding.restype,
-        binding.name,
-        binding.resource_pattern_type,
-        binding.principal,
-        binding.host,
-        binding.operation,
-        binding.permission_type,
-    )
+    return AclBindingFilter(*_key(binding))
 
 
 def sync_acls(admin_kafka: KafkaSettings, grants: Iterable[Grant], timeout_s: float = 30.0) -> None:
