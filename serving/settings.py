@@ -83,6 +83,8 @@ class ModelServerSection(ProcessTuning):
     # next to them. Raise them for a big model on a machine of its own.
     tf_intra_op_threads: int = Field(default=1, ge=0)
     tf_inter_op_threads: int = Field(default=1, ge=0)
+    # Prometheus /metrics of the local model server (``serving.model_server.metrics``); 0: off.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @property
     def target(self) -> str:

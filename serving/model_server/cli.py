@@ -110,6 +110,7 @@ def model_server_command(
 ) -> None:
     """Serve SavedModels over TF Serving's gRPC API (PredictionService, ModelService, health)."""
     from serving.model_server.core import CoreOptions
+    from serving.model_server.metrics import serve as serve_metrics
     from serving.model_server.server import ModelServer, ServerOptions
     from serving.protocol.errors import ModelServerError
     from serving.runtime import tune_serving_process
@@ -181,6 +182,7 @@ def model_server_command(
             typer.echo("labels in the config need --allow_version_labels_for_unavailable_models at start", err=True)
         raise typer.Exit(1) from exc
     tune_serving_process(section)  # after the first versions loaded
+    serve_metrics(section.metrics_port, section.host)
     typer.echo(f"model server ready on {options.host}:{server.port}", err=True)
     stopping.wait()
     server.stop()

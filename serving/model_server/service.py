@@ -12,6 +12,7 @@ may point (``model_root``); who may call it at all is decided before, by the ser
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -26,6 +27,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.model_server import metrics
 from serving.model_server.core import ServerCore
 from serving.model_server.manager import ModelManager
 from serving.model_server.model_root import ModelRoot
@@ -63,11 +65,16 @@ def _acquire(core: ServerCore, spec: model_pb2.ModelSpec) -> LoadedVersion:
     return manager.acquire()
 
 
-def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
+def _guarded(context: grpc.ServicerContext, call: Callable[[], T], method: str) -> T:
+    """Run one RPC's work, timed; a ``ModelServerError`` becomes the gRPC status it carries."""
+    started = time.perf_counter()
     try:
         return call()
     except ModelServerError as exc:
+        metrics.ERRORS.labels(method=method, code=exc.code.name).inc()
         _abort(context, exc)
+    finally:
+        metrics.REQUEST_SECONDS.labels(method=method).observe(time.perf_counter() - started)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]  # untyped stubs
@@ -84,7 +91,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer): 
             finally:
                 loaded.release()
 
-        return _guarded(context, run)
+        return _guarded(context, run, "Predict")
 
     def GetModelMetadata(  # noqa: N802 - gRPC method name
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
@@ -109,7 +116,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer): 
             finally:
                 loaded.release()
 
-        return _guarded(context, run)
+        return _guarded(context, run, "GetModelMetadata")
 
     def _unimplemented(self, _request: Any, context: grpc.ServicerContext) -> NoReturn:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "this model server serves predict signatures only")
@@ -147,16 +154,19 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore
                 status.status.error_message = record.error_message
             return response
 
-        return _guarded(context, run)
+        return _guarded(context, run, "GetModelStatus")
 
     def HandleReloadConfigRequest(  # noqa: N802 - gRPC method name
         self, request: model_management_pb2.ReloadConfigRequest, context: grpc.ServicerContext
     ) -> model_management_pb2.ReloadConfigResponse:
-        try:
-            validate_config(request.config)
-            self._model_root.check(request.config)  # before anything changes
-            self._core.reload_config(request.config)
-        except ModelServerError as exc:
-            log.error("ServerCore failed to reload config: %s", exc.message)
-            _abort(context, exc)
-        return model_management_pb2.ReloadConfigResponse()
+        def run() -> model_management_pb2.ReloadConfigResponse:
+            try:
+                validate_config(request.config)
+                self._model_root.check(request.config)  # before anything changes
+                self._core.reload_config(request.config)
+            except ModelServerError as exc:
+                log.error("ServerCore failed to reload config: %s", exc.message)
+                raise
+            return model_management_pb2.ReloadConfigResponse()
+
+        return _guarded(context, run, "HandleReloadConfigRequest")

@@ -101,7 +101,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
 
         try:
             return tf.make_ndarray(proto)  # type: ignore[no-any-return]  # untyped TF helper
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, KeyError) as exc:  # KeyError: a dtype TF has no numpy type for
             raise InvalidArgument(f"cannot convert tensor of dtype {DTYPE_NAMES.get(proto.dtype)}: {exc}") from exc
     if proto.tensor_content:
         if len(proto.tensor_content) != size * numpy_dtype.itemsize:
