@@ -41,6 +41,7 @@ from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import copy_model
 from online_trainer.publish import Outcome, Publisher, VersionWriter, publish_candidate
 from online_trainer.settings import TrainerSettings
+from online_trainer.slices import SliceJudge, item_interactions
 from online_trainer.training import train
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema, read_schema
@@ -157,6 +158,8 @@ def bootstrap(
             k=tuning.gate_k,
             margin=tuning.gate_margin,
             alpha=tuning.gate_alpha,
+            training=stats,
+            slices=SliceJudge(settings.slices, item_interactions(replay), tuning.block_on_slice_flag),
         )
     except BaseException:
         if distribution is not None:

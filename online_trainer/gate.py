@@ -2,6 +2,8 @@
 
 Checks, each adding a machine-readable reason to :class:`GateResult` when it fails:
 
+* ``nonfinite``: the fine-tune's loss or gradient norm was NaN/inf (``training``: the stats
+  ``training.train`` returned), whatever the weights look like afterwards.
 * ``nonfinite_weights``: a weight is NaN or inf (a diverged fine-tune).
 * ``nonfinite_outputs``: user or item vectors, or scores, on the hold-out are NaN/inf, or the
   top-K comes back padded although the catalog is large enough. (The ranking code turns NaN scores
@@ -17,6 +19,9 @@ Checks, each adding a machine-readable reason to :class:`GateResult` when it fai
   an input/output has another name, dtype or shape (``None`` dims allowed where the contract
   says B/E/N); the user inputs are those of the model's attribute schema
   (:func:`online_trainer.signatures.contract_signatures`).
+* ``slice`` (only with ``SliceJudge.block``): the candidate passed the overall comparison but
+  lost a segment of the hold-out badly (:mod:`online_trainer.slices`). Without ``block`` the
+  segment is only flagged in ``GateResult.slices``, the lineage and the metrics.
 * ``export_outputs``: calling the exported signatures on hold-out rows gives wrong shapes/dtypes
   or non-finite scores (this catches a model that is fine in memory but broken once exported).
 
@@ -28,6 +33,7 @@ when it passes; a rejected one is deleted, so the model server never sees it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +45,21 @@ from online_trainer.examples import user_arrays
 from online_trainer.inference import catalog_vectors, recommend, user_vectors
 from online_trainer.model import TwoTowerModel
 from online_trainer.signatures import Spec, contract_signatures
+from online_trainer.slices import SliceJudge, slice_figures
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema
 
-REASONS = ("nonfinite_weights", "nonfinite_outputs", "metric_regression", "signature_mismatch", "export_outputs")
+REASONS = (
+    "nonfinite",
+    "nonfinite_weights",
+    "nonfinite_outputs",
+    "metric_regression",
+    "slice",
+    "signature_mismatch",
+    "export_outputs",
+)
+TRAINING_FIGURES = ("loss", "gradient_norm_mean", "gradient_norm_max")
+"""The ``training.train`` stats that must be finite for a candidate to be published."""
 
 
 @dataclass
@@ -55,6 +72,12 @@ class GateResult:
     serving_metric: float | None = None
     holdout_size: int = 0
     p_value: float | None = None  # the sign test's, when the candidate fell below the margin
+    # per segment: examples, candidate and serving hit@k, flagged (slices.slice_figures); {} unsliced
+    slices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def flagged_segments(self) -> list[str]:
+        return [segment for segment, figures in self.slices.items() if figures["flagged"]]
 
     @property
     def passed(self) -> bool:
@@ -73,7 +96,8 @@ class GateResult:
             serving = "n/a" if self.serving_metric is None else f"{self.serving_metric:.4f}"
             metric = f" hit@k {self.candidate_metric:.4f} vs serving {serving} on {self.holdout_size} rows"
         verdict = "passed" if self.passed else "rejected (" + "; ".join(self.details) + ")"
-        return f"gate {verdict}{metric}"
+        flags = f", flagged {', '.join(self.flagged_segments)}" if self.flagged_segments and self.passed else ""
+        return f"gate {verdict}{metric}{flags}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +108,7 @@ class GateResult:
             "serving_metric": self.serving_metric,
             "holdout_size": self.holdout_size,
             "p_value": self.p_value,
+            "flagged_segments": self.flagged_segments,
         }
 
 
@@ -120,11 +145,21 @@ def check_model(
     k: int,
     margin: float,
     alpha: float = 1.0,
+    training: Mapping[str, float] | None = None,
+    slices: SliceJudge | None = None,
 ) -> None:
-    """The in-memory checks: finite weights and outputs, and the metric against ``serving``.
+    """The in-memory checks: finite training figures, weights and outputs, the metric against
+    ``serving``, and (with ``slices``) the same metric per segment.
 
     ``alpha``: the sign test's level (module docstring); 1.0 rejects every drop beyond ``margin``.
+    ``training``: the fine-tune's stats (``training.train``); None when there was no training.
     """
+    nonfinite = {
+        name: value for name, value in (training or {}).items() if name in TRAINING_FIGURES and not math.isfinite(value)
+    }
+    if nonfinite:
+        result.fail("nonfinite", f"the fine-tune's {nonfinite} is NaN/inf (diverged)")
+        return
     bad = [weight.name for weight in candidate.weights if not np.all(np.isfinite(np.asarray(weight)))]
     if bad:
         result.fail("nonfinite_weights", f"{len(bad)} weight tensor(s) hold NaN/inf, e.g. {bad[0]}")
@@ -145,6 +180,7 @@ def check_model(
         return
     candidate_hits = _positives_in(ids, holdout)  # the top-k just checked
     result.candidate_metric = float(np.mean(candidate_hits))
+    serving_hits = None
     if serving is not None:
         serving_hits = hits(serving, holdout, k=k)
         result.serving_metric = float(np.mean(serving_hits))
@@ -158,6 +194,30 @@ def check_model(
                     f"hit@{k} {result.candidate_metric:.4f} < serving {result.serving_metric:.4f} - margin {margin} "
                     f"(sign test p={result.p_value:.3g} < {alpha}: {worse} rows lost, {better} gained)",
                 )
+    if slices is not None:
+        _check_slices(result, holdout, candidate_hits, serving_hits, slices, k=k)
+
+
+def _check_slices(
+    result: GateResult,
+    holdout: pd.DataFrame,
+    candidate_hits: np.ndarray,
+    serving_hits: np.ndarray | None,
+    judge: SliceJudge,
+    *,
+    k: int,
+) -> None:
+    """Figures per segment; "wins overall" means the overall comparison passed (the version would be published)."""
+    wins_overall = serving_hits is not None and "metric_regression" not in result.reasons
+    result.slices = slice_figures(holdout, candidate_hits, serving_hits, judge, wins_overall=wins_overall)
+    flagged = result.flagged_segments
+    if flagged and judge.block:
+        worst = ", ".join(
+            f"{segment} hit@{k} {result.slices[segment]['candidate']:.4f} vs serving "
+            f"{result.slices[segment]['serving']:.4f} ({result.slices[segment]['examples']} rows)"
+            for segment in flagged
+        )
+        result.fail("slice", f"wins overall but loses by more than slices.flag_loss on {worst}")
 
 
 def _spec_mismatches(kind: str, actual: dict[str, Any], expected: Spec) -> list[str]:
@@ -267,10 +327,22 @@ def run_gate(
     k: int,
     margin: float,
     alpha: float = 1.0,
+    training: Mapping[str, float] | None = None,
+    slices: SliceJudge | None = None,
 ) -> GateResult:
     """All checks; the export checks only run when the in-memory ones passed."""
     result = GateResult()
-    check_model(result, candidate, holdout, serving=serving, k=k, margin=margin, alpha=alpha)
+    check_model(
+        result,
+        candidate,
+        holdout,
+        serving=serving,
+        k=k,
+        margin=margin,
+        alpha=alpha,
+        training=training,
+        slices=slices,
+    )
     if result.passed and export_dir is not None:
         check_export(result, export_dir, holdout, len(candidate.catalog), candidate.schema)
     return result

@@ -27,6 +27,9 @@ One process, one Kafka consumer in its own group (``trainer.group_id``), manual 
    label, prune). **Then** commit the offsets. A rejected candidate
    leaves the serving version in place; the trainer saves a newer checkpoint of that version
    (its histories moved on) and commits too, so one bad interval does not stall the stream.
+   The gate also judges the candidate per segment (``slices`` settings, :mod:`online_trainer.slices`),
+   and a published version's lineage counts the produce times of the records it newly covers
+   (``freshness``, :mod:`online_trainer.freshness`), from which the API measures live model freshness.
 
 With ``trainer.source = "labeled"`` the loop reads the joiner's labeled examples instead and learns
 from the clicked ones, using the features logged with the impression when they are complete.
@@ -37,12 +40,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, TopicPartition
 
 from online_trainer import checkpoint, export, metrics
 from online_trainer.buffer import ReplayBuffer
@@ -50,12 +52,14 @@ from online_trainer.catalog import ItemCatalog
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.examples import empty_examples
 from online_trainer.finetune import finetune, plan_interval, training_pair
+from online_trainer.freshness import CoverageLedger, trained_offsets
 from online_trainer.history import UserHistories
 from online_trainer.lookup import FeastLookup, FeatureLookup
 from online_trainer.model import TwoTowerModel
 from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings
-from online_trainer.stream_examples import POSITION, event_row, examples_frame
+from online_trainer.slices import SliceJudge, item_interactions
+from online_trainer.stream_examples import POSITION, PRODUCED, event_row, examples_frame
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema, read_schema
 from streamrec.core.errors import EventValidationError, StreamrecError
@@ -122,6 +126,7 @@ class OnlineTrainer:
         # example rows, each with the (partition, offset) of its record under ``POSITION`` (None for
         # events given to ``ingest`` directly); ``_examples`` keeps only the example columns
         self.pending: list[dict[str, Any]] = []
+        self.ledger = CoverageLedger(self.tuning.freshness_pending_max)  # records no version covers yet
         self.interval_started = time.monotonic()
         # A model object that serves nothing any more (the last rejected candidate, or the model a
         # published one replaced): the next interval trains it in place, keeping its traced train
@@ -163,6 +168,7 @@ class OnlineTrainer:
             self.step = int(state.meta.get("step", 0))
             if state.meta.get("topic") == self.topic and state.meta.get("group_id") == self.tuning.group_id:
                 self.resume_offsets = {int(p): int(o) for p, o in state.meta.get("offsets", {}).items()}
+                self.ledger = CoverageLedger.from_json(state.meta.get("freshness"), self.tuning.freshness_pending_max)
         # Trace both training objects now, before the first interval waits on them.
         warm_up = self.replay.sample(self.model.config.finetune_batch_size + 1, seed=self.step)
         self.model, self._spare = training_pair(self.model, self.tuning, warm_up)
@@ -210,10 +216,13 @@ class OnlineTrainer:
                 raise TrainerError(f"Kafka error on {self.topic}: {error}")
             partition, offset = int(message.partition() or 0), int(message.offset() or 0)
             self.positions[partition] = offset + 1
-            metrics.RECORDS.labels(outcome=self._decode_and_ingest(message.value(), (partition, offset))).inc()
+            kind, milliseconds = message.timestamp()
+            produced_s = milliseconds // 1000 if kind != TIMESTAMP_NOT_AVAILABLE else None
+            outcome = self._decode_and_ingest(message.value(), (partition, offset), produced_s)
+            metrics.RECORDS.labels(outcome=outcome).inc()
         return len(messages)
 
-    def _decode_and_ingest(self, value: bytes | None, position: tuple[int, int]) -> str:
+    def _decode_and_ingest(self, value: bytes | None, position: tuple[int, int], produced_s: int | None) -> str:
         event: Interaction | LabeledExample
         try:
             if self.tuning.source == "labeled":
@@ -222,13 +231,22 @@ class OnlineTrainer:
                 event = decode_event(value, Interaction)
         except EventValidationError as exc:
             return f"invalid:{exc.reason}"
-        return self.ingest(event, position=position)
+        return self.ingest(event, position=position, produced_s=produced_s)
 
-    def ingest(self, event: Interaction | LabeledExample, *, position: tuple[int, int] | None = None) -> str:
-        """Move the user's state and maybe add a pending example; returns the outcome counted by ``poll``."""
+    def ingest(
+        self,
+        event: Interaction | LabeledExample,
+        *,
+        position: tuple[int, int] | None = None,
+        produced_s: int | None = None,
+    ) -> str:
+        """Move the user's state and maybe add a pending example; returns the outcome counted by ``poll``.
+
+        ``position``: the record's (partition, offset); ``produced_s``: its Kafka timestamp in whole
+        epoch seconds (both None for an event that did not come from Kafka)."""
         outcome, row = event_row(event, self.histories, self.schema, self.tuning, self.bootstrap_until)
         if row is not None:
-            row[POSITION] = position
+            row[POSITION], row[PRODUCED] = position, produced_s
             self.pending.append(row)
         return outcome
 
@@ -249,8 +267,15 @@ class OnlineTrainer:
         log.info("catalog grows by %d new item(s), e.g. %s", len(new), new[:3])
         return catalog.with_new_items(new, [found.get(item, {}) for item in new])
 
-    def _state(self, offsets: dict[int, int]) -> Checkpoint:
-        meta = {"topic": self.topic, "group_id": self.tuning.group_id, "offsets": offsets, "step": self.step + 1}
+    def _state(self, offsets: dict[int, int], published: dict[int, int] | None = None) -> Checkpoint:
+        """The trainer state at ``offsets``; ``published``: the trained offsets of the version it is saved with."""
+        meta = {
+            "topic": self.topic,
+            "group_id": self.tuning.group_id,
+            "offsets": offsets,
+            "step": self.step + 1,
+            "freshness": self.ledger.to_json(settled=published),
+        }
         return Checkpoint(self.histories, self.replay, meta, self.deferred)
 
     def _commit(self, offsets: dict[int, int]) -> None:
@@ -291,6 +316,9 @@ class OnlineTrainer:
         report = IntervalReport(
             len(examples), len(replayed), len(holdout), offsets, len(plan.mix), train_stats=stats, stage_s=stage_s
         )
+        positions = [row[POSITION] for row in rows]
+        covered = trained_offsets(offsets, plan.deferred_rows, positions)
+        self.ledger.add((*row[POSITION], row[PRODUCED]) for row in rows if row[POSITION] and row[PRODUCED] is not None)
         lineage = {
             "kind": "finetune",
             "parent_version": self.version,
@@ -310,8 +338,10 @@ class OnlineTrainer:
                 "topic": self.topic,
                 "group_id": self.tuning.group_id,
                 "offsets": offsets,
-                "trained_offsets": trained_offsets(offsets, plan.deferred_rows, [row[POSITION] for row in rows]),
+                "trained_offsets": covered,
             },
+            # produce times (Kafka timestamps, per whole second) of the records this version newly covers
+            "freshness": {"produced_counts": self.ledger.produced_counts(covered)},
             "feature_service": contracts.USER_FEATURE_SERVICE,
             "features_source": "trainer user histories from the consumed stream; attributes from Feast online",
             "metrics": {key: float(value) for key, value in stats.items()},
@@ -322,15 +352,18 @@ class OnlineTrainer:
             holdout=holdout,
             serving=self.model,
             lineage=lineage,
-            trainer_state=self._state(offsets),
+            trainer_state=self._state(offsets, published=covered),
             publisher=self.publisher if self.tuning.publish else None,
             k=self.tuning.gate_k,
             margin=self.tuning.gate_margin,
             alpha=self.tuning.gate_alpha,
             fault=self.fault,
+            training=stats,
+            slices=SliceJudge(self.settings.slices, item_interactions(self.replay), self.tuning.block_on_slice_flag),
         )
         report.stage_s.update(report.outcome.timings)
         if report.outcome.version is not None:
+            self.ledger.settle(covered)
             self._spare, self.model, self.version = self.model, candidate, report.outcome.version
             metrics.CURRENT_VERSION.set(self.version)
             report.publish_s = time.perf_counter() - interval_end
@@ -347,11 +380,14 @@ class OnlineTrainer:
         metrics.EXAMPLES_TRAINED.inc(report.trained * self.tuning.finetune_epochs)
         if "examples_per_s" in report.train_stats:
             metrics.EXAMPLES_PER_SECOND.set(report.train_stats["examples_per_s"])
+        metrics.record_training(report.train_stats)
         gate = report.outcome.gate if report.outcome is not None else None
         self.summaries.scalars(
             self.step,
             {
                 "loss": report.train_stats.get("loss"),
+                "gradient_norm/mean": report.train_stats.get("gradient_norm_mean"),
+                "gradient_norm/max": report.train_stats.get("gradient_norm_max"),
                 "examples_per_s": report.train_stats.get("examples_per_s"),
                 "new_examples": report.new_examples,
                 "replayed_examples": report.replayed,
@@ -390,22 +426,3 @@ class OnlineTrainer:
             self._consumer.close()
             self._consumer = None
         self.summaries.close()
-
-
-def trained_offsets(
-    consumed: dict[int, int], deferred_rows: Iterable[int], row_positions: list[tuple[int, int] | None]
-) -> dict[int, int]:
-    """Per partition, the offset below which every record was learned by this interval's version.
-
-    ``row_positions``: each new row's (partition, offset); ``deferred_rows``: the rows held out for
-    the gate (``IntervalPlan.deferred_rows``), learned only in the next interval, so in each
-    partition coverage stops at the first of them. Conservative: a row learned now but after a
-    held-out one in the same partition waits for the next version too.
-    """
-    covered = dict(consumed)
-    for index in deferred_rows:
-        position = row_positions[int(index)]
-        if position is not None:
-            partition, offset = position
-            covered[partition] = min(covered.get(partition, offset), offset)
-    return covered

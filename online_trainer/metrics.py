@@ -10,19 +10,30 @@ streamrec process:
   server is unreachable);
 * ``trainer_gate_total{result, reason}``: gate passes (``result="passed", reason=""``) and
   rejections by reason; ``trainer_current_version``: the version the trainer fine-tunes from;
+* ``trainer_loss``: the fine-tune's mean loss over the last interval's final epoch;
+  ``trainer_loss_nonfinite_total``: intervals whose loss or gradient norm was NaN/inf (the gate
+  rejects such a candidate, reason ``nonfinite``); ``trainer_gradient_norm{stat="mean"|"max"}``:
+  the global L2 norm of each step's gradients over the last interval;
+* ``trainer_gate_consecutive_rejections``: verdicts in a row that rejected (0 after a pass);
+  ``trainer_gate_slice_hit_at_k{segment, model="candidate"|"serving"}``: the last gate's hit@k per
+  segment of its hold-out (``streamrec.core.segments``; NaN for a segment absent from it: series
+  are not removed, which prometheus_client cannot do in the multiprocess mode Feast's import turns on);
+  ``trainer_gate_slice_flags_total{segment}``: candidates flagged for losing that segment badly;
 * ``trainer_records_total{outcome}``: what happened to each consumed record (``example``,
   ``invalid:<reason>``, ``duplicate``, ``already_trained``, ``not_clicked``, ``not_positive``: a kind
   the trainer does not learn, ``trainer.positive_kinds``).
 
 TensorBoard (``tf.summary`` under ``tensorboard_dir/<run>``): one step per fine-tune interval, with
-the loss, hold-out hit@k of candidate and serving model, example counts and timings. Scalars are
-written with TensorFlow's own ``tf.summary.write`` and the metadata TensorBoard's scalar plugin
-reads, so writing them does not need the ``tensorboard`` package (viewing them does:
+the loss, gradient norm (mean, max), hold-out hit@k of candidate and serving model, example counts
+and timings. Scalars are written with TensorFlow's own ``tf.summary.write`` and the metadata
+TensorBoard's scalar plugin reads, so writing them does not need the ``tensorboard`` package (viewing them does:
 ``pip install tensorboard && tensorboard --logdir .state/tensorboard``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,19 @@ RECORDS = Counter("trainer_records_total", "Consumed records by outcome.", ("out
 PUBLISH_FAILURES = Counter(
     "trainer_publish_failures_total", "Versions written but not labelled canary (model server unreachable)."
 )
+LOSS = Gauge("trainer_loss", "Mean fine-tune loss of the last interval (its final epoch).")
+LOSS_NONFINITE = Counter("trainer_loss_nonfinite_total", "Intervals whose fine-tune loss or gradient norm was NaN/inf.")
+GRADIENT_NORM = Gauge(
+    "trainer_gradient_norm", "Global L2 norm of the gradients over the last interval's steps.", ("stat",)
+)
+CONSECUTIVE_REJECTIONS = Gauge("trainer_gate_consecutive_rejections", "Gate verdicts in a row that rejected.")
+SLICE_HIT_AT_K = Gauge(
+    "trainer_gate_slice_hit_at_k", "The last gate's hold-out hit@k per segment and model.", ("segment", "model")
+)
+SLICE_FLAGS = Counter(
+    "trainer_gate_slice_flags_total", "Candidates that won overall but lost this segment badly.", ("segment",)
+)
+_sliced: set[tuple[str, str]] = set()  # the label pairs SLICE_HIT_AT_K holds a figure for
 
 
 def serve(port: int) -> None:
@@ -52,8 +76,39 @@ def serve(port: int) -> None:
 def record_gate(reasons: list[str]) -> None:
     if not reasons:
         GATE_RESULTS.labels(result="passed", reason="").inc()
+        CONSECUTIVE_REJECTIONS.set(0)
+    else:
+        CONSECUTIVE_REJECTIONS.inc()
     for reason in reasons:
         GATE_RESULTS.labels(result="rejected", reason=reason).inc()
+
+
+def record_training(stats: Mapping[str, float]) -> None:
+    """Loss and gradient norm of one interval's fine-tune (``training.train``'s stats)."""
+    figures = [stats[name] for name in ("loss", "gradient_norm_mean", "gradient_norm_max") if name in stats]
+    if any(not math.isfinite(value) for value in figures):
+        LOSS_NONFINITE.inc()
+    if "loss" in stats:
+        LOSS.set(stats["loss"])
+    for stat in ("mean", "max"):
+        if f"gradient_norm_{stat}" in stats:
+            GRADIENT_NORM.labels(stat=stat).set(stats[f"gradient_norm_{stat}"])
+
+
+def record_slices(slices: Mapping[str, Mapping[str, Any]]) -> None:
+    """One gate's figures per segment (``GateResult.slices``); segments it lacked read NaN."""
+    current: set[tuple[str, str]] = set()
+    for segment, figures in slices.items():
+        for model in ("candidate", "serving"):
+            if figures.get(model) is not None:
+                SLICE_HIT_AT_K.labels(segment=segment, model=model).set(figures[model])
+                current.add((segment, model))
+        if figures.get("flagged"):
+            SLICE_FLAGS.labels(segment=segment).inc()
+    for segment, model in _sliced - current:
+        SLICE_HIT_AT_K.labels(segment=segment, model=model).set(math.nan)
+    _sliced.clear()
+    _sliced.update(current)
 
 
 class SummaryWriter:

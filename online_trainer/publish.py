@@ -6,8 +6,10 @@ The order, shared by ``streamrec train`` and the online loop:
    staging directory beside the model base path (``TrainerSettings.staging_path``; same file
    system). The model server polls only the base path, so nothing staged is visible to it.
 2. **gate** (:mod:`online_trainer.gate`): the in-memory checks run first (a NaN or worse
-   candidate is not even exported), then the checks of the staged export. A rejected
-   candidate's directory is deleted: it never reaches the base path.
+   candidate, or one whose fine-tune loss or gradient norm was NaN/inf, is not even exported),
+   then the checks of the staged export. A rejected candidate's directory is deleted: it never
+   reaches the base path. The verdict goes into the lineage (``gate``), with the figures per
+   segment (``slices``: examples, candidate, serving, flagged).
 3. **checkpoint** the trainer state that goes with the version (:mod:`online_trainer.checkpoint`).
 4. **reveal**: one ``os.rename`` of the staged directory to ``<base>/<version>``. Before this
    point a crash leaves only staging leftovers and an orphan checkpoint, which :meth:`VersionWriter.recover`
@@ -32,7 +34,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +46,7 @@ from online_trainer.checkpoint import Checkpoint
 from online_trainer.gate import GateResult, check_export, check_model
 from online_trainer.model import TwoTowerModel
 from online_trainer.settings import TrainerSettings
+from online_trainer.slices import SliceJudge
 from streamrec.core.errors import StreamrecError
 
 log = logging.getLogger(__name__)
@@ -204,14 +207,30 @@ def publish_candidate(
     margin: float,
     alpha: float = 1.0,
     fault: Fault | None = None,
+    training: Mapping[str, float] | None = None,
+    slices: SliceJudge | None = None,
 ) -> Outcome:
-    """Steps 1-6 of the module docstring; returns the gate verdict and what was published."""
+    """Steps 1-6 of the module docstring; returns the gate verdict and what was published.
+
+    ``training``: the fine-tune's stats (the gate rejects NaN/inf ones); ``slices``: judge the
+    candidate per segment too (``gate.check_model``).
+    """
     import time
 
     started = time.perf_counter()
     version = writer.next_version()
     gate = GateResult()
-    check_model(gate, candidate, holdout, serving=serving, k=k, margin=margin, alpha=alpha)  # cheap: before exporting
+    check_model(  # cheap: before exporting
+        gate,
+        candidate,
+        holdout,
+        serving=serving,
+        k=k,
+        margin=margin,
+        alpha=alpha,
+        training=training,
+        slices=slices,
+    )
     outcome = Outcome(gate=gate, timings={"check_s": time.perf_counter() - started})
     if gate.passed:
         warmup_users = holdout if not holdout.empty else trainer_state.replay.frame
@@ -229,10 +248,12 @@ def publish_candidate(
         if not gate.passed:
             writer.discard(staged)
     metrics.record_gate(gate.reasons)
+    if gate.slices:
+        metrics.record_slices(gate.slices)
     if not gate.passed:
         log.warning("candidate for version %d rejected: %s", version, gate.summary())
         return outcome
-    _add_to_lineage(staged, {"gate": gate.to_json()})
+    _add_to_lineage(staged, {"gate": gate.to_json(), "slices": gate.slices})
     saving = time.perf_counter()
     checkpoint.save(writer.state_path, version, trainer_state)
     outcome.timings["checkpoint_s"] = time.perf_counter() - saving

@@ -98,6 +98,10 @@ class TrainerTuning(BaseModel):
     # A drop beyond the margin rejects only if the hold-out shows it (one-sided sign test,
     # p < gate_alpha; online_trainer/gate.py says why). 1.0: every drop beyond the margin rejects.
     gate_alpha: float = Field(default=0.05, gt=0.0, le=1.0)
+    # The gate reports hit@k per segment (the ``slices`` section: bounds, min_examples, flag_loss)
+    # and flags a candidate that wins overall but loses a segment badly; true: such a candidate is
+    # rejected (reason ``slice``) instead of published with the flag in its lineage.
+    block_on_slice_flag: bool = False
     # -- bootstrap ----------------------------------------------------------------------------
     bootstrap_epochs: int | None = Field(default=None, ge=1, description="None: the model's default")
     min_feature_coverage: float = Field(
@@ -128,6 +132,10 @@ class TrainerTuning(BaseModel):
     # -- observability ------------------------------------------------------------------------
     tensorboard_dir: Path | None = None
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="0: no /metrics endpoint")
+    # Produce times of consumed example records no published version covers yet (held out, or in a
+    # rejected interval), kept for the next version's ``lineage["freshness"]``; beyond this many,
+    # the oldest are dropped (their freshness is never observed); 0: none are kept.
+    freshness_pending_max: int = Field(default=200_000, ge=0)
 
     @field_validator("positive_kinds")
     @classmethod

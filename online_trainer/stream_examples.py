@@ -22,6 +22,7 @@ from streamrec.core.attributes import AttributeSchema
 from streamrec.core.events import Interaction, LabeledExample
 
 POSITION = "_kafka_position"  # key of a pending row's (partition, offset)
+PRODUCED = "_produced_s"  # key of a pending row's Kafka timestamp, whole epoch seconds (None: unknown)
 _LOGGED = "_logged"  # the row's user inputs are those the impression logged
 
 

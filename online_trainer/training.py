@@ -3,7 +3,9 @@
 The optimizer state lives on the model and the traced training step is kept on it, so calling
 :func:`train` again (an epoch, or the next interval's fine-tune) continues one run without tracing
 again. The loss is the config's (:mod:`online_trainer.losses`), each example weighted by its event
-kind (``kind_weights``, the trainer's setting; ``examples.example_weights``).
+kind (``kind_weights``, the trainer's setting; ``examples.example_weights``). Each step also returns
+the global L2 norm of its gradients (:func:`gradient_norm`), summed and maxed on the device and read
+once per call, so a diverging fine-tune is visible (``trainer_gradient_norm``) at no extra sync.
 See docs/design/trainer.md#training-step-tracing-and-reuse.
 """
 
@@ -90,13 +92,34 @@ def _batch_loss(model: TwoTowerModel, batch: dict[str, tf.Tensor], catalog: tupl
     )
 
 
-def _apply_step(model: TwoTowerModel, batch: dict[str, tf.Tensor], catalog: tuple[Any, ...], denominator: Any) -> Any:
+def gradient_norm(gradients: list[Any]) -> tf.Tensor:
+    """The global L2 norm of ``gradients``, as if each were dense.
+
+    An embedding's gradient comes as ``tf.IndexedSlices`` with one row per lookup; rows of the same
+    index are summed first (``tf.linalg.global_norm`` would take each lookup's row on its own).
+    """
+    squares = []
+    for gradient in gradients:
+        if gradient is None:
+            continue
+        if isinstance(gradient, tf.IndexedSlices):
+            unique, position = tf.unique(gradient.indices)
+            gradient = tf.math.unsorted_segment_sum(gradient.values, position, tf.shape(unique)[0])
+        squares.append(tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32))))
+    return tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0)
+
+
+def _apply_step(
+    model: TwoTowerModel, batch: dict[str, tf.Tensor], catalog: tuple[Any, ...], denominator: Any
+) -> tuple[Any, Any]:
+    """One optimizer step; returns (loss, global gradient norm) of the batch (of this worker's shard)."""
     with tf.GradientTape() as tape:
         loss = _batch_loss(model, batch, catalog, denominator)
     variables = model.trainable_variables
+    gradients = tape.gradient(loss, variables)
     # Under tf.distribute the optimizer sums the workers' gradients (Keras' _all_reduce_sum_gradients).
-    model.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
-    return loss
+    model.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+    return loss, gradient_norm(gradients)
 
 
 def _train_step(model: TwoTowerModel) -> Any:
@@ -105,7 +128,7 @@ def _train_step(model: TwoTowerModel) -> Any:
         return step
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
-    def train_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...]) -> tf.Tensor:
+    def train_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...]) -> tuple[tf.Tensor, tf.Tensor]:
         return _apply_step(model, batch, catalog, None)
 
     object.__setattr__(model, "_compiled_train_step", train_step)
@@ -113,14 +136,17 @@ def _train_step(model: TwoTowerModel) -> Any:
 
 
 def _sharded_step(model: TwoTowerModel, strategy: Any) -> Any:
-    """One step of every worker on its shard of the global batch; returns the global batch's loss."""
+    """One step of every worker on its shard of the global batch; returns the global batch's loss.
+
+    No gradient norm: each worker holds only its shard's part of the gradient, and the norm of the
+    sum is not a function of the parts' norms."""
     step = getattr(model, "_compiled_sharded_step", None)
     if step is not None:
         return step
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
     def sharded_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...], denominator: tf.Tensor) -> tf.Tensor:
-        per_worker = strategy.run(_apply_step, args=(model, batch, catalog, denominator))
+        per_worker, _ = strategy.run(_apply_step, args=(model, batch, catalog, denominator))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_worker, axis=None)
 
     object.__setattr__(model, "_compiled_sharded_step", sharded_step)
@@ -144,7 +170,9 @@ def train(
     kind_weights: Mapping[str, float] | None = None,
     strategy: Any = None,
 ) -> dict[str, float]:
-    """Fit on the example frame (``examples.example_columns``); returns final loss and examples/s.
+    """Fit on the example frame (``examples.example_columns``); returns the last epoch's mean loss
+    (``loss``), examples/s, seconds, and the mean and max global gradient norm over every step
+    (``gradient_norm_mean``, ``gradient_norm_max``; not with a multi-worker ``strategy``).
 
     ``kind_weights``: each example's loss weight by its ``kind`` (1.0 for a kind not named).
     Optimizer state lives on the model, so calling ``train`` once per epoch continues the same run.
@@ -170,16 +198,22 @@ def train(
     catalog = _catalog_argument(model)
     steps_per_epoch = math.ceil(n / model.config.batch_size)
     losses: list[float] = []
+    norm_sum, norm_max = tf.constant(0.0), tf.constant(0.0)  # NaN propagates through both
     started = time.perf_counter()
     with tqdm(total=epochs * steps_per_epoch, desc="train", unit="batch", disable=not progress) as bar:
         for _ in range(epochs):
             epoch_loss = tf.constant(0.0)
             for batch in epoch_batches():
-                epoch_loss += step(batch, catalog)
+                loss, norm = step(batch, catalog)
+                epoch_loss += loss
+                norm_sum, norm_max = norm_sum + norm, tf.maximum(norm_max, norm)
                 bar.update(1)
             losses.append(float(epoch_loss) / steps_per_epoch)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return _stats(losses, n * epochs, time.perf_counter() - started)
+    stats = _stats(losses, n * epochs, time.perf_counter() - started)
+    stats["gradient_norm_mean"] = float(norm_sum) / max(epochs * steps_per_epoch, 1)
+    stats["gradient_norm_max"] = float(norm_max)
+    return stats
 
 
 def _epoch_order(model: TwoTowerModel) -> np.random.Generator:

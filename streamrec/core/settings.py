@@ -30,6 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from streamrec.core.contracts import RECENT_ITEMS_MAX
 from streamrec.core.errors import SettingsError
 
 ENV_PREFIX = "STREAMREC_"
@@ -273,6 +274,40 @@ class PathSettings(Section):
         return self.cache_dir / "kafka" / "libs"
 
 
+class SliceTuning(Section):
+    """How models are judged per segment (``streamrec.core.segments``), by the trainer's gate and the
+    A/B evaluator alike, so both flag the same losses.
+
+    ``user_activity_bounds``: ascending history lengths where a new activity bucket starts (with
+    (5, 20): 0-4, 5-19, 20+); a history length is the user's distinct recent items as the model saw
+    them (the ``recent_items`` input, at most ``contracts.RECENT_ITEMS_MAX``), the one length both the
+    trainer's hold-out and the API's logged features carry. ``item_popularity_bounds``:
+    (torso_from, head_from) interaction counts; below torso_from an item is in the tail. A version
+    that wins overall but whose figure on a segment with at least ``min_examples`` examples is below
+    the baseline's by more than ``flag_loss`` (relative: 0.2 = 20 % lower) is flagged.
+    """
+
+    user_activity_bounds: tuple[int, ...] = (5, 20)
+    item_popularity_bounds: tuple[int, int] = (10, 100)
+    min_examples: int = Field(default=50, ge=1)
+    flag_loss: float = Field(default=0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds_ascending(self) -> SliceTuning:
+        for name, bounds in (
+            ("user_activity_bounds", self.user_activity_bounds),
+            ("item_popularity_bounds", self.item_popularity_bounds),
+        ):
+            if not bounds or bounds[0] < 1 or any(low >= high for low, high in zip(bounds, bounds[1:], strict=False)):
+                raise ValueError(f"slices.{name} {bounds} must be strictly ascending positive counts, e.g. (5, 20)")
+        if self.user_activity_bounds[-1] > RECENT_ITEMS_MAX:
+            raise ValueError(
+                f"slices.user_activity_bounds {self.user_activity_bounds} go beyond {RECENT_ITEMS_MAX}, the most "
+                "recent items a history length counts, so a bucket would stay empty; lower the last bound"
+            )
+        return self
+
+
 class CommonSettings(BaseSettings):
     """Sections every process shares. Subclass it once per process."""
 
@@ -289,6 +324,7 @@ class CommonSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     grpc: GrpcSecurity = GrpcSecurity()
     paths: PathSettings = PathSettings()
+    slices: SliceTuning = SliceTuning()
     # The dataset every command works on unless --dataset says otherwise: a preset (ml-100k,
     # synthetic[:options]), a description file (.toml) or a log file (streamrec.datasets.description).
     dataset: str = Field(default="ml-100k", min_length=1)
@@ -401,6 +437,7 @@ __all__ = [
     "KafkaSettings",
     "PathSettings",
     "RedisSettings",
+    "SliceTuning",
     "TopicSettings",
     "check_environment",
     "known_env_names",

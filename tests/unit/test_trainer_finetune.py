@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from online_trainer import checkpoint
+from online_trainer import checkpoint, training
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.catalog import ItemCatalog
 from online_trainer.checkpoint import Checkpoint
@@ -25,7 +25,7 @@ from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import optimizer_state, weights_by_path
 from online_trainer.settings import TrainerTuning
-from online_trainer.training import train
+from online_trainer.training import gradient_norm, train
 from streamrec.core.attributes import Attribute, AttributeSchema
 
 SCHEMA = AttributeSchema(item=(Attribute(name="genre", type="categorical"),))
@@ -178,3 +178,30 @@ def test_kind_weights_scale_the_loss_and_a_zero_weight_teaches_nothing() -> None
     train(ignored, examples, epochs=2, progress=False, kind_weights={"purchase": 0.0})
     for name, value in weights_by_path(ignored).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_gradient_norm_sums_embedding_rows_of_the_same_index_like_the_dense_gradient() -> None:
+    slices = tf.IndexedSlices(
+        values=tf.constant([[1.0, 2.0], [3.0, 4.0]]), indices=tf.constant([0, 0]), dense_shape=tf.constant([3, 2])
+    )
+    # dense: row 0 = (4, 6), plus (1, 2): 16 + 36 + 1 + 4 (tf.linalg.global_norm would say 1+4+9+16+1+4)
+    assert float(gradient_norm([slices, tf.constant([[1.0], [2.0]]), None])) == pytest.approx(math.sqrt(57))
+
+
+def test_train_reports_the_gradient_norm_of_its_steps_and_nan_when_it_diverges() -> None:
+    model = build_model(_catalog(40), TINY)
+    examples = _examples(20, first=0).assign(item_id=[str(i % 40) for i in range(20)])  # one batch of 32
+    batch = {name: tf.constant(values) for name, values in training._training_arrays(model, examples, None).items()}
+    with tf.GradientTape() as tape:
+        loss = training._batch_loss(model, batch, training._catalog_argument(model), None)
+    gradients = tape.gradient(loss, model.trainable_variables)
+    assert any(isinstance(gradient, tf.IndexedSlices) for gradient in gradients)  # the embedding path is exercised
+    dense = math.sqrt(sum(float(tf.reduce_sum(tf.convert_to_tensor(g) ** 2)) for g in gradients if g is not None))
+    stats = train(model, examples, epochs=1, progress=False)  # the first step starts from the same weights
+    assert stats["gradient_norm_mean"] == stats["gradient_norm_max"] == pytest.approx(dense, rel=1e-4)
+    assert stats["loss"] == pytest.approx(float(loss), rel=1e-5)
+    two = train(model, examples.iloc[:12], epochs=2, progress=False)
+    assert 0 < two["gradient_norm_mean"] <= two["gradient_norm_max"]
+    model.set_weights([np.full_like(weight, np.nan) for weight in model.get_weights()])
+    diverged = train(model, examples, epochs=1, progress=False)
+    assert all(math.isnan(diverged[name]) for name in ("loss", "gradient_norm_mean", "gradient_norm_max"))

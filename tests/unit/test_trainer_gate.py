@@ -6,12 +6,14 @@ under the model base path, its staging directory is gone, and no trainer checkpo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from prometheus_client import REGISTRY
 
 from online_trainer import checkpoint, export
 from online_trainer import publish as publish_module
@@ -22,14 +24,16 @@ from online_trainer.dataset import split_holdout
 from online_trainer.examples import examples_from_interactions
 from online_trainer.gate import check_export, hits, run_gate, sign_test_p, signature_problems
 from online_trainer.history import UserHistories
+from online_trainer.inference import recommend
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import clone_for_finetune
 from online_trainer.publish import VersionWriter, label_canary, publish_candidate
 from online_trainer.settings import TrainerSettings, TrainerTuning
+from online_trainer.slices import SliceJudge, holdout_segments, item_interactions
 from online_trainer.training import train
 from streamrec.core.attributes import Attribute, AttributeSchema
-from streamrec.core.settings import PathSettings
+from streamrec.core.settings import PathSettings, SliceTuning
 from tests.support.tiny_model import TINY_SCHEMA, write_tiny_model
 
 GENRES = ["Action", "Comedy", "Drama", "Horror"]
@@ -309,3 +313,113 @@ def test_an_unreachable_model_server_leaves_the_version_unlabelled(tmp_path: Pat
     publisher.reachable = False
     assert label_canary(writer, publisher, 2) is False
     assert writer.labelled_version() == 1  # the trainer's next start labels the newest version
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_nonfinite_loss_or_gradient_norm_is_never_published_even_with_finite_weights(
+    tmp_path: Path, trained: Any
+) -> None:
+    model, fit, holdout = trained
+    assert publish(settings_for(tmp_path / "ok"), model, fit, holdout).gate.passed
+    assert sample("trainer_gate_consecutive_rejections") == 0
+    finite = {"loss": 1.5, "gradient_norm_mean": 0.5, "gradient_norm_max": 0.9, "examples_per_s": 10.0}
+    for rejections, figure in enumerate(("loss", "gradient_norm_mean", "gradient_norm_max"), start=1):
+        settings = settings_for(tmp_path / figure)
+        outcome = publish(settings, model, fit, holdout, training={**finite, figure: float("inf")})
+        assert outcome.gate.reasons == ["nonfinite"] and figure in outcome.gate.details[0]
+        assert_nothing_published(settings)
+        assert sample("trainer_gate_consecutive_rejections") == rejections
+    assert publish(settings_for(tmp_path / "again"), model, fit, holdout, training=finite).gate.passed
+    assert sample("trainer_gate_consecutive_rejections") == 0
+
+
+def _wins_overall_loses_purchases(model: TwoTowerModel, fit: pd.DataFrame, holdout: pd.DataFrame) -> Any:
+    """A serving model (untrained) and a hold-out on which ``model`` wins 60 "view" rows and loses
+    all 20 "purchase" rows: rows whose positive is an item only the serving model ranks in its top 10."""
+    serving = build_model(tiny_catalog(), TINY)
+    rows = pd.concat([fit, holdout], ignore_index=True)
+    won = rows[hits(model, rows, k=10) & ~hits(serving, rows, k=10)].head(60).assign(kind="view")
+    candidate_top, _ = recommend(model, rows, k=10)
+    serving_top, _ = recommend(serving, rows, k=10)
+    only_serving = [[item for item in s if item not in set(c)] for c, s in zip(candidate_top, serving_top, strict=True)]
+    picked = [index for index, items in enumerate(only_serving) if items][:20]
+    lost = rows.iloc[picked].assign(item_id=[only_serving[index][0] for index in picked], kind="purchase")
+    assert len(won) == 60 and len(lost) == 20
+    return serving, pd.concat([won, lost], ignore_index=True), len(lost)
+
+
+JUDGE_TUNING = SliceTuning(min_examples=10, flag_loss=0.2)
+
+
+def test_a_candidate_that_wins_overall_but_loses_a_segment_badly_is_flagged(tmp_path: Path, trained: Any) -> None:
+    model, fit, holdout = trained
+    serving, case, lost = _wins_overall_loses_purchases(model, fit, holdout)
+    flags_before = sample("trainer_gate_slice_flags_total", segment="event_kind=purchase")
+    settings = settings_for(tmp_path)
+    judge = SliceJudge(JUDGE_TUNING, item_interactions={}, block=False)
+    outcome = publish(settings, model, fit, case, serving=serving, slices=judge)
+    assert outcome.gate.passed and outcome.version == 1, outcome.gate.summary()
+    assert outcome.gate.candidate_metric == pytest.approx(60 / (60 + lost))
+    assert outcome.gate.flagged_segments == ["event_kind=purchase"]
+    figures = export.read_lineage(settings.model_base_path / "1")["slices"]
+    assert figures["event_kind=purchase"] == {"examples": lost, "candidate": 0.0, "serving": 1.0, "flagged": True}
+    assert figures["event_kind=view"] == {"examples": 60, "candidate": 1.0, "serving": 0.0, "flagged": False}
+    assert figures["item_popularity=tail"]["examples"] == 60 + lost  # no item has interactions
+    assert sample("trainer_gate_slice_flags_total", segment="event_kind=purchase") == flags_before + 1
+    assert sample("trainer_gate_slice_hit_at_k", segment="event_kind=purchase", model="candidate") == 0.0
+    assert sample("trainer_gate_slice_hit_at_k", segment="event_kind=purchase", model="serving") == 1.0
+
+    # trainer.block_on_slice_flag: the same candidate is rejected and never published
+    blocked_settings = settings_for(tmp_path / "blocked", block_on_slice_flag=True)
+    blocking = SliceJudge(JUDGE_TUNING, item_interactions={}, block=blocked_settings.trainer.block_on_slice_flag)
+    blocked = publish(blocked_settings, model, fit, case, serving=serving, slices=blocking)
+    assert blocked.gate.reasons == ["slice"] and "event_kind=purchase" in blocked.gate.details[0]
+    assert_nothing_published(blocked_settings)
+    assert TrainerTuning().block_on_slice_flag is False
+
+
+def test_a_segment_is_flagged_only_with_enough_rows_a_big_loss_and_an_overall_win(trained: Any) -> None:
+    model, fit, holdout = trained
+    serving, case, lost = _wins_overall_loses_purchases(model, fit, holdout)
+
+    def flagged(tuning: SliceTuning, candidate: Any = model, against: Any = serving) -> list[str]:
+        judge = SliceJudge(tuning, item_interactions={})
+        result = run_gate(candidate, case, serving=against, export_dir=None, k=10, margin=0.0, slices=judge)
+        return result.flagged_segments
+
+    assert flagged(JUDGE_TUNING) == ["event_kind=purchase"]
+    assert flagged(SliceTuning(min_examples=lost + 1)) == []  # too few purchase rows to judge
+    assert flagged(SliceTuning(min_examples=10, flag_loss=1.0)) == []  # any loss tolerated
+    assert flagged(JUDGE_TUNING, candidate=serving, against=model) == []  # loses overall: the margin rejects it
+
+
+def test_item_popularity_comes_from_the_replay_buffer(trained: Any) -> None:
+    model, fit, holdout = trained
+    replay = ReplayBuffer(100)  # a uniform sample of fit's rows: counts are scaled by seen / kept
+    replay.add(fit)
+    counts = item_interactions(replay)
+    assert sum(counts.values()) == pytest.approx(len(fit), rel=0.05)
+    exact = ReplayBuffer(10_000)
+    exact.add(fit)
+    assert item_interactions(exact) == fit["item_id"].astype(str).value_counts().to_dict()
+    judge = SliceJudge(SliceTuning(item_popularity_bounds=(10, 25)), item_interactions(exact))
+    bands = [labels[2] for labels in holdout_segments(holdout, judge)]
+    expected = [
+        "item_popularity=" + ("head" if n >= 25 else "torso" if n >= 10 else "tail")
+        for n in holdout["item_id"].astype(str).map(item_interactions(exact)).fillna(0)
+    ]
+    assert bands == expected
+
+
+def test_slice_gauges_of_segments_the_last_gate_lacked_read_nan() -> None:
+    from online_trainer import metrics
+
+    metrics.record_slices({"event_kind=gift": {"examples": 3, "candidate": 0.5, "serving": 0.25, "flagged": False}})
+    metrics.record_slices({"event_kind=loan": {"examples": 3, "candidate": 0.75, "serving": None, "flagged": False}})
+    assert math.isnan(sample("trainer_gate_slice_hit_at_k", segment="event_kind=gift", model="candidate"))
+    assert sample("trainer_gate_slice_hit_at_k", segment="event_kind=loan", model="candidate") == 0.75
+    no_serving = {"segment": "event_kind=loan", "model": "serving"}
+    assert REGISTRY.get_sample_value("trainer_gate_slice_hit_at_k", no_serving) is None
