@@ -10,6 +10,10 @@ same ``id``:
 2. ``"state": "applied"`` once the move (and a rollback's rejection) is done, or ``"abandoned"``
    when reconciliation finds the labels moved elsewhere meanwhile (nothing is moved then).
 
+A promotion held back by a flagged segment (``evaluator.py``) is one record, ``"state": "held"``
+(``"action": "hold"``): it moves nothing, so it needs no outcome, and readers of applied
+decisions never see it.
+
 :meth:`DecisionLog.reconcile` runs at start: for an intent without an outcome it reads the
 labels; the move already in effect -> ``applied`` (the rejection completed, nothing moved
 again); the labels still those of the experiment -> the move is made now, then ``applied``;
@@ -34,7 +38,7 @@ from streamrec.core import contracts
 
 log = logging.getLogger(__name__)
 
-DecisionState = Literal["intent", "applied", "abandoned"]
+DecisionState = Literal["intent", "applied", "abandoned", "held"]
 
 
 class LabelController(Protocol):
@@ -85,6 +89,18 @@ class DecisionLog:
         applied = {int(record["canary_version"]) for record in applied_decisions(self.path)}
         return applied | set(self.rejected_versions())
 
+    def last_hold(self, stable_version: int, canary_versions: list[int]) -> dict[str, Any] | None:
+        """The newest ``held`` record of this stable version and canary line, if any."""
+        held = None
+        for record in read_records(self.path):
+            if (
+                record.get("state") == "held"
+                and record.get("stable_version") == stable_version
+                and record.get("canary_version") in canary_versions
+            ):
+                held = record
+        return held
+
     def rejected_versions(self) -> list[int]:
         if not self.rejected_path.exists():
             return []
@@ -96,6 +112,12 @@ class DecisionLog:
         intent = {"id": uuid.uuid4().hex, "state": "intent", "time": _now(), **record}
         self._append(intent)
         return intent
+
+    def hold(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append ``record`` (versions, reason, figures ...) as a promotion held back: no label moves."""
+        held = {"id": uuid.uuid4().hex, "state": "held", "time": _now(), **record, "action": "hold"}
+        self._append(held)
+        return held
 
     def apply(self, intent: dict[str, Any], controller: LabelController, **extra: str) -> dict[str, Any]:
         """Move the labels as ``intent`` says, then record it applied."""

@@ -20,18 +20,30 @@ positions of its evidence) *before* it acts, and reconciled with the labels at s
 experiment are appended to ``timeline.jsonl`` on an interval, for anyone following an experiment
 (``tail -f``).
 
+Segments (``slices.py``): the figures per segment go into every decision record and timeline
+line (``figures()["slices"]``) and to ``streamrec_evaluator_slice_ctr{arm,segment}``. When the
+policy would promote but the canary loses a segment badly (``streamrec.core.segments.flagged``),
+the segment is counted in ``streamrec_evaluator_slice_flags_total`` and, with
+``block_promotion_on_slice_flag`` (the default: a canary that hurts a group of users should not
+reach everyone unseen), the promotion is *held*: a ``held`` record in the decision log says which
+segments and why, the labels stay, and the experiment goes on. It is promoted once no segment is
+flagged any more (the line's next version, or more evidence), and the guardrails and the test can
+still roll it back. A new hold record is written only when the flagged set changes.
+
 Crash safety: the joiner is at-least-once, so an example may arrive twice (same ``event_id``); a
 request counts once as a trial (its position-0 example) and once as a hit (any clicked example),
-by request id, within an experiment. The evaluator rebuilds its evidence from Kafka after a
-restart: ``checkpoint.py`` keeps where the experiment began in ``topics.labeled``, and
-:meth:`AbEvaluator.recover` reads it again from there. Memory: ~150 B per request of the current
-experiment for those request ids.
+by request id, within an experiment, and a shown item once per request and position. The
+evaluator rebuilds its evidence from Kafka after a restart: ``checkpoint.py`` keeps where the
+experiment began in ``topics.labeled``, and :meth:`AbEvaluator.recover` reads it again from there.
+Memory: ~200 B per request of the current experiment for those request ids, and a few counters
+per item for the slices.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +54,10 @@ from prometheus_client import Counter, Gauge
 from serving.rollout.checkpoint import EvaluatorCheckpoint
 from serving.rollout.decision_log import DecisionLog, LabelController
 from serving.rollout.policy import Decision, Experiment, PolicyConfig
+from serving.rollout.slices import SliceStats, SliceTable
 from streamrec.core import contracts
 from streamrec.core.events import LabeledExample
+from streamrec.core.settings import SliceTuning
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +69,14 @@ CANARY_WIN_SHARE = Gauge(
     "streamrec_evaluator_canary_win_share", "Share of clicked interleaved requests won by the canary's items"
 )
 VERSION = Gauge("streamrec_evaluator_version", "Model version under each label", ["label"])
+SLICE_CTR = Gauge(
+    "streamrec_evaluator_slice_ctr", "CTR per arm and segment (requests or shown items: slices.py)", ["arm", "segment"]
+)
+SLICE_FLAGS = Counter(
+    "streamrec_evaluator_slice_flags_total",
+    "Canaries that won overall but lost this segment by more than slices.flag_loss",
+    ["segment"],
+)
 
 
 __all__ = ["AbEvaluator", "LabelController"]
@@ -63,9 +85,20 @@ __all__ = ["AbEvaluator", "LabelController"]
 class AbEvaluator:
     """The evaluator's state: the current experiment, decided versions, read positions, and its logs."""
 
-    def __init__(self, controller: LabelController, config: PolicyConfig, output_dir: Path, topic: str = "") -> None:
+    def __init__(
+        self,
+        controller: LabelController,
+        config: PolicyConfig,
+        output_dir: Path,
+        topic: str = "",
+        *,
+        slices: SliceTuning | None = None,
+        block_promotion_on_slice_flag: bool = True,
+    ) -> None:
         self.controller = controller
         self.config = config
+        self.slice_tuning = slices or SliceTuning()
+        self.block_promotion_on_slice_flag = block_promotion_on_slice_flag
         self.log = DecisionLog(output_dir)
         self.decisions_path = self.log.path
         self.timeline_path = output_dir / "timeline.jsonl"
@@ -76,9 +109,15 @@ class AbEvaluator:
         # Next offset to read per partition of the labeled topic, and where the experiment began.
         self.positions: dict[int, int] = {}
         self.experiment_start: dict[int, int] = {}
-        # Requests of this experiment counted as trials and as hits (the dedup of module docstring).
-        self._trials: set[str] = set()
-        self._hits: set[str] = set()
+        # Per request of this experiment: the positions counted as shown and as clicked, as bit
+        # masks (the dedup of the module docstring); position 0 shown = the request's trial.
+        self._shown: dict[str, int] = {}
+        self._clicked: dict[str, int] = {}
+        self.slices = SliceStats(self.slice_tuning, config.alpha)
+        # The segments flagged at the last promote-look, and those of the last hold record.
+        self._flagged: set[str] = set()
+        self._held_on: list[str] | None = None
+        self._exported: set[tuple[str, str]] = set()  # (arm, segment) of streamrec_evaluator_slice_ctr
         self._saved: EvaluatorCheckpoint | None = None
 
     # -- recovery ---------------------------------------------------------------------------
@@ -103,6 +142,10 @@ class AbEvaluator:
                 saved.stable,
                 saved.start,
             )
+            held = self.log.last_hold(restored.stable.version, restored.canary_versions)
+            if held is not None:  # not written again for the same segments after the rebuild
+                self._held_on = list(held["figures"]["slices"]["flagged"])
+                self._flagged = set(self._held_on)
             self.positions = dict(saved.start)
             return dict(saved.start)
         return dict(self.positions)
@@ -151,8 +194,15 @@ class AbEvaluator:
         log.info("new experiment: canary %s against stable %s", canary, stable)
         self.experiment = Experiment(stable, canary, self.config)
         self.experiment_start = dict(self.positions)
-        self._trials, self._hits = set(), set()
+        self._reset_evidence()
         self.save_checkpoint()
+
+    def _reset_evidence(self) -> None:
+        self._shown, self._clicked = {}, {}
+        self.slices = SliceStats(self.slice_tuning, self.config.alpha)
+        self._flagged, self._held_on = set(), None
+        for arm, segment in self._exported:  # no figure in this experiment (yet)
+            SLICE_CTR.labels(arm, segment).set(math.nan)
 
     # -- evidence -------------------------------------------------------------------------
     def handle(self, example: LabeledExample) -> Decision | None:
@@ -167,10 +217,15 @@ class AbEvaluator:
         # Interleaved with this experiment's stable: the click's team is evidence too.
         team = example.team if example.control_version == experiment.stable.version else None
         interleaved = team is not None
-        if example.position == 0 and example.request_id in self._trials:
+        bit = 1 << example.position
+        shown = self._shown.get(example.request_id, 0)
+        if shown & bit:
             EXAMPLES.labels("duplicate").inc()  # labeled again after a joiner restart
-        elif example.position == 0:
-            self._trials.add(example.request_id)
+        else:
+            self._shown[example.request_id] = shown | bit
+            self.slices.record_shown(example.arm, example.item_id)
+        if example.position == 0 and not shown & bit:
+            self.slices.record_request(example.arm, example.features)
             experiment.record(
                 example.arm,
                 hit=False,
@@ -180,32 +235,45 @@ class AbEvaluator:
                 user_id=example.user_id,
                 interleaved=interleaved,
             )
-        if example.clicked and example.request_id not in self._hits:
-            self._hits.add(example.request_id)
+        clicked = self._clicked.get(example.request_id)
+        if example.clicked and not (clicked or 0) & bit:
+            self._clicked[example.request_id] = (clicked or 0) | bit
+            self.slices.record_clicked(example.arm, example.item_id)
+        if example.clicked and clicked is None:
+            self.slices.record_request_hit(example.arm, example.features)
             experiment.record_hit(example.arm, example.model_version, example.user_id, interleaved=interleaved)
             if team is not None:
                 experiment.record_credit(team, example.model_version, example.user_id, tie=bool(example.shared))
         return None
 
     def decide(self) -> Decision | None:
+        """Act on the policy's decision; a promotion that loses a segment may be held instead
+        (module docstring): then the experiment goes on and None is returned."""
         experiment = self.experiment
         if experiment is None:
             return None
         decision = experiment.decide()
         if decision.action == "continue":
             return None
+        table = self.slices.table(wins_overall=decision.action == "promote")
+        newly_flagged = set(table.flagged) - self._flagged
+        for segment in sorted(newly_flagged):
+            SLICE_FLAGS.labels(segment).inc()
+        self._flagged = set(table.flagged)
+        reason = decision.reason
+        if table.flagged and self.block_promotion_on_slice_flag:
+            self._hold(experiment, decision, table)
+            return None
+        if table.flagged:
+            reason += (
+                f"; promoted although it loses {', '.join(table.flagged)} (evaluator.block_promotion_on_slice_flag "
+                "is off)"
+            )
         canary = experiment.canary.version
-        intent = self.log.intend(
-            {
-                "action": decision.action,
-                "reason": decision.reason,
-                "stable_version": experiment.stable.version,
-                "canary_version": canary,
-                "figures": self.figures(),
-                "test": asdict(decision.test) if decision.test is not None else None,
-                "positions": dict(self.positions),
-            }
-        )
+        record = self._record(experiment, decision, reason, table)
+        if self._held_on is not None:
+            record["held_on"] = self._held_on  # the segments an earlier hold named, now cleared
+        intent = self.log.intend({"action": decision.action, **record})
         self.log.apply(intent, self.controller)
         self.decided.add(canary)
         DECISIONS.labels(decision.action).inc()
@@ -214,11 +282,51 @@ class AbEvaluator:
         self.save_checkpoint()
         return decision
 
+    def _hold(self, experiment: Experiment, decision: Decision, table: SliceTable) -> None:
+        """Keep the labels; write a ``held`` record when the flagged segments changed."""
+        if self._held_on == table.flagged:
+            return
+        self._held_on = table.flagged
+        tuning = self.slice_tuning
+        reason = (
+            f"{decision.reason}, but the promotion is held: the canary's CTR on {', '.join(table.flagged)} is "
+            f"more than {tuning.flag_loss:.0%} below stable's, significantly (slices.flag_loss, at least "
+            f"slices.min_examples={tuning.min_examples} per arm) and evaluator.block_promotion_on_slice_flag is "
+            "on; it is promoted once no segment is flagged, or by hand"
+        )
+        self.log.hold(self._record(experiment, decision, reason, table))
+        DECISIONS.labels("hold").inc()
+        log.warning("hold version %s: %s", experiment.canary.version, reason)
+
+    def _record(self, experiment: Experiment, decision: Decision, reason: str, table: SliceTable) -> dict[str, Any]:
+        return {
+            "reason": reason,
+            "stable_version": experiment.stable.version,
+            "canary_version": experiment.canary.version,
+            "figures": self.figures(table),
+            "test": asdict(decision.test) if decision.test is not None else None,
+            "positions": dict(self.positions),
+        }
+
     # -- records --------------------------------------------------------------------------
-    def figures(self) -> dict[str, Any]:
+    def figures(self, slices: SliceTable | None = None) -> dict[str, Any]:
+        """Per-arm figures of the current experiment and its slice table (``slices`` None: built
+        here, a segment flagged where the canary is ahead on the figure the policy judges)."""
         experiment = self.experiment
         if experiment is None:
             return {}
+        if slices is None:
+            ahead = (
+                experiment.wins.ctr > 0.5
+                if experiment.interleaved_requests
+                else experiment.canary.ctr > experiment.stable.ctr
+            )
+            slices = self.slices.table(wins_overall=ahead)
+        for row in slices.rows:
+            for arm_name, counts in row.arms.items():
+                if counts.trials:
+                    SLICE_CTR.labels(arm_name, row.segment).set(counts.ctr)
+                    self._exported.add((arm_name, row.segment))
         figures: dict[str, Any] = {}
         for arm in (experiment.stable, experiment.canary):
             name = contracts.STABLE_LABEL if arm is experiment.stable else contracts.CANARY_LABEL
@@ -254,6 +362,7 @@ class AbEvaluator:
                 "current_canary_share": experiment.current_wins.ctr,
             }
             CANARY_WIN_SHARE.set(experiment.wins.ctr)
+        figures["slices"] = slices.as_record()
         return figures
 
     def snapshot(self) -> None:

@@ -4,7 +4,8 @@ It reads every partition of ``topics.labeled`` by assignment from where
 :meth:`~serving.rollout.evaluator.AbEvaluator.recover` says (``checkpoint.py`` says why no
 consumer group), and after every batch lets the evaluator decide and saves its checkpoint. The
 labels are re-read every ``evaluator.labels_refresh_s``, the figures written to the timeline
-every ``evaluator.snapshot_interval_s``.
+every ``evaluator.snapshot_interval_s``, and its own lag (``lag.py``) exported every
+``evaluator.lag_interval_s`` as ``streamrec_consumer_group_lag{group=evaluator.group_id}``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 
 from serving.rollout.evaluator import EXAMPLES, AbEvaluator
+from serving.rollout.lag import update_lag
 from serving.rollout.settings import EvaluatorSettings
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,14 @@ def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> Non
 
     topic = settings.topics.labeled
     client = ModelServerClient.from_settings(settings)
-    evaluator = AbEvaluator(client, settings.evaluator.policy, settings.evaluator_dir, topic)
+    evaluator = AbEvaluator(
+        client,
+        settings.evaluator.policy,
+        settings.evaluator_dir,
+        topic,
+        slices=settings.slices,
+        block_promotion_on_slice_flag=settings.evaluator.block_promotion_on_slice_flag,
+    )
     config = {
         **consumer_config(settings, settings.evaluator.group_id, from_beginning=True),
         "enable.auto.commit": False,
@@ -46,7 +55,9 @@ def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> Non
                 for partition in metadata.partitions
             ]
         )
+        partitions = sorted(metadata.partitions)
         started = last_labels = last_snapshot = time.monotonic()
+        last_lag = started - settings.evaluator.lag_interval_s  # the first update at once
         while max_seconds is None or time.monotonic() - started < max_seconds:
             for message in consumer.consume(num_messages=500, timeout=0.5):
                 if message.error() is not None:
@@ -70,6 +81,9 @@ def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> Non
             if now - last_snapshot >= settings.evaluator.snapshot_interval_s:
                 evaluator.snapshot()
                 last_snapshot = now
+            if now - last_lag >= settings.evaluator.lag_interval_s:
+                update_lag(consumer, settings.evaluator.group_id, topic, partitions, evaluator.positions)
+                last_lag = now
     finally:
         consumer.close()
         client.close()

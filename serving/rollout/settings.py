@@ -23,6 +23,13 @@ class EvaluatorSection(BaseModel):
     labels_refresh_s: float = Field(default=2.0, gt=0)
     # decisions.jsonl, rejected.json, timeline.jsonl, checkpoint.json; None: <paths.state_dir>/evaluator
     output_dir: Path | None = None
+    # Hold a promotion when the canary loses a segment badly (``slices``, on CommonSettings, sets
+    # "badly"): a canary that hurts a group of users is not rolled out to all of them unseen; the
+    # decision log's ``held`` record says why (serving/rollout/evaluator.py).
+    block_promotion_on_slice_flag: bool = True
+    # How often streamrec_consumer_group_lag is updated from the consumer's cached watermarks.
+    lag_interval_s: float = Field(default=5.0, gt=0)
+    # /metrics (prometheus_client's server) on this port; 0: none (the stack sets one per process).
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
 
