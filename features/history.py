@@ -78,9 +78,14 @@ def _nullable(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _join_view(
-    store: FeatureStore, view: FeatureView, feature_names: list[str], entities: pd.DataFrame
+    store: FeatureStore,
+    view: FeatureView,
+    feature_names: list[str],
+    entities: pd.DataFrame,
+    max_age: timedelta | None = None,
 ) -> pd.DataFrame:
-    """``entities`` (unique join key + timestamp) with ``feature_names`` of ``view`` as of each row."""
+    """``entities`` (unique join key + timestamp) with ``feature_names`` of ``view`` as of each row;
+    ``max_age`` replaces the TTL of a view that has one (serving's age rule, for the skew check)."""
     (join_key,) = [column.name for column in view.entity_columns]
     source = read_source(store, view, [join_key, *feature_names, views.EVENT_TIMESTAMP])
     source[join_key] = source[join_key].astype(str)
@@ -90,6 +95,8 @@ def _join_view(
     source = source.sort_values([views.EVENT_TIMESTAMP, _ORDER], kind="stable")
     source = source.drop_duplicates([join_key, views.EVENT_TIMESTAMP], keep="first").drop(columns=_ORDER)
     ttl = view.ttl if view.ttl and view.ttl > timedelta(0) else None
+    if ttl is not None and max_age is not None:
+        ttl = max_age
     left = entities.sort_values(views.EVENT_TIMESTAMP, kind="stable")
     joined = pd.merge_asof(
         left,
@@ -104,8 +111,11 @@ def _join_view(
     return joined.drop(columns="__source_ts")
 
 
-def historical_features(store: FeatureStore, entity_df: pd.DataFrame, service_name: str) -> pd.DataFrame:
-    """``entity_df`` with the service's features added as of each row's timestamp, order kept."""
+def historical_features(
+    store: FeatureStore, entity_df: pd.DataFrame, service_name: str, *, max_age: timedelta | None = None
+) -> pd.DataFrame:
+    """``entity_df`` with the service's features added as of each row's timestamp, order kept;
+    ``max_age``, when given, is the oldest a time-limited view's row may be (instead of its TTL)."""
     service = store.get_feature_service(service_name)
     if views.EVENT_TIMESTAMP not in entity_df.columns:
         raise FeaturesError(f"entity_df needs an {views.EVENT_TIMESTAMP!r} column (tz-aware UTC).")
@@ -130,7 +140,7 @@ def historical_features(store: FeatureStore, entity_df: pd.DataFrame, service_na
             raise FeaturesError(f"entity_df already has columns {clash} that {view.name} would add; rename them.")
         result[join_key] = result[join_key].astype(str)
         entities = result[[join_key, views.EVENT_TIMESTAMP]].drop_duplicates()
-        answer = _join_view(store, view, feature_names, entities)
+        answer = _join_view(store, view, feature_names, entities, max_age)
         result = result.merge(answer, on=[join_key, views.EVENT_TIMESTAMP], how="left", validate="many_to_one")
         for name in feature_names:
             if result[name].dtype == object:  # lists and strings: None, not NaN, when missing
