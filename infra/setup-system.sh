@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages streamrec runs on, from Debian, if they are missing:
 # Java 17 (Kafka), Maven (fetches the Kafka jars), Redis, kcat (a third-party Kafka client the
-# tests use) and docker-compose (static check of infra/docker-compose.yml; no engine is needed).
+# tests use), docker-compose (static check of infra/docker-compose.yml; no engine is needed) and
+# Prometheus (the stack's metrics server; it brings promtool, which checks and tests the alert rules).
 # Idempotent: with everything present it changes nothing and does not touch the network.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ declare -A package_for=(
   [redis-server]=redis-server
   [kcat]=kcat
   [docker-compose]=docker-compose
+  [promtool]=prometheus
 )
 missing=()
 for binary in "${!package_for[@]}"; do

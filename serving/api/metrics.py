@@ -17,6 +17,8 @@ Prometheus conventions (``_seconds``, ``_total``).
 * ``streamrec_api_impressions_total{outcome}``: impressions ``queued``, ``delivered``,
   ``dropped`` (queue full) or ``failed`` (Kafka delivery error).
 * ``streamrec_api_trending_age_seconds`` / ``streamrec_api_trending_refresh_failures_total``.
+* ``streamrec_model_freshness_seconds``: interaction produced -> first response by a version that
+  learned it (``serving.api.model_freshness``).
 
 ``SimilarItems`` has series of its own, so Recommend's keep their meaning (and their labels):
 
@@ -31,6 +33,8 @@ A model failure on either RPC is also counted in ``streamrec_api_degraded_total{
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from serving.api.model_freshness import FRESHNESS_BUCKETS_S
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 1.0)
 
@@ -74,6 +78,13 @@ class ApiMetrics:
         self.trending_failures = Counter(
             "streamrec_api_trending_refresh_failures_total",
             "Background refreshes of the trending list that failed (the previous list is kept).",
+            registry=self.registry,
+        )
+
+        self.model_freshness = Histogram(
+            "streamrec_model_freshness_seconds",
+            "Interaction produced -> first response by a model version that learned it (serving.api.model_freshness).",
+            buckets=FRESHNESS_BUCKETS_S,
             registry=self.registry,
         )
 

@@ -255,8 +255,10 @@ class Ranker:
         budget_s: float,
         canary_gate: CanaryGate,
         interleave: bool = False,
+        on_answer: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_answer = on_answer  # told the version of every model answer (model freshness)
         self._trending = trending
         self._metrics = metrics
         self._inputs = dict(inputs)
@@ -293,6 +295,8 @@ class Ranker:
             log.debug("model fallback (%s): %s", exc.reason, exc)
             return self._trending_answer(k=k, excluded=excluded, arm=arm, reason=exc.reason, allowed=allowed)
         self._metrics.model_version.labels(arm).set(version)
+        if self._on_answer is not None:
+            self._on_answer(version)
         reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
         ranked = Ranked(items, version, arm, reason, degraded=features_failed)
         if self._interleave and arm == contracts.CANARY_LABEL:

@@ -33,6 +33,7 @@ from serving.api.arms import CanaryGate
 from serving.api.errors import ApiSetupError
 from serving.api.impressions import ImpressionLogger
 from serving.api.metrics import ApiMetrics
+from serving.api.model_freshness import ModelFreshness
 from serving.api.proto import SERVICE_NAME, generated
 from serving.api.ranking import Ranker
 from serving.api.service import RecommenderService
@@ -197,6 +198,7 @@ class ApiServer:
             budget_s=settings.model_budget_s,
             canary_gate=CanaryGate(settings.api.canary_recheck_s),
             interleave=settings.api.interleave,
+            on_answer=ModelFreshness(settings.model_base_path, self.metrics.model_freshness).answered,
         )
         similar = SimilarItems(client, self._trending, self.metrics, budget_s=settings.model_budget_s)
         service = RecommenderService(settings, features, ranker, similar, self._impressions, self.metrics)

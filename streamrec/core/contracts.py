@@ -86,6 +86,9 @@ SIMILAR_SIGNATURE: Final = "similar"
 TOP_K_EXPORTED: Final = 100
 STABLE_LABEL: Final = "stable"
 CANARY_LABEL: Final = "canary"
+# A version's lineage (data range, Kafka offsets, parent, gate figures), inside ``<base>/<version>/``;
+# ``lineage["freshness"]["produced_counts"]``: [[epoch second, records]] it newly learned.
+LINEAGE_PATH: Final = "assets.extra/lineage.json"
 
 
 def trending_score(count_1h: int, count_24h: int) -> float:

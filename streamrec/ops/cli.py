@@ -58,18 +58,22 @@ def setup() -> None:
 
 
 def _running_stack() -> LocalStack:
-    """The stack in the settings' state folder, with as many Kafka nodes as it runs (so a stack
-    started with ``--brokers 3`` is managed without repeating the flag)."""
+    """The running stack as it was started (its ports, brokers, security), in the settings' state
+    folder or, from the default one, the stack ``streamrec demo --keep-running`` left."""
     from streamrec.ops.stack.local_stack import LocalStack
 
-    return LocalStack.attach(load(StackSettings))
+    return LocalStack.find(load(StackSettings))
 
 
 @stack_app.command("up")
 def stack_up(
     services: Annotated[
         str | None,
-        typer.Option("--with", help="project processes to start too, comma-separated, or 'all'"),
+        typer.Option(
+            "--with",
+            help="processes to start too, comma-separated (e.g. prometheus,api), or 'all'; "
+            "prometheus also starts the probe (consumer lag, Kafka and Redis reachability)",
+        ),
     ] = None,
     brokers: Annotated[
         int | None,
@@ -94,7 +98,7 @@ def stack_up(
     and create the project topics (replicated across the nodes with --brokers 3)."""
     from streamrec.kafka.admin import ensure_topics
     from streamrec.ops.stack.local_stack import LocalStack
-    from streamrec.ops.stack.programs import PROJECT_SERVICES
+    from streamrec.ops.stack.programs import STACK_SERVICES
 
     settings = load(StackSettings)
     if brokers is not None or secure:
@@ -111,13 +115,17 @@ def stack_up(
         f"topics created (replication factor {topics.replication_factor}, min.insync.replicas "
         f"{topics.min_insync_replicas}): {', '.join(created) if created else 'none (all existed)'}"
     )
-    names = list(PROJECT_SERVICES) if services == "all" else [n for n in (services or "").split(",") if n]
+    names = list(STACK_SERVICES) if services == "all" else [n for n in (services or "").split(",") if n]
+    if "prometheus" in names and "probe" not in names:
+        names.insert(names.index("prometheus") + 1, "probe")
     for name in names:
-        if name not in PROJECT_SERVICES:
-            raise StreamrecError(f"unknown service {name!r}; choose from {', '.join(PROJECT_SERVICES)}")
+        if name not in STACK_SERVICES:
+            raise StreamrecError(f"unknown service {name!r}; choose from {', '.join(STACK_SERVICES)}")
         typer.echo(f"starting {name} ...")
         stack.start(name)
     _print_status(stack)
+    if "prometheus" in names:
+        typer.echo(f"Prometheus: {stack.prometheus_url()}  (alerts: {stack.prometheus_url()}/alerts)")
 
 
 @stack_app.command("start")
@@ -370,7 +378,7 @@ def _mount_components() -> None:
     from online_trainer.cli import train_command, trainer_command
     from serving.api.cli import app as api_app
     from serving.model_server.cli import model_server_command
-    from streamrec.ops import cli_loop
+    from streamrec.ops import cli_loop, cli_observe, cli_status
     from streams.cli import app as streams_app
 
     app.add_typer(features_app, name="features", help="The Feast feature repo: setup, show, compact, feast CLI.")
@@ -382,6 +390,10 @@ def _mount_components() -> None:
     app.command("joiner")(cli_loop.joiner)
     app.command("evaluator")(cli_loop.evaluator)
     app.command("simulate")(cli_loop.simulate)
+    app.command("status")(cli_status.status_command)
+    app.command("dashboards")(cli_status.dashboards)
+    app.command("skew-check")(cli_observe.skew_check)
+    stack_app.command("probe")(cli_status.stack_probe)
 
 
 _mount_components()

@@ -54,6 +54,14 @@ class StackTuning(Section):
     # Kafka speaks SASL_SSL with ACLs, Redis TLS with ACL users, gRPC TLS with caller identities.
     secure: bool = False
     redis_cluster_bus_port: int = Field(default=16379, ge=1, le=65535)
+    # Metrics: each project process serves /metrics on metrics_port_base + its place in
+    # ``observability.METRICS_PROGRAMS`` (unless its own ``<section>.metrics_port`` is set); the
+    # stack's Prometheus (``stack up --with prometheus``) listens on prometheus_port.
+    metrics_port_base: int = Field(default=9101, ge=1, le=65_000)
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)
+    prometheus_bin: str = "prometheus"
+    prometheus_retention: str = Field(default="2d", pattern=r"^[0-9]+[smhdwy]$")
+    scrape_interval_s: float = Field(default=5.0, ge=1.0, le=60.0)
 
     @model_validator(mode="after")
     def _port_ranges_apart(self) -> StackTuning:

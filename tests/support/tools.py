@@ -33,6 +33,7 @@ GO_TOOLS_STEP = "`make go-tools` (part of `make setup`; installs the pinned vers
 OUTSIDE_TOOLS: dict[str, OutsideTool] = {
     "kcat": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
     "docker-compose": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
+    "prometheus": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
     "grpcurl": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
     "ghz": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
 }

@@ -135,6 +135,8 @@ def test_each_service_may_use_only_its_own_topics_and_group(clean_environment: o
         "trainer: READ group streamrec-trainer",
         "evaluator: READ topic streamrec.labeled",
         "evaluator: READ group streamrec-evaluator",
+        "skew: READ topic streamrec.impressions",
+        "skew: READ group streamrec-skew",
     }
 
 
@@ -144,6 +146,7 @@ def test_the_table_follows_the_services_settings(clean_environment: pytest.Monke
     clean_environment.setenv("STREAMREC_TRAINER__SOURCE", "labeled")
     clean_environment.setenv("STREAMREC_TRAINER__GROUP_ID", "trainer-b")
     clean_environment.setenv("STREAMREC_EVALUATOR__GROUP_ID", "evaluator-b")
+    clean_environment.setenv("STREAMREC_SKEW__GROUP_ID", "skew-b")
     settings = stack_settings(tmp_path, secure=True).model_copy(update={"topics": TopicSettings.prefixed("p")})
     grants = table(settings)
     assert {
@@ -155,6 +158,7 @@ def test_the_table_follows_the_services_settings(clean_environment: pytest.Monke
         "trainer: READ topic p.labeled",
         "trainer: READ group trainer-b",
         "evaluator: READ group evaluator-b",
+        "skew: READ group skew-b",
     } <= grants
     assert not [grant for grant in grants if "streamrec" in grant]
     assert "trainer: READ topic p.interactions" not in grants

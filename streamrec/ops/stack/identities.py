@@ -20,7 +20,17 @@ from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX
 from streamrec.ops.stack.certs import IssuedCertificate, LocalCA, write_private
 
 # "admin": the operator (``stack env`` in a shell, topic creation, ACLs); the others are processes.
-IDENTITIES: tuple[str, ...] = ("admin", "replay", "streams", "joiner", "trainer", "evaluator", "model-server", "api")
+IDENTITIES: tuple[str, ...] = (
+    "admin",
+    "replay",
+    "streams",
+    "joiner",
+    "trainer",
+    "evaluator",
+    "model-server",
+    "api",
+    "skew",
+)
 # Kafka brokers and Redis authenticate to each other as these (inter-broker SCRAM user, TLS certs).
 SERVER_CERTIFICATES: tuple[str, ...] = ("kafka", "redis")
 

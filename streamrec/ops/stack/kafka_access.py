@@ -91,6 +91,7 @@ def _faust_app(identity: str, app_id: str) -> list[Grant]:
 def service_acls(settings: CommonSettings) -> tuple[Grant, ...]:
     """The ACL table for ``settings.topics`` and the services' own names, read from the
     environment the stack hands its programs (``STREAMREC_STREAMS__APP_ID`` and so on)."""
+    from features.skew_settings import SkewSettings
     from online_trainer.settings import TrainerSettings
     from serving.rollout.settings import EvaluatorSettings
     from streams.joiner_settings import JoinerSettings
@@ -118,6 +119,8 @@ def service_acls(settings: CommonSettings) -> tuple[Grant, ...]:
         Grant("trainer", "group", trainer.trainer.group_id, ("READ",)),
         Grant("evaluator", "topic", topics.labeled, ("READ",)),
         Grant("evaluator", "group", evaluator.group_id, ("READ",)),
+        Grant("skew", "topic", topics.impressions, ("READ",)),
+        Grant("skew", "group", SkewSettings(topics=topics).skew.group_id, ("READ",)),
     )
 
 

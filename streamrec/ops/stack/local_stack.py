@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import functools
 import io
+import json
 import os
 import re
 import shlex
@@ -27,10 +28,10 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from supervisor.xmlrpc import SupervisorTransport
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -42,10 +43,11 @@ from streamrec.core.settings import (
     CommonSettings,
     GrpcSecurity,
     KafkaSettings,
+    PathSettings,
     TopicSettings,
 )
 from streamrec.ops.settings import StackSettings, StackTuning
-from streamrec.ops.stack import kafka_access, kafka_broker, redis_server
+from streamrec.ops.stack import kafka_access, kafka_broker, observability, redis_server
 from streamrec.ops.stack.certs import write_private
 from streamrec.ops.stack.identities import IDENTITIES, StackSecrets, service_environment
 from streamrec.ops.stack.programs import Program, project_health_checks, project_programs
@@ -62,16 +64,37 @@ class LocalStack:
         self.socket_path = self.root / "supervisor.sock"
         self.pid_path = self.root / "supervisord.pid"
         self.secrets_dir = self.root / "secrets"
+        # the environment the stack's programs were started with (ports, paths; secrets only as
+        # file paths), so `streamrec status` from a plain shell reaches a stack the demo started
+        self.environment_path = self.root / "stack-environment.json"
+        self.prometheus_config_path = self.root / "prometheus" / "prometheus.yml"
         # present while a secure stack runs here, so `stack status` etc. attach to it as one
         self.secure_marker = self.root / "secure"
 
     @classmethod
+    def find(cls, settings: StackSettings) -> LocalStack:
+        """The running stack in the settings' state folder or, when none runs there and the state
+        folder is the default, the one ``streamrec demo --keep-running`` left (``.state/demo``);
+        attached (:meth:`attach`). As configured when neither runs."""
+        stack = cls.attach(settings)
+        default = PathSettings().state_dir
+        if stack.is_running() or settings.paths.state_dir != default:
+            return stack
+        demo = cls.attach(settings.model_copy(update={"paths": PathSettings(state_dir=default / "demo")}))
+        return demo if demo.is_running() else stack
+
+    @classmethod
     def attach(cls, settings: StackSettings) -> LocalStack:
-        """The stack running in the settings' state folder with as many Kafka nodes as it runs
-        (read from supervisord), whatever ``stack.brokers`` says; as configured if none runs."""
+        """The stack running in the settings' state folder, as it was started: the settings its
+        programs got (ports, brokers, security; recorded at ``up``) and as many Kafka nodes as it
+        runs (read from supervisord); as configured if none runs."""
         stack = cls(settings)
         if not stack.is_running():
             return stack
+        recorded = stack.recorded_environment()
+        if recorded is not None:
+            settings = under_environment(recorded, StackSettings)
+            stack = cls(settings)
         brokers = len(stack.running_kafka_programs()) or settings.stack.brokers
         secure = stack.secure_marker.is_file()
         if (brokers, secure) == (settings.stack.brokers, settings.stack.secure):
@@ -137,6 +160,34 @@ class LocalStack:
             ),
         }
 
+    def recorded_environment(self) -> dict[str, str] | None:
+        """The ``STREAMREC_*`` environment the running stack was started with; None before ``up``."""
+        if not self.environment_path.is_file():
+            return None
+        recorded: dict[str, str] = json.loads(self.environment_path.read_text())
+        return recorded
+
+    def _tuning_environment(self) -> dict[str, str]:
+        """This stack's ``stack`` section as variables, so :meth:`attach` rebuilds it exactly."""
+        prefix = f"{ENV_PREFIX}STACK{ENV_NESTED_DELIMITER}"
+        return {
+            f"{prefix}{name.upper()}": value if isinstance(value, str) else json.dumps(value)
+            for name, value in self.settings.stack.model_dump(mode="json").items()
+        }
+
+    def stack_environment(self) -> dict[str, str]:
+        """The environment the stack's programs see: as recorded at ``up`` while it runs, else the
+        one this process would give them now."""
+        recorded = self.recorded_environment() if self.is_running() else None
+        return recorded if recorded is not None else self.client_environment()
+
+    def metrics_targets(self) -> dict[str, str]:
+        """Job name -> ``host:port`` of every ``/metrics`` endpoint of the stack (Prometheus' targets)."""
+        return observability.scrape_targets(self.settings, self.stack_environment())
+
+    def prometheus_url(self) -> str:
+        return observability.prometheus_url(self.settings)
+
     @functools.cached_property
     def secrets(self) -> StackSecrets | None:
         """The CA and the services' identities of a secure stack (created on first use); None
@@ -147,6 +198,10 @@ class LocalStack:
         """:meth:`client_environment`, plus, on a secure stack, the credentials (file paths) of the
         program's own identity: the project's processes each connect as themselves."""
         environment = self.client_environment()
+        if program in observability.METRICS_PROGRAMS:
+            variable = observability.metrics_variable(program)
+            if variable is not None:
+                environment[variable] = str(observability.metrics_port(self.settings, program, environment))
         if self.secrets is not None and program in IDENTITIES:
             environment.update(service_environment(self.secrets, program))
         return environment
@@ -166,7 +221,7 @@ class LocalStack:
                 for node in cluster
             ),
             *redis_server.redis_programs(self.settings, self.secrets),
-            *project_programs(self.settings),
+            *project_programs(self.settings, self.root, self.stack_environment()),
         ]
 
     def health_checks(self) -> dict[str, Callable[[], bool] | None]:
@@ -182,7 +237,9 @@ class LocalStack:
             **{program.name: program.healthy for program in redis_server.redis_programs(self.settings, self.secrets)},
             # a secure stack's probes check the servers against its CA (health needs no identity)
             **project_health_checks(
-                GrpcSecurity(tls=True, ca_file=self.secrets.ca_file) if self.secrets is not None else None
+                self.settings,
+                self.stack_environment(),
+                GrpcSecurity(tls=True, ca_file=self.secrets.ca_file) if self.secrets is not None else None,
             ),
         }
 
@@ -260,6 +317,12 @@ class LocalStack:
             self.secure_marker.unlink(missing_ok=True)
         programs = self.programs()
         self._render(programs)
+        recorded = {**self.client_environment(), **self._tuning_environment()}
+        write_private(self.environment_path, json.dumps(recorded, indent=1, sort_keys=True).encode())
+        self.prometheus_config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.prometheus_config_path.write_text(observability.prometheus_config(self.settings, self.root))
+        for program in observability.METRICS_PROGRAMS:
+            observability.remove_target(self.root, program)  # none runs yet
         started = _run_supervisord(self.config_path)
         if not started:
             raise StackError(f"supervisord did not start; see {self.log_dir / 'supervisord.log'}")
@@ -305,9 +368,13 @@ class LocalStack:
             info = rpc.getProcessInfo(name)
             if info["statename"] not in {"RUNNING", "STARTING"}:
                 rpc.startProcess(name, True)
+        target = self.metrics_targets().get(name)
+        if target is not None:
+            observability.add_target(self.root, name, target)
         self.wait_healthy(timeout_s, [name])
 
     def stop(self, name: str) -> None:
+        observability.remove_target(self.root, name)
         with self._rpc() as rpc:
             if rpc.getProcessInfo(name)["statename"] in {"RUNNING", "STARTING"}:
                 rpc.stopProcess(name, True)
@@ -390,6 +457,22 @@ class LocalStack:
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
             raise StackError(f"supervisord (pid {pid}) did not stop in {timeout_s:.0f}s and was killed")
+
+
+T = TypeVar("T")
+
+
+def under_environment(environment: Mapping[str, str], make: Callable[[], T]) -> T:
+    """``make()`` as a process with exactly ``environment`` would run it: settings classes it
+    builds see a running stack's recorded variables, from a shell that has none of them."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(environment)
+        return make()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _ready(name: str, check: Callable[[], bool] | None, running: set[str]) -> bool:

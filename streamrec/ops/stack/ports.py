@@ -61,8 +61,8 @@ def free_port_block(count: int, *, low: int = 10_000, high: int | None = None, a
 def stack_settings_on_free_ports(state_dir: Path, *, brokers: int = 1, **tuning: Any) -> StackSettings:
     """A local stack (Kafka, Redis, supervisord) on free ports with its state in ``state_dir``:
     tests and benchmarks start their own beside any stack a user already runs. ``brokers`` Kafka
-    nodes take one block of consecutive ports (clients first, then controllers); ``tuning`` sets
-    other ``StackTuning`` fields."""
+    nodes take one block of consecutive ports (clients first, then controllers), the processes'
+    metrics ports another; ``tuning`` sets other ``StackTuning`` fields."""
     if brokers == 1:
         kafka_port, controller_port, redis_port, supervisor_port = free_ports(4)
     else:
@@ -72,12 +72,18 @@ def stack_settings_on_free_ports(state_dir: Path, *, brokers: int = 1, **tuning:
         redis_port, supervisor_port = next(
             ports for ports in iter(lambda: free_ports(2), None) if not set(ports) & set(block)
         )
+    metrics_port_base = free_port_block(8)  # below the ephemeral range, where free_ports' are
+    (prometheus_port,) = free_ports(1)
     stack = StackTuning(
-        brokers=brokers,
-        kafka_port=kafka_port,
-        kafka_controller_port=controller_port,
-        supervisor_port=supervisor_port,
-        **tuning,
+        **{
+            "brokers": brokers,
+            "kafka_port": kafka_port,
+            "kafka_controller_port": controller_port,
+            "supervisor_port": supervisor_port,
+            "metrics_port_base": metrics_port_base,
+            "prometheus_port": prometheus_port,
+            **tuning,
+        }
     )
     bootstrap = ",".join(f"{stack.kafka_host}:{kafka_port + n}" for n in range(brokers))
     return StackSettings(

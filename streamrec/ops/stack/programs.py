@@ -1,19 +1,19 @@
 """``Program`` (one supervised process) and the project's own processes as stack programs.
 
-The project's processes are known to supervisord but start only on request (``streamrec stack
-start NAME``, ``stack up --with``). Each is the same command a user would run by hand; its
-settings come from the ``STREAMREC_*`` environment the stack passes on
-(``LocalStack.client_environment``). Readiness: the model server and the API answer the standard
-gRPC health check (over TLS when the ``grpc`` settings given, or this process's, say so; health
-needs no caller identity); the stream workers, trainer and evaluator count as ready once
-supervisord sees them running past their start time (they have no request port to probe). This
-module does not import ``local_stack`` (which imports it), so there is no cycle.
+The project's processes, Prometheus, the probe and the skew checker are known to supervisord but
+start only on request (``streamrec stack start NAME``, ``stack up --with``). Each is the same
+command a user would run by hand; its settings come from the ``STREAMREC_*`` environment the stack
+passes on (``LocalStack.program_environment``). Readiness: the model server and the API answer the
+standard gRPC health check at the stack's addresses (over TLS when the ``grpc`` settings given, or
+this process's, say so; health needs no caller identity), Prometheus its ``/-/ready``; the other
+processes count as ready once supervisord sees them running past their start time. This module
+does not import ``local_stack`` (which imports it), so there is no cycle.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +39,10 @@ class Program:
 
 # Start order of the whole loop: serving before the workers that call it.
 PROJECT_SERVICES: tuple[str, ...] = ("model-server", "streams", "joiner", "api", "trainer", "evaluator")
+# What watches the loop: Prometheus, the probe (consumer lag, Kafka and Redis reachable), the
+# train/serve skew checker. ``stack up --with prometheus`` starts the first two.
+OBSERVERS: tuple[str, ...] = ("prometheus", "probe", "skew")
+STACK_SERVICES: tuple[str, ...] = (*OBSERVERS, *PROJECT_SERVICES)
 
 
 def _streamrec_cli() -> str:
@@ -64,44 +68,68 @@ def grpc_serving(target: str, service: str = "", security: GrpcSecurity | None =
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _model_server_serving(security: GrpcSecurity | None) -> bool:
-    from serving.settings import ServingSettings
-    from streamrec.core.settings import load
+def _own_grpc() -> GrpcSecurity:
+    """This process's ``grpc`` settings (a stack not started ``--secure`` may still be given TLS)."""
+    from streamrec.core.settings import CommonSettings, load
 
-    settings = load(ServingSettings)
-    return grpc_serving(settings.model_server.target, security=security or settings.grpc)
-
-
-def _api_serving(security: GrpcSecurity | None) -> bool:
-    from serving.api.settings import ApiSettings
-    from streamrec.core.settings import load
-
-    settings = load(ApiSettings)
-    return grpc_serving(f"{settings.api.host}:{settings.api.port}", security=security or settings.grpc)
+    return load(CommonSettings).grpc
 
 
-def project_programs(settings: StackSettings) -> list[Program]:
+def _configured(environment: Mapping[str, str], variable: str, default: object) -> str:
+    return environment.get(f"STREAMREC_{variable}", str(default))
+
+
+def service_targets(environment: Mapping[str, str]) -> dict[str, str]:
+    """The gRPC address of the model server and of the API in a stack with this environment (the
+    stack's, not this process's: ``stack status`` from a plain shell finds the demo's ports)."""
+    from serving.api.settings import ApiSection
+    from serving.settings import ModelServerSection
+
+    model_server, api = ModelServerSection(), ApiSection()
+    return {
+        "model-server": f"{_configured(environment, 'MODEL_SERVER__HOST', model_server.host)}:"
+        f"{_configured(environment, 'MODEL_SERVER__PORT', model_server.port)}",
+        "api": f"{_configured(environment, 'API__HOST', api.host)}:{_configured(environment, 'API__PORT', api.port)}",
+    }
+
+
+def project_programs(settings: StackSettings, root: Path, environment: Mapping[str, str]) -> list[Program]:
+    """The project's processes, Prometheus and the probe, each started on request."""
+    from streamrec.ops.stack import observability
+
     cli = _streamrec_cli()
-    checks = project_health_checks()
+    checks = project_health_checks(settings, environment)
+    probe_port = observability.metrics_port(settings, "probe", environment)
     commands: dict[str, list[str]] = {
+        "prometheus": observability.prometheus_command(settings, root),
+        "probe": [cli, "stack", "probe", "--port", str(probe_port)],
         "model-server": [cli, "model-server"],
         "streams": [cli, "streams", "worker"],
         "joiner": [cli, "joiner"],
         "api": [cli, "api", "serve"],
         "trainer": [cli, "trainer"],
         "evaluator": [cli, "evaluator"],
+        "skew": [cli, "skew-check"],
     }
-    return [Program(name, commands[name], checks[name], 30, (0, 143), autostart=False) for name in PROJECT_SERVICES]
+    return [Program(name, commands[name], checks[name], 30, (0, 143), autostart=False) for name in STACK_SERVICES]
 
 
-def project_health_checks(security: GrpcSecurity | None = None) -> dict[str, Callable[[], bool] | None]:
+def project_health_checks(
+    settings: StackSettings, environment: Mapping[str, str], security: GrpcSecurity | None = None
+) -> dict[str, Callable[[], bool] | None]:
     """A probe per process; ``None``: supervisord's RUNNING state (after startsecs) is the signal.
-    The gRPC probes dial with ``security`` (a secure stack's CA), else this process's ``grpc`` settings."""
+    The gRPC probes dial the stack's addresses with ``security`` (a secure stack's CA)."""
+    from streamrec.ops.stack import observability
+
+    targets = service_targets(environment)
     return {
-        "model-server": lambda: _model_server_serving(security),
-        "api": lambda: _api_serving(security),
+        "prometheus": lambda: observability.prometheus_ready(settings),
+        "probe": None,
+        "model-server": lambda: grpc_serving(targets["model-server"], security=security or _own_grpc()),
+        "api": lambda: grpc_serving(targets["api"], security=security or _own_grpc()),
         "streams": None,
         "joiner": None,
         "trainer": None,
         "evaluator": None,
+        "skew": None,
     }

@@ -89,6 +89,7 @@ REDIS_ACCESS: Mapping[str, tuple[str, ...] | None] = {
     "joiner": None,
     "evaluator": None,
     "model-server": None,
+    "skew": None,  # reads the offline log and the registry, never Redis
 }
 
 
