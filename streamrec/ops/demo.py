@@ -23,15 +23,20 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from streamrec.ops.report import HealthPanels
+    from streamrec.ops.stack.local_stack import LocalStack
+
 from features.watch import ActivityWatch
-from streamrec.core.settings import PROJECT_ROOT
-from streamrec.ops.stack.ports import free_ports
+from streamrec.core.settings import PROJECT_ROOT, PathSettings
+from streamrec.ops.stack.ports import free_port_block, free_ports
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class DemoOptions:
 
 
 def demo_environment(options: DemoOptions) -> dict[str, str]:
-    kafka, controller, redis_port, model_server, api, streams_metrics, api_metrics, trainer_metrics = free_ports(8)
+    kafka, controller, redis_port, model_server, api, prometheus = free_ports(6)
     return {
         "STREAMREC_PATHS__STATE_DIR": str(options.state_dir),
         "STREAMREC_DATASET": options.dataset,
@@ -64,12 +69,12 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
         "STREAMREC_REDIS__PORT": str(redis_port),
         "STREAMREC_MODEL_SERVER__PORT": str(model_server),
         "STREAMREC_API__PORT": str(api),
-        "STREAMREC_API__METRICS_PORT": str(api_metrics),
         "STREAMREC_API__CANARY_SHARE": str(options.canary_share),
         "STREAMREC_SIMULATOR__API_TARGET": f"127.0.0.1:{api}",
         "STREAMREC_SIMULATOR__HOLDOUT_START_FRACTION": str(options.history_fraction),
-        "STREAMREC_STREAMS__METRICS_PORT": str(streams_metrics),
-        "STREAMREC_TRAINER__METRICS_PORT": str(trainer_metrics),
+        # every process's /metrics (scraped by the stack's Prometheus) in one block of free ports
+        "STREAMREC_STACK__METRICS_PORT_BASE": str(free_port_block(8)),
+        "STREAMREC_STACK__PROMETHEUS_PORT": str(prometheus),
         "STREAMREC_TRAINER__INTERVAL_S": str(options.trainer_interval_s),
         "STREAMREC_JOINER__LABEL_WINDOW_S": str(options.label_window_s),
         # Replayed events keep their own event times (MovieLens' are from 1997-98), so "fresh" must
@@ -77,6 +82,48 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
         "STREAMREC_FEATURES__MAX_FEATURE_AGE_S": str(40 * 365 * 24 * 3600),
         **({"STREAMREC_STACK__SECURE": "true"} if options.secure else {}),
     }
+
+
+def reach_lines(stack: LocalStack) -> list[str]:
+    """How to reach what the demo left running: the API (a ``grpcurl`` line with its real address),
+    Prometheus, ``streamrec status`` and how to stop it."""
+    from streamrec.ops.stack.programs import service_targets
+
+    api = service_targets(stack.stack_environment())["api"]
+    if stack.secrets is not None:
+        token = stack.secrets.identities["admin"].grpc_token_file
+        grpcurl = (
+            f'grpcurl -cacert {stack.secrets.ca_file} -rpc-header "authorization: Bearer $(cat {token})" '
+            f'-d \'{{"user_id": "1", "k": 5}}\' {api} streamrec.v1.Recommender/Recommend'
+        )
+    else:
+        grpcurl = f'grpcurl -plaintext -d \'{{"user_id": "1", "k": 5}}\' {api} streamrec.v1.Recommender/Recommend'
+    return [
+        "left running:",
+        f"  API:        {grpcurl}",
+        f"  Prometheus: {stack.prometheus_url()}  (targets: {stack.prometheus_url()}/targets, "
+        f"alerts: {stack.prometheus_url()}/alerts)",
+        "  status:     streamrec status",
+        "  stop:       streamrec stack down"
+        + (
+            ""
+            if stack.root == PathSettings().state_dir / "demo"
+            else f" (with STREAMREC_PATHS__STATE_DIR={stack.root})"
+        ),
+    ]
+
+
+def _health_panels(stack: LocalStack, started: float, options: DemoOptions) -> HealthPanels | None:
+    """The dashboard's panels over the run, drawn from the stack's Prometheus; None without data."""
+    from streamrec.ops.health_panels import draw_panels, fetch_panels, summarize
+    from streamrec.ops.report import HealthPanels
+
+    end = time.time()
+    panels = fetch_panels(stack.prometheus_url(), started, end)
+    if panels is None:
+        return None
+    png = draw_panels(panels, started, end, options.state_dir / "report" / "health.png")
+    return HealthPanels(png, [(panel.spec.title, summarize(panel)) for panel in panels])
 
 
 def _wait_for_lag(
@@ -170,10 +217,13 @@ def run(options: DemoOptions) -> Path:
     stack_settings = load(StackSettings)
     stack = LocalStack(stack_settings)
 
+    run_started = time.time()
     dataset = load_dataset(options.dataset)
     typer.echo(dataset.summary())
-    typer.secho("1/6 Kafka + Redis, topics, feature repo", bold=True)
+    typer.secho("1/6 Kafka + Redis + Prometheus, topics, feature repo", bold=True)
     stack.up()
+    for name in ("prometheus", "probe"):
+        stack.start(name)
     # the stack's client settings (on a secure stack: the admin identity's credential files)
     os.environ.update(stack.client_environment())
     ensure_topics(load(StackSettings))
@@ -220,12 +270,13 @@ def run(options: DemoOptions) -> Path:
             end_offsets(trainer_settings, trainer_settings.topics.interactions),
             trainer_settings.topics.interactions,
         )
-        for name in ("joiner", "api", "trainer", "evaluator"):
+        for name in ("joiner", "api", "trainer", "evaluator", "skew"):
             stack.start(name)
-        _wait_for_trainer(f"http://127.0.0.1:{trainer_settings.trainer.metrics_port}/metrics")
+        metrics_targets = stack.metrics_targets()
+        _wait_for_trainer(f"http://{metrics_targets['trainer']}/metrics")
 
         typer.secho(f"5/6 simulating {options.visits:,} held-out visits at {options.rate:g}/s", bold=True)
-        metrics_url = f"http://127.0.0.1:{streams.streams.metrics_port}/metrics"
+        metrics_url = f"http://{metrics_targets['streams']}/metrics"
         # Freshness of live traffic only: the history replay above ran far faster than the worker.
         freshness_before = histogram_buckets(scrape_metrics(metrics_url), "streams_freshness_seconds")
         simulator = load(SimulatorSettings)
@@ -247,7 +298,10 @@ def run(options: DemoOptions) -> Path:
         # History and live traffic together: every feature row the worker pushed to Feast.
         record.counters["features_written"] = counter_total(worker_metrics, "streams_pushed_rows_total")
         record.counters["dead_letters"] = counter_total(worker_metrics, "streams_dead_letters_total")
-        page = write_report(record, options.state_dir / "report")
+        page = write_report(record, options.state_dir / "report", _health_panels(stack, run_started, options))
+        if options.keep_running:
+            for line in reach_lines(stack):
+                typer.echo(line)
         return page
     finally:
         if not options.keep_running:

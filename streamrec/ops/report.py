@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from streamrec.ops.report_slices import slices_html  # noqa: E402
+
 
 @dataclass
 class LoopRecord:
@@ -31,26 +33,49 @@ class LoopRecord:
     freshness_s: dict[float, float] = field(default_factory=dict)  # histogram: upper bound -> cumulative count
     counters: dict[str, float] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)  # the evaluator's running figures
+    held: list[dict[str, Any]] = field(default_factory=list)  # promotions held for a flagged segment
+    model_base_path: Path | None = None  # where the versions' lineages (the gate's slices) are
 
     @classmethod
     def load(cls, simulator_dir: Path, evaluator_dir: Path, model_base_path: Path) -> LoopRecord:
         responses_path = simulator_dir / "responses.parquet"
         responses = pd.read_parquet(responses_path) if responses_path.exists() else pd.DataFrame()
         # applied decisions only: the log also holds each one's intent (serving/rollout/decision_log.py)
-        decisions = [
-            d for d in _read_jsonl(evaluator_dir / "decisions.jsonl") if d.get("state", "applied") == "applied"
-        ]
+        records = _read_jsonl(evaluator_dir / "decisions.jsonl")
+        decisions = [d for d in records if d.get("state", "applied") == "applied"]
+        held = [d for d in records if d.get("state") == "held"]
         versions = []
         if model_base_path.exists():
             for child in sorted(model_base_path.iterdir()):
                 if child.is_dir() and child.name.isdigit():
                     versions.append({"version": int(child.name), "published_at": child.stat().st_mtime})
-        return cls(responses, decisions, versions, timeline=_read_jsonl(evaluator_dir / "timeline.jsonl"))
+        return cls(
+            responses,
+            decisions,
+            versions,
+            timeline=_read_jsonl(evaluator_dir / "timeline.jsonl"),
+            held=held,
+            model_base_path=model_base_path,
+        )
 
     @property
     def interleaving_points(self) -> list[dict[str, Any]]:
         """The timeline's snapshots of experiments that had interleaved requests, oldest first."""
         return [point for point in self.timeline if "interleaving" in point]
+
+
+def _health_html(health: HealthPanels | None, out_dir: Path) -> str:
+    if health is None:
+        return "<h2>health</h2><p>no Prometheus data (the stack's Prometheus was not running)</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(title)}</td><td>{html.escape(value)}</td></tr>" for title, value in health.summaries
+    )
+    source = health.png.relative_to(out_dir) if health.png.is_relative_to(out_dir) else health.png
+    return (
+        "<h2>health (the loop overview dashboard's panels, from Prometheus)</h2>"
+        f"<table border=1><tr><th>panel</th><th>latest</th></tr>{rows}</table>"
+        f"<img src='{html.escape(str(source))}' width='100%'>"
+    )
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -207,7 +232,15 @@ def _freshness(ax: Any, buckets: dict[float, float]) -> None:
     )
 
 
-def write_report(record: LoopRecord, out_dir: Path) -> Path:
+@dataclass(frozen=True)
+class HealthPanels:
+    """The dashboard's panels as the stack's Prometheus saw the run (``streamrec.ops.health_panels``)."""
+
+    png: Path
+    summaries: list[tuple[str, str]]  # panel title, its latest value(s)
+
+
+def write_report(record: LoopRecord, out_dir: Path, health: HealthPanels | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = plt.figure(figsize=(16, 14))
     grid = figure.add_gridspec(3, 2)
@@ -234,7 +267,9 @@ def write_report(record: LoopRecord, out_dir: Path) -> Path:
         f"<h1>streamrec closed loop</h1><p>generated {datetime.now(UTC).isoformat()}</p>"
         f"<table border=1>{rows}</table><h2>decisions</h2><table border=1>"
         "<tr><th>time</th><th>action</th><th>stable</th><th>canary</th><th>reason</th></tr>"
-        f"{decisions}</table><img src='loop.png' width='100%'></body></html>"
+        f"{decisions}</table><img src='loop.png' width='100%'>{_health_html(health, out_dir)}"
+        f"{slices_html(record.decisions, record.held, record.model_base_path) if record.model_base_path else ''}"
+        "</body></html>"
     )
     (out_dir / "summary.json").write_text(json.dumps(figures, indent=2))
     return page

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import grpc
 import pandas as pd
 import psutil
 import pytest
+from typer.testing import CliRunner
 
 from serving.api.proto import generated
 from serving.grpc_security.credentials import open_channel
@@ -28,12 +30,15 @@ from serving.rollout.decision_log import applied_decisions
 from serving.settings import ServingSettings
 from streamrec.core.settings import CommonSettings, PathSettings, load
 from streamrec.datasets.shop import ShopShape, write_shop
+from streamrec.ops.cli import app
 from streamrec.ops.demo import DemoOptions, run
 from streamrec.ops.settings import StackSettings
 from streamrec.ops.stack.identities import StackSecrets
 from streamrec.ops.stack.local_stack import LocalStack
+from streamrec.ops.status import prometheus_query
 
 NEW_ITEM = "item-first-seen-in-the-stream"
+EVERY_JOB = {"prometheus", "probe", "model-server", "streams", "joiner", "api", "trainer", "evaluator", "skew"}
 
 
 @pytest.fixture
@@ -104,11 +109,50 @@ def _under(process: psutil.Process, state_dir: Path) -> bool:
         return False
 
 
+def check_observed(state_dir: Path) -> None:
+    """The demo's Prometheus scrapes every process it started, and they are up; the loop's key
+    series exist (live model freshness included); the report has the health panels;
+    ``streamrec status`` finds the stack from its state folder and shows it."""
+    stack = LocalStack.find(StackSettings(paths=PathSettings(state_dir=state_dir)))
+    url = stack.prometheus_url()
+    deadline = time.monotonic() + 30
+    while True:  # a scrape interval after the last process started
+        up = {sample["metric"]["job"]: sample["value"][1] for sample in prometheus_query(url, "up") or []}
+        if (set(up) >= EVERY_JOB and all(value == "1" for value in up.values())) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert set(up) == EVERY_JOB, up
+    assert all(value == "1" for value in up.values()), up
+    for series in (
+        "streams_events_in_total",
+        "streamrec_api_request_seconds_count",
+        "trainer_current_version",
+        "streamrec_consumer_group_lag",
+        "streamrec_model_server_request_seconds_count",
+        "streamrec_joiner_impressions_total",
+        "streamrec_evaluator_arm_ctr",
+        "streamrec_probe_up",
+    ):
+        assert prometheus_query(url, series), f"no {series} in Prometheus"
+    (freshness,) = prometheus_query(url, "streamrec_model_freshness_seconds_count") or [{}]
+    assert float(freshness["value"][1]) > 0, "no interaction was served by a version that learned it"
+    assert (state_dir / "report" / "health.png").is_file()
+    assert "health (the loop overview" in (state_dir / "report" / "report.html").read_text()
+    shown = CliRunner().invoke(app, ["status", "--state-dir", str(state_dir)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    for part in ("api", "RUNNING", "consumer lag", "streamrec-joiner", "labels: canary = ", "targets up 9/9"):
+        assert part in shown.output, shown.output
+
+
 def test_demo_as_shipped_runs_the_loop(demo_environment: None, tmp_path: Path) -> None:
     state_dir = tmp_path / "demo"
-    page = run(small_demo("ml-100k", state_dir))
-    responses = check_loop(state_dir, page)
-    assert responses["item_id"].str.fullmatch(r"\d+").all()  # MovieLens ids
+    try:
+        page = run(small_demo("ml-100k", state_dir, keep_running=True))
+        responses = check_loop(state_dir, page)
+        assert responses["item_id"].str.fullmatch(r"\d+").all()  # MovieLens ids
+        check_observed(state_dir)
+    finally:
+        LocalStack(StackSettings(paths=PathSettings(state_dir=state_dir))).down()
 
 
 def test_demo_on_a_shop_log_with_kinds_and_an_item_file(demo_environment: None, tmp_path: Path) -> None:
