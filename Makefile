@@ -32,8 +32,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps recbole
 	touch $@
 
+# The stack stays up afterwards (Prometheus with every target, the API): `streamrec status`
+# shows it, `streamrec stack down` (or `make clean`) stops it; the demo's last lines say how to reach it.
 demo: setup
-	$(STREAMREC) demo
+	$(STREAMREC) demo --keep-running
 
 lint: setup
 	$(BIN)/ruff check .
