@@ -5,7 +5,8 @@ on one of its items whose ``event_time`` falls inside ``[impression_time, impres
 window_s]`` marks that item clicked. When the window has closed (the joiner's clock past its end
 plus ``grace_s`` for in-flight clicks) the impression is *labeled*: one
 :class:`~streamrec.core.events.LabeledExample` per shown item, clicked or not, carrying position, arm,
-model version, score and the features the model saw at serving (log-and-wait). Its ``event_id``
+model version, score and the features the model saw at serving (log-and-wait), and a clicked
+item the kind of its (first) click, where the click had one. Its ``event_id``
 is ``label:<request_id>:<item_id>``, the same however often the joiner labels it after a crash,
 so consumers deduplicate on it.
 
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from streamrec.core.events import Click, Impression, LabeledExample
+from streamrec.core.events import Click, Impression, InteractionKind, LabeledExample
 
 ClickOutcome = Literal[
     "joined", "duplicate", "late", "before_impression", "not_shown", "pending", "no_impression", "evicted"
@@ -65,6 +66,7 @@ DEAD_LETTER_OUTCOMES: frozenset[str] = frozenset({"late", "before_impression", "
 _STATE_BYTES = 80
 _ENTRY_BYTES = 64  # an open entry's keys and separators around its impression
 _CLICK_BYTES = 48  # one clicked item: an ISO time
+_KINDS_BYTES = 16  # an entry's "kinds" key and braces, when one of its clicks has a kind
 _LABELED_BYTES = 32  # one remembered request id: its expiry
 
 
@@ -96,7 +98,8 @@ class CapOutcome:
 class JoinState:
     """Open impressions, clicks waiting for their impression, and recently labeled requests."""
 
-    # request_id -> {"impression": ..., "clicked": {item_id: click time}, "bytes": its JSON size}
+    # request_id -> {"impression": ..., "clicked": {item_id: click time}, "bytes": its JSON size,
+    # "kinds": {item_id: click kind}} ("kinds" only once a click with a known kind joined)
     open: dict[str, dict[str, Any]] = field(default_factory=dict)
     waiting: list[dict[str, Any]] = field(default_factory=list)  # clicks without an impression yet
     labeled: dict[str, float] = field(default_factory=dict)  # request id -> forget after (epoch s), oldest first
@@ -127,6 +130,9 @@ class JoinState:
         for request_id, entry in self.open.items():
             total += len(json.dumps(request_id)) + _ENTRY_BYTES + entry["bytes"]
             total += sum(len(json.dumps(item_id)) + _CLICK_BYTES for item_id in entry["clicked"])
+            if "kinds" in entry:
+                kinds = entry["kinds"].items()
+                total += _KINDS_BYTES + sum(len(json.dumps(item)) + len(json.dumps(kind)) + 4 for item, kind in kinds)
         total += sum(len(json.dumps(raw)) + 2 for raw in self.waiting)
         total += sum(len(json.dumps(request_id)) + _LABELED_BYTES for request_id in self.labeled)
         return total
@@ -186,6 +192,8 @@ class JoinState:
         if click.item_id in entry["clicked"]:
             return "duplicate"
         entry["clicked"][click.item_id] = click.event_time.isoformat()
+        if click.kind is not None:
+            entry.setdefault("kinds", {})[click.item_id] = click.kind
         return "joined"
 
     def expire(self, now: datetime, config: JoinConfig) -> tuple[list[LabeledExample], list[Click]]:
@@ -216,7 +224,7 @@ class JoinState:
         for request_id in request_ids:
             entry = self.open.pop(request_id)
             impression = Impression.model_validate(entry["impression"])
-            labeled.extend(label(impression, entry["clicked"]))
+            labeled.extend(label(impression, entry["clicked"], entry.get("kinds")))
             self.labeled[request_id] = impression.event_time.timestamp() + memory_s
         for request_id in list(self.labeled)[: max(0, len(self.labeled) - config.labeled_memory)]:
             del self.labeled[request_id]
@@ -248,8 +256,12 @@ def _closed(entry: dict[str, Any], now: datetime, horizon: timedelta) -> bool:
     return datetime.fromisoformat(entry["impression"]["event_time"]) + horizon < now
 
 
-def label(impression: Impression, clicked: dict[str, str]) -> list[LabeledExample]:
-    """One example per shown item, in position order."""
+def label(
+    impression: Impression, clicked: dict[str, str], kinds: dict[str, InteractionKind] | None = None
+) -> list[LabeledExample]:
+    """One example per shown item, in position order; ``clicked``: item -> click time (ISO),
+    ``kinds``: item -> the kind of that click, where known."""
+    kinds = kinds or {}
     return [
         LabeledExample(
             event_id=LabeledExample.id_for(impression.request_id, item.item_id),
@@ -264,6 +276,7 @@ def label(impression: Impression, clicked: dict[str, str]) -> list[LabeledExampl
             clicked=item.item_id in clicked,
             impression_time=impression.event_time,
             click_time=datetime.fromisoformat(clicked[item.item_id]) if item.item_id in clicked else None,
+            kind=kinds.get(item.item_id) if item.item_id in clicked else None,
             features=impression.features,
             fallback=impression.fallback,
             degraded=impression.degraded,

@@ -20,8 +20,9 @@ positions of its evidence) *before* it acts, and reconciled with the labels at s
 experiment are appended to ``timeline.jsonl`` on an interval, for anyone following an experiment
 (``tail -f``).
 
-Segments (``slices.py``): the figures per segment go into every decision record and timeline
-line (``figures()["slices"]``) and to ``streamrec_evaluator_slice_ctr{arm,segment}``. When the
+Segments (``slices.py``: user tenure and activity, item popularity, the click's ``event_kind``):
+the figures per segment go into every decision record and timeline line
+(``figures()["slices"]``) and to ``streamrec_evaluator_slice_ctr{arm,segment}``. When the
 policy would promote but the canary loses a segment badly (``streamrec.core.segments.flagged``),
 the segment is counted in ``streamrec_evaluator_slice_flags_total`` and, with
 ``block_promotion_on_slice_flag`` (the default: a canary that hurts a group of users should not
@@ -240,7 +241,7 @@ class AbEvaluator:
             self._clicked[example.request_id] = (clicked or 0) | bit
             self.slices.record_clicked(example.arm, example.item_id)
         if example.clicked and clicked is None:
-            self.slices.record_request_hit(example.arm, example.features)
+            self.slices.record_request_hit(example.arm, example.features, example.kind)
             experiment.record_hit(example.arm, example.model_version, example.user_id, interleaved=interleaved)
             if team is not None:
                 experiment.record_credit(team, example.model_version, example.user_id, tie=bool(example.shared))

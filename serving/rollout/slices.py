@@ -12,9 +12,13 @@ Two units, because a request and a shown item carry different segments:
   ``slices.item_popularity_bounds`` when the table is built, so the table is a function of the
   experiment's examples alone and a restarted evaluator rebuilds it exactly. Cost: two counters
   per item and arm; no feature-store read.
-
-``event_kind`` is not reported: a labeled example carries no interaction kind (a click is a
-click), so there is nothing to segment on.
+* **event kinds** (``event_kind``) per *request*: every request of an arm is a trial in the segment
+  of each kind the experiment has seen, and a hit only in the segment of its hit's kind: the
+  ``kind`` of the clicked example that made it a hit (the first one read; the joiner writes a
+  request's examples in position order). So an arm's per-kind CTRs add up to its overall CTR; a
+  hit of unknown kind (a producer that sets none) counts in no kind. "Seen" is the kinds of the
+  hits counted so far, either arm: one counter per kind and arm (at most the five kinds of
+  ``InteractionKind``), a function of the experiment's examples, so a restart rebuilds it too.
 
 A segment is flagged by :func:`streamrec.core.segments.flagged` (the gate's rule): the canary
 wins overall, both arms have at least ``slices.min_examples`` trials in the segment, and the
@@ -31,14 +35,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from serving.rollout.sequential import ArmCounts, msprt
 from streamrec.core import segments
+from streamrec.core.events import InteractionKind
 from streamrec.core.settings import SliceTuning
 
 ArmName = Literal["stable", "canary"]
 ARMS: tuple[ArmName, ArmName] = ("stable", "canary")
+KINDS: tuple[str, ...] = get_args(InteractionKind)
 
 
 def history_length(features: Mapping[str, Any]) -> int:
@@ -114,6 +120,10 @@ class SliceStats:
     _user: dict[tuple[ArmName, str], SliceCounts] = field(default_factory=dict, init=False)
     _shown: dict[ArmName, Counter[str]] = field(default_factory=lambda: {arm: Counter() for arm in ARMS}, init=False)
     _clicked: dict[ArmName, Counter[str]] = field(default_factory=lambda: {arm: Counter() for arm in ARMS}, init=False)
+    _requests: Counter[ArmName] = field(default_factory=Counter, init=False)
+    _kind_hits: dict[ArmName, Counter[str]] = field(
+        default_factory=lambda: {arm: Counter() for arm in ARMS}, init=False
+    )
 
     def user_segments(self, features: Mapping[str, Any]) -> tuple[str, str]:
         length = history_length(features)
@@ -123,12 +133,16 @@ class SliceStats:
         )
 
     def record_request(self, arm: ArmName, features: Mapping[str, Any]) -> None:
+        self._requests[arm] += 1
         for segment in self.user_segments(features):
             self._user.setdefault((arm, segment), SliceCounts()).trials += 1
 
-    def record_request_hit(self, arm: ArmName, features: Mapping[str, Any]) -> None:
+    def record_request_hit(self, arm: ArmName, features: Mapping[str, Any], kind: str | None = None) -> None:
+        """The request became a hit; ``kind``: its hit's interaction kind (None: unknown)."""
         for segment in self.user_segments(features):
             self._user.setdefault((arm, segment), SliceCounts()).clicks += 1
+        if kind is not None:
+            self._kind_hits[arm][kind] += 1
 
     def record_shown(self, arm: ArmName, item_id: str) -> None:
         self._shown[arm][item_id] += 1
@@ -149,7 +163,13 @@ class SliceStats:
                 band_counts = counts.setdefault(band, {a: SliceCounts() for a in ARMS})[arm]
                 band_counts.trials += shown
                 band_counts.clicks += self._clicked[arm][item_id]
-        order = {segment: index for index, segment in enumerate(segments.all_segments(self.tuning))}
+        seen = set(self._kind_hits["stable"]) | set(self._kind_hits["canary"])
+        kinds = sorted(seen, key=lambda kind: (KINDS.index(kind) if kind in KINDS else len(KINDS), kind))
+        for kind in kinds:
+            counts[segments.label(segments.EVENT_KIND, kind)] = {
+                arm: SliceCounts(self._requests[arm], self._kind_hits[arm][kind]) for arm in ARMS
+            }
+        order = {segment: index for index, segment in enumerate(segments.all_segments(self.tuning, kinds))}
         rows = []
         for segment in sorted(counts, key=lambda name: order.get(name, len(order))):
             arms = {arm: SliceCounts(c.trials, c.clicks) for arm, c in counts[segment].items()}

@@ -8,7 +8,9 @@ and read it. Common fields:
 * ``event_time``: when it happened (UTC). Accepts ISO-8601 or epoch seconds on input and is
   always written as ISO-8601.
 * ``schema_version``: bumped on an incompatible change; a consumer rejects versions it does not
-  know instead of guessing.
+  know instead of guessing. A new *optional* field (with a default) is not one: records written
+  before it still decode, so it stays version 1. Records are ``extra="forbid"``, so a consumer
+  older than the field rejects records that carry it: deploy consumers before producers.
 
 Keys: user-keyed topics (interactions, impressions, clicks, labeled) use ``user_id`` as the
 Kafka key so that one user's events stay ordered in one partition.
@@ -116,6 +118,8 @@ class Click(UserKeyed):
     request_id: NonEmptyId
     item_id: NonEmptyId
     position: int | None = Field(default=None, ge=0)
+    # What the user did with the item ("click", "purchase", ...); None: unknown (older producers).
+    kind: InteractionKind | None = None
 
 
 class LabeledExample(UserKeyed):
@@ -134,6 +138,8 @@ class LabeledExample(UserKeyed):
     clicked: bool
     impression_time: AwareDatetime
     click_time: AwareDatetime | None = None
+    # The kind of the click that labeled it; None when not clicked or the click's kind is unknown.
+    kind: InteractionKind | None = None
     # Copied from the impression: the evaluator's guardrails read them per request.
     fallback: bool = False
     degraded: bool = False

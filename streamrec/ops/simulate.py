@@ -3,11 +3,12 @@
 For each real interaction (user ``u``, item ``i``, kind, time ``t``) in event-time order, the
 simulator asks the API for ``u``'s recommendations over gRPC. If ``i`` is among them and the kind
 is one of ``simulator.success_kinds`` (every kind when empty) the user "clicked" it: a
-:class:`~streamrec.core.events.Click` goes to the clicks topic, so the evaluator's click rate is
-the rate of the configured success. The interaction itself
-always goes to the interactions topic (the user found the item anyway), so the features and the
-trainer see the same stream as without recommendations. Per arm, click-through rate then equals
-online hit rate@K — the replay method of offline evaluation for recommenders (Li et al. 2011).
+:class:`~streamrec.core.events.Click` of the interaction's kind goes to the clicks topic, so the
+evaluator's click rate is the rate of the configured success (per kind in its ``event_kind``
+segments). The interaction itself always goes to the interactions topic (the user found the item
+anyway), so the features and the trainer see the same stream as without recommendations. Per
+arm, click-through rate then equals online hit rate@K — the replay method of offline evaluation
+for recommenders (Li et al. 2011).
 
 Everything the report needs is logged to ``<simulator_dir>/responses.parquet`` (one row per
 call: wall time, request id, user, the real item, arm, model version, hit, fallback, latency)
@@ -135,6 +136,7 @@ def simulate(
                         request_id=response.request_id,
                         item_id=event.item_id,
                         position=shown.index(event.item_id),
+                        kind=event.kind,
                     )
                     producer.produce(settings.topics.clicks, key=click.key(), value=click.to_bytes())
                 responses.append(

@@ -30,6 +30,11 @@ def test_bad_canary_is_rolled_back_and_better_canary_promoted(fresh_settings: Co
     # Canary users saw interleaved lists, so both verdicts came from the canary's share of clicks.
     records = (scenario.evaluator_dir / "decisions.jsonl").read_text().splitlines()
     assert all(json.loads(record)["figures"]["interleaving"]["clicked"] >= 30 for record in records)
+    # Every click had kind "click", carried by the joiner: that segment is each arm's overall CTR.
+    for figures in (json.loads(record)["figures"] for record in records):
+        by_kind = figures["slices"]["segments"]["event_kind=click"]
+        for arm in ("stable", "canary"):
+            assert (by_kind[arm]["trials"], by_kind[arm]["clicks"]) == (figures[arm]["requests"], figures[arm]["hits"])
     assert scenario.failures == []
     served = scenario.served_versions
     assert ("stable", 1) in served and ("canary", 2) in served and ("canary", 3) in served

@@ -175,7 +175,7 @@ def test_a_wrong_password_and_the_identities_without_redis_access_are_refused(se
     with pytest.raises(redis.exceptions.AuthenticationError):
         secure.client("api", password="not-the-password").ping()  # noqa: S106 -- a wrong one
     without = [name for name, rules in redis_server.REDIS_ACCESS.items() if rules is None]
-    assert sorted(without) == ["evaluator", "joiner", "model-server", "replay"]
+    assert sorted(without) == ["evaluator", "joiner", "model-server", "replay", "skew"]
     for name in without:
         with pytest.raises(redis.exceptions.AuthenticationError):
             secure.client(name).ping()  # its own password: the user is off

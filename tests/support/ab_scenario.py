@@ -172,6 +172,7 @@ class Scenario:
                 request_id=response.request_id,
                 item_id=wanted,
                 position=shown.index(wanted),
+                kind="click",
             )
             self.producer.produce(self.settings.topics.clicks, key=click.key(), value=click.to_bytes())
         self.producer.poll(0)

@@ -19,7 +19,7 @@ from serving.rollout.evaluator import AbEvaluator
 from serving.rollout.policy import PolicyConfig
 from serving.rollout.settings import EvaluatorSettings
 from serving.rollout.slices import SliceStats, history_length
-from streamrec.core.events import LabeledExample
+from streamrec.core.events import InteractionKind, LabeledExample
 from streamrec.core.settings import SliceTuning
 
 TOPIC = "labeled"
@@ -48,8 +48,10 @@ class Labels:
         return self.current["canary"]
 
 
-def request(name: str, arm: str, features: dict[str, object], *, clicked: bool) -> list[LabeledExample]:
-    """Two shown items: ``popular`` at position 0 (the one clicked, when any) and one of its own."""
+def request(
+    name: str, arm: str, features: dict[str, object], *, clicked: bool, kind: InteractionKind | None = None
+) -> list[LabeledExample]:
+    """Two shown items: ``popular`` at position 0 (the one clicked, with ``kind``, when any) and one of its own."""
     now = datetime.now(UTC)
     return [
         LabeledExample(
@@ -63,6 +65,7 @@ def request(name: str, arm: str, features: dict[str, object], *, clicked: bool) 
             model_version=1 if arm == "stable" else 2,
             score=1.0,
             clicked=clicked and position == 0,
+            kind=kind if clicked and position == 0 else None,
             impression_time=now,
             features=features,
         )
@@ -182,6 +185,61 @@ def test_without_blocking_a_flagged_canary_is_promoted_and_the_record_says_so(tm
     assert "promoted although it loses user_tenure=new, user_activity=0-4" in applied["reason"]
     assert without_p_values(applied["figures"]["slices"]["segments"]) == EXPECTED_SEGMENTS
     assert flags("user_tenure=new") - before == 1
+
+
+def by_kind(arm: str, requests: int, per_20: dict[InteractionKind | None, int]) -> list[LabeledExample]:
+    """``requests`` of returning users; of every 20, ``per_20[kind]`` clicked with that kind (None:
+    a click of unknown kind), the rest not clicked."""
+    kinds = [kind for kind, count in per_20.items() for _ in range(count)]
+    examples = []
+    for n in range(requests):
+        kind = kinds[n % 20] if n % 20 < len(kinds) else None
+        examples += request(f"{arm}-{n}", arm, RETURNING, clicked=n % 20 < len(kinds), kind=kind)
+    return examples
+
+
+def test_a_canary_that_wins_overall_but_loses_purchases_is_flagged_on_that_kind(tmp_path: Path) -> None:
+    """Stable: 0.3 overall (0.2 clicks, 0.1 purchases). Canary: 0.5 overall (0.4 clicks, 0.05
+    purchases, 0.05 clicks of unknown kind): half of stable's purchases, flagged; the unknown ones
+    count in no kind, so the canary's kinds add up to 0.45."""
+    labels = Labels()
+    evaluator = AbEvaluator(labels, POLICY, tmp_path, TOPIC, slices=TUNING)
+    evaluator.recover()
+    before = flags("event_kind=purchase")
+    examples = [
+        *by_kind("stable", 800, {"click": 4, "purchase": 2}),
+        *by_kind("canary", 800, {"click": 8, "purchase": 1, None: 1}),
+    ]
+    feed(evaluator, examples)
+    assert evaluator.decide() is None  # the policy promotes; the purchase loss holds it
+    (held,) = read_records(evaluator.decisions_path)
+    assert held["state"] == "held" and "event_kind=purchase" in held["reason"]
+    slices = held["figures"]["slices"]
+    assert (slices["flagged"], slices["wins_overall"]) == (["event_kind=purchase"], True)
+    assert without_p_values(slices["segments"]) == {
+        "user_tenure=returning": row("request", (800, 240), (800, 400)),
+        "user_activity=5-19": row("request", (800, 240), (800, 400)),
+        "item_popularity=head": row("shown item", (800, 240), (800, 400)),
+        "item_popularity=tail": row("shown item", (800, 0), (800, 0)),
+        # every request of an arm is a trial of each kind; a hit only in its click's kind
+        "event_kind=click": row("request", (800, 160), (800, 320)),
+        "event_kind=purchase": row("request", (800, 80), (800, 40), flagged=True),
+    }
+    assert slices["segments"]["event_kind=purchase"]["p_value"] < POLICY.alpha
+    assert (held["figures"]["stable"]["hits"], held["figures"]["canary"]["hits"]) == (240, 400)
+    assert flags("event_kind=purchase") - before == 1
+    ctr = REGISTRY.get_sample_value(
+        "streamrec_evaluator_slice_ctr", {"arm": "canary", "segment": "event_kind=purchase"}
+    )
+    assert ctr == pytest.approx(0.05)
+    # a restarted evaluator rebuilds the same kinds from the experiment's examples
+    first_table = evaluator.figures()["slices"]
+    evaluator.save_checkpoint()
+    second = AbEvaluator(labels, POLICY, tmp_path, TOPIC, slices=TUNING)
+    second.recover()
+    feed(second, examples)
+    assert second.decide() is None and second.figures()["slices"] == first_table
+    assert len(list(read_records(second.decisions_path))) == 1 and labels.moves == []
 
 
 @pytest.mark.parametrize(

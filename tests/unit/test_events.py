@@ -112,3 +112,32 @@ def test_serving_side_records_validate() -> None:
     )
     assert decode_event(click.to_bytes(), Click) == click
     assert decode_event(labeled.to_bytes(), LabeledExample) == labeled
+
+
+CLICK = {"event_id": "c1", "event_time": "2026-01-01T00:00:00Z", "user_id": "u", "request_id": "r1", "item_id": "i"}
+LABELED = {
+    **CLICK,
+    "event_id": "label:r1:i",
+    "position": 0,
+    "arm": "canary",
+    "model_version": 2,
+    "score": 0.5,
+    "clicked": True,
+    "impression_time": "2026-01-01T00:00:00Z",
+    "click_time": "2026-01-01T00:00:05Z",
+}
+
+
+@pytest.mark.parametrize(("event_type", "payload"), [(Click, CLICK), (LabeledExample, LABELED)])
+def test_the_kind_of_a_click_round_trips_and_records_without_it_still_decode(
+    event_type: type[Click] | type[LabeledExample], payload: dict[str, object]
+) -> None:
+    old = decode_event(encode(payload), event_type)  # written before the field existed
+    assert old.kind is None and old.schema_version == 1
+    assert decode_event(old.to_bytes(), event_type) == old
+    purchase = decode_event(encode({**payload, "kind": "purchase"}), event_type)
+    assert purchase.kind == "purchase" and json.loads(purchase.to_bytes())["kind"] == "purchase"
+    assert decode_event(purchase.to_bytes(), event_type) == purchase
+    with pytest.raises(EventValidationError) as caught:
+        decode_event(encode({**payload, "kind": "teleport"}), event_type)
+    assert caught.value.reason == "schema" and "kind" in str(caught.value)

@@ -6,7 +6,7 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 
-from streamrec.core.events import Click, Impression, ImpressionItem
+from streamrec.core.events import Click, Impression, ImpressionItem, InteractionKind
 from streams.joiner import CapOutcome, JoinConfig, JoinState, fit_features
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -27,13 +27,14 @@ def impression(request_id: str = "r1", at: datetime = T0) -> Impression:
     )
 
 
-def click(item_id: str, after_s: float, request_id: str = "r1") -> Click:
+def click(item_id: str, after_s: float, request_id: str = "r1", kind: InteractionKind | None = None) -> Click:
     return Click(
         event_id=f"c-{request_id}-{item_id}-{after_s}",
         event_time=T0 + timedelta(seconds=after_s),
         user_id="u1",
         request_id=request_id,
         item_id=item_id,
+        kind=kind,
     )
 
 
@@ -200,7 +201,8 @@ def test_the_size_bound_is_never_below_the_changelog_message() -> None:
             shown = impression(request, T0 + timedelta(seconds=rng.random() * 100))
             state.add_impression(shown.model_copy(update={"features": features}), config)
             for item in rng.sample(["i0", "i1", "i2"], rng.choice([0, 0, 1, 3])):
-                state.add_click(click(item, rng.random() * 50, request_id=request), config)
+                kind = rng.choice([None, "click", "add_to_cart"])
+                state.add_click(click(item, rng.random() * 50, request_id=request, kind=kind), config)
             if rng.random() < 0.2:
                 state.add_click(click("i0", 1, request_id=f"held-{n}"), config)
         state.expire(T0 + timedelta(seconds=rng.random() * 200), config)
@@ -232,3 +234,39 @@ def test_a_state_written_before_the_byte_cap_still_loads() -> None:
     assert restored.open["r2"]["bytes"] == state.open["r2"]["bytes"]
     assert restored.add_impression(impression("r1"), CONFIG) == [] and "r1" not in restored.open
     assert restored.forget(T0) == 1  # old ids are forgotten at the next tick
+
+
+def test_a_clicked_example_carries_its_clicks_kind_through_the_changelog() -> None:
+    state = JoinState()
+    state.add_impression(impression(), CONFIG)
+    assert state.add_click(click("i0", 1, kind="purchase"), CONFIG) == "joined"
+    assert state.add_click(click("i0", 2, kind="click"), CONFIG) == "duplicate"  # the first click's kind stays
+    assert state.add_click(click("i1", 3), CONFIG) == "joined"  # a producer that sets no kind
+    assert state.add_click(click("i2", 4, request_id="r2", kind="add_to_cart"), CONFIG) == "pending"
+    restored = JoinState.from_json(json.loads(json.dumps(state.to_json())))
+    restored.add_impression(impression("r2"), CONFIG)  # the held click joins, with its kind
+    labeled, _ = restored.expire(T0 + timedelta(hours=1), CONFIG)
+    assert [(e.request_id, e.item_id, e.clicked, e.kind) for e in labeled] == [
+        ("r1", "i0", True, "purchase"),
+        ("r1", "i1", True, None),
+        ("r1", "i2", False, None),
+        ("r2", "i0", False, None),
+        ("r2", "i1", False, None),
+        ("r2", "i2", True, "add_to_cart"),
+    ]
+
+
+def test_a_state_written_before_click_kinds_still_loads_and_labels_without_a_kind() -> None:
+    old = {
+        "open": {"r1": {"impression": impression().model_dump(mode="json"), "clicked": {"i1": T0.isoformat()}}},
+        "waiting": [],
+        "labeled": {},
+    }
+    restored = JoinState.from_json(old)
+    assert restored.add_click(click("i2", 3, kind="view"), CONFIG) == "joined"
+    labeled, _ = restored.expire(T0 + timedelta(hours=1), CONFIG)
+    assert [(e.item_id, e.clicked, e.kind) for e in labeled] == [
+        ("i0", False, None),
+        ("i1", True, None),
+        ("i2", True, "view"),
+    ]

@@ -21,7 +21,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client import REGISTRY
 
-from streamrec.core.events import Click, DeadLetter, Impression, ImpressionItem, LabeledExample
+from streamrec.core.events import Click, DeadLetter, Impression, ImpressionItem, InteractionKind, LabeledExample
 from streamrec.core.settings import PathSettings
 from streams.joiner import JoinConfig
 from streams.joiner_agent import DeliveryFailed, JoinerAgent, StoredState
@@ -152,13 +152,16 @@ def impression(request_id: str, user_id: str = "u1", at_s: float = 0.0) -> Impre
     )
 
 
-def click(request_id: str, item_id: str, after_s: float, user_id: str = "u1") -> Click:
+def click(
+    request_id: str, item_id: str, after_s: float, user_id: str = "u1", kind: InteractionKind | None = None
+) -> Click:
     return Click(
         event_id=f"c-{request_id}-{item_id}-{after_s}",
         event_time=T0 + timedelta(seconds=after_s),
         user_id=user_id,
         request_id=request_id,
         item_id=item_id,
+        kind=kind,
     )
 
 
@@ -227,6 +230,20 @@ def test_a_joined_click_labels_its_impression_once_the_window_closes(harness: Ha
     assert counts("streamrec_joiner_clicks_total", outcome="duplicate") == 1
     assert counts("streamrec_joiner_labeled_total", clicked="true") == 1
     assert counts("streamrec_joiner_labeled_total", clicked="false") == 2
+
+
+def test_a_labeled_example_carries_the_kind_of_its_click(harness: Harness) -> None:
+    harness.run(
+        on(IMPRESSIONS, impression("r1"), partition=0, offset=0),
+        on(CLICKS, click("r1", "i0", 5, kind="purchase"), partition=0, offset=0),
+        on(CLICKS, click("r1", "i2", 6), partition=0, offset=1),  # an older producer: no kind
+        harness.at(66),
+    )
+    assert [(e.item_id, e.clicked, e.kind) for e in harness.outputs.labeled_examples] == [
+        ("i0", True, "purchase"),
+        ("i1", False, None),
+        ("i2", True, None),
+    ]
 
 
 def test_unjoinable_clicks_are_dead_lettered_with_their_reason_and_position(harness: Harness, counts: Any) -> None:

@@ -16,21 +16,15 @@ exercise exactly what a user runs. With ``stack.brokers`` 3 Kafka is a three-nod
 
 from __future__ import annotations
 
-import configparser
 import functools
-import io
 import json
 import os
 import re
-import shlex
 import signal
-import subprocess
-import sys
 import time
 import xmlrpc.client
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from supervisor.xmlrpc import SupervisorTransport
@@ -47,7 +41,7 @@ from streamrec.core.settings import (
     TopicSettings,
 )
 from streamrec.ops.settings import StackSettings, StackTuning
-from streamrec.ops.stack import kafka_access, kafka_broker, observability, redis_server
+from streamrec.ops.stack import kafka_access, kafka_broker, observability, redis_server, supervisor_config
 from streamrec.ops.stack.certs import write_private
 from streamrec.ops.stack.identities import IDENTITIES, StackSecrets, service_environment
 from streamrec.ops.stack.programs import Program, project_health_checks, project_programs
@@ -245,40 +239,16 @@ class LocalStack:
 
     # -- supervisord --------------------------------------------------------------------
     def _render(self, programs: list[Program]) -> None:
-        config = configparser.RawConfigParser()
-        config["unix_http_server"] = {"file": str(self.socket_path), "chmod": "0700"}
-        config["supervisord"] = {
-            "logfile": str(self.log_dir / "supervisord.log"),
-            "pidfile": str(self.pid_path),
-            "childlogdir": str(self.log_dir),
-            "nodaemon": "false",
-            "silent": "true",
-            "directory": str(self.root),
-        }
-        config["rpcinterface:supervisor"] = {
-            "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"
-        }
-        config["supervisorctl"] = {"serverurl": f"unix://{self.socket_path}"}
-        for program in programs:
-            environment = self.program_environment(program.name)
-            config[f"program:{program.name}"] = {
-                "command": shlex.join(program.command).replace("%", "%%"),
-                "autostart": str(program.autostart).lower(),
-                "autorestart": "unexpected" if self.settings.stack.restart_crashed else "false",
-                "startsecs": "2",
-                "stopsignal": "TERM",
-                "stopwaitsecs": str(program.stop_wait_s),
-                "exitcodes": ",".join(str(code) for code in program.exit_codes),
-                "stopasgroup": "true",
-                "killasgroup": "true",
-                "redirect_stderr": "true",
-                "stdout_logfile": str(self.log_dir / f"{program.name}.log"),
-                "stdout_logfile_maxbytes": "20MB",
-                "environment": ",".join(f'{key}="{_supervisor_quote(value)}"' for key, value in environment.items()),
-            }
-        rendered = io.StringIO()
-        config.write(rendered)
-        write_private(self.config_path, rendered.getvalue().encode())  # environments name secret files
+        text = supervisor_config.render(
+            programs,
+            {program.name: self.program_environment(program.name) for program in programs},
+            root=self.root,
+            log_dir=self.log_dir,
+            socket_path=self.socket_path,
+            pid_path=self.pid_path,
+            restart_crashed=self.settings.stack.restart_crashed,
+        )
+        write_private(self.config_path, text.encode())  # environments name secret files
 
     @contextmanager
     def _rpc(self) -> Iterator[Any]:
@@ -323,7 +293,7 @@ class LocalStack:
         self.prometheus_config_path.write_text(observability.prometheus_config(self.settings, self.root))
         for program in observability.METRICS_PROGRAMS:
             observability.remove_target(self.root, program)  # none runs yet
-        started = _run_supervisord(self.config_path)
+        started = supervisor_config.start_supervisord(self.config_path)
         if not started:
             raise StackError(f"supervisord did not start; see {self.log_dir / 'supervisord.log'}")
         self.wait_healthy(timeout_s)
@@ -479,11 +449,6 @@ def _ready(name: str, check: Callable[[], bool] | None, running: set[str]) -> bo
     return name in running and (check is None or check())
 
 
-def _supervisor_quote(value: str) -> str:
-    # supervisord expands %(ENV_X)s in its config and splits environment= on unquoted commas.
-    return value.replace("%", "%%").replace('"', '\\"')
-
-
 class _NotYet(Exception):
     pass
 
@@ -498,13 +463,3 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _run_supervisord(config_path: Path) -> bool:
-    result = subprocess.run(
-        [sys.executable, "-m", "supervisor.supervisord", "-c", str(config_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return result.returncode == 0
