@@ -45,7 +45,7 @@ lint: setup
 
 # ruff, mypy, the import contracts, then every test level; pytest starts the real Kafka and Redis it needs.
 test: lint
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=25
 
 unit: setup
 	$(BIN)/pytest -m unit
