@@ -53,7 +53,7 @@ from streamrec.core.settings import load
 from streams import expiry
 from streams.faust_app import build_app
 from streams.joiner_progress import KafkaOffsets
-from streams.pipeline import REWIND_RETRY_S, BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs, View
+from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs, View
 from streams.settings import StreamsSettings
 from streams.windows import EntityState, WindowConfig
 
@@ -306,16 +306,6 @@ def create_app(
                 log.exception("could not check the online store for a restart")
 
         app.timer(interval=tuning.store_check_interval_s)(check_feature_store)
-
-    async def retry_rewinds() -> None:
-        if app.rebalancing:
-            return  # partitions may move; forget_partitions drops the revoked ones' rewinds
-        try:
-            await pipeline.retry_rewinds()
-        except Exception:  # noqa: BLE001 -- a timer that raises stops for good; retry next time
-            log.exception("could not rewind a partition again")
-
-    app.timer(interval=REWIND_RETRY_S / 2)(retry_rewinds)
 
     @app.on_partitions_revoked.connect
     def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:

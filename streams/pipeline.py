@@ -48,10 +48,6 @@ from streams.repartition import ItemEvent, item_partition
 from streams.windows import EntityState, Outcome, WindowConfig, apply, item_features, to_us, user_features
 
 log = logging.getLogger(__name__)
-# Re-seeks of one partition's open rewind: at most one per REWIND_MIN_INTERVAL_S from batches
-# bringing stale records, and one after REWIND_RETRY_S without the re-read (retry_rewinds).
-REWIND_MIN_INTERVAL_S = 0.25
-REWIND_RETRY_S = 1.0
 
 __all__ = ["BatchReport", "FeaturePipeline", "FeatureRow", "FeatureSink", "MappingTable", "Outputs", "View"]
 
@@ -117,8 +113,6 @@ class FeaturePipeline:
     # next expected offset, and a rewind in progress, by (topic, partition) (see _check_offsets)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rewinding: dict[tuple[str, int], int] = field(default_factory=dict)
-    # when each open rewind last sought (``clock``), for the throttle and the retry (_check_offsets)
-    rewound_at: dict[tuple[str, int], float] = field(default_factory=dict)
     # the online store's run last seen (check_feature_store)
     store_epoch: str | None = None
 
@@ -225,11 +219,9 @@ class FeaturePipeline:
 
         Records handed over after the jump but fetched before the rewind still arrive, and Faust
         drops any record older than the newest it has handed over: one of them arriving after
-        the seek can make Faust drop the re-read record. So while the first missing offset has not
-        come back, a batch that brings such a record rewinds again, at most once per
-        ``REWIND_MIN_INTERVAL_S`` and partition (a seek per batch, every few milliseconds, kept the
-        fetch from ever completing and once crashed aiokafka's fetcher), and :meth:`retry_rewinds`
-        seeks again when nothing brought the re-read back for ``REWIND_RETRY_S``.
+        the seek can make Faust drop the re-read record. So while the first
+        missing offset has not come back, every batch that brings such a record rewinds again
+        (once per batch and partition); the stale records run out, the re-read gets through.
 
         The first record of a newly assigned partition is checked too, against ``start_offset``
         (the group's committed offset, else the partition's earliest): in a group of two workers,
@@ -261,10 +253,7 @@ class FeaturePipeline:
                     metrics.OFFSET_GAPS.inc(record.offset - want)
                     log.error("%s[%d]: offsets %d..%d were never handed to the worker", *key, want, record.offset - 1)
                 if self.rewind is not None:
-                    since = self.clock() - self.rewound_at.get(key, float("-inf"))
-                    if rewinding.get(key) != want or since >= REWIND_MIN_INTERVAL_S:
-                        rewind_now[key] = want
-                    rewinding[key] = want
+                    rewinding[key] = rewind_now[key] = want
                     event.message.incref()  # never acked: its second reading is applied and acked
                     parked.add(id(event))
                     continue
@@ -272,32 +261,13 @@ class FeaturePipeline:
                 expected[key] = record.offset + 1
                 if key in rewinding and record.offset >= rewinding[key]:
                     del rewinding[key]
-                    self.rewound_at.pop(key, None)
                     rewind_now.pop(key, None)
         metrics.OPEN_GAPS.set(len(rewinding))
         if self.rewind is not None:
             for (topic, partition), offset in rewind_now.items():
                 log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
-                self.rewound_at[(topic, partition)] = self.clock()
                 await self.rewind(topic, partition, offset)
         return [event for event in events if id(event) not in parked] if parked else events
-
-    async def retry_rewinds(self) -> int:
-        """Seek again every open rewind whose re-read has not come back for ``REWIND_RETRY_S``
-        (Faust dropped it behind a stale record and no later batch rewound); returns how many."""
-        if self.rewind is None:
-            return 0
-        now = self.clock()
-        due = [
-            (key, offset)
-            for key, offset in self.rewinding.items()
-            if now - self.rewound_at.get(key, now) >= REWIND_RETRY_S
-        ]
-        for (topic, partition), offset in due:
-            log.info("rewinding %s[%d] to offset %d again: its records have not come back", topic, partition, offset)
-            self.rewound_at[(topic, partition)] = now
-            await self.rewind(topic, partition, offset)
-        return len(due)
 
     def forget_partitions(self, revoked: set[tuple[str, int]], interactions_topic: str, by_item_topic: str) -> None:
         """Partitions (topic, partition) this worker no longer owns after a rebalance.
@@ -308,7 +278,6 @@ class FeaturePipeline:
         """
         for key in revoked:
             self.next_offsets.pop(key, None)
-            self.rewound_at.pop(key, None)
             if self.rewinding.pop(key, None) is not None:
                 metrics.ABANDONED_GAPS.inc()
                 log.error("%s[%d] revoked while its skipped records were being read again", *key)

@@ -25,7 +25,7 @@ from streamrec.core.events import DeadLetter
 from streamrec.core.settings import PathSettings
 from streams import metrics, repartition
 from streams.app import Worker, create_app
-from streams.pipeline import REWIND_MIN_INTERVAL_S, REWIND_RETRY_S, FeatureRow, View
+from streams.pipeline import FeatureRow, View
 from streams.settings import StreamsSettings, StreamsTuning
 from streams.windows import EntityState, apply
 
@@ -555,29 +555,18 @@ def on_a_pipeline(tmp_path: Path, body: Callable[[_OffsetHarness], Awaitable[Non
 
 
 def test_a_skipped_offset_rewinds_its_partition_until_the_reread_arrives(tmp_path: Path) -> None:
-    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; a later
+    """``FeaturePipeline._check_offsets``: a jump rewinds to the first missing offset; every later
     batch that still brings records from before the rewind rewinds again (Faust would drop the
-    re-read behind them), at most once per ``REWIND_MIN_INTERVAL_S``; ``retry_rewinds`` seeks again
-    when the re-read has not come back for ``REWIND_RETRY_S``; the re-read record ends it."""
+    re-read behind them), once per batch; the re-read record ends it."""
 
     async def body(h: _OffsetHarness) -> None:
-        now = [1000.0]
-        h.pipeline.clock = lambda: now[0]
         assert await h.see(0, 5, 6, 7) == [5, 6, 7]  # first records after start: no gap
         await h.see(1, 0, 1)
         assert await h.see(0, 9, 10) == []  # 8 never came: nothing beyond it is applied before it
         assert h.rewinds == [("t", 0, 8)]
-        assert await h.see(0, 11) == []  # fetched before the rewind, at once: no seek storm
-        assert h.rewinds == [("t", 0, 8)]
-        now[0] += REWIND_MIN_INTERVAL_S
-        assert await h.see(0, 11, 12) == []  # still stale a moment later: rewind again
+        assert await h.see(0, 11, 12) == []  # fetched before the rewind: rewind again, once for the batch
         assert await h.see(1, 2) == [2]  # other partitions are unaffected
         assert h.rewinds == [("t", 0, 8), ("t", 0, 8)]
-        assert await h.pipeline.retry_rewinds() == 0  # just sought
-        now[0] += REWIND_RETRY_S
-        assert await h.pipeline.retry_rewinds() == 1  # nothing brought 8 back: seek again
-        assert h.rewinds == [("t", 0, 8), ("t", 0, 8), ("t", 0, 8)]
-        h.rewinds.pop()
         assert await h.see(0, 8, 9, 10, 11, 12) == [8, 9, 10, 11, 12]  # the re-read ends it, in order
         await h.see(0, 13)
         assert h.rewinds == [("t", 0, 8), ("t", 0, 8)]
