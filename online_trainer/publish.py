@@ -43,7 +43,7 @@ import pandas as pd
 
 from online_trainer import checkpoint, export, metrics
 from online_trainer.checkpoint import Checkpoint
-from online_trainer.gate import GateResult, check_export, check_model
+from online_trainer.gate import GateResult, check_export, run_gate
 from online_trainer.model import TwoTowerModel
 from online_trainer.settings import TrainerSettings
 from online_trainer.slices import SliceJudge
@@ -213,18 +213,18 @@ def publish_candidate(
     """Steps 1-6 of the module docstring; returns the gate verdict and what was published.
 
     ``training``: the fine-tune's stats (the gate rejects NaN/inf ones); ``slices``: judge the
-    candidate per segment too (``gate.check_model``).
+    candidate per segment too (``gate.run_gate``).
     """
     import time
 
     started = time.perf_counter()
     version = writer.next_version()
-    gate = GateResult()
-    check_model(  # cheap: before exporting
-        gate,
+    # the in-memory checks (cheap) before exporting; the export checks run on the staged copy below
+    gate = run_gate(
         candidate,
         holdout,
         serving=serving,
+        export_dir=None,
         k=k,
         margin=margin,
         alpha=alpha,

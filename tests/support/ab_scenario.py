@@ -233,9 +233,8 @@ def ab_scenario(
     workdir: Path,
     *,
     policy: PolicyConfig,
-    # A scripted user clicks as soon as the answer arrives; on a loaded 2-core machine that can
-    # still be over a second after the API stamped the impression (a click outside the window is
-    # a miss, and the fault test once lost one so), hence a few seconds.
+    # A scripted user clicks as soon as the answer arrives; on a loaded 2-core machine that can be
+    # over a second after the API stamped the impression, and a click outside the window is a miss.
     label_window_s: float = 3.0,
     evaluator_process: bool = False,
     joiner_session_timeout_s: float = 30.0,
