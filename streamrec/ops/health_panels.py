@@ -67,7 +67,8 @@ def legend_text(template: str, labels: dict[str, str]) -> str:
     return text or ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "__name__") or template
 
 
-def _get_json(url: str, timeout_s: float) -> dict[str, object]:
+def prometheus_json(url: str, timeout_s: float) -> dict[str, object]:
+    """The JSON body of a Prometheus HTTP API call (its error body too, for a refused query)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 -- http(s) URL from settings
             body: dict[str, object] = json.load(response)
@@ -83,7 +84,7 @@ def _get_json(url: str, timeout_s: float) -> dict[str, object]:
 
 def _query_range(base_url: str, query: Query, start: float, end: float, step: float, timeout_s: float) -> list[Series]:
     params = urllib.parse.urlencode({"query": query.expr, "start": start, "end": end, "step": step})
-    body = _get_json(f"{base_url}/api/v1/query_range?{params}", timeout_s)
+    body = prometheus_json(f"{base_url}/api/v1/query_range?{params}", timeout_s)
     if body.get("status") != "success":
         raise PrometheusQueryError(f"Prometheus refused {query.expr!r}: {body.get('errorType')}: {body.get('error')}")
     data = body.get("data")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from streamrec.ops.health_panels import prometheus_json
 from streamrec.ops.stack.local_stack import LocalStack, under_environment
 from streamrec.ops.stack.programs import service_targets
 
@@ -31,24 +31,25 @@ MODEL_FRESHNESS_P95 = "histogram_quantile(0.95, sum by (le) (rate(streamrec_mode
 
 def prometheus_query(url: str, promql: str, timeout_s: float = 3.0) -> list[dict[str, Any]] | None:
     """The instant vector of ``promql`` (Prometheus' HTTP API); None when Prometheus does not answer."""
-    query = urllib.parse.urlencode({"query": promql})
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/query?{query}", timeout=timeout_s) as response:  # noqa: S310 -- loopback
-            body = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    result: list[dict[str, Any]] = body.get("data", {}).get("result", [])
-    return result
+    body = _answer(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout_s)
+    data = body.get("data") if body is not None else None
+    return list(data.get("result", [])) if isinstance(data, dict) else None
 
 
 def firing_alerts(url: str, timeout_s: float = 3.0) -> list[dict[str, Any]] | None:
     """Alerts Prometheus holds as firing; None when it does not answer."""
+    body = _answer(f"{url}/api/v1/alerts", timeout_s)
+    data = body.get("data") if body is not None else None
+    if not isinstance(data, dict):
+        return None
+    return [alert for alert in data.get("alerts", []) if alert.get("state") == "firing"]
+
+
+def _answer(url: str, timeout_s: float) -> dict[str, object] | None:
     try:
-        with urllib.request.urlopen(f"{url}/api/v1/alerts", timeout=timeout_s) as response:  # noqa: S310 -- loopback
-            body = json.loads(response.read())
+        return prometheus_json(url, timeout_s)
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return [alert for alert in body.get("data", {}).get("alerts", []) if alert.get("state") == "firing"]
 
 
 def _scalar(result: list[dict[str, Any]] | None) -> float | None:
