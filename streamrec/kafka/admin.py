@@ -23,11 +23,15 @@ def topic_config(topics: TopicSettings) -> dict[str, str]:
     return {"retention.ms": str(topics.retention_ms), "min.insync.replicas": str(topics.min_insync_replicas)}
 
 
-def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequence[str] = ()) -> list[str]:
+def ensure_topics(
+    settings: CommonSettings, timeout_s: float = 30.0, extra: Sequence[str] = (), broker_wait_s: float = 15.0
+) -> list[str]:
     """Create every project topic (and ``extra`` ones, same layout) that does not exist yet and wait
     until the brokers' metadata shows a leader for each of their partitions; return the names
-    created. Refuses, naming the fix, a replication factor above the live brokers. Topics the
-    caller's principal may not describe or create are another service's and are skipped."""
+    created. Refuses, naming the fix, a replication factor above the live brokers, after waiting up
+    to ``broker_wait_s`` for more to show up (a node just started, or briefly fenced, is missing
+    from the other nodes' metadata for a moment). Topics the caller's principal may not describe
+    or create are another service's and are skipped."""
     admin = AdminClient(settings.kafka.client_config())
     metadata = admin.list_topics(timeout=timeout_s)
     existing = set(metadata.topics)
@@ -35,10 +39,11 @@ def ensure_topics(settings: CommonSettings, timeout_s: float = 30.0, extra: Sequ
     missing = [name for name in dict.fromkeys([*topics.all_names(), *extra]) if name not in existing]
     if not missing:
         return []
-    if topics.replication_factor > len(metadata.brokers):
+    live = _wait_for_brokers(admin, topics.replication_factor, len(metadata.brokers), min(timeout_s, broker_wait_s))
+    if topics.replication_factor > live:
         raise StackError(
             f"cannot create {', '.join(missing)} with replication factor {topics.replication_factor}: "
-            f"{len(metadata.brokers)} broker(s) are live at {settings.kafka.bootstrap_servers}. Start more "
+            f"{live} broker(s) are live at {settings.kafka.bootstrap_servers}. Start more "
             "(`streamrec stack up --brokers 3`) or lower STREAMREC_TOPICS__REPLICATION_FACTOR "
             "(and STREAMREC_TOPICS__MIN_INSYNC_REPLICAS)"
         )
@@ -83,6 +88,15 @@ def _check_not_needed(admin: AdminClient, settings: CommonSettings, name: str, t
             "the project topics as the operator (`streamrec topics create` in a shell set up by "
             "`eval $(streamrec stack env)`; `streamrec stack up` does it)"
         )
+
+
+def _wait_for_brokers(admin: AdminClient, wanted: int, live: int, timeout_s: float) -> int:
+    """The number of live brokers once it reaches ``wanted``, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while live < wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+        live = len(admin.list_topics(timeout=max(0.5, deadline - time.monotonic())).brokers)
+    return live
 
 
 def _wait_until_led(admin: AdminClient, names: list[str], partitions: int, timeout_s: float) -> None:

@@ -54,7 +54,7 @@ def test_topics_need_as_many_live_brokers_as_replicas(fresh_settings: CommonSett
         update={"topics": TopicSettings.prefixed(f"rf{uuid.uuid4().hex[:8]}", replication_factor=3)}
     )
     with pytest.raises(StackError, match=r"replication factor 3: 1 broker\(s\) are live .*--brokers 3"):
-        ensure_topics(replicated)
+        ensure_topics(replicated, broker_wait_s=1.0)
 
 
 def test_every_node_registers_and_topics_replicate_three_times(cluster: LocalStack) -> None:
