@@ -23,20 +23,26 @@ that was not processed (:class:`GaplessConsumer`).
 
 from __future__ import annotations
 
+import logging
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP, Message
 from faust.types.auth import CredentialsT
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 
 from streamrec.core.errors import SettingsError
 from streamrec.core.settings import CommonSettings, KafkaSettings
 from streams import watchdog
 from streams.settings import FaustAppTuning
+
+log = logging.getLogger(__name__)
 
 # Faust's web server port when the app's web server is off (Faust still wants a number).
 _FAUST_DEFAULT_WEB_PORT = 6066
@@ -86,19 +92,144 @@ class IdempotentProducer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+# A rewind sought this many times without its record coming is given up (the records are gone,
+# e.g. deleted by retention): reading goes on from the first record that is still there.
+_MAX_SEEKS_PER_REWIND = 4
+
+CONSUMER_REWINDS = Counter(
+    "faust_consumer_rewinds_total",
+    "Seeks back on an agent topic: 'jump' (the consumer skipped records and reads them again), 'again' "
+    "(a rewind whose record had not come yet, sought again), 'given_up' (its records are gone).",
+    labelnames=("topic", "reason"),
+)
+
+
+@dataclass
+class _Rewind:
+    """A seek back to ``offset`` whose record has not come through yet, sought ``seeks`` times,
+    last at ``sought_at``."""
+
+    offset: int
+    sought_at: float
+    seeks: int = 1
+
+
+class _ReadOffsets(dict[TP, int | None]):
+    """Faust's read offsets (the newest offset its drain loop handed on, by partition), never
+    raised past an open rewind: a record already on its way to an agent when the rewind was
+    sought would otherwise move it past the rewind, and the drain loop would drop the re-read
+    record as older. Missing partitions read as None, as in Faust's own ``defaultdict``."""
+
+    def __init__(self, open_rewinds: Mapping[TP, _Rewind]) -> None:
+        super().__init__()
+        self._open_rewinds = open_rewinds
+
+    def __missing__(self, partition: TP) -> None:
+        return None
+
+    def __setitem__(self, partition: TP, offset: int | None) -> None:
+        rewind = self._open_rewinds.get(partition)
+        if rewind is not None and offset is not None and offset > rewind.offset:
+            return
+        super().__setitem__(partition, offset)
+
+
 class GaplessConsumer(aiokafka_driver.Consumer):
-    """Faust's aiokafka consumer that never commits past a record no agent has acked.
+    """Faust's aiokafka consumer that never commits past a record no agent has acked, reads again
+    the records it skipped, and whose seeks back (rewinds) hold.
 
     Faust notes an offset jump between two records it reads as a "gap" and commits over it as if
-    acked (meant for compacted topics and transaction markers). Our agents read topics with
-    contiguous offsets, where a jump is a record Faust skipped: the feature worker reads it again
-    (``FeaturePipeline._check_offsets``), and a commit over it would let the partition's next owner
-    start after records nobody processed. So jumps are not noted, and a commit stops at the first
-    offset not acked.
+    acked (meant for compacted topics and transaction markers). The agents' topics have contiguous
+    offsets (neither compacted nor transactional), where a jump is records the consumer skipped
+    (seen around restarts and rebalances). So jumps are not noted, a commit stops at the first
+    offset not acked, and a jump on an agent topic (one Faust acks) seeks the partition back to
+    the first skipped offset. Table changelogs (compacted, not acked) are left alone.
+
+    A rewind holds until its record comes through: records fetched before the seek but drained
+    after it (offsets past the rewind) are dropped (they come again after the re-read), and Faust's
+    read offset is not raised past the rewind (:class:`_ReadOffsets`), since its drain loop drops
+    any record older than the read offset: the re-read one. A rewind whose record has not come
+    ``reseek_after_s`` after its seek is sought again (:meth:`retry_rewinds`, on a timer), a few
+    times, then given up. Seeks run on the consumer's own thread (aiokafka's fetcher
+    is not thread-safe: a seek from the agents' loop while it iterates its buffer once crashed it).
+    The feature worker also checks where a newly assigned partition starts
+    (``FeaturePipeline._check_offsets``) and seeks through the same :meth:`seek`.
     """
+
+    reseek_after_s = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_rewinds: dict[TP, _Rewind] = {}
+        self.next_offsets: dict[TP, int] = {}  # after the last record handed on, by agent partition
+        self._read_offset = _ReadOffsets(self.open_rewinds)
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         return None
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        rewind = self.open_rewinds.get(partition)
+        seeks = rewind.seeks + 1 if rewind is not None and rewind.offset == offset else 1
+        self.open_rewinds[partition] = _Rewind(offset, time.monotonic(), seeks)
+        await super().seek(partition, offset)
+
+    async def _seek(self, partition: TP, offset: int) -> None:
+        thread = self._thread
+        await thread.call_thread(lambda: thread._ensure_consumer().seek(partition, offset))
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+        self.forget_partitions(partitions)
+        await super().seek_wait(partitions)
+
+    def forget_partitions(self, partitions: Iterable[TP]) -> None:
+        """Drop what is tracked for partitions this app no longer owns (or that were sought to)."""
+        for partition in partitions:
+            self.open_rewinds.pop(partition, None)
+            self.next_offsets.pop(partition, None)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        async for partition, message in super().getmany(timeout):
+            if await self._hold_back(partition, message):
+                continue
+            offset = message.offset
+            if offset >= self.next_offsets.get(partition, 0) and self.app.topics.acks_enabled_for(partition.topic):
+                self.next_offsets[partition] = offset + 1
+            yield partition, message
+
+    async def _hold_back(self, partition: TP, message: Message) -> bool:
+        """Whether ``message`` must not be handed on: it lies past an open rewind, or past records
+        skipped just now (then the partition is sought back to them)."""
+        offset = message.offset
+        rewind = self.open_rewinds.get(partition)
+        if rewind is not None:
+            if offset == rewind.offset:
+                del self.open_rewinds[partition]
+            return offset > rewind.offset
+        expected = self.next_offsets.get(partition)
+        if expected is None or offset <= expected:
+            return False
+        log.error("%s: the consumer skipped offsets %d..%d; reading them again", partition, expected, offset - 1)
+        CONSUMER_REWINDS.labels(partition.topic, "jump").inc()
+        await self.seek(partition, expected)
+        return True
+
+    async def retry_rewinds(self) -> None:
+        """Seek again each rewind whose record has not come ``reseek_after_s`` after its last seek;
+        give up one sought ``_MAX_SEEKS_PER_REWIND`` times (reading goes on from where the
+        consumer stands: the first record still in the topic)."""
+        now = time.monotonic()
+        for partition, rewind in list(self.open_rewinds.items()):
+            if now - rewind.sought_at <= self.reseek_after_s:
+                continue
+            if rewind.seeks >= _MAX_SEEKS_PER_REWIND:
+                log.error("%s: offset %d never came back after %d seeks", partition, rewind.offset, rewind.seeks)
+                CONSUMER_REWINDS.labels(partition.topic, "given_up").inc()
+                del self.open_rewinds[partition]
+                self.next_offsets.pop(partition, None)  # the next record that comes starts anew
+                continue
+            log.warning("%s: still waiting for offset %d; seeking there again", partition, rewind.offset)
+            CONSUMER_REWINDS.labels(partition.topic, "again").inc()
+            await self.seek(partition, rewind.offset)
 
 
 class IdempotentTransport(aiokafka_driver.Transport):
@@ -171,5 +302,19 @@ def build_app(
 
         app.task(serve_metrics)
     app.transport = IdempotentTransport(app.conf.broker_consumer, app)
+
+    @app.on_partitions_revoked.connect
+    def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        consumer = app.consumer
+        if isinstance(consumer, GaplessConsumer):
+            consumer.forget_partitions(args[0])
+
+    async def retry_rewinds() -> None:
+        consumer = app.consumer
+        if isinstance(consumer, GaplessConsumer) and not app.rebalancing:
+            await consumer.retry_rewinds()
+
+    app.timer(interval=GaplessConsumer.reseek_after_s)(retry_rewinds)
+
     watchdog.install(app)
     return app

@@ -26,14 +26,17 @@ from typing import Any
 
 import faust
 from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
 
 from streamrec.core.settings import load
+from streams import joiner_metrics as metrics
 from streams import watchdog
 from streams.faust_app import build_app
 from streams.joiner import JoinConfig
 from streams.joiner_agent import DeliveryFailed, JoinerAgent, StoredState
 from streams.joiner_progress import KafkaOffsets, Offsets, TopicPartition
 from streams.joiner_settings import JoinerSettings, JoinerTuning
+from streams.offset_guard import OffsetGuard
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +147,16 @@ def create_joiner(settings: JoinerSettings) -> Joiner:
         owned=owned_partitions,
     )
 
+    guard = OffsetGuard(
+        seek=lambda topic, partition, offset: app.consumer.seek(TP(topic, partition), offset),
+        on_gap=lambda topic, count: metrics.OFFSET_GAPS.labels(topic).inc(count),
+    )
+
     async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async for event in stream.events():
+            if not await guard.admit(event.message):
+                yield None
+                continue
             try:
                 await joiner.handle(event)
             except DeliveryFailed as error:
@@ -165,6 +176,7 @@ def create_joiner(settings: JoinerSettings) -> Joiner:
     def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:
         revoked: set[Any] = args[0]  # faust TPs
         joiner.progress.forget({(tp.topic, tp.partition) for tp in revoked})
+        guard.forget({(tp.topic, tp.partition) for tp in revoked})
 
     return Joiner(settings, app, joiner, agent, kafka_offsets)
 

@@ -28,3 +28,8 @@ LABEL_HOLD = Gauge(
 OFFSET_READS_FAILED = Counter(
     "streamrec_joiner_offset_reads_failed_total", "Ticks that could not read the source topics' offsets"
 )
+OFFSET_GAPS = Counter(
+    "streamrec_joiner_offset_gaps_total",
+    "Source records never handed to the joiner (an offset jump); each hole is read again",
+    ["topic"],
+)

@@ -217,11 +217,10 @@ class FeaturePipeline:
         (``rewind``: the consumer's seek); the records after it are read again as duplicates,
         which change nothing.
 
-        Records handed over after the jump but fetched before the rewind still arrive, and Faust
-        drops any record older than the newest it has handed over: one of them arriving after
-        the seek can make Faust drop the re-read record. So while the first
-        missing offset has not come back, every batch that brings such a record rewinds again
-        (once per batch and partition); the stale records run out, the re-read gets through.
+        Records handed over after the jump but before the rewind still arrive (they wait in the
+        agent's stream); they are parked like the first one, without another seek. The consumer
+        (``streams.faust_app.GaplessConsumer``) keeps the rewind open until the re-read record
+        comes through, so one seek per hole suffices.
 
         The first record of a newly assigned partition is checked too, against ``start_offset``
         (the group's committed offset, else the partition's earliest): in a group of two workers,
@@ -249,11 +248,13 @@ class FeaturePipeline:
             if want is None:
                 log.info("first record of %s[%d] handed to the worker: offset %d", *key, record.offset)
             elif record.offset > want:
-                if rewinding.get(key) != want:  # a new hole, not a record from before our rewind
+                new_hole = rewinding.get(key) != want  # else a record fetched before our rewind
+                if new_hole:
                     metrics.OFFSET_GAPS.inc(record.offset - want)
                     log.error("%s[%d]: offsets %d..%d were never handed to the worker", *key, want, record.offset - 1)
                 if self.rewind is not None:
-                    rewinding[key] = rewind_now[key] = want
+                    if new_hole:
+                        rewinding[key] = rewind_now[key] = want
                     event.message.incref()  # never acked: its second reading is applied and acked
                     parked.add(id(event))
                     continue

@@ -169,3 +169,69 @@ def test_neither_app_commits_past_a_record_its_agents_never_acked(build: Builder
     assert consumer_class is GaplessConsumer
     assert ours == (11, 22)  # up to the hole; past it once the hole is read
     assert fausts[0] == 22  # what Faust alone would commit: over 11..20
+
+
+class _Fetched:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def test_skipped_records_are_read_again_and_a_rewind_holds_until_its_record_comes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``GaplessConsumer``: an offset jump on an agent topic seeks back to the first skipped offset;
+    records fetched before a seek (past the rewind) are dropped, and Faust's read offset is not
+    raised past it, so the drain loop cannot drop the re-read record; the re-read closes the
+    rewind; a rewind still open ``reseek_after_s`` later is sought again, and given up after a few
+    seeks; a revoked partition's progress is forgotten; a jump on a topic no agent acks (a
+    compacted changelog) is no gap."""
+    sought: list[tuple[int, int]] = []
+    fetched: list[tuple[TP, _Fetched]] = []
+
+    async def fake_seek(self: Any, partition: TP, offset: int) -> None:
+        sought.append((partition.partition, offset))
+
+    async def fake_getmany(self: Any, timeout: float) -> Any:
+        for item in fetched:
+            yield item
+
+    monkeypatch.setattr(GaplessConsumer, "_seek", fake_seek)
+    monkeypatch.setattr(aiokafka_driver.Consumer, "getmany", fake_getmany, raising=False)
+
+    async def main() -> None:
+        settings, app = build_worker({"paths": PathSettings(state_dir=tmp_path)})
+        consumer: Any = app.consumer
+        tp, other = TP(settings.topics.interactions, 0), TP(settings.topics.interactions, 1)
+        changelog = TP("unit-worker-user_activity-changelog", 0)
+        app.topics._acking_topics.add(tp.topic)  # as the conductor does when the agents subscribe
+
+        async def passed(*batch: tuple[TP, int]) -> list[tuple[int, int]]:
+            fetched[:] = [(partition, _Fetched(offset)) for partition, offset in batch]
+            return [(partition.partition, message.offset) async for partition, message in consumer.getmany(1.0)]
+
+        assert await passed((tp, 5), (tp, 6), (changelog, 3), (changelog, 9)) == [(0, 5), (0, 6), (0, 3), (0, 9)]
+        assert await passed((tp, 9), (other, 3), (tp, 10)) == [(1, 3)]  # 7 and 8 were skipped
+        assert sought == [(0, 7)]
+        assert consumer._read_offset[tp] == 7  # as Faust's seek sets it
+        consumer._read_offset[tp] = 12  # a record already on its way when the seek came
+        assert consumer._read_offset[tp] == 7  # is not read past the rewind
+        assert await passed((tp, 11)) == []  # fetched before the seek: dropped, no second seek
+        await consumer.retry_rewinds()
+        assert sought == [(0, 7)]  # not due yet
+        assert await passed((tp, 7), (tp, 8), (tp, 9)) == [(0, 7), (0, 8), (0, 9)]  # the re-read closes it
+        assert consumer.open_rewinds == {}
+        consumer._read_offset[tp] = 9
+        assert consumer._read_offset[tp] == 9
+        consumer.reseek_after_s = 0.0
+        assert await passed((tp, 12)) == []  # 10, 11 skipped
+        for _ in range(4):
+            await consumer.retry_rewinds()  # still waiting: sought again three times, then given up
+        assert sought == [(0, 7), (0, 10), (0, 10), (0, 10), (0, 10)]
+        assert consumer.open_rewinds == {}
+        assert await passed((tp, 16)) == [(0, 16)]
+        consumer.forget_partitions({tp})
+        assert await passed((tp, 30)) == [(0, 30)]  # a partition back after a revoke starts anew
+        assert len(sought) == 5
+
+    asyncio.run(main())
+    gc.collect()

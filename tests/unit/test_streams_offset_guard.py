@@ -1,0 +1,49 @@
+"""``streams.offset_guard.OffsetGuard``: the joiner's agent reads each partition without a hole."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from streams.offset_guard import OffsetGuard
+
+
+@dataclass
+class _Message:
+    partition: int
+    offset: int
+    topic: str = "impressions"
+    refs: int = 0
+
+    def incref(self) -> None:
+        self.refs += 1
+
+
+def test_a_hole_is_sought_once_and_the_records_past_it_wait_unacked() -> None:
+    sought: list[tuple[str, int, int]] = []
+    gaps: list[tuple[str, int]] = []
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        sought.append((topic, partition, offset))
+
+    guard = OffsetGuard(seek=seek, on_gap=lambda topic, count: gaps.append((topic, count)))
+
+    async def admitted(partition: int, *offsets: int) -> list[int]:
+        messages = [_Message(partition, offset) for offset in offsets]
+        passed = [message.offset for message in messages if await guard.admit(message)]
+        assert all(message.refs == (0 if message.offset in passed else 1) for message in messages)
+        return passed
+
+    async def main() -> None:
+        assert await admitted(0, 4, 5) == [4, 5]  # the first record sets the start
+        assert await admitted(0, 9, 10) == []  # 6..8 never came: sought back once
+        assert await admitted(1, 0, 1) == [0, 1]  # other partitions are unaffected
+        assert await admitted(0, 11) == []  # handed over before the seek: parked, no second seek
+        assert sought == [("impressions", 0, 6)] and gaps == [("impressions", 3)]
+        assert await admitted(0, 6, 7, 8, 9, 10, 11) == [6, 7, 8, 9, 10, 11]  # the re-read, in order
+        assert await admitted(0, 5, 12) == [5, 12]  # an older offset (a duplicate) passes
+        guard.forget({("impressions", 0)})
+        assert await admitted(0, 40) == [40]  # back after a revoke: starts anew
+        assert sought == [("impressions", 0, 6)]
+
+    asyncio.run(main())
