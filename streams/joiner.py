@@ -284,6 +284,8 @@ def label(
             team=item.team,
             shared=item.shared,
             control_version=impression.control_version,
+            propensity=item.propensity,
+            explored=item.explored,
         )
         for item in sorted(impression.items, key=lambda shown: shown.position)
     ]

@@ -49,6 +49,8 @@ class PendingImpression:
     teams: tuple[Arm, ...] | None = None  # interleaved: the team of each item
     shared: tuple[bool, ...] | None = None  # interleaved: each item in both models' own top k
     control_version: int | None = None  # interleaved: the stable version
+    propensities: tuple[float, ...] | None = None  # each item's probability under the serving policy
+    explored: tuple[bool, ...] | None = None  # each item drawn by exploration
 
 
 class ImpressionLogger:
@@ -161,6 +163,8 @@ def to_impression(pending: PendingImpression) -> Impression:
                 position=position,
                 team=pending.teams[position] if pending.teams is not None else None,
                 shared=pending.shared[position] if pending.shared is not None else None,
+                propensity=pending.propensities[position] if pending.propensities is not None else None,
+                explored=pending.explored[position] if pending.explored is not None else None,
             )
             for position, (item_id, score) in enumerate(pending.items)
         ],

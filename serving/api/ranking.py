@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -66,6 +67,7 @@ from serving.model_client import ModelServerRpcError
 from streamrec.core import contracts
 from streamrec.core.attributes import InputKind
 from streamrec.core.events import Arm
+from streamrec.core.exploration import Exploration, explore
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,10 @@ class Ranked:
     teams: tuple[Arm, ...] | None = None
     shared: tuple[bool, ...] | None = None
     control_version: int | None = None
+    # A single model's list: each item's probability under the serving policy (exploration
+    # included) and whether exploration drew it; None for interleaved and fallback lists.
+    propensities: tuple[float, ...] | None = None
+    explored: tuple[bool, ...] | None = None
 
     @property
     def fallback(self) -> bool:
@@ -256,6 +262,8 @@ class Ranker:
         canary_gate: CanaryGate,
         interleave: bool = False,
         on_answer: Callable[[int], None] | None = None,
+        exploration: Exploration | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._client = client
         self._on_answer = on_answer  # told the version of every model answer (model freshness)
@@ -265,6 +273,8 @@ class Ranker:
         self._budget_s = budget_s
         self._gate = canary_gate
         self._interleave = interleave
+        self._exploration = exploration or Exploration()
+        self._rng = rng or random.Random()  # noqa: S311 -- exploration draws, not secrets
 
     def rank(
         self,
@@ -287,7 +297,9 @@ class Ranker:
             allowed = [item_id for item_id in dict.fromkeys(candidates) if item_id not in excluded]
             if not allowed:  # every candidate is excluded: nothing to rank, nothing to ask
                 return Ranked([], 0, arm, "", degraded=features_failed)
-        call = self._call(features, k=k, exclude=exclude, excluded=excluded, allowed=allowed)
+        call = self._call(
+            features, k=k + self._exploration.candidates_wanted, exclude=exclude, excluded=excluded, allowed=allowed
+        )
         try:
             version, items, arm = self._ask_model(call, arm=arm, deadline=deadline)
         except ModelAnswerError as exc:
@@ -298,10 +310,19 @@ class Ranker:
         if self._on_answer is not None:
             self._on_answer(version)
         reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
-        ranked = Ranked(items, version, arm, reason, degraded=features_failed)
         if self._interleave and arm == contracts.CANARY_LABEL:
+            ranked = Ranked(items[:k], version, arm, reason, degraded=features_failed)
             return self._interleaved(call, ranked, k=k, deadline=deadline)
-        return ranked
+        shown = explore(items, k, self._exploration, self._rng)
+        return Ranked(
+            shown.items,
+            version,
+            arm,
+            reason,
+            degraded=features_failed,
+            propensities=shown.propensities,
+            explored=shown.explored,
+        )
 
     def _call(
         self,
@@ -330,7 +351,7 @@ class Ranker:
         """
         try:
             stable_version, outputs = self._predict(call, contracts.STABLE_LABEL, deadline)
-            stable_items = call.parse(outputs)
+            stable_items = call.parse(outputs)[:k]
         except (ModelServerRpcError, ModelAnswerError) as exc:
             log.debug("serving the canary's own list: stable could not answer for interleaving: %s", exc)
             return canary

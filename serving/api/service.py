@@ -179,6 +179,8 @@ class RecommenderService(_RecommenderServicer):  # type: ignore[misc]  # subclas
                 teams=ranked.teams,
                 shared=ranked.shared,
                 control_version=ranked.control_version,
+                propensities=ranked.propensities,
+                explored=ranked.explored,
             )
         )
 

@@ -91,6 +91,11 @@ class ImpressionItem(BaseModel):
     # whether both models had it in their own top k (a click on it then favours neither).
     team: Arm | None = None
     shared: bool | None = None
+    # The probability that the serving policy showed this item at this position, given the
+    # positions before it (``streamrec/core/exploration.py``); whether exploration drew it. None:
+    # not logged (an older producer, an interleaved or fallback list).
+    propensity: float | None = Field(default=None, gt=0, le=1)
+    explored: bool | None = None
 
 
 class Impression(UserKeyed):
@@ -150,6 +155,10 @@ class LabeledExample(UserKeyed):
     team: Arm | None = None
     shared: bool | None = None
     control_version: int | None = Field(default=None, ge=0)
+    # Copied from the impression's item: its probability under the serving policy (the weight
+    # denominator of off-policy estimates, ``streamrec.core.ope``) and whether exploration drew it.
+    propensity: float | None = Field(default=None, gt=0, le=1)
+    explored: bool | None = None
 
     @staticmethod
     def id_for(request_id: str, item_id: str) -> str:

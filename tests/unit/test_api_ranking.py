@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +36,7 @@ from serving.model_client import ModelServerRpcError
 from streamrec.core import contracts
 from streamrec.core.attributes import Attribute, AttributeSchema, user_model_inputs
 from streamrec.core.events import Impression, decode_event
+from streamrec.core.exploration import Exploration
 
 # One attribute of each kind, and two event kinds (so per-kind counts are inputs too).
 SCHEMA = AttributeSchema(
@@ -212,6 +214,45 @@ def test_a_known_user_gets_the_models_answer_with_its_version() -> None:
     assert (ranked.model_version, ranked.arm, ranked.fallback, ranked.degraded) == (7, "stable", False, False)
     label, timeout_s, _ = model.calls[0]
     assert label == "stable" and timeout_s == pytest.approx(0.05)
+
+
+def test_a_single_models_list_logs_propensities_and_explores_from_the_candidates_below_it() -> None:
+    """No exploration: every item's propensity is 1. Epsilon-greedy on the last position: the
+    list's last item is drawn from the next ``pool_size`` candidates (never an excluded one), with
+    propensity epsilon / pool; the ranked item it replaced would have had 1 - epsilon."""
+    ranked_ids = ["x", "y", "z", "w", "v", "u"]
+    model = FakeModel({"stable": (7, _outputs(ranked_ids, [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))})
+    plain = _ranker(model).rank(KNOWN, k=2, exclude=[], arm="stable", deadline=_far())
+    assert plain.items == [("x", 6.0), ("y", 5.0)]
+    assert plain.propensities == (1.0, 1.0) and plain.explored == (False, False)
+    exploring = Ranker(
+        model,
+        FixedTrending(TRENDING),
+        ApiMetrics(),
+        inputs=INPUTS,
+        budget_s=0.05,
+        canary_gate=CanaryGate(5.0),
+        exploration=Exploration(policy="epsilon_greedy", epsilon=0.25, slots=1, pool_size=3),
+        rng=random.Random(0),
+    )
+    lists = [exploring.rank(KNOWN, k=2, exclude=["w"], arm="stable", deadline=_far()) for _ in range(400)]
+    assert all(ranked.items[0] == ("x", 6.0) and ranked.propensities[0] == 1.0 for ranked in lists)  # type: ignore[index]
+    last = {(ranked.items[1][0], ranked.propensities[1], ranked.explored[1]) for ranked in lists}  # type: ignore[index]
+    assert last == {("y", 0.75, False), ("z", 0.25 / 3, True), ("v", 0.25 / 3, True), ("u", 0.25 / 3, True)}
+    drawn = sum(ranked.explored[1] for ranked in lists) / len(lists)  # type: ignore[index]
+    assert drawn == pytest.approx(0.25, abs=0.06)
+
+
+def test_interleaved_and_fallback_lists_log_no_propensity() -> None:
+    model = FakeModel(
+        {"stable": (7, _outputs(["x", "y", "z"], [3.0, 2.0, 1.0])), "canary": (8, _outputs(["z", "y"], [3.0, 2.0]))}
+    )
+    ranker = _ranker(model, interleave=True)
+    interleaved = ranker.rank(KNOWN, k=2, exclude=[], arm="canary", deadline=_far())
+    assert interleaved.teams is not None and interleaved.propensities is None
+    model.errors["stable"] = ModelServerRpcError("Predict", grpc.StatusCode.UNAVAILABLE, "down")
+    fallback = ranker.rank(KNOWN, k=2, exclude=[], arm="stable", deadline=_far())
+    assert fallback.fallback and fallback.propensities is None
 
 
 def test_an_unknown_user_gets_the_models_profile_less_answer_marked_cold_start() -> None:
@@ -413,6 +454,11 @@ def test_an_impression_carries_the_whole_answer_and_decodes_as_the_contract() ->
     pending = pending_impression(fallback=True, degraded=True)
     impression = to_impression(pending)
     decoded = decode_event(impression.to_bytes(), Impression)
+    assert [(item.propensity, item.explored) for item in decoded.items] == [(None, None), (None, None)]
+    logged = decode_event(
+        to_impression(pending_impression(propensities=(1.0, 0.05), explored=(False, True))).to_bytes(), Impression
+    )
+    assert [(item.propensity, item.explored) for item in logged.items] == [(1.0, False), (0.05, True)]
     assert impression.key() == b"u1"
     assert [(item.item_id, item.score, item.position) for item in decoded.items] == [("x", 0.5, 0), ("y", 0.25, 1)]
     assert (decoded.arm, decoded.model_version, decoded.request_id) == ("canary", 9, "r1")

@@ -270,3 +270,23 @@ def test_a_state_written_before_click_kinds_still_loads_and_labels_without_a_kin
         ("i1", True, None),
         ("i2", True, "view"),
     ]
+
+
+def test_each_example_carries_its_items_propensity_through_the_changelog() -> None:
+    logged = impression().model_copy(
+        update={
+            "items": [
+                ImpressionItem(item_id="i0", score=0.9, position=0, propensity=1.0, explored=False),
+                ImpressionItem(item_id="i1", score=0.8, position=1, propensity=0.05, explored=True),
+            ]
+        }
+    )
+    state = JoinState()
+    state.add_impression(logged, CONFIG)
+    assert state.add_click(click("i1", 1), CONFIG) == "joined"
+    restored = JoinState.from_json(json.loads(json.dumps(state.to_json())))
+    labeled, _ = restored.expire(T0 + timedelta(hours=1), CONFIG)
+    assert [(e.item_id, e.clicked, e.propensity, e.explored) for e in labeled] == [
+        ("i0", False, 1.0, False),
+        ("i1", True, 0.05, True),
+    ]
