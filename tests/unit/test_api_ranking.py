@@ -103,7 +103,13 @@ KNOWN = UserFeatures(
 
 
 def _ranker(
-    model: FakeModel, trending: TrendingSnapshot = TRENDING, budget_s: float = 0.05, *, interleave: bool = False
+    model: FakeModel,
+    trending: TrendingSnapshot = TRENDING,
+    budget_s: float = 0.05,
+    *,
+    interleave: bool = False,
+    exploration: Exploration | None = None,
+    seed: int = 0,
 ) -> Ranker:
     return Ranker(
         model,
@@ -113,6 +119,8 @@ def _ranker(
         budget_s=budget_s,
         canary_gate=CanaryGate(5.0),
         interleave=interleave,
+        exploration=exploration,
+        rng=random.Random(seed),
     )
 
 
@@ -225,16 +233,7 @@ def test_a_single_models_list_logs_propensities_and_explores_from_the_candidates
     plain = _ranker(model).rank(KNOWN, k=2, exclude=[], arm="stable", deadline=_far())
     assert plain.items == [("x", 6.0), ("y", 5.0)]
     assert plain.propensities == (1.0, 1.0) and plain.explored == (False, False)
-    exploring = Ranker(
-        model,
-        FixedTrending(TRENDING),
-        ApiMetrics(),
-        inputs=INPUTS,
-        budget_s=0.05,
-        canary_gate=CanaryGate(5.0),
-        exploration=Exploration(policy="epsilon_greedy", epsilon=0.25, slots=1, pool_size=3),
-        rng=random.Random(0),
-    )
+    exploring = _ranker(model, exploration=Exploration(policy="epsilon_greedy", epsilon=0.25, slots=1, pool_size=3))
     lists = [exploring.rank(KNOWN, k=2, exclude=["w"], arm="stable", deadline=_far()) for _ in range(400)]
     assert all(ranked.items[0] == ("x", 6.0) and ranked.propensities[0] == 1.0 for ranked in lists)  # type: ignore[index]
     last = {(ranked.items[1][0], ranked.propensities[1], ranked.explored[1]) for ranked in lists}  # type: ignore[index]
