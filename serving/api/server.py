@@ -199,7 +199,7 @@ class ApiServer:
             canary_gate=CanaryGate(settings.api.canary_recheck_s),
             interleave=settings.api.interleave,
             on_answer=ModelFreshness(settings.model_base_path, self.metrics.model_freshness).answered,
-            exploration=settings.exploration,
+            exploration=settings.exploration.rules(),
         )
         similar = SimilarItems(client, self._trending, self.metrics, budget_s=settings.model_budget_s)
         service = RecommenderService(settings, features, ranker, similar, self._impressions, self.metrics)

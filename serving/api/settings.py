@@ -19,7 +19,6 @@ from pydantic import ConfigDict, Field, model_validator
 from features.settings import FeaturesSettings
 from serving.settings import ProcessTuning, ServingSettings
 from streamrec.core import contracts
-from streamrec.core.exploration import Exploration, ExplorationPolicy
 from streamrec.core.settings import CommonSettings
 
 
@@ -61,15 +60,6 @@ class ApiSection(ProcessTuning):
     # calls), which the evaluator compares per request (``serving/api/interleave.py`` says why);
     # False: they see the canary's own list and the evaluator can only compare the arms' CTRs.
     interleave: bool = True
-    # Exploration over a single model's list (``streamrec/core/exploration.py``): each of the last
-    # ``exploration_slots`` positions shows, with probability ``exploration_epsilon``, an item
-    # drawn from the ``exploration_pool_size`` candidates ranked below the list, uniformly
-    # (epsilon_greedy) or by a softmax over their scores; every shown item logs its propensity.
-    exploration_policy: ExplorationPolicy = "none"
-    exploration_epsilon: float = Field(default=0.1, ge=0.0, le=1.0)
-    exploration_slots: int = Field(default=1, ge=0, le=contracts.TOP_K_EXPORTED)
-    exploration_pool_size: int = Field(default=20, ge=1, le=contracts.TOP_K_EXPORTED)
-    exploration_temperature: float = Field(default=1.0, gt=0)
     # Trending items (item_stats of the whole catalog) are re-read in the background this often.
     item_refresh_interval_s: float = Field(default=30.0, gt=0)
     # Socket timeout of the feature store's Redis reads: a hung Redis costs a request this
@@ -106,17 +96,6 @@ class ApiSection(ProcessTuning):
 
 class ApiSettings(ServingSettings, FeaturesSettings):
     api: ApiSection = ApiSection()
-
-    @property
-    def exploration(self) -> Exploration:
-        api = self.api
-        return Exploration(
-            policy=api.exploration_policy,
-            epsilon=api.exploration_epsilon,
-            slots=api.exploration_slots,
-            pool_size=api.exploration_pool_size,
-            temperature=api.exploration_temperature,
-        )
 
     @property
     def model_budget_s(self) -> float:

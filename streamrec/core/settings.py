@@ -30,8 +30,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from streamrec.core.contracts import RECENT_ITEMS_MAX
+from streamrec.core.contracts import RECENT_ITEMS_MAX, TOP_K_EXPORTED
 from streamrec.core.errors import SettingsError
+from streamrec.core.exploration import Exploration, ExplorationPolicy
 
 ENV_PREFIX = "STREAMREC_"
 ENV_NESTED_DELIMITER = "__"
@@ -308,6 +309,23 @@ class SliceTuning(Section):
         return self
 
 
+class ExplorationTuning(Section):
+    """How the API explores (``streamrec.core.exploration``), read by the API that serves under it
+    and by the trainer that weighs a candidate's choices against the logged propensities, so
+    both agree. Each of the last ``slots`` positions of a single model's list shows, with
+    probability ``epsilon``, an item drawn from the ``pool_size`` candidates ranked below the list,
+    uniformly (``epsilon_greedy``) or by a softmax over their scores at ``temperature``."""
+
+    policy: ExplorationPolicy = "none"
+    epsilon: float = Field(default=0.1, ge=0.0, le=1.0)
+    slots: int = Field(default=1, ge=0, le=TOP_K_EXPORTED)
+    pool_size: int = Field(default=20, ge=1, le=TOP_K_EXPORTED)
+    temperature: float = Field(default=1.0, gt=0)
+
+    def rules(self) -> Exploration:
+        return Exploration(self.policy, self.epsilon, self.slots, self.pool_size, self.temperature)
+
+
 class CommonSettings(BaseSettings):
     """Sections every process shares. Subclass it once per process."""
 
@@ -325,6 +343,7 @@ class CommonSettings(BaseSettings):
     grpc: GrpcSecurity = GrpcSecurity()
     paths: PathSettings = PathSettings()
     slices: SliceTuning = SliceTuning()
+    exploration: ExplorationTuning = ExplorationTuning()
     # The dataset every command works on unless --dataset says otherwise: a preset (ml-100k,
     # synthetic[:options]), a description file (.toml) or a log file (streamrec.datasets.description).
     dataset: str = Field(default="ml-100k", min_length=1)
