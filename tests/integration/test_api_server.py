@@ -400,6 +400,10 @@ def test_impressions_land_in_the_topic_and_decode_as_impression(stub: object, se
     assert {name: first.features[name] for name in PROFILES[FRESH_USER]} == PROFILES[FRESH_USER]
     assert (first.fallback, first.degraded) == (False, False)
     assert first.serve_latency_ms is not None and 0 < first.serve_latency_ms < 10_000  # the call's deadline
+    for impression in (found[request] for request in sent):  # no exploration here: every item shown for sure
+        interleaved = impression.items[0].team is not None
+        want = (None, None) if interleaved or impression.fallback else (1.0, False)
+        assert {(item.propensity, item.explored) for item in impression.items} == {want}
 
 
 def test_metrics_count_latency_by_arm_fallbacks_and_the_version_served(stub: object, api: ApiServer) -> None:

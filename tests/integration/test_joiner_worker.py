@@ -49,7 +49,10 @@ def test_the_joiner_labels_impressions_and_dead_letters_unjoinable_clicks(
             request_id=f"r{n}",
             arm="stable",
             model_version=1,
-            items=[ImpressionItem(item_id=f"i{j}", score=1.0, position=j) for j in range(3)],
+            items=[
+                ImpressionItem(item_id=f"i{j}", score=1.0, position=j, propensity=(0.9 if j == 2 else 1.0))
+                for j in range(3)
+            ],
         )
         for n in range(4)
     ]
@@ -75,6 +78,8 @@ def test_the_joiner_labels_impressions_and_dead_letters_unjoinable_clicks(
     assert len(labeled) == 12, log[-3000:]
     clicked = {(e.request_id, e.item_id) for e in labeled if e is not None and e.clicked}
     assert clicked == {("r0", "i1")}  # the duplicate counted once, the late click not at all
+    propensities = {e.item_id: e.propensity for e in labeled if e is not None}
+    assert propensities == {"i0": 1.0, "i1": 1.0, "i2": 0.9}  # each shown item's, from its impression
     reasons = sorted(d.reason for d in dead if d is not None)
     assert reasons == ["click_late", "click_no_impression", "undecodable"], reasons
 
