@@ -241,6 +241,7 @@ def create_app(
         max_pending=tuning.max_held_events,
         push_min_interval_s=tuning.push_min_interval_s,
         rewind=lambda topic, partition, offset: app.consumer.seek(TP(topic, partition), offset),
+        rewind_retry_s=tuning.rewind_retry_s,
         start_offset=_group_start_offsets(settings),
     )
 
@@ -306,6 +307,12 @@ def create_app(
                 log.exception("could not check the online store for a restart")
 
         app.timer(interval=tuning.store_check_interval_s)(check_feature_store)
+
+    async def retry_rewinds() -> None:
+        if not app.rebalancing:
+            await pipeline.retry_rewinds()
+
+    app.timer(interval=tuning.rewind_retry_s)(retry_rewinds)
 
     @app.on_partitions_revoked.connect
     def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:

@@ -204,6 +204,7 @@ class GaplessConsumer(aiokafka_driver.Consumer):
         if rewind is not None:
             if offset == rewind.offset:
                 del self.open_rewinds[partition]
+                log.info("%s: offset %d read again, after %d seek(s)", partition, offset, rewind.seeks)
             return offset > rewind.offset
         expected = self.next_offsets.get(partition)
         if expected is None or offset <= expected:

@@ -113,6 +113,9 @@ class FeaturePipeline:
     # next expected offset, and a rewind in progress, by (topic, partition) (see _check_offsets)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rewinding: dict[tuple[str, int], int] = field(default_factory=dict)
+    # when each open rewind was last sought (``clock``), and how long before it is sought again
+    rewind_sought_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    rewind_retry_s: float = 5.0
     # the online store's run last seen (check_feature_store)
     store_epoch: str | None = None
 
@@ -253,7 +256,7 @@ class FeaturePipeline:
                     metrics.OFFSET_GAPS.inc(record.offset - want)
                     log.error("%s[%d]: offsets %d..%d were never handed to the worker", *key, want, record.offset - 1)
                 if self.rewind is not None:
-                    if new_hole:
+                    if new_hole or self.clock() - self.rewind_sought_at.get(key, 0.0) > self.rewind_retry_s:
                         rewinding[key] = rewind_now[key] = want
                     event.message.incref()  # never acked: its second reading is applied and acked
                     parked.add(id(event))
@@ -262,13 +265,32 @@ class FeaturePipeline:
                 expected[key] = record.offset + 1
                 if key in rewinding and record.offset >= rewinding[key]:
                     del rewinding[key]
+                    self.rewind_sought_at.pop(key, None)
                     rewind_now.pop(key, None)
         metrics.OPEN_GAPS.set(len(rewinding))
-        if self.rewind is not None:
-            for (topic, partition), offset in rewind_now.items():
-                log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
-                await self.rewind(topic, partition, offset)
+        await self._seek_back(rewind_now)
         return [event for event in events if id(event) not in parked] if parked else events
+
+    async def retry_rewinds(self) -> None:
+        """Seek again each rewind whose record has not come ``rewind_retry_s`` after its last seek
+        (a re-read record Faust dropped before the agent saw it); on a timer, so a partition whose
+        every later record is already parked does not wait forever."""
+        due_before = self.clock() - self.rewind_retry_s
+        await self._seek_back(
+            {key: want for key, want in self.rewinding.items() if self.rewind_sought_at.get(key, 0.0) < due_before}
+        )
+
+    async def _seek_back(self, rewinds: Mapping[tuple[str, int], int]) -> None:
+        if self.rewind is None:
+            return
+        for (topic, partition), offset in rewinds.items():
+            again = (topic, partition) in self.rewind_sought_at
+            if again:
+                log.warning("%s[%d]: offset %d has not come back; seeking there again", topic, partition, offset)
+            else:
+                log.info("rewinding %s[%d] to offset %d to read the missing records again", topic, partition, offset)
+            self.rewind_sought_at[(topic, partition)] = self.clock()
+            await self.rewind(topic, partition, offset)
 
     def forget_partitions(self, revoked: set[tuple[str, int]], interactions_topic: str, by_item_topic: str) -> None:
         """Partitions (topic, partition) this worker no longer owns after a rebalance.
@@ -279,6 +301,7 @@ class FeaturePipeline:
         """
         for key in revoked:
             self.next_offsets.pop(key, None)
+            self.rewind_sought_at.pop(key, None)
             if self.rewinding.pop(key, None) is not None:
                 metrics.ABANDONED_GAPS.inc()
                 log.error("%s[%d] revoked while its skipped records were being read again", *key)

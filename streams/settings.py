@@ -95,6 +95,9 @@ class StreamsTuning(FaustAppTuning):
     # How often the worker asks the online store whether it restarted (and may have lost the
     # writes of its last second); after a restart it pushes every state it owns again. 0: never.
     store_check_interval_s: float = Field(default=2.0, ge=0)
+    # A partition rewound to records the worker never saw is sought again when they have not come
+    # back this long after the last seek (``FeaturePipeline.retry_rewinds``).
+    rewind_retry_s: float = Field(default=5.0, gt=0)
     web_port: int = Field(default=0, ge=0, le=65535)
     # How soon the group notices a dead worker (SIGKILL, lost host) and hands its partitions on;
     # the broker's group.min.session.timeout.ms (6 s by default) is the floor.

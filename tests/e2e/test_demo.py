@@ -109,6 +109,14 @@ def _under(process: psutil.Process, state_dir: Path) -> bool:
         return False
 
 
+def wait_for_decisions(path: Path, timeout_s: float) -> list[dict[str, object]]:
+    """The applied decisions in ``path`` once there is one, or none after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (decisions := applied_decisions(path)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return decisions
+
+
 def check_observed(state_dir: Path) -> None:
     """The demo's Prometheus scrapes every process it started, and they are up; the loop's key
     series exist (live model freshness included); the report has the health panels;
@@ -166,7 +174,9 @@ def test_demo_on_a_shop_log_with_kinds_and_an_item_file(demo_environment: None, 
     state_dir = tmp_path / "demo"
     # A decision through the evaluator's identity in a few hundred visits: the latency guardrail,
     # tightened, rolls back a canary that answers slower than stable (an interleaved list costs
-    # two model calls), whatever the clicks say.
+    # two model calls), whatever the clicks say. The guardrail judges the newest canary alone, so
+    # the trainer publishes every 20 s: at every 10 s, under load, no version collected the 10
+    # labeled requests the guardrail needs before the next replaced it.
     os.environ.update(
         {
             "STREAMREC_EVALUATOR__POLICY__LATENCY_BUDGET_MS": "0.001",
@@ -175,11 +185,12 @@ def test_demo_on_a_shop_log_with_kinds_and_an_item_file(demo_environment: None, 
         }
     )
     try:
-        page = run(small_demo(str(description), state_dir, keep_running=True, secure=True))
+        page = run(small_demo(str(description), state_dir, keep_running=True, secure=True, trainer_interval_s=20.0))
         check_loop(state_dir, page)
         check_no_secret_leaks(state_dir)
-        # the evaluator moved the labels as itself (an admin identity on the model server)
-        decisions = applied_decisions(state_dir / "evaluator" / "decisions.jsonl")
+        # the evaluator moved the labels as itself (an admin identity on the model server); the
+        # stack keeps running, so the labels of the last visits may still be on their way
+        decisions = wait_for_decisions(state_dir / "evaluator" / "decisions.jsonl", timeout_s=90)
         assert decisions and {record["action"] for record in decisions} <= {"promote", "rollback"}
         last = decisions[-1]
         stable = last["canary_version"] if last["action"] == "promote" else last["stable_version"]

@@ -578,6 +578,30 @@ def test_a_skipped_offset_rewinds_its_partition_once_until_the_reread_arrives(tm
     on_a_pipeline(tmp_path, body)
 
 
+def test_a_rewind_whose_record_does_not_come_is_sought_again(tmp_path: Path) -> None:
+    """Faust can drop the re-read record too: a parked record or the retry timer
+    (``retry_rewinds``) seeks again once ``rewind_retry_s`` has passed since the last seek."""
+    now = [1000.0]
+
+    async def body(h: _OffsetHarness) -> None:
+        h.pipeline.clock = lambda: now[0]
+        assert await h.see(0, 5, 6) == [5, 6]
+        assert await h.see(0, 9) == [] and h.rewinds == [("t", 0, 7)]
+        await h.pipeline.retry_rewinds()
+        assert await h.see(0, 10) == [] and h.rewinds == [("t", 0, 7)]  # not due yet
+        now[0] += 6
+        assert await h.see(0, 11) == [] and h.rewinds == [("t", 0, 7), ("t", 0, 7)]  # a parked record: again
+        now[0] += 6
+        await h.pipeline.retry_rewinds()  # no record came at all: the timer seeks
+        assert h.rewinds == [("t", 0, 7), ("t", 0, 7), ("t", 0, 7)]
+        assert await h.see(0, 7, 8, 9, 10, 11) == [7, 8, 9, 10, 11]
+        now[0] += 60
+        await h.pipeline.retry_rewinds()
+        assert len(h.rewinds) == 3 and h.pipeline.rewinding == {} and h.pipeline.rewind_sought_at == {}
+
+    on_a_pipeline(tmp_path, body)
+
+
 class _Held(_Event):
     acked = False
 
