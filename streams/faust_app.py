@@ -150,8 +150,8 @@ class GaplessConsumer(aiokafka_driver.Consumer):
     read offset is not raised past the rewind (:class:`_ReadOffsets`), since its drain loop drops
     any record older than the read offset: the re-read one. A rewind whose record has not come
     ``reseek_after_s`` after its seek is sought again (:meth:`retry_rewinds`, on a timer), a few
-    times, then given up. Seeks run on the consumer's own thread (aiokafka's fetcher
-    is not thread-safe: a seek from the agents' loop while it iterates its buffer once crashed it).
+    times, then given up. Seeks run on the consumer's own thread: aiokafka's fetcher is not
+    thread-safe (docs/design/streams.md#offset-gaps).
     The feature worker also checks where a newly assigned partition starts
     (``FeaturePipeline._check_offsets``) and seeks through the same :meth:`seek`.
     """
