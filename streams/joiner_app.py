@@ -170,6 +170,12 @@ def create_joiner(settings: JoinerSettings) -> Joiner:
             exit_for_restart(error)
 
     agent = app.agent(source, name="streams.joiner")(join)
+
+    async def retry_rewinds() -> None:
+        if not app.rebalancing:
+            await guard.retry()
+
+    app.timer(interval=guard.retry_s)(retry_rewinds)
     app.timer(interval=tuning.expire_interval_s)(label_closed_windows)
 
     @app.on_partitions_revoked.connect

@@ -47,3 +47,31 @@ def test_a_hole_is_sought_once_and_the_records_past_it_wait_unacked() -> None:
         assert sought == [("impressions", 0, 6)]
 
     asyncio.run(main())
+
+
+def test_a_hole_whose_first_record_does_not_come_is_sought_again() -> None:
+    sought: list[int] = []
+    now = [0.0]
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        sought.append(offset)
+
+    guard = OffsetGuard(seek=seek, clock=lambda: now[0])
+
+    async def main() -> None:
+        assert await guard.admit(_Message(0, 1))
+        assert not await guard.admit(_Message(0, 4))  # 2, 3 missing
+        await guard.retry()
+        assert not await guard.admit(_Message(0, 5))
+        assert sought == [2]  # not due yet
+        now[0] += 6
+        assert not await guard.admit(_Message(0, 6))  # a parked record: sought again
+        now[0] += 6
+        await guard.retry()  # no record at all: the timer seeks
+        assert sought == [2, 2, 2]
+        assert await guard.admit(_Message(0, 2))
+        now[0] += 60
+        await guard.retry()
+        assert sought == [2, 2, 2] and guard.rewinding == {} and guard.sought_at == {}
+
+    asyncio.run(main())
