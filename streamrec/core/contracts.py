@@ -50,6 +50,14 @@ string [B, M] "" padded, or float32 [B] (NaN unknown)).
   an excluded id; an item not in the catalog gets all ids "" and scores float32 min (the padding score).
 
 Version labels: ``stable`` and ``canary`` (TF Serving's ``version_labels``).
+
+Ranking model (``RANKER_MODEL_NAME``, its own version line and labels on the same model server)
+=============================================================================================
+``rank`` (``RANK_SIGNATURE``, also ``serving_default``) inputs: the user inputs (as above) plus
+``item_ids`` string [B, N] (retrieved candidates, "" padded) and ``retrieval_scores`` float32
+[B, N] (the retrieval model's scores of those candidates); output ``scores`` float32 [B, N]: the
+logit of a click at the top position, higher is better (padding gets float32 min). The position a
+logged item was shown at is a training-only input (it debiases the labels) and is not an input here.
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ RECOMMEND_SIGNATURE: Final = "recommend"
 SCORE_SIGNATURE: Final = "score"
 SIMILAR_SIGNATURE: Final = "similar"
 TOP_K_EXPORTED: Final = 100
+RANKER_MODEL_NAME: Final = "streamrec_ranker"
+RANK_SIGNATURE: Final = "rank"
 STABLE_LABEL: Final = "stable"
 CANARY_LABEL: Final = "canary"
 # A version's lineage (data range, Kafka offsets, parent, gate figures), inside ``<base>/<version>/``;
