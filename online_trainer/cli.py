@@ -215,7 +215,14 @@ def trainer_command(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     fault = stop_at(settings.trainer.fault_stop_at) if settings.trainer.fault_stop_at else None  # fault tests only
-    trainer = OnlineTrainer(settings, publisher=_publisher(settings), summaries=summaries, fault=fault)
+    ranker_publisher = None
+    if settings.ranking.enabled and settings.trainer.publish:
+        from online_trainer.ranker_line import ranker_publisher as make_ranker_publisher
+
+        ranker_publisher = make_ranker_publisher(settings)
+    trainer = OnlineTrainer(
+        settings, publisher=_publisher(settings), summaries=summaries, fault=fault, ranker_publisher=ranker_publisher
+    )
     trainer.start()
     try:
         trainer.run(stop=stop, max_intervals=max_intervals)

@@ -22,6 +22,9 @@ Checks, each adding a machine-readable reason to :class:`GateResult` when it fai
 * ``slice`` (only with ``SliceJudge.block``): the candidate passed the overall comparison but
   lost a segment of the hold-out badly (:mod:`online_trainer.slices`). Without ``block`` the
   segment is only flagged in ``GateResult.slices``, the lineage and the metrics.
+* ``ope_regression``: the off-policy gate (:mod:`online_trainer.ope_gate`) estimated, on the
+  lists stable showed with exploration, a click rate significantly below stable's. Its figures
+  (or why it abstained) are in ``GateResult.ope`` and the lineage either way.
 * ``export_outputs``: calling the exported signatures on hold-out rows gives wrong shapes/dtypes
   or non-finite scores (this catches a model that is fine in memory but broken once exported).
 
@@ -44,6 +47,7 @@ import pandas as pd
 from online_trainer.examples import user_arrays
 from online_trainer.inference import catalog_vectors, recommend, user_vectors
 from online_trainer.model import TwoTowerModel
+from online_trainer.ope_gate import OpeVerdict
 from online_trainer.signatures import Spec, contract_signatures
 from online_trainer.slices import SliceJudge, slice_figures
 from streamrec.core import contracts
@@ -57,6 +61,7 @@ REASONS = (
     "slice",
     "signature_mismatch",
     "export_outputs",
+    "ope_regression",
 )
 TRAINING_FIGURES = ("loss", "gradient_norm_mean", "gradient_norm_max")
 """The ``training.train`` stats that must be finite for a candidate to be published."""
@@ -74,6 +79,8 @@ class GateResult:
     p_value: float | None = None  # the sign test's, when the candidate fell below the margin
     # per segment: examples, candidate and serving hit@k, flagged (slices.slice_figures); {} unsliced
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the off-policy gate's verdict and figures (ope_gate.OpeVerdict.to_json); None: not run
+    ope: dict[str, Any] | None = None
 
     @property
     def flagged_segments(self) -> list[str]:
@@ -109,6 +116,7 @@ class GateResult:
             "holdout_size": self.holdout_size,
             "p_value": self.p_value,
             "flagged_segments": self.flagged_segments,
+            "ope": self.ope,
         }
 
 
@@ -329,9 +337,15 @@ def run_gate(
     alpha: float = 1.0,
     training: Mapping[str, float] | None = None,
     slices: SliceJudge | None = None,
+    ope: OpeVerdict | None = None,
 ) -> GateResult:
-    """All checks; the export checks only run when the in-memory ones passed."""
+    """All checks; the export checks only run when the in-memory ones passed. ``ope``: the
+    off-policy gate's verdict on this candidate (``ope_gate.judge``), None when it did not run."""
     result = GateResult()
+    if ope is not None:
+        result.ope = ope.to_json()
+        if ope.blocked:
+            result.fail("ope_regression", ope.summary())
     check_model(
         result,
         candidate,

@@ -31,6 +31,10 @@ One process, one Kafka consumer in its own group (``trainer.group_id``), manual 
    and a published version's lineage counts the produce times of the records it newly covers
    (``freshness``, :mod:`online_trainer.freshness`), from which the API measures live model freshness.
 
+The off-policy gate (``trainer.ope_gate``, :mod:`online_trainer.ope_gate`) judges each candidate
+on the lists stable showed recently, read from ``topics.labeled`` by a second consumer in no group
+(:mod:`online_trainer.logged_reader`); its verdict joins the gate's and the lineage.
+
 With ``trainer.source = "labeled"`` the loop reads the joiner's labeled examples instead and learns
 from the clicked ones, using the features logged with the impression when they are complete.
 """
@@ -54,9 +58,13 @@ from online_trainer.examples import empty_examples
 from online_trainer.finetune import finetune, plan_interval, training_pair
 from online_trainer.freshness import CoverageLedger, trained_offsets
 from online_trainer.history import UserHistories
+from online_trainer.logged_reader import LoggedExamples
 from online_trainer.lookup import FeastLookup, FeatureLookup
 from online_trainer.model import TwoTowerModel
+from online_trainer.ope_gate import OpeRule, OpeVerdict, judge, logged_lists
+from online_trainer.ope_rankings import two_tower_rankings
 from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
+from online_trainer.ranker_line import RankerLine, RankerOutcome
 from online_trainer.settings import TrainerSettings
 from online_trainer.slices import SliceJudge, item_interactions
 from online_trainer.stream_examples import POSITION, PRODUCED, event_row, examples_frame
@@ -86,6 +94,7 @@ class IntervalReport:
     publish_s: float | None = None
     # seconds per stage from the interval's end: examples, finetune, then publish_candidate's own
     stage_s: dict[str, float] = field(default_factory=dict)
+    ranker: RankerOutcome | None = None  # the ranking model's interval (ranking.enabled), None: none ran
 
     @property
     def version(self) -> int | None:
@@ -102,9 +111,11 @@ class OnlineTrainer:
         fault: Fault | None = None,
         summaries: metrics.SummaryWriter | None = None,
         schema: AttributeSchema | None = None,
+        ranker_publisher: Publisher | None = None,
     ) -> None:
         """``schema``: the dataset's attributes (None: the feature repo's ``attribute_schema.json``);
-        the resumed version must have been trained with the same."""
+        the resumed version must have been trained with the same. ``ranker_publisher``: the ranking
+        model's client (labels), with ``ranking.enabled``."""
         self.settings = settings
         self.tuning = settings.trainer
         self.topic = settings.source_topic
@@ -135,6 +146,19 @@ class OnlineTrainer:
         self._spare: TwoTowerModel | None = None
         self.step = 0
         self._consumer: Consumer | None = None
+        self.ranker = (
+            RankerLine(settings, self.schema, ranker_publisher, publish=self.tuning.publish)
+            if settings.ranking.enabled
+            else None
+        )
+        ope = self.tuning.ope_gate
+        self.logged = LoggedExamples(
+            settings,
+            group_id=f"{self.tuning.group_id}-ope",
+            lookback_s=ope.lookback_s,
+            max_examples=ope.max_examples,
+            on_example=self.ranker.add if self.ranker is not None else None,
+        )
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,6 +199,8 @@ class OnlineTrainer:
         metrics.CURRENT_VERSION.set(self.version)
         if self.tuning.publish and self.writer.labelled_version() != self.version:
             label_canary(self.writer, self.publisher, self.version)
+        if self.ranker is not None:
+            self.ranker.resume()
         self.interval_started = time.monotonic()
 
     def subscribe(self) -> None:
@@ -188,6 +214,8 @@ class OnlineTrainer:
         }
         self._consumer = Consumer(config)
         self._consumer.subscribe([self.topic], on_assign=self._on_assign)
+        if self.tuning.ope_gate.enabled or self.ranker is not None:
+            self.logged.start()
         log.info("trainer resumes version %d on %s (group %s)", self.version, self.topic, self.tuning.group_id)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -207,6 +235,7 @@ class OnlineTrainer:
         """Consume what is there (up to 1,000 records); returns the number of records read."""
         if self._consumer is None:
             raise TrainerError("call start() before poll()")
+        self.logged.poll()
         messages = self._consumer.consume(num_messages=1000, timeout=timeout_s)
         for message in messages:
             error = message.error()
@@ -346,6 +375,7 @@ class OnlineTrainer:
             "features_source": "trainer user histories from the consumed stream; attributes from Feast online",
             "metrics": {key: float(value) for key, value in stats.items()},
         }
+        ope = self._judge_off_policy(candidate)
         report.outcome = publish_candidate(
             self.writer,
             candidate,
@@ -360,6 +390,7 @@ class OnlineTrainer:
             fault=self.fault,
             training=stats,
             slices=SliceJudge(self.settings.slices, item_interactions(self.replay), self.tuning.block_on_slice_flag),
+            ope=ope,
         )
         report.stage_s.update(report.outcome.timings)
         if report.outcome.version is not None:
@@ -368,12 +399,28 @@ class OnlineTrainer:
             metrics.CURRENT_VERSION.set(self.version)
             report.publish_s = time.perf_counter() - interval_end
             metrics.PUBLISH_SECONDS.observe(report.publish_s)
+            if self.ranker is not None:  # its canary joins the retrieval canary (ranker_line docstring)
+                report.ranker = self.ranker.run_interval()
         else:
             self._spare = candidate
             checkpoint.save(self.writer.state_path, self.version, self._state(offsets))
         self._commit(offsets)
         self._record(report)
         return report
+
+    def _judge_off_policy(self, candidate: TwoTowerModel) -> OpeVerdict | None:
+        """The off-policy gate's verdict on ``candidate`` (None when ``trainer.ope_gate`` is off)."""
+        ope = self.tuning.ope_gate
+        if not ope.enabled:
+            return None
+        rule = OpeRule(ope.estimator, ope.min_lists, ope.min_support, ope.margin, ope.confidence)
+        started = time.perf_counter()
+        verdict = judge(
+            logged_lists(self.logged.examples()), two_tower_rankings(candidate), self.settings.exploration.rules(), rule
+        )
+        metrics.record_ope(verdict.verdict, time.perf_counter() - started)
+        log.info("%s", verdict.summary())
+        return verdict
 
     def _record(self, report: IntervalReport) -> None:
         self.step += 1
@@ -422,6 +469,7 @@ class OnlineTrainer:
         return reports
 
     def close(self) -> None:
+        self.logged.close()
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None

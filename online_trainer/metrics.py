@@ -66,6 +66,14 @@ SLICE_FLAGS = Counter(
 )
 _sliced: set[tuple[str, str]] = set()  # the label pairs SLICE_HIT_AT_K holds a figure for
 
+OPE_VERDICTS = Counter("trainer_ope_gate_total", "Off-policy gate verdicts (passed, blocked, abstained).", ("verdict",))
+OPE_SECONDS = Histogram("trainer_ope_gate_seconds", "Time to judge one candidate off-policy.")
+
+
+def record_ope(verdict: str, seconds: float) -> None:
+    OPE_VERDICTS.labels(verdict).inc()
+    OPE_SECONDS.observe(seconds)
+
 
 def serve(port: int) -> None:
     """Expose ``/metrics`` on ``port`` (in a daemon thread); 0 means metrics are not served."""

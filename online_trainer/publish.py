@@ -45,6 +45,7 @@ from online_trainer import checkpoint, export, metrics
 from online_trainer.checkpoint import Checkpoint
 from online_trainer.gate import GateResult, check_export, run_gate
 from online_trainer.model import TwoTowerModel
+from online_trainer.ope_gate import OpeVerdict
 from online_trainer.settings import TrainerSettings
 from online_trainer.slices import SliceJudge
 from streamrec.core.errors import StreamrecError
@@ -209,11 +210,12 @@ def publish_candidate(
     fault: Fault | None = None,
     training: Mapping[str, float] | None = None,
     slices: SliceJudge | None = None,
+    ope: OpeVerdict | None = None,
 ) -> Outcome:
     """Steps 1-6 of the module docstring; returns the gate verdict and what was published.
 
     ``training``: the fine-tune's stats (the gate rejects NaN/inf ones); ``slices``: judge the
-    candidate per segment too (``gate.run_gate``).
+    candidate per segment too (``gate.run_gate``); ``ope``: the off-policy gate's verdict.
     """
     import time
 
@@ -230,6 +232,7 @@ def publish_candidate(
         alpha=alpha,
         training=training,
         slices=slices,
+        ope=ope,
     )
     outcome = Outcome(gate=gate, timings={"check_s": time.perf_counter() - started})
     if gate.passed:

@@ -43,6 +43,43 @@ def worker_address(text: str) -> str:
     return f"{host}:{int(port)}"
 
 
+class OpeGateTuning(BaseModel):
+    """The off-policy gate (``online_trainer/ope_gate.py``): before a candidate reaches the canary
+    label, its click rate is estimated on the lists stable showed in the last ``lookback_s``
+    (at most ``max_examples`` labeled examples kept), and a candidate significantly below stable
+    (by more than ``margin``) is rejected. With fewer than ``min_lists`` logged lists or a support
+    below ``min_support`` it abstains and the canary decides, as without the gate."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    estimator: Literal["ips", "snips", "dr"] = "dr"
+    min_lists: int = Field(default=100, ge=1)
+    min_support: float = Field(default=0.3, ge=0.0, le=1.0)
+    margin: float = Field(default=0.0, ge=0.0, le=1.0)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    lookback_s: float = Field(default=3_600.0, gt=0)
+    max_examples: int = Field(default=50_000, ge=1)
+
+
+class RankerTuning(BaseModel):
+    """How the trainer fine-tunes the ranking model (``online_trainer/ranker_line.py``) when
+    ``ranking.enabled``: at least ``min_examples`` new labeled examples per interval (at most
+    ``max_pending`` waiting), the newest ``holdout_fraction`` held out for its gate, which rejects a
+    candidate whose held-out log loss is worse than the serving model's by more than
+    ``gate_margin``, significantly; ``retention`` versions kept."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_examples: int = Field(default=200, ge=2)
+    max_pending: int = Field(default=200_000, ge=2)
+    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    gate_margin: float = Field(default=0.0, ge=0.0)
+    retention: int = Field(default=5, ge=2)
+
+
 class TrainerTuning(BaseModel):
     """How the trainer learns, validates and publishes."""
 
@@ -102,6 +139,8 @@ class TrainerTuning(BaseModel):
     # and flags a candidate that wins overall but loses a segment badly; true: such a candidate is
     # rejected (reason ``slice``) instead of published with the flag in its lineage.
     block_on_slice_flag: bool = False
+    ope_gate: OpeGateTuning = OpeGateTuning()
+    ranker: RankerTuning = RankerTuning()
     # -- bootstrap ----------------------------------------------------------------------------
     bootstrap_epochs: int | None = Field(default=None, ge=1, description="None: the model's default")
     min_feature_coverage: float = Field(

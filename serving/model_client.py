@@ -105,15 +105,19 @@ class ModelServerClient:
         self._move_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: ServingSettings) -> ModelServerClient:
+    def from_settings(
+        cls, settings: ServingSettings, *, model_name: str | None = None, server_base_path: str | None = None
+    ) -> ModelServerClient:
+        """The client of the ``model_server`` section's model, or of ``model_name`` (served from
+        ``server_base_path``) on the same server and config file, e.g. the ranking model."""
         section = settings.model_server
         return cls(
             section.target,
-            section.model_name,
+            model_name or section.model_name,
             section.request_timeout_ms / 1000.0,
             admin_timeout_s=section.admin_timeout_s,
             config_file=settings.model_config_file,
-            server_base_path=settings.server_base_path,
+            server_base_path=server_base_path or settings.server_base_path,
             load_timeout_s=section.load_timeout_s,
             max_versions_loaded=section.max_versions_loaded,
             max_message_mb=section.grpc_max_message_mb,

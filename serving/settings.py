@@ -113,5 +113,16 @@ class ServingSettings(CommonSettings):
     def server_base_path(self) -> str:
         return self.model_server.server_base_path or str(self.model_base_path)
 
+    @property
+    def ranker_base_path(self) -> Path:
+        """The ranking model's versions: beside the retrieval model's, named ``ranking.model_name``."""
+        return self.model_base_path.parent / self.ranking.model_name
+
+    @property
+    def ranker_server_base_path(self) -> str:
+        """The ranking model's base path as the model server sees it (beside the retrieval model's)."""
+        configured = self.model_server.server_base_path
+        return str(Path(configured).parent / self.ranking.model_name) if configured else str(self.ranker_base_path)
+
 
 SETTINGS_CLASSES = (ServingSettings,)

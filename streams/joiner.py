@@ -286,6 +286,8 @@ def label(
             control_version=impression.control_version,
             propensity=item.propensity,
             explored=item.explored,
+            retrieval_score=item.retrieval_score,
+            ranker_version=impression.ranker_version,
         )
         for item in sorted(impression.items, key=lambda shown: shown.position)
     ]

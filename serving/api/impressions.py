@@ -17,6 +17,7 @@ degraded flags, the serving latency and the raw features the model saw.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class PendingImpression:
     control_version: int | None = None  # interleaved: the stable version
     propensities: tuple[float, ...] | None = None  # each item's probability under the serving policy
     explored: tuple[bool, ...] | None = None  # each item drawn by exploration
+    retrieval_scores: tuple[float, ...] | None = None  # two-stage: each item's retrieval score
+    ranker_version: int | None = None  # two-stage: the ranking model's version
 
 
 class ImpressionLogger:
@@ -165,6 +168,7 @@ def to_impression(pending: PendingImpression) -> Impression:
                 shared=pending.shared[position] if pending.shared is not None else None,
                 propensity=pending.propensities[position] if pending.propensities is not None else None,
                 explored=pending.explored[position] if pending.explored is not None else None,
+                retrieval_score=_finite_or_none(pending.retrieval_scores, position),
             )
             for position, (item_id, score) in enumerate(pending.items)
         ],
@@ -173,4 +177,11 @@ def to_impression(pending: PendingImpression) -> Impression:
         serve_latency_ms=pending.serve_latency_ms,
         features=pending.features,
         control_version=pending.control_version,
+        ranker_version=pending.ranker_version,
     )
+
+
+def _finite_or_none(values: tuple[float, ...] | None, position: int) -> float | None:
+    if values is None or not math.isfinite(values[position]):
+        return None
+    return values[position]

@@ -55,6 +55,12 @@ class ApiMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.ranker_fallbacks = Counter(
+            "streamrec_api_ranker_fallbacks_total",
+            "Two-stage answers served in retrieval order because the ranking model could not order them, by reason.",
+            ("reason",),
+            registry=self.registry,
+        )
         self.degraded = Counter(
             "streamrec_api_degraded_total",
             "A dependency failed or was too slow.",

@@ -61,6 +61,7 @@ import numpy as np
 from serving.api.arms import CanaryGate
 from serving.api.interleave import team_draft
 from serving.api.metrics import ApiMetrics
+from serving.api.rerank import Reranked, Reranker
 from serving.api.trending import TrendingSnapshot
 from serving.api.user_features import UserFeatures
 from serving.model_client import ModelServerRpcError
@@ -128,6 +129,10 @@ class Ranked:
     # included) and whether exploration drew it; None for interleaved and fallback lists.
     propensities: tuple[float, ...] | None = None
     explored: tuple[bool, ...] | None = None
+    # Two-stage answers: each item's retrieval score and the ranking model's version that ordered
+    # the list (interleaved: the arm's); None where the retrieval order was served.
+    retrieval_scores: tuple[float, ...] | None = None
+    ranker_version: int | None = None
 
     @property
     def fallback(self) -> bool:
@@ -264,8 +269,10 @@ class Ranker:
         on_answer: Callable[[int], None] | None = None,
         exploration: Exploration | None = None,
         rng: random.Random | None = None,
+        reranker: Reranker | None = None,
     ) -> None:
         self._client = client
+        self._reranker = reranker  # the ranking stage; None: the retrieval order is served
         self._on_answer = on_answer  # told the version of every model answer (model freshness)
         self._trending = trending
         self._metrics = metrics
@@ -297,9 +304,10 @@ class Ranker:
             allowed = [item_id for item_id in dict.fromkeys(candidates) if item_id not in excluded]
             if not allowed:  # every candidate is excluded: nothing to rank, nothing to ask
                 return Ranked([], 0, arm, "", degraded=features_failed)
-        call = self._call(
-            features, k=k + self._exploration.candidates_wanted, exclude=exclude, excluded=excluded, allowed=allowed
-        )
+        wanted = k + self._exploration.candidates_wanted
+        if self._reranker is not None:
+            wanted = max(wanted, self._reranker.candidates)
+        call = self._call(features, k=wanted, exclude=exclude, excluded=excluded, allowed=allowed)
         try:
             version, items, arm = self._ask_model(call, arm=arm, deadline=deadline)
         except ModelAnswerError as exc:
@@ -310,11 +318,13 @@ class Ranker:
         if self._on_answer is not None:
             self._on_answer(version)
         reason = "features_unavailable" if features_failed else "" if features.known else "cold_start"
+        reranked = self._rerank(call, items, arm=arm, deadline=deadline)
+        items = reranked.items
         if self._interleave and arm == contracts.CANARY_LABEL:
-            ranked = Ranked(items[:k], version, arm, reason, degraded=features_failed)
-            return self._interleaved(call, ranked, k=k, deadline=deadline)
-        shown = explore(items, k, self._exploration, self._rng)
-        return Ranked(
+            ranked = self._with_ranking(Ranked(items[:k], version, arm, reason, degraded=features_failed), reranked)
+            return self._interleaved(call, ranked, reranked, k=k, deadline=deadline)
+        shown = explore(items[: k + self._exploration.candidates_wanted], k, self._exploration, self._rng)
+        ranked = Ranked(
             shown.items,
             version,
             arm,
@@ -323,6 +333,26 @@ class Ranker:
             propensities=shown.propensities,
             explored=shown.explored,
         )
+        return self._with_ranking(ranked, reranked)
+
+    def _rerank(self, call: _Call, items: list[tuple[str, float]], *, arm: Arm, deadline: float) -> Reranked:
+        """The ranking stage's order of the retrieved ``items`` (the retrieval order without one)."""
+        if self._reranker is None:
+            return Reranked(items, {}, None)
+        try:
+            timeout_s = model_budget(self._budget_s, deadline)
+        except ModelAnswerError:
+            return self._reranker.fallback(items, "deadline")
+        user_part = {name: value for name, value in call.inputs.items() if name in self._inputs}
+        return self._reranker.rerank(items, user_inputs=user_part, arm=arm, timeout_s=timeout_s)
+
+    @staticmethod
+    def _with_ranking(ranked: Ranked, reranked: Reranked) -> Ranked:
+        """``ranked`` with its items' retrieval scores and the ranking version, when one ordered it."""
+        if reranked.version is None:
+            return ranked
+        scores = tuple(reranked.retrieval_scores.get(item_id, math.nan) for item_id, _ in ranked.items)
+        return replace(ranked, retrieval_scores=scores, ranker_version=reranked.version)
 
     def _call(
         self,
@@ -343,7 +373,7 @@ class Ranker:
         inputs = {**user_inputs(features, self._inputs), "item_ids": np.array([allowed], dtype=object)}
         return _Call(contracts.SCORE_SIGNATURE, inputs, lambda outputs: parse_scores(outputs, allowed, k))
 
-    def _interleaved(self, call: _Call, canary: Ranked, *, k: int, deadline: float) -> Ranked:
+    def _interleaved(self, call: _Call, canary: Ranked, canary_ranking: Reranked, *, k: int, deadline: float) -> Ranked:
         """The team-draft list of canary and stable, or the canary's own when stable cannot answer.
 
         Each shown item also says whether it was in *both* top-k lists: a click on such an item is a
@@ -351,7 +381,8 @@ class Ranker:
         """
         try:
             stable_version, outputs = self._predict(call, contracts.STABLE_LABEL, deadline)
-            stable_items = call.parse(outputs)[:k]
+            stable_ranking = self._rerank(call, call.parse(outputs), arm=contracts.STABLE_LABEL, deadline=deadline)
+            stable_items = stable_ranking.items[:k]
         except (ModelServerRpcError, ModelAnswerError) as exc:
             log.debug("serving the canary's own list: stable could not answer for interleaving: %s", exc)
             return canary
@@ -359,13 +390,18 @@ class Ranker:
             return canary
         shown = team_draft(canary.items, stable_items, k)
         in_both = {item_id for item_id, _ in canary.items} & {item_id for item_id, _ in stable_items}
-        return replace(
+        interleaved = replace(
             canary,
             items=[(item_id, score) for item_id, score, _ in shown],
             teams=tuple(team for _, _, team in shown),
             shared=tuple(item_id in in_both for item_id, _, _ in shown),
             control_version=stable_version,
+            retrieval_scores=None,
         )
+        both = Reranked(
+            [], {**stable_ranking.retrieval_scores, **canary_ranking.retrieval_scores}, canary_ranking.version
+        )
+        return self._with_ranking(interleaved, both)
 
     def _predict(self, call: _Call, label: Arm, deadline: float) -> tuple[int, dict[str, np.ndarray]]:
         """One model call under what is left of the budget; ``ModelAnswerError("deadline")`` if nothing is."""

@@ -36,6 +36,7 @@ from serving.api.metrics import ApiMetrics
 from serving.api.model_freshness import ModelFreshness
 from serving.api.proto import SERVICE_NAME, generated
 from serving.api.ranking import Ranker
+from serving.api.rerank import Reranker
 from serving.api.service import RecommenderService
 from serving.api.settings import ApiSettings
 from serving.api.similar import SimilarItems
@@ -145,6 +146,7 @@ class ApiServer:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._trending: TrendingItems | None = None
         self._impressions: ImpressionLogger | None = None
+        self._ranking_client: ModelServerClient | None = None
         self.port = 0
 
     def start(self) -> int:
@@ -190,6 +192,16 @@ class ApiServer:
             queue_max=settings.api.impression_queue_max,
             linger_ms=settings.api.impression_linger_ms,
         )
+        reranker = None
+        if settings.ranking.enabled:
+            self._ranking_client = ModelServerClient(
+                settings.model_server.target,
+                settings.ranking.model_name,
+                settings.model_budget_s,
+                max_message_mb=settings.model_server.grpc_max_message_mb,
+                security=settings.grpc,
+            )
+            reranker = Reranker(self._ranking_client, self.metrics, candidates=settings.ranking.candidates)
         ranker = Ranker(
             client,
             self._trending,
@@ -200,6 +212,7 @@ class ApiServer:
             interleave=settings.api.interleave,
             on_answer=ModelFreshness(settings.model_base_path, self.metrics.model_freshness).answered,
             exploration=settings.exploration.rules(),
+            reranker=reranker,
         )
         similar = SimilarItems(client, self._trending, self.metrics, budget_s=settings.model_budget_s)
         service = RecommenderService(settings, features, ranker, similar, self._impressions, self.metrics)
@@ -234,6 +247,8 @@ class ApiServer:
             self._impressions.close()
         if self._client is not None:
             self._client.close()
+        if self._ranking_client is not None:
+            self._ranking_client.close()
         log.info("Recommender API stopped")
 
     def wait(self) -> None:

@@ -181,6 +181,8 @@ class RecommenderService(_RecommenderServicer):  # type: ignore[misc]  # subclas
                 control_version=ranked.control_version,
                 propensities=ranked.propensities,
                 explored=ranked.explored,
+                retrieval_scores=ranked.retrieval_scores,
+                ranker_version=ranked.ranker_version,
             )
         )
 

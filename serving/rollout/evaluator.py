@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,8 +96,12 @@ class AbEvaluator:
         *,
         slices: SliceTuning | None = None,
         block_promotion_on_slice_flag: bool = True,
+        off_policy_estimate: Callable[[int], dict[str, Any] | None] | None = None,
     ) -> None:
+        """``off_policy_estimate``: a version -> the off-policy gate's figures for it (its lineage's
+        ``gate.ope``), written into each decision record beside the CTR the canary then earned."""
         self.controller = controller
+        self.off_policy_estimate = off_policy_estimate
         self.config = config
         self.slice_tuning = slices or SliceTuning()
         self.block_promotion_on_slice_flag = block_promotion_on_slice_flag
@@ -307,7 +312,17 @@ class AbEvaluator:
             "figures": self.figures(table),
             "test": asdict(decision.test) if decision.test is not None else None,
             "positions": dict(self.positions),
+            "off_policy_estimate": self._off_policy(experiment.canary.version),
         }
+
+    def _off_policy(self, version: int) -> dict[str, Any] | None:
+        if self.off_policy_estimate is None:
+            return None
+        try:
+            return self.off_policy_estimate(version)
+        except (OSError, ValueError) as exc:  # a pruned or unreadable version: the record goes on without it
+            log.warning("no off-policy estimate for version %d: %s", version, exc)
+            return None
 
     # -- records --------------------------------------------------------------------------
     def figures(self, slices: SliceTable | None = None) -> dict[str, Any]:

@@ -10,12 +10,18 @@ every ``evaluator.snapshot_interval_s``, and its own lag (``lag.py``) exported e
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
+from serving.rollout.decision_log import LabelController
 from serving.rollout.evaluator import EXAMPLES, AbEvaluator
 from serving.rollout.lag import update_lag
+from serving.rollout.paired_labels import PairedLabels
 from serving.rollout.settings import EvaluatorSettings
+from streamrec.core import contracts
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +37,21 @@ def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> Non
 
     topic = settings.topics.labeled
     client = ModelServerClient.from_settings(settings)
+    ranking_client = None
+    controller: LabelController = client
+    if settings.ranking.enabled:
+        ranking_client = ModelServerClient.from_settings(
+            settings, model_name=settings.ranking.model_name, server_base_path=settings.ranker_server_base_path
+        )
+        controller = PairedLabels(client, ranking_client)
     evaluator = AbEvaluator(
-        client,
+        controller,
         settings.evaluator.policy,
         settings.evaluator_dir,
         topic,
         slices=settings.slices,
         block_promotion_on_slice_flag=settings.evaluator.block_promotion_on_slice_flag,
+        off_policy_estimate=lambda version: version_ope(settings.model_base_path, version),
     )
     config = {
         **consumer_config(settings, settings.evaluator.group_id, from_beginning=True),
@@ -87,3 +101,14 @@ def run(settings: EvaluatorSettings, *, max_seconds: float | None = None) -> Non
     finally:
         consumer.close()
         client.close()
+        if ranking_client is not None:
+            ranking_client.close()
+
+
+def version_ope(base_path: Path, version: int) -> dict[str, Any] | None:
+    """The off-policy gate's figures in a version's lineage (None: it has none, or it was pruned)."""
+    path = base_path / str(version) / contracts.LINEAGE_PATH
+    if not path.is_file():
+        return None
+    ope = json.loads(path.read_text()).get("gate", {}).get("ope")
+    return ope if isinstance(ope, dict) else None

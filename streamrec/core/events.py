@@ -96,6 +96,9 @@ class ImpressionItem(BaseModel):
     # not logged (an older producer, an interleaved or fallback list).
     propensity: float | None = Field(default=None, gt=0, le=1)
     explored: bool | None = None
+    # Two-stage lists: the retrieval model's score of the item (``score`` is then the ranking
+    # model's); None: a one-stage list, or the ranking model did not answer.
+    retrieval_score: float | None = None
 
 
 class Impression(UserKeyed):
@@ -115,6 +118,8 @@ class Impression(UserKeyed):
     features: dict[str, Any] = Field(default_factory=dict)
     # Interleaved lists (items carry a team): the stable version the canary was interleaved with.
     control_version: int | None = Field(default=None, ge=0)
+    # Two-stage lists: the ranking model's version that ordered them (None: one-stage).
+    ranker_version: int | None = Field(default=None, ge=0)
 
 
 class Click(UserKeyed):
@@ -159,6 +164,10 @@ class LabeledExample(UserKeyed):
     # denominator of off-policy estimates, ``streamrec.core.ope``) and whether exploration drew it.
     propensity: float | None = Field(default=None, gt=0, le=1)
     explored: bool | None = None
+    # Copied from the impression: the retrieval model's score (the ranking model's training input)
+    # and the ranking model's version; None for one-stage lists.
+    retrieval_score: float | None = None
+    ranker_version: int | None = Field(default=None, ge=0)
 
     @staticmethod
     def id_for(request_id: str, item_id: str) -> str:

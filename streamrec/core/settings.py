@@ -30,7 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from streamrec.core.contracts import RECENT_ITEMS_MAX, TOP_K_EXPORTED
+from streamrec.core.contracts import RANKER_MODEL_NAME, RECENT_ITEMS_MAX, TOP_K_EXPORTED
 from streamrec.core.errors import SettingsError
 from streamrec.core.exploration import Exploration, ExplorationPolicy
 
@@ -326,6 +326,18 @@ class ExplorationTuning(Section):
         return Exploration(self.policy, self.epsilon, self.slots, self.pool_size, self.temperature)
 
 
+class RankingTuning(Section):
+    """The ranking stage, read by the API (re-rank), the trainer (fine-tune and publish the
+    ranking model) and the evaluator (move its labels with the retrieval model's): with
+    ``enabled``, the API retrieves ``candidates`` items with the retrieval model and orders them
+    by the ranking model ``model_name`` (``contracts.RANK_SIGNATURE``); off, the retrieval order
+    is served, so the two lists can be compared on the same stack."""
+
+    enabled: bool = False
+    candidates: int = Field(default=100, ge=1, le=TOP_K_EXPORTED)
+    model_name: str = Field(default=RANKER_MODEL_NAME, min_length=1)
+
+
 class CommonSettings(BaseSettings):
     """Sections every process shares. Subclass it once per process."""
 
@@ -344,6 +356,7 @@ class CommonSettings(BaseSettings):
     paths: PathSettings = PathSettings()
     slices: SliceTuning = SliceTuning()
     exploration: ExplorationTuning = ExplorationTuning()
+    ranking: RankingTuning = RankingTuning()
     # The dataset every command works on unless --dataset says otherwise: a preset (ml-100k,
     # synthetic[:options]), a description file (.toml) or a log file (streamrec.datasets.description).
     dataset: str = Field(default="ml-100k", min_length=1)

@@ -117,6 +117,8 @@ def service_acls(settings: CommonSettings) -> tuple[Grant, ...]:
         Grant("api", "topic", topics.impressions, ("WRITE",)),
         Grant("trainer", "topic", trainer.source_topic, ("READ",)),
         Grant("trainer", "group", trainer.trainer.group_id, ("READ",)),
+        # the off-policy gate reads the recent labeled lists (by offset, in no group)
+        *([Grant("trainer", "topic", topics.labeled, ("READ",))] if trainer.source_topic != topics.labeled else []),
         Grant("evaluator", "topic", topics.labeled, ("READ",)),
         Grant("evaluator", "group", evaluator.group_id, ("READ",)),
         Grant("skew", "topic", topics.impressions, ("READ",)),
