@@ -67,6 +67,8 @@ from tqdm import tqdm
 from bench.common import ROOT, write_result
 from bench.recommend_setup import ModelKind, ServedModel, served_model, set_up_features
 from serving.model_client import ModelServerClient
+from streamrec.core import contracts
+from streamrec.core.attributes import AttributeSchema
 from streamrec.core.settings import PROJECT_ROOT, KafkaSettings, PathSettings, RedisSettings
 from streamrec.ops.settings import StackSettings, StackTuning
 from streamrec.ops.stack.ports import free_ports
@@ -99,6 +101,15 @@ def targets(steady_p99_ms: float, suffix: str = "") -> dict[str, str]:
     chosen = {name: target for name, target in TARGETS.items() if not suffix or name in LARGE_CATALOG_TARGETS}
     chosen["recommend.swap_p99_ms"] = f"<= {bound:.2f} ms (2 x recommend.p99_ms_200rps{suffix})"
     return {name + suffix: target for name, target in chosen.items()}
+
+
+def write_ranker(base_path: Path, schema: AttributeSchema) -> None:
+    """Version 1 of a new ranking model (the trainer's start: it serves the retrieval order, with
+    the full per-request work of the ranking stage)."""
+    from online_trainer.ranker_export import export_ranker
+    from online_trainer.ranker_model import build_ranker
+
+    export_ranker(build_ranker(schema), base_path / "1", schema)
 
 
 def catalog_label(size: int) -> str:
@@ -252,6 +263,11 @@ def main() -> None:
         "default: tiny for ml-100k, export for any other dataset",
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="an exported SavedModel to serve instead")
+    parser.add_argument(
+        "--two-stage",
+        action="store_true",
+        help="serve with the ranking stage on: a new ranking model (version 1) orders ranking.candidates items",
+    )
     parser.add_argument("--tiny", action="store_true", help="3-second phases: check the wiring only")
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(
@@ -327,6 +343,17 @@ def main() -> None:
         client = ModelServerClient(f"127.0.0.1:{model_port}", server_base_path=str(base_path), admin_timeout_s=60)
         client.wait_until_available(1, timeout_s=120)
         client.publish_stable(1)
+        if args.two_stage:
+            ranker_base = state / "models" / contracts.RANKER_MODEL_NAME
+            write_ranker(ranker_base, dataset.schema)
+            env["STREAMREC_RANKING__ENABLED"] = "true"
+            with ModelServerClient(
+                f"127.0.0.1:{model_port}",
+                contracts.RANKER_MODEL_NAME,
+                server_base_path=str(ranker_base),
+                admin_timeout_s=60,
+            ) as ranking_client:
+                ranking_client.publish_stable(1)
         api = subprocess.Popen(
             [sys.executable, "-m", "serving", "--port", str(api_port), "--metrics-port", str(metrics_port)],
             cwd=PROJECT_ROOT, env=env, stdout=api_log.open("w"), stderr=subprocess.STDOUT, text=True,
@@ -417,6 +444,9 @@ def main() -> None:
     default_run = dataset.name == "ml-100k" and kind != "export"
     label = catalog_label(len(served.item_ids))
     suffix = "" if default_run else f"_{label}_items"
+    if args.two_stage:  # the default catalog's two-stage run: recommend-two-stage.json, *_two_stage figures
+        label, suffix = ("two-stage", "_two_stage") if default_run else (f"{label}-two-stage", f"{suffix}_two_stage")
+        default_run = False
     figures = {
         "recommend.p50_ms_100rps": round(at_100.p50_ms, 2),
         "recommend.p99_ms_100rps": round(at_100.p99_ms, 2),
@@ -435,7 +465,13 @@ def main() -> None:
     units = {name + suffix: unit for name, unit in units.items()}
     notes = (
         f"Dataset {dataset.name}: {len(users):,} users with fresh features + {len(cold):,} unknown (cold start); "
-        f"ghz --cpus 1, one connection; k=10, exclude_seen. Model: {served.describe()}. Phases of "
+        f"ghz --cpus 1, one connection; k=10, exclude_seen. Model: {served.describe()}"
+        + (
+            "; two-stage: ranking.candidates=100 retrieved, ordered by a new ranking model (version 1)"
+            if args.two_stage
+            else ""
+        )
+        + f". Phases of "
         f"{args.duration:g} s; saturation at {args.saturation_concurrency} in flight ({saturation.errors} errors); "
         f"swap phase {args.swap_duration:g} s with versions {published} (exported before the phase) moved into the "
         f"base path and published every {args.swap_every:g} s. Share of degraded answers per phase, "
@@ -466,6 +502,7 @@ def main() -> None:
         command += [f"--dataset {args.dataset}"] if args.dataset != defaults.dataset else []
         command += [f"--model {args.model}"] if args.model is not None else []
         command += [f"--model-dir {args.model_dir}"] if args.model_dir is not None else []
+        command += ["--two-stage"] if args.two_stage else []
         path = write_result(
             "recommend" if default_run else f"recommend-{label}",
             metrics,

@@ -154,7 +154,7 @@ class OnlineTrainer:
         ope = self.tuning.ope_gate
         self.logged = LoggedExamples(
             settings,
-            group_id=f"{self.tuning.group_id}-ope",
+            group_id=self.tuning.labeled_reader_group_id,
             lookback_s=ope.lookback_s,
             max_examples=ope.max_examples,
             on_example=self.ranker.add if self.ranker is not None else None,

@@ -130,6 +130,11 @@ class RankerLine:
         if self.model is None:
             raise StreamrecError("call resume() before run_interval()")
         if len(self.pending) < self.tuning.min_examples:
+            log.info(
+                "ranking model: %d new labeled examples, fewer than min_examples %d; no candidate this interval",
+                len(self.pending),
+                self.tuning.min_examples,
+            )
             return None
         frame = pd.DataFrame(list(self.pending.values())).sort_values("impression_time", kind="stable")
         self.pending = {}

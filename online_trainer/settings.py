@@ -220,6 +220,12 @@ class TrainerTuning(BaseModel):
             )
         return self
 
+    @property
+    def labeled_reader_group_id(self) -> str:
+        """The client group of the reader of labeled examples (off-policy gate, ranking model); it
+        assigns partitions and commits nothing, but the client needs a group and an ACL for it."""
+        return f"{self.group_id}-ope"
+
     def learns(self, kind: str) -> bool:
         """Whether an event of ``kind`` becomes a training example."""
         return self.positive_kinds is None or kind in self.positive_kinds

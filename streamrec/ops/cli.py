@@ -345,13 +345,23 @@ def demo_command(
     secure: Annotated[
         bool, typer.Option("--secure", help="run it on a secure stack (stack up --secure: TLS, identities, ACLs)")
     ] = False,
+    ranking: Annotated[
+        bool, typer.Option(help="two-stage serving: the ranking model orders the retrieved candidates")
+    ] = True,
+    exploration: Annotated[
+        str, typer.Option(help="exploration policy of the served lists: none, epsilon_greedy or softmax")
+    ] = "epsilon_greedy",
 ) -> None:
     """The whole loop from a clean state: stack, features, bootstrap model, API, trainer,
     evaluator, simulated visits; then a summary and a report (HTML + PNG)."""
     import json
+    from typing import get_args
 
+    from streamrec.core.exploration import ExplorationPolicy
     from streamrec.ops.demo import DemoOptions, run
 
+    if exploration not in get_args(ExplorationPolicy):
+        raise typer.BadParameter(f"{exploration!r}: use one of {', '.join(get_args(ExplorationPolicy))}")
     page = run(
         DemoOptions(
             dataset=dataset or load(CommonSettings).dataset,
@@ -362,6 +372,8 @@ def demo_command(
             trainer_interval_s=trainer_interval,
             keep_running=keep_running,
             secure=secure,
+            ranking=ranking,
+            exploration=exploration,
         )
     )
     typer.secho("summary", bold=True)

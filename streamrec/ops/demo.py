@@ -6,6 +6,9 @@
    until the worker has caught up, printing a few users' online features as they change.
 3. Bootstrap training through Feast's point-in-time join -> version 1, served as ``stable``.
 4. Joiner, API, online trainer and evaluator start; the trainer begins at the end of history.
+   Two-stage serving is on (the trainer starts the ranking model at version 1, which serves the
+   retrieval order until it learns from the labeled examples) and stable's lists explore their
+   last two positions, so the trainer's off-policy gate judges each candidate before its canary.
 5. The simulator replays held-out interactions as visits (Recommend, click if the real item was
    shown, produce the interaction); the trainer publishes canaries, the evaluator promotes or
    rolls back.
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import typer
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     from streamrec.ops.stack.local_stack import LocalStack
 
 from features.watch import ActivityWatch
-from streamrec.core.settings import PROJECT_ROOT, PathSettings
+from streamrec.core.settings import PROJECT_ROOT, CommonSettings, PathSettings
 from streamrec.ops.stack.ports import free_port_block, free_ports
 
 
@@ -56,6 +60,10 @@ class DemoOptions:
     # ``stack up --secure``: every hop authenticated and encrypted, each process its own identity;
     # the demo's own steps (topics, feature setup, replay, bootstrap, simulator) act as "admin".
     secure: bool = False
+    # Two-stage serving (the ranking model orders the retrieved candidates) and exploration on the
+    # last positions of stable's lists, whose logged propensities feed the trainer's off-policy gate.
+    ranking: bool = True
+    exploration: str = "epsilon_greedy"
 
 
 def demo_environment(options: DemoOptions) -> dict[str, str]:
@@ -80,6 +88,12 @@ def demo_environment(options: DemoOptions) -> dict[str, str]:
         # Replayed events keep their own event times (MovieLens' are from 1997-98), so "fresh" must
         # reach back that far; with live traffic this stays at its default (24 h).
         "STREAMREC_FEATURES__MAX_FEATURE_AGE_S": str(40 * 365 * 24 * 3600),
+        "STREAMREC_RANKING__ENABLED": "true" if options.ranking else "false",
+        "STREAMREC_EXPLORATION__POLICY": options.exploration,
+        "STREAMREC_EXPLORATION__EPSILON": "0.2",
+        "STREAMREC_EXPLORATION__SLOTS": "2",
+        # A demo's stable lists number in the hundreds, not the thousands of a day's traffic.
+        "STREAMREC_TRAINER__OPE_GATE__MIN_LISTS": "50",
         **({"STREAMREC_STACK__SECURE": "true"} if options.secure else {}),
     }
 
@@ -192,6 +206,22 @@ def counter_total(families: list[Metric], metric: str) -> float:
     return sum(float(sample.value) for family in families for sample in family.samples if sample.name == metric)
 
 
+def _labeled(settings: CommonSettings) -> pd.DataFrame:
+    """The run's labeled examples (for the off-policy table), read back from their topic."""
+    from streamrec.core.events import LabeledExample
+    from streamrec.kafka.consume import consume_decoded
+    from streamrec.ops.report_ope import labeled_frame
+
+    read = consume_decoded(
+        settings,
+        settings.topics.labeled,
+        LabeledExample,
+        group_id=f"streamrec-demo-report-{time.time_ns()}",
+        idle_timeout_s=5.0,
+    )
+    return labeled_frame([record.event for record in read if record.event is not None])
+
+
 def run(options: DemoOptions) -> Path:
     from features.settings import FeaturesSettings
     from features.store import open_store, setup_dataset
@@ -205,6 +235,7 @@ def run(options: DemoOptions) -> Path:
     from streamrec.kafka.consume import commit_group_offsets, end_offsets
     from streamrec.ops.replay import replay
     from streamrec.ops.report import LoopRecord, write_report
+    from streamrec.ops.report_ope import ope_table
     from streamrec.ops.settings import ReplaySettings, SimulatorSettings, StackSettings
     from streamrec.ops.simulate import held_out, simulate
     from streamrec.ops.stack.local_stack import LocalStack
@@ -262,6 +293,12 @@ def run(options: DemoOptions) -> Path:
                 raise RuntimeError(f"bootstrap model rejected by the gate: {result.outcome.gate.summary()}")
             client.publish_stable(result.version)
         typer.echo(f"    version {result.version}: {result.outcome.gate.summary()}")
+        if trainer_settings.ranking.enabled:
+            from online_trainer.ranker_line import RankerLine, ranker_publisher
+
+            with ranker_publisher(trainer_settings) as ranking_client:
+                RankerLine(trainer_settings, dataset.schema, ranking_client).resume()
+            typer.echo("    ranking model version 1 (the retrieval order until it learns from labeled examples)")
 
         typer.secho("4/6 joiner, API, online trainer (from the end of history), evaluator", bold=True)
         commit_group_offsets(
@@ -298,6 +335,9 @@ def run(options: DemoOptions) -> Path:
         # History and live traffic together: every feature row the worker pushed to Feast.
         record.counters["features_written"] = counter_total(worker_metrics, "streams_pushed_rows_total")
         record.counters["dead_letters"] = counter_total(worker_metrics, "streams_dead_letters_total")
+        record.ope = ope_table(
+            trainer_settings.model_base_path, _labeled(trainer_settings), trainer_settings.exploration.slots
+        )
         page = write_report(record, options.state_dir / "report", _health_panels(stack, run_started, options))
         if options.keep_running:
             for line in reach_lines(stack):

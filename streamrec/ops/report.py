@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from streamrec.ops.report_ope import ope_html, ope_summary
 from streamrec.ops.report_slices import slices_html  # noqa: E402
 
 
@@ -35,6 +36,8 @@ class LoopRecord:
     timeline: list[dict[str, Any]] = field(default_factory=list)  # the evaluator's running figures
     held: list[dict[str, Any]] = field(default_factory=list)  # promotions held for a flagged segment
     model_base_path: Path | None = None  # where the versions' lineages (the gate's slices) are
+    # per version: the off-policy estimate before its canary and the realized rate (report_ope.ope_table)
+    ope: pd.DataFrame | None = None
 
     @classmethod
     def load(cls, simulator_dir: Path, evaluator_dir: Path, model_base_path: Path) -> LoopRecord:
@@ -131,6 +134,8 @@ def summary(record: LoopRecord) -> dict[str, Any]:
         if "ties" in last:  # timelines written before ties were counted have none
             figures["last_experiment_tied_clicks"] = int(last["ties"])
         figures["last_experiment_canary_click_share"] = round(float(last["canary_share"]), 3)
+    if record.ope is not None:
+        figures.update(ope_summary(record.ope))
     return figures
 
 
@@ -267,7 +272,8 @@ def write_report(record: LoopRecord, out_dir: Path, health: HealthPanels | None 
         f"<h1>streamrec closed loop</h1><p>generated {datetime.now(UTC).isoformat()}</p>"
         f"<table border=1>{rows}</table><h2>decisions</h2><table border=1>"
         "<tr><th>time</th><th>action</th><th>stable</th><th>canary</th><th>reason</th></tr>"
-        f"{decisions}</table><img src='loop.png' width='100%'>{_health_html(health, out_dir)}"
+        f"{decisions}</table>{ope_html(record.ope) if record.ope is not None else ''}"
+        f"<img src='loop.png' width='100%'>{_health_html(health, out_dir)}"
         f"{slices_html(record.decisions, record.held, record.model_base_path) if record.model_base_path else ''}"
         "</body></html>"
     )

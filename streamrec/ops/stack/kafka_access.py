@@ -117,8 +117,10 @@ def service_acls(settings: CommonSettings) -> tuple[Grant, ...]:
         Grant("api", "topic", topics.impressions, ("WRITE",)),
         Grant("trainer", "topic", trainer.source_topic, ("READ",)),
         Grant("trainer", "group", trainer.trainer.group_id, ("READ",)),
-        # the off-policy gate reads the recent labeled lists (by offset, in no group)
+        # the off-policy gate and the ranking model read the recent labeled examples (by offset; the
+        # client still looks its group's coordinator up)
         *([Grant("trainer", "topic", topics.labeled, ("READ",))] if trainer.source_topic != topics.labeled else []),
+        Grant("trainer", "group", trainer.trainer.labeled_reader_group_id, ("READ",)),
         Grant("evaluator", "topic", topics.labeled, ("READ",)),
         Grant("evaluator", "group", evaluator.group_id, ("READ",)),
         Grant("skew", "topic", topics.impressions, ("READ",)),
