@@ -6,16 +6,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STREAMREC := $(BIN)/streamrec
 
-.PHONY: setup go-tools system-deps demo test lint unit integration bench stack-up stack-down stack-status stack-logs clean
+.PHONY: setup go-tools bench-tools system-deps demo test lint unit integration bench stack-up stack-down stack-status stack-logs clean
 
 setup: system-deps $(VENV)/.installed go-tools
 	$(STREAMREC) setup
 
-# Real gRPC clients the tests and benchmarks use: grpcurl (reflection, JSON calls), ghz (load).
+# Real gRPC clients: grpcurl (reflection, JSON calls; the tests and the demo's hints use it) and
+# ghz (load; only the benchmarks use it, so `make bench` builds it, not `make test`).
 GOBIN ?= $(HOME)/go/bin
 GRPCURL_VERSION := v1.9.3
 GHZ_VERSION := v0.120.0
-go-tools: $(GOBIN)/grpcurl $(GOBIN)/ghz
+go-tools: $(GOBIN)/grpcurl
+bench-tools: $(GOBIN)/ghz
 $(GOBIN)/grpcurl:
 	go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 $(GOBIN)/ghz:
@@ -53,7 +55,7 @@ unit: setup
 integration: setup
 	$(BIN)/pytest -m integration
 
-bench: setup
+bench: setup bench-tools
 	$(BIN)/python -m bench.replay_throughput
 	$(BIN)/python -m bench.ingest_throughput
 	$(BIN)/python -m bench.model_swap

@@ -200,6 +200,15 @@ def main() -> None:
         default=None,
         help="share of users in the canary arm (default: the demo's, streamrec.ops.demo.DemoOptions)",
     )
+    parser.add_argument(
+        "--ranking",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="two-stage serving (the demo's default); --no-ranking serves the retrieval order",
+    )
+    parser.add_argument(
+        "--exploration", default="epsilon_greedy", help="exploration policy (the demo's default); none turns it off"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write results")
     parser.add_argument(
         "--result-name",
@@ -236,6 +245,8 @@ def main() -> None:
             canary_share=canary_share,
             state_dir=state_dir,
             keep_running=True,
+            ranking=args.ranking,
+            exploration=args.exploration,
         )
         try:
             demo.run(options)
@@ -315,6 +326,11 @@ def main() -> None:
     }
     if np.isfinite(stable_age).any():
         metrics["loop.stable_version_age_mean_s"] = round(float(np.nanmean(stable_age)), 1)
+    # the off-policy gate's estimates vs the realized rates, as the demo's report computed them
+    summary = json.loads((state_dir / "report" / "summary.json").read_text())
+    for key in ("ope_versions_estimated", "ope_versions_with_realized_ctr", "ope_estimate_mean_abs_error"):
+        if key in summary:
+            metrics[f"loop.{key}"] = summary[key]
     units = {
         "loop.ctr_popularity": "hit rate@10",
         "loop.ctr_frozen": "hit rate@10",
@@ -328,6 +344,9 @@ def main() -> None:
         "loop.model_freshness_p95_s": "s",
         "loop.model_freshness_within_120s": "fraction",
         "loop.stable_version_age_mean_s": "s",
+        "loop.ope_versions_estimated": "versions",
+        "loop.ope_versions_with_realized_ctr": "versions",
+        "loop.ope_estimate_mean_abs_error": "click rate",
     }
     by_arm = visits.groupby("arm")["hit"].agg(["mean", "size"])
     arms = ", ".join(f"{arm} {row['mean']:.4f} over {int(row['size']):,}" for arm, row in by_arm.iterrows())
@@ -335,8 +354,9 @@ def main() -> None:
     notes = (
         f"`streamrec demo` loop: history {args.history_fraction:.0%} of {dataset.name}, then {len(visits):,} "
         f"held-out visits at {args.rate:g}/s, canary share {canary_share:g}, trainer interval {args.interval:g} s, "
-        f"label window {args.label_window:g} s; all services real and on this machine. Same visits for every "
-        f"policy: online = what the live loop served (per arm: {arms}); frozen = version 1 rescored on the "
+        f"label window {args.label_window:g} s; ranking stage {'on' if args.ranking else 'off'}, exploration "
+        f"{args.exploration} (the demo's epsilon and slots); all services real and on this machine. Same visits "
+        f"for every policy: online = what the live loop served (per arm: {arms}); frozen = version 1 rescored on the "
         f"features each impression logged; popularity = most interacted items so far. Online/frozen 95% bootstrap "
         f"interval {ratio_ci[0]:.3f}-{ratio_ci[1]:.3f}. ctr_trained_versions / ctr_frozen_same_requests: the "
         f"{int(trained.sum()):,} requests answered by a trainer-published version, scored by that version's own "
@@ -357,6 +377,8 @@ def main() -> None:
     changed += [f"--{name.replace('_', '-')} {getattr(args, name):g}" for name in flags
                 if getattr(args, name) != getattr(defaults, name)]  # fmt: skip
     changed += [f"--canary-share {args.canary_share:g}"] if args.canary_share is not None else []
+    changed += [] if args.ranking else ["--no-ranking"]
+    changed += [f"--exploration {args.exploration}"] if args.exploration != defaults.exploration else []
     changed += [f"--result-name {args.result_name}"] if args.result_name is not None else []
     report(
         result_name,

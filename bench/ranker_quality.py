@@ -17,6 +17,8 @@ ranking, seen items masked, Recall/NDCG/Hit@10 of ``online_trainer.ranking_metri
 
 Retrieval alone never sees the validation interactions while the ranker learns from them, so the
 retrieval model retrained on train + validation (same epoch count) is reported beside it.
+``--score-input centered`` and ``--position top`` are the alternatives to the served inputs that
+``ranker_input`` explains; results and the runs behind them: BENCHMARKS.md (ranker-quality).
 
 Run: ``.venv/bin/python -m bench.ranker_quality`` (``--help`` for settings; ``--no-write`` to try
 it without touching bench/results).
@@ -63,6 +65,18 @@ def retrieve(evaluator: Evaluator, cosines: np.ndarray, temperature: float, dept
     rows = top_k_masked(cosines, evaluator.mask, depth)
     scores = np.take_along_axis(cosines, rows, axis=1) / temperature
     return Candidates(evaluator.item_ids[rows], scores.astype(np.float32))
+
+
+def ranker_input(candidates: Candidates, score_input: str) -> Candidates:
+    """The scores the ranker sees: served (``raw``), or minus the user's top score (``centered``).
+
+    Why centered: across users the score level anti-correlates with how many candidates are
+    relevant (heavy users get lower cosines), so a pointwise ranker fed raw scores learns a
+    negative slope that reverses the order within each user. Serving passes raw scores.
+    """
+    if score_input == "raw":
+        return candidates
+    return Candidates(candidates.item_ids, candidates.scores - candidates.scores[:, :1])
 
 
 def retrieval_config(setup: Setup, seed: int) -> ModelConfig:
@@ -137,6 +151,8 @@ class RankerFit:
     epochs: int
     holdout_retrieval_ndcg: float
     holdout_ranked_ndcg: float
+    best_trained_epoch: int  # the best epoch >= 1 on the held-out users, even if it loses to the retrieval order
+    best_trained_ndcg: float
     rows: int
     positive_share: float
 
@@ -150,7 +166,9 @@ def fit_ranker(
     args: argparse.Namespace,
 ) -> RankerFit:
     """Choose the epoch count on held-out validation users (0 keeps the retrieval order), then train on all."""
-    config = RankerConfig(learning_rate=args.ranker_learning_rate, seed=seed)
+    config = RankerConfig(
+        learning_rate=args.ranker_learning_rate, retrieval_score_scale=args.retrieval_score_scale, seed=seed
+    )
     held = np.zeros(len(users), dtype=bool)
     held[np.random.default_rng(seed).permutation(len(users))[: int(args.holdout_share * len(users))]] = True
 
@@ -162,7 +180,7 @@ def fit_ranker(
     held_users, held_candidates, held_relevant = part(held)
     fit_rows = ranker_rows(setup, fit_users, fit_candidates, fit_relevant, args)
     retrieval_ndcg = ranking_metrics(held_candidates.item_ids, held_relevant, K).ndcg
-    best_epochs, best_ndcg = 0, retrieval_ndcg
+    best_epochs, best_ndcg, best_trained = 0, retrieval_ndcg, (0, -1.0)
     ranker = build_ranker(setup.schema, config)
     with tqdm(range(1, args.ranker_epochs + 1), desc=f"ranker epochs (seed {seed})", unit="epoch", leave=False) as bar:
         for epoch in bar:
@@ -170,13 +188,15 @@ def fit_ranker(
             ndcg = ranking_metrics(rerank(ranker, setup, held_users, held_candidates), held_relevant, K).ndcg
             if ndcg > best_ndcg:
                 best_epochs, best_ndcg = epoch, ndcg
+            if ndcg > best_trained[1]:
+                best_trained = (epoch, ndcg)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", holdout_ndcg=f"{ndcg:.4f}", best=best_epochs)
     all_rows = ranker_rows(setup, users, candidates, relevant, args)
     final = build_ranker(setup.schema, config)
     if best_epochs:
         train_ranker(final, all_rows, epochs=best_epochs, batch_size=args.ranker_batch_size, seed=seed)
     share = float(all_rows.clicked.mean())
-    return RankerFit(final, best_epochs, retrieval_ndcg, best_ndcg, len(all_rows), share)
+    return RankerFit(final, best_epochs, retrieval_ndcg, best_ndcg, *best_trained, len(all_rows), share)
 
 
 def run_seed(setup: Setup, seed: int, args: argparse.Namespace) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
@@ -187,10 +207,10 @@ def run_seed(setup: Setup, seed: int, args: argparse.Namespace) -> tuple[dict[st
     model, best_epoch = train_retrieval(setup, validation, seed, args.max_epochs, args.patience)
     temperature = model.config.temperature
     valid_candidates = retrieve(validation, validation.model_scores(model), temperature, args.candidates)
-    fit = fit_ranker(setup, users, valid_candidates, validation.relevant, seed, args)
+    fit = fit_ranker(setup, users, ranker_input(valid_candidates, args.score_input), validation.relevant, seed, args)
 
     test_candidates = retrieve(test, test.model_scores(model), temperature, args.candidates)
-    reranked = rerank(fit.model, setup, users, test_candidates)
+    reranked = rerank(fit.model, setup, users, ranker_input(test_candidates, args.score_input))
     retrieval = ranking_metrics(test_candidates.item_ids, test.relevant, K)
     two_stage = ranking_metrics(reranked, test.relevant, K)
     ceiling = ranking_metrics(test_candidates.item_ids, test.relevant, args.candidates).recall
@@ -211,6 +231,8 @@ def run_seed(setup: Setup, seed: int, args: argparse.Namespace) -> tuple[dict[st
         **retrained_test.as_dict(K, "retrieval_train_valid_"),
         "holdout_retrieval_ndcg_at_10": fit.holdout_retrieval_ndcg,
         "holdout_ranked_ndcg_at_10": fit.holdout_ranked_ndcg,
+        "holdout_best_trained_ndcg_at_10": fit.best_trained_ndcg,
+        "holdout_best_trained_epoch": float(fit.best_trained_epoch),
         "retrieval_best_epoch": float(best_epoch),
         "ranker_epochs": float(fit.epochs),
         "ranker_rows": float(fit.rows),
@@ -240,6 +262,12 @@ def main() -> None:
     parser.add_argument(
         "--position", choices=("rank", "top"), default="rank", help="a row's position: its retrieval rank, or 0 for all"
     )
+    parser.add_argument(
+        "--score-input", choices=("raw", "centered"), default="raw", help="served scores, or minus the user's top one"
+    )
+    parser.add_argument(
+        "--retrieval-score-scale", type=float, default=RankerConfig.retrieval_score_scale, help="RankerConfig's"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the figures, do not write bench/results")
     args = parser.parse_args()
 
@@ -261,7 +289,8 @@ def main() -> None:
     if args.no_write:
         return
     units = {name: "fraction" for name in metrics}
-    units.update({PREFIX + name: "epochs" for name in ("retrieval_best_epoch", "ranker_epochs")})
+    epochs = ("retrieval_best_epoch", "ranker_epochs", "holdout_best_trained_epoch")
+    units.update({PREFIX + name: "epochs" for name in epochs})
     units[PREFIX + "ranker_rows"] = "rows"
     per_seed = "; ".join(
         f"seed {seed}: two-stage {run['recall_at_10']:.4f} / {run['ndcg_at_10']:.4f}, retrieval "
@@ -288,9 +317,11 @@ def notes(dataset: str, args: argparse.Namespace, per_seed: str, seconds: float)
         f"{args.ranker_learning_rate}, batch {args.ranker_batch_size}): trained on the validation split, each user's "
         f"top {n} retrieved items (train masked) labeled 1 if among the user's validation items, position = "
         f"{'retrieval rank' if args.position == 'rank' else '0 for every row'}, "
-        f"positive weight {args.positive_weight}; "
+        f"positive weight {args.positive_weight}, {args.score_input} retrieval scores scaled by "
+        f"{args.retrieval_score_scale}; "
         f"epoch count (0-{args.ranker_epochs}, 0 = retrieval order) chosen on {args.holdout_share:.0%} of the users "
-        "held out (holdout_* figures), then a fresh ranker trained on all users for that count. Test (train + "
+        "held out (holdout_* figures; holdout_best_trained_*: the best epoch >= 1), then a fresh ranker "
+        "trained on all users for that count. Test (train + "
         f"validation masked): two-stage = the same top {n} re-ordered by the ranker, retrieval = its own top 10, from "
         f"one model (paired; *_gain_ci95: normal 95 % half-width over users). retrieval_recall_at_{n} is the ceiling "
         "of any re-ordering. Caveat: the ranker learned from the validation interactions, retrieval alone did not; "

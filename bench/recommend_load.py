@@ -39,7 +39,7 @@ phase (``/proc/<pid>/stat``), and ``--profile DIR`` writes py-spy profiles (``--
 collapsed stacks) of both processes during the 200 rps phase.
 
 Run: ``.venv/bin/python -m bench.recommend_load`` (about 4 minutes; ``--tiny --no-write`` checks
-the wiring in about a minute, two with the 100k-item export). Needs ``ghz``: ``make go-tools``
+the wiring in about a minute, two with the 100k-item export). Needs ``ghz``: ``make bench-tools``
 installs the pinned version.
 """
 

@@ -23,7 +23,7 @@ Python time), and the notes say where TLS costs: the CPU added per process and t
 Targets (issue 22): tls / plain p99 at 200 rps <= 1.2, tls / plain saturation >= 0.85.
 
 Run: ``python -m bench.secure_recommend`` (about 6 minutes; ``--tiny --no-write`` checks the wiring
-in about 1.5). Needs ``ghz`` (``make go-tools``).
+in about 1.5). Needs ``ghz`` (``make bench-tools``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Outside clients the tests drive (kcat, docker-compose, grpcurl, ghz), found in one place.
+"""Outside clients the tests drive (kcat, docker-compose, grpcurl) and the benchmarks' load
+generator (ghz), found in one place.
 
 A missing client skips its test on a developer's machine but fails it under CI (``CI`` set, as
 every CI runner does), so a broken setup step cannot turn a suite green by skipping. Go tools are
@@ -35,7 +36,10 @@ OUTSIDE_TOOLS: dict[str, OutsideTool] = {
     "docker-compose": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
     "prometheus": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
     "grpcurl": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
-    "ghz": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
+    "ghz": OutsideTool(
+        installed_by_go=True,
+        install_step="`make bench-tools` (part of `make bench`; installs the pinned version into $GOBIN)",
+    ),
 }
 
 

@@ -30,6 +30,8 @@ def _env_value(value: object) -> str:
         return value.get_secret_value()
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, BaseModel):  # a nested section (e.g. trainer.ope_gate): JSON, as below
+        return value.model_dump_json()
     if isinstance(value, tuple | list | dict):
         return json.dumps(value)  # pydantic-settings reads complex values from the environment as JSON
     return str(value)
