@@ -2,7 +2,9 @@
 
 * **Start**: the newest version under ``ranker_base_path`` is loaded to keep training it. With
   none, version 1 is a new ranking model, which serves the retrieval order until it has learned
-  (:mod:`online_trainer.ranker_model`), exported and labelled ``stable`` and ``canary``.
+  (:mod:`online_trainer.ranker_model`), exported and labelled ``stable`` and ``canary``. Labels
+  that exist are left alone: they are the evaluator's to move, and a version it rolled back must
+  not come back as the canary when the trainer restarts.
 * **Collect**: every labeled example the trainer's reader of ``topics.labeled`` sees (clicked or
   not) is a training row: the logged user inputs, the item, its retrieval score and the position
   it was shown at. Rows at or before the newest impression a version learned (its lineage) are
@@ -115,7 +117,10 @@ class RankerLine:
                 )
             until = export.read_lineage(self.base_path / str(self.version)).get("learned_until")
             self.learned_until = pd.Timestamp(until) if until else None
-        self._label(self.version)
+        if self.publisher is not None and not self._labels():
+            # the first start (or a server that lost its config): serve what is there; labels that
+            # exist are the evaluator's to move (a rolled-back version must not come back as canary)
+            self._label(self.version)
 
     # -- collect --------------------------------------------------------------------------------
     def add(self, example: LabeledExample) -> None:
@@ -234,6 +239,15 @@ class RankerLine:
                 self.publisher.publish_canary(version)
         except (StreamrecError, OSError) as exc:
             log.warning("ranking model version %d is written but not labelled canary: %s", version, exc)
+
+    def _labels(self) -> dict[str, int]:
+        if self.publisher is None:
+            return {}
+        try:
+            return self.publisher.labels()
+        except (StreamrecError, OSError) as exc:
+            log.warning("could not read the ranking model's labels: %s", exc)
+            return {}
 
     def _protected(self) -> set[int]:
         protect = {self.version}

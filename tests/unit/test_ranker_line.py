@@ -92,15 +92,18 @@ def test_a_new_line_starts_at_version_1_then_publishes_what_it_learned(tmp_path:
     assert holdout["candidate"]["auc"] > holdout["serving"]["auc"] + 0.1, holdout
     assert holdout["candidate"]["logloss"] < holdout["serving"]["logloss"]
 
+    publisher.current = {"stable": 1, "canary": 1}  # the evaluator rolled version 2 back
     restarted = _line(tmp_path, publisher)
     restarted.resume()
     assert restarted.version == 2 and restarted.learned_until == line.learned_until
+    assert publisher.current == {"stable": 1, "canary": 1}  # a restart does not bring it back
     for example in planted(600):  # read again after the restart: learned already
         restarted.add(example)
     assert len(restarted.pending) == 600  # only the held-out newest fifth was never learned
     for example in planted(600, start=600, seed=1):
         restarted.add(example)
     assert restarted.run_interval() is not None and export.list_versions(line.base_path) == [1, 2, 3]
+    assert publisher.current == {"stable": 1, "canary": 3}
 
 
 def test_a_candidate_that_predicts_worse_is_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
