@@ -11,10 +11,13 @@
   skipped, so the look-back window read again after a restart is not learned twice.
 * **Interval** (with each published retrieval version, so both canaries form the canary arm
   together): fine-tune a copy of the current model on the new rows except the newest
-  ``holdout_fraction``, and gate it: finite loss and weights, and on the held-out rows a
-  log loss not significantly worse than the serving model's (a paired comparison of the two
-  models' per-row losses). Then export to a hidden staging folder, check the signature and one
-  answer, rename into the base path and label it ``canary``. A rejected candidate leaves its rows
+  ``holdout_fraction``, and gate it: finite loss and weights; on the held-out rows a log loss
+  not significantly worse than the serving model's (a paired comparison of the two models'
+  per-row losses), and an order within each request not worse than the serving model's beyond
+  noise (the share of (clicked, not clicked) pairs of one list it orders right, once there are
+  enough pairs: a pointwise loss can improve while the order users see gets worse). Then export to a
+  hidden staging folder, check the signature and one answer, rename into the base path and
+  label it ``canary``. A rejected candidate leaves its rows
   learned by nobody, the serving version in place.
 
 See docs/design/trainer.md#the-ranking-model.
@@ -39,7 +42,15 @@ from online_trainer.model_state import assign_optimizer_state, assign_weights, o
 from online_trainer.publish import Publisher
 from online_trainer.ranker_export import export_ranker, load_ranker_for_finetune, ranker_signature_problems
 from online_trainer.ranker_model import RankerModel, build_ranker
-from online_trainer.ranker_training import RankerBatch, per_row_logloss, ranker_examples, ranker_metrics, train_ranker
+from online_trainer.ranker_training import (
+    RankerBatch,
+    per_row_logloss,
+    ranker_examples,
+    ranker_metrics,
+    served_logits,
+    train_ranker,
+    within_request_auc,
+)
 from online_trainer.settings import RankerTuning, TrainerSettings
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema
@@ -63,12 +74,12 @@ class RankerOutcome:
 
 
 def labeled_row(example: LabeledExample) -> dict[str, Any]:
-    """A training row of ``example``; its retrieval score is the logged one, or the item's score
-    when the list was served in retrieval order (one-stage, or the ranking model did not answer)."""
+    """A training row of ``example``: the logged relative retrieval score, or NaN when the list was
+    served in retrieval order (then ``score`` is the retrieval score; :func:`relative_to_request`)."""
     retrieval = example.retrieval_score
-    if retrieval is None and example.ranker_version is None:
-        retrieval = example.score
     return {
+        "request_id": example.request_id,
+        "score": example.score if example.ranker_version is None else math.nan,
         "user_id": example.user_id,
         "features": dict(example.features),
         "item_id": example.item_id,
@@ -78,6 +89,16 @@ def labeled_row(example: LabeledExample) -> dict[str, Any]:
         "impression_time": example.impression_time,
         "event_id": example.event_id,
     }
+
+
+def relative_to_request(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows without a logged relative retrieval score (a one-stage list) get their score minus the
+    best shown score of their request, the API's :func:`serving.api.rerank.relative_scores` as
+    near as the shown items allow (position 0 shows the best candidate unless exploration drew it)."""
+    missing = frame["retrieval_score"].isna() & frame["score"].notna()
+    best = frame.groupby("request_id")["score"].transform("max")
+    relative = frame["retrieval_score"].where(~missing, frame["score"] - best)
+    return frame.assign(retrieval_score=relative.fillna(0.0))
 
 
 class RankerLine:
@@ -141,7 +162,9 @@ class RankerLine:
                 self.tuning.min_examples,
             )
             return None
-        frame = pd.DataFrame(list(self.pending.values())).sort_values("impression_time", kind="stable")
+        frame = relative_to_request(pd.DataFrame(list(self.pending.values()))).sort_values(
+            "impression_time", kind="stable"
+        )
         self.pending = {}
         held = max(1, int(len(frame) * self.tuning.holdout_fraction))
         train_rows, holdout_rows = frame.iloc[:-held], frame.iloc[-held:]
@@ -155,7 +178,7 @@ class RankerLine:
         )
         outcome.figures["training"] = stats
         holdout = ranker_examples(holdout_rows, self.schema)
-        self._check(outcome, candidate, holdout, stats)
+        self._check(outcome, candidate, holdout, holdout_rows["request_id"].to_numpy(), stats)
         if not outcome.passed:
             log.warning("ranking candidate rejected: %s", "; ".join(outcome.reasons))
             return outcome
@@ -189,7 +212,12 @@ class RankerLine:
         return copy
 
     def _check(
-        self, outcome: RankerOutcome, candidate: RankerModel, holdout: RankerBatch, stats: dict[str, float]
+        self,
+        outcome: RankerOutcome,
+        candidate: RankerModel,
+        holdout: RankerBatch,
+        holdout_ids: np.ndarray,
+        stats: dict[str, float],
     ) -> None:
         serving = self.model
         if serving is None:
@@ -208,6 +236,21 @@ class RankerLine:
             "logloss_difference": mean,
             "logloss_difference_low": low,
         }
+        ids, clicked = holdout_ids, holdout.clicked.reshape(-1)
+        ours_auc, pairs = within_request_auc(ids, clicked, served_logits(candidate, holdout))
+        theirs_auc, _ = within_request_auc(ids, clicked, served_logits(serving, holdout))
+        outcome.figures["holdout"].update(
+            {"within_request_auc": ours_auc, "serving_within_request_auc": theirs_auc, "request_pairs": pairs}
+        )
+        # noise: two standard errors of a proportion over the pairs (they share requests, so this
+        # is a floor, not an exact interval); a real regression, like a reversed order, is far past it
+        noise = 2 * math.sqrt(max(theirs_auc * (1 - theirs_auc), 1e-6) / max(pairs, 1))
+        if pairs >= self.tuning.min_request_pairs and ours_auc < theirs_auc - self.tuning.auc_margin - noise:
+            outcome.reasons.append(
+                f"ranking_regression: within-request AUC {ours_auc:.4f} vs serving {theirs_auc:.4f} on "
+                f"{pairs} (clicked, not clicked) pairs of held-out requests, worse by more than "
+                f"auc_margin + noise ({self.tuning.auc_margin} + {noise:.4f})"
+            )
         if low > self.tuning.gate_margin:
             outcome.reasons.append(
                 f"logloss_regression: held-out log loss {float(ours.mean()):.4f} vs serving "

@@ -214,6 +214,28 @@ def _predict(model: RankerModel, examples: RankerBatch, batch_size: int) -> tupl
     return np.concatenate(logits).reshape(-1), np.concatenate(biases).reshape(-1)
 
 
+def served_logits(model: RankerModel, examples: RankerBatch, *, batch_size: int = 4_096) -> np.ndarray:
+    """[B] served logits (no position term): the order the ranking model would serve."""
+    logits, _ = _predict(model, examples, batch_size)
+    return logits
+
+
+def within_request_auc(request_ids: np.ndarray, clicked: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """(share of (clicked, not clicked) pairs of the same request that ``scores`` order right, ties
+    half; the number of such pairs). NaN with no pair. How well an order serves each user, which a
+    pooled AUC or the log loss can hide: scores may separate clicks across users yet scramble the
+    order within one user's list."""
+    frame = pd.DataFrame({"request": request_ids, "clicked": clicked.astype(bool), "score": scores})
+    right, pairs = 0.0, 0
+    for _, group in frame.groupby("request", sort=False):
+        hit, miss = group.loc[group["clicked"], "score"].to_numpy(), group.loc[~group["clicked"], "score"].to_numpy()
+        if len(hit) and len(miss):
+            difference = hit[:, None] - miss[None, :]
+            right += float((difference > 0).sum() + 0.5 * (difference == 0).sum())
+            pairs += difference.size
+    return (right / pairs if pairs else float("nan")), pairs
+
+
 def per_row_logloss(model: RankerModel, examples: RankerBatch, *, batch_size: int = 4_096) -> np.ndarray:
     """[B] cross-entropy of each row's ``logit + position_bias`` against its click (paired gate comparisons)."""
     logits, biases = _predict(model, examples, batch_size)

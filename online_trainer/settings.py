@@ -67,7 +67,8 @@ class RankerTuning(BaseModel):
     ``ranking.enabled``: at least ``min_examples`` new labeled examples per interval (at most
     ``max_pending`` waiting), the newest ``holdout_fraction`` held out for its gate, which rejects a
     candidate whose held-out log loss is worse than the serving model's by more than
-    ``gate_margin``, significantly; ``retention`` versions kept."""
+    ``gate_margin``, significantly, or whose order within held-out requests is worse by more
+    than ``auc_margin``; ``retention`` versions kept."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -77,6 +78,10 @@ class RankerTuning(BaseModel):
     epochs: int = Field(default=2, ge=1)
     batch_size: int = Field(default=256, ge=1)
     gate_margin: float = Field(default=0.0, ge=0.0)
+    # The order within held-out requests (clicked vs not clicked pairs of one list) may be worse
+    # than the serving model's by at most auc_margin, judged once there are min_request_pairs pairs.
+    auc_margin: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_request_pairs: int = Field(default=50, ge=1)
     retention: int = Field(default=5, ge=2)
 
 

@@ -2,7 +2,8 @@
 
 The retrieval model answers ``ranking.candidates`` items; the ranking model
 (``contracts.RANKER_MODEL_NAME``, signature ``rank``) scores them for the user from the same
-user inputs, the item ids and the retrieval scores, and the list is sorted by its scores. The
+user inputs, the item ids and the retrieval scores relative to the best candidate
+(:func:`relative_scores`), and the list is sorted by its scores. The
 ranking model is asked with the arm's label (canary, then stable when it has no canary label)
 under what is left of the model budget. When it cannot answer (down, slow, no label, a bad
 answer) the retrieval order is served and ``streamrec_api_ranker_fallbacks_total{reason}``
@@ -45,6 +46,16 @@ class Reranked:
     version: int | None
 
 
+def relative_scores(items: list[tuple[str, float]]) -> dict[str, float]:
+    """Each candidate's retrieval score minus the best one's (<= 0): what the ranking model reads.
+
+    Raw scores are not comparable across users (a heavy user's cosines run lower), so a model
+    fed raw scores learns their level across users and scrambles the order within one user
+    (BENCHMARKS.md, ranker-quality); relative to the user's best candidate they only order."""
+    top = max(score for _, score in items)
+    return {item_id: score - top for item_id, score in items}
+
+
 class RerankError(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -76,20 +87,20 @@ class Reranker:
     def fallback(self, items: list[tuple[str, float]], reason: str) -> Reranked:
         """The retrieval order, counted as a fallback of ``reason`` (e.g. no time left to ask)."""
         self._metrics.ranker_fallbacks.labels(reason).inc()
-        return Reranked(list(items), dict(items), None)
+        return Reranked(list(items), relative_scores(items), None)
 
     def rerank(
         self, items: list[tuple[str, float]], *, user_inputs: Mapping[str, np.ndarray], arm: Arm, timeout_s: float
     ) -> Reranked:
         """``items`` (retrieval order) in the ranking model's order; ``user_inputs``: the
         retrieval call's user inputs (the ranking model reads the same)."""
-        retrieval = dict(items)
         if not items:
-            return Reranked(items, retrieval, None)
+            return Reranked(items, {}, None)
+        retrieval = relative_scores(items)
         request = {
             **user_inputs,
             "item_ids": np.array([[item_id for item_id, _ in items]], dtype=object),
-            "retrieval_scores": np.array([[score for _, score in items]], dtype=np.float32),
+            "retrieval_scores": np.array([[retrieval[item_id] for item_id, _ in items]], dtype=np.float32),
         }
         labels: list[Arm] = [arm] if arm == contracts.STABLE_LABEL else [arm, contracts.STABLE_LABEL]
         reason = "model_error"

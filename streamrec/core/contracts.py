@@ -55,7 +55,8 @@ Ranking model (``RANKER_MODEL_NAME``, its own version line and labels on the sam
 =============================================================================================
 ``rank`` (``RANK_SIGNATURE``, also ``serving_default``) inputs: the user inputs (as above) plus
 ``item_ids`` string [B, N] (retrieved candidates, "" padded) and ``retrieval_scores`` float32
-[B, N] (the retrieval model's scores of those candidates); output ``scores`` float32 [B, N]: the
+[B, N] (the retrieval model's scores of those candidates minus the best candidate's, so <= 0;
+the impression logs the same values); output ``scores`` float32 [B, N]: the
 logit of a click at the top position, higher is better (padding gets float32 min). The position a
 logged item was shown at is a training-only input (it debiases the labels) and is not an input here.
 """

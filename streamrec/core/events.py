@@ -96,8 +96,9 @@ class ImpressionItem(BaseModel):
     # not logged (an older producer, an interleaved or fallback list).
     propensity: float | None = Field(default=None, gt=0, le=1)
     explored: bool | None = None
-    # Two-stage lists: the retrieval model's score of the item (``score`` is then the ranking
-    # model's); None: a one-stage list, or the ranking model did not answer.
+    # Two-stage lists: the retrieval model's score of the item minus the best candidate's, as the
+    # ranking model read it (``score`` is then the ranking model's); None: a one-stage list, or the
+    # ranking model did not answer.
     retrieval_score: float | None = None
 
 

@@ -39,9 +39,10 @@ from serving.api.user_features import UserFeatureReader, UserFeatures
 from serving.model_client import ModelServerClient
 from serving.model_server.server import ModelServer, ServerOptions
 from serving.settings import ModelServerSection
+from streamrec.core import contracts
 from streamrec.core.attributes import user_model_inputs
 from streamrec.core.events import Impression, decode_event
-from streamrec.core.settings import PathSettings, TopicSettings
+from streamrec.core.settings import PathSettings, RankingTuning, TopicSettings
 from streamrec.kafka.admin import ensure_topics
 from streamrec.ops.settings import StackSettings
 from tests.support.tiny_model import TINY_SCHEMA, expected_scores, expected_similar, expected_top, write_tiny_model
@@ -457,3 +458,72 @@ def test_grpcurl_lists_the_services_and_calls_recommend_with_json(api: ApiServer
     assert [item["item_id"] for item in similar["items"]] == [item for item, _ in expected_items]
     assert int(similar["model_version"]) == version_of("stable")
     assert json.loads(run(address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+
+
+def test_two_stage_serving_orders_the_candidates_by_the_real_ranking_model(
+    models: ModelStack, settings: ApiSettings
+) -> None:
+    """The ranking stage on the real model server: a ranking model that reverses the retrieval
+    order (its retrieval weight set to -1) is asked for every retrieved candidate, the answer comes
+    in its order within the call's deadline, and the impression logs the retrieval scores and the
+    ranking version; without the ranking model the same API serves the retrieval order."""
+    from online_trainer.ranker_export import export_ranker
+    from online_trainer.ranker_model import build_ranker
+
+    ranker = build_ranker(TINY_SCHEMA)
+    ranker.retrieval_weight.assign(-1.0)
+    base = models.base_path.parent / contracts.RANKER_MODEL_NAME
+    two_stage = settings.model_copy(
+        update={
+            "ranking": RankingTuning(enabled=True, candidates=len(MODEL_ITEMS)),
+            "api": settings.api.model_copy(update={"canary_share": 0.0}),
+        }
+    )
+    server = ApiServer(two_stage)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = generated().grpc.RecommenderStub(channel)
+            unranked = recommend(stub, FRESH_USER, k=3)  # no ranking model on the server yet
+            scores = expected_scores(MODEL_ITEMS, FRESH_RECENT, bias=BIAS[1])
+            assert [item.item_id for item in unranked.items] == expected_top(MODEL_ITEMS, FRESH_RECENT, k=3)
+            export_ranker(ranker, base / "1", TINY_SCHEMA)
+            with ModelServerClient(models.target, contracts.RANKER_MODEL_NAME, server_base_path=str(base)) as admin:
+                admin.publish_stable(1)
+            started = time.monotonic()
+            ranked = recommend(stub, FRESH_USER, k=3, timeout=10.0)
+            assert time.monotonic() - started < 10.0 and not ranked.degraded and not ranked.fallback
+            lowest = sorted(MODEL_ITEMS, key=lambda item: scores[item])[:3]
+            assert [item.item_id for item in ranked.items] == lowest, (ranked.items, lowest)
+    finally:
+        server.stop(1)
+    impression = read_impression(two_stage, ranked.request_id)
+    assert impression.ranker_version == 1
+    best = max(scores[item] for item in MODEL_ITEMS)  # logged relative to the best candidate
+    assert [item.retrieval_score for item in impression.items] == pytest.approx(
+        [scores[item] - best for item in lowest], abs=1e-3
+    )
+
+
+def read_impression(settings: ApiSettings, request_id: str) -> Impression:
+    """The impression of ``request_id`` from the impressions topic (within 30 s)."""
+    consumer = Consumer(
+        {
+            **settings.kafka.client_config(),
+            "group.id": f"api-test-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([settings.topics.impressions])
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None or message.error():
+                continue
+            impression = decode_event(message.value(), Impression)
+            if impression.request_id == request_id:
+                return impression
+    finally:
+        consumer.close()
+    raise AssertionError(f"no impression of request {request_id} within 30 s")

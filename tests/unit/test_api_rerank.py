@@ -81,13 +81,13 @@ def test_the_ranking_model_orders_the_retrieved_candidates() -> None:
     ranker, retrieval, _ = _two_stage(ranking)
     ranked = ranker.rank(KNOWN, k=3, exclude=[], arm="stable", deadline=_far())
     assert ranked.items == [("u", 9.0), ("w", 8.0), ("x", 1.0)]
-    assert ranked.retrieval_scores == (1.0, 3.0, 6.0) and ranked.ranker_version == 3
+    assert ranked.retrieval_scores == (-5.0, -3.0, 0.0) and ranked.ranker_version == 3  # relative to the best
     assert ranked.model_version == 7 and ranked.propensities == (1.0, 1.0, 1.0)
     label, inputs = ranking.calls[0]
     assert label == "stable"
     assert set(inputs) == {*INPUTS, "item_ids", "retrieval_scores"}
     assert list(inputs["item_ids"][0]) == RETRIEVED and inputs["retrieval_scores"].dtype == np.float32
-    assert list(inputs["retrieval_scores"][0]) == [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    assert list(inputs["retrieval_scores"][0]) == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
     assert inputs["user_id"][0] == "u1" and list(inputs["segment"]) == ["gold"]
     assert "exclude_items" not in inputs and len(retrieval.calls) == 1
 
@@ -154,7 +154,7 @@ def test_exploration_draws_from_the_ranking_models_order_and_the_impression_logs
     )
     impression = to_impression(pending)
     assert impression.ranker_version == 3
-    assert impression.items[0].retrieval_score == 1.0 and impression.items[0].score == 5.0
+    assert impression.items[0].retrieval_score == -5.0 and impression.items[0].score == 5.0
 
 
 def test_interleaved_two_stage_lists_carry_the_retrieval_scores_of_both_arms() -> None:
