@@ -340,7 +340,12 @@ def main() -> None:
             cwd=PROJECT_ROOT, env=env, stdout=model_log.open("w"), stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         cleanup.callback(stop_process, model_server)
-        client = ModelServerClient(f"127.0.0.1:{model_port}", server_base_path=str(base_path), admin_timeout_s=60)
+        # one models.config for every client: a reload names the whole server config, so a client
+        # that only knew its own model would unload the other (the stack's processes share the file)
+        config_file = state / "models" / "models.config"
+        client = ModelServerClient(
+            f"127.0.0.1:{model_port}", server_base_path=str(base_path), admin_timeout_s=60, config_file=config_file
+        )
         client.wait_until_available(1, timeout_s=120)
         client.publish_stable(1)
         if args.two_stage:
@@ -352,6 +357,7 @@ def main() -> None:
                 contracts.RANKER_MODEL_NAME,
                 server_base_path=str(ranker_base),
                 admin_timeout_s=60,
+                config_file=config_file,
             ) as ranking_client:
                 ranking_client.publish_stable(1)
         api = subprocess.Popen(

@@ -90,6 +90,7 @@ def start_model_server(base_path: Path, versions: dict[int, float]) -> ModelStac
             model_name="streamrec",
             model_base_path=base_path,
             file_system_poll_wait_seconds=0.5,
+            model_root=base_path.parent,  # the ranking model's versions sit beside the retrieval model's
         )
     ).start()
     with ModelServerClient(f"127.0.0.1:{server.port}", server_base_path=str(base_path)) as admin:
@@ -488,7 +489,15 @@ def test_two_stage_serving_orders_the_candidates_by_the_real_ranking_model(
             scores = expected_scores(MODEL_ITEMS, FRESH_RECENT, bias=BIAS[1])
             assert [item.item_id for item in unranked.items] == expected_top(MODEL_ITEMS, FRESH_RECENT, k=3)
             export_ranker(ranker, base / "1", TINY_SCHEMA)
-            with ModelServerClient(models.target, contracts.RANKER_MODEL_NAME, server_base_path=str(base)) as admin:
+            # one config file for both models, as the stack's processes share models.config: a
+            # reload names the whole config, so the retrieval model's labels go in first
+            config = base.parent / "models.config"
+            with ModelServerClient(models.target, server_base_path=str(models.base_path), config_file=config) as admin:
+                admin.publish_stable(1)
+                admin.publish_canary(2)
+            with ModelServerClient(
+                models.target, contracts.RANKER_MODEL_NAME, server_base_path=str(base), config_file=config
+            ) as admin:
                 admin.publish_stable(1)
             started = time.monotonic()
             ranked = recommend(stub, FRESH_USER, k=3, timeout=10.0)
