@@ -199,15 +199,16 @@ def test_demo_on_a_shop_log_with_kinds_and_an_item_file(demo_environment: None, 
     events = pd.concat([events, late.assign(timestamp=late["timestamp"] + 1)]).sort_values("timestamp", kind="stable")
     events.to_csv(tmp_path / "shop" / "events.csv", index=False)
     state_dir = tmp_path / "demo"
-    # A decision through the evaluator's identity in a few hundred visits: the latency guardrail,
-    # tightened, rolls back a canary that answers slower than stable (an interleaved list costs
-    # two model calls), whatever the clicks say. The guardrail judges the newest canary alone,
-    # which may come too late in the demo's visits to be judged: more requests follow the demo.
+    # A decision through the evaluator's identity in a few hundred visits: the CTR-collapse
+    # guardrail, judged after 10 plain requests per arm, rolls back a canary whose own lists get
+    # no click while stable's do. Canary lists are the canary's own here (no interleaving), and the
+    # requests sent after the demo (no visit, so no click) give the newest canary that evidence.
+    # (The latency guardrail no longer separates the arms: with the ranking stage every list
+    # costs a second model call.)
     os.environ.update(
         {
-            "STREAMREC_EVALUATOR__POLICY__LATENCY_BUDGET_MS": "0.001",
-            "STREAMREC_EVALUATOR__POLICY__LATENCY_RATIO": "1.0001",
-            "STREAMREC_EVALUATOR__POLICY__LATENCY_MIN_TRIALS": "10",
+            "STREAMREC_API__INTERLEAVE": "false",
+            "STREAMREC_EVALUATOR__POLICY__COLLAPSE_MIN_TRIALS": "10",
         }
     )
     try:
