@@ -400,13 +400,23 @@ class OnlineTrainer:
             report.publish_s = time.perf_counter() - interval_end
             metrics.PUBLISH_SECONDS.observe(report.publish_s)
             if self.ranker is not None:  # its canary joins the retrieval canary (ranker_line docstring)
-                report.ranker = self.ranker.run_interval()
+                report.ranker = self._ranker_interval(self.ranker)
         else:
             self._spare = candidate
             checkpoint.save(self.writer.state_path, self.version, self._state(offsets))
         self._commit(offsets)
         self._record(report)
         return report
+
+    def _ranker_interval(self, ranker: RankerLine) -> RankerOutcome | None:
+        """The ranking model's interval; a failure there is logged and counted, never the end of the
+        retrieval trainer (the retrieval version is published already; that interval's rows are dropped)."""
+        try:
+            return ranker.run_interval()
+        except (StreamrecError, ValueError, OSError) as exc:
+            metrics.PUBLISH_FAILURES.inc()
+            log.error("the ranking model's interval failed: %s", exc)
+            return None
 
     def _judge_off_policy(self, candidate: TwoTowerModel) -> OpeVerdict | None:
         """The off-policy gate's verdict on ``candidate`` (None when ``trainer.ope_gate`` is off)."""

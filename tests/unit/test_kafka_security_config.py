@@ -133,6 +133,9 @@ def test_each_service_may_use_only_its_own_topics_and_group(clean_environment: o
         "api: WRITE topic streamrec.impressions",
         "trainer: READ topic streamrec.interactions",
         "trainer: READ group streamrec-trainer",
+        # the off-policy gate's and the ranking model's reader of the labeled examples
+        "trainer: READ topic streamrec.labeled",
+        "trainer: READ group streamrec-trainer-ope",
         "evaluator: READ topic streamrec.labeled",
         "evaluator: READ group streamrec-evaluator",
         "skew: READ topic streamrec.impressions",
@@ -157,6 +160,7 @@ def test_the_table_follows_the_services_settings(clean_environment: pytest.Monke
         "joiner: READ+WRITE+CREATE topic joiner-b-*",
         "trainer: READ topic p.labeled",
         "trainer: READ group trainer-b",
+        "trainer: READ group trainer-b-ope",
         "evaluator: READ group evaluator-b",
         "skew: READ group skew-b",
     } <= grants
