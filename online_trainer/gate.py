@@ -48,7 +48,7 @@ from online_trainer.examples import user_arrays
 from online_trainer.inference import catalog_vectors, recommend, user_vectors
 from online_trainer.model import TwoTowerModel
 from online_trainer.ope_gate import OpeVerdict
-from online_trainer.signatures import Spec, contract_signatures
+from online_trainer.signatures import contract_signatures, spec_mismatches
 from online_trainer.slices import SliceJudge, slice_figures
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema
@@ -228,24 +228,6 @@ def _check_slices(
         result.fail("slice", f"wins overall but loses by more than slices.flag_loss on {worst}")
 
 
-def _spec_mismatches(kind: str, actual: dict[str, Any], expected: Spec) -> list[str]:
-    problems: list[str] = []
-    if set(actual) != set(expected):
-        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-        problems.append(f"{kind} names differ (missing {missing}, unexpected {extra})")
-    for name in sorted(set(actual) & set(expected)):
-        dtype, shape = expected[name]
-        spec = actual[name]
-        got_shape = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
-        if spec.dtype.name != dtype:
-            problems.append(f"{kind} {name!r} has dtype {spec.dtype.name}, expected {dtype}")
-        if got_shape is None or len(got_shape) != len(shape):
-            problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
-        elif any(want is not None and got not in (want, None) for got, want in zip(got_shape, shape, strict=True)):
-            problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
-    return problems
-
-
 def signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]:
     """Every difference between a loaded SavedModel's signatures and the contract for ``schema``."""
     problems: list[str] = []
@@ -258,8 +240,8 @@ def signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]:
         args, kwargs = function.structured_input_signature
         if args:
             problems.append(f"{name}: takes positional inputs {args}; the contract passes named inputs only")
-        problems += [f"{name}: {p}" for p in _spec_mismatches("input", dict(kwargs), inputs)]
-        problems += [f"{name}: {p}" for p in _spec_mismatches("output", dict(function.structured_outputs), outputs)]
+        problems += [f"{name}: {p}" for p in spec_mismatches("input", dict(kwargs), inputs)]
+        problems += [f"{name}: {p}" for p in spec_mismatches("output", dict(function.structured_outputs), outputs)]
     return problems
 
 

@@ -30,7 +30,7 @@ from online_trainer.export import EXTRA_DIR, OPTIMIZER_FILE, TEMP_PREFIX, WEIGHT
 from online_trainer.inference import PAD_SCORE
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
 from online_trainer.ranker_model import RankerConfig, RankerModel, build_ranker
-from online_trainer.signatures import Spec, tensor_specs, user_spec
+from online_trainer.signatures import Spec, spec_mismatches, tensor_specs, user_spec
 from streamrec.core import contracts
 from streamrec.core.attributes import SCHEMA_FILE, AttributeSchema
 from streamrec.core.errors import DatasetError
@@ -115,27 +115,6 @@ def export_ranker(
     return export_dir
 
 
-def _spec_problems(kind: str, actual: dict[str, Any], expected: Spec) -> list[str]:
-    """Names, dtypes and ranks that differ; a fixed dimension must match where the spec fixes one."""
-    problems: list[str] = []
-    if set(actual) != set(expected):
-        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-        problems.append(f"{kind} names differ (missing {missing}, unexpected {extra})")
-    for name in sorted(set(actual) & set(expected)):
-        dtype, shape = expected[name]
-        spec = actual[name]
-        got = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
-        if spec.dtype.name != dtype:
-            problems.append(f"{kind} {name!r} has dtype {spec.dtype.name}, expected {dtype}")
-        if (
-            got is None
-            or len(got) != len(shape)
-            or any(want is not None and have not in (want, None) for have, want in zip(got, shape, strict=True))
-        ):
-            problems.append(f"{kind} {name!r} has shape {got}, expected {shape}")
-    return problems
-
-
 def ranker_signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]:
     """Every difference between a loaded SavedModel's ``rank`` / ``serving_default`` and the contract."""
     inputs, outputs = ranker_signature_spec(schema)
@@ -148,8 +127,8 @@ def ranker_signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]
         args, kwargs = function.structured_input_signature
         if args:
             problems.append(f"{name}: takes positional inputs {args}; the contract passes named inputs only")
-        problems += [f"{name}: {p}" for p in _spec_problems("input", dict(kwargs), inputs)]
-        problems += [f"{name}: {p}" for p in _spec_problems("output", dict(function.structured_outputs), outputs)]
+        problems += [f"{name}: {p}" for p in spec_mismatches("input", dict(kwargs), inputs)]
+        problems += [f"{name}: {p}" for p in spec_mismatches("output", dict(function.structured_outputs), outputs)]
     return problems
 
 

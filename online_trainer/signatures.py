@@ -9,7 +9,7 @@ drift apart. A spec is ``(dtype name, shape)`` with ``None`` where the contract 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema, InputKind, user_model_inputs
@@ -67,3 +67,23 @@ def score_specs(schema: AttributeSchema) -> dict[str, tf.TensorSpec]:
 
 def similar_specs() -> dict[str, tf.TensorSpec]:
     return tensor_specs(contract_signatures(AttributeSchema())[contracts.SIMILAR_SIGNATURE][0])
+
+
+def spec_mismatches(kind: str, actual: dict[str, Any], expected: Spec) -> list[str]:
+    """Names, dtypes and shapes of a signature's ``actual`` specs that differ from ``expected``
+    (``None`` dims allowed where the contract says B/E/N)."""
+    problems: list[str] = []
+    if set(actual) != set(expected):
+        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+        problems.append(f"{kind} names differ (missing {missing}, unexpected {extra})")
+    for name in sorted(set(actual) & set(expected)):
+        dtype, shape = expected[name]
+        spec = actual[name]
+        got_shape = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
+        if spec.dtype.name != dtype:
+            problems.append(f"{kind} {name!r} has dtype {spec.dtype.name}, expected {dtype}")
+        if got_shape is None or len(got_shape) != len(shape):
+            problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
+        elif any(want is not None and got not in (want, None) for got, want in zip(got_shape, shape, strict=True)):
+            problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
+    return problems
