@@ -48,7 +48,7 @@ from online_trainer.examples import user_arrays
 from online_trainer.inference import catalog_vectors, recommend, user_vectors
 from online_trainer.model import TwoTowerModel
 from online_trainer.ope_gate import OpeVerdict
-from online_trainer.signatures import contract_signatures, spec_mismatches
+from online_trainer.signatures import contract_signatures, signatures_problems
 from online_trainer.slices import SliceJudge, slice_figures
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema
@@ -230,19 +230,7 @@ def _check_slices(
 
 def signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]:
     """Every difference between a loaded SavedModel's signatures and the contract for ``schema``."""
-    problems: list[str] = []
-    signatures = loaded.signatures
-    for name, (inputs, outputs) in contract_signatures(schema).items():
-        if name not in signatures:
-            problems.append(f"signature {name!r} is missing (has {sorted(signatures)})")
-            continue
-        function = signatures[name]
-        args, kwargs = function.structured_input_signature
-        if args:
-            problems.append(f"{name}: takes positional inputs {args}; the contract passes named inputs only")
-        problems += [f"{name}: {p}" for p in spec_mismatches("input", dict(kwargs), inputs)]
-        problems += [f"{name}: {p}" for p in spec_mismatches("output", dict(function.structured_outputs), outputs)]
-    return problems
+    return signatures_problems(loaded, contract_signatures(schema))
 
 
 def signature_inputs(holdout: pd.DataFrame, schema: AttributeSchema, *, rows: int = 8) -> dict[str, np.ndarray]:

@@ -61,7 +61,7 @@ from online_trainer.history import UserHistories
 from online_trainer.logged_reader import LoggedExamples
 from online_trainer.lookup import FeastLookup, FeatureLookup
 from online_trainer.model import TwoTowerModel
-from online_trainer.ope_gate import OpeRule, OpeVerdict, judge, logged_lists
+from online_trainer.ope_gate import OpeVerdict, judge, logged_lists
 from online_trainer.ope_rankings import two_tower_rankings
 from online_trainer.publish import Fault, Outcome, Publisher, VersionWriter, label_canary, publish_candidate
 from online_trainer.ranker_line import RankerLine, RankerOutcome
@@ -423,10 +423,12 @@ class OnlineTrainer:
         ope = self.tuning.ope_gate
         if not ope.enabled:
             return None
-        rule = OpeRule(ope.estimator, ope.min_lists, ope.min_support, ope.margin, ope.confidence)
         started = time.perf_counter()
         verdict = judge(
-            logged_lists(self.logged.examples()), two_tower_rankings(candidate), self.settings.exploration.rules(), rule
+            logged_lists(self.logged.examples()),
+            two_tower_rankings(candidate),
+            self.settings.exploration.rules(),
+            ope.rule(),
         )
         metrics.record_ope(verdict.verdict, time.perf_counter() - started)
         log.info("%s", verdict.summary())

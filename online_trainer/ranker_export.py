@@ -30,7 +30,7 @@ from online_trainer.export import EXTRA_DIR, OPTIMIZER_FILE, TEMP_PREFIX, WEIGHT
 from online_trainer.inference import PAD_SCORE
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
 from online_trainer.ranker_model import RankerConfig, RankerModel, build_ranker
-from online_trainer.signatures import Spec, spec_mismatches, tensor_specs, user_spec
+from online_trainer.signatures import Spec, signatures_problems, tensor_specs, user_spec
 from streamrec.core import contracts
 from streamrec.core.attributes import SCHEMA_FILE, AttributeSchema
 from streamrec.core.errors import DatasetError
@@ -117,19 +117,8 @@ def export_ranker(
 
 def ranker_signature_problems(loaded: Any, schema: AttributeSchema) -> list[str]:
     """Every difference between a loaded SavedModel's ``rank`` / ``serving_default`` and the contract."""
-    inputs, outputs = ranker_signature_spec(schema)
-    problems: list[str] = []
-    for name in RANKER_SIGNATURES:
-        if name not in loaded.signatures:
-            problems.append(f"signature {name!r} is missing (has {sorted(loaded.signatures)})")
-            continue
-        function = loaded.signatures[name]
-        args, kwargs = function.structured_input_signature
-        if args:
-            problems.append(f"{name}: takes positional inputs {args}; the contract passes named inputs only")
-        problems += [f"{name}: {p}" for p in spec_mismatches("input", dict(kwargs), inputs)]
-        problems += [f"{name}: {p}" for p in spec_mismatches("output", dict(function.structured_outputs), outputs)]
-    return problems
+    spec = ranker_signature_spec(schema)
+    return signatures_problems(loaded, dict.fromkeys(RANKER_SIGNATURES, spec))
 
 
 def load_ranker_for_finetune(version_dir: Path) -> RankerModel:

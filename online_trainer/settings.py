@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -27,6 +27,9 @@ from serving.settings import ServingSettings
 from streamrec.core import contracts
 from streamrec.core.events import InteractionKind
 from streamrec.core.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from online_trainer.ope_gate import OpeRule
 
 
 def _known_kinds(kinds: Iterable[str]) -> None:
@@ -60,6 +63,12 @@ class OpeGateTuning(BaseModel):
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     lookback_s: float = Field(default=3_600.0, gt=0)
     max_examples: int = Field(default=50_000, ge=1)
+
+    def rule(self) -> OpeRule:
+        """The gate's rule (``online_trainer.ope_gate.judge`` takes it)."""
+        from online_trainer.ope_gate import OpeRule
+
+        return OpeRule(self.estimator, self.min_lists, self.min_support, self.margin, self.confidence)
 
 
 class RankerTuning(BaseModel):

@@ -87,3 +87,20 @@ def spec_mismatches(kind: str, actual: dict[str, Any], expected: Spec) -> list[s
         elif any(want is not None and got not in (want, None) for got, want in zip(got_shape, shape, strict=True)):
             problems.append(f"{kind} {name!r} has shape {got_shape}, expected {shape}")
     return problems
+
+
+def signatures_problems(loaded: Any, expected: dict[str, tuple[Spec, Spec]]) -> list[str]:
+    """Every difference between a loaded SavedModel's signatures and ``expected`` (signature name
+    -> (inputs, outputs)): a missing signature, positional inputs, names, dtypes and shapes."""
+    problems: list[str] = []
+    for name, (inputs, outputs) in expected.items():
+        if name not in loaded.signatures:
+            problems.append(f"signature {name!r} is missing (has {sorted(loaded.signatures)})")
+            continue
+        function = loaded.signatures[name]
+        args, kwargs = function.structured_input_signature
+        if args:
+            problems.append(f"{name}: takes positional inputs {args}; the contract passes named inputs only")
+        problems += [f"{name}: {p}" for p in spec_mismatches("input", dict(kwargs), inputs)]
+        problems += [f"{name}: {p}" for p in spec_mismatches("output", dict(function.structured_outputs), outputs)]
+    return problems
