@@ -46,8 +46,9 @@ lint: setup
 	$(BIN)/lint-imports --no-logo
 
 # ruff, mypy, the import contracts, then every test level; pytest starts the real Kafka and Redis it needs.
+# Two xdist workers: the unit tests on one, the tests with real services on the other (tests/conftest.py).
 test: lint
-	$(BIN)/pytest -ra --durations=25
+	$(BIN)/pytest -ra --durations=25 -n 2 --dist loadgroup
 
 unit: setup
 	$(BIN)/pytest -m unit

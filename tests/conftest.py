@@ -55,9 +55,21 @@ def fresh_settings(local_stack: object, stack_settings: StackSettings) -> Common
     return settings
 
 
+LEVELS = ("unit", "integration", "faults", "e2e")  # the order the services lane runs them in
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by folder (tests/unit, tests/integration, tests/e2e, tests/faults) so ``-m`` selects them."""
+    """Mark tests by folder (tests/unit, tests/integration, tests/faults, tests/e2e) so ``-m``
+    selects them, and split them into two ``xdist_group`` lanes for ``make test`` (``-n 2 --dist
+    loadgroup``): the unit tests (CPU, no services) beside everything that starts real services
+    (one Kafka and Redis for the session, tests whose timing matters), which stay on one worker,
+    one at a time. The services lane runs the whole-loop tests last, after the unit lane is done."""
+    level_of: dict[str, int] = {}
     for item in items:
-        for level in ("unit", "integration", "e2e", "faults"):
+        for rank, level in enumerate(LEVELS):
             if f"tests/{level}/" in str(item.path).replace("\\", "/"):
                 item.add_marker(getattr(pytest.mark, level))
+                item.add_marker(pytest.mark.xdist_group("unit" if level == "unit" else "services"))
+                level_of[item.nodeid] = rank
+    items.sort(key=lambda item: level_of.get(item.nodeid, len(LEVELS)))
