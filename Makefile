@@ -46,7 +46,7 @@ lint: setup
 	$(BIN)/lint-imports --no-logo
 
 # ruff, mypy, the import contracts, then every test level; pytest starts the real Kafka and Redis it needs.
-# Two xdist workers: the unit tests on one, the tests with real services on the other (tests/conftest.py).
+# Two xdist workers: the unit tests on one, every test with real services on the other (tests/conftest.py).
 test: lint
 	$(BIN)/pytest -ra --durations=25 -n 2 --dist loadgroup
 
