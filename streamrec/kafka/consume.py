@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
 from streamrec.core.errors import EventValidationError
 from streamrec.core.events import EventT, decode_event
@@ -89,15 +90,36 @@ def consume_decoded(
         consumer.close()
 
 
+# Leadership moves or is not known yet (a topic just created, a broker restarting): ask again.
+_LEADERSHIP_ERRORS = frozenset(
+    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
+)
+
+
+def _leadership_changing(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaException) and exc.args[0].code() in _LEADERSHIP_ERRORS
+
+
+def _watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float) -> tuple[int, int]:
+    """The (low, high) offsets of one partition; while its leadership is changing, asked again
+    for up to ``timeout_s`` (other errors are raised at once)."""
+    for attempt in Retrying(
+        retry=retry_if_exception(_leadership_changing),
+        stop=stop_after_delay(timeout_s),
+        wait=wait_fixed(0.2),
+        reraise=True,
+    ):
+        with attempt:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+    return int(low), int(high)
+
+
 def end_offsets(settings: CommonSettings, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
     """The next offset of every partition of ``topic`` (where a new record will land)."""
     consumer = Consumer(consumer_config(settings, "streamrec-offsets", from_beginning=True))
     try:
         partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
-        return {
-            partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)[1]
-            for partition in partitions
-        }
+        return {partition: _watermarks(consumer, topic, partition, timeout_s)[1] for partition in partitions}
     finally:
         consumer.close()
 
@@ -110,7 +132,7 @@ def group_lag(settings: CommonSettings, group_id: str, topic: str, timeout_s: fl
         committed = consumer.committed([TopicPartition(topic, partition) for partition in ends], timeout=timeout_s)
         lag = 0
         for position in committed:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, position.partition), timeout=timeout_s)
+            low, high = _watermarks(consumer, topic, position.partition, timeout_s)
             start = position.offset if position.offset >= 0 else low
             lag += max(0, high - start)
         return lag
