@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from types import FrameType
 from typing import Any, cast
 
 import faust
@@ -51,7 +53,7 @@ from streamrec.core.attributes import AttributeSchema, read_schema
 from streamrec.core.events import DeadLetter
 from streamrec.core.settings import load
 from streams import expiry
-from streams.faust_app import build_app
+from streams.faust_app import build_app, revoke_fence
 from streams.joiner_progress import KafkaOffsets
 from streams.pipeline import BatchReport, FeaturePipeline, FeatureSink, MappingTable, Outputs, View
 from streams.settings import StreamsSettings
@@ -131,22 +133,69 @@ def _changelog_sender(
     return send
 
 
-def _group_start_offsets(settings: StreamsSettings) -> Callable[[str, int], Awaitable[int | None]]:
-    """Where the worker group should resume a partition: its committed offset, else the earliest
-    (read with a confluent consumer that never joins the group); None if Kafka does not say."""
-    offsets = KafkaOffsets(settings.kafka.client_config(), settings.streams.app_id)
-    lock = asyncio.Lock()  # one blocking client, used from both agents
+class GroupStartOffsets:
+    """Where the worker group should resume each newly assigned partition: its committed offset,
+    else the earliest (read with a confluent consumer that never joins the group); None when Kafka
+    does not say in time.
 
-    async def start_offset(topic: str, partition: int) -> int | None:
-        async with lock:
+    The reads start when partitions are assigned (:meth:`prefetch`, one blocking call for all of
+    them, in a thread) and an agent waits at most ``wait_s`` for a partition's answer: while a
+    broker is down these reads can take many seconds, and an agent waiting on them holds its
+    batch, which holds up the next revoke past the group's rebalance timeout. Without an answer
+    the gap check starts at the partition's first record (``FeaturePipeline._check_offsets``).
+    """
+
+    def __init__(self, offsets: KafkaOffsets, wait_s: float) -> None:
+        self.offsets = offsets
+        self.wait_s = wait_s
+        self._reads: dict[tuple[str, int], asyncio.Future[int | None]] = {}
+        self._lock = asyncio.Lock()  # one blocking client
+
+    def prefetch(self, partitions: Collection[tuple[str, int]]) -> None:
+        """Start reading ``partitions`` (replacing any earlier read of them: a revoke between two
+        assignments makes that one stale)."""
+        if not partitions:
+            return
+        read = asyncio.ensure_future(self._read(sorted(partitions)))
+        for key in partitions:
+            future = asyncio.get_running_loop().create_future()
+            self._reads[key] = future
+            read.add_done_callback(functools.partial(_settle, future, key))
+
+    async def _read(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+        async with self._lock:
             try:
-                read = await asyncio.to_thread(offsets.read, [(topic, partition)])
+                return await asyncio.to_thread(self.offsets.read, partitions)
             except Exception:  # noqa: BLE001 -- the gap check then starts at the first record
-                log.warning("could not read where %s[%d] starts for this group", topic, partition, exc_info=True)
-                return None
-        return read[(topic, partition)][0]
+                log.warning("could not read where %s start for this group", partitions, exc_info=True)
+                return {}
 
-    return start_offset
+    async def __call__(self, topic: str, partition: int) -> int | None:
+        key = (topic, partition)
+        future = self._reads.pop(key, None)
+        if future is None:  # a record before the assignment's signal: read it now
+            self.prefetch([key])
+            future = self._reads.pop(key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.wait_s)
+        except TimeoutError:
+            log.warning(
+                "where %s[%d] starts for this group is not known after %.1fs; its gap check starts at its first record",
+                topic,
+                partition,
+                self.wait_s,
+            )
+            return None
+
+
+def _settle(
+    future: asyncio.Future[int | None],
+    key: tuple[str, int],
+    read: asyncio.Future[dict[tuple[str, int], tuple[int, int]]],
+) -> None:
+    if not future.done():
+        offsets = read.result() if not read.cancelled() else {}
+        future.set_result(offsets[key][0] if key in offsets else None)
 
 
 def _dump_tasks() -> None:
@@ -155,11 +204,36 @@ def _dump_tasks() -> None:
     tasks = asyncio.all_tasks()
     log.warning("SIGUSR2: %d asyncio tasks", len(tasks))
     for task in tasks:
-        frames = task.get_stack()
-        where = " <- ".join(
-            f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno})" for f in frames
+        where = " -> ".join(
+            f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})"
+            for frame in _awaited_frames(task.get_coro())
         )
         log.warning("task %s: %s", task.get_name(), where or "(no frames)")
+
+
+def _awaited_frames(awaitable: object) -> Iterator[FrameType]:
+    """The frames of a suspended coroutine and of everything it awaits, outermost first (a task's
+    own ``get_stack`` stops at its coroutine's frame)."""
+    seen = 0
+    while awaitable is not None and seen < 64:
+        seen += 1
+        frame = next(
+            (getattr(awaitable, name) for name in ("cr_frame", "ag_frame", "gi_frame") if hasattr(awaitable, name)),
+            None,
+        )
+        if frame is not None:
+            yield frame
+        if frame is None:  # an async generator's asend/athrow object refers to its generator
+            awaitable = next((ref for ref in gc.get_referents(awaitable) if hasattr(ref, "ag_frame")), None)
+            continue
+        awaitable = next(
+            (
+                getattr(awaitable, name)
+                for name in ("cr_await", "ag_await", "gi_yieldfrom")
+                if getattr(awaitable, name, None) is not None
+            ),
+            None,
+        )
 
 
 def create_app(
@@ -224,6 +298,10 @@ def create_app(
     outputs: Outputs = FaustOutputs(app, deadletter, by_item)
     send_user_state = user_keys.tracking(_changelog_sender(app, user_table))
     send_item_state = item_keys.tracking(_changelog_sender(app, item_table))
+    # an agent's wait for a partition's start stays well inside the revoke fence's (see GroupStartOffsets)
+    start_offsets = GroupStartOffsets(
+        KafkaOffsets(settings.kafka.client_config(), tuning.app_id), wait_s=revoke_fence(app).wait_s * 0.5
+    )
     pipeline = FeaturePipeline(
         users=MappingTable(user_table.data, send_user_state),
         items=MappingTable(item_table.data, send_item_state),
@@ -242,7 +320,7 @@ def create_app(
         push_min_interval_s=tuning.push_min_interval_s,
         rewind=lambda topic, partition, offset: app.consumer.seek(TP(topic, partition), offset),
         rewind_retry_s=tuning.rewind_retry_s,
-        start_offset=_group_start_offsets(settings),
+        start_offset=start_offsets,
     )
 
     # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares.
@@ -313,6 +391,24 @@ def create_app(
             await pipeline.retry_rewinds()
 
     app.timer(interval=tuning.rewind_retry_s)(retry_rewinds)
+
+    def fence_revoked(partitions: set[TP]) -> None:
+        # A revoke still waiting at its fence time: write nothing more for these (see RevokeFence).
+        pipeline.fence_partitions(
+            {(tp.topic, tp.partition) for tp in partitions}, settings.topics.interactions, settings.by_item_topic
+        )
+
+    revoke_fence(app).listeners.append(fence_revoked)
+
+    @app.on_partitions_assigned.connect
+    def unfence_assigned(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        assigned: set[TP] = args[0]
+        pipeline.unfence_partitions(
+            {(tp.topic, tp.partition) for tp in assigned}, settings.topics.interactions, settings.by_item_topic
+        )
+        sources = {settings.topics.interactions, settings.by_item_topic}
+        if pipeline.start_offset is start_offsets:  # (tests without a broker replace it)
+            start_offsets.prefetch({(tp.topic, tp.partition) for tp in assigned if tp.topic in sources})
 
     @app.on_partitions_revoked.connect
     def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:

@@ -23,11 +23,13 @@ that was not processed (:class:`GaplessConsumer`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+import types
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,10 @@ class IdempotentProducer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+# The share of the rebalance timeout a revoke waits for held records (RevokeFence): the rest
+# leaves time to flush the producer and rejoin before the group gives up on this member.
+_REVOKE_WAIT_SHARE = 0.5
+
 # A rewind sought this many times without its record coming is given up (the records are gone,
 # e.g. deleted by retention): reading goes on from the first record that is still there.
 _MAX_SEEKS_PER_REWIND = 4
@@ -104,6 +110,12 @@ CONSUMER_REWINDS = Counter(
 )
 
 
+REVOKE_FENCES = Counter(
+    "faust_consumer_revoke_fences_total",
+    "Revokes (or stops) whose records were still held at the RevokeFence time, so their partitions were fenced.",
+)
+
+
 @dataclass
 class _Rewind:
     """A seek back to ``offset`` whose record has not come through yet, sought ``seeks`` times,
@@ -112,6 +124,28 @@ class _Rewind:
     offset: int
     sought_at: float
     seeks: int = 1
+
+
+@dataclass
+class RevokeFence:
+    """How long a revoke waits for the records agents hold before it fences their partitions,
+    and who is told then.
+
+    In Kafka's eager rebalance the group waits for each member to give its partitions back, but
+    no longer than the rebalance timeout; a member still waiting past it is dropped and its
+    partitions go to others, whose states start from the changelog. Anything the late member
+    writes to a changelog then lands after those states and wins the next recovery (a zombie
+    write). So at ``wait_s``, well inside the timeout, each listener stops writing for the
+    partitions it is given and drops what it holds for them (``FeaturePipeline.fence_partitions``);
+    their unacked records are read again by the next owner. See docs/design/streams.md#revoke-fence.
+    """
+
+    wait_s: float
+    listeners: list[Callable[[set[TP]], None]] = field(default_factory=list)
+
+    def notify(self, partitions: set[TP]) -> None:
+        for listener in self.listeners:
+            listener(partitions)
 
 
 class _ReadOffsets(dict[TP, int | None]):
@@ -166,6 +200,51 @@ class GaplessConsumer(aiokafka_driver.Consumer):
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         return None
+
+    async def wait_empty(self) -> None:
+        """Faust's wait for every record handed to an agent to be acked (before a revoke and at
+        stop), committing meanwhile. Past the transport's :class:`RevokeFence` time the partitions
+        with records still held, and all assigned ones, are fenced: their listeners drop what
+        they hold, unacked (so uncommitted), which ends the wait once agents finish the batches
+        in their hands. The wait itself stays unbounded, as Faust's: an agent is never left in the
+        middle of a batch when the partitions move."""
+        fence: RevokeFence | None = getattr(self.transport, "revoke_fence", None)
+        fence_at = time.monotonic() + fence.wait_s if fence is not None else None
+        fenced_at: float | None = None
+        while not self.should_stop and self._unacked_messages:
+            await self.commit()
+            gc.collect()  # records dropped unacked leave the weak set once collected
+            self._clean_unacked_messages()
+            if not self._unacked_messages:
+                break
+            if fenced_at is not None and time.monotonic() - fenced_at > _HOLDERS_LOG_AFTER_S:
+                fenced_at = None
+                for message in list(self._unacked_messages)[:3]:
+                    log.warning(
+                        "%s[%d]@%d is still held %.0fs after the fence, by: %s",
+                        message.tp.topic,
+                        message.tp.partition,
+                        message.offset,
+                        _HOLDERS_LOG_AFTER_S,
+                        describe_holders(message),
+                    )
+            if fence_at is not None and fence is not None and time.monotonic() >= fence_at:
+                fence_at = None
+                fenced_at = time.monotonic()
+                partitions = {message.tp for message in self._unacked_messages} | set(self.assignment())
+                log.warning(
+                    "%d records still held after %.1fs; fencing %d partitions (their next owner reads the "
+                    "unacked ones again)",
+                    len(self._unacked_messages),
+                    fence.wait_s,
+                    len(partitions),
+                )
+                REVOKE_FENCES.inc()
+                fence.notify(partitions)
+                continue
+            await self._wait_for_ack(timeout=1.0)
+            self._clean_unacked_messages()
+        await self.commit_and_end_transactions()
 
     async def seek(self, partition: TP, offset: int) -> None:
         rewind = self.open_rewinds.get(partition)
@@ -235,10 +314,53 @@ class GaplessConsumer(aiokafka_driver.Consumer):
 
 class IdempotentTransport(aiokafka_driver.Transport):
     """Faust's ``kafka://`` transport, creating :class:`IdempotentProducer` producers and
-    :class:`GaplessConsumer` consumers."""
+    :class:`GaplessConsumer` consumers, whose revokes wait as ``revoke_fence`` says."""
 
     Producer = IdempotentProducer
     Consumer = GaplessConsumer
+    revoke_fence: RevokeFence | None = None
+
+
+_HOLDERS_LOG_AFTER_S = 10.0  # a fenced wait this long logs who still references its records
+
+
+def describe_holders(target: object, depth: int = 3, breadth: int = 3) -> str:
+    """Who references ``target``, as a short tree of types (frames by function): a record still
+    held after a fence names what keeps it from Faust's weak set. Slow (a scan of every object
+    per referrer), so it runs once per stuck fence."""
+    seen = {id(target)}
+    own_frames = {"walk", "describe_holders", "wait_empty"}
+
+    def label(obj: object) -> str:
+        if isinstance(obj, types.FrameType):
+            return f"frame {obj.f_code.co_name} ({obj.f_code.co_filename.rsplit('/', 2)[-1]}:{obj.f_lineno})"
+        return type(obj).__qualname__
+
+    def walk(obj: object, level: int) -> list[str]:
+        if level == 0:
+            return []
+        found = []
+        for referrer in gc.get_referrers(obj):
+            if id(referrer) in seen or (
+                isinstance(referrer, types.FrameType) and referrer.f_code.co_name in own_frames
+            ):
+                continue
+            seen.add(id(referrer))
+            below = walk(referrer, level - 1)
+            found.append(label(referrer) + (" <- [" + "; ".join(below) + "]" if below else ""))
+            if len(found) >= breadth:
+                break
+        return found
+
+    return "; ".join(walk(target, depth)) or "nothing (collectable)"
+
+
+def revoke_fence(app: faust.App) -> RevokeFence:
+    """The :class:`RevokeFence` of an app built by :func:`build_app` (listeners go here)."""
+    fence = getattr(app.transport, "revoke_fence", None)
+    if not isinstance(fence, RevokeFence):
+        raise TypeError(f"{app.conf.id} was not built by streams.faust_app.build_app; it has no revoke fence")
+    return fence
 
 
 def replicated_topic_class(min_insync_replicas: int) -> type[faust.Topic]:
@@ -302,7 +424,9 @@ def build_app(
             start_http_server(metrics_port)  # a daemon thread
 
         app.task(serve_metrics)
-    app.transport = IdempotentTransport(app.conf.broker_consumer, app)
+    transport = IdempotentTransport(app.conf.broker_consumer, app)
+    transport.revoke_fence = RevokeFence(wait_s=app.conf.broker_rebalance_timeout * _REVOKE_WAIT_SHARE)
+    app.transport = transport
 
     @app.on_partitions_revoked.connect
     def forget_revoked(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:

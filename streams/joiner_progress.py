@@ -100,6 +100,8 @@ class KafkaOffsets:
         from confluent_kafka import Consumer, KafkaException
         from confluent_kafka import TopicPartition as KafkaTopicPartition
 
+        from streamrec.kafka.consume import watermarks
+
         if self._consumer is None:
             self._consumer = Consumer(self.config)
         consumer = self._consumer
@@ -108,9 +110,7 @@ class KafkaOffsets:
         for position in committed:
             if position.error is not None:
                 raise KafkaException(position.error)
-            low, high = consumer.get_watermark_offsets(
-                KafkaTopicPartition(position.topic, position.partition), timeout=self.timeout_s, cached=False
-            )
+            low, high = watermarks(consumer, position.topic, position.partition, self.timeout_s)
             offsets[(position.topic, position.partition)] = (position.offset if position.offset >= 0 else low, high)
         return offsets
 

@@ -306,14 +306,43 @@ class FeaturePipeline:
                 metrics.ABANDONED_GAPS.inc()
                 log.error("%s[%d] revoked while its skipped records were being read again", *key)
         metrics.OPEN_GAPS.set(len(self.rewinding))
+        for pusher, partitions in self._pushers_of(revoked, interactions_topic, by_item_topic):
+            dropped = pusher.forget_partitions(partitions)
+            if dropped:
+                log.warning("dropped %d unpushed %s events of revoked partitions %s", dropped, pusher.view, partitions)
+
+    def fence_partitions(self, revoked: set[tuple[str, int]], interactions_topic: str, by_item_topic: str) -> None:
+        """Stop every write for partitions still held at a revoke's fence time (``ViewPusher.fence``):
+        another worker may own them already. Lifted by :meth:`unfence_partitions`."""
+        for pusher, partitions in self._pushers_of(revoked, interactions_topic, by_item_topic):
+            dropped = pusher.fence(partitions)
+            log.warning(
+                "%s: fenced partitions %s (now %s), %d held events left to their next owner",
+                pusher.view,
+                partitions,
+                sorted(pusher.fenced),
+                dropped,
+            )
+
+    def unfence_partitions(self, assigned: set[tuple[str, int]], interactions_topic: str, by_item_topic: str) -> None:
+        """``assigned`` are this worker's again: their writes resume."""
+        for pusher, partitions in self._pushers_of(assigned, interactions_topic, by_item_topic):
+            if lifted := sorted(pusher.fenced & partitions):
+                log.info("%s: partitions %s assigned again, no longer fenced", pusher.view, lifted)
+            pusher.unfence(partitions)
+
+    def _pushers_of(
+        self, partitions: set[tuple[str, int]], interactions_topic: str, by_item_topic: str
+    ) -> list[tuple[ViewPusher, set[int]]]:
+        """Each view's pusher with the partitions of ``partitions`` it writes for (users: the
+        interactions topic's, items: the by-item topic's)."""
         views: tuple[tuple[View, str], ...] = (("user_activity", interactions_topic), ("item_stats", by_item_topic))
+        found = []
         for view, topic in views:
-            pusher = self.pushers.get(view)
-            partitions = {partition for name, partition in revoked if name == topic}
-            if pusher is not None and partitions:
-                dropped = pusher.forget_partitions(partitions)
-                if dropped:
-                    log.warning("dropped %d unpushed %s events of revoked partitions %s", dropped, view, partitions)
+            mine = {partition for name, partition in partitions if name == topic}
+            if mine:
+                found.append((self.pusher(view), mine))
+        return found
 
     async def check_feature_store(self, owned: Mapping[View, Iterable[tuple[str, int]]]) -> int:
         """Push every owned entity again if the online store restarted since the last check.

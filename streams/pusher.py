@@ -108,6 +108,12 @@ class ViewPusher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _progress: asyncio.Condition = field(default_factory=asyncio.Condition)
     _task: asyncio.Task[None] | None = None
+    # partitions this worker may no longer write for (see fence); how many revokes (forget_partitions)
+    # so far, and the count at each partition's last one (a push cycle drops what was revoked during it)
+    fenced: set[int] = field(default_factory=set)
+    _revokes: int = 0
+    _revoked_at: dict[int, int] = field(default_factory=dict)
+    _notifiers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def hold(
         self, entity_id: str, state: EntityState, partition: int, event: HeldEvent, origin_ts: float | None = None
@@ -117,8 +123,11 @@ class ViewPusher:
         ``origin_ts`` is when the event entered the interactions topic (freshness is measured
         from it); it defaults to the record's own timestamp. One record may be held several
         times (a by-item bundle, one hold per entry): each hold is one reference, released once.
+        An event of a fenced partition is held for good (never acked, so never committed here).
         """
         event.message.incref()
+        if partition in self.fenced:
+            return
         self._held.append((event, event.message.timestamp if origin_ts is None else origin_ts))
         self._dirty[entity_id] = _Dirty(state, partition)
 
@@ -129,21 +138,68 @@ class ViewPusher:
         Their events stay unacked, so their offsets are never committed here: the partitions' new
         owner reads them again and rebuilds the states from the changelog, and this worker never
         writes a row or a changelog record for a partition it no longer owns. (Faust waits for
-        held events before it revokes, so normally nothing is left; this covers a wait cut short.)
+        held events before it revokes, so normally nothing is left; a fence (:meth:`fence`) drops them early.)
+        A push cycle in flight writes nothing more for them and acks nothing (its states are the
+        old ones: after the rebalance the table holds the ones restored from the changelog).
         """
         if not partitions:
             return 0
+        self._revokes += 1
+        for partition in partitions:
+            self._revoked_at[partition] = self._revokes
         self._dirty = {key: entry for key, entry in self._dirty.items() if entry.partition not in partitions}
         kept = [(event, ts) for event, ts in self._held if event.message.partition not in partitions]
         dropped = len(self._held) - len(kept)
         self._held = kept
+        self._wake_waiters()
         return dropped
+
+    def _wake_waiters(self) -> None:
+        """Have a :meth:`kick` waiting for room (and :meth:`drain`) look at ``pending`` again:
+        events dropped outside a push cycle free room too, and a cycle cancelled before it began
+        notifies no one. Without this, a fence during a push's coalescing wait left an agent
+        waiting for room forever, and its unacked batch held the revoke up for good."""
+
+        async def notify() -> None:
+            async with self._progress:
+                self._progress.notify_all()
+
+        try:
+            task = asyncio.get_running_loop().create_task(notify())
+        except RuntimeError:  # no running loop: nothing can be waiting
+            return
+        self._notifiers.add(task)
+        task.add_done_callback(self._notifiers.discard)
+
+    def fence(self, partitions: set[int]) -> int:
+        """Write nothing more for ``partitions``: no changelog record, no row, no ack; returns
+        how many held events were dropped.
+
+        Called when a revoke still waits at its fence time (``streams.faust_app.GaplessConsumer.wait_empty``):
+        the group may already have given the partitions to another worker, which restored their
+        states from the changelog, and a changelog record written by this worker now would
+        replace that worker's newer state at the next recovery. Their events stay unacked here, so
+        the new owner reads them again, and Faust's wait before the revoke ends once nothing
+        references them. :meth:`unfence` lifts it when the partitions are assigned here again.
+        """
+        self.fenced |= partitions
+        if self._task is not None and not self._task.done():
+            # A cycle in flight (say, a push retried while the store is down) holds its events;
+            # cancelled, it gives back what is still owned and lets go of the rest at once.
+            self._task.cancel()
+        return self.forget_partitions(partitions)
+
+    def unfence(self, partitions: set[int]) -> None:
+        """``partitions`` are this worker's again (a new assignment, their states restored)."""
+        self.fenced -= partitions
 
     def mark_dirty(self, entities: Iterable[tuple[str, EntityState, int]]) -> int:
         """Push these (entity, state, partition) again at the next cycle, holding no event (an
         online store that lost writes gets them back); returns how many were marked."""
         marked = 0
         for entity_id, state, partition in entities:
+            if partition in self.fenced:
+                continue
             self._dirty.setdefault(entity_id, _Dirty(state, partition))
             marked += 1
         return marked
@@ -184,39 +240,70 @@ class ViewPusher:
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             last_start = time.monotonic()
-            dirty, held = self._dirty, self._held
-            self._dirty, self._held = {}, []
-            self._in_flight = len(held)
             try:
-                await self._push_cycle(dirty, held)
-            except asyncio.CancelledError:
-                self._give_back(dirty, held)
-                raise
-            except Exception:  # noqa: BLE001 -- a bug or a dependency failing outside _push's retry
-                # Nothing may be lost: the entities stay dirty and the events held (unacked), and
-                # the next cycle pushes them again (a pushed row is written again harmlessly).
-                # This loop is a bare task no one awaits, so an error that escaped it used to end
-                # it silently, taking the events it held with it.
-                metrics.PUSH_FAILURES.labels(self.view).inc()
-                log.exception("%s push cycle of %d entities failed; retrying them", self.view, len(dirty))
-                self._give_back(dirty, held)
-                await asyncio.sleep(self.retry_max_s / 10)
-                self._wake.set()
+                failed = await self._cycle()
             finally:
                 self._in_flight = 0
                 async with self._progress:
                     self._progress.notify_all()
+            if failed:
+                await asyncio.sleep(self.retry_max_s / 10)
+                self._wake.set()
             if self._dirty:
                 self._wake.set()
 
-    async def _push_cycle(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]]) -> None:
+    async def _cycle(self) -> bool:
+        """One push cycle of everything dirty; returns whether it failed (its work was given back).
+
+        The cycle's entities and events live in this frame only, and its lists are emptied
+        however it ends: a cancelled task keeps its ``CancelledError``, whose traceback keeps the
+        frames it passed through, and a stale reference to a fenced partition's record keeps
+        that record in Faust's weak set of unacked messages, so the revoke waiting for it never
+        ends (the broker fault tests' stalled worker)."""
+        dirty, held = self._dirty, self._held
+        self._dirty, self._held = {}, []
+        self._in_flight = len(held)
+        revokes = self._revokes
+        try:
+            await self._push_cycle(dirty, held, revokes)
+        except asyncio.CancelledError:
+            self._give_back(dirty, held, revokes)
+            raise
+        except Exception:  # noqa: BLE001 -- a bug or a dependency failing outside _push's retry
+            # Nothing may be lost: the entities stay dirty and the events held (unacked), and
+            # the next cycle pushes them again (a pushed row is written again harmlessly).
+            # This loop is a bare task no one awaits, so an error that escaped it used to end
+            # it silently, taking the events it held with it.
+            metrics.PUSH_FAILURES.labels(self.view).inc()
+            log.exception("%s push cycle of %d entities failed; retrying them", self.view, len(dirty))
+            self._give_back(dirty, held, revokes)
+            return True
+        finally:
+            dirty.clear()
+            held.clear()
+        return False
+
+    async def _push_cycle(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]], revokes: int) -> None:
         """Changelog records, then the feature rows, then (once Kafka has the records) the acks of
-        the events they carry."""
-        receipts = [
-            await self.table.save(entity_id, entry.state, entry.partition) for entity_id, entry in dirty.items()
-        ]
+        the events they carry. A revoke during the cycle (``revokes`` is the count at its start)
+        ends it before its next write: the entities and events of partitions still owned go back
+        for the next cycle, and no event of this cycle is acked."""
+
+        def revoked() -> bool:
+            if self._revokes == revokes:
+                return False
+            self._give_back(dirty, held, revokes)
+            return True
+
+        receipts = []
+        for entity_id, entry in dirty.items():
+            if revoked():
+                return
+            receipts.append(await self.table.save(entity_id, entry.state, entry.partition))
         if self.changelog_before_online:
             await asyncio.gather(*(receipt for receipt in receipts if receipt is not None))
+        if revoked():
+            return
         rows = [self.to_row(entity_id, entry.state) for entity_id, entry in dirty.items()]
         written_at = await self._push(rows)
         if not self.changelog_before_online:
@@ -225,16 +312,24 @@ class ViewPusher:
             # the acks would leave a state no recovery can rebuild. A refusal fails this cycle,
             # which is retried (records and rows written again, the events still held).
             await asyncio.gather(*(receipt for receipt in receipts if receipt is not None))
+        if revoked():
+            return
         readable_at = self.clock() if written_at is None else written_at
         freshness = metrics.FRESHNESS_SECONDS.labels(self.view)
         for event, origin_ts in held:
             freshness.observe(max(0.0, readable_at - float(origin_ts)))
             event.ack()
 
-    def _give_back(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]]) -> None:
-        """Put a failed cycle's entities and events back; states marked dirty since are newer."""
-        self._dirty = {**dirty, **self._dirty}
-        self._held = held + self._held
+    def _give_back(self, dirty: dict[str, _Dirty], held: list[tuple[HeldEvent, float]], revokes: int) -> None:
+        """Put back a cycle's entities and events (the cycle started at ``revokes``), but those of
+        partitions revoked since or fenced; states marked dirty since are newer."""
+
+        def owned(partition: int) -> bool:
+            return partition not in self.fenced and self._revoked_at.get(partition, 0) <= revokes
+
+        kept = {key: entry for key, entry in dirty.items() if owned(entry.partition)}
+        self._dirty = {**kept, **self._dirty}
+        self._held = [(event, ts) for event, ts in held if owned(event.message.partition)] + self._held
 
     async def _push(self, rows: Sequence[FeatureRow]) -> float | None:
         delay = 0.1

@@ -90,9 +90,15 @@ def consume_decoded(
         consumer.close()
 
 
-# Leadership moves or is not known yet (a topic just created, a broker restarting): ask again.
+# Leadership moves or is not known yet (a topic just created, a broker restarting, the client's
+# metadata not loaded yet: the local _UNKNOWN_PARTITION): ask again.
 _LEADERSHIP_ERRORS = frozenset(
-    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+    }
 )
 
 
@@ -100,7 +106,7 @@ def _leadership_changing(exc: BaseException) -> bool:
     return isinstance(exc, KafkaException) and exc.args[0].code() in _LEADERSHIP_ERRORS
 
 
-def _watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float) -> tuple[int, int]:
+def watermarks(consumer: Consumer, topic: str, partition: int, timeout_s: float) -> tuple[int, int]:
     """The (low, high) offsets of one partition; while its leadership is changing, asked again
     for up to ``timeout_s`` (other errors are raised at once)."""
     for attempt in Retrying(
@@ -119,7 +125,7 @@ def end_offsets(settings: CommonSettings, topic: str, timeout_s: float = 10.0) -
     consumer = Consumer(consumer_config(settings, "streamrec-offsets", from_beginning=True))
     try:
         partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
-        return {partition: _watermarks(consumer, topic, partition, timeout_s)[1] for partition in partitions}
+        return {partition: watermarks(consumer, topic, partition, timeout_s)[1] for partition in partitions}
     finally:
         consumer.close()
 
@@ -132,7 +138,7 @@ def group_lag(settings: CommonSettings, group_id: str, topic: str, timeout_s: fl
         committed = consumer.committed([TopicPartition(topic, partition) for partition in ends], timeout=timeout_s)
         lag = 0
         for position in committed:
-            low, high = _watermarks(consumer, topic, position.partition, timeout_s)
+            low, high = watermarks(consumer, topic, position.partition, timeout_s)
             start = position.offset if position.offset >= 0 else low
             lag += max(0, high - start)
         return lag

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from streamrec.kafka.consume import _watermarks
+from streamrec.kafka.consume import watermarks
 
 pytestmark = pytest.mark.unit
 
@@ -29,19 +29,19 @@ class FlakyConsumer:
 
 def test_a_partition_changing_leader_is_asked_again_until_it_answers() -> None:
     consumer = FlakyConsumer(KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
-    assert _watermarks(consumer, "t", 0, timeout_s=5.0) == (3, 17)  # type: ignore[arg-type]
+    assert watermarks(consumer, "t", 0, timeout_s=5.0) == (3, 17)  # type: ignore[arg-type]
     assert consumer.calls == 3
 
 
 def test_another_error_is_raised_at_once() -> None:
     consumer = FlakyConsumer(KafkaError._AUTHENTICATION)
     with pytest.raises(KafkaException):
-        _watermarks(consumer, "t", 0, timeout_s=5.0)  # type: ignore[arg-type]
+        watermarks(consumer, "t", 0, timeout_s=5.0)  # type: ignore[arg-type]
     assert consumer.calls == 1
 
 
 def test_a_leader_that_never_comes_raises_after_the_timeout() -> None:
     consumer = FlakyConsumer(*[KafkaError.NOT_LEADER_FOR_PARTITION] * 100)
     with pytest.raises(KafkaException):
-        _watermarks(consumer, "t", 0, timeout_s=0.5)  # type: ignore[arg-type]
+        watermarks(consumer, "t", 0, timeout_s=0.5)  # type: ignore[arg-type]
     assert 1 < consumer.calls < 100

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from faust.types.enums import ProcessingGuarantee
 
 from streamrec.core.errors import SettingsError
 from streamrec.core.settings import CommonSettings, KafkaSettings, PathSettings, TopicSettings
-from streams.app import create_app
-from streams.faust_app import GaplessConsumer
+from streams.app import GroupStartOffsets, create_app
+from streams.faust_app import GaplessConsumer, revoke_fence
 from streams.joiner_app import create_joiner
 from streams.joiner_settings import JoinerSettings, JoinerTuning
 from streams.settings import StreamsSettings, StreamsTuning
@@ -235,3 +236,119 @@ def test_skipped_records_are_read_again_and_a_rewind_holds_until_its_record_come
 
     asyncio.run(main())
     gc.collect()
+
+
+class _HeldMessage:
+    """What Faust's wait reads of a message an agent holds: its partition and whether it is acked."""
+
+    def __init__(self, tp: TP) -> None:
+        self.tp = tp
+        self.acked = False
+        self.refcount = 1
+
+
+def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``GaplessConsumer.wait_empty`` (before a revoke): records acked in time end the wait with
+    no fence. Records still held at ``RevokeFence.wait_s`` fence the held records' partitions and
+    the assigned ones: the pipeline's pushers write and ack nothing more for them until they are
+    assigned again, and drop what they hold, which ends the wait; a record still in an agent's
+    hands is waited for (no agent is left in the middle of a batch). Without the fence, a worker
+    whose pushes stall outwaits the group's rebalance timeout and writes its stale states after
+    their next owner restored them."""
+    commits: list[str] = []
+
+    async def no_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
+        commits.append("commit")
+        return False
+
+    monkeypatch.setattr(GaplessConsumer, "commit", no_commit)
+    monkeypatch.setattr(GaplessConsumer, "commit_and_end_transactions", no_commit)
+
+    async def main() -> None:
+        settings = StreamsSettings(
+            paths=PathSettings(state_dir=tmp_path), streams=StreamsTuning(app_id="unit-worker", session_timeout_s=6.0)
+        )
+        worker = create_app(settings, sink=NoSink())
+        app, pipeline = worker.app, worker.pipeline
+        pipeline.start_offset = None  # no broker to ask
+        consumer: Any = app.consumer
+        fence = revoke_fence(app)
+        assert fence.wait_s == pytest.approx(3.0)  # half the rebalance timeout
+        fence.wait_s = 0.5
+        by_item, users = TP(settings.by_item_topic, 2), TP(settings.topics.interactions, 1)
+        monkeypatch.setattr(GaplessConsumer, "assignment", lambda self: {users})
+        loop = asyncio.get_running_loop()
+
+        in_time = _HeldMessage(by_item)
+        consumer._unacked_messages.add(in_time)
+        loop.call_later(0.1, lambda: setattr(in_time, "acked", True))
+        await asyncio.wait_for(consumer.wait_empty(), timeout=5)
+        assert pipeline.pusher("item_stats").fenced == set()
+
+        # held by a pusher (only referenced there: dropped at the fence), and by an agent's batch
+        held_by_pusher = [_HeldMessage(by_item)]
+        fence.listeners.append(lambda partitions: held_by_pusher.clear())
+        in_agent = _HeldMessage(users)
+        consumer._unacked_messages.update([held_by_pusher[0], in_agent])
+        waiting = asyncio.ensure_future(consumer.wait_empty())
+        while not pipeline.pusher("item_stats").fenced:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert held_by_pusher == []
+        assert not waiting.done()  # the agent's batch still holds a record
+        in_agent.acked = True  # its batch ends
+        await asyncio.wait_for(waiting, timeout=30)
+        assert pipeline.pusher("item_stats").fenced == {2}
+        assert pipeline.pusher("user_activity").fenced == {1}
+        await app.on_partitions_assigned.send({by_item})
+        assert pipeline.pusher("item_stats").fenced == set()
+        assert pipeline.pusher("user_activity").fenced == {1}
+
+    asyncio.run(main())
+    gc.collect()
+    assert commits  # the wait commits what is acked while it waits, as Faust's does
+
+
+class _SlowOffsets:
+    """A stand-in for ``KafkaOffsets``: each read blocks until ``release`` is set (a broker down)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.release, self.fail = threading.Event(), fail
+        self.reads: list[list[tuple[str, int]]] = []
+
+    def read(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+        self.reads.append(partitions)
+        self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("coordinator not available")
+        return {key: (40 + key[1], 100) for key in partitions}
+
+
+def test_start_offsets_are_read_once_per_assignment_and_an_agent_never_waits_past_its_bound() -> None:
+    """``GroupStartOffsets``: the partitions of an assignment are read in one call, started at the
+    assignment; an agent asking while the read hangs (a broker down) gets None after ``wait_s``
+    instead of holding its batch; a later assignment reads again; a failed read answers None."""
+
+    async def main() -> None:
+        offsets = _SlowOffsets()
+        starts = GroupStartOffsets(offsets, wait_s=0.2)  # type: ignore[arg-type]
+        starts.prefetch({("t", 0), ("t", 1)})
+        assert await starts("t", 0) is None  # the read still hangs: the agent goes on
+        offsets.release.set()
+        assert await starts("t", 1) == 41
+        await asyncio.sleep(0.05)
+        assert offsets.reads == [[("t", 0), ("t", 1)]]
+        starts.prefetch({("t", 0)})  # assigned again
+        assert await starts("t", 0) == 40
+        assert await starts("t", 2) == 42  # no prefetch (a record before the signal): read on demand
+        assert len(offsets.reads) == 3
+
+        failing = _SlowOffsets(fail=True)
+        failing.release.set()
+        starts = GroupStartOffsets(failing, wait_s=5.0)  # type: ignore[arg-type]
+        starts.prefetch({("t", 0)})
+        assert await starts("t", 0) is None
+
+    asyncio.run(main())

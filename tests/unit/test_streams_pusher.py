@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from streams.pusher import FeatureRow, ViewPusher
 from streams.windows import EntityState, WindowConfig, apply
@@ -87,3 +92,154 @@ def test_an_event_is_acked_only_once_its_changelog_record_is_delivered() -> None
     # the refused record failed the first cycle: nothing acked then; the retry wrote it again
     assert (table.saves, event.acked) == (2, 1)
     assert [row.entity_id for row in sink.rows] == ["u1", "u1"]
+
+
+class _RecordingTable(_RefusingOnceTable):
+    """Records every changelog record (key, partition); all delivered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, int]] = []
+
+    async def save(self, key: str, state: EntityState, partition: int) -> Any:
+        self.records.append((key, partition))
+        delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        delivered.set_result(None)
+        return delivered
+
+
+class _SlowSink(_Sink):
+    """A push that takes ``delay_s`` (an online store coming back), so a fence lands during it."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def push(self, view: str, rows: Sequence[FeatureRow]) -> None:
+        time.sleep(self.delay_s)
+        super().push(view, rows)
+
+
+def _event_of(partition: int) -> _Event:
+    event = _Event()
+    event.message = _Message()
+    event.message.partition = partition
+    return event
+
+
+def test_a_fenced_partition_gets_no_changelog_record_and_no_ack_until_it_is_assigned_again() -> None:
+    """``ViewPusher.fence`` (a revoke still waiting at its fence time): the cycle in flight acks nothing
+    and writes no further record; the fenced partition's held and new events are never acked and
+    its entities never written (their next owner reads them again); another partition's entities
+    go back for the next cycle; ``unfence`` lets writes resume."""
+    table, sink = _RecordingTable(), _SlowSink(delay_s=0.3)
+    state = EntityState()
+    apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+
+    async def main() -> None:
+        pusher = ViewPusher("item_stats", table, sink, lambda key, entity: FeatureRow(key, {}, entity.version_us))
+        in_flight = [_event_of(1), _event_of(2)]
+        pusher.hold("a", state, 1, in_flight[0])
+        pusher.hold("b", state, 2, in_flight[1])
+        await pusher.kick()
+        await asyncio.sleep(0.1)  # the cycle is in its (slow) push
+        assert sorted(table.records) == [("a", 1), ("b", 2)]
+        assert pusher.fence({1}) == 0  # nothing left outside the cycle
+        later = _event_of(1)
+        pusher.hold("c", state, 1, later)  # an agent's batch still running after the fence
+        assert pusher.mark_dirty([("d", state, 1)]) == 0
+        await asyncio.sleep(0.5)  # the cycle's push returns: fenced meanwhile, so no ack
+        assert [event.acked for event in in_flight] == [0, 0]
+        await pusher.kick()
+        await asyncio.wait_for(pusher.drain(), timeout=10)  # partition 2's entity was given back
+        assert later.acked == 0 and in_flight[0].acked == 0
+        assert in_flight[1].acked == 1
+        assert sorted(table.records) == [("a", 1), ("b", 2), ("b", 2)]
+        pusher.unfence({1})
+        again = _event_of(1)
+        pusher.hold("a", state, 1, again)
+        await pusher.kick()
+        await asyncio.wait_for(pusher.drain(), timeout=10)
+        assert again.acked == 1 and table.records[-1] == ("a", 1)
+
+    asyncio.run(main())
+
+
+def test_a_fence_frees_an_agent_waiting_for_room_while_the_push_waits_to_coalesce() -> None:
+    """An agent in ``kick``'s backpressure wait gets room when a fence drops the held events,
+    even though the push task it waits on was cancelled before its cycle began (in its coalescing
+    wait: no cycle ends, so no cycle notifies). It used to wait forever, and its unacked batch
+    held Faust's revoke for good (the broker fault tests' stalled worker)."""
+    table, sink = _RecordingTable(), _SlowSink(delay_s=0.0)
+    state = EntityState()
+    apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+
+    async def main() -> None:
+        pusher = ViewPusher(
+            "user_activity",
+            table,
+            sink,
+            lambda key, entity: FeatureRow(key, {}, entity.version_us),
+            max_pending=2,
+            min_interval_s=30.0,
+        )
+        pusher.hold("a", state, 1, _event_of(1))
+        await pusher.kick()
+        await asyncio.wait_for(pusher.drain(), timeout=10)  # the first cycle: the next one waits 30 s
+        pusher.hold("b", state, 1, _event_of(1))
+        pusher.hold("c", state, 1, _event_of(1))
+        agent = asyncio.ensure_future(pusher.kick())  # no room: waits for the push
+        await asyncio.sleep(0.2)
+        assert not agent.done()
+        assert pusher.fence({1}) == 2
+        await asyncio.wait_for(agent, timeout=5)
+        assert pusher.pending == 0
+
+    asyncio.run(main())
+
+
+class _RefusingTable(_RefusingOnceTable):
+    """Every changelog record is refused: each cycle fails and waits before the next."""
+
+    async def save(self, key: str, state: EntityState, partition: int) -> Any:
+        delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        delivered.set_exception(RuntimeError("NotEnoughReplicas"))
+        return delivered
+
+
+@pytest.mark.parametrize("when", ["in its push", "waiting to retry a failed cycle"])
+def test_a_cancelled_push_cycle_keeps_no_reference_to_the_fenced_events(when: str) -> None:
+    """A fenced partition's events in a cycle in flight are let go of entirely: Faust's revoke
+    waits until its unacked records are garbage (a weak set), and the cancelled push task kept
+    them alive through its CancelledError's traceback (the frame's ``held`` list), so the revoke
+    waited for good."""
+    if when == "in its push":
+        table, sink = _RecordingTable(), _SlowSink(delay_s=0.3)
+    else:
+        table, sink = _RefusingTable(), _SlowSink(delay_s=0.0)
+    state = EntityState()
+    apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+
+    async def main() -> None:
+        pusher = ViewPusher(
+            "user_activity",
+            table,
+            sink,
+            lambda key, entity: FeatureRow(key, {}, entity.version_us),
+            retry_max_s=5.0,
+        )
+        messages = []
+        for n in range(3):
+            event = _event_of(1)
+            messages.append(weakref.ref(event.message))
+            pusher.hold(f"u{n}", state, 1, event)
+        del event
+        await pusher.kick()
+        await asyncio.sleep(0.1)  # the cycle is in its (slow) push
+        pusher.fence({1})
+        await asyncio.sleep(0.5)
+        gc.collect()
+        assert pusher._task is not None and pusher._task.cancelled()
+        assert [ref() for ref in messages] == [None, None, None]
+
+    asyncio.run(main())
