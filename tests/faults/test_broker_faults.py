@@ -48,12 +48,16 @@ def run_with_a_broker_fault(stack: LocalStack, tmp_path: Path, fault: Callable[[
     try:
         worker.start()
         worker.wait_serving(90)
-        with RecommendLoad(api_port, threads=2) as load:
-            paced.start()
-            worker.wait_for_metric("streams_events_in_total", 500, timeout_s=60)
-            fault(stack.partition_leader_program(settings.topics.interactions, 0))
-            paced.assert_all_delivered(timeout_s=180)
-        assert_features_match(settings, frame, timeout_s=120)
+        try:
+            with RecommendLoad(api_port, threads=2) as load:
+                paced.start()
+                worker.wait_for_metric("streams_events_in_total", 500, timeout_s=60)
+                fault(stack.partition_leader_program(settings.topics.interactions, 0))
+                paced.assert_all_delivered(timeout_s=180)
+            assert_features_match(settings, frame, timeout_s=120)
+        except BaseException:
+            worker.dump_state()
+            raise
         assert worker.alive(), worker.log_tail(60)
         assert load.errors == [], load.errors[:5]
         assert load.unmarked_fallbacks == 0

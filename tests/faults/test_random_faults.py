@@ -135,7 +135,12 @@ def run_schedule(stack: LocalStack, tmp_path: Path, plan: list[tuple[float, str]
             for thread in threads:
                 thread.join(timeout=120)
             paced.assert_all_delivered(timeout_s=240)
-        assert_features_match(streams, frame, timeout_s=180)
+        try:
+            assert_features_match(streams, frame, timeout_s=180)
+        except BaseException:
+            for worker in workers:  # each live worker logs its asyncio tasks (what waits, on what)
+                worker.dump_state()
+            raise
         assert load.errors == [], load.errors[:5]
         assert load.unmarked_fallbacks == 0
         for worker in workers:

@@ -169,6 +169,17 @@ class WorkerProcess:
             time.sleep(0.05)
         raise TimeoutError(f"{name} did not reach {at_least} within {timeout_s}s; see {self.log_path}")
 
+    def dump_state(self) -> None:
+        """For a failing test: the worker logs its asyncio tasks (SIGUSR2: what waits, on what),
+        and its /metrics go to ``<log>.metrics`` beside its log."""
+        if not self.alive() or self.process is None:
+            return
+        text = self.metrics_text()
+        if text is not None:
+            self.log_path.with_suffix(".metrics").write_text(text)
+        os.kill(self.process.pid, signal.SIGUSR2)
+        time.sleep(2)
+
     def kill(self) -> None:
         """SIGKILL the whole process group: no shutdown hooks, no final commit."""
         if self.process is not None and self.alive():
