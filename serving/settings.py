@@ -83,6 +83,14 @@ class ModelServerSection(ProcessTuning):
     # next to them. Raise them for a big model on a machine of its own.
     tf_intra_op_threads: int = Field(default=1, ge=0)
     tf_inter_op_threads: int = Field(default=1, ge=0)
+    # Request batching in the local model server (TF Serving's --enable_batching and its
+    # batching parameters): concurrent Predicts of one signature are merged into one model call
+    # of at most ``max_batch_size`` rows; ``batch_timeout_micros`` 0 merges only what queued behind
+    # a running call (a lone request never waits). See docs/design/serving.md#request-batching.
+    enable_batching: bool = True
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_timeout_micros: int = Field(default=0, ge=0)
+    pad_variable_length_inputs: bool = True
     # Prometheus /metrics of the local model server (``serving.model_server.metrics``); 0: off.
     metrics_port: int = Field(default=0, ge=0, le=65535)
 

@@ -100,6 +100,25 @@ def model_server_command(
             help=_help("Threads one TF op may use (0: one per core).", "tf_intra_op_threads"),
         ),
     ] = None,
+    enable_batching: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable_batching/--noenable_batching",
+            help=_help("Merge concurrent Predicts into one model call.", "enable_batching"),
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option("--max_batch_size", help=_help("Rows in one batched model call.", "max_batch_size"), min=1),
+    ] = None,
+    batch_timeout_micros: Annotated[
+        int | None,
+        typer.Option(
+            "--batch_timeout_micros",
+            help=_help("How long a batch waits to fill (0: only what queued).", "batch_timeout_micros"),
+            min=0,
+        ),
+    ] = None,
     tensorflow_inter_op_parallelism: Annotated[
         int | None,
         typer.Option(
@@ -109,6 +128,7 @@ def model_server_command(
     ] = None,
 ) -> None:
     """Serve SavedModels over TF Serving's gRPC API (PredictionService, ModelService, health)."""
+    from serving.model_server.batching import BatchingOptions
     from serving.model_server.core import CoreOptions
     from serving.model_server.metrics import serve as serve_metrics
     from serving.model_server.server import ModelServer, ServerOptions
@@ -154,6 +174,12 @@ def model_server_command(
             ),
             allow_version_labels_for_unavailable_models=_pick(
                 allow_version_labels_for_unavailable_models, section.allow_version_labels_for_unavailable_models
+            ),
+            batching=BatchingOptions(
+                enabled=_pick(enable_batching, section.enable_batching),
+                max_batch_size=_pick(max_batch_size, section.max_batch_size),
+                batch_timeout_micros=_pick(batch_timeout_micros, section.batch_timeout_micros),
+                pad_variable_length_inputs=section.pad_variable_length_inputs,
             ),
         ),
     )

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.model_server.batching import BatchingOptions
 from serving.model_server.manager import ModelManager, State
 from serving.protocol.errors import FailedPrecondition, NotFound
 from serving.protocol.models_config import validate_config
@@ -40,6 +41,8 @@ class CoreOptions:
     allow_version_labels_for_unavailable_models: bool = False
     # How long the first config waits for its models' first versions (TF Serving waits forever).
     initial_load_timeout_s: float = 600.0
+    # TF Serving's --enable_batching and its batching parameters (``batching``)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
 
 
 class ServerCore:
@@ -86,6 +89,7 @@ class ServerCore:
                         unload_executor=self._unload_pool,
                         max_num_load_retries=self.options.max_num_load_retries,
                         load_retry_interval_s=self.options.load_retry_interval_s,
+                        batching=self.options.batching,
                     )
                     self._models[name] = manager
                     new_models.append(manager)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.model_server.batching import BatchingOptions
 from serving.model_server.versions import LoadedVersion, LoadError
 from serving.protocol.errors import InvalidArgument, NotFound
 
@@ -67,8 +68,10 @@ class ModelManager:
         unload_executor: Executor,
         max_num_load_retries: int = 5,
         load_retry_interval_s: float = 60.0,
+        batching: BatchingOptions | None = None,
     ) -> None:
         self.name = config.name
+        self._batching = batching
         self._config = model_server_config_pb2.ModelConfig()
         self._config.CopyFrom(config)
         self._load_executor = load_executor
@@ -175,7 +178,7 @@ class ModelManager:
     def _load(self, record: VersionRecord) -> None:
         attempts = self._max_retries + 1
         for attempt in range(1, attempts + 1):
-            loaded = LoadedVersion(self.name, record.version, record.path)
+            loaded = LoadedVersion(self.name, record.version, record.path, self._batching)
             try:
                 try:
                     loaded.load()

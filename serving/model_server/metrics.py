@@ -2,7 +2,9 @@
 
 * ``streamrec_model_server_request_seconds{method}``: time inside a servicer (model lookup,
   inference, response), by RPC method, buckets dense below the API's 100 ms Predict budget;
-* ``streamrec_model_server_errors_total{method,code}``: RPCs answered with a gRPC error.
+* ``streamrec_model_server_errors_total{method,code}``: RPCs answered with a gRPC error;
+* ``streamrec_model_server_batch_requests``: requests merged into one model call (request
+  batching, ``serving.model_server.batching``).
 
 TF Serving exports its own series (``:tensorflow:serving:request_count`` and friends, through
 ``--monitoring_config_file``); the compose stack scrapes those. These are the local server's.
@@ -17,6 +19,11 @@ REQUEST_SECONDS = Histogram(
     "Time inside the servicer, by RPC method.",
     ("method",),
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+BATCH_REQUESTS = Histogram(
+    "streamrec_model_server_batch_requests",
+    "Predict requests merged into one model call (request batching).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
 ERRORS = Counter("streamrec_model_server_errors_total", "RPCs answered with a gRPC error.", ("method", "code"))
 

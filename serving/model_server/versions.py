@@ -16,6 +16,7 @@ requests already running on it to finish, as TF Serving's servable handles do.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from tensorflow.python.eager import context
 from tensorflow.python.framework import ops
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from serving.model_server.batching import BatchingOptions, SignatureBatcher, batchable, fixed_trailing_dims
 from serving.protocol.errors import FailedPrecondition, InvalidArgument, ModelServerError
 from serving.protocol.tensors import DTYPE_NAMES, fill_tensor_proto, to_ndarray
 
@@ -82,10 +84,17 @@ class Signature:
     inputs: dict[str, tf.TensorSpec]
     outputs: tuple[str, ...]
     flat_order: tuple[str, ...] | None = None
+    # each output's static shape (None: unknown), for request batching (``batching.batchable``)
+    output_shapes: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, _InputCheck] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checks", {alias: _input_check(spec) for alias, spec in self.inputs.items()})
+
+    @property
+    def batchable(self) -> bool:
+        shapes = {alias: check.dims for alias, check in self.checks.items()}
+        return bool(self.output_shapes) and batchable(shapes, self.output_shapes)
 
     def __call__(self, tensors: dict[str, tf.Tensor]) -> Any:
         if self.flat_order is None:
@@ -119,10 +128,13 @@ def _flat_order(function: Any, inputs: dict[str, tf.TensorSpec]) -> tuple[str, .
 
 
 class LoadedVersion:
-    def __init__(self, model_name: str, version: int, path: Path) -> None:
+    def __init__(self, model_name: str, version: int, path: Path, batching: BatchingOptions | None = None) -> None:
         self.model_name = model_name
         self.version = version
         self.path = path
+        self.batching = batching or BatchingOptions()
+        self._batchers: dict[tuple[str, tuple[str, ...]], SignatureBatcher] = {}
+        self._batchers_lock = threading.Lock()
         self._model: Any = None
         self.signatures: dict[str, Signature] = {}
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {}
@@ -142,6 +154,9 @@ class LoadedVersion:
                     inputs=dict(input_specs),
                     outputs=tuple(sorted(function.structured_outputs)),
                     flat_order=_flat_order(function, dict(input_specs)),
+                    output_shapes={
+                        alias: getattr(value, "shape", None) for alias, value in function.structured_outputs.items()
+                    },
                 )
         except LoadError:
             raise
@@ -180,6 +195,7 @@ class LoadedVersion:
 
     def unload(self) -> None:
         self.signatures = {}
+        self._batchers = {}
         self._model = None
 
     # -- in-flight accounting ----------------------------------------------------------------
@@ -225,6 +241,14 @@ class LoadedVersion:
                     f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
                     f"{{{','.join(signature.outputs)}}}."
                 )
+        wanted = tuple(output_filter) or signature.outputs
+        if self.batching.enabled and signature.batchable:
+            return self._batcher(name, signature, wanted).run(dict(inputs))
+        return self._call(name, signature, inputs, wanted)
+
+    def _call(
+        self, name: str, signature: Signature, inputs: Mapping[str, np.ndarray], wanted: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
         checks = signature.checks
         tensors = {alias: to_eager_tensor(value, checks[alias].dtype_enum) for alias, value in inputs.items()}
         try:
@@ -234,8 +258,23 @@ class LoadedVersion:
         except tf.errors.OpError as exc:
             error = ModelServerError(f"signature {name} of version {self.version} failed: {exc.message}")
             raise error from exc
-        wanted = output_filter or signature.outputs
         return {alias: results[alias].numpy() for alias in wanted}
+
+    def _batcher(self, name: str, signature: Signature, wanted: tuple[str, ...]) -> SignatureBatcher:
+        key = (name, wanted)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            with self._batchers_lock:
+                batcher = self._batchers.get(key)
+                if batcher is None:
+                    outputs = {alias: signature.output_shapes.get(alias) for alias in wanted}
+                    batcher = SignatureBatcher(
+                        functools.partial(self._call, name, signature, wanted=wanted),
+                        self.batching,
+                        pad=fixed_trailing_dims(outputs),
+                    )
+                    self._batchers[key] = batcher
+        return batcher
 
 
 def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> None:

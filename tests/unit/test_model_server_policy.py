@@ -24,7 +24,7 @@ BROKEN: set[int] = set()
 
 
 class FakeLoadedVersion:
-    def __init__(self, model_name: str, version: int, path: Path) -> None:
+    def __init__(self, model_name: str, version: int, path: Path, batching: object = None) -> None:
         self.model_name, self.version, self.path = model_name, version, path
         self.in_flight = 0
 
