@@ -86,8 +86,10 @@ class ModelServerSection(ProcessTuning):
     # Request batching in the local model server (TF Serving's --enable_batching and its
     # batching parameters): concurrent Predicts of one signature are merged into one model call
     # of at most ``max_batch_size`` rows; ``batch_timeout_micros`` 0 merges only what queued behind
-    # a running call (a lone request never waits). See docs/design/serving.md#request-batching.
-    enable_batching: bool = True
+    # a running call (a lone request never waits). Off by default, as in TF Serving: with a
+    # small model a call's cost is mostly per request, so merging saved nothing here
+    # (docs/design/serving.md#request-batching).
+    enable_batching: bool = False
     max_batch_size: int = Field(default=32, ge=1)
     batch_timeout_micros: int = Field(default=0, ge=0)
     pad_variable_length_inputs: bool = True

@@ -36,7 +36,7 @@ Arrays = dict[str, np.ndarray]
 class BatchingOptions:
     """TF Serving's ``--enable_batching`` and the batching parameters the local server honours."""
 
-    enabled: bool = True  # the project's default (TF Serving's is off): see serving.settings
+    enabled: bool = False  # as TF Serving's default and serving.settings
     max_batch_size: int = 32  # rows in one model call
     batch_timeout_micros: int = 0  # how long a call waits for more requests before it runs
     pad_variable_length_inputs: bool = True
