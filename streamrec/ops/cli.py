@@ -339,6 +339,14 @@ def demo_command(
     visits: Annotated[int, typer.Option(help="held-out visits to simulate (more = longer, clearer A/B)")] = 7200,
     rate: Annotated[float, typer.Option(help="visits per second")] = 30.0,
     history_fraction: Annotated[float, typer.Option(help="share of the dataset (by time) used as history")] = 0.5,
+    bootstrap_share: Annotated[
+        float,
+        typer.Option(
+            help="share of the history the bootstrap (stable) model learns; the online trainer starts there",
+            min=0.01,
+            max=1.0,
+        ),
+    ] = 0.7,
     canary_share: Annotated[float, typer.Option(help="share of users in the canary arm")] = 0.8,
     trainer_interval: Annotated[float, typer.Option(help="seconds between trainer candidates")] = 40.0,
     keep_running: Annotated[bool, typer.Option(help="leave the stack up at the end")] = False,
@@ -357,6 +365,7 @@ def demo_command(
     import json
     from typing import get_args
 
+    from serving.rollout.decision_log import applied_decisions
     from streamrec.core.exploration import ExplorationPolicy
     from streamrec.ops.demo import DemoOptions, run
 
@@ -368,6 +377,7 @@ def demo_command(
             visits=visits,
             rate=rate,
             history_fraction=history_fraction,
+            bootstrap_share=bootstrap_share,
             canary_share=canary_share,
             trainer_interval_s=trainer_interval,
             keep_running=keep_running,
@@ -381,6 +391,15 @@ def demo_command(
     width = max(map(len, figures), default=0)
     for key, value in figures.items():
         typer.echo(f"  {key:{width}} {value}")
+    decisions = applied_decisions(page.parent.parent / "evaluator" / "decisions.jsonl")
+    typer.secho("decisions", bold=True)
+    for decision in decisions:
+        typer.echo(
+            f"  {decision['time']}  {decision['action']} of version {decision['canary_version']} "
+            f"(stable {decision['stable_version']}): {decision['reason']}"
+        )
+    if not decisions:
+        typer.echo("  none: the evaluator's evidence did not reach its bound within these visits")
     typer.echo(f"report: {page}")
 
 

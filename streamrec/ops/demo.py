@@ -47,6 +47,11 @@ from streamrec.ops.stack.ports import free_port_block, free_ports
 class DemoOptions:
     dataset: str = "ml-100k"  # a preset, a description (.toml) or a log file
     history_fraction: float = 0.5
+    # The share of the history the bootstrap model (stable) learns. The online trainer starts
+    # there, so its first candidates also know the rest of the history, which stable never saw:
+    # the evaluator has a real difference to find within the demo's visits, and the loop's first
+    # decision comes in minutes (docs/design/ops.md#demo-bootstrap-share). 1.0: stable knows it all.
+    bootstrap_share: float = 0.7
     visits: int = 7200
     rate: float = 30.0
     # Users whose lists include the canary line's picks (team-draft interleaved with stable's): most
@@ -266,12 +271,20 @@ def run(options: DemoOptions) -> Path:
         interactions = dataset.interactions
         history_rows = int(len(interactions) * options.history_fraction)
         history = interactions.head(history_rows)
-        until = history["event_time"].iloc[-1].to_pydatetime()
+        bootstrap_rows = max(1, int(history_rows * options.bootstrap_share))
+        until = history["event_time"].iloc[bootstrap_rows - 1].to_pydatetime()
         typer.secho(
-            f"2/6 feature worker; replaying {history_rows:,} history events (up to {until:%Y-%m-%d})", bold=True
+            f"2/6 feature worker; replaying {history_rows:,} history events (up to "
+            f"{history['event_time'].iloc[-1]:%Y-%m-%d}; stable learns the first {bootstrap_rows:,})",
+            bold=True,
         )
         stack.start("streams")
-        report = replay(history, load(ReplaySettings))
+        replay_settings = load(ReplaySettings)
+        report = replay(history.head(bootstrap_rows), replay_settings)
+        # where the online trainer starts: the history stable does not know comes first
+        trainer_start = end_offsets(replay_settings, replay_settings.topics.interactions)
+        if bootstrap_rows < history_rows:
+            report = report.plus(replay(history.iloc[bootstrap_rows:], replay_settings))
         typer.echo(f"    {report.summary()}")
         streams = load(StreamsSettings)
         # The most active users of the history: their features move the most while it streams in.
@@ -300,12 +313,13 @@ def run(options: DemoOptions) -> Path:
                 RankerLine(trainer_settings, dataset.schema, ranking_client).resume()
             typer.echo("    ranking model version 1 (the retrieval order until it learns from labeled examples)")
 
-        typer.secho("4/6 joiner, API, online trainer (from the end of history), evaluator", bold=True)
+        typer.secho(
+            f"4/6 joiner, API, online trainer (from history event {bootstrap_rows:,}, where stable's knowledge "
+            "ends), evaluator",
+            bold=True,
+        )
         commit_group_offsets(
-            trainer_settings,
-            trainer_settings.trainer.group_id,
-            end_offsets(trainer_settings, trainer_settings.topics.interactions),
-            trainer_settings.topics.interactions,
+            trainer_settings, trainer_settings.trainer.group_id, trainer_start, trainer_settings.topics.interactions
         )
         for name in ("joiner", "api", "trainer", "evaluator", "skew"):
             stack.start(name)

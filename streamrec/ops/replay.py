@@ -40,6 +40,16 @@ class ReplayReport:
     def events_per_s(self) -> float:
         return self.delivered / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def plus(self, other: ReplayReport) -> ReplayReport:
+        """Two replays, one after the other, as one report."""
+        return ReplayReport(
+            produced=self.produced + other.produced,
+            delivered=self.delivered + other.delivered,
+            failed=self.failed + other.failed,
+            elapsed_s=self.elapsed_s + other.elapsed_s,
+            errors=self.errors + other.errors,
+        )
+
     def summary(self) -> str:
         text = (
             f"delivered {self.delivered:,} of {self.produced:,} events, failed {self.failed:,}, "
