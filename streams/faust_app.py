@@ -114,6 +114,11 @@ REVOKE_FENCES = Counter(
     "faust_consumer_revoke_fences_total",
     "Revokes (or stops) whose records were still held at the RevokeFence time, so their partitions were fenced.",
 )
+REVOKE_WAITS_ENDED = Counter(
+    "faust_consumer_revoke_waits_ended_total",
+    "Fenced revokes (or stops) that stopped waiting for records still held a whole fence time after the fence; "
+    "those records stay uncommitted and are read again.",
+)
 
 
 @dataclass
@@ -142,6 +147,13 @@ class RevokeFence:
 
     wait_s: float
     listeners: list[Callable[[set[TP]], None]] = field(default_factory=list)
+    # how long after the fence a revoke still waits for held records (None: ``wait_s`` again,
+    # so the rebalance timeout in all)
+    give_up_after_s: float | None = None
+
+    @property
+    def give_up_s(self) -> float:
+        return self.wait_s if self.give_up_after_s is None else self.give_up_after_s
 
     def notify(self, partitions: set[TP]) -> None:
         for listener in self.listeners:
@@ -206,11 +218,17 @@ class GaplessConsumer(aiokafka_driver.Consumer):
         stop), committing meanwhile. Past the transport's :class:`RevokeFence` time the partitions
         with records still held, and all assigned ones, are fenced: their listeners drop what
         they hold, unacked (so uncommitted), which ends the wait once agents finish the batches
-        in their hands. The wait itself stays unbounded, as Faust's: an agent is never left in the
-        middle of a batch when the partitions move."""
+        in their hands, so an agent is not left in the middle of a batch when the partitions move.
+
+        A record still held ``RevokeFence.give_up_s`` after the fence (by default the rebalance
+        timeout since the revoke began, after which the group has moved on anyway) is not waited for: it
+        stays unacked and uncommitted, so it is read again, and its holders are logged. Seen with
+        records left in Faust's ``take_events`` buffer, which kept the revoke, and the worker,
+        waiting for good (docs/design/streams.md#revoke-fence)."""
         fence: RevokeFence | None = getattr(self.transport, "revoke_fence", None)
         fence_at = time.monotonic() + fence.wait_s if fence is not None else None
-        fenced_at: float | None = None
+        fenced_at: float | None = None  # reset once the holders are logged
+        fence_time: float | None = None
         while not self.should_stop and self._unacked_messages:
             await self.commit()
             gc.collect()  # records dropped unacked leave the weak set once collected
@@ -228,9 +246,25 @@ class GaplessConsumer(aiokafka_driver.Consumer):
                         _HOLDERS_LOG_AFTER_S,
                         describe_holders(message),
                     )
+            if fence is not None and fence_time is not None and time.monotonic() - fence_time >= fence.give_up_s:
+                held = list(self._unacked_messages)
+                log.error(
+                    "%d records still held %.1fs after the fence (first: %s[%d]@%d, held by: %s); the revoke "
+                    "stops waiting for them: they stay uncommitted and are read again",
+                    len(held),
+                    time.monotonic() - fence_time,
+                    held[0].tp.topic,
+                    held[0].tp.partition,
+                    held[0].offset,
+                    describe_holders(held[0]),
+                )
+                REVOKE_WAITS_ENDED.inc()
+                for message in held:  # not waited for again at the next revoke
+                    self._unacked_messages.discard(message)
+                break
             if fence_at is not None and fence is not None and time.monotonic() >= fence_at:
                 fence_at = None
-                fenced_at = time.monotonic()
+                fenced_at = fence_time = time.monotonic()
                 partitions = {message.tp for message in self._unacked_messages} | set(self.assignment())
                 log.warning(
                     "%d records still held after %.1fs; fencing %d partitions (their next owner reads the "

@@ -19,7 +19,7 @@ from faust.types.enums import ProcessingGuarantee
 from streamrec.core.errors import SettingsError
 from streamrec.core.settings import CommonSettings, KafkaSettings, PathSettings, TopicSettings
 from streams.app import GroupStartOffsets, create_app
-from streams.faust_app import GaplessConsumer, revoke_fence
+from streams.faust_app import REVOKE_WAITS_ENDED, GaplessConsumer, revoke_fence
 from streams.joiner_app import create_joiner
 from streams.joiner_settings import JoinerSettings, JoinerTuning
 from streams.settings import StreamsSettings, StreamsTuning
@@ -243,6 +243,7 @@ class _HeldMessage:
 
     def __init__(self, tp: TP) -> None:
         self.tp = tp
+        self.offset = 7
         self.acked = False
         self.refcount = 1
 
@@ -275,8 +276,8 @@ def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
         pipeline.start_offset = None  # no broker to ask
         consumer: Any = app.consumer
         fence = revoke_fence(app)
-        assert fence.wait_s == pytest.approx(3.0)  # half the rebalance timeout
-        fence.wait_s = 0.5
+        assert fence.wait_s == pytest.approx(3.0) == fence.give_up_s  # half the rebalance timeout
+        fence.wait_s, fence.give_up_after_s = 0.5, 60.0
         by_item, users = TP(settings.by_item_topic, 2), TP(settings.topics.interactions, 1)
         monkeypatch.setattr(GaplessConsumer, "assignment", lambda self: {users})
         loop = asyncio.get_running_loop()
@@ -305,6 +306,16 @@ def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
         await app.on_partitions_assigned.send({by_item})
         assert pipeline.pusher("item_stats").fenced == set()
         assert pipeline.pusher("user_activity").fenced == {1}
+
+        # a record held for good (seen in Faust's take buffer): the wait ends give_up_s after the
+        # fence, the record unacked (so uncommitted) and not waited for at the next revoke
+        fence.give_up_after_s = 0.3
+        stuck = _HeldMessage(users)
+        consumer._unacked_messages.add(stuck)
+        ended_before = REVOKE_WAITS_ENDED._value.get()
+        await asyncio.wait_for(consumer.wait_empty(), timeout=30)
+        assert not stuck.acked and stuck not in consumer._unacked_messages
+        assert REVOKE_WAITS_ENDED._value.get() == ended_before + 1
 
     asyncio.run(main())
     gc.collect()
