@@ -36,9 +36,8 @@ def trace_train_step(
 
     Why: a model object pays seconds of tracing the first time it trains. The online trainer
     alternates between two objects, so a new trainer process used to pay that twice, inside its
-    first two intervals, where it delays the versions it publishes. Give ``examples`` more rows
-    than a batch: the full batch and the short last one are both traced (``reduce_retracing``
-    then serves every later batch size from the second trace).
+    first two intervals, where it delays the versions it publishes. The step's signature leaves
+    the batch and catalog sizes unknown, so this one trace serves every later interval.
     """
     if examples.empty:
         return
@@ -122,12 +121,23 @@ def _apply_step(
     return loss, gradient_norm(gradients)
 
 
-def _train_step(model: TwoTowerModel) -> Any:
+def _first_dim_unknown(structure: Any) -> Any:
+    """``structure``'s tensors (or specs) as specs whose first dimension is unknown, the rest kept."""
+    return tf.nest.map_structure(lambda tensor: tf.TensorSpec([None, *tensor.shape[1:]], tensor.dtype), structure)
+
+
+def _train_step(model: TwoTowerModel, batch: dict[str, tf.Tensor], catalog: tuple[Any, ...]) -> Any:
+    """``model``'s compiled training step, traced once for any batch size and any catalog size.
+
+    The signature leaves both sizes unknown: a last short batch, and a catalog grown by an
+    interval's new items, would each trace the step again (seconds inside an interval)."""
     step = getattr(model, "_compiled_train_step", None)
     if step is not None:
         return step
 
-    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]  # tf.function has no type hints
+    signature = [_first_dim_unknown(batch), _first_dim_unknown(catalog)]
+
+    @tf.function(input_signature=signature)  # type: ignore[untyped-decorator]  # tf.function has no type hints
     def train_step(batch: dict[str, tf.Tensor], catalog: tuple[Any, ...]) -> tuple[tf.Tensor, tf.Tensor]:
         return _apply_step(model, batch, catalog, None)
 
@@ -194,8 +204,8 @@ def train(
         shuffled = {name: values[permutation] for name, values in arrays.items()}
         return tf.data.Dataset.from_tensor_slices(shuffled).batch(model.config.batch_size).prefetch(2)
 
-    step = _train_step(model)
     catalog = _catalog_argument(model)
+    step = _train_step(model, {name: tf.constant(values[:1]) for name, values in arrays.items()}, catalog)
     steps_per_epoch = math.ceil(n / model.config.batch_size)
     losses: list[float] = []
     norm_sum, norm_max = tf.constant(0.0), tf.constant(0.0)  # NaN propagates through both

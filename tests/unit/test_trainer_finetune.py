@@ -134,18 +134,21 @@ def test_training_pair_traces_both_objects_before_the_first_interval() -> None:
     assert serving is not spare and serving.config == spare.config and serving.config.full_catalog
     # the warm-up changed nothing: same weights and Adam state as the model loaded from disk
     for model in (serving, spare):
-        assert model._compiled_train_step.experimental_get_tracing_count() == 2  # full and short batch
+        assert model._compiled_train_step.experimental_get_tracing_count() == 1  # any batch size
         assert int(model.optimizer.iterations) == int(loaded.optimizer.iterations)
         for name, value in weights_by_path(loaded).items():
             np.testing.assert_array_equal(weights_by_path(model)[name], value)
         for saved, now in zip(optimizer_state(loaded), optimizer_state(model), strict=True):
             np.testing.assert_array_equal(saved, now)
-    # two intervals, alternating as the trainer does: both objects are reused and none traces again
+    # three intervals, alternating as the trainer does, the last two with new items in the catalog:
+    # both objects are reused and neither traces again
     plan = plan_interval(_examples(30, first=50), deferred=empty_examples(SCHEMA), replay=replay, tuning=tuning, seed=0)
     first, _ = finetune(serving, plan, tuning, reuse=spare)
-    second, _ = finetune(first, plan, tuning, reuse=serving)
-    assert first is spare and second is serving
-    assert [m._compiled_train_step.experimental_get_tracing_count() for m in (serving, spare)] == [2, 2]
+    grown = catalog.with_new_items([str(i) for i in range(60, 80)], [{"genre": "comedy"}] * 20)
+    second, _ = finetune(first, plan, tuning, reuse=serving, catalog=grown)
+    third, _ = finetune(second, plan, tuning, reuse=spare, catalog=grown.with_new_items(["80"], [{"genre": "noir"}]))
+    assert first is spare and second is serving and third is spare and len(third.catalog) == 81
+    assert [m._compiled_train_step.experimental_get_tracing_count() for m in (serving, spare)] == [1, 1]
 
 
 def test_full_catalog_loss_matches_hand_computation() -> None:
