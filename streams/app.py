@@ -323,18 +323,25 @@ def create_app(
         start_offset=start_offsets,
     )
 
-    # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares.
+    # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares. An
+    # agent lets go of its batch before it yields: the loop variable would otherwise keep the
+    # batch's records referenced while the agent waits for the next one, and a fenced revoke
+    # waits until the records it dropped unacked are referenced no more (RevokeFence).
     async def ingest(stream: faust.StreamT[bytes]) -> AsyncIterator[BatchReport]:
         async for events in cast(Stream[bytes], stream).take_events(
             tuning.push_batch_size, within=tuning.push_max_wait_s
         ):
-            yield await pipeline.ingest_batch(events)
+            report = await pipeline.ingest_batch(events)
+            del events
+            yield report
 
     async def item_stats(stream: faust.StreamT[bytes]) -> AsyncIterator[BatchReport]:
         async for events in cast(Stream[bytes], stream).take_events(
             tuning.push_batch_size, within=tuning.push_max_wait_s
         ):
-            yield await pipeline.item_batch(events)
+            report = await pipeline.item_batch(events)
+            del events
+            yield report
 
     ingest_agent = app.agent(interactions, name="streams.ingest")(ingest)
     item_agent = app.agent(by_item, name="streams.item_stats")(item_stats)

@@ -221,10 +221,10 @@ class GaplessConsumer(aiokafka_driver.Consumer):
         in their hands, so an agent is not left in the middle of a batch when the partitions move.
 
         A record still held ``RevokeFence.give_up_s`` after the fence (by default the rebalance
-        timeout since the revoke began, after which the group has moved on anyway) is not waited for: it
-        stays unacked and uncommitted, so it is read again, and its holders are logged. Seen with
-        records left in Faust's ``take_events`` buffer, which kept the revoke, and the worker,
-        waiting for good (docs/design/streams.md#revoke-fence)."""
+        timeout since the revoke began, after which the group has moved on anyway) is not waited
+        for: it stays unacked and uncommitted, so it is read again, and its holders are logged.
+        Holders inside Faust (its fetcher's last records) otherwise kept the revoke, and the
+        worker, waiting for good (docs/design/streams.md#revoke-fence)."""
         fence: RevokeFence | None = getattr(self.transport, "revoke_fence", None)
         fence_at = time.monotonic() + fence.wait_s if fence is not None else None
         fenced_at: float | None = None  # reset once the holders are logged

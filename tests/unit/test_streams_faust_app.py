@@ -6,7 +6,8 @@ import asyncio
 import functools
 import gc
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,48 @@ def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
     asyncio.run(main())
     gc.collect()
     assert commits  # the wait commits what is acked while it waits, as Faust's does
+
+
+class _Record:
+    """Stands in for a Faust event in an agent's batch (weakly referenceable)."""
+
+
+def test_an_agent_keeps_no_reference_to_its_batch_while_it_waits_for_the_next(tmp_path: Path) -> None:
+    """The worker's agents let go of a batch before they yield its report: a record the fence
+    dropped unacked is then referenced by nothing of ours while the agent waits for the next
+    batch (which never comes during a revoke), so the fenced revoke's wait can end."""
+
+    class _OneBatch:
+        def __init__(self, batch: list[_Record]) -> None:
+            self.batch = batch
+
+        async def take_events(self, max_: int, within: float) -> AsyncIterator[list[_Record]]:
+            yield self.batch
+            self.batch = []
+            await asyncio.Event().wait()  # no next batch: a revoke paused the consumer
+
+    async def main() -> None:
+        worker = create_app(StreamsSettings(paths=PathSettings(state_dir=tmp_path)), sink=NoSink())
+
+        async def report(events: list[_Record]) -> str:
+            return f"{len(events)} events"
+
+        worker.pipeline.ingest_batch = report  # type: ignore[method-assign]
+        worker.pipeline.item_batch = report  # type: ignore[method-assign]
+        for agent in (worker.ingest, worker.item_stats):
+            record = _Record()
+            source = _OneBatch([record])
+            held = weakref.ref(record)
+            del record
+            reports = agent.fun(source)
+            assert await reports.__anext__() == "1 events"
+            waiting = asyncio.ensure_future(reports.__anext__())  # as Faust asks for the next report
+            await asyncio.sleep(0.05)
+            gc.collect()
+            assert not waiting.done() and held() is None
+            waiting.cancel()
+
+    asyncio.run(main())
 
 
 class _SlowOffsets:
