@@ -36,6 +36,10 @@ class FaustAppTuning(Section):
     # streams.worker_group): process n serves metrics on metrics_port + n, keeps its state in
     # ``<state dir>/worker-<n>`` (n > 0) and names its Kafka client ``<client_id>-<n>``.
     worker_index: int = Field(default=0, ge=0, le=255)
+    # The watchdog exits the process (its supervisor restarts it) when a record the app's Kafka
+    # producer holds has gone unconfirmed this long: the idempotent producer retries forever, and
+    # after a broker restart it was seen holding a batch it never sent again (streams.watchdog).
+    producer_stall_s: float = Field(default=60.0, gt=0)
 
     def resolved_state_dir(self, paths: PathSettings, default_name: str) -> Path:
         base = self.state_dir or paths.state_dir / default_name

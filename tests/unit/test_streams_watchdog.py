@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -63,8 +64,48 @@ def test_install_starts_the_watch_in_a_thread_when_the_worker_starts(monkeypatch
             return function
 
     exited = threading.Event()
-    monkeypatch.setattr(watchdog, "_exit_process", exited.set)
+    monkeypatch.setattr(watchdog, "exit_for_restart", exited.set)
     watchdog.install(App(), interval_s=0.01, grace_s=0.0)  # type: ignore[arg-type]
     assert len(tasks) == 1 and not exited.is_set()  # nothing runs until the worker starts
     asyncio.run(tasks[0]())
     assert exited.wait(timeout=30)
+
+
+def _producer_holding(*created_at: float) -> SimpleNamespace:
+    """A Faust producer whose aiokafka accumulator holds batches created at these monotonic times."""
+    batches = [SimpleNamespace(_ctime=at) for at in created_at]
+    accumulator = SimpleNamespace(_pending_batches=batches[:1], _batches={"tp": deque(batches[1:])})
+    return service(False, buffer=service(False), _producer=SimpleNamespace(_message_accumulator=accumulator))
+
+
+def test_stalled_sends_names_a_producer_holding_a_record_past_the_stall_limit() -> None:
+    idle = SimpleNamespace(producer=service(False, buffer=service(False)))  # no Kafka producer yet
+    assert watchdog.stalled_sends(idle, stall_s=60.0, now=1000.0) == []  # type: ignore[arg-type]
+    empty = SimpleNamespace(producer=_producer_holding())
+    assert watchdog.stalled_sends(empty, stall_s=60.0, now=1000.0) == []  # type: ignore[arg-type]
+    busy = SimpleNamespace(producer=_producer_holding(990.0, 995.0))
+    assert watchdog.stalled_sends(busy, stall_s=60.0, now=1000.0) == []  # type: ignore[arg-type]
+    stuck = SimpleNamespace(producer=_producer_holding(930.0, 995.0))
+    assert watchdog.stalled_sends(stuck, stall_s=60.0, now=1000.0) == [  # type: ignore[arg-type]
+        "producer: 2 batches unconfirmed, the oldest for 70s (stall limit 60s)"
+    ]
+
+
+def test_watch_exits_a_worker_whose_producer_stalled() -> None:
+    now = [1000.0]
+    app = SimpleNamespace(producer=_producer_holding(1000.0), consumer=service(False))
+    exits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    watchdog.watch(
+        app,  # type: ignore[arg-type]
+        interval_s=5.0,
+        grace_s=10.0,
+        stall_s=60.0,
+        exit_process=lambda: exits.append(now[0]),
+        sleep=sleep,
+        clock=lambda: now[0],
+    )
+    assert exits == [1070.0]  # unconfirmed for 60 s at 1060, then 10 s of grace
