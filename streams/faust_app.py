@@ -114,11 +114,6 @@ REVOKE_FENCES = Counter(
     "faust_consumer_revoke_fences_total",
     "Revokes (or stops) whose records were still held at the RevokeFence time, so their partitions were fenced.",
 )
-REVOKE_WAITS_ENDED = Counter(
-    "faust_consumer_revoke_waits_ended_total",
-    "Fenced revokes (or stops) that stopped waiting for records still held a whole fence time after the fence; "
-    "those records stay uncommitted and are read again.",
-)
 
 
 @dataclass
@@ -203,6 +198,8 @@ class GaplessConsumer(aiokafka_driver.Consumer):
     """
 
     reseek_after_s = 5.0
+    # how a revoke stuck past its fence ends the process (a unit test replaces it)
+    exit_for_restart: Callable[[], None] = staticmethod(watchdog.exit_for_restart)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -221,10 +218,12 @@ class GaplessConsumer(aiokafka_driver.Consumer):
         in their hands, so an agent is not left in the middle of a batch when the partitions move.
 
         A record still held ``RevokeFence.give_up_s`` after the fence (by default the rebalance
-        timeout since the revoke began, after which the group has moved on anyway) is not waited
-        for: it stays unacked and uncommitted, so it is read again, and its holders are logged.
-        Holders inside Faust (its fetcher's last records) otherwise kept the revoke, and the
-        worker, waiting for good (docs/design/streams.md#revoke-fence)."""
+        timeout since the revoke began, after which the group has moved on anyway) ends the
+        process for its supervisor to restart, as the watchdog does, after logging what holds
+        it: holders inside Faust (its stream iterator's last event, its fetcher's last records)
+        otherwise kept the revoke, and the worker, waiting for good, and a worker that went on
+        without them lost events. A restart loses nothing: the record is uncommitted, and the
+        states come back from their changelog (docs/design/streams.md#revoke-fence)."""
         fence: RevokeFence | None = getattr(self.transport, "revoke_fence", None)
         fence_at = time.monotonic() + fence.wait_s if fence is not None else None
         fenced_at: float | None = None  # reset once the holders are logged
@@ -248,9 +247,9 @@ class GaplessConsumer(aiokafka_driver.Consumer):
                     )
             if fence is not None and fence_time is not None and time.monotonic() - fence_time >= fence.give_up_s:
                 held = list(self._unacked_messages)
-                log.error(
-                    "%d records still held %.1fs after the fence (first: %s[%d]@%d, held by: %s); the revoke "
-                    "stops waiting for them: they stay uncommitted and are read again",
+                log.critical(
+                    "%d records still held %.1fs after the fence (first: %s[%d]@%d, held by: %s); exiting so "
+                    "the supervisor restarts this worker (the records are uncommitted and read again)",
                     len(held),
                     time.monotonic() - fence_time,
                     held[0].tp.topic,
@@ -258,10 +257,8 @@ class GaplessConsumer(aiokafka_driver.Consumer):
                     held[0].offset,
                     describe_holders(held[0]),
                 )
-                REVOKE_WAITS_ENDED.inc()
-                for message in held:  # not waited for again at the next revoke
-                    self._unacked_messages.discard(message)
-                break
+                self.exit_for_restart()
+                return
             if fence_at is not None and fence is not None and time.monotonic() >= fence_at:
                 fence_at = None
                 fenced_at = fence_time = time.monotonic()
@@ -475,5 +472,5 @@ def build_app(
 
     app.timer(interval=GaplessConsumer.reseek_after_s)(retry_rewinds)
 
-    watchdog.install(app)
+    watchdog.install(app, stall_s=tuning.producer_stall_s)
     return app
