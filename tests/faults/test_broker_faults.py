@@ -5,7 +5,10 @@ Topics are replicated three times with ``min.insync.replicas`` 2 and every produ
 reports 0 failed deliveries, the feature worker (a real process, its tables' changelogs
 replicated too) ends with exactly the reference features, and the API, which logs every
 impression to the cluster while answering Recommend calls, fails none of them. Nothing is
-restarted by hand except the broker itself.
+restarted by hand except the broker itself; a worker that its watchdog exits (its producer
+stalled: it holds a record unconfirmed for ``producer_stall_s``, which a broker restart can
+cause) is started again, as the stack's supervisord does, and must still end with exactly the
+reference features.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def run_with_a_broker_fault(stack: LocalStack, tmp_path: Path, fault: Callable[[
         **{name: getattr(base, name) for name in CommonSettings.model_fields if name != "paths"},
         paths=PathSettings(state_dir=tmp_path / "worker"),
         features={"project": prefix},
-        streams=StreamsTuning(app_id=prefix, metrics_port=metrics_port, session_timeout_s=6.0),
+        streams=StreamsTuning(app_id=prefix, metrics_port=metrics_port, session_timeout_s=6.0, producer_stall_s=30.0),
     )
     prepare(settings)
     models = start_model_server(tmp_path / "models" / "streamrec", {1: 0.0})
@@ -54,7 +57,7 @@ def run_with_a_broker_fault(stack: LocalStack, tmp_path: Path, fault: Callable[[
                 worker.wait_for_metric("streams_events_in_total", 500, timeout_s=60)
                 fault(stack.partition_leader_program(settings.topics.interactions, 0))
                 paced.assert_all_delivered(timeout_s=180)
-            assert_features_match(settings, frame, timeout_s=120)
+            assert_features_match(settings, frame, timeout_s=120, while_waiting=worker.restart_after_watchdog_exit)
         except BaseException:
             worker.dump_state()
             raise

@@ -7,7 +7,9 @@ stop a broker for 10 s, SIGKILL a feature worker (restarted), SIGKILL Redis (sup
 it back from its append-only file), SIGKILL the model server (restarted). The same seed gives
 the same schedule (``STREAMREC_FAULT_SEED`` chooses another; the schedule is printed). At the
 end the invariants of every single-fault test hold together: 0 failed deliveries, features equal
-to the reference, 0 failed Recommend calls, no offset gap left open, every process up.
+to the reference, 0 failed Recommend calls, no offset gap left open, every process up. A worker
+its watchdog exits (a stalled producer, a revoke stuck past its fence) is started again, as the
+stack's supervisord does.
 """
 
 from __future__ import annotations
@@ -136,7 +138,12 @@ def run_schedule(stack: LocalStack, tmp_path: Path, plan: list[tuple[float, str]
                 thread.join(timeout=120)
             paced.assert_all_delivered(timeout_s=240)
         try:
-            assert_features_match(streams, frame, timeout_s=180)
+            assert_features_match(
+                streams,
+                frame,
+                timeout_s=180,
+                while_waiting=lambda: [worker.restart_after_watchdog_exit() for worker in workers],
+            )
         except BaseException:
             for worker in workers:  # each live worker logs its asyncio tasks (what waits, on what)
                 worker.dump_state()

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -110,10 +110,16 @@ def online(
     return {entity: {name: table[name][index] for name in names} for index, entity in enumerate(ids)}
 
 
-def assert_features_match(settings: StreamsSettings, events: pd.DataFrame, timeout_s: float = 60.0) -> None:
+def assert_features_match(
+    settings: StreamsSettings,
+    events: pd.DataFrame,
+    timeout_s: float = 60.0,
+    while_waiting: Callable[[], object] | None = None,
+) -> None:
     """Poll the online store until it equals the reference (the worker is asynchronous).
 
     The features are the views' for the schema the worker reads (``settings.data_dir``).
+    ``while_waiting`` runs before each poll (e.g. restarting a worker its watchdog exited).
     """
     schema = read_schema(settings.data_dir)
     want_users, want_items = reference(events, schema.counted_kinds)
@@ -122,6 +128,8 @@ def assert_features_match(settings: StreamsSettings, events: pd.DataFrame, timeo
     assert set(item_features) == set(next(iter(want_items.values())))
     deadline = time.monotonic() + timeout_s
     while True:
+        if while_waiting is not None:
+            while_waiting()
         got_users = online(settings, "user_activity", "user_id", user_features, sorted(want_users))
         got_items = online(settings, "item_stats", "item_id", item_features, sorted(want_items))
         if got_users == want_users and got_items == want_items:

@@ -22,6 +22,7 @@ from typing import IO
 from pydantic import BaseModel, SecretStr
 
 from streamrec.core.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, PROJECT_ROOT, CommonSettings
+from streams import watchdog
 from streams.settings import StreamsSettings
 
 
@@ -196,6 +197,15 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._close_log()
+
+    def restart_after_watchdog_exit(self) -> bool:
+        """As the stack's supervisord does (``autorestart = unexpected``): start the worker again
+        if it exited with the watchdog's code (``streams.watchdog.EXIT_CODE``). True if it did."""
+        if self.process is None or self.process.poll() != watchdog.EXIT_CODE:
+            return False
+        self._close_log()
+        self.start()
+        return True
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():
