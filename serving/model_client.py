@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -71,6 +72,8 @@ from streamrec.core import contracts
 if TYPE_CHECKING:
     from serving.settings import ServingSettings
     from streamrec.core.settings import GrpcSecurity
+
+log = logging.getLogger(__name__)
 
 
 class ModelServerClient:
@@ -254,13 +257,19 @@ class ModelServerClient:
             self._apply(config, {**labels, contracts.STABLE_LABEL: canary})
             return canary
 
-    def rollback(self) -> int:
-        """``canary`` := the stable version; returns it."""
+    def rollback(self, version: int | None = None) -> int:
+        """``canary`` := the stable version; returns it. With ``version``, only while the canary is
+        that version: a canary that moved on meanwhile (the trainer published a newer one) was
+        not judged, and is left serving."""
         with self._locked_config() as config:
             labels = self._labels_of(config)
             stable = labels.get(contracts.STABLE_LABEL)
             if stable is None:
                 raise ModelLoadError(f"model {self.model_name} has no {contracts.STABLE_LABEL} label to roll back to")
+            canary = labels.get(contracts.CANARY_LABEL)
+            if version is not None and canary != version:
+                log.info("rollback of version %d: the canary is version %s now, left as it is", version, canary)
+                return stable
             self._apply(config, {**labels, contracts.CANARY_LABEL: stable})
             return stable
 

@@ -48,7 +48,7 @@ class LabelController(Protocol):
 
     def promote(self, version: int | None = None) -> int: ...
 
-    def rollback(self) -> int: ...
+    def rollback(self, version: int | None = None) -> int: ...
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -125,7 +125,7 @@ class DecisionLog:
         if intent["action"] == "promote":
             controller.promote(canary)
         else:
-            controller.rollback()
+            controller.rollback(canary)
             self._mark_rejected(canary)
         return self._outcome(intent, "applied", **extra)
 

@@ -25,7 +25,7 @@ class Labels(Protocol):
 
     def promote(self, version: int | None = None) -> int: ...
 
-    def rollback(self) -> int: ...
+    def rollback(self, version: int | None = None) -> int: ...
 
 
 class PairedLabels:
@@ -43,8 +43,15 @@ class PairedLabels:
         self._follow("promote")
         return promoted
 
-    def rollback(self) -> int:
-        rolled_back = self.retrieval.rollback()
+    def rollback(self, version: int | None = None) -> int:
+        """Roll both back; with ``version``, only while it is still the retrieval canary (a newer
+        canary, published meanwhile, was not judged: neither model moves)."""
+        if version is not None and self.retrieval.labels().get(contracts.CANARY_LABEL) != version:
+            log.info("rollback of version %d: the canary moved on, no label moves", version)
+            return self.retrieval.labels().get(contracts.STABLE_LABEL, version)
+        rolled_back = self.retrieval.rollback(version)
+        if version is not None and self.retrieval.labels().get(contracts.CANARY_LABEL) not in (None, rolled_back):
+            return rolled_back  # the canary moved on between the check and the rollback: nothing moved
         self._follow("rollback")
         return rolled_back
 

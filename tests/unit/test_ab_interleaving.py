@@ -270,7 +270,7 @@ class Labels:
         self.current["stable"] = version or self.current["canary"]
         return self.current["stable"]
 
-    def rollback(self) -> int:
+    def rollback(self, version: int | None = None) -> int:
         self.current["canary"] = self.current["stable"]
         return self.current["canary"]
 

@@ -43,7 +43,9 @@ class Labels:
         self.current["stable"] = self.current["canary"]
         return self.current["stable"]
 
-    def rollback(self) -> int:
+    def rollback(self, version: int | None = None) -> int:
+        if version is not None and version != self.current["canary"]:  # as the model client: moved on
+            return self.current["stable"]
         self._move("rollback")
         self.current["canary"] = self.current["stable"]
         return self.current["canary"]

@@ -42,7 +42,7 @@ class Labels:
         self.current["stable"] = self.current["canary"]
         return self.current["stable"]
 
-    def rollback(self) -> int:
+    def rollback(self, version: int | None = None) -> int:
         self.moves.append("rollback")
         self.current["canary"] = self.current["stable"]
         return self.current["canary"]
