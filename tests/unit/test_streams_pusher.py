@@ -69,19 +69,24 @@ class _Sink:
         return None
 
 
-def test_an_event_is_acked_only_once_its_changelog_record_is_delivered() -> None:
-    table, sink = _RefusingOnceTable(), _Sink()
+def _one_event_state() -> EntityState:
+    """An entity state holding one event (what every pusher test writes)."""
     state = EntityState()
     apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+    return state
+
+
+def _pusher(table: Any, sink: Any, view: str = "user_activity", **options: Any) -> ViewPusher:
+    """A pusher of ``view`` whose rows carry only the state's version."""
+    return ViewPusher(view, table, sink, lambda key, entity: FeatureRow(key, {}, entity.version_us), **options)
+
+
+def test_an_event_is_acked_only_once_its_changelog_record_is_delivered() -> None:
+    table, sink = _RefusingOnceTable(), _Sink()
+    state = _one_event_state()
 
     async def main() -> _Event:
-        pusher = ViewPusher(
-            "user_activity",
-            table,
-            sink,
-            lambda key, entity: FeatureRow(key, {}, entity.version_us),
-            retry_max_s=0.1,
-        )
+        pusher = _pusher(table, sink, retry_max_s=0.1)
         event = _Event()
         pusher.hold("u1", state, 0, event)
         await pusher.kick()
@@ -133,11 +138,10 @@ def test_a_fenced_partition_gets_no_changelog_record_and_no_ack_until_it_is_assi
     its entities never written (their next owner reads them again); another partition's entities
     go back for the next cycle; ``unfence`` lets writes resume."""
     table, sink = _RecordingTable(), _SlowSink(delay_s=0.3)
-    state = EntityState()
-    apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+    state = _one_event_state()
 
     async def main() -> None:
-        pusher = ViewPusher("item_stats", table, sink, lambda key, entity: FeatureRow(key, {}, entity.version_us))
+        pusher = _pusher(table, sink, "item_stats")
         in_flight = [_event_of(1), _event_of(2)]
         pusher.hold("a", state, 1, in_flight[0])
         pusher.hold("b", state, 2, in_flight[1])
@@ -171,18 +175,10 @@ def test_a_fence_frees_an_agent_waiting_for_room_while_the_push_waits_to_coalesc
     wait: no cycle ends, so no cycle notifies). It used to wait forever, and its unacked batch
     held Faust's revoke for good (the broker fault tests' stalled worker)."""
     table, sink = _RecordingTable(), _SlowSink(delay_s=0.0)
-    state = EntityState()
-    apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+    state = _one_event_state()
 
     async def main() -> None:
-        pusher = ViewPusher(
-            "user_activity",
-            table,
-            sink,
-            lambda key, entity: FeatureRow(key, {}, entity.version_us),
-            max_pending=2,
-            min_interval_s=30.0,
-        )
+        pusher = _pusher(table, sink, max_pending=2, min_interval_s=30.0)
         pusher.hold("a", state, 1, _event_of(1))
         await pusher.kick()
         await asyncio.wait_for(pusher.drain(), timeout=10)  # the first cycle: the next one waits 30 s
@@ -217,17 +213,10 @@ def test_a_cancelled_push_cycle_keeps_no_reference_to_the_fenced_events(when: st
         table, sink = _RecordingTable(), _SlowSink(delay_s=0.3)
     else:
         table, sink = _RefusingTable(), _SlowSink(delay_s=0.0)
-    state = EntityState()
-    apply(state, 1_000_000, "e1", "i1", WindowConfig.from_seconds(3600))
+    state = _one_event_state()
 
     async def main() -> None:
-        pusher = ViewPusher(
-            "user_activity",
-            table,
-            sink,
-            lambda key, entity: FeatureRow(key, {}, entity.version_us),
-            retry_max_s=5.0,
-        )
+        pusher = _pusher(table, sink, retry_max_s=5.0)
         messages = []
         for n in range(3):
             event = _event_of(1)
