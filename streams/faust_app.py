@@ -225,43 +225,18 @@ class GaplessConsumer(aiokafka_driver.Consumer):
         without them lost events. A restart loses nothing: the record is uncommitted, and the
         states come back from their changelog (docs/design/streams.md#revoke-fence)."""
         fence: RevokeFence | None = getattr(self.transport, "revoke_fence", None)
-        fence_at = time.monotonic() + fence.wait_s if fence is not None else None
-        fenced_at: float | None = None  # reset once the holders are logged
-        fence_time: float | None = None
+        started = time.monotonic()
+        fenced_at: float | None = None
+        holders_logged = False
         while not self.should_stop and self._unacked_messages:
             await self.commit()
             gc.collect()  # records dropped unacked leave the weak set once collected
             self._clean_unacked_messages()
             if not self._unacked_messages:
                 break
-            if fenced_at is not None and time.monotonic() - fenced_at > _HOLDERS_LOG_AFTER_S:
-                fenced_at = None
-                for message in list(self._unacked_messages)[:3]:
-                    log.warning(
-                        "%s[%d]@%d is still held %.0fs after the fence, by: %s",
-                        message.tp.topic,
-                        message.tp.partition,
-                        message.offset,
-                        _HOLDERS_LOG_AFTER_S,
-                        describe_holders(message),
-                    )
-            if fence is not None and fence_time is not None and time.monotonic() - fence_time >= fence.give_up_s:
-                held = list(self._unacked_messages)
-                log.critical(
-                    "%d records still held %.1fs after the fence (first: %s[%d]@%d, held by: %s); exiting so "
-                    "the supervisor restarts this worker (the records are uncommitted and read again)",
-                    len(held),
-                    time.monotonic() - fence_time,
-                    held[0].tp.topic,
-                    held[0].tp.partition,
-                    held[0].offset,
-                    describe_holders(held[0]),
-                )
-                self.exit_for_restart()
-                return
-            if fence_at is not None and fence is not None and time.monotonic() >= fence_at:
-                fence_at = None
-                fenced_at = fence_time = time.monotonic()
+            now = time.monotonic()
+            if fence is not None and fenced_at is None and now - started >= fence.wait_s:
+                fenced_at = now
                 partitions = {message.tp for message in self._unacked_messages} | set(self.assignment())
                 log.warning(
                     "%d records still held after %.1fs; fencing %d partitions (their next owner reads the "
@@ -273,6 +248,28 @@ class GaplessConsumer(aiokafka_driver.Consumer):
                 REVOKE_FENCES.inc()
                 fence.notify(partitions)
                 continue
+            if fence is not None and fenced_at is not None:
+                if now - fenced_at >= fence.give_up_s:
+                    held = list(self._unacked_messages)
+                    log.critical(
+                        "%d records still held %.1fs after the fence (first: %s, held by: %s); exiting so the "
+                        "supervisor restarts this worker (the records are uncommitted and read again)",
+                        len(held),
+                        now - fenced_at,
+                        _where(held[0]),
+                        describe_holders(held[0]),
+                    )
+                    self.exit_for_restart()
+                    return
+                if not holders_logged and now - fenced_at > _HOLDERS_LOG_AFTER_S:
+                    holders_logged = True
+                    for message in list(self._unacked_messages)[:3]:
+                        log.warning(
+                            "%s is still held %.0fs after the fence, by: %s",
+                            _where(message),
+                            now - fenced_at,
+                            describe_holders(message),
+                        )
             await self._wait_for_ack(timeout=1.0)
             self._clean_unacked_messages()
         await self.commit_and_end_transactions()
@@ -353,6 +350,10 @@ class IdempotentTransport(aiokafka_driver.Transport):
 
 
 _HOLDERS_LOG_AFTER_S = 10.0  # a fenced wait this long logs who still references its records
+
+
+def _where(message: Any) -> str:
+    return f"{message.tp.topic}[{message.tp.partition}]@{message.offset}"
 
 
 def describe_holders(target: object, depth: int = 3, breadth: int = 3) -> str:

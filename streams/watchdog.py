@@ -48,13 +48,14 @@ def stalled_sends(app: faust.App, stall_s: float, now: float) -> list[str]:
     accumulator = getattr(getattr(app.producer, "_producer", None), "_message_accumulator", None)
     if accumulator is None:
         return []
+    pending, queued = getattr(accumulator, "_pending_batches", ()), getattr(accumulator, "_batches", {})
     try:  # read from outside the event loop: a set or deque changed while read is read next time
-        batches = [*accumulator._pending_batches, *(b for queue in list(accumulator._batches.values()) for b in queue)]
+        batches = [*pending, *(batch for queue in list(queued.values()) for batch in queue)]
     except RuntimeError:
         return []
     if not batches:
         return []
-    age_s = now - min(batch._ctime for batch in batches)
+    age_s = now - min(getattr(batch, "_ctime", now) for batch in batches)
     if age_s < stall_s:
         return []
     return [f"producer: {len(batches)} batches unconfirmed, the oldest for {age_s:.0f}s (stall limit {stall_s:.0f}s)"]
