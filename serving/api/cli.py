@@ -11,6 +11,7 @@ Before the first start: ``streamrec stack up`` (Kafka, Redis), ``streamrec featu
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -76,6 +77,9 @@ def serve(
     try:
         stop_requested.wait()
     finally:
+        # A stop that hangs (a blocked flush, a stuck thread) must not outlive the supervisor's
+        # patience silently: the stacks say where it hung, and the exit code says it did.
+        faulthandler.dump_traceback_later(settings.api.grace_period_s + settings.api.shutdown_timeout_s, exit=True)
         server.stop()
 
 

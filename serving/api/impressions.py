@@ -20,6 +20,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -103,9 +104,10 @@ class ImpressionLogger:
         if self._closed:
             return 0
         self._closed = True
+        deadline = time.monotonic() + timeout_s
         self._queue.put(None)  # wakes the thread; everything queued before it is produced first
         self._thread.join(timeout=timeout_s)
-        left = self._producer.flush(max(0.0, timeout_s))
+        left = self._producer.flush(max(0.0, deadline - time.monotonic()))
         if left:
             log.warning("%d impressions were not delivered before shutdown", left)
             self._metrics.impressions.labels("failed").inc(left)

@@ -17,6 +17,8 @@ Shutdown (:meth:`ApiServer.stop`, called on SIGTERM by ``serve``): health goes N
 (watchers are told at once), then the server stops accepting calls and gives the in-flight ones
 ``api.grace_period_s`` to finish; the impression log is flushed last. An open health ``Watch``
 stream counts as in flight, so with watchers connected the stop takes the whole grace period.
+``serve`` bounds the whole stop at ``grace_period_s + shutdown_timeout_s``: past that the process
+writes every thread's stack to stderr and exits 1.
 """
 
 from __future__ import annotations

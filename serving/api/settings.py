@@ -76,6 +76,9 @@ class ApiSection(ProcessTuning):
     default_deadline_ms: int = Field(default=1000, ge=1)
     # On SIGTERM: health goes NOT_SERVING, then in-flight calls get this long to finish.
     grace_period_s: float = Field(default=5.0, ge=0)
+    # After the grace period the rest of the stop (impression flush, background threads) gets
+    # this long; a process still alive then writes every thread's stack to stderr and exits 1.
+    shutdown_timeout_s: float = Field(default=20.0, gt=0)
     # Prometheus /metrics; 0 turns the HTTP endpoint off (the registry still counts).
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     # Impressions waiting for the background producer; beyond this they are dropped and counted.
