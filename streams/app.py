@@ -48,6 +48,7 @@ import faust
 from faust.serializers import codecs
 from faust.streams import Stream
 from faust.types import TP
+from tenacity import AsyncRetrying, stop_after_delay, wait_exponential
 
 from streamrec.core.attributes import AttributeSchema, read_schema
 from streamrec.core.events import DeadLetter
@@ -141,14 +142,20 @@ class GroupStartOffsets:
     The reads start when partitions are assigned (:meth:`prefetch`, one blocking call for all of
     them, in a thread) and an agent waits at most ``wait_s`` for a partition's answer: while a
     broker is down these reads can take many seconds, and an agent waiting on them holds its
-    batch, which holds up the next revoke past the group's rebalance timeout. Without an answer
-    the gap check starts at the partition's first record (``FeaturePipeline._check_offsets``).
+    batch, which holds up the next revoke past the group's rebalance timeout. A failed read is
+    tried again for ``retry_s`` (a broker stop fails it at once). Without an answer in time the
+    gap check starts at the partition's first record (``FeaturePipeline._check_offsets``), and an
+    answer that comes later is handed to ``on_late`` (``FeaturePipeline.late_start_offset``), which
+    checks that first record against it.
     """
 
-    def __init__(self, offsets: KafkaOffsets, wait_s: float) -> None:
+    def __init__(self, offsets: KafkaOffsets, wait_s: float, *, retry_s: float | None = None) -> None:
         self.offsets = offsets
         self.wait_s = wait_s
+        self.retry_s = 4 * wait_s if retry_s is None else retry_s
+        self.on_late: Callable[[str, int, int], None] | None = None
         self._reads: dict[tuple[str, int], asyncio.Future[int | None]] = {}
+        self._assignments: dict[tuple[str, int], int] = {}  # a late answer counts for its own assignment only
         self._lock = asyncio.Lock()  # one blocking client
 
     def prefetch(self, partitions: Collection[tuple[str, int]]) -> None:
@@ -158,17 +165,22 @@ class GroupStartOffsets:
             return
         read = asyncio.ensure_future(self._read(sorted(partitions)))
         for key in partitions:
+            self._assignments[key] = self._assignments.get(key, 0) + 1
             future = asyncio.get_running_loop().create_future()
             self._reads[key] = future
             read.add_done_callback(functools.partial(_settle, future, key))
 
     async def _read(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(self.offsets.read, partitions)
-            except Exception:  # noqa: BLE001 -- the gap check then starts at the first record
-                log.warning("could not read where %s start for this group", partitions, exc_info=True)
-                return {}
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(self.retry_s), wait=wait_exponential(multiplier=0.2, max=2.0), reraise=True
+            ):
+                with attempt:
+                    async with self._lock:  # per attempt: a newer assignment's read goes between retries
+                        return await asyncio.to_thread(self.offsets.read, partitions)
+        except Exception:  # noqa: BLE001 -- the gap check then starts at the first record
+            log.warning("could not read where %s start for the group in %.0fs", partitions, self.retry_s, exc_info=True)
+        return {}
 
     async def __call__(self, topic: str, partition: int) -> int | None:
         key = (topic, partition)
@@ -185,7 +197,13 @@ class GroupStartOffsets:
                 partition,
                 self.wait_s,
             )
+            future.add_done_callback(functools.partial(self._answered_late, key, self._assignments.get(key)))
             return None
+
+    def _answered_late(self, key: tuple[str, int], assignment: int | None, future: asyncio.Future[int | None]) -> None:
+        start = None if future.cancelled() else future.result()
+        if start is not None and self.on_late is not None and self._assignments.get(key) == assignment:
+            self.on_late(*key, start)
 
 
 def _settle(
@@ -322,6 +340,7 @@ def create_app(
         rewind_retry_s=tuning.rewind_retry_s,
         start_offset=start_offsets,
     )
+    start_offsets.on_late = pipeline.late_start_offset
 
     # ``take_events`` is on Faust's Stream class, not on the StreamT interface it declares. An
     # agent lets go of its batch before it yields: the loop variable would otherwise keep the

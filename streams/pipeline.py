@@ -116,6 +116,9 @@ class FeaturePipeline:
     # when each open rewind was last sought (``clock``), and how long before it is sought again
     rewind_sought_at: dict[tuple[str, int], float] = field(default_factory=dict)
     rewind_retry_s: float = 5.0
+    # the first offset handed over of each partition whose start was not known then (late_start_offset)
+    unchecked_starts: dict[tuple[str, int], int] = field(default_factory=dict)
+    _late_rewinds: set[asyncio.Future[object]] = field(default_factory=set, repr=False)
     # the online store's run last seen (check_feature_store)
     store_epoch: str | None = None
 
@@ -250,6 +253,7 @@ class FeaturePipeline:
             want = expected.get(key)
             if want is None:
                 log.info("first record of %s[%d] handed to the worker: offset %d", *key, record.offset)
+                self.unchecked_starts[key] = record.offset
             elif record.offset > want:
                 new_hole = rewinding.get(key) != want  # else a record fetched before our rewind
                 if new_hole:
@@ -270,6 +274,34 @@ class FeaturePipeline:
         metrics.OPEN_GAPS.set(len(rewinding))
         await self._seek_back(rewind_now)
         return [event for event in events if id(event) not in parked] if parked else events
+
+    def late_start_offset(self, topic: str, partition: int, start: int) -> None:
+        """Where a partition starts for the group, known only after its first record was handed
+        over (``streams.app.GroupStartOffsets``): records between the two were skipped. They are
+        read again like any hole (the partition is rewound to ``start``; what was applied since
+        comes again as duplicates), only later, after newer events of theirs were applied.
+        """
+        key = (topic, partition)
+        first = self.unchecked_starts.pop(key, None)
+        if first is None or start >= first or key not in self.next_offsets:
+            return  # not this worker's any more, or nothing skipped
+        metrics.OFFSET_GAPS.inc(first - start)
+        log.error(
+            "%s[%d]: offsets %d..%d were never handed to the worker (found late: where the partition starts "
+            "was read after its first record); reading them again",
+            topic,
+            partition,
+            start,
+            first - 1,
+        )
+        self.next_offsets[key] = start
+        self.rewinding[key] = start
+        metrics.OPEN_GAPS.set(len(self.rewinding))
+        if self.rewind is not None:
+            self.rewind_sought_at[key] = self.clock()
+            rewind = asyncio.ensure_future(self.rewind(topic, partition, start))
+            self._late_rewinds.add(rewind)
+            rewind.add_done_callback(self._late_rewinds.discard)
 
     async def retry_rewinds(self) -> None:
         """Seek again each rewind whose record has not come ``rewind_retry_s`` after its last seek
@@ -301,6 +333,7 @@ class FeaturePipeline:
         """
         for key in revoked:
             self.next_offsets.pop(key, None)
+            self.unchecked_starts.pop(key, None)
             self.rewind_sought_at.pop(key, None)
             if self.rewinding.pop(key, None) is not None:
                 metrics.ABANDONED_GAPS.inc()

@@ -690,3 +690,30 @@ def test_a_newly_assigned_partition_is_checked_from_where_the_group_should_resum
         assert h.pipeline.rewinding == {}
 
     on_a_pipeline(tmp_path, body)
+
+
+def test_a_start_known_only_after_the_first_record_still_finds_the_records_skipped_before_it(tmp_path: Path) -> None:
+    """``FeaturePipeline.late_start_offset``: where a partition starts arrives after its first
+    record set the check going (Kafka was slow to say); records skipped before that first one are
+    read again like any hole, what was applied since comes again and is applied as duplicates."""
+
+    async def body(h: _OffsetHarness) -> None:
+        assert await h.see(3, 50, 51) == [50, 51]  # unknown start: applied from the first record
+        assert await h.see(4, 8) == [8]
+        h.pipeline.late_start_offset("t", 4, 8)  # nothing skipped there
+        h.pipeline.late_start_offset("t", 3, 20)  # 20..49 were skipped
+        await asyncio.sleep(0)
+        assert h.rewinds == [("t", 3, 20)]
+        assert await h.see(3, 52) == []  # fetched before the seek: held until its second reading
+        assert await h.see(3, 20, 21) == [20, 21]
+        assert h.pipeline.rewinding == {}
+        assert await h.see(3, *range(22, 53)) == list(range(22, 53))
+        assert h.rewinds == [("t", 3, 20)]
+        h.pipeline.forget_partitions({("t", 5)}, "t", "by-item")
+        await h.see(5, 9)
+        h.pipeline.forget_partitions({("t", 5)}, "t", "by-item")
+        h.pipeline.late_start_offset("t", 5, 0)  # revoked meanwhile: no longer this worker's to check
+        await asyncio.sleep(0)
+        assert h.rewinds == [("t", 3, 20)]
+
+    on_a_pipeline(tmp_path, body)

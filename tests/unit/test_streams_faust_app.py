@@ -404,8 +404,52 @@ def test_start_offsets_are_read_once_per_assignment_and_an_agent_never_waits_pas
 
         failing = _SlowOffsets(fail=True)
         failing.release.set()
-        starts = GroupStartOffsets(failing, wait_s=5.0)  # type: ignore[arg-type]
+        starts = GroupStartOffsets(failing, wait_s=5.0, retry_s=0.0)  # type: ignore[arg-type]
         starts.prefetch({("t", 0)})
         assert await starts("t", 0) is None
+
+    asyncio.run(main())
+
+
+class _FlakyOffsets(_SlowOffsets):
+    """Fails its first ``failures`` reads (a broker stopped), then answers."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.release.set()
+        self.failures = failures
+
+    def read(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+        self.fail = len(self.reads) < self.failures
+        return super().read(partitions)
+
+
+def test_a_failed_start_read_is_tried_again_and_a_late_answer_goes_to_the_check_of_its_assignment() -> None:
+    """``GroupStartOffsets``: a read that fails is tried again, so an agent still gets the answer
+    within its wait; an answer after the agent went on is handed to ``on_late``, unless the
+    partition was assigned again meanwhile (the answer was about the old assignment)."""
+
+    async def main() -> None:
+        flaky = _FlakyOffsets(failures=2)
+        starts = GroupStartOffsets(flaky, wait_s=5.0)  # type: ignore[arg-type]
+        starts.prefetch({("t", 0)})
+        assert await starts("t", 0) == 40
+        assert len(flaky.reads) == 3
+
+        late: list[tuple[str, int, int]] = []
+        slow = _SlowOffsets()
+        starts = GroupStartOffsets(slow, wait_s=0.1)  # type: ignore[arg-type]
+        starts.on_late = lambda topic, partition, start: late.append((topic, partition, start))
+        starts.prefetch({("t", 0), ("t", 1)})
+        assert await starts("t", 0) is None
+        assert await starts("t", 1) is None
+        starts.prefetch({("t", 1)})  # assigned again before the first read answered
+        slow.release.set()
+        for _ in range(100):
+            if late:
+                break
+            await asyncio.sleep(0.02)
+        assert await starts("t", 1) == 41  # the new assignment's own read
+        assert late == [("t", 0, 40)]
 
     asyncio.run(main())
