@@ -60,14 +60,19 @@ MAX_WARMUP_REQUESTS = 32
 
 
 class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no type hints
-    """Tracks the model's variables and the catalog; its tf.functions are the signatures."""
+    """Tracks the model's variables and the catalog; its tf.functions are the signatures.
 
-    def __init__(self, model: TwoTowerModel) -> None:
+    One per model object (:func:`serving_module`): the signatures read the model's variables and
+    the catalog variables, never copies of their values, so a later export of the same model
+    object assigns the new catalog values and saves again without tracing anything again.
+    """
+
+    def __init__(self, model: TwoTowerModel, ids: np.ndarray, values: dict[str, np.ndarray]) -> None:
         super().__init__(name="streamrec")
         # Not an attribute TF tracks: only the variables below are saved, not the Keras object graph.
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_ids", ids)
         self.model_variables = list(model.variables)  # tracked, so they are saved and restored
-        ids, values = catalog_arrays(model.catalog)
         self.catalog_ids = tf.Variable(ids.astype(bytes), trainable=False, name="catalog_ids")
         self.catalog_values = {
             name: tf.Variable(_tensor_ready(column), trainable=False, name=f"catalog_{name}")
@@ -86,6 +91,26 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         self.recommend = tf.function(self._recommend, input_signature=[recommend_specs(schema)], autograph=False)
         self.score = tf.function(self._score, input_signature=[score_specs(schema)], autograph=False)
         self.similar = tf.function(self._similar, input_signature=[similar_specs()], autograph=False)
+
+    def refresh(self, model: TwoTowerModel, ids: np.ndarray, values: dict[str, np.ndarray]) -> bool:
+        """Take ``model``'s current catalog values and vectors; False (nothing changed) when this
+        module cannot serve them without a new trace: another catalog (new items), new model
+        variables, or an IVF index (built from the vectors into constants)."""
+        if (
+            self.ivf is not None
+            or self._model is not model
+            or len(ids) != len(self._ids)
+            or not np.array_equal(ids, self._ids)
+            or len(self.model_variables) != len(model.variables)
+            or any(mine is not theirs for mine, theirs in zip(self.model_variables, model.variables, strict=True))
+            or set(values) != set(self.catalog_values)
+            or _ivf_search_wanted(len(ids), model.config)
+        ):
+            return False
+        for name, column in values.items():
+            self.catalog_values[name].assign(_tensor_ready(column))
+        self.catalog_vectors.assign(catalog_vectors(model))
+        return True
 
     def _recommend(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         users = self._model.user_tower(inputs)
@@ -147,9 +172,26 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         return {"item_ids": ids, "scores": scores}
 
 
+def serving_module(model: TwoTowerModel) -> _ServingModule:
+    """``model``'s serving module with its current weights and catalog, traced once per model
+    object while its catalog stays the same (the trainer alternates two model objects, so each
+    export after the first two writes the graph and variables only)."""
+    ids, values = catalog_arrays(model.catalog)
+    cached = getattr(model, "_serving_module", None)
+    if isinstance(cached, _ServingModule) and cached.refresh(model, ids, values):
+        return cached
+    module = _ServingModule(model, ids, values)
+    object.__setattr__(model, "_serving_module", module)  # not a tracked attribute of the Keras model
+    return module
+
+
+def _ivf_search_wanted(items: int, config: ModelConfig) -> bool:
+    return items > config.exact_topk_max_items
+
+
 def _ivf_search(vectors: np.ndarray, config: ModelConfig) -> IvfSearch | None:
     """The IVF index of a catalog above ``config.exact_topk_max_items`` items, else None (exact)."""
-    if len(vectors) <= config.exact_topk_max_items:
+    if not _ivf_search_wanted(len(vectors), config):
         return None
     return IvfSearch(
         index_for_config(vectors, config), vectors, n_probe=config.ivf_n_probe, min_candidates=contracts.TOP_K_EXPORTED
@@ -234,7 +276,7 @@ def export_version(
     if final.exists():
         raise FileExistsError(f"export: {final} already exists; versions are immutable, publish {version + 1}")
     temp = base_path / f"{TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
-    module = _ServingModule(model)
+    module = serving_module(model)
     tf.saved_model.save(module, str(temp), signatures=_signatures(module, model.schema))
     extra = temp / EXTRA_DIR
     extra.mkdir(exist_ok=True)

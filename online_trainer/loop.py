@@ -376,6 +376,8 @@ class OnlineTrainer:
             "metrics": {key: float(value) for key, value in stats.items()},
         }
         ope = self._judge_off_policy(candidate)
+        slices = SliceJudge(self.settings.slices, item_interactions(self.replay), self.tuning.block_on_slice_flag)
+        stage_s["bookkeeping_s"] = time.perf_counter() - interval_end - stage_s["examples_s"] - stage_s["finetune_s"]
         report.outcome = publish_candidate(
             self.writer,
             candidate,
@@ -389,7 +391,7 @@ class OnlineTrainer:
             alpha=self.tuning.gate_alpha,
             fault=self.fault,
             training=stats,
-            slices=SliceJudge(self.settings.slices, item_interactions(self.replay), self.tuning.block_on_slice_flag),
+            slices=slices,
             ope=ope,
         )
         report.stage_s.update(report.outcome.timings)

@@ -308,3 +308,43 @@ def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
     assert export.prune_versions(tmp_path, keep=1, protect=set(), archive_dir=archive) == [1, 4]
     assert export.list_versions(tmp_path) == [5] and export.list_versions(archive) == [1, 4]
     assert json.loads(json.dumps(export.list_versions(tmp_path))) == [5]
+
+
+def test_a_second_export_of_one_model_object_reuses_its_trace_and_serves_its_new_weights(
+    tiny: tuple[TwoTowerModel, pd.DataFrame], tmp_path: Path
+) -> None:
+    """``export.serving_module``: one traced module per model object. Exported again after more
+    training, the version answers as the model now does; a grown catalog gets a new module."""
+    trained, examples = tiny
+    model = build_model(trained.catalog, trained.config)  # its own object: the fixture stays as it is
+    model.set_weights(trained.get_weights())
+    users = examples.tail(4)
+    no_exclusions = tf.constant(np.array([[""]] * 4, dtype=object))
+
+    def served(version_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+        answer = tf.saved_model.load(str(version_dir)).signatures["recommend"](
+            **_inputs(users), exclude_items=no_exclusions
+        )
+        return answer["item_ids"].numpy().astype(str), answer["scores"].numpy()
+
+    first_dir = export.export_version(model, tmp_path, 1, lineage={}, warmup_users=examples.head(2))
+    module = export.serving_module(model)
+    traced = module.recommend.experimental_get_tracing_count()
+    before = served(first_dir)
+    train(model, examples, epochs=1, progress=False)
+    second_dir = export.export_version(model, tmp_path, 2, lineage={}, warmup_users=examples.head(2))
+    assert export.serving_module(model) is module and module.recommend.experimental_get_tracing_count() == traced
+    ids, scores = recommend(model, users, k=contracts.TOP_K_EXPORTED, exclude=[[] for _ in range(4)])
+    after = served(second_dir)
+    assert (after[0] == ids).all()
+    np.testing.assert_allclose(after[1], scores, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(after[1], before[1])  # the new weights, not the first export's
+
+    model.catalog = model.catalog.with_new_items(["sku-new"])
+    assert export.serving_module(model) is not module
+    grown_dir = export.export_version(model, tmp_path, 3, lineage={}, warmup_users=examples.head(2))
+    excluded_all = np.array([[sku(n) for n in range(150)]] * 4, dtype=object)
+    answer = tf.saved_model.load(str(grown_dir)).signatures["recommend"](
+        **_inputs(users), exclude_items=tf.constant(excluded_all)
+    )
+    assert (answer["item_ids"].numpy()[:, 0].astype(str) == "sku-new").all()

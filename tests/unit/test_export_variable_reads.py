@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from online_trainer.catalog import ItemCatalog
-from online_trainer.export import _ServingModule, _signatures
+from online_trainer.export import _signatures, serving_module
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
 from streamrec.core.attributes import Attribute, AttributeSchema
@@ -51,7 +51,7 @@ def test_no_variable_is_gathered_from_and_read_whole(exact_topk_max_items: int) 
         attribute_buckets=16,
         exact_topk_max_items=exact_topk_max_items,
     )
-    module = _ServingModule(build_model(ItemCatalog.from_frame(items, SCHEMA), config))
+    module = serving_module(build_model(ItemCatalog.from_frame(items, SCHEMA), config))
     assert (module.ivf is None) == (exact_topk_max_items >= len(items))
     reads: dict[int, set[str]] = defaultdict(set)
     names: dict[int, str] = {}
