@@ -385,7 +385,9 @@ def main() -> None:
     notes = (
         f"`streamrec demo` loop: history {args.history_fraction:.0%} of {dataset.name}, then {len(visits):,} "
         f"held-out visits at {args.rate:g}/s, canary share {canary_share:g}, trainer interval {args.interval:g} s, "
-        f"label window {args.label_window:g} s; ranking stage {'on' if args.ranking else 'off'}, exploration "
+        f"label window {args.label_window:g} s; stable bootstrapped on the first "
+        f"{demo.DemoOptions().bootstrap_share:.0%} of the history; "
+        f"ranking stage {'on' if args.ranking else 'off'}, exploration "
         f"{args.exploration} (the demo's epsilon and slots); all services real and on this machine. Same visits "
         f"for every policy: online = what the live loop served (per arm: {arms}); frozen = version 1 rescored on the "
         f"features each impression logged; popularity = most interacted items so far. Online/frozen 95% bootstrap "
