@@ -420,7 +420,7 @@ def main() -> None:
         units,
         targets={
             "loop.online_over_frozen": ">= 1.2",
-            "loop.model_freshness_p95_s": "<= 30 s",  # issue 25 (120 s before)
+            "loop.model_freshness_p95_s": "<= 30 s",
         },
         command=" ".join(["python -m bench.loop_online", *changed]),
         notes=notes,

@@ -6,7 +6,7 @@ production ``ModelConfig`` unless ``--tiny``:
 
 * ``trainer.examples_per_s``: examples x epochs / seconds of one interval's fine-tune
   (``train`` on the new examples plus the replay sample), median over the intervals after the
-  first. Target >= 20,000 (issue 25; 5,000 before). The trainer traces the training step of
+  first. Target >= 20,000. The trainer traces the training step of
   both objects it alternates between when it resumes (``finetune.training_pair``), before its
   first interval; the first interval is still reported on its own
   (``trainer.first_interval_examples_per_s``) as the one that meets each code path's first call.
@@ -17,9 +17,9 @@ production ``ModelConfig`` unless ``--tiny``:
 * ``trainer.publish_s``: ``IntervalReport.publish_s``, from the moment the interval ends (the
   trainer stops collecting) to the canary label pointing at the new version on a running local
   model server: example assembly, fine-tune, in-memory gate, export into staging, export gate,
-  checkpoint, rename, load + warm-up by the server, label move. Target <= 3 s (issue 25; 15 s
-  before); the median is over the intervals after the first, the max over all of them, and
-  ``trainer.stage.*`` split the median into stages (``IntervalReport.stage_s``). Kafka is not involved (events go to
+  checkpoint, rename, load + warm-up by the server, label move. Target <= 3 s; the median is
+  over the intervals after the first, the max over all of them, and ``trainer.stage.*`` split
+  the median into stages (``IntervalReport.stage_s``). Kafka is not involved (events go to
   ``OnlineTrainer.ingest`` directly; the offset commit after publishing is a few ms) and user and
   item attributes come from the dataset's frames (``lookup.FrameLookup``) instead of Feast online
   (one cached Redis read per new user in production).

@@ -92,24 +92,15 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         self.score = tf.function(self._score, input_signature=[score_specs(schema)], autograph=False)
         self.similar = tf.function(self._similar, input_signature=[similar_specs()], autograph=False)
 
-    def refresh(self, model: TwoTowerModel, ids: np.ndarray, values: dict[str, np.ndarray]) -> bool:
+    def refresh(self, ids: np.ndarray, values: dict[str, np.ndarray]) -> bool:
         """Take ``model``'s current catalog values and vectors; False (nothing changed) when this
-        module cannot serve them without a new trace: another catalog (new items), new model
-        variables, or an IVF index (built from the vectors into constants)."""
-        if (
-            self.ivf is not None
-            or self._model is not model
-            or len(ids) != len(self._ids)
-            or not np.array_equal(ids, self._ids)
-            or len(self.model_variables) != len(model.variables)
-            or any(mine is not theirs for mine, theirs in zip(self.model_variables, model.variables, strict=True))
-            or set(values) != set(self.catalog_values)
-            or _ivf_search_wanted(len(ids), model.config)
-        ):
+        module cannot serve them without a new trace: another catalog (new items), or an IVF
+        index (built from the vectors into constants)."""
+        if self.ivf is not None or not np.array_equal(ids, self._ids):
             return False
         for name, column in values.items():
             self.catalog_values[name].assign(_tensor_ready(column))
-        self.catalog_vectors.assign(catalog_vectors(model))
+        self.catalog_vectors.assign(catalog_vectors(self._model))
         return True
 
     def _recommend(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -178,20 +169,16 @@ def serving_module(model: TwoTowerModel) -> _ServingModule:
     export after the first two writes the graph and variables only)."""
     ids, values = catalog_arrays(model.catalog)
     cached = getattr(model, "_serving_module", None)
-    if isinstance(cached, _ServingModule) and cached.refresh(model, ids, values):
+    if isinstance(cached, _ServingModule) and cached.refresh(ids, values):
         return cached
     module = _ServingModule(model, ids, values)
     object.__setattr__(model, "_serving_module", module)  # not a tracked attribute of the Keras model
     return module
 
 
-def _ivf_search_wanted(items: int, config: ModelConfig) -> bool:
-    return items > config.exact_topk_max_items
-
-
 def _ivf_search(vectors: np.ndarray, config: ModelConfig) -> IvfSearch | None:
     """The IVF index of a catalog above ``config.exact_topk_max_items`` items, else None (exact)."""
-    if not _ivf_search_wanted(len(vectors), config):
+    if len(vectors) <= config.exact_topk_max_items:
         return None
     return IvfSearch(
         index_for_config(vectors, config), vectors, n_probe=config.ivf_n_probe, min_candidates=contracts.TOP_K_EXPORTED

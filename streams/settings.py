@@ -38,7 +38,7 @@ class FaustAppTuning(Section):
     worker_index: int = Field(default=0, ge=0, le=255)
     # The watchdog exits the process (its supervisor restarts it) when a record the app's Kafka
     # producer holds has gone unconfirmed this long: the idempotent producer retries forever, and
-    # after a broker restart it was seen holding a batch it never sent again (streams.watchdog).
+    # a batch it never sends again holds every push and offset commit (streams.watchdog).
     producer_stall_s: float = Field(default=60.0, gt=0)
 
     def resolved_state_dir(self, paths: PathSettings, default_name: str) -> Path:

@@ -95,7 +95,7 @@ def watch(
             return
 
 
-def install(app: faust.App, *, interval_s: float = 2.0, grace_s: float = 10.0, stall_s: float = 60.0) -> None:
+def install(app: faust.App, *, interval_s: float = 2.0, grace_s: float = 10.0, stall_s: float = float("inf")) -> None:
     """Start :func:`watch` in a daemon thread when the worker starts (not at import: the app module
     is also imported by commands that run no worker)."""
 

@@ -46,12 +46,10 @@ class PairedLabels:
     def rollback(self, version: int | None = None) -> int:
         """Roll both back; with ``version``, only while it is still the retrieval canary (a newer
         canary, published meanwhile, was not judged: neither model moves)."""
-        if version is not None and self.retrieval.labels().get(contracts.CANARY_LABEL) != version:
-            log.info("rollback of version %d: the canary moved on, no label moves", version)
-            return self.retrieval.labels().get(contracts.STABLE_LABEL, version)
-        rolled_back = self.retrieval.rollback(version)
+        rolled_back = self.retrieval.rollback(version)  # a compare-and-set on the canary
         if version is not None and self.retrieval.labels().get(contracts.CANARY_LABEL) not in (None, rolled_back):
-            return rolled_back  # the canary moved on between the check and the rollback: nothing moved
+            log.info("rollback of version %d: the canary moved on, no label moves", version)
+            return rolled_back
         self._follow("rollback")
         return rolled_back
 
