@@ -4,7 +4,7 @@ On a fresh local stack (real Kafka + Redis on free ports) this runs ``faust -A s
 worker`` as a child process and measures, in order:
 
 1. **throughput**: MovieLens-100K (looped, with fresh event ids and shifted times) replayed at a
-   fixed rate (``--rate``, default 3,300 events/s: 10 % over the 3,000 target) for ``--duration``
+   fixed rate (``--rate``, default 6,600 events/s: 10 % over the 6,000 target) for ``--duration``
    seconds (default 120).
    Consumer lag (high watermark - the worker group's committed offset, interactions and the
    item repartition topic) is sampled every second; the run passes if the lag of the last third
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -52,6 +53,10 @@ from streamrec.ops.stack.local_stack import LocalStack
 from streamrec.ops.stack.ports import free_ports
 from streams.settings import StreamsSettings, StreamsTuning
 from tests.support.worker_process import WorkerProcess
+
+# issue 25's targets: one worker keeps up with 6,000 events/s; features online within 100 ms (p99)
+TARGET_EVENTS_PER_S = 6000
+TARGET_FRESHNESS_P99_MS = 100
 
 
 def load_tuning() -> StreamsTuning:
@@ -249,9 +254,9 @@ def floor_run(settings: StreamsSettings, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Offered load above the target: at exactly 3,000/s input the processed rate can only come out at
-    # or under 3,000 (2,956 measured with the lag flat), so the target could not be shown either way.
-    parser.add_argument("--rate", type=float, default=3300.0, help="input events/s of the throughput phase")
+    # Offered load above the target: at exactly 6,000/s input the processed rate can only come out at
+    # or under 6,000, so the target could not be shown either way.
+    parser.add_argument("--rate", type=float, default=6600.0, help="input events/s of the throughput phase")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of the throughput phase")
     parser.add_argument("--fresh-rate", type=float, default=1000.0, help="input events/s of the freshness phase")
     parser.add_argument("--fresh-duration", type=float, default=60.0, help="seconds of the freshness phase")
@@ -262,6 +267,7 @@ def main() -> None:
         help="max seconds to work off a backlog before the freshness phase",
     )
     parser.add_argument("--no-write", action="store_true", help="print the figures, write no result file")
+    parser.add_argument("--result-name", default="ingest", help="the result file's name in bench/results")
     args = parser.parse_args()
 
     kafka_port, controller_port, redis_port, supervisor_port, metrics_port = free_ports(5)
@@ -322,14 +328,16 @@ def main() -> None:
             fresh_sampler, _ = paced_phase(worker, settings, fresh_frame, args.fresh_rate, "freshness")
             after = {view: histogram(worker, "streams_freshness_seconds", view) for view in views}
             applied_after = {view: histogram(worker, "streams_applied_seconds", view) for view in views[1:]}
-            push_p50_ms = {
-                view: 1000 * quantile(0.5, push_before[view], histogram(worker, "streams_push_seconds", view))
-                for view in views[1:]
-            }
+            push_after = {view: histogram(worker, "streams_push_seconds", view) for view in views[1:]}
+            push_p50_ms = {view: 1000 * quantile(0.5, push_before[view], push_after[view]) for view in views[1:]}
+            push_p99_ms = {view: 1000 * quantile(0.99, push_before[view], push_after[view]) for view in views[1:]}
             # where the time goes: event -> applied to state (the item side includes the
             # repartition hop), the rest is the push's wait and run
             applied_p50_ms = {
                 view: 1000 * quantile(0.5, applied_before[view], applied_after[view]) for view in views[1:]
+            }
+            applied_p99_ms = {
+                view: 1000 * quantile(0.99, applied_before[view], applied_after[view]) for view in views[1:]
             }
             p50_ms, p99_ms = (1000 * quantile(q, before[None], after[None]) for q in (0.5, 0.99))
             by_view = {
@@ -357,7 +365,7 @@ def main() -> None:
         # the lag verdict as a figure, so the table's verdict on it is the notes' GROWING / not
         "ingest.lag_growth_events": last_lag - first_lag,
     }
-    met = events_per_s >= 3000 and not growing and p50_ms < 100 and p99_ms < 500
+    met = events_per_s >= TARGET_EVENTS_PER_S and not growing and p50_ms < 100 and p99_ms <= TARGET_FRESHNESS_P99_MS
     top_bucket = "; 30,000 ms is the top finite bucket: the true value is at least that" if p99_ms >= 30000 else ""
     notes = (
         f"Input {args.rate:,.0f} events/s for {args.duration:.0f} s (throughput phase, {elapsed:.0f} s "
@@ -369,8 +377,10 @@ def main() -> None:
         f"worked off for {drain_s:.0f} s (lag left: {backlog} events{'' if backlog == 0 else ', NOT drained'}). "
         "Freshness is the worker's histogram (Kafka record timestamp of the event on the interactions topic "
         "-> the push carrying it wrote it online), both views; of it, event -> applied to state, p50: "
-        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in applied_p50_ms.items())}; push duration p50: "
-        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in push_p50_ms.items())}"
+        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in applied_p50_ms.items())} (p99: "
+        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in applied_p99_ms.items())}); push duration p50: "
+        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in push_p50_ms.items())} (p99: "
+        f"{', '.join(f'{view} {ms:.1f} ms' for view, ms in push_p99_ms.items())})"
         f"{top_bucket}"
         ". Floor: raw confluent-kafka consume + Redis "
         f"pipeline HSET per event of the same topic. Targets {'met' if met else 'MISSED'}."
@@ -379,7 +389,7 @@ def main() -> None:
     print(notes)
     if not args.no_write:
         write_result(
-            "ingest",
+            args.result_name,
             metrics,
             {
                 "ingest.events_per_s": "events/s",
@@ -393,12 +403,12 @@ def main() -> None:
                 "ingest.lag_growth_events": "events",
             },
             targets={
-                "ingest.events_per_s": ">= 3,000 (with ingest.lag_growth_events met)",
+                "ingest.events_per_s": f">= {TARGET_EVENTS_PER_S:,} (with ingest.lag_growth_events met)",
                 "ingest.lag_growth_events": f"<= {2 * args.rate:.0f} events (2 s of input: lag not growing)",
                 "ingest.freshness_p50_ms": "< 100 at 1,000 events/s",
-                "ingest.freshness_p99_ms": "< 500 at 1,000 events/s",
+                "ingest.freshness_p99_ms": f"<= {TARGET_FRESHNESS_P99_MS} at 1,000 events/s",
             },
-            command="python -m bench.ingest_throughput",
+            command=" ".join(["python -m bench.ingest_throughput", *sys.argv[1:]]),
             notes=notes,
         )
 

@@ -336,6 +336,7 @@ def create_app(
         item_partitions=partitions,
         max_pending=tuning.max_held_events,
         push_min_interval_s=tuning.push_min_interval_s,
+        push_busy_share=tuning.push_busy_share,
         rewind=lambda topic, partition, offset: app.consumer.seek(TP(topic, partition), offset),
         rewind_retry_s=tuning.rewind_retry_s,
         start_offset=start_offsets,

@@ -103,6 +103,7 @@ class FeaturePipeline:
     item_partitions: int = 1
     max_pending: int = 20_000
     push_min_interval_s: float = 0.0
+    push_busy_share: float = 1.0
     clock: Callable[[], float] = time.time
     pushers: dict[View, ViewPusher] = field(default_factory=dict)
     # Seeks the consumer of (topic, partition) back to an offset (see _check_offsets); None: only count.
@@ -133,6 +134,7 @@ class FeaturePipeline:
                 to_row,
                 max_pending=self.max_pending,
                 min_interval_s=self.push_min_interval_s,
+                busy_share=self.push_busy_share,
                 changelog_before_online=view == "item_stats",
                 clock=self.clock,
             )

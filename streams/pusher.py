@@ -91,6 +91,9 @@ class ViewPusher:
     to_row: Callable[[str, EntityState], FeatureRow]
     max_pending: int = 20_000
     min_interval_s: float = 0.0
+    # The share of the time a view's pushes may take (see _run): after a push of d seconds the
+    # next starts no sooner than d * (1 / busy_share - 1) after it ended.
+    busy_share: float = 1.0
     retry_max_s: float = 5.0
     # Wait for the changelog records' delivery before writing the rows online. Needed where a
     # restarted worker may rebuild a state from redelivered events in another order (items: the
@@ -105,6 +108,7 @@ class ViewPusher:
     _dirty: dict[str, _Dirty] = field(default_factory=dict)
     _held: list[tuple[HeldEvent, float]] = field(default_factory=list)
     _in_flight: int = 0
+    _last_write_s: float = 0.0  # how long the last cycle's write to the store took
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _progress: asyncio.Condition = field(default_factory=asyncio.Condition)
     _task: asyncio.Task[None] | None = None
@@ -221,7 +225,7 @@ class ViewPusher:
         """Wait until everything held so far is pushed and acked (tests, shutdown)."""
         while self.pending:
             await self.kick()
-            # Wait for progress, not for "no push in flight": between pushes (push_min_interval_s)
+            # Wait for progress, not for "no push in flight": between pushes (their pacing)
             # nothing is in flight while events are held, and that predicate made this a busy loop
             # that never let the push task run. The timeout re-kicks a push task that died.
             with contextlib.suppress(TimeoutError):
@@ -229,20 +233,29 @@ class ViewPusher:
                     await asyncio.wait_for(self._progress.wait_for(lambda: self.pending == 0), timeout=1.0)
 
     async def _run(self) -> None:
-        last_start = -float("inf")
+        """Push cycles, paced by their own cost: after a cycle whose write to the store took d
+        seconds (the part that runs Python in a thread beside the agents; a cycle's wait for
+        Kafka's acknowledgements costs no CPU) the next one waits until d * (1 / busy_share - 1)
+        has passed since it ended, and ``min_interval_s`` since it began. A cheap push (a light
+        load) is followed by the next one almost at once, so an event waits little for its push;
+        pushes that grow with the load space themselves out by as much, so the dirty entities
+        coalesce into fewer, larger pushes (docs/design/streams.md#push-pacing)."""
+        last_start = last_end = -float("inf")
+        rest_share = 1.0 / self.busy_share - 1.0
         while True:
             await self._wake.wait()
             self._wake.clear()
             if not self._dirty:
                 continue
-            # Let more entities coalesce into this push (see StreamsTuning.push_min_interval_s).
-            wait_s = last_start + self.min_interval_s - time.monotonic()
+            not_before = max(last_start + self.min_interval_s, last_end + self._last_write_s * rest_share)
+            wait_s = not_before - time.monotonic()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             last_start = time.monotonic()
             try:
                 failed = await self._cycle()
             finally:
+                last_end = time.monotonic()
                 self._in_flight = 0
                 async with self._progress:
                     self._progress.notify_all()
@@ -343,7 +356,8 @@ class ViewPusher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
                 continue
-            metrics.PUSH_SECONDS.labels(self.view).observe(time.perf_counter() - started)
+            self._last_write_s = time.perf_counter() - started
+            metrics.PUSH_SECONDS.labels(self.view).observe(self._last_write_s)
             metrics.PUSHES.labels(self.view).inc()
             metrics.PUSHED_ROWS.labels(self.view).inc(len(rows))
             return written_at

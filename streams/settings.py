@@ -83,12 +83,15 @@ class StreamsTuning(FaustAppTuning):
     allowed_lateness_s: float = Field(default=24 * 3600.0, ge=0)
     max_future_skew_s: float = Field(default=300.0, ge=0)
     # take_events(push_batch_size, within=push_max_wait_s): how often the agents hand applied
-    # events to the pushers; pushes themselves run back to back and coalesce what accumulates.
+    # events to the pushers; pushes run on their own pace and coalesce what accumulates.
     push_batch_size: int = Field(default=1000, ge=1)
     push_max_wait_s: float = Field(default=0.02, gt=0)
-    # A view's pushes start at most this often, so dirty entities coalesce into fewer, larger
-    # pushes; it adds up to this much to freshness (the target is p50 < 100 ms).
-    push_min_interval_s: float = Field(default=0.05, ge=0)
+    # A view's writes to the store take at most this share of the time: after a write of d
+    # seconds the next push waits d * (1 / share - 1), so pushes that grow with the load coalesce
+    # more entities, and a light load's cheap pushes follow each other closely (ViewPusher._run).
+    push_busy_share: float = Field(default=0.5, gt=0, le=1)
+    # A view's pushes start at most this often, whatever they cost (0: paced by push_busy_share only).
+    push_min_interval_s: float = Field(default=0.0, ge=0)
     # Faust's producer_linger: how long the Kafka producer waits to fill a batch.
     producer_linger_s: float = Field(default=0.005, ge=0)
     # sys.setswitchinterval for the worker: lets the event loop run beside the push thread.

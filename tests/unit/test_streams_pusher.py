@@ -232,3 +232,42 @@ def test_a_cancelled_push_cycle_keeps_no_reference_to_the_fenced_events(when: st
         assert [ref() for ref in messages] == [None, None, None]
 
     asyncio.run(main())
+
+
+class _TimedSink(_SlowSink):
+    """A slow push that records when each push began and ended, and how many rows it carried."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.pushes: list[tuple[float, float, int]] = []
+
+    def push(self, view: str, rows: Sequence[FeatureRow]) -> None:
+        started = time.monotonic()
+        super().push(view, rows)
+        self.pushes.append((started, time.monotonic(), len(rows)))
+
+
+@pytest.mark.parametrize("busy_share", [1.0, 0.25])
+def test_pushes_are_paced_by_their_own_cost(busy_share: float) -> None:
+    """After a push of d seconds the next waits d * (1 / busy_share - 1) from its end, and what
+    was held meanwhile goes out in that one push; at a share of 1 pushes run back to back."""
+    delay_s = 0.3
+    table, sink = _RecordingTable(), _TimedSink(delay_s=delay_s)
+    state = _one_event_state()
+
+    async def main() -> None:
+        pusher = _pusher(table, sink, busy_share=busy_share)
+        pusher.hold("a", state, 0, _Event())
+        await pusher.kick()
+        await asyncio.sleep(delay_s / 3)  # the first push is running
+        for key in ("b", "c"):
+            pusher.hold(key, state, 0, _Event())
+            await pusher.kick()
+        await asyncio.wait_for(pusher.drain(), timeout=10)
+
+    asyncio.run(main())
+    (_, first_end, _), (second_start, _, second_rows) = sink.pushes
+    assert second_rows == 2
+    rest_s = delay_s * (1 / busy_share - 1)
+    assert second_start - first_end >= rest_s - 0.01
+    assert second_start - first_end < rest_s + delay_s
