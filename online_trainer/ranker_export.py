@@ -72,6 +72,18 @@ class _RankerServing(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         return {"scores": tf.where(padding, tf.constant(PAD_SCORE, tf.float32), logits)}
 
 
+def serving_module(model: RankerModel) -> _RankerServing:
+    """``model``'s serving module, traced once per model object: its ``rank`` reads the model's
+    variables, so a later export of the same object (new weights assigned in place, as the ranker
+    line's two alternating models are) writes the graph and variables without tracing again."""
+    cached = getattr(model, "_serving_module", None)
+    if isinstance(cached, _RankerServing):
+        return cached
+    module = _RankerServing(model)
+    object.__setattr__(model, "_serving_module", module)  # not a tracked attribute of the Keras model
+    return module
+
+
 def export_ranker(
     model: RankerModel, export_dir: Path, schema: AttributeSchema, *, lineage: dict[str, Any] | None = None
 ) -> Path:
@@ -90,7 +102,7 @@ def export_ranker(
         raise FileExistsError(f"export_ranker: {export_dir} already exists; versions are immutable, export a new one")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = export_dir.parent / f"{TEMP_PREFIX}{export_dir.name}-{uuid.uuid4().hex}"
-    module = _RankerServing(model)
+    module = serving_module(model)
     rank = module.rank.get_concrete_function(tensor_specs(ranker_signature_spec(schema)[0]))
     tf.saved_model.save(module, str(temp), signatures=dict.fromkeys(RANKER_SIGNATURES, rank))
     extra = temp / EXTRA_DIR

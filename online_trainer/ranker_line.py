@@ -113,6 +113,7 @@ class RankerLine:
         self.schema = schema
         self.publisher = publisher if publish else None
         self.model: RankerModel | None = None
+        self._spare: RankerModel | None = None  # an earlier candidate that serves nothing (see _copy)
         self.version = 0
         self.learned_until: pd.Timestamp | None = None  # the newest impression the current version learned
         self.pending: dict[str, dict[str, Any]] = {}  # event_id -> row (a redelivered example counts once)
@@ -181,6 +182,7 @@ class RankerLine:
         self._check(outcome, candidate, holdout, holdout_rows["request_id"].to_numpy(), stats)
         if not outcome.passed:
             log.warning("ranking candidate rejected: %s", "; ".join(outcome.reasons))
+            self._spare = candidate
             return outcome
         version = (export.latest_version(self.base_path) or 0) + 1
         learned_until = pd.Timestamp(train_rows["impression_time"].max()).isoformat()
@@ -195,10 +197,11 @@ class RankerLine:
         self._check_export(outcome, staged, holdout)
         if not outcome.passed:
             shutil.rmtree(staged, ignore_errors=True)
+            self._spare = candidate
             return outcome
         self.base_path.mkdir(parents=True, exist_ok=True)
         os.rename(staged, self.base_path / str(version))
-        self.model, self.version, outcome.version = candidate, version, version
+        self._spare, self.model, self.version, outcome.version = self.model, candidate, version, version
         self.learned_until = pd.Timestamp(learned_until)
         self._label(version)
         export.prune_versions(self.base_path, self.tuning.retention, self._protected())
@@ -206,10 +209,15 @@ class RankerLine:
         return outcome
 
     def _copy(self, model: RankerModel) -> RankerModel:
-        copy = build_ranker(self.schema, model.config)
-        assign_weights(copy, weights_by_path(model))
-        assign_optimizer_state(copy, optimizer_state(model))
-        return copy
+        """A candidate holding ``model``'s weights and optimizer state: the spare model object
+        (an earlier candidate that serves nothing) when there is one, so its traced training step
+        and serving module are reused; a new object otherwise."""
+        spare, self._spare = self._spare, None
+        if spare is None or spare is model or spare.config != model.config:
+            spare = build_ranker(self.schema, model.config)
+        assign_weights(spare, weights_by_path(model))
+        assign_optimizer_state(spare, optimizer_state(model))
+        return spare
 
     def _check(
         self,

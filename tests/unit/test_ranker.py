@@ -19,6 +19,7 @@ from online_trainer.ranker_export import (
     ranker_signature_problems,
     ranker_signature_spec,
 )
+from online_trainer.ranker_export import serving_module as ranker_serving_module
 from online_trainer.ranker_model import RankerConfig, RankerModel, build_ranker
 from online_trainer.ranker_training import (
     RankerBatch,
@@ -235,6 +236,31 @@ def test_export_serves_the_in_memory_logits_and_resumes_for_fine_tuning(tmp_path
         loaded.signatures[contracts.RANK_SIGNATURE](**mismatched)
     with pytest.raises(FileExistsError):
         export_ranker(model, version, ATTRIBUTES)
+
+
+def test_a_second_export_of_one_ranker_object_reuses_its_trace_and_serves_its_new_weights(tmp_path: Path) -> None:
+    """The ranker line trains two model objects in turn: the export of an object traced before
+    writes its new weights without tracing ``rank`` again, and the version serves those weights."""
+    model = build_ranker(ATTRIBUTES, SMALL)
+    labeled = _planted(600, seed=3).assign(tier="gold", count_1h=2)
+    train_ranker(model, ranker_examples(labeled, ATTRIBUTES), epochs=1, batch_size=128)
+    export_ranker(model, tmp_path / "ranker" / "1", ATTRIBUTES)
+    module = ranker_serving_module(model)
+    traced = module.rank.experimental_get_tracing_count()
+    train_ranker(model, ranker_examples(_planted(600, seed=4).assign(tier="gold", count_1h=2), ATTRIBUTES), epochs=2)
+    second = export_ranker(model, tmp_path / "ranker" / "2", ATTRIBUTES)
+    assert ranker_serving_module(model) is module and module.rank.experimental_get_tracing_count() == traced
+
+    arrays = _request(ATTRIBUTES)
+    request = {name: tf.constant(values) for name, values in arrays.items()}
+    served = tf.saved_model.load(str(second)).signatures[contracts.RANK_SIGNATURE](**request)["scores"].numpy()
+    users = {name: request[name] for name in user_spec(ATTRIBUTES)}
+    in_memory = np.asarray(model.logits(users, request["item_ids"], request["retrieval_scores"]))
+    padding = arrays["item_ids"] == ""
+    np.testing.assert_allclose(served[~padding], in_memory[~padding], rtol=1e-5, atol=1e-6)
+    first = tf.saved_model.load(str(tmp_path / "ranker" / "1")).signatures[contracts.RANK_SIGNATURE](**request)
+    assert not np.allclose(first["scores"].numpy()[~padding], served[~padding])  # the new weights, not the old
+    assert ranker_serving_module(build_ranker(ATTRIBUTES, SMALL)) is not module  # another object: its own trace
 
 
 def test_signature_problems_name_a_missing_input_and_a_wrong_dtype(tmp_path: Path) -> None:

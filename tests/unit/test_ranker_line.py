@@ -155,3 +155,30 @@ def test_within_request_auc_counts_the_pairs_of_one_list_only() -> None:
     scores = np.array([2.0, 1.0, 0.0, 3.0, -9.0])  # r3 has no unclicked item: no pair
     assert within_request_auc(requests, clicked, scores) == (0.5, 2)
     assert np.isnan(within_request_auc(requests[4:], clicked[4:], scores[4:])[0])
+
+
+def test_the_intervals_alternate_two_model_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate is the spare model object (the one that served before, or a rejected
+    candidate) with the current weights assigned, so its traced training step and serving module
+    are reused: after the first interval no model is built again."""
+    built = []
+    build = ranker_line_module.build_ranker
+
+    def counting_build(*args: Any, **kwargs: Any) -> Any:
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ranker_line_module, "build_ranker", counting_build)
+    line = _line(tmp_path, FakePublisher())
+    line.resume()
+    first = line.model
+    outcomes = []
+    for interval in range(3):
+        for example in planted(300, start=300 * interval, seed=interval):
+            line.add(example)
+        outcomes.append(line.run_interval())
+    assert len(built) == 2, outcomes  # the first version's model and one spare
+    assert {id(line.model), id(line._spare)} == {id(model) for model in built}
+    assert first is built[0]
+    published = [outcome.version for outcome in outcomes if outcome is not None and outcome.version is not None]
+    assert published, outcomes  # the planted preference is learned: at least one candidate serves
