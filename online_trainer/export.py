@@ -29,8 +29,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,7 @@ OPTIMIZER_FILE = "optimizer.npz"
 CONFIG_FILE = "model_config.json"
 CATALOG_FILE = "catalog.json"
 MAX_WARMUP_REQUESTS = 32
+_Module = TypeVar("_Module", bound=tf.Module)
 
 
 class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no type hints
@@ -163,17 +165,28 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         return {"item_ids": ids, "scores": scores}
 
 
-def serving_module(model: TwoTowerModel) -> _ServingModule:
-    """``model``'s serving module with its current weights and catalog, traced once per model
-    object while its catalog stays the same (the trainer alternates two model objects, so each
-    export after the first two writes the graph and variables only)."""
-    ids, values = catalog_arrays(model.catalog)
+def kept_module(
+    model: object, kind: type[_Module], build: Callable[[], _Module], reusable: Callable[[_Module], bool]
+) -> _Module:
+    """The serving module kept on ``model`` when it is a ``kind`` and ``reusable`` says it can serve
+    the model as it is now, else a new one from ``build``, kept for the next export. Its signatures
+    read the model's variables, so a module is traced once per model object (the trainer
+    alternates two objects per model line) and a later export writes the graph and variables only."""
     cached = getattr(model, "_serving_module", None)
-    if isinstance(cached, _ServingModule) and cached.refresh(ids, values):
+    if isinstance(cached, kind) and reusable(cached):
         return cached
-    module = _ServingModule(model, ids, values)
+    module = build()
     object.__setattr__(model, "_serving_module", module)  # not a tracked attribute of the Keras model
     return module
+
+
+def serving_module(model: TwoTowerModel) -> _ServingModule:
+    """``model``'s serving module with its current weights and catalog (:func:`kept_module`; a new
+    one when the catalog changed or is searched through an IVF index)."""
+    ids, values = catalog_arrays(model.catalog)
+    return kept_module(
+        model, _ServingModule, lambda: _ServingModule(model, ids, values), lambda cached: cached.refresh(ids, values)
+    )
 
 
 def _ivf_search(vectors: np.ndarray, config: ModelConfig) -> IvfSearch | None:

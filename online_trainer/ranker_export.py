@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from online_trainer.export import EXTRA_DIR, OPTIMIZER_FILE, TEMP_PREFIX, WEIGHTS_FILE, _fsync_dir, _fsync_tree
+from online_trainer.export import (
+    EXTRA_DIR,
+    OPTIMIZER_FILE,
+    TEMP_PREFIX,
+    WEIGHTS_FILE,
+    _fsync_dir,
+    _fsync_tree,
+    kept_module,
+)
 from online_trainer.inference import PAD_SCORE
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
 from online_trainer.ranker_model import RankerConfig, RankerModel, build_ranker
@@ -73,15 +81,9 @@ class _RankerServing(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
 
 
 def serving_module(model: RankerModel) -> _RankerServing:
-    """``model``'s serving module, traced once per model object: its ``rank`` reads the model's
-    variables, so a later export of the same object (new weights assigned in place, as the ranker
-    line's two alternating models are) writes the graph and variables without tracing again."""
-    cached = getattr(model, "_serving_module", None)
-    if isinstance(cached, _RankerServing):
-        return cached
-    module = _RankerServing(model)
-    object.__setattr__(model, "_serving_module", module)  # not a tracked attribute of the Keras model
-    return module
+    """``model``'s serving module, traced once per model object (``export.kept_module``): the
+    ranker line assigns new weights into its two model objects in turn."""
+    return kept_module(model, _RankerServing, lambda: _RankerServing(model), lambda _: True)
 
 
 def export_ranker(
