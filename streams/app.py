@@ -426,6 +426,7 @@ def create_app(
         )
 
     revoke_fence(app).listeners.append(fence_revoked)
+    revoke_fence(app).waiting.append(pipeline.hurry_pushes)
 
     @app.on_partitions_assigned.connect
     def unfence_assigned(_: Any, /, *args: Any, signal: Any, **__: Any) -> None:

@@ -138,10 +138,13 @@ class RevokeFence:
     write). So at ``wait_s``, well inside the timeout, each listener stops writing for the
     partitions it is given and drops what it holds for them (``FeaturePipeline.fence_partitions``);
     their unacked records are read again by the next owner. See docs/design/streams.md#revoke-fence.
+    Before that, when the wait begins, each of ``waiting`` is told how long it has (``wait_s``):
+    the feature pushers then push what they hold without pacing (``ViewPusher.hurry``).
     """
 
     wait_s: float
     listeners: list[Callable[[set[TP]], None]] = field(default_factory=list)
+    waiting: list[Callable[[float], None]] = field(default_factory=list)
     # how long after the fence a revoke still waits for held records (None: ``wait_s`` again,
     # so the rebalance timeout in all)
     give_up_after_s: float | None = None
@@ -153,6 +156,10 @@ class RevokeFence:
     def notify(self, partitions: set[TP]) -> None:
         for listener in self.listeners:
             listener(partitions)
+
+    def notify_waiting(self) -> None:
+        for listener in self.waiting:
+            listener(self.wait_s)
 
 
 class _ReadOffsets(dict[TP, int | None]):
@@ -228,6 +235,8 @@ class GaplessConsumer(aiokafka_driver.Consumer):
         started = time.monotonic()
         fenced_at: float | None = None
         holders_logged = False
+        if fence is not None and self._unacked_messages:
+            fence.notify_waiting()
         while not self.should_stop and self._unacked_messages:
             await self.commit()
             gc.collect()  # records dropped unacked leave the weak set once collected

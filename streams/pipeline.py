@@ -405,6 +405,12 @@ class FeaturePipeline:
         log.warning("the online store restarted (run %s, was %s): pushing %d entities again", epoch, previous, marked)
         return marked
 
+    def hurry_pushes(self, for_s: float) -> None:
+        """Push what is held at once and without pacing for ``for_s`` seconds (a revoke waits
+        for the acks: ``ViewPusher.hurry``)."""
+        for pusher in self.pushers.values():
+            pusher.hurry(for_s)
+
     async def drain(self) -> None:
         """Wait until every held event is pushed and acked."""
         for pusher in list(self.pushers.values()):

@@ -43,7 +43,10 @@ class FeatureRow:
 class FeatureSink(Protocol):
     """Writes feature rows (blocking: the pusher calls it in a worker thread)."""
 
-    def warm_up(self) -> None: ...
+    def warm_up(self) -> None:
+        """Resolve what pushes need (seconds, once); returns at once when done, and waits for a
+        warm-up in progress on another thread."""
+        ...
 
     def push(self, view: View, rows: Sequence[FeatureRow]) -> float | None:
         """Write ``rows``; returns the wall-clock time they became readable online, if known
@@ -109,6 +112,8 @@ class ViewPusher:
     _held: list[tuple[HeldEvent, float]] = field(default_factory=list)
     _in_flight: int = 0
     _last_write_s: float = 0.0  # how long the last cycle's write to the store took
+    _hurry_until: float = -float("inf")  # pushes are not paced until then (time.monotonic; see hurry)
+    _hurried: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _progress: asyncio.Condition = field(default_factory=asyncio.Condition)
     _task: asyncio.Task[None] | None = None
@@ -221,6 +226,16 @@ class ViewPusher:
             async with self._progress:
                 await self._progress.wait_for(lambda: self.pending < self.max_pending)
 
+    def hurry(self, for_s: float) -> None:
+        """Push what is held at once, and every push of the next ``for_s`` seconds without pacing.
+
+        A revoke (or a stop) waits for the agents' records to be acked before it fences them
+        (``streams.faust_app.RevokeFence``): a push paced after a slow one could miss that time,
+        and each fence of a worker that then exits for a restart starts the other's revoke."""
+        self._hurry_until = max(self._hurry_until, time.monotonic() + for_s)
+        self._hurried.set()
+        self._wake.set()
+
     async def drain(self) -> None:
         """Wait until everything held so far is pushed and acked (tests, shutdown)."""
         while self.pending:
@@ -239,7 +254,8 @@ class ViewPusher:
         has passed since it ended, and ``min_interval_s`` since it began. A cheap push (a light
         load) is followed by the next one almost at once, so an event waits little for its push;
         pushes that grow with the load space themselves out by as much, so the dirty entities
-        coalesce into fewer, larger pushes (docs/design/streams.md#push-pacing)."""
+        coalesce into fewer, larger pushes (docs/design/streams.md#push-pacing). While hurried
+        (:meth:`hurry`) nothing is paced."""
         last_start = last_end = -float("inf")
         rest_share = 1.0 / self.busy_share - 1.0
         while True:
@@ -249,8 +265,10 @@ class ViewPusher:
                 continue
             not_before = max(last_start + self.min_interval_s, last_end + self._last_write_s * rest_share)
             wait_s = not_before - time.monotonic()
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
+            if wait_s > 0 and time.monotonic() >= self._hurry_until:
+                self._hurried.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurried.wait(), timeout=wait_s)
             last_start = time.monotonic()
             try:
                 failed = await self._cycle()
@@ -345,18 +363,24 @@ class ViewPusher:
         self._held = [(event, ts) for event, ts in held if owned(event.message.partition)] + self._held
 
     async def _push(self, rows: Sequence[FeatureRow]) -> float | None:
+        def timed_push() -> tuple[float | None, float]:
+            # The write's own cost paces the next push: not a warm-up it waited for (seconds at
+            # a worker's start), nor its wait for a thread.
+            self.sink.warm_up()
+            started = time.perf_counter()
+            written_at = self.sink.push(self.view, rows)
+            return written_at, time.perf_counter() - started
+
         delay = 0.1
         while True:
-            started = time.perf_counter()
             try:
-                written_at = await asyncio.to_thread(self.sink.push, self.view, rows)
+                written_at, self._last_write_s = await asyncio.to_thread(timed_push)
             except Exception:  # noqa: BLE001 -- retried: acking without the push would lose the rows
                 metrics.PUSH_FAILURES.labels(self.view).inc()
                 log.exception("push of %d %s rows failed; retrying in %.1fs", len(rows), self.view, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
                 continue
-            self._last_write_s = time.perf_counter() - started
             metrics.PUSH_SECONDS.labels(self.view).observe(self._last_write_s)
             metrics.PUSHES.labels(self.view).inc()
             metrics.PUSHED_ROWS.labels(self.view).inc(len(rows))

@@ -259,7 +259,7 @@ def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
     assigned again, and drop what they hold, which ends the wait; a record still in an agent's
     hands is waited for (no agent is left in the middle of a batch). Without the fence, a worker
     whose pushes stall outwaits the group's rebalance timeout and writes its stale states after
-    their next owner restored them."""
+    their next owner restored them. When the wait begins, the pushers are told to push unpaced."""
     commits: list[str] = []
 
     async def no_commit(self: Any, *args: Any, **kwargs: Any) -> bool:
@@ -280,6 +280,9 @@ def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
         fence = revoke_fence(app)
         assert fence.wait_s == pytest.approx(3.0) == fence.give_up_s  # half the rebalance timeout
         fence.wait_s, fence.give_up_after_s = 0.5, 60.0
+        assert fence.waiting == [pipeline.hurry_pushes]  # the pushers push unpaced while a revoke waits
+        told: list[float] = []
+        fence.waiting.append(told.append)
         by_item, users = TP(settings.by_item_topic, 2), TP(settings.topics.interactions, 1)
         monkeypatch.setattr(GaplessConsumer, "assignment", lambda self: {users})
         loop = asyncio.get_running_loop()
@@ -289,6 +292,7 @@ def test_a_revoke_fences_the_partitions_of_records_still_held_at_its_fence_time(
         loop.call_later(0.1, lambda: setattr(in_time, "acked", True))
         await asyncio.wait_for(consumer.wait_empty(), timeout=5)
         assert pipeline.pusher("item_stats").fenced == set()
+        assert told == [0.5]  # when the wait began, with the time it has
 
         # held by a pusher (only referenced there: dropped at the fence), and by an agent's batch
         held_by_pusher = [_HeldMessage(by_item)]

@@ -271,3 +271,70 @@ def test_pushes_are_paced_by_their_own_cost(busy_share: float) -> None:
     rest_s = delay_s * (1 / busy_share - 1)
     assert second_start - first_end >= rest_s - 0.01
     assert second_start - first_end < rest_s + 2 * delay_s  # back to back at a share of 1
+
+
+class _WarmingSink(_TimedSink):
+    """Its first push waits for a warm-up of ``warm_up_s`` in progress (a worker's start)."""
+
+    def __init__(self, warm_up_s: float) -> None:
+        super().__init__(delay_s=0.0)
+        self.warm_up_s = warm_up_s
+
+    def warm_up(self) -> None:
+        time.sleep(self.warm_up_s)
+        self.warm_up_s = 0.0
+
+
+def test_a_warm_up_the_first_push_waited_for_does_not_pace_the_next() -> None:
+    """Only the write paces: a push that first waited seconds for the sink's warm-up is followed
+    by the next at once (it was: the next waited as long again, at a share of 0.5)."""
+    table, sink = _RecordingTable(), _WarmingSink(warm_up_s=1.0)
+    state = _one_event_state()
+
+    async def main() -> None:
+        pusher = _pusher(table, sink, busy_share=0.25)
+        pusher.hold("a", state, 0, _Event())
+        await pusher.kick()
+        await asyncio.sleep(0.5)  # the first push waits for the warm-up
+        pusher.hold("b", state, 0, _Event())
+        await pusher.kick()
+        await asyncio.wait_for(pusher.drain(), timeout=10)
+
+    asyncio.run(main())
+    (_, first_end, _), (second_start, _, _) = sink.pushes
+    assert second_start - first_end < 0.5  # paced by the warm-up it would be 3 s
+
+
+def test_hurry_pushes_what_is_held_at_once_and_unpaced_for_its_time() -> None:
+    """A revoke's wait (``RevokeFence.waiting``) cuts short a pacing wait in progress, and the
+    pushes of the next ``for_s`` seconds are not paced either; after that pacing is back."""
+    delay_s = 0.2
+    table, sink = _RecordingTable(), _TimedSink(delay_s=delay_s)
+    state = _one_event_state()
+    rest_s = delay_s * (1 / 0.1 - 1)  # 1.8 s after each push
+
+    async def push_one(pusher: ViewPusher, key: str) -> None:
+        pusher.hold(key, state, 0, _Event())
+        await pusher.kick()
+        await asyncio.wait_for(pusher.drain(), timeout=10)
+
+    async def main() -> list[float]:
+        pusher = _pusher(table, sink, busy_share=0.1)
+        await push_one(pusher, "a")
+        pusher.hold("b", state, 0, _Event())
+        await pusher.kick()
+        await asyncio.sleep(0.3)  # "b" waits for its pace
+        hurried_at = time.monotonic()
+        pusher.hurry(for_s=1.0)
+        await asyncio.wait_for(pusher.drain(), timeout=10)
+        await push_one(pusher, "c")  # within the hurry: at once
+        await asyncio.sleep(1.0)
+        await push_one(pusher, "d")  # the hurry is over
+        return [hurried_at]
+
+    (hurried_at,) = asyncio.run(main())
+    starts = [start for start, _, _ in sink.pushes]
+    ends = [end for _, end, _ in sink.pushes]
+    assert starts[1] - hurried_at < delay_s
+    assert starts[2] - ends[1] < delay_s
+    assert starts[3] - ends[2] >= rest_s - 0.01
