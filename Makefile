@@ -16,10 +16,18 @@ setup: system-deps $(VENV)/.installed go-tools
 GOBIN ?= $(HOME)/go/bin
 GRPCURL_VERSION := v1.9.3
 GHZ_VERSION := v0.120.0
-go-tools: $(GOBIN)/grpcurl
+# The Helm chart's checks (tests/unit/test_helm_chart.py): helm lint and template, and kubeconform
+# with the Kubernetes schemas of the kubernetes-validate package plus infra/helm/schemas for CRDs.
+HELM_VERSION := v4.3.2
+KUBECONFORM_VERSION := v0.8.0
+go-tools: $(GOBIN)/grpcurl $(GOBIN)/helm $(GOBIN)/kubeconform
 bench-tools: $(GOBIN)/ghz
 $(GOBIN)/grpcurl:
 	go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+$(GOBIN)/helm:
+	go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+$(GOBIN)/kubeconform:
+	go install github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION)
 $(GOBIN)/ghz:
 	go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 

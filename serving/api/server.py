@@ -80,6 +80,21 @@ def recommender_server(
         raise ApiSetupError(f"cannot listen on {address} ({exc}); is the port taken? set STREAMREC_API__PORT") from exc
 
 
+def health_server(settings: ApiSettings, health_servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A plaintext server with the health service alone on ``api.health_port`` (the same servicer,
+    so the same status as the Recommender's port), bound but not started, and its port. For
+    Kubernetes' gRPC probes, which cannot speak TLS to a Recommender served over it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.api.host}:{settings.api.health_port}"
+    try:
+        return server, server.add_insecure_port(address)
+    except (RuntimeError, OSError) as exc:
+        raise ApiSetupError(
+            f"cannot listen on {address} for health ({exc}); is the port taken? set STREAMREC_API__HEALTH_PORT"
+        ) from exc
+
+
 def open_feature_store(settings: ApiSettings) -> FeatureStore:
     """Feast on the configured Redis, with socket timeouts so a hung Redis cannot hang a request.
 
@@ -145,11 +160,13 @@ class ApiServer:
         self._store = store
         self._client = model_client
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self._health = health.HealthServicer(experimental_non_blocking=True)
         self._trending: TrendingItems | None = None
         self._impressions: ImpressionLogger | None = None
         self._ranking_client: ModelServerClient | None = None
         self.port = 0
+        self.health_port = 0
 
     def start(self) -> int:
         """Build everything, bind, serve; return the bound port (useful when ``api.port`` is 0)."""
@@ -222,6 +239,9 @@ class ApiServer:
         server, self.port = recommender_server(settings, service, self._health)
         server.start()
         self._server = server
+        if settings.api.health_port:
+            self._health_server, self.health_port = health_server(settings, self._health)
+            self._health_server.start()
         if settings.api.metrics_port:
             self.metrics.serve_http(settings.api.metrics_port, settings.api.host)
         for name in ("", SERVICE_NAME):
@@ -243,6 +263,9 @@ class ApiServer:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
+            self._health_server = None
         if self._trending is not None:
             self._trending.stop()
         if self._impressions is not None:

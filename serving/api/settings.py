@@ -30,6 +30,9 @@ class ApiSection(ProcessTuning):
     # Loopback by default; containers set 0.0.0.0 (STREAMREC_API__HOST).
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
+    # A second, plaintext port that serves grpc.health.v1 only (0: none): Kubernetes' gRPC probes
+    # speak no TLS, and health answers anyone anyway (serving.grpc_security.identity).
+    health_port: int = Field(default=0, ge=0, le=65535)
     # The model exports its top TOP_K_EXPORTED, so no request can ask for more.
     max_k: int = Field(default=50, ge=1, le=contracts.TOP_K_EXPORTED)
     default_k: int = Field(default=10, ge=1, le=contracts.TOP_K_EXPORTED)

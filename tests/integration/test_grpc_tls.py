@@ -147,7 +147,9 @@ def api(
 ) -> Iterator[ApiServer]:
     project = f"tls{uuid.uuid4().hex[:8]}"
     plain = make_settings(stack_settings, models.state_dir, project, models.target)
-    settings: ApiSettings = plain.model_copy(update={"grpc": identity(secrets, "api")})
+    settings: ApiSettings = plain.model_copy(
+        update={"grpc": identity(secrets, "api"), "api": plain.api.model_copy(update={"health_port": free_ports(1)[0]})}
+    )
     ensure_topics(settings)
     set_up_features(settings)
     server = ApiServer(settings)
@@ -217,6 +219,13 @@ def test_the_api_serves_over_tls_to_callers_with_a_token_and_health_to_anyone(
 
     anonymous = identity(secrets, "admin", certificate=False, token=False)
     assert health(target, anonymous) == "SERVING"
+    # the plaintext health port (Kubernetes' gRPC probes) answers the same, and serves nothing else
+    health_target = f"127.0.0.1:{api.health_port}"
+    assert health(health_target, None) == "SERVING"
+    with open_channel(health_target, None) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb.grpc.RecommenderStub(channel).Recommend(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert recommend(anonymous) == "UNAUTHENTICATED"
     assert recommend(None) == "UNAVAILABLE"  # plaintext
     other = LocalCA.load_or_create(tmp_path / "other-ca")

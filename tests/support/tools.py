@@ -36,6 +36,8 @@ OUTSIDE_TOOLS: dict[str, OutsideTool] = {
     "docker-compose": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
     "prometheus": OutsideTool(installed_by_go=False, install_step=SYSTEM_DEPS_STEP),
     "grpcurl": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
+    "helm": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
+    "kubeconform": OutsideTool(installed_by_go=True, install_step=GO_TOOLS_STEP),
     "ghz": OutsideTool(
         installed_by_go=True,
         install_step="`make bench-tools` (part of `make bench`; installs the pinned version into $GOBIN)",

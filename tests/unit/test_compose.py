@@ -9,20 +9,18 @@ then fails here instead of in a container at start.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
-import typer.core
 import yaml
 from typer.testing import CliRunner
 
 from streamrec.core.settings import known_env_names
 from streamrec.ops.cli import app
+from tests.support.cli_words import assert_cli_accepts
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.unit
@@ -30,7 +28,6 @@ pytestmark = pytest.mark.unit
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_DIR = REPO_ROOT / "infra"
 COMPOSE_FILE = INFRA_DIR / "docker-compose.yml"
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _services() -> dict[str, dict[str, Any]]:
@@ -48,22 +45,6 @@ def _project_services() -> dict[str, dict[str, Any]]:
 def _command_words(spec: dict[str, Any]) -> list[str]:
     command = spec["command"]
     return shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
-
-
-def _resolve(words: list[str]) -> tuple[list[str], Any, list[str]]:
-    """Walk the CLI's command groups: (subcommand path, the command it names, remaining args).
-
-    Typer (0.2x) vendors its own copy of Click, so the Click objects come from typer, not click.
-    """
-    command = typer.main.get_command(app)
-    path: list[str] = []
-    while isinstance(command, typer.core.TyperGroup) and len(path) < len(words):
-        subcommand = command.get_command(typer.Context(command), words[len(path)])
-        assert subcommand is not None, f"`streamrec {' '.join(words)}`: no command {words[len(path)]!r}"
-        command = subcommand
-        path.append(words[len(path)])
-    assert not isinstance(command, typer.core.TyperGroup), f"`streamrec {' '.join(words)}` names a group, not a command"
-    return path, command, words[len(path) :]
 
 
 def _host_volume_sources(spec: dict[str, Any]) -> list[tuple[str, str]]:
@@ -163,20 +144,7 @@ def test_project_services_exist() -> None:
 
 @pytest.mark.parametrize("service", sorted(_project_services()))
 def test_project_service_command_is_accepted_by_the_cli(service: str) -> None:
-    words = _command_words(_project_services()[service])
-    path, command, args = _resolve(words)
-
-    result = CliRunner().invoke(app, [*path, "--help"])
-    assert result.exit_code == 0, result.output
-    help_text = ANSI_ESCAPE.sub("", result.output)
-    for word in words:
-        if word.startswith("--"):
-            option = word.split("=", 1)[0]
-            assert option in help_text, f"{service}: `streamrec {' '.join(path)}` has no option {option}"
-
-    # Parse the arguments exactly as a run would (unknown options, wrong value types), without
-    # running the command.
-    command.make_context(f"streamrec {' '.join(path)}", list(args))
+    assert_cli_accepts(_command_words(_project_services()[service]), service)
 
 
 @pytest.mark.parametrize("service", sorted(_project_services()))
