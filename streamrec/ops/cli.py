@@ -407,6 +407,7 @@ def _mount_components() -> None:
     """Commands that live beside their components; each module imports heavy libraries lazily."""
     from features.cli import app as features_app
     from online_trainer.cli import train_command, trainer_command
+    from online_trainer.cli_lite import export_lite_command
     from serving.api.cli import app as api_app
     from serving.model_server.cli import model_server_command
     from streamrec.ops import cli_loop, cli_observe, cli_status
@@ -418,6 +419,7 @@ def _mount_components() -> None:
     app.command("model-server")(model_server_command)
     app.command("train")(train_command)
     app.command("trainer")(trainer_command)
+    app.command("export-lite")(export_lite_command)
     app.command("joiner")(cli_loop.joiner)
     app.command("evaluator")(cli_loop.evaluator)
     app.command("simulate")(cli_loop.simulate)
