@@ -105,7 +105,28 @@ def train_command(
     epochs: Annotated[
         int | None, typer.Option(help="training epochs (env STREAMREC_TRAINER__BOOTSTRAP_EPOCHS)")
     ] = None,
-    embedding_dim: Annotated[int | None, typer.Option(help="model embedding size (default: ModelConfig's)")] = None,
+    embedding_dim: Annotated[
+        int | None, typer.Option(help="model embedding size (default: the tuned config's, else ModelConfig's)")
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Adam's step (default: the tuned config's, else ModelConfig's)")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="softmax temperature of the loss (default: the tuned config's, else ModelConfig's)"),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="examples per step (default: the tuned config's, else ModelConfig's)")
+    ] = None,
+    best_config: Annotated[
+        bool | None,
+        typer.Option(
+            "--best-config/--no-best-config",
+            help="start from `streamrec tune`'s best config when it exists (env "
+            "STREAMREC_TRAINER__SEARCH__USE_BEST_CONFIG, default on; its path: "
+            "STREAMREC_TRAINER__SEARCH__BEST_CONFIG_PATH, default <state_dir>/tuning/best_config.json)",
+        ),
+    ] = None,
     publish: Annotated[
         bool | None, typer.Option(help="label the version canary on the model server (env STREAMREC_TRAINER__PUBLISH)")
     ] = None,
@@ -131,12 +152,12 @@ def train_command(
     """Bootstrap: train on history through Feast's point-in-time join and publish the next version.
 
     The towers are built from the dataset's declared attributes; the feature repo must have been
-    set up for the same dataset (`streamrec features setup --dataset ...`). With several workers
+    set up for the same dataset (`streamrec features setup --dataset ...`). The model's
+    hyperparameters: ModelConfig's, then `streamrec tune`'s best config when present, then the
+    flags given here; the `model config:` line says which. With several workers
     each one reads the same feature repo and dataset, trains on its shard of every batch, and the
     chief (worker 0) publishes.
     """
-    import dataclasses
-
     from online_trainer import distributed
 
     settings = _settings(
@@ -145,23 +166,40 @@ def train_command(
     tuning = settings.trainer
     if tuning.workers > 1 and not tuning.worker_hosts:
         _logging()
-        options = {"--dataset": dataset, "--columns": columns, "--epochs": epochs, "--embedding-dim": embedding_dim}
+        options = {
+            "--dataset": dataset,
+            "--columns": columns,
+            "--epochs": epochs,
+            "--embedding-dim": embedding_dim,
+            "--learning-rate": learning_rate,
+            "--temperature": temperature,
+            "--batch-size": batch_size,
+        }
         train_args = ["--until", until, *(f"{flag}={value}" for flag, value in options.items() if value is not None)]
         if publish is not None:
             train_args.append("--publish" if publish else "--no-publish")
+        if best_config is not None:
+            train_args.append("--best-config" if best_config else "--no-best-config")
         raise typer.Exit(distributed.run_local_workers(train_args, tuning.workers))
     cluster = distributed.configured_cluster(tuning)
     _logging(f"worker {cluster.task_index}/{cluster.workers} " if cluster is not None else "")
     distribution = distributed.start(cluster) if cluster is not None else None  # before any TensorFlow op
 
     from online_trainer.bootstrap import bootstrap
-    from online_trainer.model_config import ModelConfig
+    from online_trainer.tuned_config import train_config
 
     chief = cluster is None or cluster.is_chief
-    config = ModelConfig() if embedding_dim is None else dataclasses.replace(ModelConfig(), embedding_dim=embedding_dim)
     loaded = load_training_dataset(dataset or settings.dataset, columns, settings)
+    explicit = {
+        "embedding_dim": embedding_dim,
+        "learning_rate": learning_rate,
+        "temperature": temperature,
+        "batch_size": batch_size,
+    }
+    config, config_source = train_config(settings, loaded.name, explicit, use_best=best_config)
     if chief:
         typer.echo(loaded.summary())
+        typer.echo(config_source)
     result = bootstrap(
         settings,
         loaded.interactions,

@@ -94,6 +94,74 @@ class RankerTuning(BaseModel):
     retention: int = Field(default=5, ge=2)
 
 
+# The hyperparameters of ``streamrec tune``: each is a ModelConfig field the bootstrap trains with.
+SEARCHED = ("embedding_dim", "batch_size", "learning_rate", "temperature")
+# Names people reach for that are not bootstrap hyperparameters, and where each one lives instead.
+NOT_SEARCHED = {
+    "replay_fraction": "trainer.replay_fraction mixes replayed rows into the online fine-tunes only; the "
+    "bootstrap never replays, so a bootstrap search cannot judge it (bench/prequential.py measures the loop)",
+    "epochs": "every trial trains --epochs (trainer.search.epochs); `streamrec train` keeps its own epochs",
+}
+
+
+class SearchSpace(BaseModel):
+    """Where ``streamrec tune`` looks: ``embedding_dim`` and ``batch_size`` are choices,
+    ``learning_rate`` and ``temperature`` are (low, high) ranges sampled on a log scale (low ==
+    high fixes the value). Each names the :class:`~online_trainer.model_config.ModelConfig` field it sets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    embedding_dim: tuple[int, ...] = (32, 64, 128)
+    batch_size: tuple[int, ...] = (256, 512, 1_024, 2_048)
+    learning_rate: tuple[float, float] = (0.001, 0.02)
+    temperature: tuple[float, float] = (0.02, 0.2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, values: object) -> object:
+        if isinstance(values, dict):
+            for name in values:
+                if name in NOT_SEARCHED:
+                    raise ValueError(f"{name!r} cannot be searched: {NOT_SEARCHED[name]}")
+                if name not in SEARCHED:
+                    raise ValueError(f"unknown hyperparameter {name!r}; the search space has {list(SEARCHED)}")
+        return values
+
+    @field_validator("embedding_dim", "batch_size")
+    @classmethod
+    def _positive_choices(cls, choices: tuple[int, ...]) -> tuple[int, ...]:
+        if not choices or min(choices) < 1:
+            raise ValueError(f"give one or more choices, each >= 1 (got {list(choices)})")
+        return tuple(sorted(set(choices)))
+
+    @field_validator("learning_rate", "temperature")
+    @classmethod
+    def _log_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not 0 < low <= high < float("inf"):
+            raise ValueError(f"give LOW:HIGH with 0 < LOW <= HIGH (a log-scale range), got {low}:{high}")
+        return bounds
+
+
+class HyperparameterSearch(BaseModel):
+    """``streamrec tune``: a seeded random search (keras-tuner) of ``max_trials`` trials, each a
+    bootstrap of ``epochs`` epochs judged on the gate's hold-out (``online_trainer/tuning.py``).
+    ``sample_users``: search on that many users' interactions (seeded), so a search can run small.
+    The best trial's values go to ``best_config_path`` (default ``<state_dir>/tuning/best_config.json``),
+    every trial beside it (``trials.json``); ``streamrec train`` starts from that file when
+    ``use_best_config`` and it exists, and its own flags still win."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_trials: int = Field(default=8, ge=1, le=1_000)
+    epochs: int = Field(default=1, ge=1)
+    sample_users: int | None = Field(default=None, ge=1)
+    seed: int = Field(default=1, ge=1)  # keras-tuner takes 0 for "draw a seed": every run would differ
+    space: SearchSpace = SearchSpace()
+    best_config_path: Path | None = None
+    use_best_config: bool = True
+
+
 class TrainerTuning(BaseModel):
     """How the trainer learns, validates and publishes."""
 
@@ -155,6 +223,7 @@ class TrainerTuning(BaseModel):
     block_on_slice_flag: bool = False
     ope_gate: OpeGateTuning = OpeGateTuning()
     ranker: RankerTuning = RankerTuning()
+    search: HyperparameterSearch = HyperparameterSearch()
     # -- bootstrap ----------------------------------------------------------------------------
     bootstrap_epochs: int | None = Field(default=None, ge=1, description="None: the model's default")
     min_feature_coverage: float = Field(
@@ -266,6 +335,11 @@ class TrainerSettings(FeaturesSettings, ServingSettings):
     @property
     def tensorboard_dir(self) -> Path:
         return self.trainer.tensorboard_dir or self.paths.state_dir / "tensorboard"
+
+    @property
+    def best_config_path(self) -> Path:
+        """Where ``streamrec tune`` writes the best trial's values and ``streamrec train`` reads them."""
+        return self.trainer.search.best_config_path or self.paths.state_dir / "tuning" / "best_config.json"
 
 
 SETTINGS_CLASSES: tuple[type[CommonSettings], ...] = (TrainerSettings,)

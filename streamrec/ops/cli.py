@@ -408,6 +408,7 @@ def _mount_components() -> None:
     from features.cli import app as features_app
     from online_trainer.cli import train_command, trainer_command
     from online_trainer.cli_lite import export_lite_command
+    from online_trainer.cli_tune import tune_command
     from serving.api.cli import app as api_app
     from serving.model_server.cli import model_server_command
     from streamrec.ops import cli_loop, cli_observe, cli_status
@@ -420,6 +421,7 @@ def _mount_components() -> None:
     app.command("train")(train_command)
     app.command("trainer")(trainer_command)
     app.command("export-lite")(export_lite_command)
+    app.command("tune")(tune_command)
     app.command("joiner")(cli_loop.joiner)
     app.command("evaluator")(cli_loop.evaluator)
     app.command("simulate")(cli_loop.simulate)
