@@ -55,7 +55,11 @@ def write_result(
     targets: dict[str, str],
     command: str,
     notes: str,
+    extra: dict[str, object] | None = None,
+    render: bool = True,
 ) -> Path:
+    """``bench/results/<name>.json`` (``extra``: more keys, e.g. a search's trials), then the
+    tables of BENCHMARKS.md rendered again (unless ``render`` is off)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     payload = {
@@ -67,9 +71,11 @@ def write_result(
         "targets": targets,
         "command": command,
         "notes": notes,
+        **(extra or {}),
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    render_benchmarks_md()
+    if render:
+        render_benchmarks_md()
     return path
 
 

@@ -16,14 +16,13 @@ Run: ``.venv/bin/python -m bench.tuning_search --max-trials 8 --epochs 2`` (``--
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, commit, machine, render_benchmarks_md
+from bench.common import write_result
 from online_trainer import tuning
 from online_trainer.cli import parse_until
 from online_trainer.settings import HyperparameterSearch, TrainerTuning
@@ -108,25 +107,18 @@ def main() -> None:
     )
     if args.no_write:
         return
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     name = "tuning-ml100k" if dataset.name == "ml-100k" else f"tuning-{dataset.name}"
-    payload = {
-        "benchmark": name,
-        "commit": commit(),
-        "machine": machine(),
-        "metrics": metrics,
-        "units": units,
-        "targets": {},
-        "command": " ".join(["python -m bench.tuning_search", *sys.argv[1:]]),
-        "notes": notes,
-        "trials": result.to_json()["trials"],
-        "best_values": best.values,
-    }
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path = write_result(
+        name,
+        metrics,
+        units,
+        targets={},
+        command=" ".join(["python -m bench.tuning_search", *sys.argv[1:]]),
+        notes=notes,
+        extra={"trials": result.to_json()["trials"], "best_values": best.values},
+        render=args.render,
+    )
     print(f"wrote {path}")
-    if args.render:
-        render_benchmarks_md()
 
 
 if __name__ == "__main__":
