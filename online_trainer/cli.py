@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 
 
+# The dataset options of every command that trains or reads a dataset (train, tune, export-lite).
+DatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        help="a preset (ml-100k, synthetic[:options]), a description .toml or a log file; "
+        "default: the STREAMREC_DATASET setting (ml-100k)"
+    ),
+]
+ColumnsOption = Annotated[str | None, typer.Option(help="column mapping of a bare log file (see `streamrec replay`)")]
+
+
 def parse_until(value: str) -> pd.Timestamp:
     """ISO-8601 (naive means UTC) or epoch seconds -> a UTC timestamp."""
     import pandas as pd
@@ -92,16 +103,8 @@ def _logging(worker: str = "") -> None:
 @app.command("train")
 def train_command(
     until: Annotated[str, typer.Option(help="learn from interactions up to this time (ISO-8601 or epoch s)")],
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            help="a preset (ml-100k, synthetic[:options]), a description .toml or a log file; "
-            "default: the STREAMREC_DATASET setting (ml-100k)"
-        ),
-    ] = None,
-    columns: Annotated[
-        str | None, typer.Option(help="column mapping of a bare log file (see `streamrec replay`)")
-    ] = None,
+    dataset: DatasetOption = None,
+    columns: ColumnsOption = None,
     epochs: Annotated[
         int | None, typer.Option(help="training epochs (env STREAMREC_TRAINER__BOOTSTRAP_EPOCHS)")
     ] = None,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, cast, get_args
 
 import typer
 
+from online_trainer.cli import ColumnsOption
 from online_trainer.settings import TrainerSettings
 from streamrec.core.errors import DatasetError, SettingsError
 from streamrec.core.settings import load
@@ -82,9 +83,7 @@ def export_lite_command(
             "trainer checkpoint"
         ),
     ] = None,
-    columns: Annotated[
-        str | None, typer.Option(help="column mapping of a bare log file (see `streamrec replay`)")
-    ] = None,
+    columns: ColumnsOption = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output dir")] = False,
 ) -> None:
     """Convert a published version into .tflite cold-start models (user tower + catalog, top K on device).

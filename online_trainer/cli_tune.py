@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from online_trainer.cli import _logging, _settings, load_training_dataset, parse_until
+from online_trainer.cli import ColumnsOption, DatasetOption, _logging, _settings, load_training_dataset, parse_until
 from online_trainer.settings import TrainerSettings
 from streamrec.core.errors import SettingsError
 
@@ -50,16 +50,8 @@ def search_settings(overrides: dict[str, Any], space: list[str] | None) -> Train
 
 def tune_command(
     until: Annotated[str, typer.Option(help="tune on interactions up to this time (ISO-8601 or epoch s), as train")],
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            help="a preset (ml-100k, synthetic[:options]), a description .toml or a log file; "
-            "default: the STREAMREC_DATASET setting (ml-100k)"
-        ),
-    ] = None,
-    columns: Annotated[
-        str | None, typer.Option(help="column mapping of a bare log file (see `streamrec replay`)")
-    ] = None,
+    dataset: DatasetOption = None,
+    columns: ColumnsOption = None,
     max_trials: Annotated[
         int | None, typer.Option(help="trials at most (env STREAMREC_TRAINER__SEARCH__MAX_TRIALS, default 8)")
     ] = None,
