@@ -44,6 +44,7 @@ from online_trainer.inference import catalog_vectors, rank, similar_rank
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
+from online_trainer.quantize import TableDtype, serving_copy, serving_variables
 from online_trainer.retrieval_index import IvfSearch, index_for_config
 from online_trainer.signatures import recommend_specs, score_specs, similar_specs
 from streamrec.core import contracts
@@ -74,7 +75,9 @@ class _ServingModule(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         # Not an attribute TF tracks: only the variables below are saved, not the Keras object graph.
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_ids", ids)
-        self.model_variables = list(model.variables)  # tracked, so they are saved and restored
+        # tracked, so they are saved and restored: a serving copy's quantized tables instead of
+        # the float32 ones they replace (online_trainer.quantize)
+        self.model_variables, self.quantized_tables = serving_variables(model)
         self.catalog_ids = tf.Variable(ids.astype(bytes), trainable=False, name="catalog_ids")
         self.catalog_values = {
             name: tf.Variable(_tensor_ready(column), trainable=False, name=f"catalog_{name}")
@@ -266,8 +269,12 @@ def export_version(
     *,
     lineage: dict[str, Any],
     warmup_users: pd.DataFrame,
+    table_dtype: TableDtype = "float32",
 ) -> Path:
-    """Write ``<base_path>/<version>/`` atomically and return it; refuse to overwrite a version."""
+    """Write ``<base_path>/<version>/`` atomically and return it; refuse to overwrite a version.
+
+    With ``table_dtype`` float16 or int8 the signatures read the hashed embedding tables stored
+    that way (:mod:`online_trainer.quantize`); the resume files keep the float32 weights."""
     if version <= 0:
         raise ValueError(f"export: version must be a positive integer (TF Serving's version dirs); got {version}")
     base_path = Path(base_path)
@@ -276,7 +283,7 @@ def export_version(
     if final.exists():
         raise FileExistsError(f"export: {final} already exists; versions are immutable, publish {version + 1}")
     temp = base_path / f"{TEMP_PREFIX}{version}-{uuid.uuid4().hex}"
-    module = serving_module(model)
+    module = serving_module(model if table_dtype == "float32" else serving_copy(model, table_dtype))
     tf.saved_model.save(module, str(temp), signatures=_signatures(module, model.schema))
     extra = temp / EXTRA_DIR
     extra.mkdir(exist_ok=True)
@@ -290,6 +297,7 @@ def export_version(
         "exported_at": time.time(),
         "catalog_size": len(model.catalog),
         "retrieval": _retrieval(module),
+        "table_dtype": table_dtype,
         "model_config": model.config.to_json(),
     }
     (extra / LINEAGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")

@@ -31,6 +31,9 @@ class HashedBagEmbedding(keras.layers.Layer):  # type: ignore[misc]  # keras shi
         ]
         init = keras.initializers.RandomNormal(stddev=stddev, seed=seed)
         self.table = keras.layers.Embedding(buckets, dim, embeddings_initializer=init, name="table")
+        # A serving copy's table stored as float16 or int8 (online_trainer.quantize), read instead
+        # of ``table``; not tracked by Keras, so the model's weights stay the float32 ones.
+        object.__setattr__(self, "serving_table", None)
 
     def build(self, input_shape: Any = None) -> None:
         self.table.build()
@@ -38,9 +41,13 @@ class HashedBagEmbedding(keras.layers.Layer):  # type: ignore[misc]  # keras shi
 
     def rows(self, ids: tf.Tensor) -> tf.Tensor:
         """[...] strings -> [..., dim]; padding ("") gives zeros."""
-        vectors = self.table(self.hashes[0](ids)) + self.table(self.hashes[1](ids))
+        vectors = self._lookup(self.hashes[0](ids)) + self._lookup(self.hashes[1](ids))
         present = tf.cast(tf.not_equal(ids, ""), vectors.dtype)[..., tf.newaxis]
         return vectors * present
+
+    def _lookup(self, rows: tf.Tensor) -> tf.Tensor:
+        serving: Any = self.serving_table
+        return self.table(rows) if serving is None else serving.lookup(rows)
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
         """[B, L] strings -> [B, dim], the mean over non-padding entries (zeros for an empty bag)."""

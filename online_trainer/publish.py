@@ -103,6 +103,7 @@ class VersionWriter:
         self.staging_path = settings.staging_path
         self.state_path = settings.trainer_state_path
         self.retention = settings.trainer.retention
+        self.table_dtype = settings.trainer.serving_table_dtype
 
     def recover(self) -> list[Path]:
         """Delete what an interrupted run left behind (one trainer writes a base path)."""
@@ -125,7 +126,9 @@ class VersionWriter:
         leftover = self.staging_path / str(version)
         if leftover.exists():
             shutil.rmtree(leftover)
-        return export.export_version(model, self.staging_path, version, lineage=lineage, warmup_users=warmup_users)
+        return export.export_version(
+            model, self.staging_path, version, lineage=lineage, warmup_users=warmup_users, table_dtype=self.table_dtype
+        )
 
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)

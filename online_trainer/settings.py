@@ -242,6 +242,9 @@ class TrainerTuning(BaseModel):
     task_index: int = Field(default=0, ge=0)
     # -- versions -----------------------------------------------------------------------------
     retention: int = Field(default=5, ge=1, description="versions kept on disk (serving labels are never removed)")
+    # How the served SavedModel stores its hashed embedding tables: float16 halves them, int8
+    # (a scale per row) quarters them; the resume files stay float32 (online_trainer.quantize).
+    serving_table_dtype: Literal["float32", "float16", "int8"] = "float32"
     state_path: Path | None = None
     # Publish each version as canary through the model server (``model_server`` section); when
     # off, or when the server is unreachable, versions are still written and the server's file
