@@ -95,12 +95,18 @@ def figures(lite_report: dict[str, Any]) -> tuple[dict[str, float], dict[str, st
     return metrics, units
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_version_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the measured version comes from: --model-dir, else a bootstrap trained here
+    (--dataset, --until, --epochs; :func:`bootstrap_version`)."""
     parser.add_argument("--model-dir", type=Path, help="a published version directory (default: train one here)")
     parser.add_argument("--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description)")
     parser.add_argument("--until", default="1998-01-02T00:00:00Z", help="the bootstrap's cut-off (README's)")
     parser.add_argument("--epochs", type=int, default=ModelConfig.epochs, help="bootstrap epochs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_arguments(parser)
     parser.add_argument("--top-k", type=int, default=10, help="K of overlap@K (the target is on K = 10)")
     parser.add_argument("--samples", type=int, default=200, help="contexts that calibrate int8")
     parser.add_argument("--parity-users", type=int, default=1000, help="held-out contexts the overlap is measured on")

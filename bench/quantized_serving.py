@@ -53,7 +53,7 @@ import pandas as pd
 import psutil
 
 from bench.common import ROOT, write_result
-from bench.lite_export import bootstrap_version
+from bench.lite_export import add_version_arguments, bootstrap_version
 from online_trainer import export
 from online_trainer.examples import examples_from_interactions, user_arrays
 from online_trainer.model import TwoTowerModel
@@ -210,10 +210,7 @@ def recommend_load(version_dir: Path, duration_s: float, swap_duration_s: float)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, help="a published version directory (default: train one here)")
-    parser.add_argument("--dataset", default="ml-100k", help="preset or path (streamrec.datasets.description)")
-    parser.add_argument("--until", default="1998-01-02T00:00:00Z", help="the bootstrap's cut-off (README's)")
-    parser.add_argument("--epochs", type=int, default=ModelConfig.epochs, help="bootstrap epochs")
+    add_version_arguments(parser)
     parser.add_argument("--horizon", type=int, default=10, help="each user's next items after the cut: relevant")
     parser.add_argument("--predicts", type=int, default=300, help="Predict calls per variant for the RSS figure")
     parser.add_argument("--load-duration", type=float, default=30.0, help="recommend_load's --duration")
