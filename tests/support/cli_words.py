@@ -7,16 +7,12 @@ command or flag fails a test instead of a container at start.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import typer
 import typer.core
-from typer.testing import CliRunner
 
 from streamrec.ops.cli import app
-
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def resolve(words: list[str]) -> tuple[list[str], Any, list[str]]:
@@ -36,15 +32,10 @@ def resolve(words: list[str]) -> tuple[list[str], Any, list[str]]:
 
 
 def assert_cli_accepts(words: list[str], where: str) -> None:
-    """``streamrec <words>`` names a command whose help lists every ``--option`` given, and its
-    arguments parse exactly as a run would parse them (unknown options, wrong value types),
-    without running the command."""
+    """``streamrec <words>`` names a command, and its arguments parse exactly as a run would parse
+    them (unknown options, wrong value types), without running the command."""
     path, command, args = resolve(words)
-    result = CliRunner().invoke(app, [*path, "--help"])
-    assert result.exit_code == 0, result.output
-    help_text = ANSI_ESCAPE.sub("", result.output)
-    for word in words:
-        if word.startswith("--"):
-            option = word.split("=", 1)[0]
-            assert option in help_text, f"{where}: `streamrec {' '.join(path)}` has no option {option}"
-    command.make_context(f"streamrec {' '.join(path)}", list(args))
+    try:
+        command.make_context(f"streamrec {' '.join(path)}", list(args))
+    except Exception as exc:  # noqa: BLE001 -- Click's usage errors, reported with where they came from
+        raise AssertionError(f"{where}: `streamrec {' '.join(words)}` is refused by the CLI: {exc}") from exc

@@ -39,7 +39,7 @@ CRD_SCHEMAS = HELM_DIR / "schemas"
 KUBERNETES_VERSION = "1.33.0"
 VALUES = {
     "default": [],
-    "small": ["-f", str(CHART / "values-small.yaml")],
+    "no-tls": ["--set", "tls.enabled=false"],
     "large": ["-f", str(CHART / "values-large.yaml")],
 }
 PROJECT_IMAGE = "streamrec:"
@@ -156,8 +156,9 @@ def test_every_command_the_chart_runs_exists_in_the_cli(values: str) -> None:
         assert_cli_accepts([str(word) for word in container["args"]], name)
 
 
-def test_every_streamrec_variable_is_a_setting() -> None:
-    containers = _project_containers(objects(render("large")))
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_every_streamrec_variable_is_a_setting(values: str) -> None:
+    containers = _project_containers(objects(render(values)))
     unknown = {
         f"{name}: {variable['name']}"
         for name, container in containers
@@ -197,8 +198,6 @@ def test_kafka_users_have_the_grants_of_the_local_secure_stack() -> None:
         for operation in grant.operations
     }
     assert charted == expected
-    users = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "KafkaUser"}
-    assert {process["kafkaUser"] for process in _values()["processes"].values()} <= users
     kafka = next(doc for doc in docs if doc["kind"] == "Kafka")
     assert kafka["spec"]["kafka"]["authorization"]["superUsers"] == ["admin"]
     assert all(listener["tls"] for listener in kafka["spec"]["kafka"]["listeners"])
@@ -228,7 +227,8 @@ def test_redis_users_have_the_rules_of_the_local_secure_stack() -> None:
         assert len(password) == 32
         digest = hashlib.sha256(password.encode()).hexdigest()
         assert line == " ".join(("user", user, "on", f"#{digest}", "resetchannels", *rules))
-    assert {process["redisUser"] for process in _values()["processes"].values()} <= set(by_user)
+    # and no identity with access in the code is missing from the chart
+    assert set(_values()["redisAcls"]) == {user for user, rules in REDIS_ACCESS.items() if rules is not None}
 
 
 def test_the_autoscalers_read_the_adapters_metrics_then_cpu() -> None:
@@ -248,8 +248,6 @@ def test_the_autoscalers_read_the_adapters_metrics_then_cpu() -> None:
 
     series = adapted["streamrec_api_requests_per_second"].split("{")[0]
     assert series.removesuffix("_count") in {metric.name for metric in ApiMetrics().registry.collect()}
-    budgets = {doc["metadata"]["name"] for doc in docs if doc["kind"] == "PodDisruptionBudget"}
-    assert budgets == {"rel-streamrec-api", "rel-streamrec-tf-serving"}
 
 
 def test_the_api_is_probed_on_its_plaintext_health_port_and_serves_tls() -> None:
@@ -284,3 +282,30 @@ def test_tf_serving_gets_an_ssl_config_it_can_read(tmp_path: Path) -> None:
     tls = read_ssl_config(tmp_path / "ssl" / "ssl.config")
     assert tls.certificate_chain == issued.cert_file.read_bytes()
     assert tls.private_key == issued.key_file.read_bytes()
+
+
+@pytest.mark.parametrize("autoscaling", ["true", "false"])
+def test_disruption_budgets_let_a_drain_proceed_with_or_without_autoscaling(autoscaling: str) -> None:
+    """Each budget lets at least one pod go (a minAvailable equal to the replicas blocks every drain)."""
+    result = helm(
+        "template", "rel", str(CHART),
+        "--set", f"processes.api.autoscaling.enabled={autoscaling}",
+        "--set", f"tfServing.autoscaling.enabled={autoscaling}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    budgets = {
+        doc["metadata"]["name"]: doc["spec"] for doc in objects(result.stdout) if doc["kind"] == "PodDisruptionBudget"
+    }
+    assert set(budgets) == {"rel-streamrec-api", "rel-streamrec-tf-serving"}
+    assert all(spec["maxUnavailable"] >= 1 and "minAvailable" not in spec for spec in budgets.values())
+
+
+def test_the_small_values_are_the_defaults() -> None:
+    """values-small.yaml documents the defaults: it renders the same objects (passwords aside)."""
+
+    def without_passwords(manifest: str) -> list[dict[str, Any]]:
+        return [doc for doc in objects(manifest) if doc["kind"] != "Secret"]
+
+    small = helm("template", "rel", str(CHART), "-f", str(CHART / "values-small.yaml"))
+    assert small.returncode == 0, small.stderr
+    assert without_passwords(small.stdout) == without_passwords(render("default"))
