@@ -25,21 +25,19 @@ from pathlib import Path
 from bench.common import write_result
 from online_trainer import tuning
 from online_trainer.cli import parse_until
-from online_trainer.settings import HyperparameterSearch, TrainerTuning
+from online_trainer.settings import SEARCHED, HyperparameterSearch, TrainerTuning
 from streamrec.datasets.description import load_dataset
-
-VALUES = ("embedding_dim", "batch_size", "learning_rate", "temperature")
 
 
 def trials_table(result: tuning.SearchResult) -> str:
     """The trials as a markdown table, best marked."""
     best = result.best.trial
     lines = [
-        f"| trial | {' | '.join(VALUES)} | hit@{result.k} | ndcg@{result.k} | loss | seconds |",
-        "|---" * (len(VALUES) + 5) + "|",
+        f"| trial | {' | '.join(SEARCHED)} | hit@{result.k} | ndcg@{result.k} | loss | seconds |",
+        "|---" * (len(SEARCHED) + 5) + "|",
     ]
     for record in result.trials:
-        values = " | ".join(f"{record.values[name]:g}" for name in VALUES)
+        values = " | ".join(f"{record.values[name]:g}" for name in SEARCHED)
         if record.metric is None:
             lines.append(f"| {record.trial} | {values} | failed | | | {record.seconds:.1f} |")
             continue

@@ -32,9 +32,8 @@ import pandas as pd
 
 from online_trainer.buffer import ReplayBuffer
 from online_trainer.checkpoint import Checkpoint
-from online_trainer.dataset import DatasetInfo, build_examples, catalog_from_feast, interactions_until, split_holdout
+from online_trainer.dataset import DatasetInfo, interactions_until, training_rows
 from online_trainer.distributed import CHIEF_FAILED, DistributedTrainingError, Distribution
-from online_trainer.examples import positive_examples
 from online_trainer.history import UserHistories
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
@@ -45,7 +44,6 @@ from online_trainer.slices import SliceJudge, item_interactions
 from online_trainer.training import train
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema, read_schema
-from streamrec.core.errors import DatasetError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -103,15 +101,17 @@ def bootstrap(
     cutoff = pd.Timestamp(until)
     cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
     history = interactions_until(interactions, cutoff.to_pydatetime())
-    every_kind, info = build_examples(store, history, min_coverage=tuning.min_feature_coverage, schema=schema)
-    examples = positive_examples(every_kind, tuning.positive_kinds)
-    if examples.empty:
-        raise DatasetError(f"no interaction of the learned kinds {tuning.positive_kinds} up to {cutoff}")
-    log.info("training set: %d examples of %d users (%s)", len(examples), info.users, info.note)
-    catalog = catalog_from_feast(
-        store, cutoff.to_pydatetime(), schema, extra_item_ids=history["item_id"].astype(str).unique().tolist()
+    rows = training_rows(
+        store,
+        history,
+        cutoff.to_pydatetime(),
+        schema,
+        positive_kinds=tuning.positive_kinds,
+        holdout_size=tuning.holdout_size,
+        min_coverage=tuning.min_feature_coverage,
     )
-    fit, holdout = split_holdout(examples, tuning.holdout_size)
+    examples, fit, holdout, catalog, info = rows.examples, rows.fit, rows.holdout, rows.catalog, rows.info
+    log.info("training set: %d examples of %d users (%s)", len(examples), info.users, info.note)
     strategy = distribution.strategy if distribution is not None else None
     with strategy.scope() if strategy is not None else nullcontext():
         model = build_model(catalog, config)

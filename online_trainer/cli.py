@@ -71,10 +71,15 @@ def load_training_dataset(spec: str, columns: str | None, settings: TrainerSetti
     return dataset
 
 
-def _settings(**trainer_overrides: Any) -> TrainerSettings:
+def trainer_settings(**trainer_overrides: Any) -> TrainerSettings:
+    """The trainer's settings from the environment, with the ``trainer`` section's flags given."""
+    return with_trainer_overrides(load(TrainerSettings), **trainer_overrides)
+
+
+def with_trainer_overrides(settings: TrainerSettings, **trainer_overrides: Any) -> TrainerSettings:
+    """``settings`` with the ``trainer`` fields given (None: unchanged), validated; an invalid one names itself."""
     from pydantic import ValidationError
 
-    settings = load(TrainerSettings)
     overrides = {key: value for key, value in trainer_overrides.items() if value is not None}
     if not overrides:
         return settings
@@ -94,7 +99,7 @@ def _publisher(settings: TrainerSettings) -> Publisher | None:
     return ModelServerClient.from_settings(settings)
 
 
-def _logging(worker: str = "") -> None:
+def configure_logging(worker: str = "") -> None:
     """``worker``: e.g. ``"worker 1/2 "``, so the interleaved logs of local workers say whose line is whose."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {worker}%(levelname)s %(name)s: %(message)s")
     logging.getLogger("feast").setLevel(logging.WARNING)  # registry cache refreshes on every read
@@ -163,20 +168,24 @@ def train_command(
     """
     from online_trainer import distributed
 
-    settings = _settings(
+    settings = trainer_settings(
         bootstrap_epochs=epochs, publish=publish, workers=workers, worker_hosts=worker_hosts, task_index=task_index
     )
     tuning = settings.trainer
+    # the model hyperparameters given here, which win over a tuned config (train_config)
+    explicit = {
+        "embedding_dim": embedding_dim,
+        "learning_rate": learning_rate,
+        "temperature": temperature,
+        "batch_size": batch_size,
+    }
     if tuning.workers > 1 and not tuning.worker_hosts:
-        _logging()
+        configure_logging()
         options = {
             "--dataset": dataset,
             "--columns": columns,
             "--epochs": epochs,
-            "--embedding-dim": embedding_dim,
-            "--learning-rate": learning_rate,
-            "--temperature": temperature,
-            "--batch-size": batch_size,
+            **{f"--{name.replace('_', '-')}": value for name, value in explicit.items()},
         }
         train_args = ["--until", until, *(f"{flag}={value}" for flag, value in options.items() if value is not None)]
         if publish is not None:
@@ -185,7 +194,7 @@ def train_command(
             train_args.append("--best-config" if best_config else "--no-best-config")
         raise typer.Exit(distributed.run_local_workers(train_args, tuning.workers))
     cluster = distributed.configured_cluster(tuning)
-    _logging(f"worker {cluster.task_index}/{cluster.workers} " if cluster is not None else "")
+    configure_logging(f"worker {cluster.task_index}/{cluster.workers} " if cluster is not None else "")
     distribution = distributed.start(cluster) if cluster is not None else None  # before any TensorFlow op
 
     from online_trainer.bootstrap import bootstrap
@@ -193,12 +202,6 @@ def train_command(
 
     chief = cluster is None or cluster.is_chief
     loaded = load_training_dataset(dataset or settings.dataset, columns, settings)
-    explicit = {
-        "embedding_dim": embedding_dim,
-        "learning_rate": learning_rate,
-        "temperature": temperature,
-        "batch_size": batch_size,
-    }
     config, config_source = train_config(settings, loaded.name, explicit, use_best=best_config)
     if chief:
         typer.echo(loaded.summary())
@@ -248,8 +251,8 @@ def trainer_command(
     from online_trainer.loop import OnlineTrainer
     from online_trainer.publish import stop_at
 
-    _logging()
-    settings = _settings(interval_s=interval_s, max_examples=max_examples, publish=publish)
+    configure_logging()
+    settings = trainer_settings(interval_s=interval_s, max_examples=max_examples, publish=publish)
     metrics.serve(settings.trainer.metrics_port)
     summaries = metrics.SummaryWriter(settings.tensorboard_dir / f"trainer-{int(time.time())}")
     stop = threading.Event()

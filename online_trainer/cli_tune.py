@@ -11,11 +11,16 @@ from typing import Annotated, Any
 
 import typer
 
-from online_trainer.cli import ColumnsOption, DatasetOption, _logging, _settings, load_training_dataset, parse_until
-from online_trainer.settings import TrainerSettings
+from online_trainer.cli import (
+    ColumnsOption,
+    DatasetOption,
+    configure_logging,
+    load_training_dataset,
+    parse_until,
+    with_trainer_overrides,
+)
+from online_trainer.settings import CHOICES, RANGES, TrainerSettings
 from streamrec.core.errors import SettingsError
-
-RANGES = ("learning_rate", "temperature")
 
 
 def parse_space(entries: list[str]) -> dict[str, list[str]]:
@@ -30,6 +35,8 @@ def parse_space(entries: list[str]) -> dict[str, list[str]]:
                 f"--space {entry!r} is not NAME=VALUES, e.g. embedding_dim=32,64,128 or learning_rate=0.001:0.02"
             )
         if ":" in text:
+            if name in CHOICES:
+                raise SettingsError(f"--space {entry!r}: {name} takes choices (NAME=A,B,C), not a range")
             space[name] = [part.strip() for part in text.split(":")]
         elif name in RANGES and "," not in text:
             space[name] = [text, text]  # one value: fixed
@@ -42,10 +49,11 @@ def search_settings(overrides: dict[str, Any], space: list[str] | None) -> Train
     """The settings with this run's ``trainer.search`` flags applied (an invalid one names itself)."""
     from streamrec.core.settings import load
 
-    current = load(TrainerSettings).trainer.search.model_dump()
+    settings = load(TrainerSettings)
+    current = settings.trainer.search.model_dump()
     given = {name: value for name, value in overrides.items() if value is not None}
     merged = {**current, **given, "space": {**current["space"], **parse_space(space or [])}}
-    return _settings(search=merged)
+    return with_trainer_overrides(settings, search=merged)
 
 
 def tune_command(
@@ -86,7 +94,7 @@ def tune_command(
     settings = search_settings(
         {"max_trials": max_trials, "epochs": epochs, "sample_users": sample_users, "seed": seed}, space
     )
-    _logging()
+    configure_logging()
     from online_trainer import tuning
     from online_trainer.tuned_config import write_best_config
 

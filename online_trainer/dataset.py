@@ -45,7 +45,13 @@ import pandas as pd
 from features.history import historical_features
 from online_trainer.attribute_values import frame_column
 from online_trainer.catalog import ItemCatalog
-from online_trainer.examples import count_columns, example_columns, examples_from_interactions, interaction_kinds
+from online_trainer.examples import (
+    count_columns,
+    example_columns,
+    examples_from_interactions,
+    interaction_kinds,
+    positive_examples,
+)
 from streamrec.core import contracts
 from streamrec.core.attributes import AttributeSchema
 from streamrec.core.errors import DatasetError
@@ -219,3 +225,39 @@ def catalog_from_feast(
     for attribute in schema.item:
         items[attribute.name] = _feature(joined, attribute.name, contracts.ITEM_FEATURE_SERVICE).to_numpy()
     return ItemCatalog.for_dataset(items, extra_item_ids or [], schema)
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """What a bootstrap trains and gates on: the examples of the learned kinds, their time-ordered
+    split into ``fit`` and ``holdout``, the catalog the model ranks, and where the features came from."""
+
+    examples: pd.DataFrame
+    fit: pd.DataFrame
+    holdout: pd.DataFrame
+    catalog: ItemCatalog
+    info: DatasetInfo
+
+
+def training_rows(
+    store: FeatureStore,
+    history: pd.DataFrame,
+    until: datetime,
+    schema: AttributeSchema,
+    *,
+    positive_kinds: tuple[str, ...] | None,
+    holdout_size: int,
+    min_coverage: float,
+    catalog_item_ids: pd.Series | None = None,
+) -> TrainingRows:
+    """The bootstrap's rows from ``history`` (interactions up to ``until``): Feast's point-in-time
+    examples, those of ``positive_kinds``, the newest ``holdout_size`` held out, and the catalog as
+    of ``until`` plus every item of ``catalog_item_ids`` (default: the history's items)."""
+    every_kind, info = build_examples(store, history, min_coverage=min_coverage, schema=schema)
+    examples = positive_examples(every_kind, positive_kinds)
+    if examples.empty:
+        raise DatasetError(f"no interaction of the learned kinds {positive_kinds} up to {until}")
+    items = history["item_id"] if catalog_item_ids is None else catalog_item_ids
+    catalog = catalog_from_feast(store, until, schema, extra_item_ids=items.astype(str).unique().tolist())
+    fit, holdout = split_holdout(examples, holdout_size)
+    return TrainingRows(examples, fit, holdout, catalog, info)

@@ -94,8 +94,14 @@ class RankerTuning(BaseModel):
     retention: int = Field(default=5, ge=2)
 
 
-# The hyperparameters of ``streamrec tune``: each is a ModelConfig field the bootstrap trains with.
-SEARCHED = ("embedding_dim", "batch_size", "learning_rate", "temperature")
+# How a served SavedModel stores its hashed embedding tables (online_trainer.quantize).
+TableDtype = Literal["float32", "float16", "int8"]
+
+# The hyperparameters of ``streamrec tune``: each is a ModelConfig field the bootstrap trains with,
+# searched among choices or over a (low, high) log range (SearchSpace's fields, in this order).
+CHOICES = ("embedding_dim", "batch_size")
+RANGES = ("learning_rate", "temperature")
+SEARCHED = CHOICES + RANGES
 # Names people reach for that are not bootstrap hyperparameters, and where each one lives instead.
 NOT_SEARCHED = {
     "replay_fraction": "trainer.replay_fraction mixes replayed rows into the online fine-tunes only; the "
@@ -127,14 +133,14 @@ class SearchSpace(BaseModel):
                     raise ValueError(f"unknown hyperparameter {name!r}; the search space has {list(SEARCHED)}")
         return values
 
-    @field_validator("embedding_dim", "batch_size")
+    @field_validator(*CHOICES)
     @classmethod
     def _positive_choices(cls, choices: tuple[int, ...]) -> tuple[int, ...]:
         if not choices or min(choices) < 1:
             raise ValueError(f"give one or more choices, each >= 1 (got {list(choices)})")
         return tuple(sorted(set(choices)))
 
-    @field_validator("learning_rate", "temperature")
+    @field_validator(*RANGES)
     @classmethod
     def _log_range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
         low, high = bounds
@@ -244,7 +250,7 @@ class TrainerTuning(BaseModel):
     retention: int = Field(default=5, ge=1, description="versions kept on disk (serving labels are never removed)")
     # How the served SavedModel stores its hashed embedding tables: float16 halves them, int8
     # (a scale per row) quarters them; the resume files stay float32 (online_trainer.quantize).
-    serving_table_dtype: Literal["float32", "float16", "int8"] = "float32"
+    serving_table_dtype: TableDtype = "float32"
     state_path: Path | None = None
     # Publish each version as canary through the model server (``model_server`` section); when
     # off, or when the server is unreachable, versions are still written and the server's file

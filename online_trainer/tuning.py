@@ -38,12 +38,20 @@ import numpy as np
 import pandas as pd
 
 from online_trainer.catalog import ItemCatalog
-from online_trainer.dataset import build_examples, catalog_from_feast, interactions_until, split_holdout
+from online_trainer.dataset import interactions_until, split_holdout, training_rows
 from online_trainer.examples import examples_from_interactions, positive_examples
 from online_trainer.inference import recommend
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
-from online_trainer.settings import SEARCHED, HyperparameterSearch, SearchSpace, TrainerSettings, TrainerTuning
+from online_trainer.ranking_metrics import ranking_metrics
+from online_trainer.settings import (
+    CHOICES,
+    RANGES,
+    HyperparameterSearch,
+    SearchSpace,
+    TrainerSettings,
+    TrainerTuning,
+)
 from online_trainer.training import train
 from online_trainer.tuned_config import BestConfig, TunedValues
 from streamrec.core.attributes import AttributeSchema
@@ -78,16 +86,18 @@ def sample_users(interactions: pd.DataFrame, users: int | None, seed: int) -> pd
     return interactions.loc[ids.isin(chosen).to_numpy()].reset_index(drop=True)
 
 
-def _split(
-    examples: pd.DataFrame, catalog: ItemCatalog, schema: AttributeSchema, tuning: TrainerTuning, source: str
+def _tuning_data(
+    examples: pd.DataFrame,
+    fit: pd.DataFrame,
+    holdout: pd.DataFrame,
+    catalog: ItemCatalog,
+    schema: AttributeSchema,
+    source: str,
 ) -> TuningData:
-    examples = positive_examples(examples, tuning.positive_kinds)
-    if examples.empty:
-        raise DatasetError(f"no interaction of the learned kinds {tuning.positive_kinds} to tune on")
-    fit, holdout = split_holdout(examples, tuning.holdout_size)
-    if fit.empty or holdout.empty:
+    if holdout.empty or fit.empty:
         raise DatasetError(
-            f"{len(examples)} examples are too few to hold out the newest fifth; raise --sample-users or --until"
+            f"{len(examples)} examples are too few to hold out the newest ones and train on the rest; "
+            "raise --sample-users or --until"
         )
     description = (
         f"{len(fit):,} training and {len(holdout):,} held-out examples (from {holdout['event_time'].min()}) "
@@ -105,17 +115,26 @@ def data_from_feast(
     users: int | None = None,
     store: FeatureStore | None = None,
 ) -> TuningData:
-    """The rows ``streamrec train --until`` would train and gate on (:func:`online_trainer.bootstrap.bootstrap`'s
-    steps through Feast's point-in-time join), of ``users`` sampled users when given."""
+    """The rows ``streamrec train --until`` would train and gate on (the bootstrap's own step,
+    ``dataset.training_rows``), of ``users`` sampled users when given; the catalog is the whole
+    history's, as the gate's."""
     if store is None:
         from features.store import open_store
 
         store = open_store(settings)
     tuning = settings.trainer
-    history = sample_users(interactions_until(interactions, until), users, tuning.search.seed)
-    examples, info = build_examples(store, history, min_coverage=tuning.min_feature_coverage, schema=schema)
-    catalog = catalog_from_feast(store, until, schema, extra_item_ids=history["item_id"].astype(str).unique().tolist())
-    return _split(examples, catalog, schema, tuning, info.features_source)
+    history = interactions_until(interactions, until)
+    rows = training_rows(
+        store,
+        sample_users(history, users, tuning.search.seed),
+        until,
+        schema,
+        positive_kinds=tuning.positive_kinds,
+        holdout_size=tuning.holdout_size,
+        min_coverage=tuning.min_feature_coverage,
+        catalog_item_ids=history["item_id"],
+    )
+    return _tuning_data(rows.examples, rows.fit, rows.holdout, rows.catalog, schema, rows.info.features_source)
 
 
 def data_from_frames(
@@ -123,19 +142,23 @@ def data_from_frames(
 ) -> TuningData:
     """The same rows built from the dataset's own frames, without a feature repo (benchmarks, tests):
     what Feast's join returns before any stream push was logged (``dataset.build_examples``' fallback)."""
-    history = sample_users(interactions_until(dataset.interactions, until), users, tuning.search.seed)
-    examples = examples_from_interactions(history, dataset.users, dataset.schema)
+    history = interactions_until(dataset.interactions, until)
+    examples = positive_examples(
+        examples_from_interactions(sample_users(history, users, tuning.search.seed), dataset.users, dataset.schema),
+        tuning.positive_kinds,
+    )
+    if examples.empty:
+        raise DatasetError(f"no interaction of the learned kinds {tuning.positive_kinds} to tune on")
+    fit, holdout = split_holdout(examples, tuning.holdout_size)
     catalog = ItemCatalog.for_dataset(dataset.items, history["item_id"].astype(str), dataset.schema)
-    return _split(examples, catalog, dataset.schema, tuning, "the dataset's frames")
+    return _tuning_data(examples, fit, holdout, catalog, dataset.schema, "the dataset's frames")
 
 
 def evaluate(model: Any, holdout: pd.DataFrame, *, k: int) -> tuple[float, float]:
     """(hit@k, NDCG@k) over hold-out rows, each with one positive, nothing excluded: the gate's hit@k."""
     ids, _ = recommend(model, holdout, k=k)
-    matches = ids == holdout["item_id"].astype(str).to_numpy()[:, None]
-    hit = matches.any(axis=1)
-    gains = np.where(hit, 1.0 / np.log2(matches.argmax(axis=1) + 2.0), 0.0)
-    return float(hit.mean()), float(gains.mean())
+    found = ranking_metrics(ids, [{item} for item in holdout["item_id"].astype(str)], k)
+    return found.hit, found.ndcg
 
 
 @dataclass(frozen=True)
@@ -160,14 +183,18 @@ class SearchResult:
     data: str
     trials: list[TrialRecord] = field(default_factory=list)
 
-    @property
-    def best(self) -> TrialRecord:
-        """The trial with the highest metric (the earliest of equals)."""
+    def succeeded(self) -> list[TrialRecord]:
+        """The trials with a metric; raises, naming the first errors, when every trial failed."""
         done = [record for record in self.trials if record.metric is not None]
         if not done:
             errors = "; ".join(f"trial {record.trial}: {record.error}" for record in self.trials[:3])
             raise SettingsError(f"every trial failed ({errors or 'none ran'}); narrow the search space (--space)")
-        return max(done, key=lambda record: (record.metric, -record.trial))
+        return done
+
+    @property
+    def best(self) -> TrialRecord:
+        """The trial with the highest metric (the earliest of equals)."""
+        return max(self.succeeded(), key=lambda record: (record.metric, -record.trial))
 
     def to_json(self) -> dict[str, Any]:
         done = any(record.metric is not None for record in self.trials)
@@ -184,12 +211,12 @@ class SearchResult:
 def declare_space(hp: Any, space: SearchSpace, base: ModelConfig) -> dict[str, float | int]:
     """Register ``space`` with keras-tuner's ``hp``; defaults are ``base``'s values where the space holds them."""
     values: dict[str, float | int] = {}
-    for name in ("embedding_dim", "batch_size"):
+    for name in CHOICES:
         choices: tuple[int, ...] = getattr(space, name)
         current = getattr(base, name)
         default = current if current in choices else choices[0]
         values[name] = int(hp.Choice(name, list(choices), default=default))
-    for name in ("learning_rate", "temperature"):
+    for name in RANGES:
         low, high = getattr(space, name)
         if low == high:
             values[name] = float(hp.Fixed(name, low))
@@ -197,8 +224,6 @@ def declare_space(hp: Any, space: SearchSpace, base: ModelConfig) -> dict[str, f
         current = getattr(base, name)
         default = current if low <= current <= high else low
         values[name] = float(hp.Float(name, low, high, sampling="log", default=default))
-    if set(values) != set(SEARCHED):
-        raise AssertionError(f"declare_space covers {sorted(values)}, settings.SEARCHED is {sorted(SEARCHED)}")
     return values
 
 
@@ -263,13 +288,13 @@ def run_search(
         directory=str(directory),
         project_name="bootstrap",
         overwrite=True,
-        max_consecutive_failed_trials=search.max_trials + 1,  # never: `result.best` reports failures, by trial
+        max_consecutive_failed_trials=search.max_trials + 1,  # never: `result.succeeded` reports failures
     )
     with warnings.catch_warnings():
         # keras-tuner 1.4's oracle lock calls threading.currentThread().getName(), deprecated since Python 3.10.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"keras_tuner\.")
         tuner.search(verbose=0)
-    result.best  # noqa: B018  # raises, naming the errors, when every trial failed
+    result.succeeded()
     return result
 
 

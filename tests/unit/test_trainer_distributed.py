@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from online_trainer.cli import _settings
+from online_trainer.cli import trainer_settings
 from online_trainer.distributed import (
     WorkerCluster,
     cluster_from_tf_config,
@@ -94,9 +94,9 @@ def test_worker_hosts_are_normalized_and_checked_against_the_task_index() -> Non
 
 def test_a_bad_flag_is_a_settings_error_naming_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError, match="worker_hosts.*not host:port"):
-        _settings(worker_hosts="h0,h1:2")
+        trainer_settings(worker_hosts="h0,h1:2")
     with pytest.raises(SettingsError, match="workers: Input should be greater than or equal to 1"):
-        _settings(workers=0)
+        trainer_settings(workers=0)
 
 
 # -- shards of a global batch ------------------------------------------------------------------

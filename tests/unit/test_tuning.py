@@ -16,7 +16,7 @@ from online_trainer.cli_tune import parse_space, search_settings
 from online_trainer.gate import hits
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
-from online_trainer.settings import HyperparameterSearch, SearchSpace, TrainerSettings, TrainerTuning
+from online_trainer.settings import SEARCHED, HyperparameterSearch, SearchSpace, TrainerSettings, TrainerTuning
 from online_trainer.training import train
 from online_trainer.tuned_config import read_best_config, train_config, write_best_config
 from streamrec.core.errors import SettingsError
@@ -164,3 +164,6 @@ def test_space_flags_become_the_search_space() -> None:
     search = search_settings({"max_trials": 4}, ["embedding_dim=16,32", "temperature=0.1"]).trainer.search
     assert search.max_trials == 4
     assert search.space == SearchSpace(embedding_dim=(16, 32), temperature=(0.1, 0.1))
+    with pytest.raises(SettingsError, match="embedding_dim takes choices"):
+        parse_space(["embedding_dim=16:64"])  # a range of a choice field is refused, not read as two choices
+    assert tuple(SearchSpace.model_fields) == SEARCHED  # the one list of names every part of the search uses
