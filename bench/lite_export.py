@@ -66,18 +66,6 @@ def bootstrap_version(dataset: Dataset, until: str, epochs: int, base_path: Path
     return export.export_version(model, base_path, 1, lineage=lineage, warmup_users=examples.head(16))
 
 
-def numbered(model_dir: Path, scratch: Path) -> Path:
-    """``model_dir`` under a name that is its version number, as export_lite reads it (a link when
-    the directory is named otherwise, e.g. ``/tmp/demo-v4``)."""
-    if model_dir.name.isdigit():
-        return model_dir
-    version = int(export.read_lineage(model_dir).get("version") or 1)
-    link = scratch / "versions" / str(version)
-    link.parent.mkdir(parents=True)
-    link.symlink_to(model_dir.resolve(), target_is_directory=True)
-    return link
-
-
 def figures(lite_report: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """The report's sizes and overlaps as flat ``lite.*`` metrics, with their units."""
     k, saved_model = lite_report["top_k"], lite_report["saved_model_bytes"]
@@ -133,11 +121,12 @@ def main() -> None:
                 raise SystemExit(
                     f"{args.model_dir} reads other user attributes than {dataset.name}; pass its --dataset"
                 )
-            version_path = numbered(args.model_dir, scratch)
-            kind = export.read_lineage(version_path).get("kind", "unknown")
-            source = f"version {version_path.name} at {args.model_dir} (lineage kind: {kind})"
-        model: TwoTowerModel = export_lite.load_version(version_path)
+            version_path = args.model_dir
         lineage = export.read_lineage(version_path)
+        if args.model_dir is not None:
+            kind = lineage.get("kind", "unknown")
+            source = f"version {lineage['version']} at {args.model_dir} (lineage kind: {kind})"
+        model: TwoTowerModel = export_lite.load_version(version_path)
         contexts = lite_inputs.dataset_contexts(dataset.interactions, dataset.users, model, lineage)
         print(f"user contexts: {len(contexts):,} from {dataset.name} up to the version's data")
         started = time.perf_counter()

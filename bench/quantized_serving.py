@@ -54,21 +54,22 @@ import psutil
 
 from bench.common import ROOT, write_result
 from bench.lite_export import add_version_arguments, bootstrap_version
-from online_trainer import export
-from online_trainer.examples import examples_from_interactions, user_arrays
+from bench.recommend_load import peak_rss_mb
+from online_trainer import export, lite_inputs
+from online_trainer.examples import examples_from_interactions, pad_recent_items, user_arrays
 from online_trainer.model import TwoTowerModel
 from online_trainer.model_config import ModelConfig
-from online_trainer.ranking_metrics import ranking_metrics
+from online_trainer.ranking_metrics import overlap_at_k, ranking_metrics
 from serving.model_client import ModelServerClient
 from streamrec.core import contracts
-from streamrec.core.attributes import AttributeSchema, read_schema
+from streamrec.core.attributes import read_schema
 from streamrec.datasets.description import Dataset, load_dataset
 from streamrec.ops.stack.ports import free_ports
 
 K = 10
 VARIANTS = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 PROBE_ITEM = "__probe__"  # the item of the event added after the cut to read each user's inputs
-TEST_BOUNDS = {"fp16": 0.95, "int8": 0.8}  # tests/unit/test_export_quantized.py's overlap bounds
+TEST_BOUNDS = {"fp16": 0.95, "int8": 0.8}  # tests/unit/test_export_savedmodel.py's overlap bounds
 
 
 def trained_model(args: argparse.Namespace, dataset: Dataset, scratch: Path) -> tuple[TwoTowerModel, Path, str]:
@@ -86,14 +87,6 @@ def trained_model(args: argparse.Namespace, dataset: Dataset, scratch: Path) -> 
         kind = export.read_lineage(version_dir).get("kind", "unknown")
         source = f"the resume files of {args.model_dir} (lineage kind: {kind})"
     return export.load_for_finetune(version_dir), version_dir, source
-
-
-def training_end(lineage: dict[str, Any]) -> pd.Timestamp:
-    """The end of a version's training data (as ``lite_inputs.dataset_contexts`` reads it)."""
-    until = (lineage.get("data") or {}).get("end") or lineage.get("bootstrap_until")
-    if until is None:
-        raise SystemExit("the version's lineage names no end of its training data (data.end, bootstrap_until)")
-    return pd.Timestamp(until).tz_convert("UTC")
 
 
 def held_out(dataset: Dataset, cut: pd.Timestamp, horizon: int) -> tuple[pd.DataFrame, list[list[str]], list[set[str]]]:
@@ -122,35 +115,18 @@ def held_out(dataset: Dataset, cut: pd.Timestamp, horizon: int) -> tuple[pd.Data
     return contexts, [seen.get(user, []) for user in users], [relevant[user] for user in users]
 
 
-def padded(rows: list[list[str]]) -> np.ndarray:
-    width = max(1, *(len(row) for row in rows))
-    return np.array([row + [""] * (width - len(row)) for row in rows], dtype=object)
-
-
-def served_top_k(
-    version_dir: Path, contexts: pd.DataFrame, exclude: list[list[str]], schema: AttributeSchema
-) -> np.ndarray:
-    """[U, K] ids from the SavedModel's ``recommend`` signature, loaded in this process."""
+def served_top_k(signature: Any, inputs: dict[str, np.ndarray], exclude: list[list[str]]) -> np.ndarray:
+    """[U, K] ids from a loaded SavedModel's ``recommend`` signature for ``inputs`` (``user_arrays``)."""
     import tensorflow as tf
 
-    signature = tf.saved_model.load(str(version_dir)).signatures[contracts.RECOMMEND_SIGNATURE]
+    width = max(1, *(len(row) for row in exclude))
     chunks = []
-    for start in range(0, len(contexts), 256):
+    for start in range(0, len(exclude), 256):
         rows = slice(start, start + 256)
-        inputs = {name: tf.constant(values) for name, values in user_arrays(contexts.iloc[rows], schema).items()}
-        outputs = signature(**inputs, exclude_items=tf.constant(padded(exclude[rows])))
+        batch = {name: tf.constant(values[rows]) for name, values in inputs.items()}
+        outputs = signature(**batch, exclude_items=tf.constant(pad_recent_items(exclude[rows], width=width)))
         chunks.append(outputs["item_ids"].numpy().astype(str)[:, :K])
     return np.concatenate(chunks)
-
-
-def overlaps(top: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    return np.array([len(set(a) & set(b) - {""}) / K for a, b in zip(top, reference, strict=True)])
-
-
-def variables_bytes(version_dir: Path) -> int:
-    """``saved_model.pb`` + ``variables/``: what TF Serving loads (not the float32 resume files)."""
-    files = [version_dir / "saved_model.pb", *(version_dir / "variables").rglob("*")]
-    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def server_memory(
@@ -183,7 +159,7 @@ def server_memory(
             answer = [item.decode() if isinstance(item, bytes) else str(item) for item in outputs["item_ids"][0][:K]]
             agree += answer == list(expected[n % len(requests)])
         after = process.memory_info().rss
-        peak = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.pid}/status").read_text())
+        peak = peak_rss_mb(server.pid)
     finally:
         client.close()
         server.send_signal(signal.SIGTERM)
@@ -191,7 +167,7 @@ def server_memory(
     return {
         "rss_loaded_mb": round(loaded / 2**20, 1),
         "rss_after_calls_mb": round(after / 2**20, 1),
-        "peak_rss_mb": round(int(peak.group(1)) / 1024, 1) if peak else 0.0,
+        "peak_rss_mb": round(peak, 1),
         "served_equal_share": agree / calls,
     }
 
@@ -232,7 +208,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-quantized-") as work:
         scratch = Path(work)
         model, version_dir, source = trained_model(args, dataset, scratch)
-        cut = training_end(export.read_lineage(version_dir))
+        cut = lite_inputs.training_end(export.read_lineage(version_dir))
+        if cut is None:
+            raise SystemExit("the version's lineage names no end of its training data (data.end, bootstrap_until)")
         contexts, seen, relevant = held_out(dataset, cut, args.horizon)
         print(f"held out: {len(contexts)} users with interactions after {cut.isoformat()}", flush=True)
         lineage = {"source": "bench.quantized_serving", "dataset": dataset.name, "data": {"end": cut.isoformat()}}
@@ -245,15 +223,20 @@ def main() -> None:
         recent = [list(items) for items in contexts["recent_items"]]
         tops: dict[str, np.ndarray] = {}
         api_recall: dict[str, float] = {}
+        import tensorflow as tf
+
+        inputs = user_arrays(contexts, model.schema)
+        fp32_bytes = export.serving_bytes(exports["fp32"])
         for name, version_dir_of in exports.items():
-            tops[name] = served_top_k(version_dir_of, contexts, seen, model.schema)
+            signature = tf.saved_model.load(str(version_dir_of)).signatures[contracts.RECOMMEND_SIGNATURE]
+            tops[name] = served_top_k(signature, inputs, seen)
             quality = ranking_metrics(tops[name], relevant, K)
-            api_top = served_top_k(version_dir_of, contexts, recent, model.schema)
+            api_top = served_top_k(signature, inputs, recent)
             api_recall[name] = ranking_metrics(api_top, relevant, K).recall
-            shared = overlaps(tops[name], tops["fp32"])
-            size = variables_bytes(version_dir_of)
+            shared = overlap_at_k(tops["fp32"], tops[name])
+            size = export.serving_bytes(version_dir_of)
             record(f"{name}.saved_model_bytes", size, "bytes")
-            record(f"{name}.size_ratio", round(size / variables_bytes(exports["fp32"]), 4), "x fp32")
+            record(f"{name}.size_ratio", round(size / fp32_bytes, 4), "x fp32")
             record(f"{name}.recall_at_10", round(quality.recall, 4), "fraction")
             record(f"{name}.ndcg_at_10", round(quality.ndcg, 4), "fraction")
             if name != "fp32":
@@ -268,10 +251,13 @@ def main() -> None:
         load_notes: dict[str, str] = {}
         served_equal: dict[str, float] = {}
         if not args.skip_timing:
-            requests = []
-            for row in range(len(contexts)):
-                inputs = user_arrays(contexts.iloc[[row]], model.schema)
-                requests.append({**inputs, "exclude_items": padded([seen[row]])})
+            requests = [
+                {
+                    **{name: values[row : row + 1] for name, values in inputs.items()},
+                    "exclude_items": pad_recent_items([seen[row]], width=max(1, len(seen[row]))),
+                }
+                for row in range(len(contexts))
+            ]
             for name, version_dir_of in exports.items():
                 memory = server_memory(version_dir_of, scratch / f"server-{name}", requests, tops[name], args.predicts)
                 served_equal[name] = memory.pop("served_equal_share")

@@ -8,13 +8,13 @@ says what the device model is. The lead mounts :func:`export_lite_command` into 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast, get_args
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from online_trainer.cli import ColumnsOption
 from online_trainer.settings import TrainerSettings
-from streamrec.core.errors import DatasetError, SettingsError
+from streamrec.core.errors import DatasetError
 from streamrec.core.settings import load
 
 if TYPE_CHECKING:
@@ -22,17 +22,6 @@ if TYPE_CHECKING:
 
     from online_trainer.export_lite import Variant
     from online_trainer.model import TwoTowerModel
-
-
-def _variants(value: str) -> tuple[Variant, ...]:
-    from online_trainer.export_lite import Variant
-
-    known = get_args(Variant)
-    chosen = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
-    unknown = [name for name in chosen if name not in known]
-    if unknown or not chosen:
-        raise SettingsError(f"--variants {value!r}: pick from {', '.join(known)}, comma-separated")
-    return tuple(cast(Variant, name) for name in chosen)
 
 
 def _contexts(
@@ -43,7 +32,8 @@ def _contexts(
     from online_trainer import lite_inputs
     from online_trainer.export import read_lineage
 
-    version = int(version_path.name)
+    lineage = read_lineage(version_path)
+    version = int(lineage["version"])
     if dataset is None:
         found = lite_inputs.trained_contexts(settings.trainer_state_path, version)
         if found is None or found.empty:
@@ -60,7 +50,6 @@ def _contexts(
             f"--dataset {dataset} declares other user attributes than version {version} was trained with; "
             "pass the dataset the version was trained on"
         )
-    lineage = read_lineage(version_path)
     return lite_inputs.dataset_contexts(loaded.interactions, loaded.users, model, lineage), f"dataset {dataset}"
 
 
@@ -94,11 +83,9 @@ def export_lite_command(
     """
     from online_trainer import export_lite, lite_inputs
 
-    if top_k < 1 or samples < 1 or parity_users < 1:
-        raise SettingsError("--top-k, --samples and --parity-users must be at least 1")
     settings = load(TrainerSettings)
     options = export_lite.LiteOptions(
-        variants=_variants(variants),
+        variants=tuple(cast("Variant", name) for name in dict.fromkeys(v.strip() for v in variants.split(",")) if name),
         k=top_k,
         representative_samples=samples,
         parity_contexts=parity_users,

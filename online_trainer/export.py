@@ -44,8 +44,9 @@ from online_trainer.inference import catalog_vectors, rank, similar_rank
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
 from online_trainer.model_state import assign_optimizer_state, assign_weights, optimizer_state, weights_by_path
-from online_trainer.quantize import TableDtype, serving_copy, serving_variables
+from online_trainer.quantize import serving_copy, serving_variables
 from online_trainer.retrieval_index import IvfSearch, index_for_config
+from online_trainer.settings import TableDtype
 from online_trainer.signatures import recommend_specs, score_specs, similar_specs
 from streamrec.core import contracts
 from streamrec.core.attributes import SCHEMA_FILE, AttributeSchema
@@ -327,6 +328,13 @@ def _fsync_tree(root: Path) -> None:
             with open(Path(folder) / name, "rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(Path(folder))
+
+
+def serving_bytes(version_dir: Path) -> int:
+    """The bytes a model server loads of a version: ``saved_model.pb`` and ``variables/`` (not the
+    resume files and warm-up records under ``assets.extra``)."""
+    files = [version_dir / "saved_model.pb", *(version_dir / "variables").rglob("*")]
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def list_versions(base_path: Path) -> list[int]:

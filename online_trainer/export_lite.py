@@ -33,7 +33,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from online_trainer.lite_inputs import (
     vocabularies,
 )
 from online_trainer.model import TwoTowerModel
+from online_trainer.ranking_metrics import overlap_at_k
 from streamrec.core.errors import DatasetError, SettingsError
 
 Variant = Literal["fp32", "fp16", "int8"]
@@ -166,7 +167,7 @@ class DeviceTower(tf.Module):  # type: ignore[misc]  # tensorflow ships no type 
         if cfg.use_last_item:
             last = cfg.last_items
             parts.append(self._bag_mean(recent_vectors[:, :last], recent[:, :last]))
-        if model._uses_counts():
+        if model.uses_counts():
             counts = [tf.math.log(1.0 + inputs[name]) for name in count_columns(model.schema)]
             parts.append(tf.stack(counts, axis=-1))
         # One product per part, not one over their concatenation: int8 then gives each part a
@@ -243,19 +244,6 @@ def run_tflite(content: bytes, arrays: dict[str, np.ndarray], *, batch_size: int
     return np.concatenate(chunks).astype(np.int64)
 
 
-def overlap_at_k(
-    reference: Sequence[Sequence[str]] | np.ndarray, candidate: Sequence[Sequence[str]] | np.ndarray
-) -> np.ndarray:
-    """Per row: the share of the reference's non-padding ids that the candidate's list also holds."""
-    return np.asarray(
-        [
-            len(set(theirs) & (wanted := {item for item in ours if item})) / max(1, len(wanted))
-            for ours, theirs in zip(reference, candidate, strict=True)
-        ],
-        dtype=np.float64,
-    )
-
-
 def _tower_error(tower: DeviceTower, model: TwoTowerModel, frame: pd.DataFrame, arrays: dict[str, Any]) -> float:
     device = np.asarray(tower.user_vectors({name: tf.constant(values) for name, values in arrays.items()}))
     return float(np.abs(device - user_vectors(model, frame)).max()) if len(frame) else 0.0
@@ -277,6 +265,13 @@ class LiteOptions:
     seed: int = 0
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.variants if name not in VARIANTS]
+        if unknown or not self.variants:
+            raise SettingsError(f"variants {list(self.variants)}: pick one or more of {', '.join(VARIANTS)}")
+        if min(self.k, self.representative_samples, self.parity_contexts) < 1:
+            raise SettingsError("K (--top-k), --samples and --parity-users must each be at least 1")
+
 
 def export_lite(
     version_path: Path,
@@ -295,12 +290,11 @@ def export_lite(
     output_dir = Path(output_dir)
     if output_dir.exists() and not options.overwrite:
         raise SettingsError(f"{output_dir} already exists; remove it, pass another --output-dir, or --overwrite")
-    if not options.variants or options.k < 1 or options.representative_samples < 1:
-        raise SettingsError("export-lite needs at least one variant, K >= 1 and at least one representative sample")
     if contexts.empty:
         raise DatasetError("no user contexts to calibrate int8 and measure parity on; pass --dataset")
     model = model or load_version(version_path)
-    say(f"version {version_path.name}: {len(model.catalog):,} items, dim {model.config.embedding_dim}")
+    version = int(export.read_lineage(version_path)["version"])
+    say(f"version {version}: {len(model.catalog):,} items, dim {model.config.embedding_dim}")
     order = np.random.default_rng(options.seed).permutation(len(contexts))
     held_out = min(options.parity_contexts, max(1, len(order) // 2))
     parity_rows = order[:held_out]
@@ -311,6 +305,7 @@ def export_lite(
     parity = cold_start_frame(contexts.iloc[parity_rows], model, vocabulary)
     calibration = cold_start_frame(contexts.iloc[calibration_rows], model, vocabulary)
     parity_arrays = device_arrays(parity, model, vocabulary)
+    calibration_arrays = device_arrays(calibration, model, vocabulary)
     tower = DeviceTower(model, vocabulary, options.k)
     error = _tower_error(tower, model, parity, parity_arrays)
     if not error <= TOWER_TOLERANCE:
@@ -327,8 +322,8 @@ def export_lite(
         report_variants: dict[str, Any] = {}
         for variant in options.variants:
             say(f"converting {variant} ...")
-            content = convert(tower, variant, device_arrays(calibration, model, vocabulary))
-            name = f"streamrec-v{version_path.name}-{variant}.tflite"
+            content = convert(tower, variant, calibration_arrays)
+            name = f"streamrec-v{version}-{variant}.tflite"
             (staging / name).write_bytes(content)
             overlap = overlap_at_k(reference, item_ids[run_tflite(content, parity_arrays)])
             report_variants[variant] = {
@@ -340,7 +335,7 @@ def export_lite(
             say(f"{variant}: {len(content):,} bytes, mean overlap@{tower.k} {overlap.mean():.3f}")
         (staging / ITEMS_FILE).write_text("".join(f"{item}\n" for item in model.catalog.item_ids))
         inputs = {
-            "version": int(version_path.name),
+            "version": version,
             "top_k": tower.k,
             "items_file": ITEMS_FILE,
             "inputs": {
@@ -358,9 +353,9 @@ def export_lite(
             "vocabularies": vocabulary,
         }
         (staging / INPUTS_FILE).write_text(json.dumps(inputs, indent=2) + "\n")
-        saved_model = (version_path / "saved_model.pb").stat().st_size + _tree_bytes(version_path / "variables")
+        saved_model = export.serving_bytes(version_path)
         report = {
-            "version": int(version_path.name),
+            "version": version,
             "source": str(version_path),
             "catalog_items": len(model.catalog),
             "embedding_dim": model.config.embedding_dim,

@@ -46,7 +46,7 @@ class DeviceInput:
 
 def user_attributes(model: TwoTowerModel) -> tuple[Attribute, ...]:
     """The user attributes the tower reads (none when ``use_profile`` is off)."""
-    return model.schema.user if model._uses_user_attributes() else ()
+    return model.schema.user if model.uses_user_attributes() else ()
 
 
 def device_inputs(model: TwoTowerModel) -> list[DeviceInput]:
@@ -57,7 +57,7 @@ def device_inputs(model: TwoTowerModel) -> list[DeviceInput]:
         ),
         DeviceInput("exclude_items", "int32", (None, None), f"rows of {ITEMS_FILE} never returned, -1 pad"),
     ]
-    if model._uses_counts():
+    if model.uses_counts():
         inputs += [
             DeviceInput(name, "float32", (None,), "the user's event count") for name in count_columns(model.schema)
         ]
@@ -103,10 +103,19 @@ def dataset_contexts(
     """Point-in-time examples of ``interactions`` up to the end of the version's training data."""
     from online_trainer.examples import examples_from_interactions
 
-    until = (lineage.get("data") or {}).get("end") or lineage.get("bootstrap_until")
+    until = training_end(lineage)
     if until is not None:
-        interactions = interactions[interactions["event_time"] <= pd.Timestamp(until)]
+        interactions = interactions[interactions["event_time"] <= until]
     return examples_from_interactions(interactions, users, model.schema)
+
+
+def training_end(lineage: dict[str, Any]) -> pd.Timestamp | None:
+    """The end of a version's training data (its lineage's ``data.end``, else ``bootstrap_until``), UTC."""
+    until = (lineage.get("data") or {}).get("end") or lineage.get("bootstrap_until")
+    if until is None:
+        return None
+    stamp = pd.Timestamp(until)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def cold_start_frame(contexts: pd.DataFrame, model: TwoTowerModel, vocabulary: dict[str, list[str]]) -> pd.DataFrame:

@@ -112,19 +112,28 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
     def schema(self) -> AttributeSchema:
         return self.config.attributes
 
-    def _uses_user_attributes(self) -> bool:
+    def hashed_embeddings(self) -> list[HashedBagEmbedding]:
+        """Every hashed table of the model (ids, then the categorical attributes), in a fixed order."""
+        attributes = [*self.user_attribute_embeddings, *self.item_attribute_embeddings]
+        return [
+            self.item_ids_embedding,
+            self.user_ids_embedding,
+            *(layer.table for layer in attributes if isinstance(layer.table, HashedBagEmbedding)),
+        ]
+
+    def uses_user_attributes(self) -> bool:
         return self.config.use_profile and bool(self.user_attribute_embeddings)
 
-    def _uses_item_attributes(self) -> bool:
+    def uses_item_attributes(self) -> bool:
         return self.config.use_item_content and bool(self.item_attribute_embeddings)
 
-    def _uses_item_id(self) -> bool:
-        return self.config.use_item_id or not self._uses_item_attributes()
+    def uses_item_id(self) -> bool:
+        return self.config.use_item_id or not self.uses_item_attributes()
 
-    def _uses_counts(self) -> bool:
+    def uses_counts(self) -> bool:
         cfg = self.config
         return cfg.use_counts or not (
-            cfg.use_user_id or self._uses_user_attributes() or cfg.use_recent_items or cfg.use_last_item
+            cfg.use_user_id or self.uses_user_attributes() or cfg.use_recent_items or cfg.use_last_item
         )
 
     def build(self, input_shape: Any = None) -> None:
@@ -134,20 +143,20 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
         if cfg.use_user_id:
             self.user_ids_embedding.build()
             user_width += cfg.embedding_dim
-        if self._uses_user_attributes():
+        if self.uses_user_attributes():
             for layer in self.user_attribute_embeddings:
                 layer.build()
             user_width += cfg.profile_dim * len(self.user_attribute_embeddings)
-        if cfg.use_recent_items or cfg.use_last_item or self._uses_item_id():
+        if cfg.use_recent_items or cfg.use_last_item or self.uses_item_id():
             self.item_ids_embedding.build()
         if cfg.use_recent_items and cfg.use_position_weights:
             self.recent_position_logits.build()
         user_width += cfg.embedding_dim * (int(cfg.use_recent_items) + int(cfg.use_last_item))
-        if self._uses_counts():
+        if self.uses_counts():
             user_width += len(count_columns(self.schema))
-        if self._uses_item_id():
+        if self.uses_item_id():
             item_width += cfg.embedding_dim
-        if self._uses_item_attributes():
+        if self.uses_item_attributes():
             for layer in self.item_attribute_embeddings:
                 layer.build()
             item_width += cfg.content_dim * len(self.item_attribute_embeddings)
@@ -175,13 +184,13 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
         parts = []
         if cfg.use_user_id:
             parts.append(self.user_ids_embedding(tf.reshape(features["user_id"], [-1, 1])))
-        if self._uses_user_attributes():
+        if self.uses_user_attributes():
             parts += [layer(features[layer.attribute.name]) for layer in self.user_attribute_embeddings]
         if cfg.use_recent_items:
             parts.append(self._recent_items(features["recent_items"]))
         if cfg.use_last_item:  # recent_items is newest first
             parts.append(self.item_ids_embedding(features["recent_items"][:, : cfg.last_items]))
-        if self._uses_counts():
+        if self.uses_counts():
             counts = [tf.math.log1p(tf.cast(features[name], tf.float32)) for name in count_columns(self.schema)]
             parts.append(tf.stack(counts, axis=-1))
         return tf.math.l2_normalize(self.user_projection(tf.concat(parts, axis=-1)), axis=-1)
@@ -199,16 +208,16 @@ class TwoTowerModel(keras.Model):  # type: ignore[misc]  # keras ships no type h
     def item_tower(self, item_ids: tf.Tensor, values: dict[str, tf.Tensor]) -> tf.Tensor:
         """item ids [N] and each item attribute's values (``catalog.item_arrays``) -> [N, d] unit vectors."""
         parts = []
-        if self._uses_item_id():
+        if self.uses_item_id():
             parts.append(self.item_ids_embedding(tf.reshape(item_ids, [-1, 1])))
-        if self._uses_item_attributes():
+        if self.uses_item_attributes():
             parts += [layer(values[layer.attribute.name]) for layer in self.item_attribute_embeddings]
         return tf.math.l2_normalize(self.item_projection(tf.concat(parts, axis=-1)), axis=-1)
 
     def call(self, inputs: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         """A training batch: user inputs, ``item_id`` and the item's values under ``item.<name>``."""
         users = self.user_tower(inputs)
-        values = {a.name: inputs[ITEM_INPUT_PREFIX + a.name] for a in self.schema.item if self._uses_item_attributes()}
+        values = {a.name: inputs[ITEM_INPUT_PREFIX + a.name] for a in self.schema.item if self.uses_item_attributes()}
         return users, self.item_tower(inputs["item_id"], values)
 
 

@@ -107,7 +107,13 @@ def copy_into(target: TwoTowerModel, source: TwoTowerModel) -> TwoTowerModel:
     one each interval: its traced training step is kept, where a new object pays seconds of tracing.
     ``target`` must come from :func:`clone_for_finetune` of a model of the same architecture.
     """
-    assign_weights(target, weights_by_path(source))
+    copy_weights_into(target, source)
     assign_optimizer_state(target, optimizer_state(source))
+    return target
+
+
+def copy_weights_into(target: TwoTowerModel, source: TwoTowerModel) -> TwoTowerModel:
+    """``target`` with ``source``'s weights and catalog (not its optimizer state)."""
+    assign_weights(target, weights_by_path(source))
     target.catalog = source.catalog
     return target

@@ -12,16 +12,15 @@ smaller tables (``trainer.serving_table_dtype``; docs/design/trainer.md#quantize
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import tensorflow as tf
 
-from online_trainer.hash_embedding import HashedBagEmbedding
 from online_trainer.model import TwoTowerModel
-from online_trainer.model_state import assign_weights, weights_by_path
+from online_trainer.model_state import copy_weights_into
+from online_trainer.settings import TableDtype
 
-TableDtype = Literal["float32", "float16", "int8"]
 TABLE_DTYPES: tuple[str, ...] = get_args(TableDtype)
 _INT8_MAX = 127.0
 
@@ -43,14 +42,15 @@ class QuantizedTable(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
 
     def __init__(self, values: np.ndarray, dtype: TableDtype, name: str) -> None:
         super().__init__(name=name)
+        self._dtype = dtype
         stored, scales = quantize(values, dtype)
         self.values = tf.Variable(stored, trainable=False, name="values")
         self.scales = None if scales is None else tf.Variable(scales, trainable=False, name="scales")
 
-    def assign(self, values: np.ndarray, dtype: TableDtype) -> None:
-        stored, scales = quantize(values, dtype)
+    def assign(self, values: np.ndarray) -> None:
+        stored, scales = quantize(values, self._dtype)
         self.values.assign(stored)
-        if self.scales is not None and scales is not None:
+        if self.scales is not None:
             self.scales.assign(scales)
 
     def lookup(self, indices: tf.Tensor) -> tf.Tensor:
@@ -58,11 +58,6 @@ class QuantizedTable(tf.Module):  # type: ignore[misc]  # tensorflow ships no ty
         if self.scales is None:
             return rows
         return rows * tf.gather(self.scales, indices)[..., tf.newaxis]
-
-
-def hashed_tables(model: TwoTowerModel) -> list[HashedBagEmbedding]:
-    """The model's hashed embedding layers (ids and categorical attributes), in a fixed order."""
-    return [layer for layer in model._flatten_layers() if isinstance(layer, HashedBagEmbedding)]
 
 
 def serving_copy(model: TwoTowerModel, dtype: TableDtype) -> TwoTowerModel:
@@ -78,21 +73,20 @@ def serving_copy(model: TwoTowerModel, dtype: TableDtype) -> TwoTowerModel:
         copy = TwoTowerModel(model.catalog, model.config)
         copy.build()
         copies[dtype] = copy
-    assign_weights(copy, weights_by_path(model))
-    copy.catalog = model.catalog
-    for layer in hashed_tables(copy):
+    copy_weights_into(copy, model)
+    for layer in copy.hashed_embeddings():
         table = np.asarray(layer.table.embeddings)
         if layer.serving_table is None:
             object.__setattr__(layer, "serving_table", QuantizedTable(table, dtype, name=f"{layer.name}_{dtype}"))
         else:
-            layer.serving_table.assign(table, dtype)
+            layer.serving_table.assign(table)
     return copy
 
 
 def serving_variables(model: TwoTowerModel) -> tuple[list[object], list[QuantizedTable]]:
     """What a serving module of ``model`` saves: the model's variables but the float32 tables a
     quantized table replaces, and those quantized tables."""
-    quantized = [layer for layer in hashed_tables(model) if layer.serving_table is not None]
+    quantized = [layer for layer in model.hashed_embeddings() if layer.serving_table is not None]
     replaced = {id(layer.table.embeddings) for layer in quantized}
     variables = [variable for variable in model.variables if id(variable) not in replaced]
     return variables, [layer.serving_table for layer in quantized]

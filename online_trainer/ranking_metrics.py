@@ -57,6 +57,19 @@ def ranking_metrics(
     return RankingMetrics(float(np.mean(recalls)), float(np.mean(ndcgs)), float(np.mean(hits)), len(recalls))
 
 
+def overlap_at_k(
+    reference: Sequence[Sequence[str]] | np.ndarray, candidate: Sequence[Sequence[str]] | np.ndarray
+) -> np.ndarray:
+    """Per row: the share of the reference's non-padding ids that the candidate's list also holds."""
+    return np.asarray(
+        [
+            len(set(theirs) & (wanted := {item for item in ours if item})) / max(1, len(wanted))
+            for ours, theirs in zip(reference, candidate, strict=True)
+        ],
+        dtype=np.float64,
+    )
+
+
 def top_k_masked(scores: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     """Row-wise indices of the k best scores [U, k], best first, where ``mask`` [U, N] True is excluded."""
     if scores.shape != mask.shape:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ import typer
 from online_trainer import export
 from online_trainer.catalog import ItemCatalog
 from online_trainer.examples import examples_from_interactions, user_arrays
-from online_trainer.export_lite import LiteOptions, export_lite, overlap_at_k, version_dir
+from online_trainer.export_lite import LiteOptions, export_lite, run_tflite, version_dir
 from online_trainer.model import build_model
 from online_trainer.model_config import ModelConfig
+from online_trainer.ranking_metrics import overlap_at_k
 from online_trainer.training import train
 from streamrec.core import contracts
 from streamrec.core.attributes import Attribute, AttributeSchema
@@ -106,12 +106,6 @@ def lite(version: tuple[Path, pd.DataFrame], tmp_path_factory: pytest.TempPathFa
     return out, export_lite(path, out, examples, options)
 
 
-def _interpreter(path: Path) -> Any:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated", category=UserWarning)
-        return tf.lite.Interpreter(model_path=str(path))
-
-
 def _device_inputs(frame: pd.DataFrame, items: list[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:
     """What an app would pass: rows of items.txt and of inputs.json's vocabularies, -1 unknown."""
     row = {item: n for n, item in enumerate(items)}
@@ -156,14 +150,12 @@ def test_every_variant_ranks_like_the_saved_model(
     expected = _saved_model_top(path, users)
     overlaps = {}
     for variant in ("fp32", "fp16", "int8"):
-        runner = _interpreter(out / f"streamrec-v1-{variant}.tflite").get_signature_runner()
-        rows = runner(**_device_inputs(users, items, spec))["item_rows"]
+        rows = run_tflite((out / f"streamrec-v1-{variant}.tflite").read_bytes(), _device_inputs(users, items, spec))
         answered = [[items[n] for n in row if n >= 0] for row in rows]
         recent = [set(history) for history in users["recent_items"]]
         assert all(not set(row) & seen for row, seen in zip(answered, recent, strict=True))
         overlaps[variant] = float(overlap_at_k(expected, answered).mean())
         assert report["variants"][variant]["bytes"] == (out / f"streamrec-v1-{variant}.tflite").stat().st_size
-    print(f"overlap@{K} against the SavedModel: {overlaps}; report: {json.dumps(report['variants'])}")
     assert overlaps["fp32"] >= 0.99
     assert overlaps["fp16"] >= 0.9
     assert overlaps["int8"] >= INT8_FLOOR
@@ -218,4 +210,5 @@ def test_the_command_draws_contexts_from_the_trainer_checkpoint(
     report = json.loads((tmp_path / "lite" / "1" / "report.json").read_text())
     assert set(report["variants"]) == {"fp16"} and report["top_k"] == 5
     assert "from the trainer checkpoint of version 1" in result.output and "mean overlap@5" in result.output
-    assert CliRunner().invoke(app, ["--variants", "fp8"]).exception is not None
+    refused = CliRunner().invoke(app, ["--variants", "fp8"]).exception
+    assert isinstance(refused, SettingsError) and "pick one or more of fp32, fp16, int8" in str(refused)

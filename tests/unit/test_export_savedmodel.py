@@ -1,4 +1,5 @@
-"""SavedModel export: signatures equal to the in-memory model, warm-up records, atomic versions.
+"""SavedModel export: signatures equal to the in-memory model, warm-up records, atomic versions,
+and quantized serving tables (float16, int8) that answer as the float32 version does.
 
 The model is built from a schema that is not MovieLens': string ids, a categorical, a numeric
 and a multi-categorical attribute on each side, and three event kinds counted on their own.
@@ -18,12 +19,14 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from online_trainer import export
+from online_trainer import export, quantize
 from online_trainer.catalog import ItemCatalog
 from online_trainer.examples import examples_from_interactions, user_arrays
 from online_trainer.inference import PAD_SCORE, recommend, score, similar
 from online_trainer.model import TwoTowerModel, build_model
 from online_trainer.model_config import ModelConfig
+from online_trainer.model_state import weights_by_path
+from online_trainer.ranking_metrics import overlap_at_k
 from online_trainer.training import train
 from streamrec.core import contracts
 from streamrec.core.attributes import Attribute, AttributeSchema, user_model_inputs
@@ -43,6 +46,7 @@ SCHEMA = AttributeSchema(
     event_kinds=("add_to_cart", "purchase", "view"),
 )
 CATEGORIES = ("shoes", "hats", "bags", "socks")
+LINEAGE = {"data_range": ["a", "b"], "parent_version": None, "feature_service": contracts.USER_FEATURE_SERVICE}
 
 
 def sku(n: int) -> str:
@@ -95,8 +99,7 @@ def tiny() -> tuple[TwoTowerModel, pd.DataFrame]:
 def exported(tiny: tuple[TwoTowerModel, pd.DataFrame], tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, examples = tiny
     base = tmp_path_factory.mktemp("models")
-    lineage = {"data_range": ["a", "b"], "parent_version": None, "feature_service": contracts.USER_FEATURE_SERVICE}
-    return export.export_version(model, base, 1, lineage=lineage, warmup_users=examples.head(5))
+    return export.export_version(model, base, 1, lineage=LINEAGE, warmup_users=examples.head(5))
 
 
 def _inputs(frame: pd.DataFrame) -> dict[str, tf.Tensor]:
@@ -348,3 +351,98 @@ def test_a_second_export_of_one_model_object_reuses_its_trace_and_serves_its_new
         **_inputs(users), exclude_items=tf.constant(excluded_all)
     )
     assert (answer["item_ids"].numpy()[:, 0].astype(str) == "sku-new").all()
+
+
+# -- quantized serving tables (online_trainer.quantize) --
+
+
+def _top10(version: Path, users: pd.DataFrame) -> np.ndarray:
+    loaded = tf.saved_model.load(str(version))
+    exclude = tf.constant(np.full((len(users), 1), "", dtype=object))
+    ids = loaded.signatures["recommend"](**_inputs(users), exclude_items=exclude)["item_ids"].numpy()
+    return np.asarray(ids[:, :10].astype(str))
+
+
+@pytest.fixture(scope="module")
+def versions(
+    tiny: tuple[TwoTowerModel, pd.DataFrame],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    model, examples = tiny
+    base = tmp_path_factory.mktemp("quantized")
+    return {
+        dtype: export.export_version(
+            model, base, number, lineage=LINEAGE, warmup_users=examples.head(5), table_dtype=dtype
+        )
+        for number, dtype in enumerate(quantize.TABLE_DTYPES, start=1)
+    }
+
+
+def test_quantized_versions_answer_as_the_float32_one_and_are_smaller(
+    versions: dict[str, Path],
+    tiny: tuple[TwoTowerModel, pd.DataFrame],
+) -> None:
+    _, examples = tiny
+    users = examples.tail(40)
+    reference = _top10(versions["float32"], users)
+    assert overlap_at_k(reference, _top10(versions["float16"], users)).mean() >= 0.95
+    assert overlap_at_k(reference, _top10(versions["int8"], users)).mean() >= 0.8
+    # variables only: the tiny model's graph (saved_model.pb) outweighs its tables
+    sizes = {
+        dtype: sum(path.stat().st_size for path in (version / "variables").iterdir())
+        for dtype, version in versions.items()
+    }
+    # the tiny model's hashed tables are most of its variables (2,048 + 512 + attribute rows x 8);
+    # at dim 8 an int8 row with its float32 scale is 12 bytes against 32 (at dim 64: 68 against 256)
+    assert sizes["int8"] < sizes["float16"] < 0.65 * sizes["float32"]
+    assert sizes["int8"] < 0.5 * sizes["float32"]
+    for dtype, path in versions.items():
+        assert export.read_lineage(path)["table_dtype"] == dtype
+
+
+def test_the_resume_files_keep_the_float32_weights(
+    versions: dict[str, Path],
+    tiny: tuple[TwoTowerModel, pd.DataFrame],
+) -> None:
+    model, _ = tiny
+    resumed = export.load_for_finetune(versions["int8"])
+    for name, values in weights_by_path(model).items():
+        np.testing.assert_array_equal(weights_by_path(resumed)[name], values)
+    assert all(layer.serving_table is None for layer in model.hashed_embeddings())  # training unaffected
+
+
+def test_int8_rows_are_within_half_a_step_of_the_float32_ones() -> None:
+    rng = np.random.default_rng(3)
+    table = rng.normal(0, 0.05, (100, 16)).astype(np.float32)
+    table[7] = 0.0  # an all-zero row (never looked up) keeps a usable scale
+    stored, scales = quantize.quantize(table, "int8")
+    assert stored.dtype == np.int8 and scales is not None
+    restored = stored.astype(np.float32) * scales[:, None]
+    assert np.all(np.abs(restored - table) <= scales[:, None] / 2 + 1e-9)
+    assert np.all(restored[7] == 0.0)
+    with pytest.raises(ValueError, match="use one of"):
+        quantize.quantize(table, "float32")
+
+
+def test_a_second_quantized_export_of_one_model_object_serves_its_new_weights(
+    tiny: tuple[TwoTowerModel, pd.DataFrame],
+    tmp_path: Path,
+) -> None:
+    model, examples = tiny
+    copy = export.load_for_finetune(
+        export.export_version(model, tmp_path / "first", 1, lineage=LINEAGE, warmup_users=examples.head(5))
+    )
+    first = export.export_version(copy, tmp_path, 1, lineage=LINEAGE, warmup_users=examples.head(5), table_dtype="int8")
+    kept = copy._serving_copies["int8"]
+    train(copy, examples, epochs=2, progress=False)
+    second = export.export_version(
+        copy, tmp_path, 2, lineage=LINEAGE, warmup_users=examples.head(5), table_dtype="int8"
+    )
+    assert copy._serving_copies["int8"] is kept  # updated in place: one trace per model object
+    users = examples.tail(40)
+    fresh = export.export_version(
+        export.load_for_finetune(second), tmp_path / "fresh", 1, lineage=LINEAGE, warmup_users=examples.head(5),
+        table_dtype="int8",
+    )  # fmt: skip
+    assert (_top10(second, users) == _top10(fresh, users)).all()
+    assert not (_top10(first, users) == _top10(second, users)).all()
